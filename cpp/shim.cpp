@@ -1,0 +1,105 @@
+// The engine's C++ shim: what tch has no API for.
+//  - per-thread switch for the TorchScript graph executor's optimisation (it fuses ReLUs into
+//    DifferentiableGraph nodes from the second call on, which would hide them from the hooks);
+//  - guided backprop: post-hooks on every rectifier node of an autograd graph, clamping the
+//    gradients they produce at zero.
+// Every function catches C++ exceptions and reports them through a message buffer.
+
+#include <torch/torch.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
+
+#include <cstring>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+// Bits of the `kinds` mask: which rectifier nodes are guided.
+constexpr int KIND_RELU = 1;       // ReluBackward*, ThresholdBackward* (nn.ReLU, F.relu, relu_, F.threshold)
+constexpr int KIND_HARDTANH = 2;   // HardtanhBackward* (ReLU6, F.relu6, hardtanh)
+constexpr int KIND_LEAKY_RELU = 4; // LeakyReluBackward*
+
+struct GuidedClampHook : torch::autograd::FunctionPostHook {
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grad_inputs,
+      const torch::autograd::variable_list& /*grad_outputs*/) override {
+    torch::autograd::variable_list out;
+    out.reserve(grad_inputs.size());
+    for (const auto& g : grad_inputs) {
+      out.push_back(g.defined() ? g.clamp_min(0) : g);
+    }
+    return out;
+  }
+};
+
+bool starts_with(const std::string& s, const char* prefix) {
+  return s.rfind(prefix, 0) == 0;
+}
+
+int kind_of(const std::string& name) {
+  if (starts_with(name, "ReluBackward") || starts_with(name, "ThresholdBackward")) return KIND_RELU;
+  if (starts_with(name, "HardtanhBackward")) return KIND_HARDTANH;
+  if (starts_with(name, "LeakyReluBackward")) return KIND_LEAKY_RELU;
+  return 0;
+}
+
+void set_error(char* buf, size_t len, const char* msg) {
+  if (buf == nullptr || len == 0) return;
+  std::strncpy(buf, msg, len - 1);
+  buf[len - 1] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// Turns the TorchScript graph executor's optimisation on or off for the calling thread.
+void sa_set_graph_executor_optimize(int on) {
+  torch::jit::setGraphExecutorOptimize(on != 0);
+}
+
+int sa_get_graph_executor_optimize() {
+  return torch::jit::getGraphExecutorOptimize() ? 1 : 0;
+}
+
+// Walks the autograd graph from `root`'s grad_fn and adds a clamp-at-zero post-hook to every
+// rectifier node selected by `kinds`. Returns the number of hooked nodes, or -1 on error
+// (message in `err`). The hooks live as long as the graph: they go with it after a backward
+// that does not keep the graph.
+int sa_add_guided_hooks(const torch::Tensor* root, int kinds, char* err, size_t err_len) {
+  try {
+    if (root == nullptr || !root->defined()) {
+      set_error(err, err_len, "guided hooks: root tensor is undefined");
+      return -1;
+    }
+    auto fn = root->grad_fn();
+    if (!fn) {
+      set_error(err, err_len, "guided hooks: root tensor has no autograd graph");
+      return -1;
+    }
+    std::vector<torch::autograd::Node*> stack{fn.get()};
+    std::unordered_set<torch::autograd::Node*> seen;
+    int hooked = 0;
+    while (!stack.empty()) {
+      torch::autograd::Node* node = stack.back();
+      stack.pop_back();
+      if (node == nullptr || !seen.insert(node).second) continue;
+      if (kind_of(node->name()) & kinds) {
+        node->add_post_hook(std::make_unique<GuidedClampHook>());
+        ++hooked;
+      }
+      for (const auto& edge : node->next_edges()) {
+        if (edge.function) stack.push_back(edge.function.get());
+      }
+    }
+    return hooked;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+}  // extern "C"

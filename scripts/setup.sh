@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up: the project's .venv (torch 2.11.0 = the libtorch that tch 0.24
+# links against, Captum, torchvision) and the .venv/libtorch link that .cargo/config.toml points
+# torch-sys at. Steps already done are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+  echo "setup: need Python >= 3.10 as \$PYTHON or python3" >&2
+  exit 2
+fi
+command -v cargo >/dev/null || { echo "setup: need a Rust toolchain (cargo)" >&2; exit 2; }
+
+req=scripts/requirements.txt
+stamp=.venv/.requirements.sha256
+want=$(sha256sum "$req" | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing $(grep -v '^#' "$req" | tr '\n' ' ')(about 5 GB, first time only)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
+  echo "$want" > "$stamp"
+fi
+torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+if [ "$version" != "2.11.0" ]; then
+  echo "setup: .venv has torch $version, tch 0.24 needs 2.11.0" >&2
+  exit 2
+fi
+ln -sfn "$torch_dir" .venv/libtorch
+echo "setup: ok (libtorch at .venv/libtorch -> $torch_dir)"

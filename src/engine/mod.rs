@@ -1,0 +1,393 @@
+//! The attribution engine: TorchScript model, guided-hook shim, guided Grad-CAM.
+//!
+//! This is the only module that touches tch. Its semantics are Captum's
+//! `GuidedGradCam.attribute` (captum 0.9) with `relu_attributions=True` for the CAM, computed
+//! with one forward pass instead of Captum's two:
+//!
+//! 1. one forward with grad enabled (input detached and requiring grad; parameters frozen);
+//! 2. the gradient of `Σ_i logits[i, t_i]` w.r.t. the activation (graph kept), channel weights =
+//!    its spatial mean, CAM = ReLU(Σ_k w_k·A_k);
+//! 3. post-hooks on every rectifier node of the graph clamp the gradients they produce at 0
+//!    (guided backprop), then the gradient w.r.t. the input;
+//! 4. attribution = guided gradient × CAM upsampled to the input size.
+
+mod meta;
+mod npy;
+mod shim;
+
+pub use meta::{read_meta, ModelMeta, META_FILE};
+pub use npy::{attribute_npy, NpyRun, TargetArg};
+pub use shim::{disable_graph_optimization, graph_optimization_enabled};
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+/// What a model file must be. Quoted in every contract error.
+pub const CONTRACT: &str = "the model must be a TorchScript file whose forward(x) takes float32 \
+[N, C, H, W] and returns a tuple (logits [N, classes], activation [N, K, h, w]), where activation \
+is the output (or input) of the Grad-CAM layer on the autograd path from x to the logits; \
+scripts/export_model.py makes such files";
+
+/// How the CAM is upsampled to the input's size (as `torch.nn.functional.interpolate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterpolateMode {
+    /// Captum's default.
+    #[default]
+    Nearest,
+    Bilinear,
+    Bicubic,
+    Area,
+}
+
+impl FromStr for InterpolateMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nearest" => Ok(Self::Nearest),
+            "bilinear" => Ok(Self::Bilinear),
+            "bicubic" => Ok(Self::Bicubic),
+            "area" => Ok(Self::Area),
+            _ => Err(format!(
+                "unknown interpolate mode {s:?}: expected nearest, bilinear, bicubic or area"
+            )),
+        }
+    }
+}
+
+/// Which rectifier nodes of the autograd graph guided backprop clamps. Captum guides
+/// `nn.ReLU` modules only; this engine guides every ReLU node (module, functional or in-place)
+/// and, on request, ReLU6/hardtanh and leaky ReLU nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rectifiers(u32);
+
+impl Rectifiers {
+    pub const RELU: Rectifiers = Rectifiers(1);
+    pub const HARDTANH: Rectifiers = Rectifiers(2);
+    pub const LEAKY_RELU: Rectifiers = Rectifiers(4);
+
+    /// From names: `relu`, `relu6` (or `hardtanh`), `leaky_relu`.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Self, String> {
+        let mut bits = 0;
+        for n in names {
+            bits |=
+                match n.as_ref() {
+                    "relu" => 1,
+                    "relu6" | "hardtanh" => 2,
+                    "leaky_relu" => 4,
+                    other => return Err(format!(
+                        "unknown rectifier {other:?}: expected relu, relu6, hardtanh or leaky_relu"
+                    )),
+                };
+        }
+        if bits == 0 {
+            return Err("at least one rectifier must be guided".into());
+        }
+        Ok(Rectifiers(bits))
+    }
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for Rectifiers {
+    fn default() -> Self {
+        Self::RELU
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` and checks that the device exists.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if let Device::Cuda(n) = dev {
+        let count = cuda_device_count();
+        if n >= count {
+            bail!("device {s:?} is not available: this machine has {count} CUDA device(s)");
+        }
+    }
+    Ok(dev)
+}
+
+/// Number of CUDA devices libtorch sees.
+pub fn cuda_device_count() -> usize {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    }
+}
+
+/// Engine options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineOptions {
+    pub interpolate: InterpolateMode,
+    pub rectifiers: Rectifiers,
+}
+
+/// One batch's result. Tensors stay on the engine's device.
+pub struct Attribution {
+    /// Guided Grad-CAM, float32 of the input's shape.
+    pub attribution: Tensor,
+    /// Grad-CAM at the layer's resolution, float32 `[N, 1, h, w]`.
+    pub cam: Tensor,
+    /// Model logits, `[N, classes]`.
+    pub logits: Tensor,
+    /// The class each example was attributed to.
+    pub targets: Vec<i64>,
+    /// How many rectifier nodes were guided.
+    pub guided_nodes: usize,
+}
+
+/// A TorchScript model replica on one device, ready to attribute batches.
+pub struct GuidedGradCam {
+    module: CModule,
+    device: Device,
+    opts: EngineOptions,
+    path: PathBuf,
+    meta: ModelMeta,
+}
+
+impl GuidedGradCam {
+    /// Loads a replica of the model file onto `device`, freezes its parameters and reads its
+    /// embedded metadata.
+    pub fn load(path: &Path, device: Device, opts: EngineOptions) -> Result<Self> {
+        if !path.is_file() {
+            bail!("model file {} does not exist", path.display());
+        }
+        let meta = read_meta(path)?.unwrap_or_default();
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            anyhow!(
+                "{} is not a loadable TorchScript file ({}); {CONTRACT}",
+                path.display(),
+                first_line(&e.to_string())
+            )
+        })?;
+        module.set_eval();
+        for (_, p) in module
+            .named_parameters()
+            .context("listing the model's parameters")?
+        {
+            // No weight gradients are ever computed.
+            let _ = p.set_requires_grad(false);
+        }
+        Ok(Self {
+            module,
+            device,
+            opts,
+            path: path.to_path_buf(),
+            meta,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        self.opts
+    }
+
+    /// Runs the model once on zeros of `[1, channels, h, w]` and checks the contract. Returns
+    /// (number of classes, activation shape without the batch dim).
+    pub fn probe(&self, channels: i64, h: i64, w: i64) -> Result<(i64, Vec<i64>)> {
+        disable_graph_optimization();
+        let x =
+            Tensor::zeros([1, channels, h, w], (Kind::Float, self.device)).set_requires_grad(true);
+        let (logits, act) = self.forward(&x, 1)?;
+        Ok((logits.size()[1], act.size()[1..].to_vec()))
+    }
+
+    fn contract_error(&self, what: &str) -> anyhow::Error {
+        anyhow!("{}: {what}; {CONTRACT}", self.path.display())
+    }
+
+    /// One forward; checks the output's form.
+    fn forward(&self, x: &Tensor, n: i64) -> Result<(Tensor, Tensor)> {
+        let out = self
+            .module
+            .forward_is(&[IValue::Tensor(x.shallow_clone())])
+            .map_err(|e| {
+                anyhow!(
+                    "{}: forward failed on input {:?}: {}",
+                    self.path.display(),
+                    x.size(),
+                    first_line(&e.to_string())
+                )
+            })?;
+        let mut parts = match out {
+            IValue::Tuple(v) if v.len() == 2 => v,
+            IValue::Tuple(v) => {
+                return Err(self.contract_error(&format!(
+                    "forward returned a tuple of {} values, not 2",
+                    v.len()
+                )))
+            }
+            IValue::Tensor(_) => {
+                return Err(self.contract_error("forward returned a single tensor, not a tuple"))
+            }
+            _ => return Err(self.contract_error("forward did not return a tuple")),
+        };
+        let act = match parts.pop() {
+            Some(IValue::Tensor(t)) => t,
+            _ => return Err(self.contract_error("the tuple's second value is not a tensor")),
+        };
+        let logits = match parts.pop() {
+            Some(IValue::Tensor(t)) => t,
+            _ => return Err(self.contract_error("the tuple's first value is not a tensor")),
+        };
+        let ls = logits.size();
+        if ls.len() != 2 || ls[0] != n {
+            return Err(self.contract_error(&format!(
+                "logits have shape {ls:?}, expected [{n}, classes]"
+            )));
+        }
+        let asz = act.size();
+        if asz.len() != 4 || asz[0] != n {
+            return Err(self.contract_error(&format!(
+                "activation has shape {asz:?}, expected [{n}, K, h, w] (Grad-CAM needs spatial dimensions)"
+            )));
+        }
+        if !act.requires_grad() {
+            return Err(
+                self.contract_error("the activation is not on the autograd path from the input")
+            );
+        }
+        Ok((logits, act))
+    }
+
+    /// Guided Grad-CAM for a float32 batch `[N, C, H, W]`. `targets[i]` is the class for
+    /// example i, `None` for the model's predicted class.
+    pub fn attribute(&self, input: &Tensor, targets: &[Option<i64>]) -> Result<Attribution> {
+        disable_graph_optimization();
+        let size = input.size();
+        if size.len() != 4 {
+            bail!("input has shape {size:?}, expected [N, C, H, W]");
+        }
+        let n = size[0];
+        if targets.len() as i64 != n {
+            bail!("{} targets for a batch of {n} examples", targets.len());
+        }
+        if n == 0 {
+            bail!("empty batch");
+        }
+        let x = input.to_device(self.device).to_kind(Kind::Float).detach();
+        check_finite(&x, 0)?;
+        let x = x.set_requires_grad(true);
+
+        // 1. One forward.
+        let (logits, act) = self.forward(&x, n)?;
+        let classes = logits.size()[1];
+        let predicted: Option<Vec<i64>> = if targets.iter().any(Option::is_none) {
+            Some(Vec::<i64>::try_from(
+                logits.detach().argmax(1, false).to_device(Device::Cpu),
+            )?)
+        } else {
+            None
+        };
+        let mut resolved = Vec::with_capacity(targets.len());
+        for (i, t) in targets.iter().enumerate() {
+            let t = t.unwrap_or_else(|| predicted.as_ref().expect("computed above")[i]);
+            if t < 0 || t >= classes {
+                bail!("target {t} of example {i} is out of range: the model has {classes} classes (0..{})", classes - 1);
+            }
+            resolved.push(t);
+        }
+        let tgt = Tensor::from_slice(&resolved)
+            .to_device(self.device)
+            .view([-1, 1]);
+        let sel = logits.gather(1, &tgt, false).sum(Kind::Float);
+
+        // 2. Grad-CAM: standard gradients to the layer, graph kept.
+        let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
+            self.contract_error(&format!(
+                "no gradient reaches the activation ({})",
+                first_line(&e.to_string())
+            ))
+        })?;
+        let ga = &grads[0];
+        if !ga.defined() {
+            return Err(
+                self.contract_error("the activation is not on the autograd path to the logits")
+            );
+        }
+        let cam = tch::no_grad(|| {
+            let w = ga
+                .to_kind(Kind::Float)
+                .mean_dim(&[2i64, 3][..], true, Kind::Float);
+            (w * act.detach().to_kind(Kind::Float))
+                .sum_dim_intlist(&[1i64][..], true, Kind::Float)
+                .relu()
+        });
+
+        // 3. Guided backprop through the same graph.
+        let guided_nodes = shim::add_guided_hooks(&sel, self.opts.rectifiers.bits())
+            .map_err(|e| anyhow!("adding guided hooks: {e}"))?;
+        let gx = Tensor::f_run_backward(&[&sel], &[&x], false, false).map_err(|e| {
+            anyhow!(
+                "{}: backward to the input failed: {}",
+                self.path.display(),
+                first_line(&e.to_string())
+            )
+        })?;
+        let gx = &gx[0];
+        if !gx.defined() {
+            return Err(self.contract_error("the logits do not depend on the input"));
+        }
+
+        // 4. Guided gradient × upsampled CAM.
+        let attribution = tch::no_grad(|| {
+            let up = upsample(&cam, size[2], size[3], self.opts.interpolate);
+            gx.to_kind(Kind::Float) * up
+        });
+        Ok(Attribution {
+            attribution,
+            cam,
+            logits: logits.detach(),
+            targets: resolved,
+            guided_nodes,
+        })
+    }
+}
+
+/// Upsamples `[N, 1, h, w]` to `[N, 1, H, W]` as `F.interpolate(.., size=(H, W), mode)`.
+pub fn upsample(cam: &Tensor, h: i64, w: i64, mode: InterpolateMode) -> Tensor {
+    match mode {
+        InterpolateMode::Nearest => cam.upsample_nearest2d([h, w], None, None),
+        InterpolateMode::Bilinear => cam.upsample_bilinear2d([h, w], false, None, None),
+        InterpolateMode::Bicubic => cam.upsample_bicubic2d([h, w], false, None, None),
+        InterpolateMode::Area => cam.adaptive_avg_pool2d([h, w]),
+    }
+}
+
+/// Errors naming the first example (offset by `first_index`) that holds NaN or Inf.
+pub fn check_finite(x: &Tensor, first_index: usize) -> Result<()> {
+    let n = x.size()[0];
+    let ok = x
+        .isfinite()
+        .view([n, -1])
+        .all_dim(1, false)
+        .to_device(Device::Cpu);
+    let ok = Vec::<bool>::try_from(ok)?;
+    if let Some(i) = ok.iter().position(|v| !v) {
+        bail!("input example {} holds NaN or Inf values", first_index + i);
+    }
+    Ok(())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}

@@ -1,0 +1,133 @@
+//! The `attribute` command's work: .npy in, .npy out, in batches.
+
+use super::{EngineOptions, GuidedGradCam};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Where the targets come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetArg {
+    /// An int64 (or int32) .npy of N classes.
+    File(PathBuf),
+    /// One class for every example.
+    Class(i64),
+    /// The model's predicted class.
+    Predicted,
+}
+
+impl std::str::FromStr for TargetArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "predicted" {
+            Ok(Self::Predicted)
+        } else if let Ok(c) = s.parse::<i64>() {
+            Ok(Self::Class(c))
+        } else if s.ends_with(".npy") {
+            Ok(Self::File(PathBuf::from(s)))
+        } else {
+            Err(format!(
+                "target {s:?} is neither an integer, `predicted` nor a .npy file"
+            ))
+        }
+    }
+}
+
+/// What `attribute` did.
+pub struct NpyRun {
+    pub examples: i64,
+    pub batches: usize,
+    pub targets: Vec<i64>,
+}
+
+/// Reads a float32 `[N, C, H, W]` .npy, attributes it in batches of `batch_size` and writes
+/// the attribution (and the CAM, if asked) as float32 .npy.
+pub fn attribute_npy(
+    model: &Path,
+    input: &Path,
+    target: &TargetArg,
+    out: &Path,
+    cam_out: Option<&Path>,
+    batch_size: usize,
+    device: Device,
+    opts: EngineOptions,
+) -> Result<NpyRun> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let x = Tensor::read_npy(input)
+        .with_context(|| format!("cannot read {} as .npy", input.display()))?;
+    if x.kind() != Kind::Float {
+        bail!(
+            "{}: dtype {:?}, expected float32",
+            input.display(),
+            x.kind()
+        );
+    }
+    let shape = x.size();
+    if shape.len() != 4 {
+        bail!(
+            "{}: shape {shape:?}, expected [N, C, H, W]",
+            input.display()
+        );
+    }
+    let n = shape[0];
+    super::check_finite(&x, 0).with_context(|| format!("{}", input.display()))?;
+    let targets: Vec<Option<i64>> = match target {
+        TargetArg::Predicted => vec![None; n as usize],
+        TargetArg::Class(c) => vec![Some(*c); n as usize],
+        TargetArg::File(p) => {
+            let t = Tensor::read_npy(p)
+                .with_context(|| format!("cannot read {} as .npy", p.display()))?;
+            if !matches!(t.kind(), Kind::Int64 | Kind::Int) {
+                bail!("{}: dtype {:?}, expected int64", p.display(), t.kind());
+            }
+            if t.size() != [n] {
+                bail!(
+                    "{}: shape {:?}, expected [{n}] (one target per example of {})",
+                    p.display(),
+                    t.size(),
+                    input.display()
+                );
+            }
+            Vec::<i64>::try_from(t.to_kind(Kind::Int64))?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+    };
+    let engine = GuidedGradCam::load(model, device, opts)?;
+    let mut attrs = Vec::new();
+    let mut cams = Vec::new();
+    let mut resolved = Vec::with_capacity(n as usize);
+    let mut batches = 0;
+    let bs = batch_size as i64;
+    let mut start = 0i64;
+    while start < n {
+        let len = bs.min(n - start);
+        let xb = x.narrow(0, start, len);
+        let r = engine
+            .attribute(&xb, &targets[start as usize..(start + len) as usize])
+            .with_context(|| format!("batch of examples {start}..{}", start + len))?;
+        attrs.push(r.attribution.to_device(Device::Cpu));
+        if cam_out.is_some() {
+            cams.push(r.cam.to_device(Device::Cpu));
+        }
+        resolved.extend(r.targets);
+        batches += 1;
+        start += len;
+    }
+    Tensor::cat(&attrs, 0)
+        .write_npy(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if let Some(p) = cam_out {
+        Tensor::cat(&cams, 0)
+            .write_npy(p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(NpyRun {
+        examples: n,
+        batches,
+        targets: resolved,
+    })
+}

@@ -1,0 +1,361 @@
+//! The attribution engine against Captum: its own test cases and reference runs in the .venv.
+
+use crate::common::{bin, engine_cases, rel_l2};
+use saliency_audit::engine::{
+    attribute_npy, EngineOptions, GuidedGradCam, InterpolateMode, Rectifiers, TargetArg,
+};
+use serde::Deserialize;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    batch: usize,
+    interpolate_mode: String,
+    predicted: bool,
+    n: i64,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(engine_cases().join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn read(p: &Path) -> Vec<f32> {
+    Vec::<f32>::try_from(
+        Tensor::read_npy(p)
+            .unwrap()
+            .to_kind(Kind::Float)
+            .flatten(0, -1),
+    )
+    .unwrap()
+}
+
+fn opts(mode: &str) -> EngineOptions {
+    EngineOptions {
+        interpolate: mode.parse().unwrap(),
+        rectifiers: Rectifiers::RELU,
+    }
+}
+
+/// Every generated case, in several batches, against Captum's GuidedGradCam (attribution) and
+/// LayerGradCam with relu_attributions (CAM): relative L2 ≤ 1e-5 in fp32.
+#[test]
+fn matches_captum_on_every_case() {
+    let dir = engine_cases();
+    let cases = cases();
+    assert!(cases.len() >= 10);
+    let tmp = tempfile::tempdir().unwrap();
+    for case in &cases {
+        let d = dir.join(&case.name);
+        let out = tmp.path().join(format!("{}_attr.npy", case.name));
+        let cam_out = tmp.path().join(format!("{}_cam.npy", case.name));
+        let target = if case.predicted {
+            TargetArg::Predicted
+        } else {
+            TargetArg::File(d.join("t.npy"))
+        };
+        let run = attribute_npy(
+            &d.join("model.pt"),
+            &d.join("x.npy"),
+            &target,
+            &out,
+            Some(&cam_out),
+            case.batch,
+            Device::Cpu,
+            opts(&case.interpolate_mode),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        assert_eq!(
+            run.batches,
+            (case.n as usize).div_ceil(case.batch),
+            "{}",
+            case.name
+        );
+        let expected_targets =
+            Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap();
+        assert_eq!(run.targets, expected_targets, "{}: targets", case.name);
+        let err = rel_l2(&read(&out), &read(&d.join("ref_attr.npy")));
+        assert!(
+            err <= 1e-5,
+            "{}: attribution relative L2 error {err:e} > 1e-5",
+            case.name
+        );
+        let cam_err = rel_l2(&read(&cam_out), &read(&d.join("ref_cam.npy")));
+        assert!(
+            cam_err <= 1e-5,
+            "{}: CAM relative L2 error {cam_err:e} > 1e-5",
+            case.name
+        );
+    }
+}
+
+/// Several batches give the same result as one, bit for bit up to float noise, and the second
+/// and later calls on one replica still find every ReLU (the graph executor's fusion is off).
+#[test]
+fn batches_after_the_first_equal_a_single_batch() {
+    let d = engine_cases().join("resnet18_layer4");
+    let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+    let t: Vec<Option<i64>> = Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(Some)
+        .collect();
+    let engine =
+        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let whole = engine.attribute(&x, &t).unwrap();
+    let mut guided = Vec::new();
+    let mut parts = Vec::new();
+    for _ in 0..3 {
+        for i in 0..x.size()[0] {
+            let r = engine
+                .attribute(&x.narrow(0, i, 1), &t[i as usize..i as usize + 1])
+                .unwrap();
+            guided.push(r.guided_nodes);
+            parts.push(r.attribution);
+        }
+    }
+    // resnet18: the stem ReLU plus two ReLU calls in each of its 8 blocks.
+    assert!(
+        guided.iter().all(|&g| g == 17),
+        "guided ReLU nodes per call: {guided:?}"
+    );
+    assert_eq!(whole.guided_nodes, 17);
+    let n = x.size()[0] as usize;
+    for rep in 0..3 {
+        let cat = Tensor::cat(&parts[rep * n..(rep + 1) * n], 0);
+        let diff = (&cat - &whole.attribution).abs().max().double_value(&[]);
+        let scale = whole.attribution.abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-5 * scale,
+            "repeat {rep}: max diff {diff} vs scale {scale}"
+        );
+    }
+}
+
+/// The engine guides functional ReLUs too (Captum only hooks nn.ReLU modules): the functional
+/// model's export has every ReLU node hooked.
+#[test]
+fn functional_relus_are_guided() {
+    let d = engine_cases().join("functional_relu");
+    let engine =
+        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+    let r = engine
+        .attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)])
+        .unwrap();
+    assert_eq!(r.guided_nodes, 4);
+    let off = EngineOptions {
+        rectifiers: Rectifiers::HARDTANH,
+        ..Default::default()
+    };
+    let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, off).unwrap();
+    assert_eq!(
+        engine
+            .attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)])
+            .unwrap()
+            .guided_nodes,
+        0
+    );
+}
+
+fn toy(name: &str) -> (Tensor, Tensor) {
+    let d = engine_cases().join(name);
+    let engine =
+        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+    let r = engine.attribute(&x, &[Some(0)]).unwrap();
+    (r.attribution, r.cam)
+}
+
+fn assert_close(actual: &Tensor, expected: &[f32], what: &str) {
+    let a = Vec::<f32>::try_from(actual.flatten(0, -1)).unwrap();
+    assert_eq!(a.len(), expected.len(), "{what}: shape");
+    // Captum's own check: sum of absolute differences ≤ 0.01.
+    let sad: f32 = a.iter().zip(expected).map(|(x, y)| (x - y).abs()).sum();
+    assert!(sad <= 0.01, "{what}: got {a:?}, expected {expected:?}");
+}
+
+/// Captum's test suite: GuidedGradCam on BasicModel_ConvNet_One_Conv, layer relu1, target 0.
+#[test]
+fn captum_suite_guided_grad_cam_relu1() {
+    let (attr, _) = toy("toy_relu1");
+    #[rustfmt::skip]
+    let expected = [0.0, 0.0, 4.0, 4.0, 0.0, 0.0, 12.0, 8.0, 28.0, 84.0, 97.5, 65.0, 28.0, 56.0, 65.0, 32.5];
+    assert_close(&attr, &expected, "GuidedGradCam relu1");
+}
+
+/// Captum's test suite: LayerGradCam conv1 → [[11.25, 13.5], [20.25, 22.5]], relu1 → [[0, 4], [28, 32.5]].
+#[test]
+fn captum_suite_layer_grad_cam() {
+    let (_, cam) = toy("toy_conv1");
+    assert_close(&cam, &[11.25, 13.5, 20.25, 22.5], "LayerGradCam conv1");
+    let (_, cam) = toy("toy_relu1");
+    assert_close(&cam, &[0.0, 4.0, 28.0, 32.5], "LayerGradCam relu1");
+}
+
+/// Captum's test suite: LayerGradCam to conv1's input, A[0,0,1,1] = -4: 0.5625 × input, and with
+/// relu_attributions (as GuidedGradCam uses) the negative position becomes 0.
+#[test]
+fn captum_suite_layer_input() {
+    let (_, cam) = toy("toy_conv1_input");
+    let mut expected: Vec<f32> = (0..16).map(|v| v as f32 * 0.5625).collect();
+    expected[5] = 0.0;
+    assert_close(&cam, &expected, "LayerGradCam conv1 input");
+}
+
+fn err_of(model: &Path, x: &Tensor, targets: &[Option<i64>]) -> String {
+    match GuidedGradCam::load(model, Device::Cpu, EngineOptions::default())
+        .and_then(|e| e.attribute(x, targets))
+    {
+        Ok(_) => panic!("{} was accepted", model.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Each contract violation gets one clear error that states the contract.
+#[test]
+fn contract_violations_are_named() {
+    let bad = engine_cases().join("bad");
+    let x = Tensor::read_npy(bad.join("x.npy")).unwrap();
+    let t = [Some(0), Some(1)];
+    let cases = [
+        ("single.pt", "single tensor, not a tuple"),
+        ("triple.pt", "tuple of 3 values"),
+        ("detached.pt", "not on the autograd path"),
+        ("offpath.pt", "not on the autograd path to the logits"),
+        ("flat.pt", "Grad-CAM needs spatial dimensions"),
+    ];
+    for (file, what) in cases {
+        let msg = err_of(&bad.join(file), &x, &t);
+        assert!(msg.contains(what), "{file}: {msg}");
+        assert!(
+            msg.contains("returns a tuple (logits [N, classes], activation"),
+            "{file}: no contract in {msg}"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.pt");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let msg = err_of(&junk, &x, &t);
+    assert!(
+        msg.contains("not a loadable TorchScript file") && msg.contains("junk.pt"),
+        "{msg}"
+    );
+    let msg = err_of(&tmp.path().join("absent.pt"), &x, &t);
+    assert!(msg.contains("does not exist"), "{msg}");
+}
+
+#[test]
+fn bad_targets_shapes_and_values_are_named() {
+    let d = engine_cases().join("functional_relu");
+    let model = d.join("model.pt");
+    let x = Tensor::read_npy(d.join("x.npy")).unwrap().narrow(0, 0, 3);
+    let msg = err_of(&model, &x, &[Some(0), Some(7), Some(1)]);
+    assert!(
+        msg.contains("target 7 of example 1 is out of range") && msg.contains("7 classes"),
+        "{msg}"
+    );
+    let msg = err_of(&model, &x, &[Some(0), Some(-1), Some(1)]);
+    assert!(msg.contains("target -1 of example 1"), "{msg}");
+    let msg = err_of(&model, &x, &[Some(0)]);
+    assert!(msg.contains("1 targets for a batch of 3"), "{msg}");
+    let nan = x.copy();
+    let _ = nan.get(2).get(0).get(3).get(4).fill_(f64::NAN);
+    let msg = err_of(&model, &nan, &[Some(0), Some(1), Some(2)]);
+    assert!(msg.contains("example 2 holds NaN or Inf"), "{msg}");
+    let inf = x.copy();
+    let _ = inf.get(1).get(1).get(0).get(0).fill_(f64::INFINITY);
+    assert!(
+        err_of(&model, &inf, &[Some(0), Some(1), Some(2)]).contains("example 1 holds NaN or Inf")
+    );
+    // One channel into a 3-channel model: the forward error names the input shape.
+    let msg = err_of(&model, &x.narrow(1, 0, 1), &[Some(0), Some(1), Some(2)]);
+    assert!(
+        msg.contains("forward failed on input [3, 1, 32, 32]"),
+        "{msg}"
+    );
+    let msg = err_of(&model, &x.get(0), &[Some(0)]);
+    assert!(msg.contains("expected [N, C, H, W]"), "{msg}");
+}
+
+/// The `attribute` command end to end: .npy in, .npy out, exit codes, errors.
+#[test]
+fn attribute_command() {
+    let d = engine_cases().join("resnet18_layer3_bilinear");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.npy");
+    let cam = tmp.path().join("c.npy");
+    let st = std::process::Command::new(bin())
+        .args(["attribute", "--model"])
+        .arg(d.join("model.pt"))
+        .arg("--input")
+        .arg(d.join("x.npy"))
+        .arg("--target")
+        .arg(d.join("t.npy"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--cam-out")
+        .arg(&cam)
+        .args([
+            "--interpolate-mode",
+            "bilinear",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(rel_l2(&read(&out), &read(&d.join("ref_attr.npy"))) <= 1e-5);
+    let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+    assert_eq!(Tensor::read_npy(&out).unwrap().size(), x.size());
+
+    // A bad target file: exit 2 and a message naming the file.
+    let bad_t = tmp.path().join("t.npy");
+    Tensor::from_slice(&[1i64, 2]).write_npy(&bad_t).unwrap();
+    let st = std::process::Command::new(bin())
+        .args(["attribute", "--model"])
+        .arg(d.join("model.pt"))
+        .arg("--input")
+        .arg(d.join("x.npy"))
+        .arg("--target")
+        .arg(&bad_t)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        err.contains("t.npy") && err.contains("expected [5]"),
+        "{err}"
+    );
+    // An unknown device.
+    let st = std::process::Command::new(bin())
+        .args([
+            "attribute",
+            "--model",
+            "m.pt",
+            "--input",
+            "x.npy",
+            "--target",
+            "0",
+            "--out",
+            "o.npy",
+            "--device",
+            "tpu",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&st.stderr).contains("unknown device \"tpu\""));
+    let _ = InterpolateMode::default();
+}

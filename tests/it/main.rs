@@ -1,0 +1,4 @@
+//! The integration test binary: one binary, topic modules.
+
+mod common;
+mod engine;
