@@ -143,6 +143,19 @@ def bad_models(d):
     np.save(os.path.join(d, "x.npy"), x.numpy())
 
 
+def pipeline_model(d):
+    """A 3-class model with metadata (input 32x32, resize 36, class names) for pipeline tests."""
+    os.makedirs(d, exist_ok=True)
+    torch.manual_seed(3)
+    m = SmallNet(channels=3, classes=3).eval()
+    meta = {"architecture": "SmallNet", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "resize": 36,
+            "class_names": ["circle", "square", "triangle"]}
+    export(m, "conv3", False, torch.randn(2, 3, 32, 32), meta, os.path.join(d, "model.pt"))
+    m1 = SmallNet(channels=1, classes=3).eval()
+    meta1 = dict(meta, mean=[0.5], std=[0.25])
+    export(m1, "conv3", False, torch.randn(2, 1, 32, 32), meta1, os.path.join(d, "model_gray.pt"))
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -193,6 +206,7 @@ def main():
     a_neg[0, 0, 1, 1] = -4
     add("toy_conv1_input", ToyConvNet(), "conv1", a_neg, [0], batch=1, layer_input=True)
     bad_models(os.path.join(out, "bad"))
+    pipeline_model(os.path.join(out, "pipeline"))
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(cases, f, indent=1)
 

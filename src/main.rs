@@ -2,8 +2,13 @@
 
 use clap::{Parser, Subcommand};
 use saliency_audit::engine::{self, EngineOptions, InterpolateMode, Rectifiers, TargetArg};
+use saliency_audit::logging::{self, LogFormat};
+use saliency_audit::run;
+use saliency_audit::source::ShardSpec;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -18,12 +23,34 @@ struct Cli {
     /// Only errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Log lines as text or JSON (one object a line, for cluster log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a job: attribute every sample of the dataset and write Parquet parts.
+    Run {
+        /// The job spec (TOML).
+        job: PathBuf,
+        #[command(flatten)]
+        shard: ShardArgs,
+    },
+    /// Validate a job spec and the model, and print the resolved plan; computes nothing.
+    Validate {
+        /// The job spec (TOML).
+        job: PathBuf,
+        #[command(flatten)]
+        shard: ShardArgs,
+    },
+    /// Check that every shard of a sharded run completed and write the dataset's _SUCCESS.
+    Finalize {
+        /// The output folder all shards wrote into.
+        dir: PathBuf,
+    },
     /// Guided Grad-CAM for a preprocessed float32 .npy batch [N, C, H, W].
     Attribute {
         /// TorchScript model following the engine's contract.
@@ -52,11 +79,52 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Engine throughput on synthetic input (images/s, peak memory).
+    Bench {
+        /// TorchScript model following the engine's contract.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: i64,
+        #[arg(long, default_value_t = 6)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Intra-op threads (0 = libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        /// Print JSON instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which shard this process runs; else from the scheduler's environment (Kubernetes Indexed
+/// Job, Slurm array, AWS Batch array), else the whole dataset.
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// 0-based shard index.
+    #[arg(long, requires = "num_shards")]
+    shard_index: Option<u32>,
+    /// Number of shards.
+    #[arg(long, requires = "shard_index")]
+    num_shards: Option<u32>,
+}
+
+impl ShardArgs {
+    fn resolve(&self) -> anyhow::Result<ShardSpec> {
+        ShardSpec::from_env_or_args(self.shard_index, self.num_shards, &|k| {
+            std::env::var(k).ok()
+        })
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    logging::init(cli.verbose, cli.quiet, cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -69,26 +137,79 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let default = if quiet {
-        "error"
-    } else {
-        match verbose {
-            0 => "info",
-            1 => "debug",
-            _ => "trace",
-        }
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { job, shard } => {
+            let shard = shard.resolve()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let _ = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("interrupted again: exiting without committing");
+                    std::process::exit(130);
+                }
+                eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
+            });
+            let outcome = run::run(&job, shard, stop)?;
+            let s = &outcome.summary;
+            let secs = s.elapsed.as_secs_f64().max(1e-9);
+            let counts: Vec<String> = run::status_counts(s)
+                .iter()
+                .map(|(st, n)| format!("{st} {n}"))
+                .collect();
+            println!(
+                "{} of {} samples processed in {:.1} s ({:.1} images/s){}: {}",
+                s.processed(),
+                s.pending,
+                secs,
+                s.processed() as f64 / secs,
+                if s.resumed_rows > 0 {
+                    format!(", {} kept from an earlier run", s.resumed_rows)
+                } else {
+                    String::new()
+                },
+                if counts.is_empty() {
+                    "nothing to do".to_owned()
+                } else {
+                    counts.join(", ")
+                }
+            );
+            println!(
+                "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",
+                s.decode_time.as_secs_f64(),
+                s.engine_time.as_secs_f64(),
+                s.stats_time.as_secs_f64(),
+                s.write_time.as_secs_f64()
+            );
+            let json = run::summary_json(&outcome, shard);
+            saliency_audit::sink::write_summary(
+                &outcome.output_dir,
+                shard.index,
+                shard.count,
+                &json,
+            )?;
+            if s.interrupted {
+                eprintln!(
+                    "stopped early: rerun the same command to finish (committed parts are kept)"
+                );
+                return Ok(ExitCode::from(130));
+            }
+            Ok(if s.failed() > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Validate { job, shard } => {
+            let (plan, _) = run::plan(&job, shard.resolve()?)?;
+            print!("{plan}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Finalize { dir } => {
+            let summary = saliency_audit::sink::finalize(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Attribute {
             model,
             input,
@@ -118,6 +239,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 opts,
             )?;
             tracing::info!(examples = r.examples, batches = r.batches, out = %out.display(), "attribution written");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            model,
+            batch_size,
+            iters,
+            warmup,
+            device,
+            threads,
+            json,
+        } => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let device = engine::parse_device(&device)?;
+            let r = engine::bench::synthetic(
+                &model,
+                device,
+                EngineOptions::default(),
+                batch_size,
+                iters,
+                warmup,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} batch {} threads {}: {:.1} images/s ({:.1} ms/batch){}",
+                    r.device,
+                    r.batch,
+                    r.threads,
+                    r.images_per_s,
+                    r.s_per_batch * 1e3,
+                    r.peak_rss_delta_bytes
+                        .map(|b| format!(", peak memory +{:.0} MiB", b as f64 / 1048576.0))
+                        .unwrap_or_default()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

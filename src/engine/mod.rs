@@ -11,6 +11,8 @@
 //!    (guided backprop), then the gradient w.r.t. the input;
 //! 4. attribution = guided gradient × CAM upsampled to the input size.
 
+pub mod batch;
+pub mod bench;
 mod meta;
 mod npy;
 mod shim;
@@ -72,15 +74,16 @@ impl Rectifiers {
     pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Self, String> {
         let mut bits = 0;
         for n in names {
-            bits |=
-                match n.as_ref() {
-                    "relu" => 1,
-                    "relu6" | "hardtanh" => 2,
-                    "leaky_relu" => 4,
-                    other => return Err(format!(
+            bits |= match n.as_ref() {
+                "relu" => 1,
+                "relu6" | "hardtanh" => 2,
+                "leaky_relu" => 4,
+                other => {
+                    return Err(format!(
                         "unknown rectifier {other:?}: expected relu, relu6, hardtanh or leaky_relu"
-                    )),
-                };
+                    ))
+                }
+            };
         }
         if bits == 0 {
             return Err("at least one rectifier must be guided".into());

@@ -1,0 +1,65 @@
+//! Decode-stage throughput: 500×375 JPEG (quality 90) → Resize(256) → CenterCrop(224).
+//! Run: `cargo bench --bench decode`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+use sa::decode::{decode_bytes, Preprocess, Resize};
+use saliency_audit as sa; // in the decode-stats scratch crate: `use decode_stats as sa;`
+
+/// A 500×375 photo-like test image: smooth colour gradients plus mild pixel noise.
+fn test_jpeg() -> Vec<u8> {
+    let (w, h) = (500u32, 375u32);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let n = (state % 17) as f32 - 8.0;
+        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+        let r = 128.0 + 100.0 * (fx * 6.0).sin() * (fy * 3.0).cos() + n;
+        let g = 128.0 + 90.0 * ((fx + fy) * 4.0).cos() + n;
+        let b = 60.0 + 150.0 * fy * fx + n;
+        image::Rgb([
+            r.clamp(0.0, 255.0) as u8,
+            g.clamp(0.0, 255.0) as u8,
+            b.clamp(0.0, 255.0) as u8,
+        ])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let jpeg = test_jpeg();
+    eprintln!(
+        "test JPEG: 500x375, quality 90, 4:4:4, {} bytes",
+        jpeg.len()
+    );
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    let imagenet = Preprocess {
+        resize: Resize::ShorterSide(256),
+        crop: Some((224, 224)),
+        max_pixels: 89_478_485,
+    };
+    g.bench_function("jpeg_500x375_resize256_crop224", |b| {
+        b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &imagenet).unwrap())
+    });
+    // The JPEG decode alone (no resample: exact resize to the stored size, no crop).
+    let decode_only = Preprocess {
+        resize: Resize::Exact { h: 375, w: 500 },
+        crop: None,
+        max_pixels: 89_478_485,
+    };
+    g.bench_function("jpeg_500x375_decode_only", |b| {
+        b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &decode_only).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode);
+criterion_main!(benches);

@@ -1,0 +1,380 @@
+//! Decode stage: image file bytes → the RGB8 model-input crop, plus the geometry that maps
+//! original-image coordinates (boxes, masks) into that crop. Never touches tch.
+//!
+//! Pipeline per sample, mirroring torchvision's eval transform on a PIL image:
+//! 1. read the file (missing → `missing`, other I/O failure → `unreadable`);
+//! 2. sniff the format from the content and read the header; `width * height > max_pixels`
+//!    → `too_large` before any pixel is decoded (decompression-bomb guard, with image's
+//!    allocation limits set as a second guard);
+//! 3. decode (JPEG, PNG, WebP, BMP, TIFF, GIF first frame), convert to RGB8 (grey expanded,
+//!    alpha dropped as PIL's `convert("RGB")`, 16-bit reduced), apply the EXIF orientation;
+//! 4. resize with antialiased bilinear (PIL's bilinear filter, via fast_image_resize) and
+//!    centre-crop, computing only the pixels inside the crop window.
+
+mod geometry;
+mod mask;
+
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::io::Cursor;
+use std::path::Path;
+
+use fast_image_resize as fr;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
+
+use crate::sample::{SampleError, Status};
+
+pub use geometry::Geometry;
+pub use mask::load_mask;
+
+/// How the decoded image is resized before the centre crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// torchvision `Resize(int)`: the shorter side becomes this size, the longer side
+    /// `int(size * long / short)`, keeping the aspect ratio.
+    ShorterSide(u32),
+    /// torchvision `Resize((h, w))`: exactly this size.
+    Exact {
+        /// Output height.
+        h: u32,
+        /// Output width.
+        w: u32,
+    },
+}
+
+/// Preprocessing settings of the decode stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preprocess {
+    /// The resize step.
+    pub resize: Resize,
+    /// Centre crop `(h, w)` after the resize; `None` keeps the whole resized image.
+    pub crop: Option<(u32, u32)>,
+    /// Largest accepted `width * height` of the stored image (checked from the header before
+    /// decoding) and of the output; larger images get status `too_large`.
+    pub max_pixels: u64,
+}
+
+impl Preprocess {
+    /// The output (height, width) every image gets, when it does not depend on the image:
+    /// the crop, else an exact resize. `None` for a shorter-side resize without a crop.
+    pub fn output_size(&self) -> Option<(u32, u32)> {
+        match (self.crop, self.resize) {
+            (Some(c), _) => Some(c),
+            (None, Resize::Exact { h, w }) => Some((h, w)),
+            (None, Resize::ShorterSide(_)) => None,
+        }
+    }
+}
+
+/// A decoded, resized and cropped image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// `out_h * out_w * 3` bytes, row-major HWC, RGB.
+    pub rgb: Vec<u8>,
+    /// How original-image coordinates map into `rgb`'s frame.
+    pub geometry: Geometry,
+}
+
+/// Reads and decodes the image file at `path` (see [`decode_bytes`]).
+///
+/// A file that does not exist gives status `missing`; any other failure to read it
+/// (permissions, a directory, I/O error) gives `unreadable`; a file larger than any image of
+/// `max_pixels` pixels could be (16 bytes a pixel plus 256 MiB) gives `too_large` unread.
+/// Messages name the path.
+pub fn decode_file(path: &Path, pre: &Preprocess) -> Result<Decoded, SampleError> {
+    let bytes = read_file(path, alloc_limit(pre.max_pixels))?;
+    decode_bytes(&bytes, &path.display().to_string(), pre)
+}
+
+/// Decodes an encoded image held in memory; `name` (usually the file path) is used in messages.
+///
+/// Errors: status `decode_error` for empty input, data that is not an image, an unsupported
+/// format, or a truncated/corrupt image; `too_large` when the header's `width * height`
+/// exceeds `pre.max_pixels` (checked before the pixels are decoded), when the decoder's
+/// allocation limit is hit, or when the output itself would exceed `max_pixels`.
+pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decoded, SampleError> {
+    // Grey is expanded, alpha dropped (as PIL's convert("RGB")), 16-bit reduced to 8-bit;
+    // an RGB8 image (the usual JPEG) passes through without a copy.
+    let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?.into_rgb8();
+    let (w, h) = img.dimensions();
+    let geometry = Geometry::plan(w, h, pre)
+        .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
+    let out_pixels = geometry.out_w as u64 * geometry.out_h as u64;
+    if out_pixels > pre.max_pixels {
+        return Err(SampleError::new(
+            Status::TooLarge,
+            format!(
+                "{name}: model input {}x{} ({out_pixels} pixels) exceeds the limit of {} pixels",
+                geometry.out_w, geometry.out_h, pre.max_pixels
+            ),
+        ));
+    }
+    let rgb = resize_crop(img.into_raw(), &geometry)
+        .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
+    Ok(Decoded { rgb, geometry })
+}
+
+/// Reads a whole file, mapping failures to `missing` / `unreadable` with the path in the
+/// message. A file longer than `max_bytes` is refused with `too_large` before it is read.
+pub(crate) fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, SampleError> {
+    use std::io::Read;
+    let io_err = |e: std::io::Error| {
+        let status = match e.kind() {
+            std::io::ErrorKind::NotFound => Status::Missing,
+            _ => Status::Unreadable,
+        };
+        SampleError::new(status, format!("{}: cannot read file: {e}", path.display()))
+    };
+    let too_large = |len: u64| {
+        SampleError::new(
+            Status::TooLarge,
+            format!(
+                "{}: file is {len} bytes or more, over the {max_bytes}-byte limit for this pixel limit",
+                path.display()
+            ),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    if len > max_bytes {
+        return Err(too_large(len));
+    }
+    // Bounded read: a special file may report length 0 and never end.
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Allocation budget handed to the image decoders for a pixel limit: room for the largest
+/// in-memory layout (RGBA f32, 16 bytes a pixel) plus decoder working memory.
+pub(crate) fn alloc_limit(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(16).saturating_add(256 << 20)
+}
+
+/// Maps an image-crate error to a sample status.
+fn image_error_status(e: &ImageError) -> Status {
+    match e {
+        ImageError::Limits(_) => Status::TooLarge,
+        _ => Status::DecodeError,
+    }
+}
+
+/// Decodes `bytes` and applies the EXIF orientation, keeping the stored pixel type.
+/// `what` ("image", "mask") is used in messages. When `expect` is given, the oriented size must
+/// be exactly `(w, h)`. Both that and `width * height <= max_pixels` are checked from the
+/// header, before the pixels are decoded.
+/// Errors carry status `decode_error` or `too_large` (the caller may remap them).
+pub(crate) fn decode_oriented(
+    bytes: &[u8],
+    name: &str,
+    max_pixels: u64,
+    what: &str,
+    expect: Option<(u32, u32)>,
+) -> Result<DynamicImage, SampleError> {
+    let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
+    if bytes.is_empty() {
+        return Err(err(
+            Status::DecodeError,
+            format!("empty file (0 bytes), not an {what}"),
+        ));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| {
+            err(
+                Status::DecodeError,
+                format!("cannot sniff the {what} format: {e}"),
+            )
+        })?;
+    let format = reader.format().ok_or_else(|| {
+        err(
+            Status::DecodeError,
+            format!("not a recognised {what} format (unknown file signature)"),
+        )
+    })?;
+    let mut limits = Limits::default();
+    limits.max_image_width = None;
+    limits.max_image_height = None;
+    limits.max_alloc = Some(alloc_limit(max_pixels));
+    reader.limits(limits);
+
+    // Everything that parses untrusted bytes runs under catch_unwind as a last-resort guard:
+    // a decoder bug must turn into this sample's error, not take the batch down.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> Result<DynamicImage, SampleError> {
+            let mut decoder = reader.into_decoder().map_err(|e| {
+                err(
+                    image_error_status(&e),
+                    format!("cannot read the {format:?} {what} header: {e}"),
+                )
+            })?;
+            let (w, h) = decoder.dimensions();
+            // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
+            let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+            if let Some((ew, eh)) = expect {
+                let (ow, oh) = oriented_size(w, h, orientation);
+                if (ow, oh) != (ew, eh) {
+                    return Err(err(
+                        Status::DecodeError,
+                        format!("{what} is {ow}x{oh} (w x h) but the image is {ew}x{eh}; they must match"),
+                    ));
+                }
+            }
+            let pixels = w as u64 * h as u64;
+            if pixels > max_pixels {
+                return Err(err(
+                    Status::TooLarge,
+                    format!("{what} is {w}x{h} ({pixels} pixels), over the limit of {max_pixels} pixels"),
+                ));
+            }
+            if pixels == 0 {
+                return Err(err(
+                    Status::DecodeError,
+                    format!("{what} has zero size {w}x{h}"),
+                ));
+            }
+            if format == ImageFormat::Jpeg {
+                jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
+            }
+            let mut img = DynamicImage::from_decoder(decoder).map_err(|e| {
+                err(
+                    image_error_status(&e),
+                    format!("cannot decode the {format:?} {what}: {e}"),
+                )
+            })?;
+            img.apply_orientation(orientation);
+            Ok(img)
+        },
+    ));
+    match decoded {
+        Ok(r) => r,
+        Err(_) => Err(err(
+            Status::DecodeError,
+            format!("the {format:?} decoder panicked on this {what}"),
+        )),
+    }
+}
+
+/// Checks that a JPEG is not cut short: its entropy-coded data must be followed by an
+/// end-of-image marker. The JPEG decoder fills a truncated scan with grey instead of failing;
+/// PIL refuses such files ("image file is truncated"), and so do we. The header segments are
+/// walked by their lengths (so an embedded EXIF thumbnail's markers are skipped), then
+/// `FF D9` is searched after the first start-of-scan. A header this walk cannot follow is left
+/// to the decoder to judge.
+fn jpeg_has_end(bytes: &[u8]) -> Result<(), String> {
+    const TRUNCATED: &str = "truncated JPEG: the file ends before the end-of-image marker";
+    let mut i = 2; // after SOI
+    let scan_start = loop {
+        if i >= bytes.len() {
+            return Err(TRUNCATED.into());
+        }
+        if bytes[i] != 0xFF {
+            return Ok(()); // not where a marker should be: let the decoder decide
+        }
+        while i < bytes.len() && bytes[i] == 0xFF {
+            i += 1; // fill bytes
+        }
+        let Some(&marker) = bytes.get(i) else {
+            return Err(TRUNCATED.into());
+        };
+        i += 1;
+        match marker {
+            0xD9 => return Ok(()), // EOI before any scan: the decoder reports what is missing
+            0x01 | 0xD0..=0xD7 => continue, // markers without a length
+            _ => {}
+        }
+        let Some(len) = bytes
+            .get(i..i + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        else {
+            return Err(TRUNCATED.into());
+        };
+        if marker == 0xDA {
+            break i + len;
+        }
+        i += len;
+    };
+    let data = bytes.get(scan_start..).unwrap_or(&[]);
+    // Searched from the end: the marker is normally the last two bytes.
+    if data.windows(2).rev().any(|w| w == [0xFF, 0xD9]) {
+        Ok(())
+    } else {
+        Err(TRUNCATED.into())
+    }
+}
+
+/// Size of a `w × h` stored image after applying `o`.
+fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
+    match o {
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH => (h, w),
+        _ => (w, h),
+    }
+}
+
+thread_local! {
+    /// One resizer per worker thread: it keeps its scratch buffers between images.
+    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+}
+
+/// Resizes the `orig_w × orig_h` RGB8 image `src` and cuts the output window described by
+/// `geo`, computing only the resized pixels that land inside the window. Pixels of the window
+/// outside the resized image are zero.
+pub(crate) fn resize_crop(src: Vec<u8>, geo: &Geometry) -> Result<Vec<u8>, String> {
+    let out_len = geo.out_w as usize * geo.out_h as usize * 3;
+    let Some((x0, y0, x1, y1)) = geo.visible_window() else {
+        return Ok(vec![0; out_len]);
+    };
+    let (iw, ih) = (x1 - x0, y1 - y0);
+    let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
+    let inner = if whole && geo.resized_w == geo.orig_w && geo.resized_h == geo.orig_h {
+        // Nothing to resample.
+        src
+    } else {
+        let src_img = fr::images::ImageRef::new(geo.orig_w, geo.orig_h, &src, fr::PixelType::U8x3)
+            .map_err(|e| format!("decoded buffer does not match its size: {e}"))?;
+        let mut dst = fr::images::Image::new(iw, ih, fr::PixelType::U8x3);
+        // The visible window expressed in source pixels. The filter still reads source pixels
+        // outside this box (clipped at the image border), so the result equals resizing the
+        // whole image and cutting the window afterwards.
+        let sx = geo.orig_w as f64 / geo.resized_w as f64;
+        let sy = geo.orig_h as f64 / geo.resized_h as f64;
+        let mut opts = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+        if !whole {
+            opts = opts.crop(
+                x0 as f64 * sx,
+                y0 as f64 * sy,
+                iw as f64 * sx,
+                ih as f64 * sy,
+            );
+        }
+        RESIZER
+            .with(|r| r.borrow_mut().resize(&src_img, &mut dst, &opts))
+            .map_err(|e| format!("resize failed: {e}"))?;
+        dst.into_vec()
+    };
+    if iw == geo.out_w && ih == geo.out_h {
+        return Ok(inner);
+    }
+    // Zero padding around the visible part.
+    let mut out = vec![0u8; out_len];
+    let dx = (x0 as i64 - geo.crop_left) as usize;
+    let dy = (y0 as i64 - geo.crop_top) as usize;
+    let row = iw as usize * 3;
+    for (r, src_row) in inner.chunks_exact(row).enumerate() {
+        let start = ((dy + r) * geo.out_w as usize + dx) * 3;
+        out[start..start + row].copy_from_slice(src_row);
+    }
+    Ok(out)
+}

@@ -1,0 +1,593 @@
+use super::geometry::center_offset;
+use super::*;
+use image::{ImageFormat, Rgb, RgbImage};
+use std::io::Write;
+
+fn pre(resize: Resize, crop: Option<(u32, u32)>) -> Preprocess {
+    Preprocess {
+        resize,
+        crop,
+        max_pixels: 100_000_000,
+    }
+}
+
+/// Identity preprocessing for a `w × h` image (no resample, no crop).
+fn identity(w: u32, h: u32) -> Preprocess {
+    pre(Resize::Exact { h, w }, None)
+}
+
+fn gradient(w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128])
+    })
+}
+
+fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut buf = Cursor::new(Vec::new());
+    img.write_to(&mut buf, format).unwrap();
+    buf.into_inner()
+}
+
+fn jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(img)
+        .unwrap();
+    out
+}
+
+fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn every_format_decodes() {
+    let img = gradient(40, 30);
+    let dynimg = DynamicImage::ImageRgb8(img.clone());
+    let cases: [(ImageFormat, Vec<u8>, u8); 6] = [
+        (ImageFormat::Png, encode(&dynimg, ImageFormat::Png), 0),
+        (ImageFormat::Bmp, encode(&dynimg, ImageFormat::Bmp), 0),
+        (ImageFormat::Tiff, encode(&dynimg, ImageFormat::Tiff), 0),
+        (ImageFormat::WebP, encode(&dynimg, ImageFormat::WebP), 0), // image writes lossless WebP
+        (ImageFormat::Jpeg, jpeg(&img, 95), 12),
+        (
+            ImageFormat::Gif,
+            encode(
+                &DynamicImage::ImageRgba8(dynimg.to_rgba8()),
+                ImageFormat::Gif,
+            ),
+            40,
+        ),
+    ];
+    for (format, bytes, tolerance) in cases {
+        let d = decode_bytes(&bytes, "t", &identity(40, 30))
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        assert_eq!((d.geometry.out_w, d.geometry.out_h), (40, 30), "{format:?}");
+        assert_eq!(d.rgb.len(), 40 * 30 * 3, "{format:?}");
+        let diff = max_abs_diff(&d.rgb, img.as_raw());
+        assert!(diff <= tolerance, "{format:?}: max diff {diff}");
+    }
+}
+
+#[test]
+fn every_format_truncated_is_a_decode_error() {
+    let img = gradient(64, 48);
+    let dynimg = DynamicImage::ImageRgb8(img.clone());
+    let rgba = DynamicImage::ImageRgba8(dynimg.to_rgba8());
+    let cases = [
+        ("png", encode(&dynimg, ImageFormat::Png)),
+        ("bmp", encode(&dynimg, ImageFormat::Bmp)),
+        ("tiff", encode(&dynimg, ImageFormat::Tiff)),
+        ("webp", encode(&dynimg, ImageFormat::WebP)),
+        ("jpeg", jpeg(&img, 90)),
+        ("gif", encode(&rgba, ImageFormat::Gif)),
+    ];
+    for (name, bytes) in cases {
+        for keep in [bytes.len() * 6 / 10, bytes.len() * 9 / 10] {
+            let e = decode_bytes(&bytes[..keep], name, &identity(64, 48))
+                .err()
+                .unwrap_or_else(|| panic!("{name} cut to {keep} of {} bytes decoded", bytes.len()));
+            assert_eq!(e.status, Status::DecodeError, "{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn gif_first_frame_is_used() {
+    use image::codecs::gif::GifEncoder;
+    use image::{Delay, Frame, RgbaImage};
+    let red = RgbaImage::from_pixel(8, 8, image::Rgba([255, 0, 0, 255]));
+    let blue = RgbaImage::from_pixel(8, 8, image::Rgba([0, 0, 255, 255]));
+    let mut bytes = Vec::new();
+    {
+        let mut enc = GifEncoder::new(&mut bytes);
+        enc.encode_frames(vec![
+            Frame::from_parts(red, 0, 0, Delay::from_numer_denom_ms(10, 1)),
+            Frame::from_parts(blue, 0, 0, Delay::from_numer_denom_ms(10, 1)),
+        ])
+        .unwrap();
+    }
+    let d = decode_bytes(&bytes, "anim.gif", &identity(8, 8)).unwrap();
+    assert_eq!(&d.rgb[..3], &[255, 0, 0]);
+}
+
+/// A JPEG with an APP1 EXIF segment (big-endian TIFF, one IFD entry: Orientation = `value`).
+fn jpeg_with_orientation(img: &RgbImage, value: u16) -> Vec<u8> {
+    let plain = jpeg(img, 95);
+    assert_eq!(&plain[..2], &[0xff, 0xd8]);
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"MM\x00\x2a\x00\x00\x00\x08"); // header, IFD at offset 8
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+    tiff.extend_from_slice(&value.to_be_bytes());
+    tiff.extend_from_slice(&[0, 0]); // value padding
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    let mut payload = b"Exif\x00\x00".to_vec();
+    payload.extend_from_slice(&tiff);
+    let mut out = vec![0xff, 0xd8, 0xff, 0xe1];
+    out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&plain[2..]);
+    out
+}
+
+#[test]
+fn exif_orientation_6_rotates_clockwise() {
+    // 16 wide × 8 high: left half red, right half blue.
+    let img = RgbImage::from_fn(16, 8, |x, _| {
+        if x < 8 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([0, 0, 255])
+        }
+    });
+    let bytes = jpeg_with_orientation(&img, 6);
+    let d = decode_bytes(&bytes, "rot.jpg", &pre(Resize::ShorterSide(8), None)).unwrap();
+    let g = d.geometry;
+    assert_eq!(
+        (g.orig_w, g.orig_h),
+        (8, 16),
+        "orientation 6 swaps the sides"
+    );
+    assert_eq!((g.out_w, g.out_h), (8, 16));
+    // Rotating 90° clockwise puts the old left (red) on top.
+    let px = |x: usize, y: usize| &d.rgb[(y * 8 + x) * 3..(y * 8 + x) * 3 + 3];
+    assert!(
+        px(4, 2)[0] > 200 && px(4, 2)[2] < 60,
+        "top should be red: {:?}",
+        px(4, 2)
+    );
+    assert!(
+        px(4, 13)[2] > 200 && px(4, 13)[0] < 60,
+        "bottom should be blue: {:?}",
+        px(4, 13)
+    );
+
+    // Orientation 1 leaves it as is.
+    let d1 = decode_bytes(&jpeg_with_orientation(&img, 1), "r1.jpg", &identity(16, 8)).unwrap();
+    assert_eq!((d1.geometry.orig_w, d1.geometry.orig_h), (16, 8));
+}
+
+#[test]
+fn grey_alpha_and_16_bit_become_rgb8() {
+    let grey = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3, image::Luma([100])));
+    let d = decode_bytes(&encode(&grey, ImageFormat::Png), "g.png", &identity(4, 3)).unwrap();
+    assert!(d.rgb.iter().all(|&v| v == 100));
+
+    let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+        4,
+        3,
+        image::Rgba([10, 20, 30, 0]),
+    ));
+    let d = decode_bytes(&encode(&rgba, ImageFormat::Png), "a.png", &identity(4, 3)).unwrap();
+    assert_eq!(d.rgb.len(), 4 * 3 * 3);
+    assert!(
+        d.rgb.chunks(3).all(|p| p == [10, 20, 30]),
+        "alpha is dropped, colour kept"
+    );
+
+    let la = DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_pixel(
+        4,
+        3,
+        image::LumaA([7, 200]),
+    ));
+    let d = decode_bytes(&encode(&la, ImageFormat::Png), "la.png", &identity(4, 3)).unwrap();
+    assert!(d.rgb.iter().all(|&v| v == 7));
+
+    let rgb16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+        4,
+        3,
+        Rgb([65535u16, 0, 32896]),
+    ));
+    let d = decode_bytes(
+        &encode(&rgb16, ImageFormat::Png),
+        "c16.png",
+        &identity(4, 3),
+    )
+    .unwrap();
+    assert!(
+        d.rgb.chunks(3).all(|p| p == [255, 0, 128]),
+        "{:?}",
+        &d.rgb[..3]
+    );
+
+    let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+        4,
+        3,
+        image::Luma([65535u16]),
+    ));
+    let d = decode_bytes(
+        &encode(&grey16, ImageFormat::Png),
+        "g16.png",
+        &identity(4, 3),
+    )
+    .unwrap();
+    assert!(d.rgb.iter().all(|&v| v == 255));
+}
+
+#[test]
+fn bad_files_get_the_right_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pre(Resize::ShorterSide(16), Some((16, 16)));
+
+    let missing = dir.path().join("nope.jpg");
+    let e = decode_file(&missing, &p).unwrap_err();
+    assert_eq!(e.status, Status::Missing);
+    assert!(e.message.contains("nope.jpg"), "{}", e.message);
+
+    let empty = dir.path().join("empty.jpg");
+    std::fs::File::create(&empty).unwrap();
+    let e = decode_file(&empty, &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError);
+    assert!(
+        e.message.contains("empty.jpg") && e.message.contains("0 bytes"),
+        "{}",
+        e.message
+    );
+
+    let text = dir.path().join("notes.png");
+    std::fs::File::create(&text)
+        .unwrap()
+        .write_all(b"this is not an image at all\n")
+        .unwrap();
+    let e = decode_file(&text, &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError);
+    assert!(e.message.contains("notes.png"), "{}", e.message);
+
+    let e = decode_file(dir.path(), &p).unwrap_err();
+    assert_eq!(
+        e.status,
+        Status::Unreadable,
+        "a directory is not readable as a file"
+    );
+
+    let full = jpeg(&gradient(64, 48), 90);
+    let truncated = dir.path().join("cut.jpg");
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    let e = decode_file(&truncated, &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{e}");
+    assert!(e.message.contains("cut.jpg"), "{}", e.message);
+
+    // Header only: the SOI/APP0/DQT part of the file.
+    let e = decode_bytes(&full[..20], "head.jpg", &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{e}");
+
+    let png = encode(&DynamicImage::ImageRgb8(gradient(64, 48)), ImageFormat::Png);
+    let e = decode_bytes(&png[..png.len() - 30], "cut.png", &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{e}");
+
+    // Garbage after a valid signature.
+    let mut junk = png[..16].to_vec();
+    junk.extend(std::iter::repeat_n(0xAB, 200));
+    let e = decode_bytes(&junk, "junk.png", &p).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{e}");
+}
+
+#[test]
+fn oversized_file_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("huge.jpg");
+    // Sparse file larger than any 1-pixel image could be (16 bytes + 256 MiB).
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len((256 << 20) + 1024)
+        .unwrap();
+    let e = decode_file(
+        &f,
+        &Preprocess {
+            max_pixels: 1,
+            ..identity(1, 1)
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.status, Status::TooLarge, "{e}");
+    assert!(e.message.contains("huge.jpg"));
+}
+
+#[cfg(unix)]
+#[test]
+fn permission_denied_is_unreadable() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("locked.png");
+    std::fs::write(
+        &f,
+        encode(&DynamicImage::ImageRgb8(gradient(8, 8)), ImageFormat::Png),
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read(&f).is_ok() {
+        return; // running as root: permissions are not enforced, nothing to check
+    }
+    let e = decode_file(&f, &identity(8, 8)).unwrap_err();
+    assert_eq!(e.status, Status::Unreadable);
+}
+
+#[test]
+fn huge_header_is_too_large_without_decoding() {
+    // A real 1×1 PNG whose IHDR is patched to claim 100000×100000 (CRC fixed up).
+    let mut png = encode(&DynamicImage::ImageRgb8(gradient(1, 1)), ImageFormat::Png);
+    assert_eq!(&png[12..16], b"IHDR");
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let e = decode_bytes(
+        &png,
+        "bomb.png",
+        &pre(Resize::ShorterSide(224), Some((224, 224))),
+    )
+    .unwrap_err();
+    assert_eq!(e.status, Status::TooLarge, "{e}");
+    assert!(
+        e.message.contains("bomb.png") && e.message.contains("100000"),
+        "{}",
+        e.message
+    );
+
+    // Same for a BMP header (no checksum to fix).
+    let mut bmp = encode(&DynamicImage::ImageRgb8(gradient(2, 2)), ImageFormat::Bmp);
+    bmp[18..22].copy_from_slice(&60_000i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&60_000i32.to_le_bytes());
+    let e = decode_bytes(&bmp, "bomb.bmp", &pre(Resize::ShorterSide(224), None)).unwrap_err();
+    assert_eq!(e.status, Status::TooLarge, "{e}");
+
+    // And a real image just over a small limit.
+    let small = Preprocess {
+        max_pixels: 100,
+        ..identity(11, 10)
+    };
+    let e = decode_bytes(&jpeg(&gradient(11, 10), 90), "x.jpg", &small).unwrap_err();
+    assert_eq!(e.status, Status::TooLarge);
+    let ok = Preprocess {
+        max_pixels: 110,
+        ..identity(11, 10)
+    };
+    assert!(decode_bytes(&jpeg(&gradient(11, 10), 90), "x.jpg", &ok).is_ok());
+}
+
+#[test]
+fn geometry_shorter_side_and_centre_crop() {
+    let g = Geometry::plan(400, 200, &pre(Resize::ShorterSide(100), Some((100, 100)))).unwrap();
+    assert_eq!(
+        g,
+        Geometry {
+            orig_w: 400,
+            orig_h: 200,
+            resized_w: 200,
+            resized_h: 100,
+            crop_left: 50,
+            crop_top: 0,
+            out_w: 100,
+            out_h: 100
+        }
+    );
+    assert_eq!(
+        g.map_box([100.0, 0.0, 300.0, 200.0]),
+        Some([0.0, 0.0, 1.0, 1.0])
+    );
+    assert_eq!(
+        g.map_box([0.0, 0.0, 500.0, 400.0]),
+        Some([0.0, 0.0, 1.0, 1.0]),
+        "clipped"
+    );
+    assert_eq!(
+        g.map_box([50.0, 50.0, 150.0, 150.0]),
+        Some([0.0, 0.25, 0.25, 0.75])
+    );
+    assert_eq!(
+        g.map_box([0.0, 0.0, 100.0, 100.0]),
+        None,
+        "entirely in the cropped-off strip"
+    );
+    assert_eq!(g.map_box([200.0, 100.0, 200.0, 150.0]), None, "zero width");
+    assert_eq!(g.map_box([f32::NAN, 0.0, 1.0, 1.0]), None);
+
+    // torchvision ImageNet eval: 500×375 → Resize(256) → 341×256 (truncated) → crop 224.
+    let g = Geometry::plan(500, 375, &pre(Resize::ShorterSide(256), Some((224, 224)))).unwrap();
+    assert_eq!((g.resized_w, g.resized_h), (341, 256));
+    assert_eq!(
+        (g.crop_left, g.crop_top),
+        (58, 16),
+        "round(58.5) = 58 (half to even)"
+    );
+    // Portrait: the width is the shorter side.
+    let g = Geometry::plan(375, 500, &pre(Resize::ShorterSide(256), None)).unwrap();
+    assert_eq!(
+        (g.resized_w, g.resized_h, g.out_w, g.out_h),
+        (256, 341, 256, 341)
+    );
+    // Exact resize.
+    let g = Geometry::plan(500, 375, &pre(Resize::Exact { h: 10, w: 20 }, None)).unwrap();
+    assert_eq!(
+        (g.resized_w, g.resized_h, g.crop_left, g.crop_top),
+        (20, 10, 0, 0)
+    );
+    // Zero sizes are errors, not panics.
+    assert!(Geometry::plan(500, 375, &pre(Resize::ShorterSide(0), None)).is_err());
+    assert!(Geometry::plan(500, 375, &pre(Resize::ShorterSide(8), Some((0, 8)))).is_err());
+}
+
+#[test]
+fn centre_offsets_round_half_to_even_and_pad() {
+    assert_eq!(center_offset(10, 10), 0);
+    assert_eq!(center_offset(11, 10), 0); // round(0.5) = 0
+    assert_eq!(center_offset(13, 10), 2); // round(1.5) = 2
+    assert_eq!(center_offset(15, 10), 2); // round(2.5) = 2
+    assert_eq!(center_offset(17, 10), 4); // round(3.5) = 4
+    assert_eq!(center_offset(14, 10), 2);
+    assert_eq!(center_offset(10, 13), -1); // pad (13-10)//2 = 1 before
+    assert_eq!(center_offset(10, 14), -2);
+}
+
+#[test]
+fn constant_image_stays_constant_through_resize_and_crop() {
+    let img = RgbImage::from_pixel(500, 375, Rgb([37, 150, 222]));
+    let bytes = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png);
+    for p in [
+        pre(Resize::ShorterSide(256), Some((224, 224))),
+        pre(Resize::ShorterSide(256), None),
+        pre(Resize::Exact { h: 64, w: 48 }, Some((32, 40))),
+        pre(Resize::ShorterSide(600), Some((500, 500))), // upsampling
+    ] {
+        let d = decode_bytes(&bytes, "c.png", &p).unwrap();
+        let g = d.geometry;
+        assert_eq!(d.rgb.len(), g.out_w as usize * g.out_h as usize * 3);
+        assert!(d.rgb.chunks(3).all(|px| px == [37, 150, 222]), "{p:?}");
+    }
+}
+
+#[test]
+fn crop_window_resize_equals_full_resize_then_crop() {
+    // Noisy pattern so that any misplaced filter tap shows.
+    let img = RgbImage::from_fn(500, 375, |x, y| {
+        let v = x
+            .wrapping_mul(2654435761)
+            .wrapping_add(y.wrapping_mul(40503))
+            >> 7;
+        Rgb([
+            (v & 255) as u8,
+            ((v >> 8) & 255) as u8,
+            ((x + y) & 255) as u8,
+        ])
+    });
+    let bytes = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png);
+    let full = decode_bytes(&bytes, "n.png", &pre(Resize::ShorterSide(256), None)).unwrap();
+    let crop = decode_bytes(
+        &bytes,
+        "n.png",
+        &pre(Resize::ShorterSide(256), Some((224, 224))),
+    )
+    .unwrap();
+    let (fw, g) = (full.geometry.out_w as usize, crop.geometry);
+    assert_eq!((fw, full.geometry.out_h), (341, 256));
+    let mut expected = Vec::with_capacity(224 * 224 * 3);
+    for y in 0..224 {
+        let start = ((y + g.crop_top as usize) * fw + g.crop_left as usize) * 3;
+        expected.extend_from_slice(&full.rgb[start..start + 224 * 3]);
+    }
+    let diff = max_abs_diff(&crop.rgb, &expected);
+    let differing = crop
+        .rgb
+        .iter()
+        .zip(&expected)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        diff <= 1 && differing * 1000 <= expected.len(),
+        "max diff {diff}, {differing} values differ"
+    );
+}
+
+#[test]
+fn crop_larger_than_image_is_zero_padded() {
+    let img = RgbImage::from_pixel(50, 40, Rgb([9, 8, 7]));
+    let bytes = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png);
+    let d = decode_bytes(
+        &bytes,
+        "s.png",
+        &pre(Resize::Exact { h: 40, w: 50 }, Some((45, 61))),
+    )
+    .unwrap();
+    let g = d.geometry;
+    assert_eq!(
+        (g.crop_left, g.crop_top, g.out_w, g.out_h),
+        (-5, -2, 61, 45)
+    );
+    for y in 0..45i64 {
+        for x in 0..61i64 {
+            let i = ((y * 61 + x) * 3) as usize;
+            let inside = (5..55).contains(&x) && (2..42).contains(&y);
+            let want: [u8; 3] = if inside { [9, 8, 7] } else { [0, 0, 0] };
+            assert_eq!(&d.rgb[i..i + 3], &want, "at ({x},{y})");
+        }
+    }
+}
+
+#[test]
+fn mask_maps_into_the_crop() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400×200 mask, right half (x ≥ 200) is object (value 1, not 255: any non-zero counts).
+    let mask = image::GrayImage::from_fn(400, 200, |x, _| image::Luma([u8::from(x >= 200)]));
+    let path = dir.path().join("m.png");
+    mask.save(&path).unwrap();
+    let g = Geometry::plan(400, 200, &pre(Resize::ShorterSide(100), Some((100, 100)))).unwrap();
+    let m = load_mask(&path, &g).unwrap();
+    assert_eq!(m.len(), 100 * 100);
+    for y in 0..100 {
+        for x in 0..100 {
+            // Output column x is resized column x + 50 → source column 2x + 101.
+            assert_eq!(m[y * 100 + x], u8::from(x >= 50), "at ({x},{y})");
+        }
+    }
+
+    // Padding is 0; an RGB mask counts any non-zero channel.
+    let rgb_mask = RgbImage::from_pixel(10, 10, Rgb([0, 0, 3]));
+    let p2 = dir.path().join("rgb.png");
+    rgb_mask.save(&p2).unwrap();
+    let g2 = Geometry::plan(10, 10, &pre(Resize::ShorterSide(10), Some((12, 12)))).unwrap();
+    let m2 = load_mask(&p2, &g2).unwrap();
+    assert_eq!(m2.iter().map(|&v| v as usize).sum::<usize>(), 100);
+    assert_eq!(m2[0], 0);
+    assert_eq!(m2[12 + 1], 1);
+
+    // Wrong size → bad_mask naming both sizes.
+    let e = load_mask(&p2, &g).unwrap_err();
+    assert_eq!(e.status, Status::BadMask);
+    assert!(
+        e.message.contains("10x10") && e.message.contains("400x200"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("rgb.png"), "{}", e.message);
+
+    // Missing or not an image → bad_mask.
+    let e = load_mask(&dir.path().join("none.png"), &g).unwrap_err();
+    assert_eq!(e.status, Status::BadMask);
+    assert!(e.message.contains("none.png"));
+    let txt = dir.path().join("t.png");
+    std::fs::write(&txt, "hello").unwrap();
+    assert_eq!(load_mask(&txt, &g).unwrap_err().status, Status::BadMask);
+}

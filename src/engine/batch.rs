@@ -1,0 +1,179 @@
+//! The pipeline's view of the engine: plain-data batches in, plain-data results out.
+
+use super::{EngineOptions, GuidedGradCam};
+use anyhow::{bail, Result};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// A batch of decoded images: RGB8, HWC, `n × h × w × 3` bytes, and a target per image
+/// (`None` = the predicted class).
+#[derive(Debug, Clone, Default)]
+pub struct U8Batch {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<u8>,
+    pub targets: Vec<Option<i64>>,
+}
+
+impl U8Batch {
+    /// The sub-batch of images `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> U8Batch {
+        let px = self.h * self.w * 3;
+        U8Batch {
+            n: len,
+            h: self.h,
+            w: self.w,
+            data: self.data[start * px..(start + len) * px].to_vec(),
+            targets: self.targets[start..start + len].to_vec(),
+        }
+    }
+}
+
+/// What the engine returns for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleMaps {
+    pub target: i64,
+    pub predicted: i64,
+    pub predicted_prob: f32,
+    pub target_prob: f32,
+    /// Guided Grad-CAM reduced over channels by absolute value, h × w row-major.
+    pub map: Vec<f32>,
+    /// Grad-CAM at the layer's resolution, cam_h × cam_w.
+    pub cam: Vec<f32>,
+    pub cam_h: usize,
+    pub cam_w: usize,
+}
+
+/// What the pipeline's workers talk to: one model replica on one device.
+pub trait Attributor: Send {
+    /// A name for logs (the device).
+    fn name(&self) -> String;
+    /// Attributes a batch; one result per image, in order.
+    fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>>;
+}
+
+/// The TorchScript engine as an [`Attributor`]: uploads u8 images, converts and normalises them
+/// on the device, attributes, reduces the map over channels on the device and downloads only
+/// the small results.
+pub struct TorchAttributor {
+    engine: GuidedGradCam,
+    mean: Tensor,
+    std: Tensor,
+    channels: i64,
+}
+
+impl TorchAttributor {
+    /// Loads a replica of `model` on `device`. `mean` and `std` (0..1 scale) have one value per
+    /// model input channel; a 1-channel model gets the images' luminance (ITU-R 601, as PIL's "L").
+    pub fn load(
+        model: &Path,
+        device: Device,
+        opts: EngineOptions,
+        mean: &[f32],
+        std: &[f32],
+    ) -> Result<Self> {
+        if mean.len() != std.len() || mean.is_empty() {
+            bail!("mean and std need one value per input channel");
+        }
+        let engine = GuidedGradCam::load(model, device, opts)?;
+        let c = mean.len() as i64;
+        let mean = Tensor::from_slice(mean)
+            .view([1, c, 1, 1])
+            .to_device(device);
+        let std = Tensor::from_slice(std).view([1, c, 1, 1]).to_device(device);
+        Ok(Self {
+            engine,
+            mean,
+            std,
+            channels: c,
+        })
+    }
+
+    pub fn engine(&self) -> &GuidedGradCam {
+        &self.engine
+    }
+
+    fn to_input(&self, batch: &U8Batch) -> Result<Tensor> {
+        let (n, h, w) = (batch.n as i64, batch.h as i64, batch.w as i64);
+        if batch.data.len() != (n * h * w * 3) as usize {
+            bail!(
+                "batch holds {} bytes, expected {n}×{h}×{w}×3",
+                batch.data.len()
+            );
+        }
+        let dev = self.engine.device();
+        let u8s = Tensor::from_slice(&batch.data).view([n, h, w, 3]);
+        let u8s = if dev == Device::Cpu {
+            u8s
+        } else {
+            u8s.pin_memory(dev)
+                .to_device_(dev, Kind::Uint8, true, false)
+        };
+        let x = tch::no_grad(|| {
+            let x = u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+            let x = match self.channels {
+                3 => x,
+                1 => {
+                    let wts = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
+                        .view([1, 3, 1, 1])
+                        .to_device(dev);
+                    (x * wts).sum_dim_intlist(&[1i64][..], true, Kind::Float)
+                }
+                c => {
+                    return Err(anyhow::anyhow!(
+                        "the model takes {c} channels; images give 3 (RGB) or 1 (luminance)"
+                    ))
+                }
+            };
+            Ok((x - &self.mean) / &self.std)
+        })?;
+        Ok(x.contiguous())
+    }
+}
+
+impl Attributor for TorchAttributor {
+    fn name(&self) -> String {
+        format!("{:?}", self.engine.device())
+    }
+
+    fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
+        let x = self.to_input(batch)?;
+        let r = self.engine.attribute(&x, &batch.targets)?;
+        let n = batch.n as i64;
+        let (map, cam, probs, predicted) = tch::no_grad(|| {
+            let map = r
+                .attribution
+                .abs()
+                .sum_dim_intlist(&[1i64][..], false, Kind::Float);
+            let probs = r.logits.to_kind(Kind::Float).softmax(1, Kind::Float);
+            let predicted = probs.argmax(1, false);
+            (map, r.cam.squeeze_dim(1), probs, predicted)
+        });
+        let tgt = Tensor::from_slice(&r.targets)
+            .to_device(probs.device())
+            .view([-1, 1]);
+        let target_prob = probs.gather(1, &tgt, false).view([-1]);
+        let pred_prob = probs.gather(1, &predicted.view([-1, 1]), false).view([-1]);
+        let cpu = Device::Cpu;
+        let map: Vec<f32> = Vec::try_from(map.to_device(cpu).contiguous().view([-1]))?;
+        let (ch, cw) = (cam.size()[1] as usize, cam.size()[2] as usize);
+        let cam: Vec<f32> = Vec::try_from(cam.to_device(cpu).contiguous().view([-1]))?;
+        let predicted: Vec<i64> = Vec::try_from(predicted.to_device(cpu))?;
+        let target_prob: Vec<f32> = Vec::try_from(target_prob.to_device(cpu))?;
+        let pred_prob: Vec<f32> = Vec::try_from(pred_prob.to_device(cpu))?;
+        let (hw, chw) = (batch.h * batch.w, ch * cw);
+        Ok((0..n as usize)
+            .map(|i| SampleMaps {
+                target: r.targets[i],
+                predicted: predicted[i],
+                predicted_prob: pred_prob[i],
+                target_prob: target_prob[i],
+                map: map[i * hw..(i + 1) * hw].to_vec(),
+                cam: cam[i * chw..(i + 1) * chw].to_vec(),
+                cam_h: ch,
+                cam_w: cw,
+            })
+            .collect())
+    }
+}

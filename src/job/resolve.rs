@@ -1,0 +1,337 @@
+//! From a checked [`JobSpec`] to a [`Job`]: paths, file checks, defaults from the model's metadata.
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::{read_meta, ModelMeta};
+
+use super::error::JobError;
+use super::spec::{parse_spec, DevicesSpec, JobSpec, SizeSpec, TargetSpec};
+use super::{DatasetSource, Devices, InterpolateMode, Job, Precision, Preprocess, Resize, Target};
+
+/// Default pixel limit: PIL's decompression-bomb threshold.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+/// Normalisation mean used for a 3-channel model when neither the spec nor the metadata gives one.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// Normalisation std used for a 3-channel model when neither the spec nor the metadata gives one.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+const DEFAULT_BATCH_SIZE: u32 = 32;
+const DEFAULT_MAP_SIZE: u32 = 64;
+const DEFAULT_ROWS_PER_PART: u32 = 1024;
+
+/// Reads, parses and resolves a job file, reading the model's embedded metadata from the
+/// TorchScript archive.
+pub fn load(job_file: &Path) -> Result<Job, JobError> {
+    load_with(job_file, read_meta)
+}
+
+/// Reads, parses and resolves a job file; `read_meta` gets the resolved model path (checked to
+/// be a file) and returns its metadata, `Ok(None)` when it has none.
+pub fn load_with<F>(job_file: &Path, read_meta: F) -> Result<Job, JobError>
+where
+    F: FnOnce(&Path) -> anyhow::Result<Option<ModelMeta>>,
+{
+    let text = std::fs::read_to_string(job_file)
+        .map_err(|e| JobError::file(job_file, format!("cannot read the job file: {e}")))?;
+    let spec = parse_spec(&text, job_file)?;
+    let job_dir = job_file.parent().unwrap_or(Path::new(""));
+    let model = model_file(&spec, job_dir)?;
+    let meta = read_meta(&model).map_err(|e| {
+        spec.error(
+            "model.path",
+            format!("cannot read the metadata of {}: {e:#}", model.display()),
+        )
+    })?;
+    resolve(spec, job_dir, meta.as_ref())
+}
+
+/// The model path resolved against `job_dir`, checked to be a file.
+fn model_file(spec: &JobSpec, job_dir: &Path) -> Result<PathBuf, JobError> {
+    let model = job_dir.join(&spec.model.path);
+    if !model.is_file() {
+        return Err(spec.error(
+            "model.path",
+            format!("no model file at {}", model.display()),
+        ));
+    }
+    Ok(model)
+}
+
+/// Makes a [`Job`] from a checked spec: relative paths resolve against `job_dir` (the job
+/// file's folder), the model and the dataset must exist, and what the spec leaves out comes
+/// from the model's metadata `meta` (resize, crop from `input_size`, mean, std, class names).
+pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Result<Job, JobError> {
+    let empty = ModelMeta::default();
+    let meta = meta.unwrap_or(&empty);
+
+    let model = model_file(&spec, job_dir)?;
+    let dataset = match (&spec.dataset.manifest, &spec.dataset.image_folder) {
+        (Some(m), _) => {
+            let p = job_dir.join(m);
+            if !p.is_file() {
+                return Err(spec.error(
+                    "dataset.manifest",
+                    format!("no manifest file at {}", p.display()),
+                ));
+            }
+            DatasetSource::Manifest(p)
+        }
+        (None, Some(f)) => {
+            let p = job_dir.join(f);
+            if !p.is_dir() {
+                return Err(spec.error(
+                    "dataset.image_folder",
+                    format!("no folder at {}", p.display()),
+                ));
+            }
+            DatasetSource::ImageFolder(p)
+        }
+        (None, None) => {
+            return Err(spec.error("dataset", "give one of `manifest` or `image_folder`"))
+        }
+    };
+    let output = job_dir.join(&spec.output.path);
+    if output.exists() && !output.is_dir() {
+        return Err(spec.error(
+            "output.path",
+            format!("{} exists and is not a folder", output.display()),
+        ));
+    }
+
+    let preprocess = preprocess(&spec, meta)?;
+
+    let class_names = meta.class_names.clone();
+    let num_classes = meta
+        .num_classes
+        .or(class_names.as_ref().map(|c| c.len() as i64));
+    if let (Some(n), Some(names)) = (meta.num_classes, &class_names) {
+        if names.len() as i64 != n {
+            return Err(spec.error(
+                "model.path",
+                format!(
+                    "the model's metadata lists {} class names but num_classes is {n}",
+                    names.len()
+                ),
+            ));
+        }
+    }
+
+    let a = &spec.attribution;
+    let target = match &a.target {
+        None => Target::Label,
+        Some(TargetSpec::Name(n)) if n == "predicted" => Target::Predicted,
+        Some(TargetSpec::Name(n)) if n == "label" => Target::Label,
+        Some(TargetSpec::Name(n)) => {
+            return Err(spec.error("attribution.target", format!("\"{n}\" is not a target")))
+        }
+        Some(TargetSpec::Class(c)) => {
+            if let Some(n) = num_classes {
+                if !(0..n).contains(c) {
+                    return Err(spec.error(
+                        "attribution.target",
+                        format!(
+                            "class {c} is not a class of the model (it has {n} classes: 0..{})",
+                            n - 1
+                        ),
+                    ));
+                }
+            }
+            Target::Class(*c)
+        }
+    };
+    let interpolate_mode = match &a.interpolate_mode {
+        None => InterpolateMode::Nearest,
+        Some(m) => InterpolateMode::parse(m).ok_or_else(|| {
+            spec.error(
+                "attribution.interpolate_mode",
+                format!("\"{m}\" is not a mode"),
+            )
+        })?,
+    };
+    let guided_rectifiers = a
+        .guided_rectifiers
+        .clone()
+        .unwrap_or_else(|| vec!["relu".to_owned()]);
+    let precision = match a.precision.as_deref() {
+        None | Some("fp32") => Precision::Fp32,
+        Some("bf16") => Precision::Bf16,
+        Some(p) => {
+            return Err(spec.error(
+                "attribution.precision",
+                format!("\"{p}\" is not a precision"),
+            ))
+        }
+    };
+    let devices = match &spec.runtime.devices {
+        None => Devices::List(vec!["cpu".to_owned()]),
+        Some(DevicesSpec::Name(_)) => Devices::All,
+        Some(DevicesSpec::List(l)) => Devices::List(l.clone()),
+    };
+
+    Ok(Job {
+        job_file: spec.origin().to_path_buf(),
+        dataset,
+        model,
+        preprocess,
+        target,
+        interpolate_mode,
+        guided_rectifiers,
+        precision,
+        devices,
+        batch_size: spec.runtime.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
+        decode_threads: spec.runtime.decode_threads.unwrap_or(0),
+        output,
+        map_size: spec.output.map_size.unwrap_or(DEFAULT_MAP_SIZE),
+        rows_per_part: spec.output.rows_per_part.unwrap_or(DEFAULT_ROWS_PER_PART),
+        regions: spec
+            .regions
+            .iter()
+            .map(|r| (r.name.clone(), r.x0, r.y0, r.x1, r.y1))
+            .collect(),
+        class_names,
+        num_classes,
+        spec_text: spec.text().to_owned(),
+    })
+}
+
+/// The metadata's `input_size` as (height, width), checked.
+fn meta_input_size(spec: &JobSpec, meta: &ModelMeta) -> Result<Option<(u32, u32)>, JobError> {
+    let Some([h, w]) = meta.input_size else {
+        return Ok(None);
+    };
+    match (u32::try_from(h), u32::try_from(w)) {
+        (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok(Some((h, w))),
+        _ => Err(spec.error(
+            "model.path",
+            format!("the model's metadata has an invalid input_size [{h}, {w}]"),
+        )),
+    }
+}
+
+fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> {
+    let p = &spec.preprocess;
+    let input_size = meta_input_size(spec, meta)?;
+    let resize = match (p.resize, meta.resize, input_size) {
+        (Some(SizeSpec::Side(s)), _, _) => Resize::ShorterSide(s),
+        (Some(SizeSpec::HeightWidth(h, w)), _, _) => Resize::Exact { h, w },
+        (None, Some(0), _) => {
+            return Err(spec.error("preprocess.resize", "not set, and the model's metadata gives resize 0"))
+        }
+        (None, Some(s), _) => Resize::ShorterSide(s),
+        (None, None, Some((h, w))) => Resize::Exact { h, w },
+        (None, None, None) => {
+            return Err(spec.error(
+                "preprocess.resize",
+                "not set, and the model's metadata has neither resize nor input_size: set preprocess.resize",
+            ))
+        }
+    };
+    let crop = match (p.crop, resize, input_size) {
+        (Some(c), _, _) => Some(c.height_width()),
+        (None, Resize::Exact { .. }, _) => None,
+        (None, Resize::ShorterSide(_), Some(size)) => Some(size),
+        (None, Resize::ShorterSide(s), None) => {
+            return Err(spec.error(
+                "preprocess.crop",
+                format!(
+                    "not set: resizing the shorter side to {s} leaves images of different sizes, and a batch \
+                     needs one size; set preprocess.crop, or give preprocess.resize as [height, width] \
+                     (the model's metadata has no input_size to crop to)"
+                ),
+            ))
+        }
+    };
+    if let (Resize::Exact { h, w }, Some((ch, cw))) = (resize, crop) {
+        if ch > h || cw > w {
+            return Err(spec.error(
+                "preprocess.crop",
+                format!("crop {ch}x{cw} is larger than the resized image {h}x{w} (height x width)"),
+            ));
+        }
+    }
+
+    let channels = meta.channels;
+    if let Some(c) = channels {
+        if c < 1 {
+            return Err(spec.error(
+                "model.path",
+                format!("the model's metadata has an invalid channels {c}"),
+            ));
+        }
+    }
+    let pick = |key: &str,
+                given: &Option<Vec<f32>>,
+                from_meta: &Option<Vec<f32>>,
+                imagenet: &[f32; 3]| {
+        if let Some(v) = given {
+            return Ok((v.clone(), true));
+        }
+        if let Some(v) = from_meta {
+            return Ok((v.clone(), false));
+        }
+        match channels {
+            None | Some(3) => Ok((imagenet.to_vec(), false)),
+            Some(c) => Err(spec.error(
+                key,
+                format!("not set, and the model has {c} input channels and no {key} in its metadata: set {key}"),
+            )),
+        }
+    };
+    let (mean, mean_given) = pick("preprocess.mean", &p.mean, &meta.mean, &IMAGENET_MEAN)?;
+    let (std, std_given) = pick("preprocess.std", &p.std, &meta.std, &IMAGENET_STD)?;
+    let origin = |given: bool| {
+        if given {
+            ""
+        } else {
+            " (from the model's metadata)"
+        }
+    };
+    if let Some(c) = channels {
+        for (key, v, given) in [
+            ("preprocess.mean", &mean, mean_given),
+            ("preprocess.std", &std, std_given),
+        ] {
+            if v.len() as i64 != c {
+                return Err(spec.error(
+                    key,
+                    format!(
+                        "has {} values{} but the model has {c} input channels",
+                        v.len(),
+                        origin(given)
+                    ),
+                ));
+            }
+        }
+    }
+    if mean.len() != std.len() {
+        return Err(spec.error(
+            "preprocess.std",
+            format!(
+                "has {} values{} but preprocess.mean has {}{}: one each per input channel",
+                std.len(),
+                origin(std_given),
+                mean.len(),
+                origin(mean_given)
+            ),
+        ));
+    }
+    if let Some(x) = std.iter().find(|&&x| !(x > 0.0 && x.is_finite())) {
+        return Err(spec.error(
+            "preprocess.std",
+            format!("{x}{} is not above 0", origin(std_given)),
+        ));
+    }
+    if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
+        return Err(spec.error(
+            "preprocess.mean",
+            format!("{x}{} is not a finite number", origin(mean_given)),
+        ));
+    }
+    Ok(Preprocess {
+        resize,
+        crop,
+        mean,
+        std,
+        max_pixels: p.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS),
+    })
+}

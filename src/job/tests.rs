@@ -1,0 +1,601 @@
+use std::path::{Path, PathBuf};
+
+use crate::engine::ModelMeta;
+
+use super::*;
+
+/// A full valid spec; line numbers below refer to it.
+const FULL: &str = r#"[dataset]
+manifest = "samples.csv"
+[model]
+path = "model.pt"
+[preprocess]
+resize = 256
+crop = 224
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+max_pixels = 1000000
+[runtime]
+batch_size = 16
+devices = ["cuda:0", "cuda:1"]
+decode_threads = 4
+[attribution]
+target = "predicted"
+interpolate_mode = "bilinear"
+guided_rectifiers = ["relu", "relu6"]
+precision = "bf16"
+[output]
+path = "out/"
+map_size = 32
+rows_per_part = 100
+[[regions]]
+name = "top_right"
+x0 = 0.75
+y0 = 0.0
+x1 = 1.0
+y1 = 0.25
+[[regions]]
+name = "centre"
+x0 = 0.25
+y0 = 0.25
+x1 = 0.75
+y1 = 0.75
+"#;
+
+const MINIMAL: &str =
+    "[dataset]\nimage_folder = \"train\"\n[model]\npath = \"m.pt\"\n[output]\npath = \"out\"\n";
+
+fn parse(text: &str) -> Result<JobSpec, JobError> {
+    parse_spec(text, Path::new("job.toml"))
+}
+
+/// Replaces the first line starting with `key =` in FULL by `line`.
+fn full_with(key: &str, line: &str) -> String {
+    let mut done = false;
+    FULL.lines()
+        .map(|l| {
+            if !done && l.starts_with(&format!("{key} =")) {
+                done = true;
+                line.to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[track_caller]
+fn assert_err(text: &str, key: &str, line: usize) -> JobError {
+    let err = parse(text).expect_err("spec should be rejected");
+    let msg = err.to_string();
+    assert!(msg.contains(key), "message {msg:?} does not name {key}");
+    assert!(
+        msg.contains(&format!("line {line}:")),
+        "message {msg:?} does not name line {line}"
+    );
+    assert!(
+        msg.starts_with("job.toml"),
+        "message {msg:?} does not name the file"
+    );
+    err
+}
+
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("samples.csv"), "path\na.jpg\n").unwrap();
+        std::fs::write(dir.path().join("model.pt"), b"not a zip").unwrap();
+        std::fs::write(dir.path().join("m.pt"), b"not a zip").unwrap();
+        std::fs::create_dir(dir.path().join("train")).unwrap();
+        Dir { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+#[test]
+fn full_spec_resolves() {
+    let d = Dir::new();
+    let job = resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
+    assert_eq!(
+        job.dataset,
+        DatasetSource::Manifest(d.path().join("samples.csv"))
+    );
+    assert_eq!(job.model, d.path().join("model.pt"));
+    assert_eq!(job.preprocess.resize, Resize::ShorterSide(256));
+    assert_eq!(job.preprocess.crop, Some((224, 224)));
+    assert_eq!(job.preprocess.mean, vec![0.485, 0.456, 0.406]);
+    assert_eq!(job.preprocess.std, vec![0.229, 0.224, 0.225]);
+    assert_eq!(job.preprocess.max_pixels, 1_000_000);
+    assert_eq!(job.preprocess.input_size(), (224, 224));
+    assert_eq!(job.target, Target::Predicted);
+    assert_eq!(job.interpolate_mode, InterpolateMode::Bilinear);
+    assert_eq!(job.guided_rectifiers, vec!["relu", "relu6"]);
+    assert_eq!(job.precision, Precision::Bf16);
+    assert_eq!(
+        job.devices,
+        Devices::List(vec!["cuda:0".into(), "cuda:1".into()])
+    );
+    assert_eq!(job.batch_size, 16);
+    assert_eq!(job.decode_threads, 4);
+    assert_eq!(job.output, d.path().join("out/"));
+    assert_eq!(job.map_size, 32);
+    assert_eq!(job.rows_per_part, 100);
+    assert_eq!(
+        job.regions,
+        vec![
+            ("top_right".into(), 0.75, 0.0, 1.0, 0.25),
+            ("centre".into(), 0.25, 0.25, 0.75, 0.75)
+        ]
+    );
+    assert_eq!(job.class_names, None);
+    assert_eq!(job.spec_text, FULL);
+    let plan = job.to_string();
+    for part in [
+        "samples.csv",
+        "model.pt",
+        "shorter side to 256",
+        "centre crop 224x224",
+        "predicted",
+        "cuda:0, cuda:1",
+        "batch size:   16",
+        "top_right",
+    ] {
+        assert!(plan.contains(part), "plan lacks {part:?}:\n{plan}");
+    }
+}
+
+#[test]
+fn minimal_spec_takes_defaults() {
+    let d = Dir::new();
+    let meta = ModelMeta {
+        input_size: Some([224, 224]),
+        resize: Some(256),
+        ..Default::default()
+    };
+    let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(
+        job.dataset,
+        DatasetSource::ImageFolder(d.path().join("train"))
+    );
+    assert_eq!(job.target, Target::Label);
+    assert_eq!(job.interpolate_mode, InterpolateMode::Nearest);
+    assert_eq!(job.guided_rectifiers, vec!["relu"]);
+    assert_eq!(job.precision, Precision::Fp32);
+    assert_eq!(job.devices, Devices::List(vec!["cpu".into()]));
+    assert_eq!(job.batch_size, 32);
+    assert_eq!(job.decode_threads, 0);
+    assert_eq!(job.map_size, 64);
+    assert_eq!(job.rows_per_part, 1024);
+    assert_eq!(job.preprocess.max_pixels, DEFAULT_MAX_PIXELS);
+    assert_eq!(job.preprocess.mean, IMAGENET_MEAN.to_vec());
+    assert_eq!(job.preprocess.std, IMAGENET_STD.to_vec());
+    assert!(job.regions.is_empty());
+}
+
+#[test]
+fn defaults_from_model_metadata() {
+    let d = Dir::new();
+    let meta = ModelMeta {
+        input_size: Some([200, 180]),
+        resize: Some(230),
+        channels: Some(1),
+        mean: Some(vec![0.5]),
+        std: Some(vec![0.25]),
+        class_names: Some(vec!["cat".into(), "dog".into()]),
+        num_classes: Some(2),
+        ..Default::default()
+    };
+    let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(job.preprocess.resize, Resize::ShorterSide(230));
+    assert_eq!(job.preprocess.crop, Some((200, 180)));
+    assert_eq!(job.preprocess.mean, vec![0.5]);
+    assert_eq!(job.preprocess.std, vec![0.25]);
+    assert_eq!(
+        job.class_names,
+        Some(vec!["cat".to_string(), "dog".to_string()])
+    );
+    assert_eq!(job.num_classes, Some(2));
+    assert!(job.to_string().contains("classes:      2 (cat, dog)"));
+
+    // input_size alone: an exact resize to it, no crop.
+    let meta = ModelMeta {
+        input_size: Some([128, 96]),
+        ..Default::default()
+    };
+    let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(job.preprocess.resize, Resize::Exact { h: 128, w: 96 });
+    assert_eq!(job.preprocess.crop, None);
+    assert_eq!(job.preprocess.input_size(), (128, 96));
+
+    // A spec value wins over the metadata; a single-number resize crops to input_size.
+    let text = format!("{MINIMAL}[preprocess]\nresize = 300\n");
+    let meta = ModelMeta {
+        input_size: Some([224, 224]),
+        resize: Some(256),
+        ..Default::default()
+    };
+    let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(job.preprocess.resize, Resize::ShorterSide(300));
+    assert_eq!(job.preprocess.crop, Some((224, 224)));
+}
+
+#[test]
+fn missing_size_is_explained() {
+    let d = Dir::new();
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("preprocess.resize") && err.contains("input_size"),
+        "{err}"
+    );
+
+    let text = format!("{MINIMAL}[preprocess]\nresize = 256\n");
+    let err = resolve(parse(&text).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("preprocess.crop") && err.contains("batch needs one size"),
+        "{err}"
+    );
+    assert!(err.contains("line 7"), "{err}");
+
+    let text = format!("{MINIMAL}[preprocess]\nresize = [240, 320]\n");
+    let job = resolve(parse(&text).unwrap(), d.path(), None).unwrap();
+    assert_eq!(job.preprocess.resize, Resize::Exact { h: 240, w: 320 });
+    assert_eq!(job.preprocess.input_size(), (240, 320));
+}
+
+#[test]
+fn mean_std_must_match_channels() {
+    let d = Dir::new();
+    let meta = ModelMeta {
+        channels: Some(1),
+        input_size: Some([28, 28]),
+        ..Default::default()
+    };
+    // Spec gives 3 values for a 1-channel model: names the key and line 8.
+    let err = resolve(parse(FULL).unwrap(), d.path(), Some(&meta))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("preprocess.mean")
+            && err.contains("line 8")
+            && err.contains("1 input channels"),
+        "{err}"
+    );
+    // Nothing gives mean/std for a 1-channel model.
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("preprocess.mean") && err.contains("1 input channels"),
+        "{err}"
+    );
+    // mean and std of different lengths within the spec.
+    assert_err(&full_with("std", "std = [0.2, 0.2]"), "preprocess.std", 9);
+}
+
+#[test]
+fn std_must_be_positive() {
+    let e = assert_err(
+        &full_with("std", "std = [0.2, 0.0, 0.2]"),
+        "preprocess.std[1]",
+        9,
+    );
+    assert!(e.message.contains("above 0"));
+}
+
+#[test]
+fn relative_and_absolute_paths() {
+    let d = Dir::new();
+    std::fs::create_dir(d.path().join("jobs")).unwrap();
+    let job_file = d.path().join("jobs/job.toml");
+    let abs_model = d.path().join("model.pt");
+    let text = format!(
+        "[dataset]\nmanifest = \"../samples.csv\"\n[model]\npath = {:?}\n[preprocess]\nresize = [224, 224]\n[output]\npath = \"results\"\n",
+        abs_model.to_str().unwrap()
+    );
+    std::fs::write(&job_file, &text).unwrap();
+    let mut seen: Option<PathBuf> = None;
+    let job = load_with(&job_file, |p| {
+        seen = Some(p.to_path_buf());
+        Ok(None)
+    })
+    .unwrap();
+    assert_eq!(
+        job.dataset,
+        DatasetSource::Manifest(d.path().join("jobs").join("../samples.csv"))
+    );
+    assert_eq!(job.model, abs_model);
+    assert_eq!(seen, Some(abs_model));
+    assert_eq!(job.output, d.path().join("jobs/results"));
+    assert_eq!(job.job_file, job_file);
+    assert_eq!(job.spec_text, text);
+}
+
+#[test]
+fn missing_files_name_the_key() {
+    let d = Dir::new();
+    let text = FULL.replace("model.pt", "nope.pt");
+    let err = resolve(parse(&text).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.path") && err.contains("line 4") && err.contains("nope.pt"),
+        "{err}"
+    );
+    let text = FULL.replace("samples.csv", "nope.csv");
+    let err = resolve(parse(&text).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dataset.manifest") && err.contains("line 2") && err.contains("nope.csv"),
+        "{err}"
+    );
+    let text = MINIMAL.replace("train", "nope");
+    let err = resolve(parse(&text).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dataset.image_folder") && err.contains("line 2"),
+        "{err}"
+    );
+    std::fs::write(d.path().join("out"), "a file").unwrap();
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("output.path") && err.contains("not a folder"),
+        "{err}"
+    );
+    let err = load(&d.path().join("absent.toml")).unwrap_err().to_string();
+    assert!(
+        err.contains("absent.toml") && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metadata_reader_failure_names_the_model() {
+    let d = Dir::new();
+    let job_file = d.path().join("job.toml");
+    std::fs::write(&job_file, FULL).unwrap();
+    let err = load_with(&job_file, |_| anyhow::bail!("broken archive"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.path") && err.contains("broken archive") && err.contains("line 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn load_reads_a_non_zip_model_without_metadata() {
+    let d = Dir::new();
+    let job_file = d.path().join("job.toml");
+    std::fs::write(&job_file, FULL).unwrap();
+    let job = load(&job_file).unwrap();
+    assert_eq!(job.class_names, None);
+}
+
+#[test]
+fn semantic_errors_name_key_and_line() {
+    assert_err(
+        &full_with("batch_size", "batch_size = 0"),
+        "runtime.batch_size",
+        12,
+    );
+    assert_err(
+        &full_with("map_size", "map_size = 0"),
+        "output.map_size",
+        22,
+    );
+    assert_err(
+        &full_with("rows_per_part", "rows_per_part = 0"),
+        "output.rows_per_part",
+        23,
+    );
+    assert_err(
+        &full_with("interpolate_mode", "interpolate_mode = \"linear\""),
+        "attribution.interpolate_mode",
+        17,
+    );
+    assert_err(
+        &full_with("precision", "precision = \"fp16\""),
+        "attribution.precision",
+        19,
+    );
+    assert_err(
+        &full_with(
+            "guided_rectifiers",
+            "guided_rectifiers = [\"relu\", \"gelu\"]",
+        ),
+        "attribution.guided_rectifiers[1]",
+        18,
+    );
+    assert_err(
+        &full_with("devices", "devices = [\"gpu0\"]"),
+        "runtime.devices[0]",
+        13,
+    );
+    assert_err(
+        &full_with("devices", "devices = [\"cuda:x\"]"),
+        "runtime.devices[0]",
+        13,
+    );
+    assert_err(
+        &full_with("devices", "devices = \"cuda:0\""),
+        "runtime.devices",
+        13,
+    );
+    assert_err(&full_with("devices", "devices = []"), "runtime.devices", 13);
+    assert_err(
+        &full_with("target", "target = \"cat\""),
+        "attribution.target",
+        16,
+    );
+    assert_err(
+        &full_with("target", "target = -1"),
+        "attribution.target",
+        16,
+    );
+    assert_err(
+        &full_with("target", "target = 1.5"),
+        "attribution.target",
+        16,
+    );
+    assert_err(
+        &full_with("max_pixels", "max_pixels = 0"),
+        "preprocess.max_pixels",
+        10,
+    );
+    assert_err(&full_with("crop", "crop = [0, 224]"), "preprocess.crop", 7);
+    assert_err(
+        &full_with("resize", "resize = [200, 200]"),
+        "preprocess.crop",
+        7,
+    );
+    // Regions: outside 0..1, x0 >= x1, y0 >= y1, bad and repeated names.
+    assert_err(&full_with("x1", "x1 = 1.5"), "regions[0].x1", 28);
+    assert_err(&full_with("x0", "x0 = 1.0"), "regions[0].x1", 28);
+    assert_err(&full_with("y1", "y1 = 0.0"), "regions[0].y1", 29);
+    assert_err(
+        &full_with("name", "name = \"Top-Right\""),
+        "regions[0].name",
+        25,
+    );
+    assert_err(
+        &FULL.replace("\"centre\"", "\"top_right\""),
+        "regions[1].name",
+        31,
+    );
+    // Both or neither of manifest / image_folder: names the table's line.
+    let both = FULL.replace(
+        "manifest = \"samples.csv\"",
+        "manifest = \"samples.csv\"\nimage_folder = \"x\"",
+    );
+    assert_err(&both, "dataset", 1);
+    let neither = FULL.replace("manifest = \"samples.csv\"", "");
+    assert_err(&neither, "dataset", 1);
+    assert_err(
+        &FULL.replace("samples.csv", "samples.txt"),
+        "dataset.manifest",
+        2,
+    );
+}
+
+#[test]
+fn type_errors_name_key_and_line() {
+    let e = assert_err(
+        &full_with("batch_size", "batch_size = \"big\""),
+        "runtime.batch_size",
+        12,
+    );
+    assert!(e.message.contains("invalid type"), "{e}");
+    assert_err(
+        &full_with("batch_size", "batch_size = -3"),
+        "runtime.batch_size",
+        12,
+    );
+    assert_err(
+        &full_with("resize", "resize = [1, 2, 3]"),
+        "preprocess.resize",
+        6,
+    );
+    assert_err(
+        &full_with("mean", "mean = [0.4, \"x\", 0.4]"),
+        "preprocess.mean[1]",
+        8,
+    );
+    assert_err(&full_with("x0", "x0 = \"left\""), "regions[0].x0", 26);
+    // Syntax errors give the line.
+    let e = parse(&full_with("batch_size", "batch_size = = 3")).unwrap_err();
+    assert_eq!(e.line, Some(12), "{e}");
+}
+
+#[test]
+fn missing_required_keys() {
+    let e = parse(&FULL.replace("path = \"out/\"", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("output") && e.contains("missing field `path`"),
+        "{e}"
+    );
+    let e = parse(&FULL.replace("[model]\npath = \"model.pt\"\n", ""))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "job.toml: missing field `model`");
+    let e = parse(&FULL.replace("name = \"centre\"\n", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("regions[1]") && e.contains("missing field `name`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_keys_in_every_table() {
+    let cases = [
+        ("[dataset]", "dataset.folder", 2),
+        ("[model]", "model.folder", 4),
+        ("[preprocess]", "preprocess.folder", 6),
+        ("[runtime]", "runtime.folder", 12),
+        ("[attribution]", "attribution.folder", 16),
+        ("[output]", "output.folder", 21),
+    ];
+    for (table, key, line) in cases {
+        let text = FULL.replacen(table, &format!("{table}\nfolder = 1"), 1);
+        let e = assert_err(&text, key, line);
+        assert!(e.message.contains("unknown field `folder`"), "{e}");
+    }
+    let text = FULL.replacen(
+        "name = \"top_right\"",
+        "name = \"top_right\"\nfolder = 1",
+        1,
+    );
+    assert_err(&text, "regions[0].folder", 26);
+    let text = format!("folder = 1\n{FULL}");
+    assert_err(&text, "folder", 1);
+    let text = format!("{FULL}[extra]\nx = 1\n");
+    assert_err(&text, "extra", 36);
+}
+
+#[test]
+fn target_class_checked_against_model() {
+    let d = Dir::new();
+    let meta = ModelMeta {
+        num_classes: Some(10),
+        ..Default::default()
+    };
+    let text = full_with("target", "target = 10");
+    let err = resolve(parse(&text).unwrap(), d.path(), Some(&meta))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attribution.target") && err.contains("line 16") && err.contains("10 classes"),
+        "{err}"
+    );
+    let text = full_with("target", "target = 9");
+    let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(job.target, Target::Class(9));
+}
+
+#[test]
+fn devices_all_and_exact_resize() {
+    let d = Dir::new();
+    let text = full_with("devices", "devices = \"all\"");
+    let job = resolve(parse(&text).unwrap(), d.path(), None).unwrap();
+    assert_eq!(job.devices, Devices::All);
+    assert!(valid_device("cuda") && valid_device("cuda:12") && valid_device("cpu"));
+    assert!(!valid_device("cuda:") && !valid_device("cuda:-1") && !valid_device("mps"));
+}

@@ -1,0 +1,439 @@
+//! Threads and channels wiring the stages: source → decode → engine workers → writer.
+//!
+//! ```text
+//! source thread ──Vec<Sample>──▶ decode thread (rayon pool) ──WorkBatch──▶ worker per device
+//!                                      │ failed samples                      │ rows (stats on the pool)
+//!                                      └──────────────Vec<Row>──────────────▶ writer (this thread)
+//! ```
+//! Every channel is bounded, so memory stays bounded whatever the dataset size and a slow stage
+//! back-pressures the others. Workers pull from one shared queue: a faster device takes more.
+//! Every sample leaves the pipeline as exactly one row: failures are rows with a status.
+
+use crate::decode::{self, Preprocess};
+use crate::engine::batch::{Attributor, SampleMaps, U8Batch};
+use crate::sample::{Sample, SampleError, Status};
+use crate::sink::{CamMap, PartWriter, Row, ShardSummary, SinkConfig};
+use crate::stats::{self, Region};
+use anyhow::{Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which class each sample is attributed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMode {
+    /// The sample's label (a sample without one gets a `bad_label` row).
+    Label,
+    /// The model's predicted class.
+    Predicted,
+    /// One class for every sample.
+    Class(i64),
+}
+
+/// Everything the pipeline needs besides the samples and the model replicas.
+pub struct PipelineConfig {
+    pub preprocess: Preprocess,
+    pub target: TargetMode,
+    pub batch_size: usize,
+    /// Threads of the decode/statistics pool (0 = all cores).
+    pub decode_threads: usize,
+    pub map_size: u32,
+    pub regions: Vec<Region>,
+    pub sink: SinkConfig,
+    /// Identifies the job's output (job, model, samples); a folder holding another job's parts is refused.
+    pub fingerprint: String,
+}
+
+/// Live counters, for the progress bar and the summary.
+#[derive(Default)]
+pub struct Progress {
+    pub rows: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Rows per status written by this run (committed parts from an earlier run excluded).
+    pub counts: BTreeMap<Status, u64>,
+    /// Rows already committed by an earlier run of the same job (resume).
+    pub resumed_rows: u64,
+    /// Samples this run had to process.
+    pub pending: u64,
+    pub elapsed: Duration,
+    /// Busy time per stage, summed over that stage's threads.
+    pub decode_time: Duration,
+    pub engine_time: Duration,
+    pub stats_time: Duration,
+    pub write_time: Duration,
+    /// Stopped by a signal before the end: complete parts are committed, the rest is left for a rerun.
+    pub interrupted: bool,
+    pub shard: Option<ShardSummary>,
+}
+
+impl RunSummary {
+    pub fn failed(&self) -> u64 {
+        self.counts
+            .iter()
+            .filter(|(s, _)| **s != Status::Ok)
+            .map(|(_, n)| n)
+            .sum()
+    }
+    pub fn processed(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+/// A decoded sample waiting for the engine.
+struct Ready {
+    sample: Sample,
+    target: Option<i64>,
+    bbox: Option<[f32; 4]>,
+    mask: Option<Vec<u8>>,
+}
+
+/// A batch for a worker: the samples and their pixels.
+struct WorkBatch {
+    items: Vec<Ready>,
+    pixels: U8Batch,
+}
+
+#[derive(Default)]
+struct StageTimes {
+    decode_ns: AtomicU64,
+    engine_ns: AtomicU64,
+    stats_ns: AtomicU64,
+}
+
+fn add(t: &AtomicU64, since: Instant) {
+    t.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Runs the pipeline over `samples` (a shard's, in order) with one worker per attributor.
+/// `stop` is checked between batches (Ctrl-C). Returns when every pending sample has a row, or
+/// after a stop, with complete parts committed.
+pub fn run(
+    cfg: PipelineConfig,
+    samples: Vec<Sample>,
+    attributors: Vec<Box<dyn Attributor>>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+    on_start: impl FnOnce(u64, u64),
+) -> Result<RunSummary> {
+    let start = Instant::now();
+    anyhow::ensure!(!attributors.is_empty(), "no model replica to run");
+    anyhow::ensure!(cfg.batch_size > 0, "batch size must be at least 1");
+    let (mut writer, resume) = PartWriter::open(cfg.sink.clone(), &cfg.fingerprint)?;
+    let pending: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| !resume.is_done(s.index))
+        .collect();
+    let mut summary = RunSummary {
+        resumed_rows: resume.done_rows,
+        pending: pending.len() as u64,
+        ..Default::default()
+    };
+    on_start(pending.len() as u64, resume.done_rows);
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.decode_threads)
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .context("starting the decode thread pool")?;
+    let workers = attributors.len();
+    let (batch_tx, batch_rx) = bounded::<Vec<Sample>>(2);
+    let (work_tx, work_rx) = bounded::<WorkBatch>(2 * workers);
+    let (row_tx, row_rx) = bounded::<Vec<Row>>(4 * workers + 4);
+    let times = StageTimes::default();
+    let cfg = &cfg;
+    let (pool, times, stop_ref) = (&pool, &times, &stop);
+
+    let write_result = std::thread::scope(|s| -> Result<()> {
+        // Source: pending samples in order, in batches.
+        s.spawn(move || {
+            for chunk in pending.chunks(cfg.batch_size) {
+                if stop_ref.load(Ordering::Relaxed) || batch_tx.send(chunk.to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        // Decode: a batch at a time on the pool; failures go straight to the writer as rows.
+        {
+            let row_tx = row_tx.clone();
+            s.spawn(move || decode_stage(cfg, pool, times, batch_rx, work_tx, row_tx));
+        }
+        // One worker per model replica.
+        for mut attributor in attributors {
+            let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
+            s.spawn(move || {
+                for batch in work_rx {
+                    let rows = attribute_batch(cfg, pool, times, attributor.as_mut(), batch);
+                    if row_tx.send(rows).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(row_tx);
+        drop(work_rx);
+        // The single writer.
+        let mut result = Ok(());
+        for rows in row_rx.iter() {
+            if result.is_err() {
+                continue; // drain so no stage blocks; the error is returned below
+            }
+            let t = Instant::now();
+            for row in rows {
+                let st = row.status;
+                *summary.counts.entry(st).or_insert(0) += 1;
+                progress.rows.fetch_add(1, Ordering::Relaxed);
+                if st != Status::Ok {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(e) = writer.push(row) {
+                    stop_ref.store(true, Ordering::Relaxed);
+                    result = Err(e);
+                    break;
+                }
+            }
+            summary.write_time += t.elapsed();
+        }
+        result
+    });
+    write_result?;
+    let interrupted = stop.load(Ordering::Relaxed) && summary.processed() < summary.pending;
+    let t = Instant::now();
+    summary.shard = Some(if interrupted {
+        writer.abort()?
+    } else {
+        writer.finish()?
+    });
+    summary.write_time += t.elapsed();
+    summary.interrupted = interrupted;
+    summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
+    summary.engine_time = Duration::from_nanos(times.engine_ns.load(Ordering::Relaxed));
+    summary.stats_time = Duration::from_nanos(times.stats_ns.load(Ordering::Relaxed));
+    summary.elapsed = start.elapsed();
+    Ok(summary)
+}
+
+fn failed_row(sample: Sample, target: Option<i64>, err: SampleError) -> Row {
+    Row {
+        sample,
+        status: err.status,
+        error: Some(err.message),
+        target,
+        predicted: None,
+        predicted_prob: None,
+        target_prob: None,
+        stats: None,
+        cam: None,
+        map: None,
+    }
+}
+
+/// The class a sample is attributed to (`Ok(None)` = predicted), or its bad_label error.
+fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleError> {
+    if let Some(e) = &s.label_error {
+        return Err(SampleError::new(Status::BadLabel, e.clone()));
+    }
+    match mode {
+        TargetMode::Predicted => Ok(None),
+        TargetMode::Class(c) => Ok(Some(c)),
+        TargetMode::Label => match s.label {
+            Some(l) => Ok(Some(l)),
+            None => Err(SampleError::new(
+                Status::BadLabel,
+                format!("{}: no label, and the job's target is \"label\"", s.path),
+            )),
+        },
+    }
+}
+
+fn prepare(cfg: &PipelineConfig, s: Sample) -> Result<(Ready, Vec<u8>), Row> {
+    let target = match resolve_target(cfg.target, &s) {
+        Ok(t) => t,
+        Err(e) => return Err(failed_row(s, None, e)),
+    };
+    let decoded = match decode::decode_file(&s.location, &cfg.preprocess) {
+        Ok(d) => d,
+        Err(e) => return Err(failed_row(s, target, e)),
+    };
+    // A box wholly outside the crop keeps a share (0): the object is not in view.
+    let bbox = s
+        .bbox
+        .map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
+    let mask = match &s.mask {
+        Some(p) => match decode::load_mask(p, &decoded.geometry) {
+            Ok(m) => Some(m),
+            Err(e) => return Err(failed_row(s, target, e)),
+        },
+        None => None,
+    };
+    Ok((
+        Ready {
+            sample: s,
+            target,
+            bbox,
+            mask,
+        },
+        decoded.rgb,
+    ))
+}
+
+fn decode_stage(
+    cfg: &PipelineConfig,
+    pool: &rayon::ThreadPool,
+    times: &StageTimes,
+    batch_rx: Receiver<Vec<Sample>>,
+    work_tx: Sender<WorkBatch>,
+    row_tx: Sender<Vec<Row>>,
+) {
+    let (h, w) = cfg
+        .preprocess
+        .output_size()
+        .expect("the job gives every image one size");
+    let px = h as usize * w as usize * 3;
+    let mut ready: Vec<Ready> = Vec::with_capacity(cfg.batch_size);
+    let mut pixels: Vec<u8> = Vec::with_capacity(cfg.batch_size * px);
+    let flush = |ready: &mut Vec<Ready>, pixels: &mut Vec<u8>| -> bool {
+        if ready.is_empty() {
+            return true;
+        }
+        let items = std::mem::take(ready);
+        let data = std::mem::replace(pixels, Vec::with_capacity(cfg.batch_size * px));
+        let targets = items.iter().map(|r| r.target).collect();
+        let pixels = U8Batch {
+            n: items.len(),
+            h: h as usize,
+            w: w as usize,
+            data,
+            targets,
+        };
+        work_tx.send(WorkBatch { items, pixels }).is_ok()
+    };
+    for batch in batch_rx {
+        let t = Instant::now();
+        let results: Vec<Result<(Ready, Vec<u8>), Row>> =
+            pool.install(|| batch.into_par_iter().map(|s| prepare(cfg, s)).collect());
+        add(&times.decode_ns, t);
+        let mut failed = Vec::new();
+        for r in results {
+            match r {
+                Ok((item, rgb)) => {
+                    debug_assert_eq!(rgb.len(), px);
+                    pixels.extend_from_slice(&rgb);
+                    ready.push(item);
+                    if ready.len() == cfg.batch_size && !flush(&mut ready, &mut pixels) {
+                        return;
+                    }
+                }
+                Err(row) => failed.push(row),
+            }
+        }
+        if !failed.is_empty() && row_tx.send(failed).is_err() {
+            return;
+        }
+    }
+    flush(&mut ready, &mut pixels);
+}
+
+/// Attributes a batch; a failing batch is split and retried (out of device memory, one bad
+/// sample), down to single samples, which get an `attribution_error` row. Nothing is lost.
+fn attribute_split(
+    attr: &mut dyn Attributor,
+    batch: &U8Batch,
+    first: usize,
+) -> Vec<Result<SampleMaps, String>> {
+    match attr.attribute(batch) {
+        Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
+        Ok(maps) => vec![
+            Err(format!(
+                "the engine returned {} results for {} images",
+                maps.len(),
+                batch.n
+            ));
+            batch.n
+        ],
+        Err(e) if batch.n == 1 => vec![Err(format!("{e:#}"))],
+        Err(e) => {
+            let half = batch.n / 2;
+            tracing::warn!(
+                worker = %attr.name(),
+                "batch of {} (samples {}..{}) failed, splitting and retrying: {e:#}",
+                batch.n,
+                first,
+                first + batch.n
+            );
+            let mut out = attribute_split(attr, &batch.slice(0, half), first);
+            out.extend(attribute_split(
+                attr,
+                &batch.slice(half, batch.n - half),
+                first + half,
+            ));
+            out
+        }
+    }
+}
+
+fn attribute_batch(
+    cfg: &PipelineConfig,
+    pool: &rayon::ThreadPool,
+    times: &StageTimes,
+    attr: &mut dyn Attributor,
+    batch: WorkBatch,
+) -> Vec<Row> {
+    let t = Instant::now();
+    let results = attribute_split(attr, &batch.pixels, 0);
+    add(&times.engine_ns, t);
+    let t = Instant::now();
+    let (h, w) = (batch.pixels.h, batch.pixels.w);
+    let rows = pool.install(|| {
+        batch
+            .items
+            .into_par_iter()
+            .zip(results)
+            .map(|(item, res)| match res {
+                Err(msg) => failed_row(
+                    item.sample,
+                    item.target,
+                    SampleError::new(Status::AttributionError, msg),
+                ),
+                Ok(m) => {
+                    let st = stats::map_stats(
+                        &m.map,
+                        h,
+                        w,
+                        &m.cam,
+                        m.cam_h,
+                        m.cam_w,
+                        item.bbox,
+                        item.mask.as_deref(),
+                        &cfg.regions,
+                    );
+                    Row {
+                        sample: item.sample,
+                        status: Status::Ok,
+                        error: None,
+                        target: Some(m.target),
+                        predicted: Some(m.predicted),
+                        predicted_prob: Some(m.predicted_prob),
+                        target_prob: Some(m.target_prob),
+                        stats: Some(st),
+                        cam: Some(CamMap {
+                            f16_le: stats::encode_cam_f16(&m.cam),
+                            h: m.cam_h as u32,
+                            w: m.cam_w as u32,
+                        }),
+                        map: Some(stats::encode_map_png(&m.map, h, w, cfg.map_size)),
+                    }
+                }
+            })
+            .collect()
+    });
+    add(&times.stats_ns, t);
+    rows
+}

@@ -1,0 +1,393 @@
+//! `saliency-audit run` and `validate`: job file → plan → model replicas → pipeline → summary.
+
+use crate::decode;
+use crate::engine::batch::{Attributor, TorchAttributor};
+use crate::engine::{self, EngineOptions, Rectifiers};
+use crate::job::{self, Devices, Job, Precision, Target};
+use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
+use crate::sample::{Sample, Status};
+use crate::sink::{SinkConfig, SCHEMA_VERSION};
+use crate::source::{self, ShardSpec};
+use crate::stats::Region;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A job ready to run: validated spec, its samples (this shard's), and the model facts.
+pub struct Plan {
+    pub job: Job,
+    pub shard: ShardSpec,
+    /// All samples of the dataset (before sharding).
+    pub total_samples: usize,
+    /// This shard's samples, in order.
+    pub samples: Vec<Sample>,
+    pub class_names: Option<Vec<String>>,
+    pub num_classes: i64,
+    pub devices: Vec<tch::Device>,
+    pub model_sha256: String,
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let job = self.job.to_string();
+        write!(f, "{job}")?;
+        if !job.ends_with('\n') {
+            writeln!(f)?;
+        }
+        let bad = self
+            .samples
+            .iter()
+            .filter(|s| s.label_error.is_some())
+            .count();
+        let labelled = self.samples.iter().filter(|s| s.label.is_some()).count();
+        writeln!(f, "samples: {} in the dataset", self.total_samples)?;
+        writeln!(
+            f,
+            "shard: {} of {} ({} samples, {} labelled, {} with a bad label)",
+            self.shard.index,
+            self.shard.count,
+            self.samples.len(),
+            labelled,
+            bad
+        )?;
+        writeln!(f, "model classes: {}", self.num_classes)?;
+        writeln!(f, "model sha256: {}", self.model_sha256)?;
+        writeln!(f, "devices resolved: {:?}", self.devices)
+    }
+}
+
+fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
+    match d {
+        Devices::All => {
+            let n = engine::cuda_device_count();
+            Ok(if n == 0 {
+                vec![tch::Device::Cpu]
+            } else {
+                (0..n).map(tch::Device::Cuda).collect()
+            })
+        }
+        Devices::List(list) => list
+            .iter()
+            .map(|s| engine::parse_device(s).with_context(|| "runtime.devices"))
+            .collect(),
+    }
+}
+
+fn file_sha256(p: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn engine_options(job: &Job) -> Result<EngineOptions> {
+    if job.precision != Precision::Fp32 {
+        bail!(
+            "attribution.precision = \"{}\" is not available in this version; use \"fp32\"",
+            job.precision.as_str()
+        );
+    }
+    Ok(EngineOptions {
+        interpolate: job
+            .interpolate_mode
+            .as_str()
+            .parse()
+            .map_err(anyhow::Error::msg)?,
+        rectifiers: Rectifiers::from_names(&job.guided_rectifiers).map_err(anyhow::Error::msg)?,
+    })
+}
+
+/// Validates the job file, loads one model replica to check the contract, and lists the samples.
+/// Returns the plan and the loaded replica (reused by `run`).
+pub fn plan(job_file: &Path, shard: ShardSpec) -> Result<(Plan, TorchAttributor)> {
+    let job = job::load(job_file)?;
+    let opts = engine_options(&job)?;
+    let devices = resolve_devices(&job.devices)?;
+    let first = TorchAttributor::load(
+        &job.model,
+        devices[0],
+        opts,
+        &job.preprocess.mean,
+        &job.preprocess.std,
+    )?;
+    let (h, w) = job.preprocess.input_size();
+    let (classes, act) = first
+        .engine()
+        .probe(job.preprocess.channels() as i64, h as i64, w as i64)
+        .with_context(|| format!("checking model {} on a {h}×{w} input", job.model.display()))?;
+    tracing::debug!(classes, activation = ?act, "model contract checked");
+    if let Some(names) = &job.class_names {
+        if names.len() as i64 != classes {
+            bail!(
+                "{}: the metadata names {} classes but the model has {classes} outputs",
+                job.model.display(),
+                names.len()
+            );
+        }
+    }
+    if let Target::Class(c) = job.target {
+        if c < 0 || c >= classes {
+            bail!(
+                "attribution.target = {c} is not a class of the model (0..{})",
+                classes - 1
+            );
+        }
+    }
+    let set = source::load_samples(&job.dataset, job.class_names.as_deref(), Some(classes))?;
+    let total = set.samples.len();
+    let samples = source::select_shard(set.samples, shard.index, shard.count);
+    let model_sha256 = file_sha256(&job.model)?;
+    let plan = Plan {
+        job,
+        shard,
+        total_samples: total,
+        samples,
+        class_names: set.class_names,
+        num_classes: classes,
+        devices,
+        model_sha256,
+    };
+    Ok((plan, first))
+}
+
+/// The output's identity: a folder holding parts of another job (other model, samples,
+/// preprocessing or statistics settings) is refused instead of mixed.
+fn fingerprint(p: &Plan) -> String {
+    let j = &p.job;
+    let mut h = Sha256::new();
+    h.update(format!(
+        "v{SCHEMA_VERSION}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{}/{}",
+        p.model_sha256,
+        j.preprocess,
+        j.target,
+        j.interpolate_mode,
+        j.guided_rectifiers,
+        j.precision,
+        j.map_size,
+        j.rows_per_part,
+        j.regions,
+        p.shard.index,
+        p.shard.count
+    ));
+    for s in &p.samples {
+        h.update(format!(
+            "\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+            s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask
+        ));
+    }
+    hex::encode(h.finalize())
+}
+
+/// How a run ended, for the exit code.
+pub struct Outcome {
+    pub summary: RunSummary,
+    pub plan_samples: usize,
+    pub output_dir: std::path::PathBuf,
+}
+
+/// Runs a job: all replicas are loaded before any pipeline thread starts.
+pub fn run(job_file: &Path, shard: ShardSpec, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let (plan, first) = plan(job_file, shard)?;
+    let job = &plan.job;
+    tracing::info!(
+        samples = plan.samples.len(),
+        shard = %format!("{}/{}", plan.shard.index, plan.shard.count),
+        devices = ?plan.devices,
+        "job planned"
+    );
+    let opts = engine_options(job)?;
+    let mut replicas: Vec<Box<dyn Attributor>> = vec![Box::new(first)];
+    for d in &plan.devices[1..] {
+        replicas.push(Box::new(TorchAttributor::load(
+            &job.model,
+            *d,
+            opts,
+            &job.preprocess.mean,
+            &job.preprocess.std,
+        )?));
+    }
+    let regions: Vec<Region> = job
+        .regions
+        .iter()
+        .map(|(name, x0, y0, x1, y1)| Region {
+            name: name.clone(),
+            x0: *x0,
+            y0: *y0,
+            x1: *x1,
+            y1: *y1,
+        })
+        .collect();
+    let metadata = vec![
+        (
+            "saliency_audit.version".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+        (
+            "saliency_audit.schema_version".to_owned(),
+            SCHEMA_VERSION.to_string(),
+        ),
+        ("saliency_audit.job_spec".to_owned(), job.spec_text.clone()),
+        (
+            "saliency_audit.model_sha256".to_owned(),
+            plan.model_sha256.clone(),
+        ),
+        (
+            "saliency_audit.class_names".to_owned(),
+            serde_json::to_string(&plan.class_names)?,
+        ),
+        (
+            "saliency_audit.shard".to_owned(),
+            format!("{}/{}", plan.shard.index, plan.shard.count),
+        ),
+    ];
+    let sink = SinkConfig {
+        dir: job.output.clone(),
+        shard: plan.shard.index,
+        num_shards: plan.shard.count,
+        total_rows: plan.samples.len() as u64,
+        rows_per_part: job.rows_per_part as u64,
+        regions: regions.iter().map(|r| r.name.clone()).collect(),
+        metadata,
+    };
+    let cfg = PipelineConfig {
+        preprocess: decode_preprocess(&job.preprocess),
+        target: match job.target {
+            Target::Label => TargetMode::Label,
+            Target::Predicted => TargetMode::Predicted,
+            Target::Class(c) => TargetMode::Class(c),
+        },
+        batch_size: job.batch_size as usize,
+        decode_threads: job.decode_threads as usize,
+        map_size: job.map_size,
+        regions,
+        sink,
+        fingerprint: fingerprint(&plan),
+    };
+    let progress = Arc::new(Progress::default());
+    let total = plan.samples.len();
+    let done = Arc::new(AtomicBool::new(false));
+    let summary = std::thread::scope(|s| {
+        let (progress2, done2) = (progress.clone(), done.clone());
+        let (pending_tx, pending_rx) = crossbeam_channel::bounded::<(u64, u64)>(1);
+        s.spawn(move || report_progress(pending_rx, &progress2, &done2));
+        let r = pipeline::run(
+            cfg,
+            plan.samples.clone(),
+            replicas,
+            stop,
+            progress.clone(),
+            |pending, resumed| {
+                if resumed > 0 {
+                    tracing::info!(resumed, pending, "resuming: committed parts are kept");
+                }
+                let _ = pending_tx.send((pending, resumed));
+            },
+        );
+        done.store(true, Ordering::Relaxed);
+        r
+    })?;
+    Ok(Outcome {
+        summary,
+        plan_samples: total,
+        output_dir: job.output.clone(),
+    })
+}
+
+/// The decode stage's preprocessing from the job's.
+pub fn decode_preprocess(p: &job::Preprocess) -> decode::Preprocess {
+    decode::Preprocess {
+        resize: match p.resize {
+            job::Resize::ShorterSide(s) => decode::Resize::ShorterSide(s),
+            job::Resize::Exact { h, w } => decode::Resize::Exact { h, w },
+        },
+        crop: p.crop,
+        max_pixels: p.max_pixels,
+    }
+}
+
+/// Progress: a bar on a terminal (images/s, ETA), a log line every 10 s otherwise.
+fn report_progress(
+    start_rx: crossbeam_channel::Receiver<(u64, u64)>,
+    progress: &Progress,
+    done: &AtomicBool,
+) {
+    let Ok((pending, _resumed)) = start_rx.recv() else {
+        return;
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(pending),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        )
+        .expect("valid template"),
+    );
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    crate::logging::set_progress_bar(Some(bar.clone()));
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let rows = progress.rows.load(Ordering::Relaxed);
+        let failed = progress.failed.load(Ordering::Relaxed);
+        bar.set_position(rows);
+        if failed > 0 {
+            bar.set_message(format!("{failed} failed"));
+        }
+        if !tty && last_log.elapsed() >= Duration::from_secs(10) {
+            last_log = Instant::now();
+            let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                done = rows,
+                of = pending,
+                failed,
+                images_per_s = format!("{rate:.1}"),
+                "progress"
+            );
+        }
+    }
+    crate::logging::set_progress_bar(None);
+    bar.finish_and_clear();
+}
+
+/// The final summary, as text lines and as JSON (written beside the shard's parts).
+pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
+    let s = &o.summary;
+    let counts: serde_json::Map<String, serde_json::Value> = s
+        .counts
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), (*v).into()))
+        .collect();
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    serde_json::json!({
+        "shard": shard.index,
+        "num_shards": shard.count,
+        "samples": o.plan_samples,
+        "resumed_rows": s.resumed_rows,
+        "processed": s.processed(),
+        "counts": counts,
+        "failed": s.failed(),
+        "interrupted": s.interrupted,
+        "elapsed_s": secs,
+        "images_per_s": s.processed() as f64 / secs,
+        "stage_busy_s": {
+            "decode": s.decode_time.as_secs_f64(),
+            "engine": s.engine_time.as_secs_f64(),
+            "stats": s.stats_time.as_secs_f64(),
+            "write": s.write_time.as_secs_f64(),
+        },
+    })
+}
+
+/// Counts in `Status::ALL` order, for printing.
+pub fn status_counts(s: &RunSummary) -> Vec<(Status, u64)> {
+    Status::ALL
+        .iter()
+        .filter_map(|st| s.counts.get(st).map(|n| (*st, *n)))
+        .collect()
+}

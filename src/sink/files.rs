@@ -1,0 +1,201 @@
+//! File names of the output folder and the one way files get there: written under a temporary
+//! name in the same folder, synced, renamed into place, and the folder synced.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Prefix of every temporary file the sink writes.
+pub(crate) const TMP_PREFIX: &str = ".tmp-";
+/// Name of the dataset-level completion marker.
+pub(crate) const DATASET_SUCCESS: &str = "_SUCCESS";
+
+/// `<shard:05>-of-<count:05>`, the shard tag in every per-shard file name.
+pub(crate) fn shard_tag(shard: u32, num_shards: u32) -> String {
+    format!("{shard:05}-of-{num_shards:05}")
+}
+
+/// `part-<shard:05>-of-<count:05>-<chunk:06>.parquet`.
+pub fn part_name(shard: u32, num_shards: u32, chunk: u64) -> String {
+    format!("part-{}-{chunk:06}.parquet", shard_tag(shard, num_shards))
+}
+
+/// `_job-<shard:05>-of-<count:05>.json`.
+pub(crate) fn job_name(shard: u32, num_shards: u32) -> String {
+    format!("_job-{}.json", shard_tag(shard, num_shards))
+}
+
+/// `_SUCCESS-<shard:05>-of-<count:05>.json`.
+pub(crate) fn shard_success_name(shard: u32, num_shards: u32) -> String {
+    format!("_SUCCESS-{}.json", shard_tag(shard, num_shards))
+}
+
+/// `_run-<shard:05>-of-<count:05>.json`: the latest run's report for a shard.
+pub(crate) fn run_summary_name(shard: u32, num_shards: u32) -> String {
+    format!("_run-{}.json", shard_tag(shard, num_shards))
+}
+
+/// Parses `<5 digits>-of-<5 digits>` at the start of `s`; returns (shard, count, rest).
+fn parse_tag(s: &str) -> Option<(u32, u32, &str)> {
+    let digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());
+    let (shard, rest) = (s.get(..5)?, s.get(5..)?);
+    let rest = rest.strip_prefix("-of-")?;
+    let (count, rest) = (rest.get(..5)?, rest.get(5..)?);
+    if !digits(shard) || !digits(count) {
+        return None;
+    }
+    Some((shard.parse().ok()?, count.parse().ok()?, rest))
+}
+
+/// Parses a committed part's name into (shard, count, chunk).
+pub(crate) fn parse_part_name(name: &str) -> Option<(u32, u32, u64)> {
+    let (shard, count, rest) = parse_tag(name.strip_prefix("part-")?)?;
+    let chunk = rest.strip_prefix('-')?.strip_suffix(".parquet")?;
+    if chunk.len() != 6 || !chunk.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((shard, count, chunk.parse().ok()?))
+}
+
+/// Parses a shard's completion marker name into (shard, count).
+pub(crate) fn parse_shard_success_name(name: &str) -> Option<(u32, u32)> {
+    let (shard, count, rest) = parse_tag(name.strip_prefix("_SUCCESS-")?)?;
+    (rest == ".json").then_some((shard, count))
+}
+
+/// Parses a job file name into (shard, count).
+pub(crate) fn parse_job_name(name: &str) -> Option<(u32, u32)> {
+    let (shard, count, rest) = parse_tag(name.strip_prefix("_job-")?)?;
+    (rest == ".json").then_some((shard, count))
+}
+
+/// Whether `name` is a temporary file of shard `shard` of `num_shards`, left by any process.
+pub(crate) fn is_shard_tmp(name: &str, shard: u32, num_shards: u32) -> bool {
+    let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+        return false;
+    };
+    let tag = shard_tag(shard, num_shards);
+    rest.starts_with(&format!("part-{tag}-"))
+        || rest.starts_with(&format!("_SUCCESS-{tag}.json-"))
+        || rest.starts_with(&format!("_job-{tag}.json-"))
+        || rest.starts_with(&format!("_run-{tag}.json-"))
+}
+
+/// The temporary name under which `name` is written by this process.
+pub(crate) fn tmp_name(name: &str) -> String {
+    format!("{TMP_PREFIX}{name}-{}", std::process::id())
+}
+
+/// File names in `dir` (entries whose name is not UTF-8 are skipped: the sink never writes them).
+pub(crate) fn list_names(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("cannot list output folder {}", dir.display()))?;
+    for entry in entries {
+        let entry =
+            entry.with_context(|| format!("cannot list output folder {}", dir.display()))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Flushes a folder's entries (new names, renames) to disk.
+pub(crate) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync output folder {}", dir.display()))
+}
+
+/// Writes `dir/name` atomically: `write` fills `dir/.tmp-<name>-<pid>`, which is synced, renamed
+/// to `dir/name`, and the folder synced. On any error the temporary file is removed and
+/// `dir/name` is untouched.
+pub(crate) fn write_atomic(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = dir.join(tmp_name(name));
+    let target = dir.join(name);
+    let result = (|| -> anyhow::Result<()> {
+        let file = File::create(&tmp)
+            .with_context(|| format!("cannot create temporary file {}", tmp.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        write(&mut out).with_context(|| format!("cannot write {}", target.display()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+        drop(file);
+        fs::rename(&tmp, &target)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// Writes `value` as pretty JSON to `dir/name`, atomically.
+pub(crate) fn write_json_atomic<T: serde::Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+) -> anyhow::Result<()> {
+    write_atomic(dir, name, |out| {
+        serde_json::to_writer_pretty(&mut *out, value)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    })
+}
+
+/// Reads and parses a JSON file the sink wrote, with an error naming the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid saliency-audit file", path.display()))
+}
+
+/// Moves a part that failed validation aside as `<name>.corrupt-<unix time>` (never overwriting
+/// an earlier one); returns the new path.
+pub(crate) fn move_aside(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut aside = dir.join(format!("{name}.corrupt-{now}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = dir.join(format!("{name}.corrupt-{now}-{n}"));
+        n += 1;
+    }
+    let from = dir.join(name);
+    fs::rename(&from, &aside).with_context(|| {
+        format!(
+            "cannot move {} aside to {}",
+            from.display(),
+            aside.display()
+        )
+    })?;
+    sync_dir(dir)?;
+    Ok(aside)
+}
+
+/// Removes `dir/name` if it exists.
+pub(crate) fn remove_if_exists(dir: &Path, name: &str) -> anyhow::Result<bool> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}

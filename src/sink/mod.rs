@@ -1,0 +1,630 @@
+//! The output stage: the only place saliency-audit writes output files.
+//!
+//! A shard's samples are split into chunks of `rows_per_part` consecutive indices; chunk k covers
+//! indices `[k·R, min((k+1)·R, n))`. [`PartWriter`] takes rows in any order, buffers them per
+//! chunk, and commits a chunk as one Parquet part (`part-<shard>-of-<count>-<chunk>.parquet`) as
+//! soon as all its rows are in, sorted by index. Every file lands atomically (temporary name in
+//! the same folder, fsync, rename, folder fsync), so a crash leaves either a whole part or none.
+//!
+//! Reopening a folder resumes: committed parts are checked (schema, row count, indices) and their
+//! chunks are skipped; anything else is redone. A shard that has all its rows gets a
+//! `_SUCCESS-<shard>-of-<count>.json`; [`finalize`] checks all shards and writes `_SUCCESS`.
+
+mod columns;
+mod files;
+mod read;
+mod summary;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::sample::{Sample, Status};
+use crate::stats::{EncodedMap, MapStats};
+use columns::Column;
+
+pub use columns::region_column;
+pub use files::part_name;
+pub use read::read_rows;
+pub use summary::{finalize, write_summary, DatasetSummary, ShardSummary};
+
+/// Version of the output table layout; bump when a column is added, removed or changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How many missing indices an error message lists before summarising the rest.
+const MISSING_SHOWN: usize = 10;
+
+/// Grad-CAM at layer resolution, stored as `h·w` float16 values, little-endian, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CamMap {
+    /// `h·w·2` bytes.
+    pub f16_le: Vec<u8>,
+    /// Rows.
+    pub h: u32,
+    /// Columns.
+    pub w: u32,
+}
+
+/// One output row: a sample, its status, and whatever attribution results it has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The sample; `index` places the row, `id`, `path` and `label` are written.
+    pub sample: Sample,
+    /// `ok`, or the kind of failure.
+    pub status: Status,
+    /// The failure message (names the file), for rows that are not `ok`.
+    pub error: Option<String>,
+    /// The class the attribution explains.
+    pub target: Option<i64>,
+    /// The model's top class.
+    pub predicted: Option<i64>,
+    /// Probability of the predicted class.
+    pub predicted_prob: Option<f32>,
+    /// Probability of the target class.
+    pub target_prob: Option<f32>,
+    /// Map statistics; one region share per configured region.
+    pub stats: Option<MapStats>,
+    /// The Grad-CAM map.
+    pub cam: Option<CamMap>,
+    /// The guided Grad-CAM map as PNG.
+    pub map: Option<EncodedMap>,
+}
+
+/// The Arrow schema of the output table for the given region names (in order).
+pub fn schema(regions: &[String]) -> SchemaRef {
+    columns::schema_of(&columns::columns(regions))
+}
+
+/// Where and what one shard writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    /// Output folder (created if missing); shared by all shards of the job.
+    pub dir: PathBuf,
+    /// This shard, `0..num_shards`.
+    pub shard: u32,
+    /// Number of shards of the job (at least 1).
+    pub num_shards: u32,
+    /// Number of samples in this shard (`n`).
+    pub total_rows: u64,
+    /// Rows per part file (`R`, at least 1).
+    pub rows_per_part: u64,
+    /// Region names; each gets a `region_<name>_share` column.
+    pub regions: Vec<String>,
+    /// Parquet key-value metadata written into every part (job spec, model hash, tool version,
+    /// schema version, class names); filled by the caller.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// What an earlier run of the same job already committed for this shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Chunks whose part is committed and valid.
+    pub done_chunks: BTreeSet<u64>,
+    /// Rows in those parts.
+    pub done_rows: u64,
+    /// Rows in those parts per status name (every status listed, zeros included).
+    pub done_status_counts: BTreeMap<String, u64>,
+    rows_per_part: u64,
+    total_rows: u64,
+}
+
+impl Resume {
+    /// Whether the sample with this index is already written (its chunk is committed); the
+    /// pipeline skips such samples, and [`PartWriter::push`] refuses their rows.
+    pub fn is_done(&self, index: u64) -> bool {
+        index < self.total_rows && self.done_chunks.contains(&(index / self.rows_per_part))
+    }
+}
+
+/// The job file: which job a shard's output belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct JobFile {
+    fingerprint: String,
+    shard: u32,
+    num_shards: u32,
+    total_rows: u64,
+    rows_per_part: u64,
+    schema_version: u32,
+}
+
+/// A chunk whose rows are still arriving; slot i holds index `start + i`.
+struct Pending {
+    slots: Vec<Option<Row>>,
+    filled: usize,
+}
+
+/// Writes one shard's rows as part files; see the module docs.
+pub struct PartWriter {
+    cfg: SinkConfig,
+    columns: Vec<Column>,
+    schema: SchemaRef,
+    props: WriterProperties,
+    num_chunks: u64,
+    done: BTreeSet<u64>,
+    pending: HashMap<u64, Pending>,
+    rows: u64,
+    status_counts: BTreeMap<String, u64>,
+    closed: bool,
+}
+
+/// Every status name with a zero count.
+pub(crate) fn zero_counts() -> BTreeMap<String, u64> {
+    Status::ALL
+        .iter()
+        .map(|s| (s.as_str().to_owned(), 0))
+        .collect()
+}
+
+fn check_config(cfg: &SinkConfig) -> anyhow::Result<()> {
+    let dir = cfg.dir.display();
+    if cfg.num_shards == 0 || cfg.shard >= cfg.num_shards {
+        bail!(
+            "output {dir}: shard {} is not one of 0..{}",
+            cfg.shard,
+            cfg.num_shards
+        );
+    }
+    if cfg.num_shards > 99_999 {
+        bail!(
+            "output {dir}: at most 99999 shards are supported, not {}",
+            cfg.num_shards
+        );
+    }
+    if cfg.rows_per_part == 0 {
+        bail!("output {dir}: rows per part must be at least 1");
+    }
+    if cfg.total_rows.div_ceil(cfg.rows_per_part) > 1_000_000 {
+        bail!(
+            "output {dir}: {} rows at {} rows per part would need more than 1000000 parts; \
+             raise rows per part",
+            cfg.total_rows,
+            cfg.rows_per_part
+        );
+    }
+    let mut names = BTreeSet::new();
+    for r in &cfg.regions {
+        if r.is_empty() {
+            bail!("output {dir}: a region has an empty name");
+        }
+        if !names.insert(r.as_str()) {
+            bail!("output {dir}: region {r:?} is named twice");
+        }
+    }
+    Ok(())
+}
+
+impl PartWriter {
+    /// Opens (or resumes) shard `cfg.shard`'s output in `cfg.dir`.
+    ///
+    /// `fingerprint` identifies the job (the caller's hash of job spec, model and sample list).
+    /// The first open records it in `_job-<shard>-of-<count>.json`; a later open with another
+    /// fingerprint is refused, since the folder then holds another job's output. Stale
+    /// temporary files of this shard are removed, and committed parts are checked; a part that
+    /// does not hold exactly its chunk's rows is moved aside as `<name>.corrupt-<time>` and its
+    /// chunk redone. Returns the writer and what is already done.
+    pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
+        check_config(&cfg)?;
+        let dir = cfg.dir.clone();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+
+        let (shard, count) = (cfg.shard, cfg.num_shards);
+        let names = files::list_names(&dir)?;
+        for name in names
+            .iter()
+            .filter(|n| files::is_shard_tmp(n, shard, count))
+        {
+            tracing::info!(
+                "removing leftover temporary file {}",
+                dir.join(name).display()
+            );
+            files::remove_if_exists(&dir, name)?;
+        }
+
+        let job = JobFile {
+            fingerprint: fingerprint.to_owned(),
+            shard,
+            num_shards: count,
+            total_rows: cfg.total_rows,
+            rows_per_part: cfg.rows_per_part,
+            schema_version: SCHEMA_VERSION,
+        };
+        let job_name = files::job_name(shard, count);
+        let job_path = dir.join(&job_name);
+        if job_path.exists() {
+            let old: JobFile = files::read_json(&job_path)?;
+            if old.fingerprint != job.fingerprint {
+                bail!(
+                    "output folder {} holds another job's output for shard {shard} of {count} \
+                     ({} records job {}, this job is {}); use another output folder",
+                    dir.display(),
+                    job_path.display(),
+                    old.fingerprint,
+                    job.fingerprint
+                );
+            }
+            if old != job {
+                bail!(
+                    "output folder {} holds this job's shard {shard} of {count} written with a \
+                     different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
+                     parts of {}, schema {}); use another output folder",
+                    dir.display(),
+                    old.total_rows,
+                    old.rows_per_part,
+                    old.schema_version,
+                    job.total_rows,
+                    job.rows_per_part,
+                    job.schema_version
+                );
+            }
+        } else {
+            files::write_json_atomic(&dir, &job_name, &job)?;
+        }
+
+        let columns = columns::columns(&cfg.regions);
+        let schema = columns::schema_of(&columns);
+        let group_rows = usize::try_from(cfg.rows_per_part).unwrap_or(usize::MAX);
+        let props = columns::writer_properties(&columns, group_rows, &cfg.metadata)?;
+        let mut writer = PartWriter {
+            num_chunks: cfg.total_rows.div_ceil(cfg.rows_per_part),
+            cfg,
+            columns,
+            schema,
+            props,
+            done: BTreeSet::new(),
+            pending: HashMap::new(),
+            rows: 0,
+            status_counts: zero_counts(),
+            closed: false,
+        };
+
+        for name in &names {
+            let Some((s, c, chunk)) = files::parse_part_name(name) else {
+                continue;
+            };
+            if (s, c) != (shard, count) {
+                continue;
+            }
+            match writer.check_part(name, chunk) {
+                Ok(counts) => {
+                    writer.done.insert(chunk);
+                    writer.rows += writer.chunk_len(chunk);
+                    for (k, v) in counts {
+                        *writer.status_counts.entry(k).or_default() += v;
+                    }
+                }
+                Err(e) => {
+                    let aside = files::move_aside(&dir, name)?;
+                    tracing::warn!(
+                        "part {} is not valid ({e:#}); moved it to {} and will write chunk {chunk} again",
+                        dir.join(name).display(),
+                        aside.display()
+                    );
+                }
+            }
+        }
+
+        if (writer.done.len() as u64) < writer.num_chunks {
+            // The shard is not complete, so neither it nor the dataset may look finished.
+            files::remove_if_exists(&dir, &files::shard_success_name(shard, count))?;
+            files::remove_if_exists(&dir, files::DATASET_SUCCESS)?;
+        }
+
+        let resume = Resume {
+            done_chunks: writer.done.clone(),
+            done_rows: writer.rows,
+            done_status_counts: writer.status_counts.clone(),
+            rows_per_part: writer.cfg.rows_per_part,
+            total_rows: writer.cfg.total_rows,
+        };
+        Ok((writer, resume))
+    }
+
+    /// Validates a committed part of `chunk`; returns its status counts.
+    fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<BTreeMap<String, u64>> {
+        if chunk >= self.num_chunks {
+            bail!(
+                "chunk {chunk} is past this shard's {} chunks",
+                self.num_chunks
+            );
+        }
+        let contents = read::read_part_contents(&self.cfg.dir.join(name), &self.schema)?;
+        let (start, end) = self.chunk_range(chunk);
+        let expected = end - start;
+        if contents.indices.len() as u64 != expected {
+            bail!(
+                "it holds {} rows, chunk {chunk} has {expected}",
+                contents.indices.len()
+            );
+        }
+        if !contents.indices.iter().copied().eq(start..end) {
+            bail!("its indices are not {start}..{end} in order");
+        }
+        Ok(contents.status_counts)
+    }
+
+    fn chunk_range(&self, chunk: u64) -> (u64, u64) {
+        let start = chunk
+            .saturating_mul(self.cfg.rows_per_part)
+            .min(self.cfg.total_rows);
+        let end = start
+            .saturating_add(self.cfg.rows_per_part)
+            .min(self.cfg.total_rows);
+        (start, end)
+    }
+
+    fn chunk_len(&self, chunk: u64) -> u64 {
+        let (start, end) = self.chunk_range(chunk);
+        end - start
+    }
+
+    fn part_path(&self, chunk: u64) -> PathBuf {
+        self.cfg
+            .dir
+            .join(part_name(self.cfg.shard, self.cfg.num_shards, chunk))
+    }
+
+    /// The row's shape must match this job's table; a mismatch is a bug upstream.
+    fn check_row(&self, row: &Row) -> anyhow::Result<()> {
+        let index = row.sample.index;
+        let shard = format!(
+            "shard {} of {} in {}",
+            self.cfg.shard,
+            self.cfg.num_shards,
+            self.cfg.dir.display()
+        );
+        if index >= self.cfg.total_rows {
+            bail!(
+                "row index {index} (id {:?}) is past the {} rows of {shard}",
+                row.sample.id,
+                self.cfg.total_rows
+            );
+        }
+        if let Some(stats) = &row.stats {
+            if stats.region_shares.len() != self.cfg.regions.len() {
+                bail!(
+                    "row {index} (id {:?}) has {} region shares, {shard} has {} regions",
+                    row.sample.id,
+                    stats.region_shares.len(),
+                    self.cfg.regions.len()
+                );
+            }
+        }
+        if let Some(cam) = &row.cam {
+            let want = u64::from(cam.h) * u64::from(cam.w) * 2;
+            if cam.f16_le.len() as u64 != want {
+                bail!(
+                    "row {index} (id {:?}): CAM of {}×{} needs {want} bytes, got {}",
+                    row.sample.id,
+                    cam.h,
+                    cam.w,
+                    cam.f16_le.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one row. When it completes its chunk, the chunk is written as a part file before
+    /// this returns. A row whose index is out of range, already pushed, or in a committed chunk
+    /// is refused with an error (nothing is written twice), as is a row whose region shares or
+    /// CAM size do not match the job.
+    pub fn push(&mut self, row: Row) -> anyhow::Result<()> {
+        if self.closed {
+            bail!("output writer for {} is closed", self.cfg.dir.display());
+        }
+        self.check_row(&row)?;
+        let index = row.sample.index;
+        let chunk = index / self.cfg.rows_per_part;
+        if self.done.contains(&chunk) {
+            bail!(
+                "row index {index} (id {:?}) belongs to chunk {chunk}, already written to {}",
+                row.sample.id,
+                self.part_path(chunk).display()
+            );
+        }
+        let (start, end) = self.chunk_range(chunk);
+        let len = (end - start) as usize;
+        let part = self.part_path(chunk);
+        let pending = self.pending.entry(chunk).or_insert_with(|| Pending {
+            slots: (0..len).map(|_| None).collect(),
+            filled: 0,
+        });
+        let slot = &mut pending.slots[(index - start) as usize];
+        if let Some(first) = slot {
+            bail!(
+                "row index {index} was pushed twice (ids {:?} and {:?}) for {}",
+                first.sample.id,
+                row.sample.id,
+                part.display()
+            );
+        }
+        *slot = Some(row);
+        pending.filled += 1;
+        if pending.filled == len {
+            self.commit(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes complete chunk `chunk` as its part file. On failure the rows stay buffered.
+    fn commit(&mut self, chunk: u64) -> anyhow::Result<()> {
+        let Some(pending) = self.pending.remove(&chunk) else {
+            return Ok(());
+        };
+        let rows: Vec<Row> = pending.slots.into_iter().flatten().collect();
+        let result = self.write_part(chunk, &rows);
+        match result {
+            Ok(()) => {
+                self.done.insert(chunk);
+                self.rows += rows.len() as u64;
+                for r in &rows {
+                    *self
+                        .status_counts
+                        .entry(r.status.as_str().to_owned())
+                        .or_default() += 1;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let filled = rows.len();
+                self.pending.insert(
+                    chunk,
+                    Pending {
+                        slots: rows.into_iter().map(Some).collect(),
+                        filled,
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    fn write_part(&self, chunk: u64, rows: &[Row]) -> anyhow::Result<()> {
+        if rows.len() as u64 != self.chunk_len(chunk) {
+            bail!(
+                "internal: chunk {chunk} has {} rows, expected {}",
+                rows.len(),
+                self.chunk_len(chunk)
+            );
+        }
+        let batch = columns::batch(&self.columns, &self.schema, rows)?;
+        let name = part_name(self.cfg.shard, self.cfg.num_shards, chunk);
+        files::write_atomic(&self.cfg.dir, &name, |out| {
+            let mut w =
+                ArrowWriter::try_new(&mut *out, self.schema.clone(), Some(self.props.clone()))?;
+            w.write(&batch)?;
+            w.close()?;
+            Ok(())
+        })
+    }
+
+    /// Rows still missing, as (count, first few indices).
+    fn missing(&self) -> (u64, Vec<u64>) {
+        let mut count = 0;
+        let mut first = Vec::new();
+        for chunk in (0..self.num_chunks).filter(|c| !self.done.contains(c)) {
+            let (start, end) = self.chunk_range(chunk);
+            let slots = self.pending.get(&chunk).map(|p| p.slots.as_slice());
+            for index in start..end {
+                let have = slots.is_some_and(|s| s[(index - start) as usize].is_some());
+                if !have {
+                    count += 1;
+                    if first.len() < MISSING_SHOWN {
+                        first.push(index);
+                    }
+                }
+            }
+        }
+        (count, first)
+    }
+
+    fn summary(&self) -> ShardSummary {
+        ShardSummary {
+            shard: self.cfg.shard,
+            num_shards: self.cfg.num_shards,
+            total_rows: self.cfg.total_rows,
+            rows_per_part: self.cfg.rows_per_part,
+            rows: self.rows,
+            parts: self.done.len() as u64,
+            status_counts: self.status_counts.clone(),
+            schema_version: SCHEMA_VERSION,
+        }
+    }
+
+    /// Ends the shard: every row must have been pushed. Writes
+    /// `_SUCCESS-<shard>-of-<count>.json`, and for a single-shard job also the dataset's
+    /// `_SUCCESS` (see [`finalize`]). If rows are missing, returns an error naming the first
+    /// few; committed parts are kept, so a rerun resumes.
+    pub fn finish(mut self) -> anyhow::Result<ShardSummary> {
+        self.closed = true;
+        let complete: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.filled == p.slots.len())
+            .map(|(c, _)| *c)
+            .collect();
+        for chunk in complete {
+            self.commit(chunk)?;
+        }
+        let (count, first) = self.missing();
+        if count > 0 {
+            let list = first
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = if count > first.len() as u64 {
+                ", …"
+            } else {
+                ""
+            };
+            bail!(
+                "shard {} of {} in {} is incomplete: {count} of {} rows were never produced \
+                 (indices {list}{more}); the parts written so far are kept and a rerun resumes",
+                self.cfg.shard,
+                self.cfg.num_shards,
+                self.cfg.dir.display(),
+                self.cfg.total_rows
+            );
+        }
+        let summary = self.summary();
+        let name = files::shard_success_name(self.cfg.shard, self.cfg.num_shards);
+        files::write_json_atomic(&self.cfg.dir, &name, &summary)?;
+        if self.cfg.num_shards == 1 {
+            finalize(&self.cfg.dir)?;
+        }
+        Ok(summary)
+    }
+
+    /// Stops early (Ctrl-C): committed parts stay, buffered rows of incomplete chunks are
+    /// dropped (a rerun redoes those chunks), and this process's temporary files are removed.
+    /// No `_SUCCESS` file is written. Returns what is committed.
+    pub fn abort(mut self) -> anyhow::Result<ShardSummary> {
+        self.closed = true;
+        let dropped: usize = self.pending.values().map(|p| p.filled).sum();
+        self.pending.clear();
+        if dropped > 0 {
+            tracing::info!(
+                "stopping shard {} of {}: {dropped} buffered rows of unfinished parts dropped; \
+                 a rerun writes them",
+                self.cfg.shard,
+                self.cfg.num_shards
+            );
+        }
+        let suffix = format!("-{}", std::process::id());
+        for name in files::list_names(&self.cfg.dir)? {
+            if files::is_shard_tmp(&name, self.cfg.shard, self.cfg.num_shards)
+                && name.ends_with(&suffix)
+            {
+                files::remove_if_exists(&self.cfg.dir, &name)?;
+            }
+        }
+        Ok(self.summary())
+    }
+}
+
+impl Drop for PartWriter {
+    fn drop(&mut self) {
+        if !self.closed {
+            let buffered: usize = self.pending.values().map(|p| p.filled).sum();
+            if buffered > 0 {
+                tracing::warn!(
+                    "output writer for shard {} of {} in {} dropped without finish or abort; \
+                     {buffered} buffered rows were not written",
+                    self.cfg.shard,
+                    self.cfg.num_shards,
+                    self.cfg.dir.display()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Completion markers: per-shard `_SUCCESS-<shard>-of-<count>.json` and the dataset's `_SUCCESS`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use super::files::{self, list_names, parse_job_name, parse_part_name, parse_shard_success_name};
+use super::{zero_counts, SCHEMA_VERSION};
+
+/// What one shard has committed; the content of its `_SUCCESS-<shard>-of-<count>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSummary {
+    /// The shard.
+    pub shard: u32,
+    /// Number of shards of the job.
+    pub num_shards: u32,
+    /// Rows the shard has in all.
+    pub total_rows: u64,
+    /// Rows per part file.
+    pub rows_per_part: u64,
+    /// Rows committed.
+    pub rows: u64,
+    /// Part files committed.
+    pub parts: u64,
+    /// Committed rows per status name (every status listed).
+    pub status_counts: BTreeMap<String, u64>,
+    /// [`SCHEMA_VERSION`] of the parts.
+    pub schema_version: u32,
+}
+
+/// The whole dataset's counts; the content of `_SUCCESS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    /// Number of shards.
+    pub num_shards: u32,
+    /// Part files in all.
+    pub parts: u64,
+    /// Rows in all.
+    pub rows: u64,
+    /// Rows per status name (every status listed).
+    pub status_counts: BTreeMap<String, u64>,
+    /// [`SCHEMA_VERSION`] of the parts.
+    pub schema_version: u32,
+}
+
+/// Checks that every shard of the job in `dir` has finished and that the parts on disk match
+/// their shards' counts, then writes `_SUCCESS` (atomically) and returns the totals.
+///
+/// Errors name the folder and what is wrong: no output, files of jobs with different shard
+/// counts, shards without their `_SUCCESS-<shard>-of-<count>.json` (listed), or parts whose
+/// rows do not add up.
+pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
+    let names = list_names(dir)?;
+    let mut counts = BTreeSet::new();
+    let mut parts: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+    let mut successes = BTreeSet::new();
+    for name in &names {
+        if let Some((shard, count, chunk)) = parse_part_name(name) {
+            counts.insert(count);
+            parts.entry(shard).or_default().push((chunk, name.clone()));
+        } else if let Some((shard, count)) = parse_shard_success_name(name) {
+            counts.insert(count);
+            successes.insert(shard);
+        } else if let Some((_, count)) = parse_job_name(name) {
+            counts.insert(count);
+        }
+    }
+    let num_shards = match counts.len() {
+        0 => bail!("{} holds no saliency-audit output", dir.display()),
+        1 => counts.first().copied().unwrap_or_default(),
+        _ => bail!(
+            "{} mixes output of jobs split into different shard counts ({}); \
+             use one output folder per job",
+            dir.display(),
+            counts
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let missing: Vec<u32> = (0..num_shards).filter(|s| !successes.contains(s)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "output in {} is not complete: shard(s) {} of {num_shards} have not finished \
+             (no _SUCCESS-<shard>-of-{num_shards:05}.json)",
+            dir.display(),
+            missing
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let mut total = DatasetSummary {
+        num_shards,
+        parts: 0,
+        rows: 0,
+        status_counts: zero_counts(),
+        schema_version: SCHEMA_VERSION,
+    };
+    for shard in 0..num_shards {
+        let path = dir.join(files::shard_success_name(shard, num_shards));
+        let s: ShardSummary = files::read_json(&path)?;
+        if (s.shard, s.num_shards) != (shard, num_shards) {
+            bail!(
+                "{} describes shard {} of {}",
+                path.display(),
+                s.shard,
+                s.num_shards
+            );
+        }
+        if s.schema_version != SCHEMA_VERSION {
+            bail!(
+                "{} was written with schema version {}, this build writes {SCHEMA_VERSION}",
+                path.display(),
+                s.schema_version
+            );
+        }
+        let status_rows: u64 = s.status_counts.values().sum();
+        if s.rows != s.total_rows || status_rows != s.rows {
+            bail!(
+                "{} is inconsistent: {} of {} rows, {status_rows} by status",
+                path.display(),
+                s.rows,
+                s.total_rows
+            );
+        }
+        let mut shard_parts = parts.remove(&shard).unwrap_or_default();
+        shard_parts.sort();
+        if shard_parts.len() as u64 != s.parts
+            || shard_parts
+                .iter()
+                .enumerate()
+                .any(|(i, (chunk, _))| *chunk != i as u64)
+        {
+            bail!(
+                "shard {shard} of {num_shards} in {}: {} says {} parts, the folder has {} \
+                 (chunks {})",
+                dir.display(),
+                path.display(),
+                s.parts,
+                shard_parts.len(),
+                shard_parts
+                    .iter()
+                    .map(|(c, _)| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut rows = 0u64;
+        for (_, name) in &shard_parts {
+            rows += super::read::part_row_count(&dir.join(name))?;
+        }
+        if rows != s.rows {
+            bail!(
+                "shard {shard} of {num_shards} in {}: parts hold {rows} rows, {} says {}",
+                dir.display(),
+                path.display(),
+                s.rows
+            );
+        }
+        total.parts += s.parts;
+        total.rows += s.rows;
+        for (k, v) in s.status_counts {
+            *total.status_counts.entry(k).or_default() += v;
+        }
+    }
+    if let Some((shard, _)) = parts.first_key_value() {
+        bail!(
+            "{} holds parts of shard {shard}, which is not one of 0..{num_shards}",
+            dir.display()
+        );
+    }
+    files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
+        .with_context(|| format!("cannot mark output in {} complete", dir.display()))?;
+    Ok(total)
+}
+
+/// Writes the caller's report of one run of a shard (timings, counts, whether it was
+/// interrupted) to `dir/_run-<shard>-of-<count>.json`, atomically, replacing the previous run's.
+/// Returns the file's path.
+pub fn write_summary(
+    dir: &Path,
+    shard: u32,
+    num_shards: u32,
+    summary: &serde_json::Value,
+) -> anyhow::Result<PathBuf> {
+    let name = files::run_summary_name(shard, num_shards);
+    files::write_json_atomic(dir, &name, summary)?;
+    Ok(dir.join(name))
+}

@@ -1,0 +1,606 @@
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use arrow::array::{
+    Array, BinaryArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array,
+};
+use parquet::basic::Compression;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+
+use super::*;
+
+fn regions() -> Vec<String> {
+    vec!["top".into(), "center".into()]
+}
+
+fn cfg(dir: &Path, shard: u32, num_shards: u32, total_rows: u64, rows_per_part: u64) -> SinkConfig {
+    SinkConfig {
+        dir: dir.to_path_buf(),
+        shard,
+        num_shards,
+        total_rows,
+        rows_per_part,
+        regions: regions(),
+        metadata: vec![
+            (
+                "saliency_audit.schema_version".into(),
+                SCHEMA_VERSION.to_string(),
+            ),
+            ("saliency_audit.model_sha256".into(), "abc123".into()),
+        ],
+    }
+}
+
+fn row(index: u64) -> Row {
+    let status = if index % 5 == 4 {
+        Status::DecodeError
+    } else {
+        Status::Ok
+    };
+    let ok = status == Status::Ok;
+    Row {
+        sample: Sample {
+            index,
+            id: format!("img-{index}"),
+            path: format!("images/{index}.jpg"),
+            location: PathBuf::from(format!("/data/images/{index}.jpg")),
+            label: Some(index as i64 % 3),
+            label_error: None,
+            bbox: None,
+            mask: None,
+        },
+        status,
+        error: (!ok).then(|| format!("images/{index}.jpg: not an image")),
+        target: ok.then_some(1),
+        predicted: ok.then_some(2),
+        predicted_prob: ok.then_some(0.75),
+        target_prob: ok.then_some(0.125),
+        stats: ok.then(|| MapStats {
+            attr_total: index as f32,
+            attr_max: 1.0,
+            attr_entropy: Some(0.5),
+            attr_com_x: Some(0.25),
+            bbox_mass_share: None,
+            region_shares: vec![Some(0.1), None],
+            ..MapStats::default()
+        }),
+        cam: ok.then(|| CamMap {
+            f16_le: vec![0x00, 0x3c, 0x00, 0x38],
+            h: 1,
+            w: 2,
+        }),
+        map: ok.then(|| EncodedMap {
+            png: vec![0x89, b'P', b'N', b'G', index as u8],
+            scale: 2.0,
+            size: 4,
+        }),
+    }
+}
+
+/// 0..n in a scrambled but deterministic order: odd indices up, then even indices down.
+fn shuffled(n: u64) -> Vec<u64> {
+    (0..n)
+        .filter(|i| i % 2 == 1)
+        .chain((0..n).rev().filter(|i| i % 2 == 0))
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    files::list_names(dir).unwrap()
+}
+
+fn indices_of(path: &Path) -> Vec<u64> {
+    read::read_part_contents(path, &schema(&regions()))
+        .unwrap()
+        .indices
+}
+
+#[test]
+fn shuffled_rows_become_sorted_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let (mut w, resume) = PartWriter::open(cfg(&dir, 2, 8, 10, 4), "job-a").unwrap();
+    assert!(resume.done_chunks.is_empty());
+    for i in shuffled(10) {
+        w.push(row(i)).unwrap();
+    }
+    let summary = w.finish().unwrap();
+    assert_eq!((summary.rows, summary.parts), (10, 3));
+    assert_eq!(summary.status_counts["ok"], 8);
+    assert_eq!(summary.status_counts["decode_error"], 2);
+    assert_eq!(summary.status_counts["missing"], 0);
+
+    let all = names(&dir);
+    let parts: Vec<_> = all
+        .iter()
+        .filter(|n| n.starts_with("part-"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            "part-00002-of-00008-000000.parquet",
+            "part-00002-of-00008-000001.parquet",
+            "part-00002-of-00008-000002.parquet"
+        ]
+    );
+    assert!(all.contains(&"_SUCCESS-00002-of-00008.json".to_string()));
+    assert!(all.contains(&"_job-00002-of-00008.json".to_string()));
+    assert!(
+        !all.contains(&"_SUCCESS".to_string()),
+        "a shard of 8 does not finalize the dataset"
+    );
+    assert!(!all.iter().any(|n| n.starts_with(".tmp-")));
+    assert_eq!(indices_of(&dir.join(&parts[0])), [0, 1, 2, 3]);
+    assert_eq!(indices_of(&dir.join(&parts[1])), [4, 5, 6, 7]);
+    assert_eq!(indices_of(&dir.join(&parts[2])), [8, 9]);
+
+    // Footer: schema, metadata, compression per column.
+    let reader = SerializedFileReader::new(File::open(dir.join(&parts[0])).unwrap()).unwrap();
+    let meta = reader.metadata();
+    let kv = meta.file_metadata().key_value_metadata().unwrap();
+    assert!(kv
+        .iter()
+        .any(|k| k.key == "saliency_audit.model_sha256" && k.value.as_deref() == Some("abc123")));
+    assert_eq!(meta.num_row_groups(), 1);
+    let rg = meta.row_group(0);
+    let chunk = |name: &str| {
+        (0..rg.num_columns())
+            .map(|i| rg.column(i))
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+    };
+    let compression = |name: &str| chunk(name).compression();
+    let stats = chunk("attr_total").statistics().expect("statistics on");
+    assert_eq!(stats.null_count_opt(), Some(0));
+    assert!(stats.min_bytes_opt().is_some());
+    assert_eq!(
+        chunk("map_png")
+            .statistics()
+            .and_then(|s| s.null_count_opt()),
+        Some(0)
+    );
+    for col in [
+        "attr_total",
+        "attr_entropy",
+        "mask_mass_share",
+        "region_top_share",
+        "status",
+        "id",
+    ] {
+        assert!(matches!(compression(col), Compression::ZSTD(_)), "{col}");
+    }
+    assert_eq!(compression("map_png"), Compression::UNCOMPRESSED);
+    assert_eq!(compression("cam"), Compression::SNAPPY);
+
+    // Values round-trip.
+    let batches = read_rows(&dir).unwrap();
+    let b = &batches[0];
+    let names: Vec<_> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        names,
+        schema(&regions())
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect::<Vec<_>>()
+    );
+    for col in [
+        "region_top_share",
+        "region_center_share",
+        "cam",
+        "cam_h",
+        "cam_w",
+        "map_png",
+        "map_scale",
+    ] {
+        assert!(names.iter().any(|n| n == col), "{col}");
+    }
+    let col = |n: &str| b.column_by_name(n).unwrap().clone();
+    let index = col("index");
+    let index = index.as_any().downcast_ref::<UInt64Array>().unwrap();
+    assert_eq!(index.values().to_vec(), [0, 1, 2, 3]);
+    let status = col("status");
+    let status = status.as_any().downcast_ref::<StringArray>().unwrap();
+    assert_eq!(status.value(0), "ok");
+    assert_eq!(status.value(3), "ok");
+    let id = col("id");
+    assert_eq!(
+        id.as_any().downcast_ref::<StringArray>().unwrap().value(2),
+        "img-2"
+    );
+    let label = col("label");
+    assert_eq!(
+        label
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(2),
+        2
+    );
+    let total = col("attr_total");
+    assert_eq!(
+        total
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .unwrap()
+            .value(3),
+        3.0
+    );
+    let gini = col("attr_gini");
+    assert_eq!(gini.null_count(), 4, "None stats are null");
+    let top = col("region_top_share");
+    assert_eq!(
+        top.as_any()
+            .downcast_ref::<Float32Array>()
+            .unwrap()
+            .value(0),
+        0.1
+    );
+    assert_eq!(col("region_center_share").null_count(), 4);
+    let cam = col("cam");
+    assert_eq!(
+        cam.as_any().downcast_ref::<BinaryArray>().unwrap().value(1),
+        [0x00, 0x3c, 0x00, 0x38]
+    );
+    let cam_w = col("cam_w");
+    assert_eq!(
+        cam_w
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .unwrap()
+            .value(1),
+        2
+    );
+    // Row 4 is a decode error: no stats, no maps, an error message.
+    let b1 = &batches[1];
+    let err = b1.column_by_name("error").unwrap();
+    assert_eq!(
+        err.as_any().downcast_ref::<StringArray>().unwrap().value(0),
+        "images/4.jpg: not an image"
+    );
+    assert!(b1.column_by_name("attr_total").unwrap().is_null(0));
+    assert!(b1.column_by_name("map_png").unwrap().is_null(0));
+    assert!(b1.column_by_name("target").unwrap().is_null(0));
+}
+
+#[test]
+fn single_shard_finish_marks_dataset_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 5, 2), "job").unwrap();
+    for i in shuffled(5) {
+        w.push(row(i)).unwrap();
+    }
+    w.finish().unwrap();
+    let total: DatasetSummary = files::read_json(&tmp.path().join("_SUCCESS")).unwrap();
+    assert_eq!((total.num_shards, total.parts, total.rows), (1, 3, 5));
+    assert_eq!(total.status_counts["ok"], 4);
+}
+
+#[test]
+fn empty_shard_finishes_with_no_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 0, 100), "job").unwrap();
+    let s = w.finish().unwrap();
+    assert_eq!((s.rows, s.parts), (0, 0));
+    assert!(tmp.path().join("_SUCCESS").exists());
+}
+
+#[test]
+fn bad_rows_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut w, _) = PartWriter::open(cfg(dir, 0, 2, 6, 3), "job").unwrap();
+    w.push(row(1)).unwrap();
+    let e = w.push(row(1)).unwrap_err().to_string();
+    assert!(e.contains("row index 1 was pushed twice"), "{e}");
+    let e = w.push(row(6)).unwrap_err().to_string();
+    assert!(
+        e.contains("row index 6") && e.contains("past the 6 rows"),
+        "{e}"
+    );
+
+    let mut r = row(0);
+    r.stats.as_mut().unwrap().region_shares.pop();
+    let e = w.push(r).unwrap_err().to_string();
+    assert!(
+        e.contains("1 region shares") && e.contains("2 regions"),
+        "{e}"
+    );
+    let mut r = row(0);
+    r.cam.as_mut().unwrap().h = 3;
+    let e = w.push(r).unwrap_err().to_string();
+    assert!(e.contains("CAM of 3×2 needs 12 bytes, got 4"), "{e}");
+
+    w.push(row(0)).unwrap();
+    w.push(row(2)).unwrap(); // completes chunk 0
+    let e = w.push(row(2)).unwrap_err().to_string();
+    assert!(
+        e.contains("already written") && e.contains("part-00000-of-00002-000000.parquet"),
+        "{e}"
+    );
+    assert_eq!(
+        indices_of(&dir.join("part-00000-of-00002-000000.parquet")),
+        [0, 1, 2]
+    );
+}
+
+#[test]
+fn finish_with_missing_rows_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 30, 4), "job").unwrap();
+    for i in (0..30).filter(|i| ![5, 9, 10].contains(i)) {
+        w.push(row(i)).unwrap();
+    }
+    let e = w.finish().unwrap_err().to_string();
+    assert!(
+        e.contains("3 of 30 rows") && e.contains("indices 5, 9, 10"),
+        "{e}"
+    );
+    let all = names(tmp.path());
+    assert!(!all.iter().any(|n| n.starts_with("_SUCCESS")), "{all:?}");
+    assert_eq!(
+        all.iter().filter(|n| n.starts_with("part-")).count(),
+        6,
+        "complete chunks are kept"
+    );
+
+    // Many missing: the first ten, then an ellipsis.
+    let tmp = tempfile::tempdir().unwrap();
+    let (w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 30, 4), "job").unwrap();
+    let e = w.finish().unwrap_err().to_string();
+    assert!(
+        e.contains("30 of 30 rows") && e.contains("indices 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, …"),
+        "{e}"
+    );
+}
+
+#[test]
+fn resume_after_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let c = cfg(&dir, 1, 3, 10, 4); // chunks [0,4) [4,8) [8,10)
+    let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
+    for i in [9, 0, 8, 3, 2, 1, 4, 6] {
+        w.push(row(i)).unwrap();
+    }
+    drop(w); // crash: chunk 1 is half-buffered
+    assert_eq!(
+        names(&dir)
+            .iter()
+            .filter(|n| n.starts_with("part-"))
+            .count(),
+        2,
+        "chunks 0 and 2 are committed"
+    );
+    // A temporary file of a write that never finished, and a second copy of chunk 0 truncated
+    // as if the disk had lost its tail.
+    fs::write(
+        dir.join(".tmp-part-00001-of-00003-000001.parquet-99999"),
+        b"PAR1 half",
+    )
+    .unwrap();
+    let other_shard_tmp = ".tmp-part-00000-of-00003-000000.parquet-99999";
+    fs::write(dir.join(other_shard_tmp), b"PAR1").unwrap();
+    let part0 = dir.join("part-00001-of-00003-000000.parquet");
+    let bytes = fs::read(&part0).unwrap();
+    fs::write(&part0, &bytes[..bytes.len() / 2]).unwrap();
+
+    let (mut w, resume) = PartWriter::open(c.clone(), "job").unwrap();
+    assert_eq!(resume.done_chunks.iter().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(resume.done_rows, 2);
+    assert_eq!(resume.done_status_counts["decode_error"], 1); // index 9
+    assert_eq!(resume.done_status_counts["ok"], 1);
+    assert!(resume.is_done(8) && resume.is_done(9));
+    assert!(!resume.is_done(0) && !resume.is_done(4) && !resume.is_done(10));
+    let all = names(&dir);
+    assert!(
+        !all.iter().any(|n| n.starts_with(".tmp-part-00001")),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().any(|n| n == other_shard_tmp),
+        "another shard's files are left alone"
+    );
+    assert!(
+        all.iter()
+            .any(|n| n.starts_with("part-00001-of-00003-000000.parquet.corrupt-")),
+        "{all:?}"
+    );
+    assert!(!part0.exists());
+
+    // Redo the rest, skipping done samples as the pipeline does.
+    for i in shuffled(10).into_iter().filter(|i| !resume.is_done(*i)) {
+        w.push(row(i)).unwrap();
+    }
+    let e = w.push(row(8)).unwrap_err().to_string();
+    assert!(e.contains("already written"), "{e}");
+    let s = w.finish().unwrap();
+    assert_eq!((s.rows, s.parts), (10, 3));
+    assert_eq!(s.status_counts["decode_error"], 2);
+    assert_eq!(indices_of(&part0), [0, 1, 2, 3]);
+
+    // Reopening a finished shard: everything is done and the marker stays.
+    let (w, resume) = PartWriter::open(c, "job").unwrap();
+    assert_eq!(resume.done_chunks.len(), 3);
+    assert!(dir.join("_SUCCESS-00001-of-00003.json").exists());
+    w.abort().unwrap();
+}
+
+#[test]
+fn reopening_an_incomplete_shard_removes_stale_markers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let c = cfg(dir, 0, 1, 4, 2);
+    let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
+    (0..4).for_each(|i| w.push(row(i)).unwrap());
+    w.finish().unwrap();
+    fs::remove_file(dir.join("part-00000-of-00001-000001.parquet")).unwrap();
+    let (_w, resume) = PartWriter::open(c, "job").unwrap();
+    assert_eq!(resume.done_chunks.len(), 1);
+    assert!(!dir.join("_SUCCESS").exists());
+    assert!(!dir.join("_SUCCESS-00000-of-00001.json").exists());
+}
+
+#[test]
+fn abort_keeps_committed_parts_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut w, _) = PartWriter::open(cfg(dir, 0, 1, 10, 4), "job").unwrap();
+    for i in [0, 1, 2, 3, 5] {
+        w.push(row(i)).unwrap();
+    }
+    fs::write(
+        dir.join(files::tmp_name("part-00000-of-00001-000001.parquet")),
+        b"x",
+    )
+    .unwrap();
+    let s = w.abort().unwrap();
+    assert_eq!((s.rows, s.parts), (4, 1));
+    let all = names(dir);
+    assert_eq!(
+        all,
+        [
+            "_job-00000-of-00001.json",
+            "part-00000-of-00001-000000.parquet"
+        ]
+    );
+}
+
+#[test]
+fn another_jobs_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 2), "job-a").unwrap();
+    w.abort().unwrap();
+    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 2), "job-b")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("holds another job's output") && e.contains(&tmp.path().display().to_string()),
+        "{e}"
+    );
+    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 3), "job-a")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("different layout"), "{e}");
+}
+
+#[test]
+fn bad_config_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(PartWriter::open(cfg(tmp.path(), 3, 3, 4, 2), "j").is_err());
+    assert!(PartWriter::open(cfg(tmp.path(), 0, 1, 4, 0), "j").is_err());
+    let mut c = cfg(tmp.path(), 0, 1, 4, 2);
+    c.regions = vec!["a".into(), "a".into()];
+    let e = PartWriter::open(c, "j").err().unwrap().to_string();
+    assert!(e.contains("named twice"), "{e}");
+}
+
+fn write_shard(dir: &Path, shard: u32, num_shards: u32, n: u64) -> ShardSummary {
+    let (mut w, _) =
+        PartWriter::open(cfg(dir, shard, num_shards, n, 3), &format!("job-{shard}")).unwrap();
+    for i in shuffled(n) {
+        w.push(row(i)).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+#[test]
+fn finalize_names_missing_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_shard(tmp.path(), 0, 4, 5);
+    write_shard(tmp.path(), 2, 4, 5);
+    let e = finalize(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("shard(s) 1, 3 of 4 have not finished"), "{e}");
+    assert!(!tmp.path().join("_SUCCESS").exists());
+
+    let empty = tempfile::tempdir().unwrap();
+    let e = finalize(empty.path()).unwrap_err().to_string();
+    assert!(e.contains("holds no saliency-audit output"), "{e}");
+}
+
+#[test]
+fn finalize_counts_all_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_shard(tmp.path(), 1, 2, 7);
+    write_shard(tmp.path(), 0, 2, 10);
+    let total = finalize(tmp.path()).unwrap();
+    assert_eq!((total.num_shards, total.parts, total.rows), (2, 7, 17));
+    assert_eq!(total.status_counts["ok"], 8 + 6);
+    assert_eq!(total.status_counts["decode_error"], 2 + 1);
+    let on_disk: DatasetSummary = files::read_json(&tmp.path().join("_SUCCESS")).unwrap();
+    assert_eq!(on_disk, total);
+    let rows: usize = read_rows(tmp.path())
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 17);
+
+    // A part lost after the shard finished is caught.
+    fs::remove_file(tmp.path().join("part-00001-of-00002-000002.parquet")).unwrap();
+    let e = finalize(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("says 3 parts, the folder has 2"), "{e}");
+}
+
+#[test]
+fn finalize_refuses_mixed_shard_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_shard(tmp.path(), 0, 1, 2);
+    write_shard(tmp.path(), 0, 2, 2);
+    let e = finalize(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("different shard counts (1, 2)"), "{e}");
+}
+
+#[test]
+fn file_names_parse() {
+    assert_eq!(part_name(2, 8, 13), "part-00002-of-00008-000013.parquet");
+    assert_eq!(
+        files::parse_part_name("part-00002-of-00008-000013.parquet"),
+        Some((2, 8, 13))
+    );
+    assert_eq!(
+        files::parse_part_name("part-00002-of-00008-000013.parquet.corrupt-1"),
+        None
+    );
+    assert_eq!(
+        files::parse_part_name(".tmp-part-00002-of-00008-000013.parquet-7"),
+        None
+    );
+    assert_eq!(files::parse_part_name("part-2-of-8-13.parquet"), None);
+    assert_eq!(
+        files::parse_shard_success_name("_SUCCESS-00003-of-00004.json"),
+        Some((3, 4))
+    );
+    assert_eq!(files::parse_shard_success_name("_SUCCESS"), None);
+    assert!(files::is_shard_tmp(
+        ".tmp-_SUCCESS-00003-of-00004.json-12",
+        3,
+        4
+    ));
+    assert!(!files::is_shard_tmp(
+        ".tmp-_SUCCESS-00003-of-00004.json-12",
+        2,
+        4
+    ));
+}
+
+#[test]
+fn run_summary_is_written_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = serde_json::json!({"processed": 3, "interrupted": false});
+    let path = write_summary(tmp.path(), 1, 4, &v).unwrap();
+    assert_eq!(path, tmp.path().join("_run-00001-of-00004.json"));
+    let back: serde_json::Value = files::read_json(&path).unwrap();
+    assert_eq!(back, v);
+    assert_eq!(names(tmp.path()), ["_run-00001-of-00004.json"]);
+    let e = write_summary(&tmp.path().join("nope"), 1, 4, &v).unwrap_err();
+    assert!(format!("{e:#}").contains("nope"), "{e:#}");
+}

@@ -1,0 +1,134 @@
+//! Image folders laid out as torchvision's `ImageFolder`: `root/<class>/**/<image>`.
+//!
+//! Class folders sorted by name give the class ids 0, 1, 2, …, as in torchvision; when the
+//! model's metadata has class names and every class folder is named after one of them, the
+//! labels are the model's ids of those names instead, so a folder holding a subset of the
+//! classes, or naming them in another order, still gets the model's ids. Hidden entries (names
+//! starting with `.`) are skipped; symbolic links are followed, each folder once.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::labels::{Classes, RawLabel};
+use crate::sample::Sample;
+
+/// Image file extensions, lower case (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: [&str; 10] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif",
+];
+
+/// Reads an image folder's samples (unsorted) and the names of its label ids.
+pub(super) fn read_image_folder(
+    root: &Path,
+    classes: &Classes,
+) -> anyhow::Result<(Vec<Sample>, Option<Vec<String>>)> {
+    let r = root.display();
+    let mut class_dirs = Vec::new();
+    for entry in read_dir(root)? {
+        let (name, path) = entry;
+        if name.starts_with('.') {
+            continue;
+        }
+        if std::fs::metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            class_dirs.push((name, path));
+        }
+    }
+    class_dirs.sort();
+    if class_dirs.is_empty() {
+        bail!("{r}: no class folders (an image folder holds one sub-folder of images per class)");
+    }
+    let by_name =
+        classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
+    let names = if by_name {
+        classes.names().map(<[String]>::to_vec)
+    } else {
+        Some(class_dirs.iter().map(|(n, _)| n.clone()).collect())
+    };
+
+    let mut samples = Vec::new();
+    let mut visited = HashSet::new();
+    for (i, (class, dir)) in class_dirs.iter().enumerate() {
+        let (label, label_error) = if by_name {
+            (classes.id_of(class), None)
+        } else {
+            match classes.resolve(&RawLabel::Id(i as i64)) {
+                Ok(id) => (Some(id), None),
+                Err(e) => (None, Some(format!("{e} (class folder \"{class}\")"))),
+            }
+        };
+        let mut files = Vec::new();
+        walk(dir, class, &mut visited, &mut files)?;
+        for (rel, location) in files {
+            samples.push(Sample {
+                index: 0,
+                id: rel.clone(),
+                path: rel,
+                location,
+                label,
+                label_error: label_error.clone(),
+                bbox: None,
+                mask: None,
+            });
+        }
+    }
+    Ok((samples, names))
+}
+
+/// The entries of `dir` as (UTF-8 name, path).
+fn read_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let d = dir.display();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list folder {d}"))? {
+        let entry = entry.with_context(|| format!("cannot list folder {d}"))?;
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| anyhow!("{d}: the name {n:?} is not valid UTF-8"))?;
+        out.push((name, entry.path()));
+    }
+    Ok(out)
+}
+
+/// Collects image files under `dir`, as (id relative to the image folder with `/`, path).
+fn walk(
+    dir: &Path,
+    rel: &str,
+    visited: &mut HashSet<PathBuf>,
+    out: &mut Vec<(String, PathBuf)>,
+) -> anyhow::Result<()> {
+    // A folder reached twice through links is read once.
+    let real = std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot open folder {}", dir.display()))?;
+    if !visited.insert(real) {
+        return Ok(());
+    }
+    for (name, path) in read_dir(dir)? {
+        if name.starts_with('.') {
+            continue;
+        }
+        let child = format!("{rel}/{name}");
+        // Follows links; a broken link is skipped like a non-image.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            walk(&path, &child, visited, out)?;
+        } else if is_image(&name) {
+            out.push((child, path));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` has one of [`IMAGE_EXTENSIONS`], in any case.
+fn is_image(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}

@@ -1,0 +1,117 @@
+//! Resolving a label as written (a class id or a class name) to a class id of the model.
+
+use std::collections::HashMap;
+
+/// A label as a manifest writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum RawLabel {
+    /// An integer: a class id.
+    Id(i64),
+    /// A string that is not an integer: a class name.
+    Name(String),
+    /// Anything else (a fractional number, a boolean), shown as written.
+    Other(String),
+}
+
+impl RawLabel {
+    /// A label written as text: an integer (or an integral decimal such as `3.0`, as pandas
+    /// writes an integer column that has gaps) is a class id, anything else a class name.
+    pub(super) fn from_text(text: &str) -> RawLabel {
+        if let Ok(id) = text.parse::<i64>() {
+            return RawLabel::Id(id);
+        }
+        if let Some(id) = text.parse::<f64>().ok().and_then(integral) {
+            return RawLabel::Id(id);
+        }
+        RawLabel::Name(text.to_owned())
+    }
+
+    /// A label written as a float: an integral value is a class id.
+    pub(super) fn from_float(v: f64) -> RawLabel {
+        integral(v)
+            .map(RawLabel::Id)
+            .unwrap_or_else(|| RawLabel::Other(v.to_string()))
+    }
+}
+
+/// `v` as an i64 when it is a whole number in range.
+fn integral(v: f64) -> Option<i64> {
+    (v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
+}
+
+/// The model's classes, as far as they are known.
+pub(super) struct Classes<'a> {
+    names: Option<&'a [String]>,
+    count: Option<i64>,
+    by_name: HashMap<&'a str, i64>,
+}
+
+impl<'a> Classes<'a> {
+    pub(super) fn new(names: Option<&'a [String]>, count: Option<i64>) -> Self {
+        let mut by_name = HashMap::new();
+        for (i, n) in names.unwrap_or_default().iter().enumerate() {
+            // The first of repeated names wins.
+            by_name.entry(n.as_str()).or_insert(i as i64);
+        }
+        Classes {
+            names,
+            count: count.or(names.map(|n| n.len() as i64)),
+            by_name,
+        }
+    }
+
+    /// The model's class names, if known.
+    pub(super) fn names(&self) -> Option<&'a [String]> {
+        self.names
+    }
+
+    /// The class id of `name`, if it is one of the model's class names.
+    pub(super) fn id_of(&self, name: &str) -> Option<i64> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The class id of `label`, or why it is not a class of the model.
+    pub(super) fn resolve(&self, label: &RawLabel) -> Result<i64, String> {
+        match label {
+            RawLabel::Id(id) => {
+                if *id < 0 {
+                    return Err(format!("label {id} is not a class of the model (class ids start at 0)"));
+                }
+                match self.count {
+                    Some(n) if *id >= n => {
+                        Err(format!("label {id} is not a class of the model (it has {n} classes: ids 0..{})", n - 1))
+                    }
+                    _ => Ok(*id),
+                }
+            }
+            RawLabel::Name(name) => match (self.id_of(name), self.names) {
+                (Some(id), _) => Ok(id),
+                (None, Some(names)) => {
+                    Err(format!("label \"{name}\" is not a class of the model (its classes: {})", preview(names)))
+                }
+                (None, None) => {
+                    Err(format!("label \"{name}\" is not a class id, and the model's metadata has no class names"))
+                }
+            },
+            RawLabel::Other(v) => Err(format!("label {v} is neither a class id nor a class name")),
+        }
+    }
+}
+
+/// The first few names, quoted, and how many more there are.
+fn preview(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s: Vec<String> = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("\"{n}\""))
+        .collect();
+    if names.len() > SHOWN {
+        s.push(format!("… {} more", names.len() - SHOWN));
+    }
+    if s.is_empty() {
+        "none".to_owned()
+    } else {
+        s.join(", ")
+    }
+}

@@ -1,0 +1,158 @@
+//! Sharding: which part of the samples one process of an array job handles.
+//!
+//! A sample's shard depends only on its id and the shard count, so every process computes the
+//! same split without talking to the others, and the shards together hold every sample once.
+
+use anyhow::{anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::sample::Sample;
+
+/// The shard of `id` among `num_shards`: the first 8 bytes of the SHA-256 of the id, as a
+/// big-endian u64, modulo `num_shards`. A count of 0 is taken as 1.
+pub fn shard_of(id: &str, num_shards: u32) -> u32 {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % u64::from(num_shards.max(1))) as u32
+}
+
+/// Keeps the samples of shard `shard` of `num_shards`, in their order, with `index` numbered
+/// 0..n within the shard.
+pub fn select_shard(samples: Vec<Sample>, shard: u32, num_shards: u32) -> Vec<Sample> {
+    let mut kept: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| shard_of(&s.id, num_shards) == shard)
+        .collect();
+    for (i, s) in kept.iter_mut().enumerate() {
+        s.index = i as u64;
+    }
+    kept
+}
+
+/// This process's shard: `index` of `count`, `index < count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// This process's shard, 0-based.
+    pub index: u32,
+    /// Number of shards.
+    pub count: u32,
+}
+
+impl Default for ShardSpec {
+    fn default() -> Self {
+        ShardSpec { index: 0, count: 1 }
+    }
+}
+
+impl std::fmt::Display for ShardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shard {} of {}", self.index, self.count)
+    }
+}
+
+impl ShardSpec {
+    /// The shard from explicit arguments (both or neither), else from the environment of an
+    /// array job, else 0 of 1. `env` looks up a variable (`|k| std::env::var(k).ok()`).
+    ///
+    /// Environments, first match wins:
+    /// - Kubernetes Indexed Job: `JOB_COMPLETION_INDEX`, with `NUM_SHARDS` set in the pod spec;
+    /// - Slurm job array: index = (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`) /
+    ///   `SLURM_ARRAY_TASK_STEP` (default 1), count = `SLURM_ARRAY_TASK_COUNT`;
+    /// - AWS Batch array job: `AWS_BATCH_JOB_ARRAY_INDEX`, with `AWS_BATCH_JOB_ARRAY_SIZE` set in
+    ///   the job definition.
+    pub fn from_env_or_args(
+        index: Option<u32>,
+        count: Option<u32>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<ShardSpec> {
+        let spec = match (index, count) {
+            (Some(index), Some(count)) => ShardSpec { index, count },
+            (Some(_), None) => bail!("a shard index was given without a shard count"),
+            (None, Some(_)) => bail!("a shard count was given without a shard index"),
+            (None, None) => from_env(env)?,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    fn check(self) -> anyhow::Result<()> {
+        if self.count == 0 {
+            bail!("the shard count is 0; it must be at least 1");
+        }
+        if self.index >= self.count {
+            bail!(
+                "shard index {} is not below the shard count {}",
+                self.index,
+                self.count
+            );
+        }
+        Ok(())
+    }
+}
+
+fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
+    let get = |name: &str| -> anyhow::Result<Option<u64>> {
+        match env(name) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                anyhow!("environment variable {name}={v:?} is not a non-negative integer")
+            }),
+        }
+    };
+    let require = |name: &str, because: &str| -> anyhow::Result<u64> {
+        get(name)?
+            .ok_or_else(|| anyhow!("environment variable {name} is not set, but {because} is"))
+    };
+    let shard = |index: u64, count: u64, names: &str| -> anyhow::Result<ShardSpec> {
+        let index = u32::try_from(index)
+            .map_err(|_| anyhow!("{names}: shard index {index} is too large"))?;
+        let count = u32::try_from(count)
+            .map_err(|_| anyhow!("{names}: shard count {count} is too large"))?;
+        let spec = ShardSpec { index, count };
+        spec.check().map_err(|e| anyhow!("{names}: {e}"))?;
+        Ok(spec)
+    };
+
+    // Kubernetes Indexed Job.
+    if let Some(index) = get("JOB_COMPLETION_INDEX")? {
+        let count = require("NUM_SHARDS", "JOB_COMPLETION_INDEX")?;
+        return shard(index, count, "JOB_COMPLETION_INDEX and NUM_SHARDS");
+    }
+    if get("NUM_SHARDS")?.is_some() {
+        bail!("environment variable NUM_SHARDS is set but JOB_COMPLETION_INDEX is not");
+    }
+    // Slurm job array.
+    if let Some(id) = get("SLURM_ARRAY_TASK_ID")? {
+        let min = require("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_ID")?;
+        let count = require("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID")?;
+        let step = get("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
+        if step == 0 {
+            bail!("environment variable SLURM_ARRAY_TASK_STEP is 0");
+        }
+        if id < min || (id - min) % step != 0 {
+            bail!(
+                "SLURM_ARRAY_TASK_ID={id} is not SLURM_ARRAY_TASK_MIN={min} plus a multiple of \
+                 SLURM_ARRAY_TASK_STEP={step}: use an evenly stepped array such as --array=0-9"
+            );
+        }
+        return shard(
+            (id - min) / step,
+            count,
+            "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT",
+        );
+    }
+    // AWS Batch array job.
+    if let Some(index) = get("AWS_BATCH_JOB_ARRAY_INDEX")? {
+        let count = require("AWS_BATCH_JOB_ARRAY_SIZE", "AWS_BATCH_JOB_ARRAY_INDEX")?;
+        return shard(
+            index,
+            count,
+            "AWS_BATCH_JOB_ARRAY_INDEX and AWS_BATCH_JOB_ARRAY_SIZE",
+        );
+    }
+    if get("AWS_BATCH_JOB_ARRAY_SIZE")?.is_some() {
+        bail!("environment variable AWS_BATCH_JOB_ARRAY_SIZE is set but AWS_BATCH_JOB_ARRAY_INDEX is not");
+    }
+    Ok(ShardSpec::default())
+}

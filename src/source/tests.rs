@@ -1,0 +1,735 @@
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float32Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+
+use super::*;
+use crate::job::DatasetSource;
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn manifest(path: &Path, classes: Option<&[String]>, n: Option<i64>) -> anyhow::Result<SampleSet> {
+    load_samples(&DatasetSource::Manifest(path.to_path_buf()), classes, n)
+}
+
+fn err_of(r: anyhow::Result<SampleSet>) -> String {
+    format!("{:#}", r.expect_err("manifest should be rejected"))
+}
+
+const CSV: &str = "path,label,extra,bbox_x0,bbox_y0,bbox_x1,bbox_y1,mask\n\
+                   img/b.jpg,dog,x,1,2,30,40,masks/b.png\n\
+                   img/a.jpg,0,y,,,,,\n\
+                   /data/c.jpg,cat,z,,,,,\n\
+                   img/d.jpg,,w,,,,,\n\
+                   img/e.jpg,7,w,,,,,\n\
+                   img/f.jpg,2.5,w,,,,,\n";
+
+#[test]
+fn csv_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let m = write(d.path(), "sets/samples.csv", CSV);
+    let classes = names(&["cat", "dog"]);
+    let set = manifest(&m, Some(&classes), Some(2)).unwrap();
+    assert_eq!(set.class_names, Some(classes.clone()));
+    let ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "/data/c.jpg",
+            "img/a.jpg",
+            "img/b.jpg",
+            "img/d.jpg",
+            "img/e.jpg",
+            "img/f.jpg"
+        ]
+    );
+    for (i, s) in set.samples.iter().enumerate() {
+        assert_eq!(s.index, i as u64);
+    }
+    let by: HashMap<&str, &Sample> = set.samples.iter().map(|s| (s.id.as_str(), s)).collect();
+    let b = by["img/b.jpg"];
+    assert_eq!(b.label, Some(1));
+    assert_eq!(b.label_error, None);
+    assert_eq!(b.bbox, Some([1.0, 2.0, 30.0, 40.0]));
+    assert_eq!(b.location, d.path().join("sets/img/b.jpg"));
+    assert_eq!(b.mask, Some(d.path().join("sets/masks/b.png")));
+    assert_eq!(b.path, "img/b.jpg");
+    assert_eq!(by["img/a.jpg"].label, Some(0));
+    assert_eq!(by["img/a.jpg"].bbox, None);
+    assert_eq!(by["img/a.jpg"].mask, None);
+    // Absolute paths stay absolute.
+    assert_eq!(by["/data/c.jpg"].location, PathBuf::from("/data/c.jpg"));
+    assert_eq!(by["/data/c.jpg"].label, Some(0));
+    // No label: no error either.
+    assert_eq!(
+        (
+            by["img/d.jpg"].label,
+            by["img/d.jpg"].label_error.as_deref()
+        ),
+        (None, None)
+    );
+    // Out-of-range id and non-integral number: row-level label errors.
+    let e = by["img/e.jpg"].label_error.as_deref().unwrap();
+    assert!(
+        e.contains("label 7 is not a class of the model") && e.contains("2 classes"),
+        "{e}"
+    );
+    assert_eq!(by["img/e.jpg"].label, None);
+    let f = by["img/f.jpg"].label_error.as_deref().unwrap();
+    assert!(
+        f.contains("label \"2.5\" is not a class of the model"),
+        "{f}"
+    );
+}
+
+#[test]
+fn bad_label_names_become_row_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = write(
+        d.path(),
+        "m.csv",
+        "path,label\na.jpg,cat\nb.jpg,horse\nc.jpg,3.0\n",
+    );
+    let classes = names(&["cat", "dog", "a", "b", "c", "d", "e"]);
+    let set = manifest(&m, Some(&classes), None).unwrap();
+    let s = &set.samples;
+    assert_eq!(s[0].label, Some(0));
+    assert_eq!(s[1].label, None);
+    let e = s[1].label_error.as_deref().unwrap();
+    assert!(
+        e.starts_with("label \"horse\" is not a class of the model (its classes: \"cat\", \"dog\""),
+        "{e}"
+    );
+    assert!(e.contains("2 more"), "{e}");
+    // An integral decimal (as pandas writes integer columns with gaps) is a class id.
+    assert_eq!(s[2].label, Some(3));
+    // Without class names, a name cannot resolve; ids are unbounded without a class count.
+    let set = manifest(&m, None, None).unwrap();
+    let e = set.samples[0].label_error.as_deref().unwrap();
+    assert!(e.contains("no class names"), "{e}");
+    assert_eq!(set.samples[2].label, Some(3));
+}
+
+#[test]
+fn jsonl_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let text = r#"{"path": "b.jpg", "label": "dog", "id": "second", "bbox_x0": 1, "bbox_y0": 2.5, "bbox_x1": 3, "bbox_y1": 4}
+
+{"path": "a.jpg", "label": 0, "id": 7, "mask": "a.png", "other": [1, 2]}
+{"path": "c.jpg", "label": null, "bbox_x0": null}
+{"path": "d.jpg", "label": 1.5}
+{"path": "e.jpg", "label": true}
+"#;
+    let m = write(d.path(), "m.jsonl", text);
+    let classes = names(&["cat", "dog"]);
+    let set = manifest(&m, Some(&classes), None).unwrap();
+    let by: HashMap<&str, &Sample> = set.samples.iter().map(|s| (s.id.as_str(), s)).collect();
+    assert_eq!(by["second"].label, Some(1));
+    assert_eq!(by["second"].bbox, Some([1.0, 2.5, 3.0, 4.0]));
+    assert_eq!(by["7"].label, Some(0));
+    assert_eq!(by["7"].mask, Some(d.path().join("a.png")));
+    assert_eq!((by["c.jpg"].label, by["c.jpg"].bbox), (None, None));
+    assert!(by["d.jpg"]
+        .label_error
+        .as_deref()
+        .unwrap()
+        .contains("label 1.5"));
+    assert!(by["e.jpg"]
+        .label_error
+        .as_deref()
+        .unwrap()
+        .contains("label true"));
+    // .ndjson is the same format.
+    let m2 = write(d.path(), "m.ndjson", text);
+    assert_eq!(manifest(&m2, Some(&classes), None).unwrap(), set);
+
+    let bad = write(
+        d.path(),
+        "bad.jsonl",
+        "{\"path\": \"a.jpg\"}\n{\"path\": \"b.jpg\",}\n",
+    );
+    let e = err_of(manifest(&bad, None, None));
+    assert!(
+        e.contains("bad.jsonl line 2") && e.contains("not valid JSON"),
+        "{e}"
+    );
+    let bad = write(d.path(), "bad2.jsonl", "{\"label\": 1}\n");
+    let e = err_of(manifest(&bad, None, None));
+    assert!(
+        e.contains("bad2.jsonl line 1") && e.contains("no path"),
+        "{e}"
+    );
+    let bad = write(d.path(), "bad3.jsonl", "[1, 2]\n");
+    assert!(err_of(manifest(&bad, None, None)).contains("line 1: not a JSON object"));
+    let bad = write(d.path(), "bad4.jsonl", "{\"path\": 5}\n");
+    assert!(err_of(manifest(&bad, None, None)).contains("`path` must be a string"));
+}
+
+fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .unwrap();
+    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn parquet_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m.parquet");
+    write_parquet(
+        &m,
+        vec![
+            (
+                "path",
+                Arc::new(StringArray::from(vec![
+                    Some("b.jpg"),
+                    Some("a.jpg"),
+                    Some("c.jpg"),
+                ])) as ArrayRef,
+            ),
+            (
+                "label",
+                Arc::new(Int32Array::from(vec![Some(1), None, Some(5)])) as ArrayRef,
+            ),
+            (
+                "id",
+                Arc::new(Int64Array::from(vec![Some(20), Some(10), None])) as ArrayRef,
+            ),
+            (
+                "bbox_x0",
+                Arc::new(Float32Array::from(vec![Some(1.0), None, None])) as ArrayRef,
+            ),
+            (
+                "bbox_y0",
+                Arc::new(Int32Array::from(vec![Some(2), None, None])) as ArrayRef,
+            ),
+            (
+                "bbox_x1",
+                Arc::new(Float32Array::from(vec![Some(3.0), None, None])) as ArrayRef,
+            ),
+            (
+                "bbox_y1",
+                Arc::new(Float32Array::from(vec![Some(4.0), None, None])) as ArrayRef,
+            ),
+            (
+                "ignored",
+                Arc::new(StringArray::from(vec!["x", "y", "z"])) as ArrayRef,
+            ),
+        ],
+    );
+    let set = manifest(&m, None, Some(3)).unwrap();
+    let ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["10", "20", "c.jpg"]);
+    let s = &set.samples;
+    assert_eq!((s[0].path.as_str(), s[0].label), ("a.jpg", None));
+    assert_eq!(s[1].label, Some(1));
+    assert_eq!(s[1].bbox, Some([1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(s[1].location, d.path().join("b.jpg"));
+    assert!(s[2]
+        .label_error
+        .as_deref()
+        .unwrap()
+        .contains("label 5 is not a class"));
+
+    // String labels resolve by name.
+    let m = d.path().join("names.parquet");
+    write_parquet(
+        &m,
+        vec![
+            (
+                "path",
+                Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef,
+            ),
+            (
+                "label",
+                Arc::new(StringArray::from(vec!["dog", "emu"])) as ArrayRef,
+            ),
+        ],
+    );
+    let classes = names(&["cat", "dog"]);
+    let set = manifest(&m, Some(&classes), None).unwrap();
+    assert_eq!(set.samples[0].label, Some(1));
+    assert!(set.samples[1]
+        .label_error
+        .as_deref()
+        .unwrap()
+        .contains("\"emu\""));
+
+    // A partial box names the row and the column.
+    let m = d.path().join("partial.parquet");
+    write_parquet(
+        &m,
+        vec![
+            (
+                "path",
+                Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef,
+            ),
+            (
+                "bbox_x0",
+                Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef,
+            ),
+            (
+                "bbox_y0",
+                Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef,
+            ),
+            (
+                "bbox_x1",
+                Arc::new(Float32Array::from(vec![None, Some(2.0)])) as ArrayRef,
+            ),
+        ],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("partial.parquet row 2") && e.contains("bbox_y1"),
+        "{e}"
+    );
+
+    // No path column; a path column of the wrong type.
+    let m = d.path().join("nopath.parquet");
+    write_parquet(
+        &m,
+        vec![(
+            "file",
+            Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef,
+        )],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("nopath.parquet") && e.contains("no `path` column") && e.contains("file"),
+        "{e}"
+    );
+    let m = d.path().join("intpath.parquet");
+    write_parquet(
+        &m,
+        vec![("path", Arc::new(Int32Array::from(vec![1])) as ArrayRef)],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("column `path` has type Int32"), "{e}");
+    // Not Parquet at all.
+    let m = write(d.path(), "junk.parquet", "not parquet");
+    assert!(err_of(manifest(&m, None, None)).contains("junk.parquet"));
+    let _ = DataType::Utf8;
+}
+
+#[test]
+fn structural_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = write(d.path(), "nopath.csv", "file,label\na.jpg,1\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("nopath.csv line 1") && e.contains("no `path` column"),
+        "{e}"
+    );
+
+    let m = write(d.path(), "dup.csv", "path,id\na.jpg,x\nb.jpg,y\nc.jpg,x\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("dup.csv") && e.contains("duplicate id \"x\" at line 2 and line 4"),
+        "{e}"
+    );
+    let m = write(d.path(), "dup2.csv", "path\na.jpg\na.jpg\n");
+    assert!(
+        err_of(manifest(&m, None, None)).contains("duplicate id \"a.jpg\" at line 2 and line 3")
+    );
+
+    let m = write(
+        d.path(),
+        "ragged.csv",
+        "path,label\na.jpg,1\nb.jpg,1,extra\n",
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("ragged.csv line 3"), "{e}");
+
+    let m = write(
+        d.path(),
+        "partial.csv",
+        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,2,3,4\nb.jpg,1,,3,4\n",
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("partial.csv line 3") && e.contains("bbox_y0 empty"),
+        "{e}"
+    );
+    let m = write(
+        d.path(),
+        "nan.csv",
+        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,two,3,4\n",
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("nan.csv line 2") && e.contains("bbox_y0 \"two\" is not a number"),
+        "{e}"
+    );
+    let m = write(
+        d.path(),
+        "empty_box.csv",
+        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,5,2,3,4\n",
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(
+        e.contains("empty_box.csv line 2") && e.contains("is empty"),
+        "{e}"
+    );
+    let m = write(d.path(), "emptypath.csv", "path,label\n,1\n");
+    assert!(err_of(manifest(&m, None, None)).contains("emptypath.csv line 2: no path"));
+
+    let e = err_of(manifest(&d.path().join("absent.csv"), None, None));
+    assert!(e.contains("absent.csv"), "{e}");
+    let e = err_of(manifest(&d.path().join("absent.jsonl"), None, None));
+    assert!(e.contains("absent.jsonl"), "{e}");
+}
+
+#[test]
+fn order_does_not_depend_on_row_order() {
+    let d = tempfile::tempdir().unwrap();
+    let rows: Vec<String> = (0..50)
+        .map(|i| format!("img/{i:03}.jpg,{}", i % 3))
+        .collect();
+    let mut reversed = rows.clone();
+    reversed.reverse();
+    let a = write(
+        d.path(),
+        "a.csv",
+        &format!("path,label\n{}\n", rows.join("\n")),
+    );
+    let b = write(
+        d.path(),
+        "b.csv",
+        &format!(
+            "label_ignored,path,label\n{}\n",
+            reversed
+                .iter()
+                .map(|r| format!("x,{r}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    );
+    let sa = manifest(&a, None, Some(3)).unwrap();
+    let sb = manifest(&b, None, Some(3)).unwrap();
+    assert_eq!(sa, sb);
+    assert_eq!(sa.samples.len(), 50);
+    assert_eq!(sa.samples[0].id, "img/000.jpg");
+}
+
+fn touch(root: &Path, rel: &str) {
+    write(root, rel, "");
+}
+
+#[test]
+fn image_folder_labels_and_ids() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("train");
+    for f in [
+        "dog/b.JPG",
+        "dog/sub/c.png",
+        "cat/a.jpeg",
+        "cat/notes.txt",
+        "cat/.hidden.jpg",
+        "zebra/x.webp",
+        "loose.jpg",
+    ] {
+        touch(&root, f);
+    }
+    std::fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    let src = DatasetSource::ImageFolder(root.clone());
+    let set = load_samples(&src, None, None).unwrap();
+    assert_eq!(
+        set.class_names,
+        Some(names(&["cat", "dog", "empty", "zebra"]))
+    );
+    let got: Vec<(&str, Option<i64>, u64)> = set
+        .samples
+        .iter()
+        .map(|s| (s.id.as_str(), s.label, s.index))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("cat/a.jpeg", Some(0), 0),
+            ("dog/b.JPG", Some(1), 1),
+            ("dog/sub/c.png", Some(1), 2),
+            ("zebra/x.webp", Some(3), 3)
+        ]
+    );
+    assert_eq!(
+        set.samples[2].location,
+        root.join("dog").join("sub").join("c.png")
+    );
+    assert_eq!(set.samples[2].path, "dog/sub/c.png");
+
+    // A class count smaller than the folder count: the extra folders' samples get label errors.
+    let set = load_samples(&src, None, Some(2)).unwrap();
+    let z = &set.samples[3];
+    assert_eq!(z.label, None);
+    let e = z.label_error.as_deref().unwrap();
+    assert!(
+        e.contains("label 3 is not a class") && e.contains("class folder \"zebra\""),
+        "{e}"
+    );
+
+    // When every class folder is a model class name, labels are the model's ids of those names.
+    let model = names(&["zebra", "empty", "dog", "cat", "emu"]);
+    let set = load_samples(&src, Some(&model), None).unwrap();
+    let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [Some(3), Some(2), Some(2), Some(0)]);
+    assert_eq!(set.class_names, Some(model));
+
+    // Otherwise the sorted folder order, as torchvision.
+    let model = names(&["n1", "n2", "n3", "n4"]);
+    let set = load_samples(&src, Some(&model), None).unwrap();
+    let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [Some(0), Some(1), Some(1), Some(3)]);
+}
+
+#[test]
+fn image_folder_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let e = format!(
+        "{:#}",
+        load_samples(
+            &DatasetSource::ImageFolder(d.path().join("nope")),
+            None,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("nope"), "{e}");
+    touch(d.path(), "flat/a.jpg");
+    let e = format!(
+        "{:#}",
+        load_samples(
+            &DatasetSource::ImageFolder(d.path().join("flat")),
+            None,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
+}
+
+#[test]
+fn shards_partition_the_samples() {
+    let ids: Vec<String> = (0..1000).map(|i| format!("sample-{i}")).collect();
+    let samples: Vec<Sample> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Sample {
+            index: i as u64,
+            id: id.clone(),
+            path: id.clone(),
+            location: PathBuf::from(id),
+            label: None,
+            label_error: None,
+            bbox: None,
+            mask: None,
+        })
+        .collect();
+    for n in [1u32, 3, 7] {
+        let mut seen: Vec<String> = Vec::new();
+        for k in 0..n {
+            let shard = select_shard(samples.clone(), k, n);
+            assert!(!shard.is_empty() || n == 1);
+            for (i, s) in shard.iter().enumerate() {
+                assert_eq!(s.index, i as u64);
+                assert_eq!(shard_of(&s.id, n), k);
+            }
+            // Kept in the input order.
+            assert!(shard
+                .windows(2)
+                .all(|w| ids.iter().position(|x| *x == w[0].id)
+                    < ids.iter().position(|x| *x == w[1].id)));
+            seen.extend(shard.into_iter().map(|s| s.id));
+        }
+        let before = seen.len();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(before, 1000, "no overlap for {n} shards");
+        assert_eq!(seen.len(), 1000, "union is everything for {n} shards");
+    }
+    // Stable across runs and machines: fixed values.
+    assert_eq!(shard_of("anything", 1), 0);
+    assert_eq!(shard_of("a", 0), 0);
+    // SHA-256("abc") starts with ba7816bf8f01cfea.
+    assert_eq!(
+        shard_of("abc", 1000),
+        (0xba7816bf8f01cfea_u64 % 1000) as u32
+    );
+}
+
+fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k: &str| map.get(k).cloned()
+}
+
+fn shard_env(
+    index: Option<u32>,
+    count: Option<u32>,
+    pairs: &[(&str, &str)],
+) -> anyhow::Result<ShardSpec> {
+    ShardSpec::from_env_or_args(index, count, &env_of(pairs))
+}
+
+#[test]
+fn shard_spec_from_args_and_env() {
+    let spec = |index, count| ShardSpec { index, count };
+    assert_eq!(shard_env(None, None, &[]).unwrap(), spec(0, 1));
+    // Explicit arguments win over the environment.
+    assert_eq!(
+        shard_env(
+            Some(2),
+            Some(5),
+            &[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")]
+        )
+        .unwrap(),
+        spec(2, 5)
+    );
+    assert!(shard_env(Some(5), Some(5), &[])
+        .unwrap_err()
+        .to_string()
+        .contains("not below"));
+    assert!(shard_env(Some(0), Some(0), &[])
+        .unwrap_err()
+        .to_string()
+        .contains("0"));
+    assert!(shard_env(Some(1), None, &[]).is_err());
+    assert!(shard_env(None, Some(1), &[]).is_err());
+
+    // Kubernetes Indexed Job.
+    assert_eq!(
+        shard_env(
+            None,
+            None,
+            &[("JOB_COMPLETION_INDEX", "2"), ("NUM_SHARDS", "4")]
+        )
+        .unwrap(),
+        spec(2, 4)
+    );
+    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "2")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NUM_SHARDS"), "{e}");
+    let e = shard_env(None, None, &[("NUM_SHARDS", "2")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("JOB_COMPLETION_INDEX"), "{e}");
+    let e = shard_env(
+        None,
+        None,
+        &[("JOB_COMPLETION_INDEX", "x"), ("NUM_SHARDS", "2")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("JOB_COMPLETION_INDEX") && e.contains("\"x\""),
+        "{e}"
+    );
+    let e = shard_env(
+        None,
+        None,
+        &[("JOB_COMPLETION_INDEX", "4"), ("NUM_SHARDS", "4")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not below"), "{e}");
+    let e = shard_env(
+        None,
+        None,
+        &[("JOB_COMPLETION_INDEX", "0"), ("NUM_SHARDS", "0")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("at least 1"), "{e}");
+
+    // Slurm job array: --array=10-40:10 gives ids 10, 20, 30, 40.
+    let slurm = |id: &'static str| {
+        vec![
+            ("SLURM_ARRAY_TASK_ID", id),
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+            ("SLURM_ARRAY_TASK_STEP", "10"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]
+    };
+    assert_eq!(shard_env(None, None, &slurm("30")).unwrap(), spec(2, 4));
+    assert!(shard_env(None, None, &slurm("25"))
+        .unwrap_err()
+        .to_string()
+        .contains("SLURM_ARRAY_TASK_STEP"));
+    let no_step = [
+        ("SLURM_ARRAY_TASK_ID", "3"),
+        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "5"),
+    ];
+    assert_eq!(shard_env(None, None, &no_step).unwrap(), spec(2, 5));
+    let e = shard_env(
+        None,
+        None,
+        &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
+    let e = shard_env(
+        None,
+        None,
+        &[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SLURM_ARRAY_TASK_MIN"), "{e}");
+
+    // AWS Batch array job.
+    let aws = [
+        ("AWS_BATCH_JOB_ARRAY_INDEX", "7"),
+        ("AWS_BATCH_JOB_ARRAY_SIZE", "8"),
+    ];
+    assert_eq!(shard_env(None, None, &aws).unwrap(), spec(7, 8));
+    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_INDEX", "7")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AWS_BATCH_JOB_ARRAY_SIZE"), "{e}");
+    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_SIZE", "7")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AWS_BATCH_JOB_ARRAY_INDEX"), "{e}");
+    let e = shard_env(
+        None,
+        None,
+        &[
+            ("AWS_BATCH_JOB_ARRAY_INDEX", "-1"),
+            ("AWS_BATCH_JOB_ARRAY_SIZE", "8"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("AWS_BATCH_JOB_ARRAY_INDEX"), "{e}");
+}
