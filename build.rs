@@ -12,10 +12,7 @@ fn main() {
         env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report its libtorch lib folder (DEP_TCH_LIBTORCH_LIB)"),
     );
-    let root = lib
-        .parent()
-        .expect("libtorch lib folder has a parent")
-        .to_path_buf();
+    let root = lib.parent().expect("libtorch lib folder has a parent").to_path_buf();
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
 
     cc::Build::new()

@@ -20,41 +20,24 @@ fn test_jpeg() -> Vec<u8> {
         let r = 128.0 + 100.0 * (fx * 6.0).sin() * (fy * 3.0).cos() + n;
         let g = 128.0 + 90.0 * ((fx + fy) * 4.0).cos() + n;
         let b = 60.0 + 150.0 * fy * fx + n;
-        image::Rgb([
-            r.clamp(0.0, 255.0) as u8,
-            g.clamp(0.0, 255.0) as u8,
-            b.clamp(0.0, 255.0) as u8,
-        ])
+        image::Rgb([r.clamp(0.0, 255.0) as u8, g.clamp(0.0, 255.0) as u8, b.clamp(0.0, 255.0) as u8])
     });
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .encode_image(&img)
-        .unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
     out
 }
 
 fn bench_decode(c: &mut Criterion) {
     let jpeg = test_jpeg();
-    eprintln!(
-        "test JPEG: 500x375, quality 90, 4:4:4, {} bytes",
-        jpeg.len()
-    );
+    eprintln!("test JPEG: 500x375, quality 90, 4:4:4, {} bytes", jpeg.len());
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
-    let imagenet = Preprocess {
-        resize: Resize::ShorterSide(256),
-        crop: Some((224, 224)),
-        max_pixels: 89_478_485,
-    };
+    let imagenet = Preprocess { resize: Resize::ShorterSide(256), crop: Some((224, 224)), max_pixels: 89_478_485 };
     g.bench_function("jpeg_500x375_resize256_crop224", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &imagenet).unwrap())
     });
     // The JPEG decode alone (no resample: exact resize to the stored size, no crop).
-    let decode_only = Preprocess {
-        resize: Resize::Exact { h: 375, w: 500 },
-        crop: None,
-        max_pixels: 89_478_485,
-    };
+    let decode_only = Preprocess { resize: Resize::Exact { h: 375, w: 500 }, crop: None, max_pixels: 89_478_485 };
     g.bench_function("jpeg_500x375_decode_only", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &decode_only).unwrap())
     });

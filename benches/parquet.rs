@@ -39,18 +39,13 @@ fn map_png(noise: &mut Noise) -> Vec<u8> {
         for x in 0..size {
             let d2 = (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2);
             let blob = (-d2 / 120.0).exp();
-            let speckle = if noise.next() < 0.06 {
-                noise.next() * 0.2
-            } else {
-                0.0
-            };
+            let speckle = if noise.next() < 0.06 { noise.next() * 0.2 } else { 0.0 };
             px.push(((blob * 0.8 + speckle).min(1.0) * 255.0) as u8);
         }
     }
     let img = image::GrayImage::from_raw(size, size, px).expect("buffer matches size");
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("PNG encodes");
+    img.write_to(&mut out, image::ImageFormat::Png).expect("PNG encodes");
     out.into_inner()
 }
 
@@ -91,28 +86,21 @@ fn row(index: u64, noise: &mut Noise) -> Row {
             index,
             id: format!("n01440764/ILSVRC2012_val_{index:08}"),
             path: format!("val/n01440764/ILSVRC2012_val_{index:08}.JPEG"),
-            location: PathBuf::from(format!(
-                "/data/imagenet/val/n01440764/ILSVRC2012_val_{index:08}.JPEG"
-            )),
+            location: PathBuf::from(format!("/data/imagenet/val/n01440764/ILSVRC2012_val_{index:08}.JPEG")),
             label: Some((index % 1000) as i64),
             label_error: None,
             bbox: None,
             mask: None,
         },
         status: if ok { Status::Ok } else { Status::DecodeError },
-        error: (!ok)
-            .then(|| format!("val/n01440764/ILSVRC2012_val_{index:08}.JPEG: truncated JPEG")),
+        error: (!ok).then(|| format!("val/n01440764/ILSVRC2012_val_{index:08}.JPEG: truncated JPEG")),
         target: ok.then_some((index % 1000) as i64),
         predicted: ok.then_some(((index * 7) % 1000) as i64),
         predicted_prob: ok.then(|| noise.next()),
         target_prob: ok.then(|| noise.next()),
         stats: ok.then_some(stats),
         cam: ok.then(|| cam(noise)),
-        map: ok.then(|| EncodedMap {
-            png: map_png(noise),
-            scale: noise.next(),
-            size: 56,
-        }),
+        map: ok.then(|| EncodedMap { png: map_png(noise), scale: noise.next(), size: 56 }),
     }
 }
 
@@ -132,10 +120,7 @@ fn config(dir: PathBuf) -> SinkConfig {
         total_rows: ROWS,
         rows_per_part: ROWS_PER_PART,
         regions: REGIONS.iter().map(|r| r.to_string()).collect(),
-        metadata: vec![(
-            "saliency_audit.schema_version".into(),
-            sa::sink::SCHEMA_VERSION.to_string(),
-        )],
+        metadata: vec![("saliency_audit.schema_version".into(), sa::sink::SCHEMA_VERSION.to_string())],
     }
 }
 
@@ -150,20 +135,13 @@ fn write_all(dir: PathBuf, rows: Vec<Row>) -> PathBuf {
 
 fn bench(c: &mut Criterion) {
     let rows = rows();
-    let png: usize = rows
-        .iter()
-        .filter_map(|r| r.map.as_ref())
-        .map(|m| m.png.len())
-        .sum();
+    let png: usize = rows.iter().filter_map(|r| r.map.as_ref()).map(|m| m.png.len()).sum();
     let with_map = rows.iter().filter(|r| r.map.is_some()).count();
     // One run outside the timer to report sizes.
     let tmp = tempfile::tempdir().expect("temporary folder");
     let dir = write_all(tmp.path().join("out"), rows.clone());
-    let bytes: u64 = std::fs::read_dir(&dir)
-        .expect("list output")
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let bytes: u64 =
+        std::fs::read_dir(&dir).expect("list output").filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
     eprintln!(
         "{ROWS} rows: mean PNG {} B, output {} B in all, {} B per row",
         png / with_map.max(1),

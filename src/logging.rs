@@ -18,9 +18,7 @@ impl Write for BarAwareStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let bar = BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match bar {
-            Some(b) => b
-                .suspend(|| std::io::stderr().write_all(buf))
-                .map(|_| buf.len()),
+            Some(b) => b.suspend(|| std::io::stderr().write_all(buf)).map(|_| buf.len()),
             None => std::io::stderr().write_all(buf).map(|_| buf.len()),
         }
     }
@@ -49,9 +47,7 @@ pub fn init(verbose: u8, quiet: bool, format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| BarAwareStderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| BarAwareStderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

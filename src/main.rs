@@ -36,6 +36,9 @@ enum Command {
     Run {
         /// The job spec (TOML).
         job: PathBuf,
+        /// Write here instead of the spec's output.path.
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[command(flatten)]
         shard: ShardArgs,
     },
@@ -43,6 +46,9 @@ enum Command {
     Validate {
         /// The job spec (TOML).
         job: PathBuf,
+        /// Write here instead of the spec's output.path.
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[command(flatten)]
         shard: ShardArgs,
     },
@@ -116,9 +122,7 @@ struct ShardArgs {
 
 impl ShardArgs {
     fn resolve(&self) -> anyhow::Result<ShardSpec> {
-        ShardSpec::from_env_or_args(self.shard_index, self.num_shards, &|k| {
-            std::env::var(k).ok()
-        })
+        ShardSpec::from_env_or_args(self.shard_index, self.num_shards, &|k| std::env::var(k).ok())
     }
 }
 
@@ -139,7 +143,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { job, shard } => {
+        Command::Run { job, output, shard } => {
             let shard = shard.resolve()?;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
@@ -150,13 +154,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });
-            let outcome = run::run(&job, shard, stop)?;
+            let outcome = run::run(&job, shard, output.as_deref(), stop)?;
             let s = &outcome.summary;
             let secs = s.elapsed.as_secs_f64().max(1e-9);
-            let counts: Vec<String> = run::status_counts(s)
-                .iter()
-                .map(|(st, n)| format!("{st} {n}"))
-                .collect();
+            let counts: Vec<String> = run::status_counts(s).iter().map(|(st, n)| format!("{st} {n}")).collect();
             println!(
                 "{} of {} samples processed in {:.1} s ({:.1} images/s){}: {}",
                 s.processed(),
@@ -168,11 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     String::new()
                 },
-                if counts.is_empty() {
-                    "nothing to do".to_owned()
-                } else {
-                    counts.join(", ")
-                }
+                if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
             );
             println!(
                 "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",
@@ -182,26 +179,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.write_time.as_secs_f64()
             );
             let json = run::summary_json(&outcome, shard);
-            saliency_audit::sink::write_summary(
-                &outcome.output_dir,
-                shard.index,
-                shard.count,
-                &json,
-            )?;
+            saliency_audit::sink::write_summary(&outcome.output_dir, shard.index, shard.count, &json)?;
             if s.interrupted {
-                eprintln!(
-                    "stopped early: rerun the same command to finish (committed parts are kept)"
-                );
+                eprintln!("stopped early: rerun the same command to finish (committed parts are kept)");
                 return Ok(ExitCode::from(130));
             }
-            Ok(if s.failed() > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            let failed = outcome.shard_failed();
+            if failed > 0 {
+                eprintln!("{failed} sample(s) failed: their rows carry the status and error");
+            }
+            Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
-        Command::Validate { job, shard } => {
-            let (plan, _) = run::plan(&job, shard.resolve()?)?;
+        Command::Validate { job, output, shard } => {
+            let (plan, _) = run::plan(&job, shard.resolve()?, output.as_deref())?;
             print!("{plan}");
             Ok(ExitCode::SUCCESS)
         }
@@ -222,46 +212,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
         } => {
             let device = engine::parse_device(&device)?;
-            let rectifiers =
-                Rectifiers::from_names(&guided_rectifiers).map_err(anyhow::Error::msg)?;
-            let opts = EngineOptions {
-                interpolate: interpolate_mode,
-                rectifiers,
-            };
-            let r = engine::attribute_npy(
-                &model,
-                &input,
-                &target,
-                &out,
-                cam_out.as_deref(),
-                batch_size,
-                device,
-                opts,
-            )?;
+            let rectifiers = Rectifiers::from_names(&guided_rectifiers).map_err(anyhow::Error::msg)?;
+            let opts = EngineOptions { interpolate: interpolate_mode, rectifiers };
+            let r = engine::attribute_npy(&model, &input, &target, &out, cam_out.as_deref(), batch_size, device, opts)?;
             tracing::info!(examples = r.examples, batches = r.batches, out = %out.display(), "attribution written");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            model,
-            batch_size,
-            iters,
-            warmup,
-            device,
-            threads,
-            json,
-        } => {
+        Command::Bench { model, batch_size, iters, warmup, device, threads, json } => {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
             let device = engine::parse_device(&device)?;
-            let r = engine::bench::synthetic(
-                &model,
-                device,
-                EngineOptions::default(),
-                batch_size,
-                iters,
-                warmup,
-            )?;
+            let r = engine::bench::synthetic(&model, device, EngineOptions::default(), batch_size, iters, warmup)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

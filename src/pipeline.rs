@@ -76,11 +76,7 @@ pub struct RunSummary {
 
 impl RunSummary {
     pub fn failed(&self) -> u64 {
-        self.counts
-            .iter()
-            .filter(|(s, _)| **s != Status::Ok)
-            .map(|(_, n)| n)
-            .sum()
+        self.counts.iter().filter(|(s, _)| **s != Status::Ok).map(|(_, n)| n).sum()
     }
     pub fn processed(&self) -> u64 {
         self.counts.values().sum()
@@ -127,15 +123,9 @@ pub fn run(
     anyhow::ensure!(!attributors.is_empty(), "no model replica to run");
     anyhow::ensure!(cfg.batch_size > 0, "batch size must be at least 1");
     let (mut writer, resume) = PartWriter::open(cfg.sink.clone(), &cfg.fingerprint)?;
-    let pending: Vec<Sample> = samples
-        .into_iter()
-        .filter(|s| !resume.is_done(s.index))
-        .collect();
-    let mut summary = RunSummary {
-        resumed_rows: resume.done_rows,
-        pending: pending.len() as u64,
-        ..Default::default()
-    };
+    let pending: Vec<Sample> = samples.into_iter().filter(|s| !resume.is_done(s.index)).collect();
+    let mut summary =
+        RunSummary { resumed_rows: resume.done_rows, pending: pending.len() as u64, ..Default::default() };
     on_start(pending.len() as u64, resume.done_rows);
 
     let pool = rayon::ThreadPoolBuilder::new()
@@ -206,11 +196,7 @@ pub fn run(
     write_result?;
     let interrupted = stop.load(Ordering::Relaxed) && summary.processed() < summary.pending;
     let t = Instant::now();
-    summary.shard = Some(if interrupted {
-        writer.abort()?
-    } else {
-        writer.finish()?
-    });
+    summary.shard = Some(if interrupted { writer.abort()? } else { writer.finish()? });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
@@ -263,9 +249,7 @@ fn prepare(cfg: &PipelineConfig, s: Sample) -> Result<(Ready, Vec<u8>), Row> {
         Err(e) => return Err(failed_row(s, target, e)),
     };
     // A box wholly outside the crop keeps a share (0): the object is not in view.
-    let bbox = s
-        .bbox
-        .map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
+    let bbox = s.bbox.map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
     let mask = match &s.mask {
         Some(p) => match decode::load_mask(p, &decoded.geometry) {
             Ok(m) => Some(m),
@@ -273,15 +257,7 @@ fn prepare(cfg: &PipelineConfig, s: Sample) -> Result<(Ready, Vec<u8>), Row> {
         },
         None => None,
     };
-    Ok((
-        Ready {
-            sample: s,
-            target,
-            bbox,
-            mask,
-        },
-        decoded.rgb,
-    ))
+    Ok((Ready { sample: s, target, bbox, mask }, decoded.rgb))
 }
 
 fn decode_stage(
@@ -292,10 +268,7 @@ fn decode_stage(
     work_tx: Sender<WorkBatch>,
     row_tx: Sender<Vec<Row>>,
 ) {
-    let (h, w) = cfg
-        .preprocess
-        .output_size()
-        .expect("the job gives every image one size");
+    let (h, w) = cfg.preprocess.output_size().expect("the job gives every image one size");
     let px = h as usize * w as usize * 3;
     let mut ready: Vec<Ready> = Vec::with_capacity(cfg.batch_size);
     let mut pixels: Vec<u8> = Vec::with_capacity(cfg.batch_size * px);
@@ -306,13 +279,7 @@ fn decode_stage(
         let items = std::mem::take(ready);
         let data = std::mem::replace(pixels, Vec::with_capacity(cfg.batch_size * px));
         let targets = items.iter().map(|r| r.target).collect();
-        let pixels = U8Batch {
-            n: items.len(),
-            h: h as usize,
-            w: w as usize,
-            data,
-            targets,
-        };
+        let pixels = U8Batch { n: items.len(), h: h as usize, w: w as usize, data, targets };
         work_tx.send(WorkBatch { items, pixels }).is_ok()
     };
     for batch in batch_rx {
@@ -343,21 +310,10 @@ fn decode_stage(
 
 /// Attributes a batch; a failing batch is split and retried (out of device memory, one bad
 /// sample), down to single samples, which get an `attribution_error` row. Nothing is lost.
-fn attribute_split(
-    attr: &mut dyn Attributor,
-    batch: &U8Batch,
-    first: usize,
-) -> Vec<Result<SampleMaps, String>> {
+fn attribute_split(attr: &mut dyn Attributor, batch: &U8Batch, first: usize) -> Vec<Result<SampleMaps, String>> {
     match attr.attribute(batch) {
         Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
-        Ok(maps) => vec![
-            Err(format!(
-                "the engine returned {} results for {} images",
-                maps.len(),
-                batch.n
-            ));
-            batch.n
-        ],
+        Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
         Err(e) if batch.n == 1 => vec![Err(format!("{e:#}"))],
         Err(e) => {
             let half = batch.n / 2;
@@ -369,11 +325,7 @@ fn attribute_split(
                 first + batch.n
             );
             let mut out = attribute_split(attr, &batch.slice(0, half), first);
-            out.extend(attribute_split(
-                attr,
-                &batch.slice(half, batch.n - half),
-                first + half,
-            ));
+            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half));
             out
         }
     }
@@ -397,11 +349,7 @@ fn attribute_batch(
             .into_par_iter()
             .zip(results)
             .map(|(item, res)| match res {
-                Err(msg) => failed_row(
-                    item.sample,
-                    item.target,
-                    SampleError::new(Status::AttributionError, msg),
-                ),
+                Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
                 Ok(m) => {
                     let st = stats::map_stats(
                         &m.map,

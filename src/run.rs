@@ -37,11 +37,7 @@ impl std::fmt::Display for Plan {
         if !job.ends_with('\n') {
             writeln!(f)?;
         }
-        let bad = self
-            .samples
-            .iter()
-            .filter(|s| s.label_error.is_some())
-            .count();
+        let bad = self.samples.iter().filter(|s| s.label_error.is_some()).count();
         let labelled = self.samples.iter().filter(|s| s.label.is_some()).count();
         writeln!(f, "samples: {} in the dataset", self.total_samples)?;
         writeln!(
@@ -63,16 +59,11 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
     match d {
         Devices::All => {
             let n = engine::cuda_device_count();
-            Ok(if n == 0 {
-                vec![tch::Device::Cpu]
-            } else {
-                (0..n).map(tch::Device::Cuda).collect()
-            })
+            Ok(if n == 0 { vec![tch::Device::Cpu] } else { (0..n).map(tch::Device::Cuda).collect() })
         }
-        Devices::List(list) => list
-            .iter()
-            .map(|s| engine::parse_device(s).with_context(|| "runtime.devices"))
-            .collect(),
+        Devices::List(list) => {
+            list.iter().map(|s| engine::parse_device(s).with_context(|| "runtime.devices")).collect()
+        }
     }
 }
 
@@ -85,34 +76,24 @@ fn file_sha256(p: &Path) -> Result<String> {
 
 fn engine_options(job: &Job) -> Result<EngineOptions> {
     if job.precision != Precision::Fp32 {
-        bail!(
-            "attribution.precision = \"{}\" is not available in this version; use \"fp32\"",
-            job.precision.as_str()
-        );
+        bail!("attribution.precision = \"{}\" is not available in this version; use \"fp32\"", job.precision.as_str());
     }
     Ok(EngineOptions {
-        interpolate: job
-            .interpolate_mode
-            .as_str()
-            .parse()
-            .map_err(anyhow::Error::msg)?,
+        interpolate: job.interpolate_mode.as_str().parse().map_err(anyhow::Error::msg)?,
         rectifiers: Rectifiers::from_names(&job.guided_rectifiers).map_err(anyhow::Error::msg)?,
     })
 }
 
 /// Validates the job file, loads one model replica to check the contract, and lists the samples.
 /// Returns the plan and the loaded replica (reused by `run`).
-pub fn plan(job_file: &Path, shard: ShardSpec) -> Result<(Plan, TorchAttributor)> {
-    let job = job::load(job_file)?;
+pub fn plan(job_file: &Path, shard: ShardSpec, output: Option<&Path>) -> Result<(Plan, TorchAttributor)> {
+    let mut job = job::load(job_file)?;
+    if let Some(o) = output {
+        job.output = o.to_path_buf();
+    }
     let opts = engine_options(&job)?;
     let devices = resolve_devices(&job.devices)?;
-    let first = TorchAttributor::load(
-        &job.model,
-        devices[0],
-        opts,
-        &job.preprocess.mean,
-        &job.preprocess.std,
-    )?;
+    let first = TorchAttributor::load(&job.model, devices[0], opts, &job.preprocess.mean, &job.preprocess.std)?;
     let (h, w) = job.preprocess.input_size();
     let (classes, act) = first
         .engine()
@@ -130,10 +111,7 @@ pub fn plan(job_file: &Path, shard: ShardSpec) -> Result<(Plan, TorchAttributor)
     }
     if let Target::Class(c) = job.target {
         if c < 0 || c >= classes {
-            bail!(
-                "attribution.target = {c} is not a class of the model (0..{})",
-                classes - 1
-            );
+            bail!("attribution.target = {c} is not a class of the model (0..{})", classes - 1);
         }
     }
     let set = source::load_samples(&job.dataset, job.class_names.as_deref(), Some(classes))?;
@@ -188,9 +166,19 @@ pub struct Outcome {
     pub output_dir: std::path::PathBuf,
 }
 
+impl Outcome {
+    /// Failed rows of the whole shard: this run's and those committed by earlier runs.
+    pub fn shard_failed(&self) -> u64 {
+        match &self.summary.shard {
+            Some(s) => s.status_counts.iter().filter(|(k, _)| k.as_str() != "ok").map(|(_, v)| v).sum(),
+            None => self.summary.failed(),
+        }
+    }
+}
+
 /// Runs a job: all replicas are loaded before any pipeline thread starts.
-pub fn run(job_file: &Path, shard: ShardSpec, stop: Arc<AtomicBool>) -> Result<Outcome> {
-    let (plan, first) = plan(job_file, shard)?;
+pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let (plan, first) = plan(job_file, shard, output)?;
     let job = &plan.job;
     tracing::info!(
         samples = plan.samples.len(),
@@ -212,36 +200,15 @@ pub fn run(job_file: &Path, shard: ShardSpec, stop: Arc<AtomicBool>) -> Result<O
     let regions: Vec<Region> = job
         .regions
         .iter()
-        .map(|(name, x0, y0, x1, y1)| Region {
-            name: name.clone(),
-            x0: *x0,
-            y0: *y0,
-            x1: *x1,
-            y1: *y1,
-        })
+        .map(|(name, x0, y0, x1, y1)| Region { name: name.clone(), x0: *x0, y0: *y0, x1: *x1, y1: *y1 })
         .collect();
     let metadata = vec![
-        (
-            "saliency_audit.version".to_owned(),
-            env!("CARGO_PKG_VERSION").to_owned(),
-        ),
-        (
-            "saliency_audit.schema_version".to_owned(),
-            SCHEMA_VERSION.to_string(),
-        ),
+        ("saliency_audit.version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ("saliency_audit.schema_version".to_owned(), SCHEMA_VERSION.to_string()),
         ("saliency_audit.job_spec".to_owned(), job.spec_text.clone()),
-        (
-            "saliency_audit.model_sha256".to_owned(),
-            plan.model_sha256.clone(),
-        ),
-        (
-            "saliency_audit.class_names".to_owned(),
-            serde_json::to_string(&plan.class_names)?,
-        ),
-        (
-            "saliency_audit.shard".to_owned(),
-            format!("{}/{}", plan.shard.index, plan.shard.count),
-        ),
+        ("saliency_audit.model_sha256".to_owned(), plan.model_sha256.clone()),
+        ("saliency_audit.class_names".to_owned(), serde_json::to_string(&plan.class_names)?),
+        ("saliency_audit.shard".to_owned(), format!("{}/{}", plan.shard.index, plan.shard.count)),
     ];
     let sink = SinkConfig {
         dir: job.output.clone(),
@@ -273,27 +240,16 @@ pub fn run(job_file: &Path, shard: ShardSpec, stop: Arc<AtomicBool>) -> Result<O
         let (progress2, done2) = (progress.clone(), done.clone());
         let (pending_tx, pending_rx) = crossbeam_channel::bounded::<(u64, u64)>(1);
         s.spawn(move || report_progress(pending_rx, &progress2, &done2));
-        let r = pipeline::run(
-            cfg,
-            plan.samples.clone(),
-            replicas,
-            stop,
-            progress.clone(),
-            |pending, resumed| {
-                if resumed > 0 {
-                    tracing::info!(resumed, pending, "resuming: committed parts are kept");
-                }
-                let _ = pending_tx.send((pending, resumed));
-            },
-        );
+        let r = pipeline::run(cfg, plan.samples.clone(), replicas, stop, progress.clone(), |pending, resumed| {
+            if resumed > 0 {
+                tracing::info!(resumed, pending, "resuming: committed parts are kept");
+            }
+            let _ = pending_tx.send((pending, resumed));
+        });
         done.store(true, Ordering::Relaxed);
         r
     })?;
-    Ok(Outcome {
-        summary,
-        plan_samples: total,
-        output_dir: job.output.clone(),
-    })
+    Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
 }
 
 /// The decode stage's preprocessing from the job's.
@@ -309,18 +265,11 @@ pub fn decode_preprocess(p: &job::Preprocess) -> decode::Preprocess {
 }
 
 /// Progress: a bar on a terminal (images/s, ETA), a log line every 10 s otherwise.
-fn report_progress(
-    start_rx: crossbeam_channel::Receiver<(u64, u64)>,
-    progress: &Progress,
-    done: &AtomicBool,
-) {
+fn report_progress(start_rx: crossbeam_channel::Receiver<(u64, u64)>, progress: &Progress, done: &AtomicBool) {
     let Ok((pending, _resumed)) = start_rx.recv() else {
         return;
     };
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(pending),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
+    let bar = indicatif::ProgressBar::with_draw_target(Some(pending), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
@@ -342,13 +291,7 @@ fn report_progress(
         if !tty && last_log.elapsed() >= Duration::from_secs(10) {
             last_log = Instant::now();
             let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(
-                done = rows,
-                of = pending,
-                failed,
-                images_per_s = format!("{rate:.1}"),
-                "progress"
-            );
+            tracing::info!(done = rows, of = pending, failed, images_per_s = format!("{rate:.1}"), "progress");
         }
     }
     crate::logging::set_progress_bar(None);
@@ -358,11 +301,8 @@ fn report_progress(
 /// The final summary, as text lines and as JSON (written beside the shard's parts).
 pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
     let s = &o.summary;
-    let counts: serde_json::Map<String, serde_json::Value> = s
-        .counts
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), (*v).into()))
-        .collect();
+    let counts: serde_json::Map<String, serde_json::Value> =
+        s.counts.iter().map(|(k, v)| (k.as_str().to_owned(), (*v).into())).collect();
     let secs = s.elapsed.as_secs_f64().max(1e-9);
     serde_json::json!({
         "shard": shard.index,
@@ -386,8 +326,5 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
 
 /// Counts in `Status::ALL` order, for printing.
 pub fn status_counts(s: &RunSummary) -> Vec<(Status, u64)> {
-    Status::ALL
-        .iter()
-        .filter_map(|st| s.counts.get(st).map(|n| (*st, *n)))
-        .collect()
+    Status::ALL.iter().filter_map(|st| s.counts.get(st).map(|n| (*st, *n))).collect()
 }

@@ -88,10 +88,7 @@ pub struct SampleError {
 
 impl SampleError {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
+        Self { status, message: message.into() }
     }
 }
 

@@ -48,11 +48,7 @@ impl Geometry {
                 if size == 0 {
                     return Err("preprocessing resize size is 0".into());
                 }
-                let (short, long) = if orig_w <= orig_h {
-                    (orig_w, orig_h)
-                } else {
-                    (orig_h, orig_w)
-                };
+                let (short, long) = if orig_w <= orig_h { (orig_w, orig_h) } else { (orig_h, orig_w) };
                 // Same float arithmetic as Python's int(size * long / short).
                 let new_long_f = (size as f64 * long as f64 / short as f64).trunc();
                 if new_long_f > u32::MAX as f64 {
@@ -69,9 +65,7 @@ impl Geometry {
             }
             Resize::Exact { h, w } => {
                 if h == 0 || w == 0 {
-                    return Err(format!(
-                        "preprocessing resize size {h}x{w} (h x w) has a zero side"
-                    ));
+                    return Err(format!("preprocessing resize size {h}x{w} (h x w) has a zero side"));
                 }
                 (w, h)
             }
@@ -80,28 +74,12 @@ impl Geometry {
             None => (resized_h, resized_w, 0, 0),
             Some((ch, cw)) => {
                 if ch == 0 || cw == 0 {
-                    return Err(format!(
-                        "preprocessing crop size {ch}x{cw} (h x w) has a zero side"
-                    ));
+                    return Err(format!("preprocessing crop size {ch}x{cw} (h x w) has a zero side"));
                 }
-                (
-                    ch,
-                    cw,
-                    center_offset(resized_h, ch),
-                    center_offset(resized_w, cw),
-                )
+                (ch, cw, center_offset(resized_h, ch), center_offset(resized_w, cw))
             }
         };
-        Ok(Geometry {
-            orig_w,
-            orig_h,
-            resized_w,
-            resized_h,
-            crop_left,
-            crop_top,
-            out_w,
-            out_h,
-        })
+        Ok(Geometry { orig_w, orig_h, resized_w, resized_h, crop_left, crop_top, out_w, out_h })
     }
 
     /// Box `[x0, y0, x1, y1]` in original pixels → normalised 0..1 box in the model-input
@@ -114,10 +92,8 @@ impl Geometry {
         }
         let sx = self.resized_w as f64 / self.orig_w as f64;
         let sy = self.resized_h as f64 / self.orig_h as f64;
-        let fx =
-            |x: f32| ((x as f64 * sx - self.crop_left as f64) / self.out_w as f64).clamp(0.0, 1.0);
-        let fy =
-            |y: f32| ((y as f64 * sy - self.crop_top as f64) / self.out_h as f64).clamp(0.0, 1.0);
+        let fx = |x: f32| ((x as f64 * sx - self.crop_left as f64) / self.out_w as f64).clamp(0.0, 1.0);
+        let fy = |y: f32| ((y as f64 * sy - self.crop_top as f64) / self.out_h as f64).clamp(0.0, 1.0);
         let (x0, x1) = (fx(b[0].min(b[2])), fx(b[0].max(b[2])));
         let (y0, y1) = (fy(b[1].min(b[3])), fy(b[1].max(b[3])));
         if x1 <= x0 || y1 <= y0 {

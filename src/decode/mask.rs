@@ -36,12 +36,7 @@ pub fn load_mask(path: &Path, geometry: &Geometry) -> Result<Vec<u8>, SampleErro
 
 /// Builds the `out_h × out_w` model-input-frame mask by nearest-neighbour sampling of an
 /// `orig_w × orig_h` source through `geometry`; `value(x, y)` reads the source.
-pub(crate) fn map_nearest(
-    src_w: u32,
-    src_h: u32,
-    geometry: &Geometry,
-    value: impl Fn(usize, usize) -> u8,
-) -> Vec<u8> {
+pub(crate) fn map_nearest(src_w: u32, src_h: u32, geometry: &Geometry, value: impl Fn(usize, usize) -> u8) -> Vec<u8> {
     let (ow, oh) = (geometry.out_w as usize, geometry.out_h as usize);
     let mut out = vec![0u8; ow * oh];
     let Some((x0, y0, x1, y1)) = geometry.visible_window() else {
@@ -51,9 +46,7 @@ pub(crate) fn map_nearest(
         let s = ((dst as f64 + 0.5) * src_size as f64 / dst_size as f64).floor() as usize;
         s.min(src_size as usize - 1)
     };
-    let src_x: Vec<usize> = (x0..x1)
-        .map(|x| nearest(x, src_w, geometry.resized_w))
-        .collect();
+    let src_x: Vec<usize> = (x0..x1).map(|x| nearest(x, src_w, geometry.resized_w)).collect();
     for ry in y0..y1 {
         let sy = nearest(ry, src_h, geometry.resized_h);
         let oy = (ry as i64 - geometry.crop_top) as usize;

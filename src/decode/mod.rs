@@ -100,8 +100,8 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     // an RGB8 image (the usual JPEG) passes through without a copy.
     let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?.into_rgb8();
     let (w, h) = img.dimensions();
-    let geometry = Geometry::plan(w, h, pre)
-        .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
+    let geometry =
+        Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
     let out_pixels = geometry.out_w as u64 * geometry.out_h as u64;
     if out_pixels > pre.max_pixels {
         return Err(SampleError::new(
@@ -144,9 +144,7 @@ pub(crate) fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, SampleEr
     }
     // Bounded read: a special file may report length 0 and never end.
     let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err)?;
     if bytes.len() as u64 > max_bytes {
         return Err(too_large(bytes.len() as u64));
     }
@@ -181,25 +179,14 @@ pub(crate) fn decode_oriented(
 ) -> Result<DynamicImage, SampleError> {
     let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
     if bytes.is_empty() {
-        return Err(err(
-            Status::DecodeError,
-            format!("empty file (0 bytes), not an {what}"),
-        ));
+        return Err(err(Status::DecodeError, format!("empty file (0 bytes), not an {what}")));
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| {
-            err(
-                Status::DecodeError,
-                format!("cannot sniff the {what} format: {e}"),
-            )
-        })?;
-    let format = reader.format().ok_or_else(|| {
-        err(
-            Status::DecodeError,
-            format!("not a recognised {what} format (unknown file signature)"),
-        )
-    })?;
+        .map_err(|e| err(Status::DecodeError, format!("cannot sniff the {what} format: {e}")))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| err(Status::DecodeError, format!("not a recognised {what} format (unknown file signature)")))?;
     let mut limits = Limits::default();
     limits.max_image_width = None;
     limits.max_image_height = None;
@@ -208,58 +195,43 @@ pub(crate) fn decode_oriented(
 
     // Everything that parses untrusted bytes runs under catch_unwind as a last-resort guard:
     // a decoder bug must turn into this sample's error, not take the batch down.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-        || -> Result<DynamicImage, SampleError> {
-            let mut decoder = reader.into_decoder().map_err(|e| {
-                err(
-                    image_error_status(&e),
-                    format!("cannot read the {format:?} {what} header: {e}"),
-                )
-            })?;
-            let (w, h) = decoder.dimensions();
-            // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
-            let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-            if let Some((ew, eh)) = expect {
-                let (ow, oh) = oriented_size(w, h, orientation);
-                if (ow, oh) != (ew, eh) {
-                    return Err(err(
-                        Status::DecodeError,
-                        format!("{what} is {ow}x{oh} (w x h) but the image is {ew}x{eh}; they must match"),
-                    ));
-                }
-            }
-            let pixels = w as u64 * h as u64;
-            if pixels > max_pixels {
-                return Err(err(
-                    Status::TooLarge,
-                    format!("{what} is {w}x{h} ({pixels} pixels), over the limit of {max_pixels} pixels"),
-                ));
-            }
-            if pixels == 0 {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<DynamicImage, SampleError> {
+        let mut decoder = reader
+            .into_decoder()
+            .map_err(|e| err(image_error_status(&e), format!("cannot read the {format:?} {what} header: {e}")))?;
+        let (w, h) = decoder.dimensions();
+        // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        if let Some((ew, eh)) = expect {
+            let (ow, oh) = oriented_size(w, h, orientation);
+            if (ow, oh) != (ew, eh) {
                 return Err(err(
                     Status::DecodeError,
-                    format!("{what} has zero size {w}x{h}"),
+                    format!("{what} is {ow}x{oh} (w x h) but the image is {ew}x{eh}; they must match"),
                 ));
             }
-            if format == ImageFormat::Jpeg {
-                jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
-            }
-            let mut img = DynamicImage::from_decoder(decoder).map_err(|e| {
-                err(
-                    image_error_status(&e),
-                    format!("cannot decode the {format:?} {what}: {e}"),
-                )
-            })?;
-            img.apply_orientation(orientation);
-            Ok(img)
-        },
-    ));
+        }
+        let pixels = w as u64 * h as u64;
+        if pixels > max_pixels {
+            return Err(err(
+                Status::TooLarge,
+                format!("{what} is {w}x{h} ({pixels} pixels), over the limit of {max_pixels} pixels"),
+            ));
+        }
+        if pixels == 0 {
+            return Err(err(Status::DecodeError, format!("{what} has zero size {w}x{h}")));
+        }
+        if format == ImageFormat::Jpeg {
+            jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
+        }
+        let mut img = DynamicImage::from_decoder(decoder)
+            .map_err(|e| err(image_error_status(&e), format!("cannot decode the {format:?} {what}: {e}")))?;
+        img.apply_orientation(orientation);
+        Ok(img)
+    }));
     match decoded {
         Ok(r) => r,
-        Err(_) => Err(err(
-            Status::DecodeError,
-            format!("the {format:?} decoder panicked on this {what}"),
-        )),
+        Err(_) => Err(err(Status::DecodeError, format!("the {format:?} decoder panicked on this {what}"))),
     }
 }
 
@@ -287,14 +259,11 @@ fn jpeg_has_end(bytes: &[u8]) -> Result<(), String> {
         };
         i += 1;
         match marker {
-            0xD9 => return Ok(()), // EOI before any scan: the decoder reports what is missing
+            0xD9 => return Ok(()),          // EOI before any scan: the decoder reports what is missing
             0x01 | 0xD0..=0xD7 => continue, // markers without a length
             _ => {}
         }
-        let Some(len) = bytes
-            .get(i..i + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-        else {
+        let Some(len) = bytes.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else {
             return Err(TRUNCATED.into());
         };
         if marker == 0xDA {
@@ -314,10 +283,9 @@ fn jpeg_has_end(bytes: &[u8]) -> Result<(), String> {
 /// Size of a `w × h` stored image after applying `o`.
 fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
     match o {
-        Orientation::Rotate90
-        | Orientation::Rotate270
-        | Orientation::Rotate90FlipH
-        | Orientation::Rotate270FlipH => (h, w),
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH => {
+            (h, w)
+        }
         _ => (w, h),
     }
 }
@@ -349,15 +317,9 @@ pub(crate) fn resize_crop(src: Vec<u8>, geo: &Geometry) -> Result<Vec<u8>, Strin
         // whole image and cutting the window afterwards.
         let sx = geo.orig_w as f64 / geo.resized_w as f64;
         let sy = geo.orig_h as f64 / geo.resized_h as f64;
-        let mut opts = fr::ResizeOptions::new()
-            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+        let mut opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
         if !whole {
-            opts = opts.crop(
-                x0 as f64 * sx,
-                y0 as f64 * sy,
-                iw as f64 * sx,
-                ih as f64 * sy,
-            );
+            opts = opts.crop(x0 as f64 * sx, y0 as f64 * sy, iw as f64 * sx, ih as f64 * sy);
         }
         RESIZER
             .with(|r| r.borrow_mut().resize(&src_img, &mut dst, &opts))

@@ -4,11 +4,7 @@ use image::{ImageFormat, Rgb, RgbImage};
 use std::io::Write;
 
 fn pre(resize: Resize, crop: Option<(u32, u32)>) -> Preprocess {
-    Preprocess {
-        resize,
-        crop,
-        max_pixels: 100_000_000,
-    }
+    Preprocess { resize, crop, max_pixels: 100_000_000 }
 }
 
 /// Identity preprocessing for a `w × h` image (no resample, no crop).
@@ -17,9 +13,7 @@ fn identity(w: u32, h: u32) -> Preprocess {
 }
 
 fn gradient(w: u32, h: u32) -> RgbImage {
-    RgbImage::from_fn(w, h, |x, y| {
-        Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128])
-    })
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128]))
 }
 
 fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -30,19 +24,13 @@ fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 
 fn jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-        .encode_image(img)
-        .unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(img).unwrap();
     out
 }
 
 fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -50,11 +38,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -70,18 +54,10 @@ fn every_format_decodes() {
         (ImageFormat::Tiff, encode(&dynimg, ImageFormat::Tiff), 0),
         (ImageFormat::WebP, encode(&dynimg, ImageFormat::WebP), 0), // image writes lossless WebP
         (ImageFormat::Jpeg, jpeg(&img, 95), 12),
-        (
-            ImageFormat::Gif,
-            encode(
-                &DynamicImage::ImageRgba8(dynimg.to_rgba8()),
-                ImageFormat::Gif,
-            ),
-            40,
-        ),
+        (ImageFormat::Gif, encode(&DynamicImage::ImageRgba8(dynimg.to_rgba8()), ImageFormat::Gif), 40),
     ];
     for (format, bytes, tolerance) in cases {
-        let d = decode_bytes(&bytes, "t", &identity(40, 30))
-            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let d = decode_bytes(&bytes, "t", &identity(40, 30)).unwrap_or_else(|e| panic!("{format:?}: {e}"));
         assert_eq!((d.geometry.out_w, d.geometry.out_h), (40, 30), "{format:?}");
         assert_eq!(d.rgb.len(), 40 * 30 * 3, "{format:?}");
         let diff = max_abs_diff(&d.rgb, img.as_raw());
@@ -156,34 +132,16 @@ fn jpeg_with_orientation(img: &RgbImage, value: u16) -> Vec<u8> {
 #[test]
 fn exif_orientation_6_rotates_clockwise() {
     // 16 wide × 8 high: left half red, right half blue.
-    let img = RgbImage::from_fn(16, 8, |x, _| {
-        if x < 8 {
-            Rgb([255, 0, 0])
-        } else {
-            Rgb([0, 0, 255])
-        }
-    });
+    let img = RgbImage::from_fn(16, 8, |x, _| if x < 8 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
     let bytes = jpeg_with_orientation(&img, 6);
     let d = decode_bytes(&bytes, "rot.jpg", &pre(Resize::ShorterSide(8), None)).unwrap();
     let g = d.geometry;
-    assert_eq!(
-        (g.orig_w, g.orig_h),
-        (8, 16),
-        "orientation 6 swaps the sides"
-    );
+    assert_eq!((g.orig_w, g.orig_h), (8, 16), "orientation 6 swaps the sides");
     assert_eq!((g.out_w, g.out_h), (8, 16));
     // Rotating 90° clockwise puts the old left (red) on top.
     let px = |x: usize, y: usize| &d.rgb[(y * 8 + x) * 3..(y * 8 + x) * 3 + 3];
-    assert!(
-        px(4, 2)[0] > 200 && px(4, 2)[2] < 60,
-        "top should be red: {:?}",
-        px(4, 2)
-    );
-    assert!(
-        px(4, 13)[2] > 200 && px(4, 13)[0] < 60,
-        "bottom should be blue: {:?}",
-        px(4, 13)
-    );
+    assert!(px(4, 2)[0] > 200 && px(4, 2)[2] < 60, "top should be red: {:?}", px(4, 2));
+    assert!(px(4, 13)[2] > 200 && px(4, 13)[0] < 60, "bottom should be blue: {:?}", px(4, 13));
 
     // Orientation 1 leaves it as is.
     let d1 = decode_bytes(&jpeg_with_orientation(&img, 1), "r1.jpg", &identity(16, 8)).unwrap();
@@ -196,54 +154,21 @@ fn grey_alpha_and_16_bit_become_rgb8() {
     let d = decode_bytes(&encode(&grey, ImageFormat::Png), "g.png", &identity(4, 3)).unwrap();
     assert!(d.rgb.iter().all(|&v| v == 100));
 
-    let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
-        4,
-        3,
-        image::Rgba([10, 20, 30, 0]),
-    ));
+    let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(4, 3, image::Rgba([10, 20, 30, 0])));
     let d = decode_bytes(&encode(&rgba, ImageFormat::Png), "a.png", &identity(4, 3)).unwrap();
     assert_eq!(d.rgb.len(), 4 * 3 * 3);
-    assert!(
-        d.rgb.chunks(3).all(|p| p == [10, 20, 30]),
-        "alpha is dropped, colour kept"
-    );
+    assert!(d.rgb.chunks(3).all(|p| p == [10, 20, 30]), "alpha is dropped, colour kept");
 
-    let la = DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_pixel(
-        4,
-        3,
-        image::LumaA([7, 200]),
-    ));
+    let la = DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_pixel(4, 3, image::LumaA([7, 200])));
     let d = decode_bytes(&encode(&la, ImageFormat::Png), "la.png", &identity(4, 3)).unwrap();
     assert!(d.rgb.iter().all(|&v| v == 7));
 
-    let rgb16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
-        4,
-        3,
-        Rgb([65535u16, 0, 32896]),
-    ));
-    let d = decode_bytes(
-        &encode(&rgb16, ImageFormat::Png),
-        "c16.png",
-        &identity(4, 3),
-    )
-    .unwrap();
-    assert!(
-        d.rgb.chunks(3).all(|p| p == [255, 0, 128]),
-        "{:?}",
-        &d.rgb[..3]
-    );
+    let rgb16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(4, 3, Rgb([65535u16, 0, 32896])));
+    let d = decode_bytes(&encode(&rgb16, ImageFormat::Png), "c16.png", &identity(4, 3)).unwrap();
+    assert!(d.rgb.chunks(3).all(|p| p == [255, 0, 128]), "{:?}", &d.rgb[..3]);
 
-    let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
-        4,
-        3,
-        image::Luma([65535u16]),
-    ));
-    let d = decode_bytes(
-        &encode(&grey16, ImageFormat::Png),
-        "g16.png",
-        &identity(4, 3),
-    )
-    .unwrap();
+    let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(4, 3, image::Luma([65535u16])));
+    let d = decode_bytes(&encode(&grey16, ImageFormat::Png), "g16.png", &identity(4, 3)).unwrap();
     assert!(d.rgb.iter().all(|&v| v == 255));
 }
 
@@ -261,27 +186,16 @@ fn bad_files_get_the_right_status() {
     std::fs::File::create(&empty).unwrap();
     let e = decode_file(&empty, &p).unwrap_err();
     assert_eq!(e.status, Status::DecodeError);
-    assert!(
-        e.message.contains("empty.jpg") && e.message.contains("0 bytes"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("empty.jpg") && e.message.contains("0 bytes"), "{}", e.message);
 
     let text = dir.path().join("notes.png");
-    std::fs::File::create(&text)
-        .unwrap()
-        .write_all(b"this is not an image at all\n")
-        .unwrap();
+    std::fs::File::create(&text).unwrap().write_all(b"this is not an image at all\n").unwrap();
     let e = decode_file(&text, &p).unwrap_err();
     assert_eq!(e.status, Status::DecodeError);
     assert!(e.message.contains("notes.png"), "{}", e.message);
 
     let e = decode_file(dir.path(), &p).unwrap_err();
-    assert_eq!(
-        e.status,
-        Status::Unreadable,
-        "a directory is not readable as a file"
-    );
+    assert_eq!(e.status, Status::Unreadable, "a directory is not readable as a file");
 
     let full = jpeg(&gradient(64, 48), 90);
     let truncated = dir.path().join("cut.jpg");
@@ -310,18 +224,8 @@ fn oversized_file_is_refused_unread() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("huge.jpg");
     // Sparse file larger than any 1-pixel image could be (16 bytes + 256 MiB).
-    std::fs::File::create(&f)
-        .unwrap()
-        .set_len((256 << 20) + 1024)
-        .unwrap();
-    let e = decode_file(
-        &f,
-        &Preprocess {
-            max_pixels: 1,
-            ..identity(1, 1)
-        },
-    )
-    .unwrap_err();
+    std::fs::File::create(&f).unwrap().set_len((256 << 20) + 1024).unwrap();
+    let e = decode_file(&f, &Preprocess { max_pixels: 1, ..identity(1, 1) }).unwrap_err();
     assert_eq!(e.status, Status::TooLarge, "{e}");
     assert!(e.message.contains("huge.jpg"));
 }
@@ -332,11 +236,7 @@ fn permission_denied_is_unreadable() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("locked.png");
-    std::fs::write(
-        &f,
-        encode(&DynamicImage::ImageRgb8(gradient(8, 8)), ImageFormat::Png),
-    )
-    .unwrap();
+    std::fs::write(&f, encode(&DynamicImage::ImageRgb8(gradient(8, 8)), ImageFormat::Png)).unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).unwrap();
     if std::fs::read(&f).is_ok() {
         return; // running as root: permissions are not enforced, nothing to check
@@ -354,18 +254,9 @@ fn huge_header_is_too_large_without_decoding() {
     png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
     let crc = crc32(&png[12..29]);
     png[29..33].copy_from_slice(&crc.to_be_bytes());
-    let e = decode_bytes(
-        &png,
-        "bomb.png",
-        &pre(Resize::ShorterSide(224), Some((224, 224))),
-    )
-    .unwrap_err();
+    let e = decode_bytes(&png, "bomb.png", &pre(Resize::ShorterSide(224), Some((224, 224)))).unwrap_err();
     assert_eq!(e.status, Status::TooLarge, "{e}");
-    assert!(
-        e.message.contains("bomb.png") && e.message.contains("100000"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("bomb.png") && e.message.contains("100000"), "{}", e.message);
 
     // Same for a BMP header (no checksum to fix).
     let mut bmp = encode(&DynamicImage::ImageRgb8(gradient(2, 2)), ImageFormat::Bmp);
@@ -375,16 +266,10 @@ fn huge_header_is_too_large_without_decoding() {
     assert_eq!(e.status, Status::TooLarge, "{e}");
 
     // And a real image just over a small limit.
-    let small = Preprocess {
-        max_pixels: 100,
-        ..identity(11, 10)
-    };
+    let small = Preprocess { max_pixels: 100, ..identity(11, 10) };
     let e = decode_bytes(&jpeg(&gradient(11, 10), 90), "x.jpg", &small).unwrap_err();
     assert_eq!(e.status, Status::TooLarge);
-    let ok = Preprocess {
-        max_pixels: 110,
-        ..identity(11, 10)
-    };
+    let ok = Preprocess { max_pixels: 110, ..identity(11, 10) };
     assert!(decode_bytes(&jpeg(&gradient(11, 10), 90), "x.jpg", &ok).is_ok());
 }
 
@@ -404,47 +289,23 @@ fn geometry_shorter_side_and_centre_crop() {
             out_h: 100
         }
     );
-    assert_eq!(
-        g.map_box([100.0, 0.0, 300.0, 200.0]),
-        Some([0.0, 0.0, 1.0, 1.0])
-    );
-    assert_eq!(
-        g.map_box([0.0, 0.0, 500.0, 400.0]),
-        Some([0.0, 0.0, 1.0, 1.0]),
-        "clipped"
-    );
-    assert_eq!(
-        g.map_box([50.0, 50.0, 150.0, 150.0]),
-        Some([0.0, 0.25, 0.25, 0.75])
-    );
-    assert_eq!(
-        g.map_box([0.0, 0.0, 100.0, 100.0]),
-        None,
-        "entirely in the cropped-off strip"
-    );
+    assert_eq!(g.map_box([100.0, 0.0, 300.0, 200.0]), Some([0.0, 0.0, 1.0, 1.0]));
+    assert_eq!(g.map_box([0.0, 0.0, 500.0, 400.0]), Some([0.0, 0.0, 1.0, 1.0]), "clipped");
+    assert_eq!(g.map_box([50.0, 50.0, 150.0, 150.0]), Some([0.0, 0.25, 0.25, 0.75]));
+    assert_eq!(g.map_box([0.0, 0.0, 100.0, 100.0]), None, "entirely in the cropped-off strip");
     assert_eq!(g.map_box([200.0, 100.0, 200.0, 150.0]), None, "zero width");
     assert_eq!(g.map_box([f32::NAN, 0.0, 1.0, 1.0]), None);
 
     // torchvision ImageNet eval: 500×375 → Resize(256) → 341×256 (truncated) → crop 224.
     let g = Geometry::plan(500, 375, &pre(Resize::ShorterSide(256), Some((224, 224)))).unwrap();
     assert_eq!((g.resized_w, g.resized_h), (341, 256));
-    assert_eq!(
-        (g.crop_left, g.crop_top),
-        (58, 16),
-        "round(58.5) = 58 (half to even)"
-    );
+    assert_eq!((g.crop_left, g.crop_top), (58, 16), "round(58.5) = 58 (half to even)");
     // Portrait: the width is the shorter side.
     let g = Geometry::plan(375, 500, &pre(Resize::ShorterSide(256), None)).unwrap();
-    assert_eq!(
-        (g.resized_w, g.resized_h, g.out_w, g.out_h),
-        (256, 341, 256, 341)
-    );
+    assert_eq!((g.resized_w, g.resized_h, g.out_w, g.out_h), (256, 341, 256, 341));
     // Exact resize.
     let g = Geometry::plan(500, 375, &pre(Resize::Exact { h: 10, w: 20 }, None)).unwrap();
-    assert_eq!(
-        (g.resized_w, g.resized_h, g.crop_left, g.crop_top),
-        (20, 10, 0, 0)
-    );
+    assert_eq!((g.resized_w, g.resized_h, g.crop_left, g.crop_top), (20, 10, 0, 0));
     // Zero sizes are errors, not panics.
     assert!(Geometry::plan(500, 375, &pre(Resize::ShorterSide(0), None)).is_err());
     assert!(Geometry::plan(500, 375, &pre(Resize::ShorterSide(8), Some((0, 8)))).is_err());
@@ -483,24 +344,12 @@ fn constant_image_stays_constant_through_resize_and_crop() {
 fn crop_window_resize_equals_full_resize_then_crop() {
     // Noisy pattern so that any misplaced filter tap shows.
     let img = RgbImage::from_fn(500, 375, |x, y| {
-        let v = x
-            .wrapping_mul(2654435761)
-            .wrapping_add(y.wrapping_mul(40503))
-            >> 7;
-        Rgb([
-            (v & 255) as u8,
-            ((v >> 8) & 255) as u8,
-            ((x + y) & 255) as u8,
-        ])
+        let v = x.wrapping_mul(2654435761).wrapping_add(y.wrapping_mul(40503)) >> 7;
+        Rgb([(v & 255) as u8, ((v >> 8) & 255) as u8, ((x + y) & 255) as u8])
     });
     let bytes = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png);
     let full = decode_bytes(&bytes, "n.png", &pre(Resize::ShorterSide(256), None)).unwrap();
-    let crop = decode_bytes(
-        &bytes,
-        "n.png",
-        &pre(Resize::ShorterSide(256), Some((224, 224))),
-    )
-    .unwrap();
+    let crop = decode_bytes(&bytes, "n.png", &pre(Resize::ShorterSide(256), Some((224, 224)))).unwrap();
     let (fw, g) = (full.geometry.out_w as usize, crop.geometry);
     assert_eq!((fw, full.geometry.out_h), (341, 256));
     let mut expected = Vec::with_capacity(224 * 224 * 3);
@@ -509,33 +358,17 @@ fn crop_window_resize_equals_full_resize_then_crop() {
         expected.extend_from_slice(&full.rgb[start..start + 224 * 3]);
     }
     let diff = max_abs_diff(&crop.rgb, &expected);
-    let differing = crop
-        .rgb
-        .iter()
-        .zip(&expected)
-        .filter(|(a, b)| a != b)
-        .count();
-    assert!(
-        diff <= 1 && differing * 1000 <= expected.len(),
-        "max diff {diff}, {differing} values differ"
-    );
+    let differing = crop.rgb.iter().zip(&expected).filter(|(a, b)| a != b).count();
+    assert!(diff <= 1 && differing * 1000 <= expected.len(), "max diff {diff}, {differing} values differ");
 }
 
 #[test]
 fn crop_larger_than_image_is_zero_padded() {
     let img = RgbImage::from_pixel(50, 40, Rgb([9, 8, 7]));
     let bytes = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Png);
-    let d = decode_bytes(
-        &bytes,
-        "s.png",
-        &pre(Resize::Exact { h: 40, w: 50 }, Some((45, 61))),
-    )
-    .unwrap();
+    let d = decode_bytes(&bytes, "s.png", &pre(Resize::Exact { h: 40, w: 50 }, Some((45, 61)))).unwrap();
     let g = d.geometry;
-    assert_eq!(
-        (g.crop_left, g.crop_top, g.out_w, g.out_h),
-        (-5, -2, 61, 45)
-    );
+    assert_eq!((g.crop_left, g.crop_top, g.out_w, g.out_h), (-5, -2, 61, 45));
     for y in 0..45i64 {
         for x in 0..61i64 {
             let i = ((y * 61 + x) * 3) as usize;
@@ -576,11 +409,7 @@ fn mask_maps_into_the_crop() {
     // Wrong size → bad_mask naming both sizes.
     let e = load_mask(&p2, &g).unwrap_err();
     assert_eq!(e.status, Status::BadMask);
-    assert!(
-        e.message.contains("10x10") && e.message.contains("400x200"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("10x10") && e.message.contains("400x200"), "{}", e.message);
     assert!(e.message.contains("rgb.png"), "{}", e.message);
 
     // Missing or not an image → bad_mask.

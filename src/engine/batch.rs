@@ -66,28 +66,15 @@ pub struct TorchAttributor {
 impl TorchAttributor {
     /// Loads a replica of `model` on `device`. `mean` and `std` (0..1 scale) have one value per
     /// model input channel; a 1-channel model gets the images' luminance (ITU-R 601, as PIL's "L").
-    pub fn load(
-        model: &Path,
-        device: Device,
-        opts: EngineOptions,
-        mean: &[f32],
-        std: &[f32],
-    ) -> Result<Self> {
+    pub fn load(model: &Path, device: Device, opts: EngineOptions, mean: &[f32], std: &[f32]) -> Result<Self> {
         if mean.len() != std.len() || mean.is_empty() {
             bail!("mean and std need one value per input channel");
         }
         let engine = GuidedGradCam::load(model, device, opts)?;
         let c = mean.len() as i64;
-        let mean = Tensor::from_slice(mean)
-            .view([1, c, 1, 1])
-            .to_device(device);
+        let mean = Tensor::from_slice(mean).view([1, c, 1, 1]).to_device(device);
         let std = Tensor::from_slice(std).view([1, c, 1, 1]).to_device(device);
-        Ok(Self {
-            engine,
-            mean,
-            std,
-            channels: c,
-        })
+        Ok(Self { engine, mean, std, channels: c })
     }
 
     pub fn engine(&self) -> &GuidedGradCam {
@@ -97,34 +84,20 @@ impl TorchAttributor {
     fn to_input(&self, batch: &U8Batch) -> Result<Tensor> {
         let (n, h, w) = (batch.n as i64, batch.h as i64, batch.w as i64);
         if batch.data.len() != (n * h * w * 3) as usize {
-            bail!(
-                "batch holds {} bytes, expected {n}×{h}×{w}×3",
-                batch.data.len()
-            );
+            bail!("batch holds {} bytes, expected {n}×{h}×{w}×3", batch.data.len());
         }
         let dev = self.engine.device();
         let u8s = Tensor::from_slice(&batch.data).view([n, h, w, 3]);
-        let u8s = if dev == Device::Cpu {
-            u8s
-        } else {
-            u8s.pin_memory(dev)
-                .to_device_(dev, Kind::Uint8, true, false)
-        };
+        let u8s = if dev == Device::Cpu { u8s } else { u8s.pin_memory(dev).to_device_(dev, Kind::Uint8, true, false) };
         let x = tch::no_grad(|| {
             let x = u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
             let x = match self.channels {
                 3 => x,
                 1 => {
-                    let wts = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
-                        .view([1, 3, 1, 1])
-                        .to_device(dev);
+                    let wts = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]).to_device(dev);
                     (x * wts).sum_dim_intlist(&[1i64][..], true, Kind::Float)
                 }
-                c => {
-                    return Err(anyhow::anyhow!(
-                        "the model takes {c} channels; images give 3 (RGB) or 1 (luminance)"
-                    ))
-                }
+                c => return Err(anyhow::anyhow!("the model takes {c} channels; images give 3 (RGB) or 1 (luminance)")),
             };
             Ok((x - &self.mean) / &self.std)
         })?;
@@ -142,17 +115,12 @@ impl Attributor for TorchAttributor {
         let r = self.engine.attribute(&x, &batch.targets)?;
         let n = batch.n as i64;
         let (map, cam, probs, predicted) = tch::no_grad(|| {
-            let map = r
-                .attribution
-                .abs()
-                .sum_dim_intlist(&[1i64][..], false, Kind::Float);
+            let map = r.attribution.abs().sum_dim_intlist(&[1i64][..], false, Kind::Float);
             let probs = r.logits.to_kind(Kind::Float).softmax(1, Kind::Float);
             let predicted = probs.argmax(1, false);
             (map, r.cam.squeeze_dim(1), probs, predicted)
         });
-        let tgt = Tensor::from_slice(&r.targets)
-            .to_device(probs.device())
-            .view([-1, 1]);
+        let tgt = Tensor::from_slice(&r.targets).to_device(probs.device()).view([-1, 1]);
         let target_prob = probs.gather(1, &tgt, false).view([-1]);
         let pred_prob = probs.gather(1, &predicted.view([-1, 1]), false).view([-1]);
         let cpu = Device::Cpu;

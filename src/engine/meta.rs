@@ -47,25 +47,18 @@ pub struct ModelMeta {
 /// Reads the embedded metadata, `Ok(None)` when the file carries none.
 pub fn read_meta(path: &Path) -> anyhow::Result<Option<ModelMeta>> {
     use anyhow::Context;
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open model {}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
     let mut zip = match zip::ZipArchive::new(file) {
         Ok(z) => z,
         // Not a zip: not a TorchScript file; the loader reports that with the contract.
         Err(_) => return Ok(None),
     };
     let suffix = format!("/extra/{META_FILE}");
-    let name = (0..zip.len())
-        .filter_map(|i| zip.name_for_index(i).map(str::to_owned))
-        .find(|n| n.ends_with(&suffix));
+    let name = (0..zip.len()).filter_map(|i| zip.name_for_index(i).map(str::to_owned)).find(|n| n.ends_with(&suffix));
     let Some(name) = name else { return Ok(None) };
     let mut text = String::new();
     zip.by_name(&name)?.read_to_string(&mut text)?;
-    let meta: ModelMeta = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: embedded {META_FILE} is not valid metadata",
-            path.display()
-        )
-    })?;
+    let meta: ModelMeta = serde_json::from_str(&text)
+        .with_context(|| format!("{}: embedded {META_FILE} is not valid metadata", path.display()))?;
     Ok(Some(meta))
 }

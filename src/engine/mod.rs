@@ -52,9 +52,7 @@ impl FromStr for InterpolateMode {
             "bilinear" => Ok(Self::Bilinear),
             "bicubic" => Ok(Self::Bicubic),
             "area" => Ok(Self::Area),
-            _ => Err(format!(
-                "unknown interpolate mode {s:?}: expected nearest, bilinear, bicubic or area"
-            )),
+            _ => Err(format!("unknown interpolate mode {s:?}: expected nearest, bilinear, bicubic or area")),
         }
     }
 }
@@ -79,9 +77,7 @@ impl Rectifiers {
                 "relu6" | "hardtanh" => 2,
                 "leaky_relu" => 4,
                 other => {
-                    return Err(format!(
-                        "unknown rectifier {other:?}: expected relu, relu6, hardtanh or leaky_relu"
-                    ))
+                    return Err(format!("unknown rectifier {other:?}: expected relu, relu6, hardtanh or leaky_relu"))
                 }
             };
         }
@@ -176,20 +172,11 @@ impl GuidedGradCam {
             )
         })?;
         module.set_eval();
-        for (_, p) in module
-            .named_parameters()
-            .context("listing the model's parameters")?
-        {
+        for (_, p) in module.named_parameters().context("listing the model's parameters")? {
             // No weight gradients are ever computed.
             let _ = p.set_requires_grad(false);
         }
-        Ok(Self {
-            module,
-            device,
-            opts,
-            path: path.to_path_buf(),
-            meta,
-        })
+        Ok(Self { module, device, opts, path: path.to_path_buf(), meta })
     }
 
     pub fn device(&self) -> Device {
@@ -208,8 +195,7 @@ impl GuidedGradCam {
     /// (number of classes, activation shape without the batch dim).
     pub fn probe(&self, channels: i64, h: i64, w: i64) -> Result<(i64, Vec<i64>)> {
         disable_graph_optimization();
-        let x =
-            Tensor::zeros([1, channels, h, w], (Kind::Float, self.device)).set_requires_grad(true);
+        let x = Tensor::zeros([1, channels, h, w], (Kind::Float, self.device)).set_requires_grad(true);
         let (logits, act) = self.forward(&x, 1)?;
         Ok((logits.size()[1], act.size()[1..].to_vec()))
     }
@@ -220,28 +206,15 @@ impl GuidedGradCam {
 
     /// One forward; checks the output's form.
     fn forward(&self, x: &Tensor, n: i64) -> Result<(Tensor, Tensor)> {
-        let out = self
-            .module
-            .forward_is(&[IValue::Tensor(x.shallow_clone())])
-            .map_err(|e| {
-                anyhow!(
-                    "{}: forward failed on input {:?}: {}",
-                    self.path.display(),
-                    x.size(),
-                    first_line(&e.to_string())
-                )
-            })?;
+        let out = self.module.forward_is(&[IValue::Tensor(x.shallow_clone())]).map_err(|e| {
+            anyhow!("{}: forward failed on input {:?}: {}", self.path.display(), x.size(), first_line(&e.to_string()))
+        })?;
         let mut parts = match out {
             IValue::Tuple(v) if v.len() == 2 => v,
             IValue::Tuple(v) => {
-                return Err(self.contract_error(&format!(
-                    "forward returned a tuple of {} values, not 2",
-                    v.len()
-                )))
+                return Err(self.contract_error(&format!("forward returned a tuple of {} values, not 2", v.len())))
             }
-            IValue::Tensor(_) => {
-                return Err(self.contract_error("forward returned a single tensor, not a tuple"))
-            }
+            IValue::Tensor(_) => return Err(self.contract_error("forward returned a single tensor, not a tuple")),
             _ => return Err(self.contract_error("forward did not return a tuple")),
         };
         let act = match parts.pop() {
@@ -254,9 +227,7 @@ impl GuidedGradCam {
         };
         let ls = logits.size();
         if ls.len() != 2 || ls[0] != n {
-            return Err(self.contract_error(&format!(
-                "logits have shape {ls:?}, expected [{n}, classes]"
-            )));
+            return Err(self.contract_error(&format!("logits have shape {ls:?}, expected [{n}, classes]")));
         }
         let asz = act.size();
         if asz.len() != 4 || asz[0] != n {
@@ -265,9 +236,7 @@ impl GuidedGradCam {
             )));
         }
         if !act.requires_grad() {
-            return Err(
-                self.contract_error("the activation is not on the autograd path from the input")
-            );
+            return Err(self.contract_error("the activation is not on the autograd path from the input"));
         }
         Ok((logits, act))
     }
@@ -295,9 +264,7 @@ impl GuidedGradCam {
         let (logits, act) = self.forward(&x, n)?;
         let classes = logits.size()[1];
         let predicted: Option<Vec<i64>> = if targets.iter().any(Option::is_none) {
-            Some(Vec::<i64>::try_from(
-                logits.detach().argmax(1, false).to_device(Device::Cpu),
-            )?)
+            Some(Vec::<i64>::try_from(logits.detach().argmax(1, false).to_device(Device::Cpu))?)
         } else {
             None
         };
@@ -305,46 +272,34 @@ impl GuidedGradCam {
         for (i, t) in targets.iter().enumerate() {
             let t = t.unwrap_or_else(|| predicted.as_ref().expect("computed above")[i]);
             if t < 0 || t >= classes {
-                bail!("target {t} of example {i} is out of range: the model has {classes} classes (0..{})", classes - 1);
+                bail!(
+                    "target {t} of example {i} is out of range: the model has {classes} classes (0..{})",
+                    classes - 1
+                );
             }
             resolved.push(t);
         }
-        let tgt = Tensor::from_slice(&resolved)
-            .to_device(self.device)
-            .view([-1, 1]);
+        let tgt = Tensor::from_slice(&resolved).to_device(self.device).view([-1, 1]);
         let sel = logits.gather(1, &tgt, false).sum(Kind::Float);
 
         // 2. Grad-CAM: standard gradients to the layer, graph kept.
         let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
-            self.contract_error(&format!(
-                "no gradient reaches the activation ({})",
-                first_line(&e.to_string())
-            ))
+            self.contract_error(&format!("no gradient reaches the activation ({})", first_line(&e.to_string())))
         })?;
         let ga = &grads[0];
         if !ga.defined() {
-            return Err(
-                self.contract_error("the activation is not on the autograd path to the logits")
-            );
+            return Err(self.contract_error("the activation is not on the autograd path to the logits"));
         }
         let cam = tch::no_grad(|| {
-            let w = ga
-                .to_kind(Kind::Float)
-                .mean_dim(&[2i64, 3][..], true, Kind::Float);
-            (w * act.detach().to_kind(Kind::Float))
-                .sum_dim_intlist(&[1i64][..], true, Kind::Float)
-                .relu()
+            let w = ga.to_kind(Kind::Float).mean_dim(&[2i64, 3][..], true, Kind::Float);
+            (w * act.detach().to_kind(Kind::Float)).sum_dim_intlist(&[1i64][..], true, Kind::Float).relu()
         });
 
         // 3. Guided backprop through the same graph.
         let guided_nodes = shim::add_guided_hooks(&sel, self.opts.rectifiers.bits())
             .map_err(|e| anyhow!("adding guided hooks: {e}"))?;
         let gx = Tensor::f_run_backward(&[&sel], &[&x], false, false).map_err(|e| {
-            anyhow!(
-                "{}: backward to the input failed: {}",
-                self.path.display(),
-                first_line(&e.to_string())
-            )
+            anyhow!("{}: backward to the input failed: {}", self.path.display(), first_line(&e.to_string()))
         })?;
         let gx = &gx[0];
         if !gx.defined() {
@@ -356,13 +311,7 @@ impl GuidedGradCam {
             let up = upsample(&cam, size[2], size[3], self.opts.interpolate);
             gx.to_kind(Kind::Float) * up
         });
-        Ok(Attribution {
-            attribution,
-            cam,
-            logits: logits.detach(),
-            targets: resolved,
-            guided_nodes,
-        })
+        Ok(Attribution { attribution, cam, logits: logits.detach(), targets: resolved, guided_nodes })
     }
 }
 
@@ -379,11 +328,7 @@ pub fn upsample(cam: &Tensor, h: i64, w: i64, mode: InterpolateMode) -> Tensor {
 /// Errors naming the first example (offset by `first_index`) that holds NaN or Inf.
 pub fn check_finite(x: &Tensor, first_index: usize) -> Result<()> {
     let n = x.size()[0];
-    let ok = x
-        .isfinite()
-        .view([n, -1])
-        .all_dim(1, false)
-        .to_device(Device::Cpu);
+    let ok = x.isfinite().reshape([n, -1]).all_dim(1, false).to_device(Device::Cpu);
     let ok = Vec::<bool>::try_from(ok)?;
     if let Some(i) = ok.iter().position(|v| !v) {
         bail!("input example {} holds NaN or Inf values", first_index + i);

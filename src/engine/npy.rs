@@ -26,9 +26,7 @@ impl std::str::FromStr for TargetArg {
         } else if s.ends_with(".npy") {
             Ok(Self::File(PathBuf::from(s)))
         } else {
-            Err(format!(
-                "target {s:?} is neither an integer, `predicted` nor a .npy file"
-            ))
+            Err(format!("target {s:?} is neither an integer, `predicted` nor a .npy file"))
         }
     }
 }
@@ -55,21 +53,13 @@ pub fn attribute_npy(
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let x = Tensor::read_npy(input)
-        .with_context(|| format!("cannot read {} as .npy", input.display()))?;
+    let x = Tensor::read_npy(input).with_context(|| format!("cannot read {} as .npy", input.display()))?;
     if x.kind() != Kind::Float {
-        bail!(
-            "{}: dtype {:?}, expected float32",
-            input.display(),
-            x.kind()
-        );
+        bail!("{}: dtype {:?}, expected float32", input.display(), x.kind());
     }
     let shape = x.size();
     if shape.len() != 4 {
-        bail!(
-            "{}: shape {shape:?}, expected [N, C, H, W]",
-            input.display()
-        );
+        bail!("{}: shape {shape:?}, expected [N, C, H, W]", input.display());
     }
     let n = shape[0];
     super::check_finite(&x, 0).with_context(|| format!("{}", input.display()))?;
@@ -77,8 +67,7 @@ pub fn attribute_npy(
         TargetArg::Predicted => vec![None; n as usize],
         TargetArg::Class(c) => vec![Some(*c); n as usize],
         TargetArg::File(p) => {
-            let t = Tensor::read_npy(p)
-                .with_context(|| format!("cannot read {} as .npy", p.display()))?;
+            let t = Tensor::read_npy(p).with_context(|| format!("cannot read {} as .npy", p.display()))?;
             if !matches!(t.kind(), Kind::Int64 | Kind::Int) {
                 bail!("{}: dtype {:?}, expected int64", p.display(), t.kind());
             }
@@ -90,10 +79,7 @@ pub fn attribute_npy(
                     input.display()
                 );
             }
-            Vec::<i64>::try_from(t.to_kind(Kind::Int64))?
-                .into_iter()
-                .map(Some)
-                .collect()
+            Vec::<i64>::try_from(t.to_kind(Kind::Int64))?.into_iter().map(Some).collect()
         }
     };
     let engine = GuidedGradCam::load(model, device, opts)?;
@@ -117,17 +103,9 @@ pub fn attribute_npy(
         batches += 1;
         start += len;
     }
-    Tensor::cat(&attrs, 0)
-        .write_npy(out)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    Tensor::cat(&attrs, 0).write_npy(out).with_context(|| format!("cannot write {}", out.display()))?;
     if let Some(p) = cam_out {
-        Tensor::cat(&cams, 0)
-            .write_npy(p)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        Tensor::cat(&cams, 0).write_npy(p).with_context(|| format!("cannot write {}", p.display()))?;
     }
-    Ok(NpyRun {
-        examples: n,
-        batches,
-        targets: resolved,
-    })
+    Ok(NpyRun { examples: n, batches, targets: resolved })
 }

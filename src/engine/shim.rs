@@ -6,12 +6,7 @@ use tch::Tensor;
 extern "C" {
     fn sa_set_graph_executor_optimize(on: c_int);
     fn sa_get_graph_executor_optimize() -> c_int;
-    fn sa_add_guided_hooks(
-        root: *const torch_sys::C_tensor,
-        kinds: c_int,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
+    fn sa_add_guided_hooks(root: *const torch_sys::C_tensor, kinds: c_int, err: *mut c_char, err_len: usize) -> c_int;
 }
 
 /// Turns the TorchScript graph executor's optimisation off for the calling thread.
@@ -33,12 +28,7 @@ pub fn graph_optimization_enabled() -> bool {
 pub fn add_guided_hooks(root: &Tensor, kinds: u32) -> Result<usize, String> {
     let mut buf = vec![0 as c_char; 1024];
     let n = unsafe {
-        sa_add_guided_hooks(
-            root.as_ptr() as *const torch_sys::C_tensor,
-            kinds as c_int,
-            buf.as_mut_ptr(),
-            buf.len(),
-        )
+        sa_add_guided_hooks(root.as_ptr() as *const torch_sys::C_tensor, kinds as c_int, buf.as_mut_ptr(), buf.len())
     };
     if n < 0 {
         let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };

@@ -21,12 +21,7 @@ pub struct JobError {
 impl JobError {
     /// An error about the job file as a whole (no key, no line).
     pub fn file(file: &Path, message: impl Into<String>) -> Self {
-        JobError {
-            file: file.to_path_buf(),
-            key: None,
-            line: None,
-            message: message.into(),
-        }
+        JobError { file: file.to_path_buf(), key: None, line: None, message: message.into() }
     }
 }
 

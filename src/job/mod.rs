@@ -16,9 +16,9 @@ use std::path::PathBuf;
 pub use error::JobError;
 pub use resolve::{load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 pub use spec::{
-    parse_spec, valid_device, AttributionSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec,
-    OutputSpec, PreprocessSpec, RegionSpec, RuntimeSpec, SizeSpec, TargetSpec, INTERPOLATE_MODES,
-    MANIFEST_EXTENSIONS, PRECISIONS, RECTIFIERS,
+    parse_spec, valid_device, AttributionSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec, OutputSpec,
+    PreprocessSpec, RegionSpec, RuntimeSpec, SizeSpec, TargetSpec, INTERPOLATE_MODES, MANIFEST_EXTENSIONS, PRECISIONS,
+    RECTIFIERS,
 };
 
 /// A validated job: what `saliency-audit run` does, with every path resolved and every default
@@ -157,9 +157,7 @@ impl InterpolateMode {
 
     /// The mode named `s`, if any.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Nearest, Self::Bilinear, Self::Bicubic, Self::Area]
-            .into_iter()
-            .find(|m| m.as_str() == s)
+        [Self::Nearest, Self::Bilinear, Self::Bicubic, Self::Area].into_iter().find(|m| m.as_str() == s)
     }
 }
 
@@ -221,9 +219,7 @@ impl fmt::Display for Job {
         writeln!(f, "job:          {}", self.job_file.display())?;
         match &self.dataset {
             DatasetSource::Manifest(p) => writeln!(f, "dataset:      manifest {}", p.display())?,
-            DatasetSource::ImageFolder(p) => {
-                writeln!(f, "dataset:      image folder {}", p.display())?
-            }
+            DatasetSource::ImageFolder(p) => writeln!(f, "dataset:      image folder {}", p.display())?,
         }
         writeln!(f, "model:        {}", self.model.display())?;
         match (&self.class_names, self.num_classes) {
@@ -246,17 +242,8 @@ impl fmt::Display for Job {
             None => String::new(),
         };
         let (h, w) = p.input_size();
-        writeln!(
-            f,
-            "preprocess:   resize {resize}{crop} (model input {h}x{w}, {} channels)",
-            p.channels()
-        )?;
-        writeln!(
-            f,
-            "normalise:    mean {}, std {}",
-            list(&p.mean),
-            list(&p.std)
-        )?;
+        writeln!(f, "preprocess:   resize {resize}{crop} (model input {h}x{w}, {} channels)", p.channels())?;
+        writeln!(f, "normalise:    mean {}, std {}", list(&p.mean), list(&p.std))?;
         writeln!(f, "max pixels:   {}", p.max_pixels)?;
         writeln!(f, "target:       {}", self.target)?;
         let rect = format!("[{}]", self.guided_rectifiers.join(", "));
@@ -284,11 +271,8 @@ impl fmt::Display for Job {
         if self.regions.is_empty() {
             write!(f, "regions:      none")
         } else {
-            let r: Vec<String> = self
-                .regions
-                .iter()
-                .map(|(n, x0, y0, x1, y1)| format!("{n} x {x0}..{x1}, y {y0}..{y1}"))
-                .collect();
+            let r: Vec<String> =
+                self.regions.iter().map(|(n, x0, y0, x1, y1)| format!("{n} x {x0}..{x1}, y {y0}..{y1}")).collect();
             write!(f, "regions:      {}", r.join("; "))
         }
     }

@@ -36,12 +36,8 @@ where
     let spec = parse_spec(&text, job_file)?;
     let job_dir = job_file.parent().unwrap_or(Path::new(""));
     let model = model_file(&spec, job_dir)?;
-    let meta = read_meta(&model).map_err(|e| {
-        spec.error(
-            "model.path",
-            format!("cannot read the metadata of {}: {e:#}", model.display()),
-        )
-    })?;
+    let meta = read_meta(&model)
+        .map_err(|e| spec.error("model.path", format!("cannot read the metadata of {}: {e:#}", model.display())))?;
     resolve(spec, job_dir, meta.as_ref())
 }
 
@@ -49,10 +45,7 @@ where
 fn model_file(spec: &JobSpec, job_dir: &Path) -> Result<PathBuf, JobError> {
     let model = job_dir.join(&spec.model.path);
     if !model.is_file() {
-        return Err(spec.error(
-            "model.path",
-            format!("no model file at {}", model.display()),
-        ));
+        return Err(spec.error("model.path", format!("no model file at {}", model.display())));
     }
     Ok(model)
 }
@@ -69,49 +62,33 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         (Some(m), _) => {
             let p = job_dir.join(m);
             if !p.is_file() {
-                return Err(spec.error(
-                    "dataset.manifest",
-                    format!("no manifest file at {}", p.display()),
-                ));
+                return Err(spec.error("dataset.manifest", format!("no manifest file at {}", p.display())));
             }
             DatasetSource::Manifest(p)
         }
         (None, Some(f)) => {
             let p = job_dir.join(f);
             if !p.is_dir() {
-                return Err(spec.error(
-                    "dataset.image_folder",
-                    format!("no folder at {}", p.display()),
-                ));
+                return Err(spec.error("dataset.image_folder", format!("no folder at {}", p.display())));
             }
             DatasetSource::ImageFolder(p)
         }
-        (None, None) => {
-            return Err(spec.error("dataset", "give one of `manifest` or `image_folder`"))
-        }
+        (None, None) => return Err(spec.error("dataset", "give one of `manifest` or `image_folder`")),
     };
     let output = job_dir.join(&spec.output.path);
     if output.exists() && !output.is_dir() {
-        return Err(spec.error(
-            "output.path",
-            format!("{} exists and is not a folder", output.display()),
-        ));
+        return Err(spec.error("output.path", format!("{} exists and is not a folder", output.display())));
     }
 
     let preprocess = preprocess(&spec, meta)?;
 
     let class_names = meta.class_names.clone();
-    let num_classes = meta
-        .num_classes
-        .or(class_names.as_ref().map(|c| c.len() as i64));
+    let num_classes = meta.num_classes.or(class_names.as_ref().map(|c| c.len() as i64));
     if let (Some(n), Some(names)) = (meta.num_classes, &class_names) {
         if names.len() as i64 != n {
             return Err(spec.error(
                 "model.path",
-                format!(
-                    "the model's metadata lists {} class names but num_classes is {n}",
-                    names.len()
-                ),
+                format!("the model's metadata lists {} class names but num_classes is {n}", names.len()),
             ));
         }
     }
@@ -121,18 +98,13 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         None => Target::Label,
         Some(TargetSpec::Name(n)) if n == "predicted" => Target::Predicted,
         Some(TargetSpec::Name(n)) if n == "label" => Target::Label,
-        Some(TargetSpec::Name(n)) => {
-            return Err(spec.error("attribution.target", format!("\"{n}\" is not a target")))
-        }
+        Some(TargetSpec::Name(n)) => return Err(spec.error("attribution.target", format!("\"{n}\" is not a target"))),
         Some(TargetSpec::Class(c)) => {
             if let Some(n) = num_classes {
                 if !(0..n).contains(c) {
                     return Err(spec.error(
                         "attribution.target",
-                        format!(
-                            "class {c} is not a class of the model (it has {n} classes: 0..{})",
-                            n - 1
-                        ),
+                        format!("class {c} is not a class of the model (it has {n} classes: 0..{})", n - 1),
                     ));
                 }
             }
@@ -141,26 +113,14 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
     };
     let interpolate_mode = match &a.interpolate_mode {
         None => InterpolateMode::Nearest,
-        Some(m) => InterpolateMode::parse(m).ok_or_else(|| {
-            spec.error(
-                "attribution.interpolate_mode",
-                format!("\"{m}\" is not a mode"),
-            )
-        })?,
+        Some(m) => InterpolateMode::parse(m)
+            .ok_or_else(|| spec.error("attribution.interpolate_mode", format!("\"{m}\" is not a mode")))?,
     };
-    let guided_rectifiers = a
-        .guided_rectifiers
-        .clone()
-        .unwrap_or_else(|| vec!["relu".to_owned()]);
+    let guided_rectifiers = a.guided_rectifiers.clone().unwrap_or_else(|| vec!["relu".to_owned()]);
     let precision = match a.precision.as_deref() {
         None | Some("fp32") => Precision::Fp32,
         Some("bf16") => Precision::Bf16,
-        Some(p) => {
-            return Err(spec.error(
-                "attribution.precision",
-                format!("\"{p}\" is not a precision"),
-            ))
-        }
+        Some(p) => return Err(spec.error("attribution.precision", format!("\"{p}\" is not a precision"))),
     };
     let devices = match &spec.runtime.devices {
         None => Devices::List(vec!["cpu".to_owned()]),
@@ -183,11 +143,7 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         output,
         map_size: spec.output.map_size.unwrap_or(DEFAULT_MAP_SIZE),
         rows_per_part: spec.output.rows_per_part.unwrap_or(DEFAULT_ROWS_PER_PART),
-        regions: spec
-            .regions
-            .iter()
-            .map(|r| (r.name.clone(), r.x0, r.y0, r.x1, r.y1))
-            .collect(),
+        regions: spec.regions.iter().map(|r| (r.name.clone(), r.x0, r.y0, r.x1, r.y1)).collect(),
         class_names,
         num_classes,
         spec_text: spec.text().to_owned(),
@@ -201,10 +157,7 @@ fn meta_input_size(spec: &JobSpec, meta: &ModelMeta) -> Result<Option<(u32, u32)
     };
     match (u32::try_from(h), u32::try_from(w)) {
         (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok(Some((h, w))),
-        _ => Err(spec.error(
-            "model.path",
-            format!("the model's metadata has an invalid input_size [{h}, {w}]"),
-        )),
+        _ => Err(spec.error("model.path", format!("the model's metadata has an invalid input_size [{h}, {w}]"))),
     }
 }
 
@@ -253,16 +206,10 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
     let channels = meta.channels;
     if let Some(c) = channels {
         if c < 1 {
-            return Err(spec.error(
-                "model.path",
-                format!("the model's metadata has an invalid channels {c}"),
-            ));
+            return Err(spec.error("model.path", format!("the model's metadata has an invalid channels {c}")));
         }
     }
-    let pick = |key: &str,
-                given: &Option<Vec<f32>>,
-                from_meta: &Option<Vec<f32>>,
-                imagenet: &[f32; 3]| {
+    let pick = |key: &str, given: &Option<Vec<f32>>, from_meta: &Option<Vec<f32>>, imagenet: &[f32; 3]| {
         if let Some(v) = given {
             return Ok((v.clone(), true));
         }
@@ -287,18 +234,11 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
         }
     };
     if let Some(c) = channels {
-        for (key, v, given) in [
-            ("preprocess.mean", &mean, mean_given),
-            ("preprocess.std", &std, std_given),
-        ] {
+        for (key, v, given) in [("preprocess.mean", &mean, mean_given), ("preprocess.std", &std, std_given)] {
             if v.len() as i64 != c {
                 return Err(spec.error(
                     key,
-                    format!(
-                        "has {} values{} but the model has {c} input channels",
-                        v.len(),
-                        origin(given)
-                    ),
+                    format!("has {} values{} but the model has {c} input channels", v.len(), origin(given)),
                 ));
             }
         }
@@ -316,22 +256,10 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
         ));
     }
     if let Some(x) = std.iter().find(|&&x| !(x > 0.0 && x.is_finite())) {
-        return Err(spec.error(
-            "preprocess.std",
-            format!("{x}{} is not above 0", origin(std_given)),
-        ));
+        return Err(spec.error("preprocess.std", format!("{x}{} is not above 0", origin(std_given))));
     }
     if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
-        return Err(spec.error(
-            "preprocess.mean",
-            format!("{x}{} is not a finite number", origin(mean_given)),
-        ));
+        return Err(spec.error("preprocess.mean", format!("{x}{} is not a finite number", origin(mean_given))));
     }
-    Ok(Preprocess {
-        resize,
-        crop,
-        mean,
-        std,
-        max_pixels: p.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS),
-    })
+    Ok(Preprocess { resize, crop, mean, std, max_pixels: p.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS) })
 }

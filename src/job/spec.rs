@@ -192,22 +192,14 @@ impl<'de> Deserialize<'de> for SizeSpec {
                 f.write_str("a size in pixels or [height, width]")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<SizeSpec, E> {
-                u32::try_from(v)
-                    .map(SizeSpec::Side)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                u32::try_from(v).map(SizeSpec::Side).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<SizeSpec, E> {
-                u32::try_from(v)
-                    .map(SizeSpec::Side)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                u32::try_from(v).map(SizeSpec::Side).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SizeSpec, A::Error> {
-                let h: u32 = seq
-                    .next_element()?
-                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
-                let w: u32 = seq
-                    .next_element()?
-                    .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                let h: u32 = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let w: u32 = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
                 if seq.next_element::<de::IgnoredAny>()?.is_some() {
                     return Err(de::Error::invalid_length(3, &self));
                 }
@@ -290,20 +282,11 @@ impl SpecSource {
     fn new(text: &str, origin: &Path) -> Result<Self, JobError> {
         let table = toml::de::DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| line_at(text, s.start));
-            JobError {
-                file: origin.to_path_buf(),
-                key: None,
-                line,
-                message: e.message().trim().to_owned(),
-            }
+            JobError { file: origin.to_path_buf(), key: None, line, message: e.message().trim().to_owned() }
         })?;
         let mut keys = Vec::new();
         index_table("", table.get_ref(), &mut keys);
-        Ok(SpecSource {
-            origin: origin.to_path_buf(),
-            text: text.to_owned(),
-            keys,
-        })
+        Ok(SpecSource { origin: origin.to_path_buf(), text: text.to_owned(), keys })
     }
 
     /// The line of `path`, or of the nearest enclosing key that is written in the file.
@@ -334,11 +317,7 @@ impl SpecSource {
         self.keys
             .iter()
             .filter_map(|k| {
-                [&k.key, &k.value]
-                    .into_iter()
-                    .filter(|r| holds(r))
-                    .map(|r| (r.len(), k))
-                    .min_by_key(|(len, _)| *len)
+                [&k.key, &k.value].into_iter().filter(|r| holds(r)).map(|r| (r.len(), k)).min_by_key(|(len, _)| *len)
             })
             .min_by_key(|(len, _)| *len)
             .map(|(_, k)| k)
@@ -374,11 +353,7 @@ fn join_key(prefix: &str, key: &str) -> String {
 fn index_table(prefix: &str, table: &toml::de::DeTable<'_>, out: &mut Vec<KeySpan>) {
     for (k, v) in table.iter() {
         let path = join_key(prefix, k.get_ref());
-        out.push(KeySpan {
-            path: path.clone(),
-            key: k.span(),
-            value: v.span(),
-        });
+        out.push(KeySpan { path: path.clone(), key: k.span(), value: v.span() });
         index_value(&path, v.get_ref(), out);
     }
 }
@@ -389,11 +364,7 @@ fn index_value(path: &str, value: &toml::de::DeValue<'_>, out: &mut Vec<KeySpan>
         toml::de::DeValue::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let p = format!("{path}[{i}]");
-                out.push(KeySpan {
-                    path: p.clone(),
-                    key: item.span(),
-                    value: item.span(),
-                });
+                out.push(KeySpan { path: p.clone(), key: item.span(), value: item.span() });
                 index_value(&p, item.get_ref(), out);
             }
         }
@@ -404,11 +375,7 @@ fn index_value(path: &str, value: &toml::de::DeValue<'_>, out: &mut Vec<KeySpan>
 /// 1-based line of byte offset `at`.
 fn line_at(text: &str, at: usize) -> usize {
     let at = at.min(text.len());
-    text.as_bytes()[..at]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// Parses and checks a job spec. `origin` is the job file's path, used in messages only.
@@ -444,24 +411,11 @@ impl JobSpec {
         let s = &self.source;
         // [dataset]
         match (&self.dataset.manifest, &self.dataset.image_folder) {
-            (Some(_), Some(_)) => {
-                return Err(s.error(
-                    "dataset",
-                    "give either `manifest` or `image_folder`, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(s.error("dataset", "give one of `manifest` or `image_folder`"))
-            }
+            (Some(_), Some(_)) => return Err(s.error("dataset", "give either `manifest` or `image_folder`, not both")),
+            (None, None) => return Err(s.error("dataset", "give one of `manifest` or `image_folder`")),
             (Some(m), None) => {
-                let ext = m
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_ascii_lowercase);
-                if !ext
-                    .as_deref()
-                    .is_some_and(|e| MANIFEST_EXTENSIONS.contains(&e))
-                {
+                let ext = m.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+                if !ext.as_deref().is_some_and(|e| MANIFEST_EXTENSIONS.contains(&e)) {
                     return Err(s.error(
                         "dataset.manifest",
                         format!(
@@ -505,10 +459,7 @@ impl JobSpec {
         }
         if let Some(std) = &p.std {
             if let Some(i) = std.iter().position(|&x| x <= 0.0) {
-                return Err(s.error(
-                    &format!("preprocess.std[{i}]"),
-                    format!("must be above 0, not {}", std[i]),
-                ));
+                return Err(s.error(&format!("preprocess.std[{i}]"), format!("must be above 0, not {}", std[i])));
             }
         }
         if let (Some(mean), Some(std)) = (&p.mean, &p.std) {
@@ -544,10 +495,7 @@ impl JobSpec {
             if !INTERPOLATE_MODES.contains(&m.as_str()) {
                 return Err(s.error(
                     "attribution.interpolate_mode",
-                    format!(
-                        "\"{m}\" is not an interpolation mode: use one of {}",
-                        quoted(&INTERPOLATE_MODES)
-                    ),
+                    format!("\"{m}\" is not an interpolation mode: use one of {}", quoted(&INTERPOLATE_MODES)),
                 ));
             }
         }
@@ -556,13 +504,9 @@ impl JobSpec {
             for (i, r) in list.iter().enumerate() {
                 let key = format!("attribution.guided_rectifiers[{i}]");
                 if !RECTIFIERS.contains(&r.as_str()) {
-                    return Err(s.error(
-                        &key,
-                        format!(
-                            "\"{r}\" is not a rectifier kind: use any of {}",
-                            quoted(&RECTIFIERS)
-                        ),
-                    ));
+                    return Err(
+                        s.error(&key, format!("\"{r}\" is not a rectifier kind: use any of {}", quoted(&RECTIFIERS)))
+                    );
                 }
                 if !seen.insert(r.as_str()) {
                     return Err(s.error(&key, format!("\"{r}\" is listed twice")));
@@ -573,10 +517,7 @@ impl JobSpec {
             if !PRECISIONS.contains(&pr.as_str()) {
                 return Err(s.error(
                     "attribution.precision",
-                    format!(
-                        "\"{pr}\" is not a precision: use one of {}",
-                        quoted(&PRECISIONS)
-                    ),
+                    format!("\"{pr}\" is not a precision: use one of {}", quoted(&PRECISIONS)),
                 ));
             }
         }
@@ -586,17 +527,14 @@ impl JobSpec {
             Some(DevicesSpec::Name(n)) if n != "all" => {
                 return Err(s.error(
                     "runtime.devices",
-                    format!(
-                        "\"{n}\" is not a device list: write a list such as [\"{n}\"], or \"all\""
-                    ),
+                    format!("\"{n}\" is not a device list: write a list such as [\"{n}\"], or \"all\""),
                 ))
             }
             Some(DevicesSpec::List(list)) => {
                 if list.is_empty() {
-                    return Err(s.error(
-                        "runtime.devices",
-                        "the list is empty: name at least one device, or use \"all\"",
-                    ));
+                    return Err(
+                        s.error("runtime.devices", "the list is empty: name at least one device, or use \"all\"")
+                    );
                 }
                 let mut seen = HashSet::new();
                 for (i, d) in list.iter().enumerate() {
@@ -632,49 +570,26 @@ impl JobSpec {
         for (i, reg) in self.regions.iter().enumerate() {
             let key = |k: &str| format!("regions[{i}].{k}");
             if reg.name.is_empty()
-                || !reg
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                || !reg.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             {
                 return Err(s.error(
                     &key("name"),
-                    format!(
-                        "\"{}\" is not a region name: use lower-case letters, digits and _",
-                        reg.name
-                    ),
+                    format!("\"{}\" is not a region name: use lower-case letters, digits and _", reg.name),
                 ));
             }
             if !names.insert(reg.name.as_str()) {
-                return Err(s.error(
-                    &key("name"),
-                    format!("region name \"{}\" is used twice", reg.name),
-                ));
+                return Err(s.error(&key("name"), format!("region name \"{}\" is used twice", reg.name)));
             }
-            for (k, v) in [
-                ("x0", reg.x0),
-                ("y0", reg.y0),
-                ("x1", reg.x1),
-                ("y1", reg.y1),
-            ] {
+            for (k, v) in [("x0", reg.x0), ("y0", reg.y0), ("x1", reg.x1), ("y1", reg.y1)] {
                 if !(0.0..=1.0).contains(&v) {
-                    return Err(s.error(
-                        &key(k),
-                        format!("{v} is outside 0..1 (a fraction of the model input)"),
-                    ));
+                    return Err(s.error(&key(k), format!("{v} is outside 0..1 (a fraction of the model input)")));
                 }
             }
             if reg.x0 >= reg.x1 {
-                return Err(s.error(
-                    &key("x1"),
-                    format!("x1 ({}) must be above x0 ({})", reg.x1, reg.x0),
-                ));
+                return Err(s.error(&key("x1"), format!("x1 ({}) must be above x0 ({})", reg.x1, reg.x0)));
             }
             if reg.y0 >= reg.y1 {
-                return Err(s.error(
-                    &key("y1"),
-                    format!("y1 ({}) must be above y0 ({})", reg.y1, reg.y0),
-                ));
+                return Err(s.error(&key("y1"), format!("y1 ({}) must be above y0 ({})", reg.y1, reg.y0)));
             }
         }
         Ok(())
@@ -694,17 +609,11 @@ impl SizeSpec {
 /// Whether `d` is `cpu`, `cuda` or `cuda:N`.
 pub fn valid_device(d: &str) -> bool {
     match d.strip_prefix("cuda:") {
-        Some(n) => {
-            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u32>().is_ok()
-        }
+        Some(n) => !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u32>().is_ok(),
         None => d == "cpu" || d == "cuda",
     }
 }
 
 fn quoted(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
+    names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
 }

@@ -42,8 +42,7 @@ x1 = 0.75
 y1 = 0.75
 "#;
 
-const MINIMAL: &str =
-    "[dataset]\nimage_folder = \"train\"\n[model]\npath = \"m.pt\"\n[output]\npath = \"out\"\n";
+const MINIMAL: &str = "[dataset]\nimage_folder = \"train\"\n[model]\npath = \"m.pt\"\n[output]\npath = \"out\"\n";
 
 fn parse(text: &str) -> Result<JobSpec, JobError> {
     parse_spec(text, Path::new("job.toml"))
@@ -70,14 +69,8 @@ fn assert_err(text: &str, key: &str, line: usize) -> JobError {
     let err = parse(text).expect_err("spec should be rejected");
     let msg = err.to_string();
     assert!(msg.contains(key), "message {msg:?} does not name {key}");
-    assert!(
-        msg.contains(&format!("line {line}:")),
-        "message {msg:?} does not name line {line}"
-    );
-    assert!(
-        msg.starts_with("job.toml"),
-        "message {msg:?} does not name the file"
-    );
+    assert!(msg.contains(&format!("line {line}:")), "message {msg:?} does not name line {line}");
+    assert!(msg.starts_with("job.toml"), "message {msg:?} does not name the file");
     err
 }
 
@@ -103,10 +96,7 @@ impl Dir {
 fn full_spec_resolves() {
     let d = Dir::new();
     let job = resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
-    assert_eq!(
-        job.dataset,
-        DatasetSource::Manifest(d.path().join("samples.csv"))
-    );
+    assert_eq!(job.dataset, DatasetSource::Manifest(d.path().join("samples.csv")));
     assert_eq!(job.model, d.path().join("model.pt"));
     assert_eq!(job.preprocess.resize, Resize::ShorterSide(256));
     assert_eq!(job.preprocess.crop, Some((224, 224)));
@@ -118,10 +108,7 @@ fn full_spec_resolves() {
     assert_eq!(job.interpolate_mode, InterpolateMode::Bilinear);
     assert_eq!(job.guided_rectifiers, vec!["relu", "relu6"]);
     assert_eq!(job.precision, Precision::Bf16);
-    assert_eq!(
-        job.devices,
-        Devices::List(vec!["cuda:0".into(), "cuda:1".into()])
-    );
+    assert_eq!(job.devices, Devices::List(vec!["cuda:0".into(), "cuda:1".into()]));
     assert_eq!(job.batch_size, 16);
     assert_eq!(job.decode_threads, 4);
     assert_eq!(job.output, d.path().join("out/"));
@@ -129,10 +116,7 @@ fn full_spec_resolves() {
     assert_eq!(job.rows_per_part, 100);
     assert_eq!(
         job.regions,
-        vec![
-            ("top_right".into(), 0.75, 0.0, 1.0, 0.25),
-            ("centre".into(), 0.25, 0.25, 0.75, 0.75)
-        ]
+        vec![("top_right".into(), 0.75, 0.0, 1.0, 0.25), ("centre".into(), 0.25, 0.25, 0.75, 0.75)]
     );
     assert_eq!(job.class_names, None);
     assert_eq!(job.spec_text, FULL);
@@ -154,16 +138,9 @@ fn full_spec_resolves() {
 #[test]
 fn minimal_spec_takes_defaults() {
     let d = Dir::new();
-    let meta = ModelMeta {
-        input_size: Some([224, 224]),
-        resize: Some(256),
-        ..Default::default()
-    };
+    let meta = ModelMeta { input_size: Some([224, 224]), resize: Some(256), ..Default::default() };
     let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
-    assert_eq!(
-        job.dataset,
-        DatasetSource::ImageFolder(d.path().join("train"))
-    );
+    assert_eq!(job.dataset, DatasetSource::ImageFolder(d.path().join("train")));
     assert_eq!(job.target, Target::Label);
     assert_eq!(job.interpolate_mode, InterpolateMode::Nearest);
     assert_eq!(job.guided_rectifiers, vec!["relu"]);
@@ -197,18 +174,12 @@ fn defaults_from_model_metadata() {
     assert_eq!(job.preprocess.crop, Some((200, 180)));
     assert_eq!(job.preprocess.mean, vec![0.5]);
     assert_eq!(job.preprocess.std, vec![0.25]);
-    assert_eq!(
-        job.class_names,
-        Some(vec!["cat".to_string(), "dog".to_string()])
-    );
+    assert_eq!(job.class_names, Some(vec!["cat".to_string(), "dog".to_string()]));
     assert_eq!(job.num_classes, Some(2));
     assert!(job.to_string().contains("classes:      2 (cat, dog)"));
 
     // input_size alone: an exact resize to it, no crop.
-    let meta = ModelMeta {
-        input_size: Some([128, 96]),
-        ..Default::default()
-    };
+    let meta = ModelMeta { input_size: Some([128, 96]), ..Default::default() };
     let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
     assert_eq!(job.preprocess.resize, Resize::Exact { h: 128, w: 96 });
     assert_eq!(job.preprocess.crop, None);
@@ -216,11 +187,7 @@ fn defaults_from_model_metadata() {
 
     // A spec value wins over the metadata; a single-number resize crops to input_size.
     let text = format!("{MINIMAL}[preprocess]\nresize = 300\n");
-    let meta = ModelMeta {
-        input_size: Some([224, 224]),
-        resize: Some(256),
-        ..Default::default()
-    };
+    let meta = ModelMeta { input_size: Some([224, 224]), resize: Some(256), ..Default::default() };
     let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
     assert_eq!(job.preprocess.resize, Resize::ShorterSide(300));
     assert_eq!(job.preprocess.crop, Some((224, 224)));
@@ -229,22 +196,12 @@ fn defaults_from_model_metadata() {
 #[test]
 fn missing_size_is_explained() {
     let d = Dir::new();
-    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("preprocess.resize") && err.contains("input_size"),
-        "{err}"
-    );
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("preprocess.resize") && err.contains("input_size"), "{err}");
 
     let text = format!("{MINIMAL}[preprocess]\nresize = 256\n");
-    let err = resolve(parse(&text).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("preprocess.crop") && err.contains("batch needs one size"),
-        "{err}"
-    );
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("preprocess.crop") && err.contains("batch needs one size"), "{err}");
     assert!(err.contains("line 7"), "{err}");
 
     let text = format!("{MINIMAL}[preprocess]\nresize = [240, 320]\n");
@@ -256,40 +213,20 @@ fn missing_size_is_explained() {
 #[test]
 fn mean_std_must_match_channels() {
     let d = Dir::new();
-    let meta = ModelMeta {
-        channels: Some(1),
-        input_size: Some([28, 28]),
-        ..Default::default()
-    };
+    let meta = ModelMeta { channels: Some(1), input_size: Some([28, 28]), ..Default::default() };
     // Spec gives 3 values for a 1-channel model: names the key and line 8.
-    let err = resolve(parse(FULL).unwrap(), d.path(), Some(&meta))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("preprocess.mean")
-            && err.contains("line 8")
-            && err.contains("1 input channels"),
-        "{err}"
-    );
+    let err = resolve(parse(FULL).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
+    assert!(err.contains("preprocess.mean") && err.contains("line 8") && err.contains("1 input channels"), "{err}");
     // Nothing gives mean/std for a 1-channel model.
-    let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("preprocess.mean") && err.contains("1 input channels"),
-        "{err}"
-    );
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
+    assert!(err.contains("preprocess.mean") && err.contains("1 input channels"), "{err}");
     // mean and std of different lengths within the spec.
     assert_err(&full_with("std", "std = [0.2, 0.2]"), "preprocess.std", 9);
 }
 
 #[test]
 fn std_must_be_positive() {
-    let e = assert_err(
-        &full_with("std", "std = [0.2, 0.0, 0.2]"),
-        "preprocess.std[1]",
-        9,
-    );
+    let e = assert_err(&full_with("std", "std = [0.2, 0.0, 0.2]"), "preprocess.std[1]", 9);
     assert!(e.message.contains("above 0"));
 }
 
@@ -310,10 +247,7 @@ fn relative_and_absolute_paths() {
         Ok(None)
     })
     .unwrap();
-    assert_eq!(
-        job.dataset,
-        DatasetSource::Manifest(d.path().join("jobs").join("../samples.csv"))
-    );
+    assert_eq!(job.dataset, DatasetSource::Manifest(d.path().join("jobs").join("../samples.csv")));
     assert_eq!(job.model, abs_model);
     assert_eq!(seen, Some(abs_model));
     assert_eq!(job.output, d.path().join("jobs/results"));
@@ -325,42 +259,19 @@ fn relative_and_absolute_paths() {
 fn missing_files_name_the_key() {
     let d = Dir::new();
     let text = FULL.replace("model.pt", "nope.pt");
-    let err = resolve(parse(&text).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("model.path") && err.contains("line 4") && err.contains("nope.pt"),
-        "{err}"
-    );
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("model.path") && err.contains("line 4") && err.contains("nope.pt"), "{err}");
     let text = FULL.replace("samples.csv", "nope.csv");
-    let err = resolve(parse(&text).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("dataset.manifest") && err.contains("line 2") && err.contains("nope.csv"),
-        "{err}"
-    );
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("dataset.manifest") && err.contains("line 2") && err.contains("nope.csv"), "{err}");
     let text = MINIMAL.replace("train", "nope");
-    let err = resolve(parse(&text).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("dataset.image_folder") && err.contains("line 2"),
-        "{err}"
-    );
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("dataset.image_folder") && err.contains("line 2"), "{err}");
     std::fs::write(d.path().join("out"), "a file").unwrap();
-    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("output.path") && err.contains("not a folder"),
-        "{err}"
-    );
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("output.path") && err.contains("not a folder"), "{err}");
     let err = load(&d.path().join("absent.toml")).unwrap_err().to_string();
-    assert!(
-        err.contains("absent.toml") && err.contains("cannot read"),
-        "{err}"
-    );
+    assert!(err.contains("absent.toml") && err.contains("cannot read"), "{err}");
 }
 
 #[test]
@@ -368,13 +279,8 @@ fn metadata_reader_failure_names_the_model() {
     let d = Dir::new();
     let job_file = d.path().join("job.toml");
     std::fs::write(&job_file, FULL).unwrap();
-    let err = load_with(&job_file, |_| anyhow::bail!("broken archive"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("model.path") && err.contains("broken archive") && err.contains("line 4"),
-        "{err}"
-    );
+    let err = load_with(&job_file, |_| anyhow::bail!("broken archive")).unwrap_err().to_string();
+    assert!(err.contains("model.path") && err.contains("broken archive") && err.contains("line 4"), "{err}");
 }
 
 #[test]
@@ -388,133 +294,47 @@ fn load_reads_a_non_zip_model_without_metadata() {
 
 #[test]
 fn semantic_errors_name_key_and_line() {
+    assert_err(&full_with("batch_size", "batch_size = 0"), "runtime.batch_size", 12);
+    assert_err(&full_with("map_size", "map_size = 0"), "output.map_size", 22);
+    assert_err(&full_with("rows_per_part", "rows_per_part = 0"), "output.rows_per_part", 23);
+    assert_err(&full_with("interpolate_mode", "interpolate_mode = \"linear\""), "attribution.interpolate_mode", 17);
+    assert_err(&full_with("precision", "precision = \"fp16\""), "attribution.precision", 19);
     assert_err(
-        &full_with("batch_size", "batch_size = 0"),
-        "runtime.batch_size",
-        12,
-    );
-    assert_err(
-        &full_with("map_size", "map_size = 0"),
-        "output.map_size",
-        22,
-    );
-    assert_err(
-        &full_with("rows_per_part", "rows_per_part = 0"),
-        "output.rows_per_part",
-        23,
-    );
-    assert_err(
-        &full_with("interpolate_mode", "interpolate_mode = \"linear\""),
-        "attribution.interpolate_mode",
-        17,
-    );
-    assert_err(
-        &full_with("precision", "precision = \"fp16\""),
-        "attribution.precision",
-        19,
-    );
-    assert_err(
-        &full_with(
-            "guided_rectifiers",
-            "guided_rectifiers = [\"relu\", \"gelu\"]",
-        ),
+        &full_with("guided_rectifiers", "guided_rectifiers = [\"relu\", \"gelu\"]"),
         "attribution.guided_rectifiers[1]",
         18,
     );
-    assert_err(
-        &full_with("devices", "devices = [\"gpu0\"]"),
-        "runtime.devices[0]",
-        13,
-    );
-    assert_err(
-        &full_with("devices", "devices = [\"cuda:x\"]"),
-        "runtime.devices[0]",
-        13,
-    );
-    assert_err(
-        &full_with("devices", "devices = \"cuda:0\""),
-        "runtime.devices",
-        13,
-    );
+    assert_err(&full_with("devices", "devices = [\"gpu0\"]"), "runtime.devices[0]", 13);
+    assert_err(&full_with("devices", "devices = [\"cuda:x\"]"), "runtime.devices[0]", 13);
+    assert_err(&full_with("devices", "devices = \"cuda:0\""), "runtime.devices", 13);
     assert_err(&full_with("devices", "devices = []"), "runtime.devices", 13);
-    assert_err(
-        &full_with("target", "target = \"cat\""),
-        "attribution.target",
-        16,
-    );
-    assert_err(
-        &full_with("target", "target = -1"),
-        "attribution.target",
-        16,
-    );
-    assert_err(
-        &full_with("target", "target = 1.5"),
-        "attribution.target",
-        16,
-    );
-    assert_err(
-        &full_with("max_pixels", "max_pixels = 0"),
-        "preprocess.max_pixels",
-        10,
-    );
+    assert_err(&full_with("target", "target = \"cat\""), "attribution.target", 16);
+    assert_err(&full_with("target", "target = -1"), "attribution.target", 16);
+    assert_err(&full_with("target", "target = 1.5"), "attribution.target", 16);
+    assert_err(&full_with("max_pixels", "max_pixels = 0"), "preprocess.max_pixels", 10);
     assert_err(&full_with("crop", "crop = [0, 224]"), "preprocess.crop", 7);
-    assert_err(
-        &full_with("resize", "resize = [200, 200]"),
-        "preprocess.crop",
-        7,
-    );
+    assert_err(&full_with("resize", "resize = [200, 200]"), "preprocess.crop", 7);
     // Regions: outside 0..1, x0 >= x1, y0 >= y1, bad and repeated names.
     assert_err(&full_with("x1", "x1 = 1.5"), "regions[0].x1", 28);
     assert_err(&full_with("x0", "x0 = 1.0"), "regions[0].x1", 28);
     assert_err(&full_with("y1", "y1 = 0.0"), "regions[0].y1", 29);
-    assert_err(
-        &full_with("name", "name = \"Top-Right\""),
-        "regions[0].name",
-        25,
-    );
-    assert_err(
-        &FULL.replace("\"centre\"", "\"top_right\""),
-        "regions[1].name",
-        31,
-    );
+    assert_err(&full_with("name", "name = \"Top-Right\""), "regions[0].name", 25);
+    assert_err(&FULL.replace("\"centre\"", "\"top_right\""), "regions[1].name", 31);
     // Both or neither of manifest / image_folder: names the table's line.
-    let both = FULL.replace(
-        "manifest = \"samples.csv\"",
-        "manifest = \"samples.csv\"\nimage_folder = \"x\"",
-    );
+    let both = FULL.replace("manifest = \"samples.csv\"", "manifest = \"samples.csv\"\nimage_folder = \"x\"");
     assert_err(&both, "dataset", 1);
     let neither = FULL.replace("manifest = \"samples.csv\"", "");
     assert_err(&neither, "dataset", 1);
-    assert_err(
-        &FULL.replace("samples.csv", "samples.txt"),
-        "dataset.manifest",
-        2,
-    );
+    assert_err(&FULL.replace("samples.csv", "samples.txt"), "dataset.manifest", 2);
 }
 
 #[test]
 fn type_errors_name_key_and_line() {
-    let e = assert_err(
-        &full_with("batch_size", "batch_size = \"big\""),
-        "runtime.batch_size",
-        12,
-    );
+    let e = assert_err(&full_with("batch_size", "batch_size = \"big\""), "runtime.batch_size", 12);
     assert!(e.message.contains("invalid type"), "{e}");
-    assert_err(
-        &full_with("batch_size", "batch_size = -3"),
-        "runtime.batch_size",
-        12,
-    );
-    assert_err(
-        &full_with("resize", "resize = [1, 2, 3]"),
-        "preprocess.resize",
-        6,
-    );
-    assert_err(
-        &full_with("mean", "mean = [0.4, \"x\", 0.4]"),
-        "preprocess.mean[1]",
-        8,
-    );
+    assert_err(&full_with("batch_size", "batch_size = -3"), "runtime.batch_size", 12);
+    assert_err(&full_with("resize", "resize = [1, 2, 3]"), "preprocess.resize", 6);
+    assert_err(&full_with("mean", "mean = [0.4, \"x\", 0.4]"), "preprocess.mean[1]", 8);
     assert_err(&full_with("x0", "x0 = \"left\""), "regions[0].x0", 26);
     // Syntax errors give the line.
     let e = parse(&full_with("batch_size", "batch_size = = 3")).unwrap_err();
@@ -523,24 +343,12 @@ fn type_errors_name_key_and_line() {
 
 #[test]
 fn missing_required_keys() {
-    let e = parse(&FULL.replace("path = \"out/\"", ""))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("output") && e.contains("missing field `path`"),
-        "{e}"
-    );
-    let e = parse(&FULL.replace("[model]\npath = \"model.pt\"\n", ""))
-        .unwrap_err()
-        .to_string();
+    let e = parse(&FULL.replace("path = \"out/\"", "")).unwrap_err().to_string();
+    assert!(e.contains("output") && e.contains("missing field `path`"), "{e}");
+    let e = parse(&FULL.replace("[model]\npath = \"model.pt\"\n", "")).unwrap_err().to_string();
     assert_eq!(e, "job.toml: missing field `model`");
-    let e = parse(&FULL.replace("name = \"centre\"\n", ""))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("regions[1]") && e.contains("missing field `name`"),
-        "{e}"
-    );
+    let e = parse(&FULL.replace("name = \"centre\"\n", "")).unwrap_err().to_string();
+    assert!(e.contains("regions[1]") && e.contains("missing field `name`"), "{e}");
 }
 
 #[test]
@@ -558,11 +366,7 @@ fn unknown_keys_in_every_table() {
         let e = assert_err(&text, key, line);
         assert!(e.message.contains("unknown field `folder`"), "{e}");
     }
-    let text = FULL.replacen(
-        "name = \"top_right\"",
-        "name = \"top_right\"\nfolder = 1",
-        1,
-    );
+    let text = FULL.replacen("name = \"top_right\"", "name = \"top_right\"\nfolder = 1", 1);
     assert_err(&text, "regions[0].folder", 26);
     let text = format!("folder = 1\n{FULL}");
     assert_err(&text, "folder", 1);
@@ -573,18 +377,10 @@ fn unknown_keys_in_every_table() {
 #[test]
 fn target_class_checked_against_model() {
     let d = Dir::new();
-    let meta = ModelMeta {
-        num_classes: Some(10),
-        ..Default::default()
-    };
+    let meta = ModelMeta { num_classes: Some(10), ..Default::default() };
     let text = full_with("target", "target = 10");
-    let err = resolve(parse(&text).unwrap(), d.path(), Some(&meta))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("attribution.target") && err.contains("line 16") && err.contains("10 classes"),
-        "{err}"
-    );
+    let err = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
+    assert!(err.contains("attribution.target") && err.contains("line 16") && err.contains("10 classes"), "{err}");
     let text = full_with("target", "target = 9");
     let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
     assert_eq!(job.target, Target::Class(9));

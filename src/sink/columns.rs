@@ -5,8 +5,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, Float32Builder, Int64Builder, StringBuilder, UInt32Builder,
-    UInt64Builder,
+    ArrayRef, BinaryBuilder, Float32Builder, Int64Builder, StringBuilder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -55,14 +54,7 @@ impl Column {
         nullable: bool,
         build: impl Fn(&[Row]) -> ArrayRef + Send + Sync + 'static,
     ) -> Column {
-        Column {
-            name: name.into(),
-            data_type,
-            nullable,
-            codec: Codec::Zstd,
-            dictionary: false,
-            build: Box::new(build),
-        }
+        Column { name: name.into(), data_type, nullable, codec: Codec::Zstd, dictionary: false, build: Box::new(build) }
     }
 
     fn dictionary(mut self) -> Column {
@@ -115,9 +107,7 @@ fn bin_col(rows: &[Row], f: impl Fn(&Row) -> Option<&[u8]>) -> ArrayRef {
 
 /// A nullable Float32 column read from the row's stats; null when the row has no stats.
 fn stat(name: &str, f: fn(&MapStats) -> Option<f32>) -> Column {
-    Column::new(name, DataType::Float32, true, move |rows| {
-        f32_col(rows, |r| r.stats.as_ref().and_then(f))
-    })
+    Column::new(name, DataType::Float32, true, move |rows| f32_col(rows, |r| r.stats.as_ref().and_then(f)))
 }
 
 /// Name of the column holding the attribution share of region `name`.
@@ -129,38 +119,16 @@ pub fn region_column(name: &str) -> String {
 pub(crate) fn columns(regions: &[String]) -> Vec<Column> {
     use DataType::*;
     let mut cols = vec![
-        Column::new("index", UInt64, false, |rows| {
-            u64_col(rows, |r| r.sample.index)
-        }),
-        Column::new("id", Utf8, false, |rows| {
-            str_col(rows, |r| Some(&r.sample.id))
-        }),
-        Column::new("path", Utf8, false, |rows| {
-            str_col(rows, |r| Some(&r.sample.path))
-        }),
-        Column::new("label", Int64, true, |rows| {
-            i64_col(rows, |r| r.sample.label)
-        })
-        .dictionary(),
+        Column::new("index", UInt64, false, |rows| u64_col(rows, |r| r.sample.index)),
+        Column::new("id", Utf8, false, |rows| str_col(rows, |r| Some(&r.sample.id))),
+        Column::new("path", Utf8, false, |rows| str_col(rows, |r| Some(&r.sample.path))),
+        Column::new("label", Int64, true, |rows| i64_col(rows, |r| r.sample.label)).dictionary(),
         Column::new("target", Int64, true, |rows| i64_col(rows, |r| r.target)).dictionary(),
-        Column::new("predicted", Int64, true, |rows| {
-            i64_col(rows, |r| r.predicted)
-        })
-        .dictionary(),
-        Column::new("predicted_prob", Float32, true, |rows| {
-            f32_col(rows, |r| r.predicted_prob)
-        }),
-        Column::new("target_prob", Float32, true, |rows| {
-            f32_col(rows, |r| r.target_prob)
-        }),
-        Column::new("status", Utf8, false, |rows| {
-            str_col(rows, |r| Some(r.status.as_str()))
-        })
-        .dictionary(),
-        Column::new("error", Utf8, true, |rows| {
-            str_col(rows, |r| r.error.as_deref())
-        })
-        .dictionary(),
+        Column::new("predicted", Int64, true, |rows| i64_col(rows, |r| r.predicted)).dictionary(),
+        Column::new("predicted_prob", Float32, true, |rows| f32_col(rows, |r| r.predicted_prob)),
+        Column::new("target_prob", Float32, true, |rows| f32_col(rows, |r| r.target_prob)),
+        Column::new("status", Utf8, false, |rows| str_col(rows, |r| Some(r.status.as_str()))).dictionary(),
+        Column::new("error", Utf8, true, |rows| str_col(rows, |r| r.error.as_deref())).dictionary(),
         stat("attr_total", |s| Some(s.attr_total)),
         stat("attr_max", |s| Some(s.attr_max)),
         stat("attr_entropy", |s| s.attr_entropy),
@@ -177,37 +145,18 @@ pub(crate) fn columns(regions: &[String]) -> Vec<Column> {
         stat("mask_mass_share", |s| s.mask_mass_share),
     ];
     for (i, region) in regions.iter().enumerate() {
-        cols.push(Column::new(
-            region_column(region),
-            Float32,
-            true,
-            move |rows| {
-                f32_col(rows, |r| {
-                    r.stats
-                        .as_ref()
-                        .and_then(|s| s.region_shares.get(i).copied().flatten())
-                })
-            },
-        ));
+        cols.push(Column::new(region_column(region), Float32, true, move |rows| {
+            f32_col(rows, |r| r.stats.as_ref().and_then(|s| s.region_shares.get(i).copied().flatten()))
+        }));
     }
     cols.extend([
-        Column::new("cam", Binary, true, |rows| {
-            bin_col(rows, |r| r.cam.as_ref().map(|c| c.f16_le.as_slice()))
-        })
-        .codec(Codec::Snappy),
-        Column::new("cam_h", UInt32, true, |rows| {
-            u32_col(rows, |r| r.cam.as_ref().map(|c| c.h))
-        }),
-        Column::new("cam_w", UInt32, true, |rows| {
-            u32_col(rows, |r| r.cam.as_ref().map(|c| c.w))
-        }),
-        Column::new("map_png", Binary, true, |rows| {
-            bin_col(rows, |r| r.map.as_ref().map(|m| m.png.as_slice()))
-        })
-        .codec(Codec::Plain),
-        Column::new("map_scale", Float32, true, |rows| {
-            f32_col(rows, |r| r.map.as_ref().map(|m| m.scale))
-        }),
+        Column::new("cam", Binary, true, |rows| bin_col(rows, |r| r.cam.as_ref().map(|c| c.f16_le.as_slice())))
+            .codec(Codec::Snappy),
+        Column::new("cam_h", UInt32, true, |rows| u32_col(rows, |r| r.cam.as_ref().map(|c| c.h))),
+        Column::new("cam_w", UInt32, true, |rows| u32_col(rows, |r| r.cam.as_ref().map(|c| c.w))),
+        Column::new("map_png", Binary, true, |rows| bin_col(rows, |r| r.map.as_ref().map(|m| m.png.as_slice())))
+            .codec(Codec::Plain),
+        Column::new("map_scale", Float32, true, |rows| f32_col(rows, |r| r.map.as_ref().map(|m| m.scale))),
     ]);
     cols
 }
@@ -215,18 +164,12 @@ pub(crate) fn columns(regions: &[String]) -> Vec<Column> {
 /// The Arrow schema of the given columns.
 pub(crate) fn schema_of(cols: &[Column]) -> SchemaRef {
     Arc::new(Schema::new(
-        cols.iter()
-            .map(|c| Field::new(c.name.clone(), c.data_type.clone(), c.nullable))
-            .collect::<Vec<_>>(),
+        cols.iter().map(|c| Field::new(c.name.clone(), c.data_type.clone(), c.nullable)).collect::<Vec<_>>(),
     ))
 }
 
 /// One record batch of `rows` (already sorted by index).
-pub(crate) fn batch(
-    cols: &[Column],
-    schema: &SchemaRef,
-    rows: &[Row],
-) -> anyhow::Result<RecordBatch> {
+pub(crate) fn batch(cols: &[Column], schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<RecordBatch> {
     let arrays = cols.iter().map(|c| (c.build)(rows)).collect::<Vec<_>>();
     Ok(RecordBatch::try_new(schema.clone(), arrays)?)
 }
@@ -244,16 +187,8 @@ pub(crate) fn writer_properties(
         .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(rows_per_group.max(1)))
-        .set_created_by(format!(
-            "saliency-audit sink (schema {})",
-            super::SCHEMA_VERSION
-        ))
-        .set_key_value_metadata(Some(
-            metadata
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                .collect(),
-        ));
+        .set_created_by(format!("saliency-audit sink (schema {})", super::SCHEMA_VERSION))
+        .set_key_value_metadata(Some(metadata.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect()));
     for c in cols {
         let path = ColumnPath::from(c.name.as_str());
         let codec = match c.codec {
@@ -261,9 +196,7 @@ pub(crate) fn writer_properties(
             Codec::Snappy => Compression::SNAPPY,
             Codec::Plain => Compression::UNCOMPRESSED,
         };
-        b = b
-            .set_column_compression(path.clone(), codec)
-            .set_column_dictionary_enabled(path.clone(), c.dictionary);
+        b = b.set_column_compression(path.clone(), codec).set_column_dictionary_enabled(path.clone(), c.dictionary);
         if c.data_type == DataType::Binary {
             // Min/max of map bytes says nothing: no page index, chunk statistics only
             // (null count; min/max truncated to 64 bytes).

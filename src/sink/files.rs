@@ -91,11 +91,9 @@ pub(crate) fn tmp_name(name: &str) -> String {
 /// File names in `dir` (entries whose name is not UTF-8 are skipped: the sink never writes them).
 pub(crate) fn list_names(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
-    let entries = fs::read_dir(dir)
-        .with_context(|| format!("cannot list output folder {}", dir.display()))?;
+    let entries = fs::read_dir(dir).with_context(|| format!("cannot list output folder {}", dir.display()))?;
     for entry in entries {
-        let entry =
-            entry.with_context(|| format!("cannot list output folder {}", dir.display()))?;
+        let entry = entry.with_context(|| format!("cannot list output folder {}", dir.display()))?;
         if let Ok(name) = entry.file_name().into_string() {
             names.push(name);
         }
@@ -106,9 +104,7 @@ pub(crate) fn list_names(dir: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Flushes a folder's entries (new names, renames) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync output folder {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync output folder {}", dir.display()))
 }
 
 /// Writes `dir/name` atomically: `write` fills `dir/.tmp-<name>-<pid>`, which is synced, renamed
@@ -122,16 +118,12 @@ pub(crate) fn write_atomic(
     let tmp = dir.join(tmp_name(name));
     let target = dir.join(name);
     let result = (|| -> anyhow::Result<()> {
-        let file = File::create(&tmp)
-            .with_context(|| format!("cannot create temporary file {}", tmp.display()))?;
+        let file = File::create(&tmp).with_context(|| format!("cannot create temporary file {}", tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         write(&mut out).with_context(|| format!("cannot write {}", target.display()))?;
-        let file = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+        let file =
+            out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
         drop(file);
         fs::rename(&tmp, &target)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
@@ -145,11 +137,7 @@ pub(crate) fn write_atomic(
 }
 
 /// Writes `value` as pretty JSON to `dir/name`, atomically.
-pub(crate) fn write_json_atomic<T: serde::Serialize>(
-    dir: &Path,
-    name: &str,
-    value: &T,
-) -> anyhow::Result<()> {
+pub(crate) fn write_json_atomic<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<()> {
     write_atomic(dir, name, |out| {
         serde_json::to_writer_pretty(&mut *out, value)?;
         out.write_all(b"\n")?;
@@ -159,19 +147,14 @@ pub(crate) fn write_json_atomic<T: serde::Serialize>(
 
 /// Reads and parses a JSON file the sink wrote, with an error naming the file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid saliency-audit file", path.display()))
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid saliency-audit file", path.display()))
 }
 
 /// Moves a part that failed validation aside as `<name>.corrupt-<unix time>` (never overwriting
 /// an earlier one); returns the new path.
 pub(crate) fn move_aside(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut aside = dir.join(format!("{name}.corrupt-{now}"));
     let mut n = 1;
     while aside.exists() {
@@ -179,13 +162,8 @@ pub(crate) fn move_aside(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
         n += 1;
     }
     let from = dir.join(name);
-    fs::rename(&from, &aside).with_context(|| {
-        format!(
-            "cannot move {} aside to {}",
-            from.display(),
-            aside.display()
-        )
-    })?;
+    fs::rename(&from, &aside)
+        .with_context(|| format!("cannot move {} aside to {}", from.display(), aside.display()))?;
     sync_dir(dir)?;
     Ok(aside)
 }

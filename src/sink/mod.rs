@@ -157,26 +157,16 @@ pub struct PartWriter {
 
 /// Every status name with a zero count.
 pub(crate) fn zero_counts() -> BTreeMap<String, u64> {
-    Status::ALL
-        .iter()
-        .map(|s| (s.as_str().to_owned(), 0))
-        .collect()
+    Status::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect()
 }
 
 fn check_config(cfg: &SinkConfig) -> anyhow::Result<()> {
     let dir = cfg.dir.display();
     if cfg.num_shards == 0 || cfg.shard >= cfg.num_shards {
-        bail!(
-            "output {dir}: shard {} is not one of 0..{}",
-            cfg.shard,
-            cfg.num_shards
-        );
+        bail!("output {dir}: shard {} is not one of 0..{}", cfg.shard, cfg.num_shards);
     }
     if cfg.num_shards > 99_999 {
-        bail!(
-            "output {dir}: at most 99999 shards are supported, not {}",
-            cfg.num_shards
-        );
+        bail!("output {dir}: at most 99999 shards are supported, not {}", cfg.num_shards);
     }
     if cfg.rows_per_part == 0 {
         bail!("output {dir}: rows per part must be at least 1");
@@ -213,19 +203,12 @@ impl PartWriter {
     pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
         check_config(&cfg)?;
         let dir = cfg.dir.clone();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
 
         let (shard, count) = (cfg.shard, cfg.num_shards);
         let names = files::list_names(&dir)?;
-        for name in names
-            .iter()
-            .filter(|n| files::is_shard_tmp(n, shard, count))
-        {
-            tracing::info!(
-                "removing leftover temporary file {}",
-                dir.join(name).display()
-            );
+        for name in names.iter().filter(|n| files::is_shard_tmp(n, shard, count)) {
+            tracing::info!("removing leftover temporary file {}", dir.join(name).display());
             files::remove_if_exists(&dir, name)?;
         }
 
@@ -331,19 +314,13 @@ impl PartWriter {
     /// Validates a committed part of `chunk`; returns its status counts.
     fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<BTreeMap<String, u64>> {
         if chunk >= self.num_chunks {
-            bail!(
-                "chunk {chunk} is past this shard's {} chunks",
-                self.num_chunks
-            );
+            bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
         }
         let contents = read::read_part_contents(&self.cfg.dir.join(name), &self.schema)?;
         let (start, end) = self.chunk_range(chunk);
         let expected = end - start;
         if contents.indices.len() as u64 != expected {
-            bail!(
-                "it holds {} rows, chunk {chunk} has {expected}",
-                contents.indices.len()
-            );
+            bail!("it holds {} rows, chunk {chunk} has {expected}", contents.indices.len());
         }
         if !contents.indices.iter().copied().eq(start..end) {
             bail!("its indices are not {start}..{end} in order");
@@ -352,12 +329,8 @@ impl PartWriter {
     }
 
     fn chunk_range(&self, chunk: u64) -> (u64, u64) {
-        let start = chunk
-            .saturating_mul(self.cfg.rows_per_part)
-            .min(self.cfg.total_rows);
-        let end = start
-            .saturating_add(self.cfg.rows_per_part)
-            .min(self.cfg.total_rows);
+        let start = chunk.saturating_mul(self.cfg.rows_per_part).min(self.cfg.total_rows);
+        let end = start.saturating_add(self.cfg.rows_per_part).min(self.cfg.total_rows);
         (start, end)
     }
 
@@ -367,26 +340,15 @@ impl PartWriter {
     }
 
     fn part_path(&self, chunk: u64) -> PathBuf {
-        self.cfg
-            .dir
-            .join(part_name(self.cfg.shard, self.cfg.num_shards, chunk))
+        self.cfg.dir.join(part_name(self.cfg.shard, self.cfg.num_shards, chunk))
     }
 
     /// The row's shape must match this job's table; a mismatch is a bug upstream.
     fn check_row(&self, row: &Row) -> anyhow::Result<()> {
         let index = row.sample.index;
-        let shard = format!(
-            "shard {} of {} in {}",
-            self.cfg.shard,
-            self.cfg.num_shards,
-            self.cfg.dir.display()
-        );
+        let shard = format!("shard {} of {} in {}", self.cfg.shard, self.cfg.num_shards, self.cfg.dir.display());
         if index >= self.cfg.total_rows {
-            bail!(
-                "row index {index} (id {:?}) is past the {} rows of {shard}",
-                row.sample.id,
-                self.cfg.total_rows
-            );
+            bail!("row index {index} (id {:?}) is past the {} rows of {shard}", row.sample.id, self.cfg.total_rows);
         }
         if let Some(stats) = &row.stats {
             if stats.region_shares.len() != self.cfg.regions.len() {
@@ -434,10 +396,8 @@ impl PartWriter {
         let (start, end) = self.chunk_range(chunk);
         let len = (end - start) as usize;
         let part = self.part_path(chunk);
-        let pending = self.pending.entry(chunk).or_insert_with(|| Pending {
-            slots: (0..len).map(|_| None).collect(),
-            filled: 0,
-        });
+        let pending =
+            self.pending.entry(chunk).or_insert_with(|| Pending { slots: (0..len).map(|_| None).collect(), filled: 0 });
         let slot = &mut pending.slots[(index - start) as usize];
         if let Some(first) = slot {
             bail!(
@@ -467,22 +427,13 @@ impl PartWriter {
                 self.done.insert(chunk);
                 self.rows += rows.len() as u64;
                 for r in &rows {
-                    *self
-                        .status_counts
-                        .entry(r.status.as_str().to_owned())
-                        .or_default() += 1;
+                    *self.status_counts.entry(r.status.as_str().to_owned()).or_default() += 1;
                 }
                 Ok(())
             }
             Err(e) => {
                 let filled = rows.len();
-                self.pending.insert(
-                    chunk,
-                    Pending {
-                        slots: rows.into_iter().map(Some).collect(),
-                        filled,
-                    },
-                );
+                self.pending.insert(chunk, Pending { slots: rows.into_iter().map(Some).collect(), filled });
                 Err(e)
             }
         }
@@ -490,17 +441,12 @@ impl PartWriter {
 
     fn write_part(&self, chunk: u64, rows: &[Row]) -> anyhow::Result<()> {
         if rows.len() as u64 != self.chunk_len(chunk) {
-            bail!(
-                "internal: chunk {chunk} has {} rows, expected {}",
-                rows.len(),
-                self.chunk_len(chunk)
-            );
+            bail!("internal: chunk {chunk} has {} rows, expected {}", rows.len(), self.chunk_len(chunk));
         }
         let batch = columns::batch(&self.columns, &self.schema, rows)?;
         let name = part_name(self.cfg.shard, self.cfg.num_shards, chunk);
         files::write_atomic(&self.cfg.dir, &name, |out| {
-            let mut w =
-                ArrowWriter::try_new(&mut *out, self.schema.clone(), Some(self.props.clone()))?;
+            let mut w = ArrowWriter::try_new(&mut *out, self.schema.clone(), Some(self.props.clone()))?;
             w.write(&batch)?;
             w.close()?;
             Ok(())
@@ -546,27 +492,15 @@ impl PartWriter {
     /// few; committed parts are kept, so a rerun resumes.
     pub fn finish(mut self) -> anyhow::Result<ShardSummary> {
         self.closed = true;
-        let complete: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.filled == p.slots.len())
-            .map(|(c, _)| *c)
-            .collect();
+        let complete: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.filled == p.slots.len()).map(|(c, _)| *c).collect();
         for chunk in complete {
             self.commit(chunk)?;
         }
         let (count, first) = self.missing();
         if count > 0 {
-            let list = first
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let more = if count > first.len() as u64 {
-                ", …"
-            } else {
-                ""
-            };
+            let list = first.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            let more = if count > first.len() as u64 { ", …" } else { "" };
             bail!(
                 "shard {} of {} in {} is incomplete: {count} of {} rows were never produced \
                  (indices {list}{more}); the parts written so far are kept and a rerun resumes",
@@ -602,9 +536,7 @@ impl PartWriter {
         }
         let suffix = format!("-{}", std::process::id());
         for name in files::list_names(&self.cfg.dir)? {
-            if files::is_shard_tmp(&name, self.cfg.shard, self.cfg.num_shards)
-                && name.ends_with(&suffix)
-            {
+            if files::is_shard_tmp(&name, self.cfg.shard, self.cfg.num_shards) && name.ends_with(&suffix) {
                 files::remove_if_exists(&self.cfg.dir, &name)?;
             }
         }

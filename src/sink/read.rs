@@ -38,51 +38,32 @@ pub(crate) fn part_row_count(path: &Path) -> anyhow::Result<u64> {
 }
 
 /// Reads a part's `index` and `status` columns, after checking that its schema is `expected`.
-pub(crate) fn read_part_contents(
-    path: &Path,
-    expected: &SchemaRef,
-) -> anyhow::Result<PartContents> {
+pub(crate) fn read_part_contents(path: &Path, expected: &SchemaRef) -> anyhow::Result<PartContents> {
     let builder = open_builder(path)?;
     let found = builder.schema();
-    let same = found.fields().len() == expected.fields().len()
-        && found.fields().iter().zip(expected.fields()).all(|(a, b)| {
-            a.name() == b.name()
-                && a.data_type() == b.data_type()
-                && a.is_nullable() == b.is_nullable()
-        });
+    let same =
+        found.fields().len() == expected.fields().len()
+            && found.fields().iter().zip(expected.fields()).all(|(a, b)| {
+                a.name() == b.name() && a.data_type() == b.data_type() && a.is_nullable() == b.is_nullable()
+            });
     if !same {
-        bail!(
-            "{} has a different column layout than this job writes",
-            path.display()
-        );
+        bail!("{} has a different column layout than this job writes", path.display());
     }
     let footer_rows = builder.metadata().file_metadata().num_rows();
     let mask = ProjectionMask::columns(builder.parquet_schema(), ["index", "status"]);
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut contents = PartContents {
-        indices: Vec::new(),
-        status_counts: BTreeMap::new(),
-    };
+    let reader = builder.with_projection(mask).build().with_context(|| format!("cannot read {}", path.display()))?;
+    let mut contents = PartContents { indices: Vec::new(), status_counts: BTreeMap::new() };
     for batch in reader {
         let batch = batch.with_context(|| format!("cannot read rows of {}", path.display()))?;
         let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .with_context(|| format!("{} has no `{name}` column", path.display()))
+            batch.column_by_name(name).with_context(|| format!("{} has no `{name}` column", path.display()))
         };
         let index = column("index")?;
         let status = column("status")?;
-        let (Some(index), Some(status)) = (
-            index.as_any().downcast_ref::<UInt64Array>(),
-            status.as_any().downcast_ref::<StringArray>(),
-        ) else {
-            bail!(
-                "{} has unexpected `index`/`status` column types",
-                path.display()
-            );
+        let (Some(index), Some(status)) =
+            (index.as_any().downcast_ref::<UInt64Array>(), status.as_any().downcast_ref::<StringArray>())
+        else {
+            bail!("{} has unexpected `index`/`status` column types", path.display());
         };
         if index.null_count() > 0 || status.null_count() > 0 {
             bail!("{} has null `index` or `status` values", path.display());
@@ -96,11 +77,7 @@ pub(crate) fn read_part_contents(
         }
     }
     if contents.indices.len() as i64 != footer_rows {
-        bail!(
-            "{} holds {} rows but its footer says {footer_rows}",
-            path.display(),
-            contents.indices.len()
-        );
+        bail!("{} holds {} rows but its footer says {footer_rows}", path.display(), contents.indices.len());
     }
     Ok(contents)
 }
@@ -114,9 +91,7 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<RecordBatch>> {
             continue;
         }
         let path = dir.join(&name);
-        let reader = open_builder(&path)?
-            .build()
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let reader = open_builder(&path)?.build().with_context(|| format!("cannot read {}", path.display()))?;
         for batch in reader {
             batches.push(batch.with_context(|| format!("cannot read rows of {}", path.display()))?);
         }

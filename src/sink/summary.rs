@@ -74,11 +74,7 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
             "{} mixes output of jobs split into different shard counts ({}); \
              use one output folder per job",
             dir.display(),
-            counts
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         ),
     };
     let missing: Vec<u32> = (0..num_shards).filter(|s| !successes.contains(s)).collect();
@@ -87,31 +83,17 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
             "output in {} is not complete: shard(s) {} of {num_shards} have not finished \
              (no _SUCCESS-<shard>-of-{num_shards:05}.json)",
             dir.display(),
-            missing
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            missing.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         );
     }
 
-    let mut total = DatasetSummary {
-        num_shards,
-        parts: 0,
-        rows: 0,
-        status_counts: zero_counts(),
-        schema_version: SCHEMA_VERSION,
-    };
+    let mut total =
+        DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
     for shard in 0..num_shards {
         let path = dir.join(files::shard_success_name(shard, num_shards));
         let s: ShardSummary = files::read_json(&path)?;
         if (s.shard, s.num_shards) != (shard, num_shards) {
-            bail!(
-                "{} describes shard {} of {}",
-                path.display(),
-                s.shard,
-                s.num_shards
-            );
+            bail!("{} describes shard {} of {}", path.display(), s.shard, s.num_shards);
         }
         if s.schema_version != SCHEMA_VERSION {
             bail!(
@@ -122,20 +104,12 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         }
         let status_rows: u64 = s.status_counts.values().sum();
         if s.rows != s.total_rows || status_rows != s.rows {
-            bail!(
-                "{} is inconsistent: {} of {} rows, {status_rows} by status",
-                path.display(),
-                s.rows,
-                s.total_rows
-            );
+            bail!("{} is inconsistent: {} of {} rows, {status_rows} by status", path.display(), s.rows, s.total_rows);
         }
         let mut shard_parts = parts.remove(&shard).unwrap_or_default();
         shard_parts.sort();
         if shard_parts.len() as u64 != s.parts
-            || shard_parts
-                .iter()
-                .enumerate()
-                .any(|(i, (chunk, _))| *chunk != i as u64)
+            || shard_parts.iter().enumerate().any(|(i, (chunk, _))| *chunk != i as u64)
         {
             bail!(
                 "shard {shard} of {num_shards} in {}: {} says {} parts, the folder has {} \
@@ -144,11 +118,7 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
                 path.display(),
                 s.parts,
                 shard_parts.len(),
-                shard_parts
-                    .iter()
-                    .map(|(c, _)| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                shard_parts.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ")
             );
         }
         let mut rows = 0u64;
@@ -170,10 +140,7 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         }
     }
     if let Some((shard, _)) = parts.first_key_value() {
-        bail!(
-            "{} holds parts of shard {shard}, which is not one of 0..{num_shards}",
-            dir.display()
-        );
+        bail!("{} holds parts of shard {shard}, which is not one of 0..{num_shards}", dir.display());
     }
     files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
         .with_context(|| format!("cannot mark output in {} complete", dir.display()))?;
@@ -183,12 +150,7 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
 /// Writes the caller's report of one run of a shard (timings, counts, whether it was
 /// interrupted) to `dir/_run-<shard>-of-<count>.json`, atomically, replacing the previous run's.
 /// Returns the file's path.
-pub fn write_summary(
-    dir: &Path,
-    shard: u32,
-    num_shards: u32,
-    summary: &serde_json::Value,
-) -> anyhow::Result<PathBuf> {
+pub fn write_summary(dir: &Path, shard: u32, num_shards: u32, summary: &serde_json::Value) -> anyhow::Result<PathBuf> {
     let name = files::run_summary_name(shard, num_shards);
     files::write_json_atomic(dir, &name, summary)?;
     Ok(dir.join(name))

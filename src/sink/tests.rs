@@ -1,9 +1,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{
-    Array, BinaryArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array,
-};
+use arrow::array::{Array, BinaryArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array};
 use parquet::basic::Compression;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
@@ -22,21 +20,14 @@ fn cfg(dir: &Path, shard: u32, num_shards: u32, total_rows: u64, rows_per_part: 
         rows_per_part,
         regions: regions(),
         metadata: vec![
-            (
-                "saliency_audit.schema_version".into(),
-                SCHEMA_VERSION.to_string(),
-            ),
+            ("saliency_audit.schema_version".into(), SCHEMA_VERSION.to_string()),
             ("saliency_audit.model_sha256".into(), "abc123".into()),
         ],
     }
 }
 
 fn row(index: u64) -> Row {
-    let status = if index % 5 == 4 {
-        Status::DecodeError
-    } else {
-        Status::Ok
-    };
+    let status = if index % 5 == 4 { Status::DecodeError } else { Status::Ok };
     let ok = status == Status::Ok;
     Row {
         sample: Sample {
@@ -64,25 +55,14 @@ fn row(index: u64) -> Row {
             region_shares: vec![Some(0.1), None],
             ..MapStats::default()
         }),
-        cam: ok.then(|| CamMap {
-            f16_le: vec![0x00, 0x3c, 0x00, 0x38],
-            h: 1,
-            w: 2,
-        }),
-        map: ok.then(|| EncodedMap {
-            png: vec![0x89, b'P', b'N', b'G', index as u8],
-            scale: 2.0,
-            size: 4,
-        }),
+        cam: ok.then(|| CamMap { f16_le: vec![0x00, 0x3c, 0x00, 0x38], h: 1, w: 2 }),
+        map: ok.then(|| EncodedMap { png: vec![0x89, b'P', b'N', b'G', index as u8], scale: 2.0, size: 4 }),
     }
 }
 
 /// 0..n in a scrambled but deterministic order: odd indices up, then even indices down.
 fn shuffled(n: u64) -> Vec<u64> {
-    (0..n)
-        .filter(|i| i % 2 == 1)
-        .chain((0..n).rev().filter(|i| i % 2 == 0))
-        .collect()
+    (0..n).filter(|i| i % 2 == 1).chain((0..n).rev().filter(|i| i % 2 == 0)).collect()
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -90,9 +70,7 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn indices_of(path: &Path) -> Vec<u64> {
-    read::read_part_contents(path, &schema(&regions()))
-        .unwrap()
-        .indices
+    read::read_part_contents(path, &schema(&regions())).unwrap().indices
 }
 
 #[test]
@@ -111,11 +89,7 @@ fn shuffled_rows_become_sorted_parts() {
     assert_eq!(summary.status_counts["missing"], 0);
 
     let all = names(&dir);
-    let parts: Vec<_> = all
-        .iter()
-        .filter(|n| n.starts_with("part-"))
-        .cloned()
-        .collect();
+    let parts: Vec<_> = all.iter().filter(|n| n.starts_with("part-")).cloned().collect();
     assert_eq!(
         parts,
         [
@@ -126,10 +100,7 @@ fn shuffled_rows_become_sorted_parts() {
     );
     assert!(all.contains(&"_SUCCESS-00002-of-00008.json".to_string()));
     assert!(all.contains(&"_job-00002-of-00008.json".to_string()));
-    assert!(
-        !all.contains(&"_SUCCESS".to_string()),
-        "a shard of 8 does not finalize the dataset"
-    );
+    assert!(!all.contains(&"_SUCCESS".to_string()), "a shard of 8 does not finalize the dataset");
     assert!(!all.iter().any(|n| n.starts_with(".tmp-")));
     assert_eq!(indices_of(&dir.join(&parts[0])), [0, 1, 2, 3]);
     assert_eq!(indices_of(&dir.join(&parts[1])), [4, 5, 6, 7]);
@@ -139,9 +110,7 @@ fn shuffled_rows_become_sorted_parts() {
     let reader = SerializedFileReader::new(File::open(dir.join(&parts[0])).unwrap()).unwrap();
     let meta = reader.metadata();
     let kv = meta.file_metadata().key_value_metadata().unwrap();
-    assert!(kv
-        .iter()
-        .any(|k| k.key == "saliency_audit.model_sha256" && k.value.as_deref() == Some("abc123")));
+    assert!(kv.iter().any(|k| k.key == "saliency_audit.model_sha256" && k.value.as_deref() == Some("abc123")));
     assert_eq!(meta.num_row_groups(), 1);
     let rg = meta.row_group(0);
     let chunk = |name: &str| {
@@ -154,20 +123,8 @@ fn shuffled_rows_become_sorted_parts() {
     let stats = chunk("attr_total").statistics().expect("statistics on");
     assert_eq!(stats.null_count_opt(), Some(0));
     assert!(stats.min_bytes_opt().is_some());
-    assert_eq!(
-        chunk("map_png")
-            .statistics()
-            .and_then(|s| s.null_count_opt()),
-        Some(0)
-    );
-    for col in [
-        "attr_total",
-        "attr_entropy",
-        "mask_mass_share",
-        "region_top_share",
-        "status",
-        "id",
-    ] {
+    assert_eq!(chunk("map_png").statistics().and_then(|s| s.null_count_opt()), Some(0));
+    for col in ["attr_total", "attr_entropy", "mask_mass_share", "region_top_share", "status", "id"] {
         assert!(matches!(compression(col), Compression::ZSTD(_)), "{col}");
     }
     assert_eq!(compression("map_png"), Compression::UNCOMPRESSED);
@@ -176,29 +133,9 @@ fn shuffled_rows_become_sorted_parts() {
     // Values round-trip.
     let batches = read_rows(&dir).unwrap();
     let b = &batches[0];
-    let names: Vec<_> = b
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    assert_eq!(
-        names,
-        schema(&regions())
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect::<Vec<_>>()
-    );
-    for col in [
-        "region_top_share",
-        "region_center_share",
-        "cam",
-        "cam_h",
-        "cam_w",
-        "map_png",
-        "map_scale",
-    ] {
+    let names: Vec<_> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, schema(&regions()).fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>());
+    for col in ["region_top_share", "region_center_share", "cam", "cam_h", "cam_w", "map_png", "map_scale"] {
         assert!(names.iter().any(|n| n == col), "{col}");
     }
     let col = |n: &str| b.column_by_name(n).unwrap().clone();
@@ -210,60 +147,24 @@ fn shuffled_rows_become_sorted_parts() {
     assert_eq!(status.value(0), "ok");
     assert_eq!(status.value(3), "ok");
     let id = col("id");
-    assert_eq!(
-        id.as_any().downcast_ref::<StringArray>().unwrap().value(2),
-        "img-2"
-    );
+    assert_eq!(id.as_any().downcast_ref::<StringArray>().unwrap().value(2), "img-2");
     let label = col("label");
-    assert_eq!(
-        label
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .value(2),
-        2
-    );
+    assert_eq!(label.as_any().downcast_ref::<Int64Array>().unwrap().value(2), 2);
     let total = col("attr_total");
-    assert_eq!(
-        total
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .unwrap()
-            .value(3),
-        3.0
-    );
+    assert_eq!(total.as_any().downcast_ref::<Float32Array>().unwrap().value(3), 3.0);
     let gini = col("attr_gini");
     assert_eq!(gini.null_count(), 4, "None stats are null");
     let top = col("region_top_share");
-    assert_eq!(
-        top.as_any()
-            .downcast_ref::<Float32Array>()
-            .unwrap()
-            .value(0),
-        0.1
-    );
+    assert_eq!(top.as_any().downcast_ref::<Float32Array>().unwrap().value(0), 0.1);
     assert_eq!(col("region_center_share").null_count(), 4);
     let cam = col("cam");
-    assert_eq!(
-        cam.as_any().downcast_ref::<BinaryArray>().unwrap().value(1),
-        [0x00, 0x3c, 0x00, 0x38]
-    );
+    assert_eq!(cam.as_any().downcast_ref::<BinaryArray>().unwrap().value(1), [0x00, 0x3c, 0x00, 0x38]);
     let cam_w = col("cam_w");
-    assert_eq!(
-        cam_w
-            .as_any()
-            .downcast_ref::<UInt32Array>()
-            .unwrap()
-            .value(1),
-        2
-    );
+    assert_eq!(cam_w.as_any().downcast_ref::<UInt32Array>().unwrap().value(1), 2);
     // Row 4 is a decode error: no stats, no maps, an error message.
     let b1 = &batches[1];
     let err = b1.column_by_name("error").unwrap();
-    assert_eq!(
-        err.as_any().downcast_ref::<StringArray>().unwrap().value(0),
-        "images/4.jpg: not an image"
-    );
+    assert_eq!(err.as_any().downcast_ref::<StringArray>().unwrap().value(0), "images/4.jpg: not an image");
     assert!(b1.column_by_name("attr_total").unwrap().is_null(0));
     assert!(b1.column_by_name("map_png").unwrap().is_null(0));
     assert!(b1.column_by_name("target").unwrap().is_null(0));
@@ -300,18 +201,12 @@ fn bad_rows_are_refused() {
     let e = w.push(row(1)).unwrap_err().to_string();
     assert!(e.contains("row index 1 was pushed twice"), "{e}");
     let e = w.push(row(6)).unwrap_err().to_string();
-    assert!(
-        e.contains("row index 6") && e.contains("past the 6 rows"),
-        "{e}"
-    );
+    assert!(e.contains("row index 6") && e.contains("past the 6 rows"), "{e}");
 
     let mut r = row(0);
     r.stats.as_mut().unwrap().region_shares.pop();
     let e = w.push(r).unwrap_err().to_string();
-    assert!(
-        e.contains("1 region shares") && e.contains("2 regions"),
-        "{e}"
-    );
+    assert!(e.contains("1 region shares") && e.contains("2 regions"), "{e}");
     let mut r = row(0);
     r.cam.as_mut().unwrap().h = 3;
     let e = w.push(r).unwrap_err().to_string();
@@ -320,14 +215,8 @@ fn bad_rows_are_refused() {
     w.push(row(0)).unwrap();
     w.push(row(2)).unwrap(); // completes chunk 0
     let e = w.push(row(2)).unwrap_err().to_string();
-    assert!(
-        e.contains("already written") && e.contains("part-00000-of-00002-000000.parquet"),
-        "{e}"
-    );
-    assert_eq!(
-        indices_of(&dir.join("part-00000-of-00002-000000.parquet")),
-        [0, 1, 2]
-    );
+    assert!(e.contains("already written") && e.contains("part-00000-of-00002-000000.parquet"), "{e}");
+    assert_eq!(indices_of(&dir.join("part-00000-of-00002-000000.parquet")), [0, 1, 2]);
 }
 
 #[test]
@@ -338,26 +227,16 @@ fn finish_with_missing_rows_names_them() {
         w.push(row(i)).unwrap();
     }
     let e = w.finish().unwrap_err().to_string();
-    assert!(
-        e.contains("3 of 30 rows") && e.contains("indices 5, 9, 10"),
-        "{e}"
-    );
+    assert!(e.contains("3 of 30 rows") && e.contains("indices 5, 9, 10"), "{e}");
     let all = names(tmp.path());
     assert!(!all.iter().any(|n| n.starts_with("_SUCCESS")), "{all:?}");
-    assert_eq!(
-        all.iter().filter(|n| n.starts_with("part-")).count(),
-        6,
-        "complete chunks are kept"
-    );
+    assert_eq!(all.iter().filter(|n| n.starts_with("part-")).count(), 6, "complete chunks are kept");
 
     // Many missing: the first ten, then an ellipsis.
     let tmp = tempfile::tempdir().unwrap();
     let (w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 30, 4), "job").unwrap();
     let e = w.finish().unwrap_err().to_string();
-    assert!(
-        e.contains("30 of 30 rows") && e.contains("indices 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, …"),
-        "{e}"
-    );
+    assert!(e.contains("30 of 30 rows") && e.contains("indices 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, …"), "{e}");
 }
 
 #[test]
@@ -370,21 +249,10 @@ fn resume_after_crash() {
         w.push(row(i)).unwrap();
     }
     drop(w); // crash: chunk 1 is half-buffered
-    assert_eq!(
-        names(&dir)
-            .iter()
-            .filter(|n| n.starts_with("part-"))
-            .count(),
-        2,
-        "chunks 0 and 2 are committed"
-    );
+    assert_eq!(names(&dir).iter().filter(|n| n.starts_with("part-")).count(), 2, "chunks 0 and 2 are committed");
     // A temporary file of a write that never finished, and a second copy of chunk 0 truncated
     // as if the disk had lost its tail.
-    fs::write(
-        dir.join(".tmp-part-00001-of-00003-000001.parquet-99999"),
-        b"PAR1 half",
-    )
-    .unwrap();
+    fs::write(dir.join(".tmp-part-00001-of-00003-000001.parquet-99999"), b"PAR1 half").unwrap();
     let other_shard_tmp = ".tmp-part-00000-of-00003-000000.parquet-99999";
     fs::write(dir.join(other_shard_tmp), b"PAR1").unwrap();
     let part0 = dir.join("part-00001-of-00003-000000.parquet");
@@ -399,19 +267,9 @@ fn resume_after_crash() {
     assert!(resume.is_done(8) && resume.is_done(9));
     assert!(!resume.is_done(0) && !resume.is_done(4) && !resume.is_done(10));
     let all = names(&dir);
-    assert!(
-        !all.iter().any(|n| n.starts_with(".tmp-part-00001")),
-        "{all:?}"
-    );
-    assert!(
-        all.iter().any(|n| n == other_shard_tmp),
-        "another shard's files are left alone"
-    );
-    assert!(
-        all.iter()
-            .any(|n| n.starts_with("part-00001-of-00003-000000.parquet.corrupt-")),
-        "{all:?}"
-    );
+    assert!(!all.iter().any(|n| n.starts_with(".tmp-part-00001")), "{all:?}");
+    assert!(all.iter().any(|n| n == other_shard_tmp), "another shard's files are left alone");
+    assert!(all.iter().any(|n| n.starts_with("part-00001-of-00003-000000.parquet.corrupt-")), "{all:?}");
     assert!(!part0.exists());
 
     // Redo the rest, skipping done samples as the pipeline does.
@@ -455,21 +313,11 @@ fn abort_keeps_committed_parts_only() {
     for i in [0, 1, 2, 3, 5] {
         w.push(row(i)).unwrap();
     }
-    fs::write(
-        dir.join(files::tmp_name("part-00000-of-00001-000001.parquet")),
-        b"x",
-    )
-    .unwrap();
+    fs::write(dir.join(files::tmp_name("part-00000-of-00001-000001.parquet")), b"x").unwrap();
     let s = w.abort().unwrap();
     assert_eq!((s.rows, s.parts), (4, 1));
     let all = names(dir);
-    assert_eq!(
-        all,
-        [
-            "_job-00000-of-00001.json",
-            "part-00000-of-00001-000000.parquet"
-        ]
-    );
+    assert_eq!(all, ["_job-00000-of-00001.json", "part-00000-of-00001-000000.parquet"]);
 }
 
 #[test]
@@ -477,18 +325,9 @@ fn another_jobs_folder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (w, _) = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 2), "job-a").unwrap();
     w.abort().unwrap();
-    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 2), "job-b")
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("holds another job's output") && e.contains(&tmp.path().display().to_string()),
-        "{e}"
-    );
-    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 3), "job-a")
-        .err()
-        .unwrap()
-        .to_string();
+    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 2), "job-b").err().unwrap().to_string();
+    assert!(e.contains("holds another job's output") && e.contains(&tmp.path().display().to_string()), "{e}");
+    let e = PartWriter::open(cfg(tmp.path(), 0, 1, 4, 3), "job-a").err().unwrap().to_string();
     assert!(e.contains("different layout"), "{e}");
 }
 
@@ -504,8 +343,7 @@ fn bad_config_is_refused() {
 }
 
 fn write_shard(dir: &Path, shard: u32, num_shards: u32, n: u64) -> ShardSummary {
-    let (mut w, _) =
-        PartWriter::open(cfg(dir, shard, num_shards, n, 3), &format!("job-{shard}")).unwrap();
+    let (mut w, _) = PartWriter::open(cfg(dir, shard, num_shards, n, 3), &format!("job-{shard}")).unwrap();
     for i in shuffled(n) {
         w.push(row(i)).unwrap();
     }
@@ -537,11 +375,7 @@ fn finalize_counts_all_shards() {
     assert_eq!(total.status_counts["decode_error"], 2 + 1);
     let on_disk: DatasetSummary = files::read_json(&tmp.path().join("_SUCCESS")).unwrap();
     assert_eq!(on_disk, total);
-    let rows: usize = read_rows(tmp.path())
-        .unwrap()
-        .iter()
-        .map(|b| b.num_rows())
-        .sum();
+    let rows: usize = read_rows(tmp.path()).unwrap().iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 17);
 
     // A part lost after the shard finished is caught.
@@ -562,34 +396,14 @@ fn finalize_refuses_mixed_shard_counts() {
 #[test]
 fn file_names_parse() {
     assert_eq!(part_name(2, 8, 13), "part-00002-of-00008-000013.parquet");
-    assert_eq!(
-        files::parse_part_name("part-00002-of-00008-000013.parquet"),
-        Some((2, 8, 13))
-    );
-    assert_eq!(
-        files::parse_part_name("part-00002-of-00008-000013.parquet.corrupt-1"),
-        None
-    );
-    assert_eq!(
-        files::parse_part_name(".tmp-part-00002-of-00008-000013.parquet-7"),
-        None
-    );
+    assert_eq!(files::parse_part_name("part-00002-of-00008-000013.parquet"), Some((2, 8, 13)));
+    assert_eq!(files::parse_part_name("part-00002-of-00008-000013.parquet.corrupt-1"), None);
+    assert_eq!(files::parse_part_name(".tmp-part-00002-of-00008-000013.parquet-7"), None);
     assert_eq!(files::parse_part_name("part-2-of-8-13.parquet"), None);
-    assert_eq!(
-        files::parse_shard_success_name("_SUCCESS-00003-of-00004.json"),
-        Some((3, 4))
-    );
+    assert_eq!(files::parse_shard_success_name("_SUCCESS-00003-of-00004.json"), Some((3, 4)));
     assert_eq!(files::parse_shard_success_name("_SUCCESS"), None);
-    assert!(files::is_shard_tmp(
-        ".tmp-_SUCCESS-00003-of-00004.json-12",
-        3,
-        4
-    ));
-    assert!(!files::is_shard_tmp(
-        ".tmp-_SUCCESS-00003-of-00004.json-12",
-        2,
-        4
-    ));
+    assert!(files::is_shard_tmp(".tmp-_SUCCESS-00003-of-00004.json-12", 3, 4));
+    assert!(!files::is_shard_tmp(".tmp-_SUCCESS-00003-of-00004.json-12", 2, 4));
 }
 
 #[test]

@@ -15,15 +15,10 @@ use super::labels::{Classes, RawLabel};
 use crate::sample::Sample;
 
 /// Image file extensions, lower case (compared case-insensitively).
-pub const IMAGE_EXTENSIONS: [&str; 10] = [
-    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif",
-];
+pub const IMAGE_EXTENSIONS: [&str; 10] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif"];
 
 /// Reads an image folder's samples (unsorted) and the names of its label ids.
-pub(super) fn read_image_folder(
-    root: &Path,
-    classes: &Classes,
-) -> anyhow::Result<(Vec<Sample>, Option<Vec<String>>)> {
+pub(super) fn read_image_folder(root: &Path, classes: &Classes) -> anyhow::Result<(Vec<Sample>, Option<Vec<String>>)> {
     let r = root.display();
     let mut class_dirs = Vec::new();
     for entry in read_dir(root)? {
@@ -31,10 +26,7 @@ pub(super) fn read_image_folder(
         if name.starts_with('.') {
             continue;
         }
-        if std::fs::metadata(&path)
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-        {
+        if std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
             class_dirs.push((name, path));
         }
     }
@@ -42,8 +34,7 @@ pub(super) fn read_image_folder(
     if class_dirs.is_empty() {
         bail!("{r}: no class folders (an image folder holds one sub-folder of images per class)");
     }
-    let by_name =
-        classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
+    let by_name = classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
     let names = if by_name {
         classes.names().map(<[String]>::to_vec)
     } else {
@@ -85,25 +76,16 @@ fn read_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list folder {d}"))? {
         let entry = entry.with_context(|| format!("cannot list folder {d}"))?;
-        let name = entry
-            .file_name()
-            .into_string()
-            .map_err(|n| anyhow!("{d}: the name {n:?} is not valid UTF-8"))?;
+        let name = entry.file_name().into_string().map_err(|n| anyhow!("{d}: the name {n:?} is not valid UTF-8"))?;
         out.push((name, entry.path()));
     }
     Ok(out)
 }
 
 /// Collects image files under `dir`, as (id relative to the image folder with `/`, path).
-fn walk(
-    dir: &Path,
-    rel: &str,
-    visited: &mut HashSet<PathBuf>,
-    out: &mut Vec<(String, PathBuf)>,
-) -> anyhow::Result<()> {
+fn walk(dir: &Path, rel: &str, visited: &mut HashSet<PathBuf>, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
     // A folder reached twice through links is read once.
-    let real = std::fs::canonicalize(dir)
-        .with_context(|| format!("cannot open folder {}", dir.display()))?;
+    let real = std::fs::canonicalize(dir).with_context(|| format!("cannot open folder {}", dir.display()))?;
     if !visited.insert(real) {
         return Ok(());
     }

@@ -28,9 +28,7 @@ impl RawLabel {
 
     /// A label written as a float: an integral value is a class id.
     pub(super) fn from_float(v: f64) -> RawLabel {
-        integral(v)
-            .map(RawLabel::Id)
-            .unwrap_or_else(|| RawLabel::Other(v.to_string()))
+        integral(v).map(RawLabel::Id).unwrap_or_else(|| RawLabel::Other(v.to_string()))
     }
 }
 
@@ -53,11 +51,7 @@ impl<'a> Classes<'a> {
             // The first of repeated names wins.
             by_name.entry(n.as_str()).or_insert(i as i64);
         }
-        Classes {
-            names,
-            count: count.or(names.map(|n| n.len() as i64)),
-            by_name,
-        }
+        Classes { names, count: count.or(names.map(|n| n.len() as i64)), by_name }
     }
 
     /// The model's class names, if known.
@@ -101,11 +95,7 @@ impl<'a> Classes<'a> {
 /// The first few names, quoted, and how many more there are.
 fn preview(names: &[String]) -> String {
     const SHOWN: usize = 5;
-    let mut s: Vec<String> = names
-        .iter()
-        .take(SHOWN)
-        .map(|n| format!("\"{n}\""))
-        .collect();
+    let mut s: Vec<String> = names.iter().take(SHOWN).map(|n| format!("\"{n}\"")).collect();
     if names.len() > SHOWN {
         s.push(format!("… {} more", names.len() - SHOWN));
     }

@@ -21,9 +21,7 @@ use crate::sample::Sample;
 /// The box columns, in `Sample::bbox` order.
 const BBOX: [&str; 4] = ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"];
 /// Every column the manifest reader uses.
-const COLUMNS: [&str; 8] = [
-    "path", "label", "id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "mask",
-];
+const COLUMNS: [&str; 8] = ["path", "label", "id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "mask"];
 
 /// One manifest row as written.
 #[derive(Debug, Default)]
@@ -39,39 +37,25 @@ struct RawRow {
 
 /// Reads a manifest's samples, unsorted.
 pub(super) fn read_manifest(path: &Path, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
     let rows = match ext.as_str() {
         "csv" => read_csv(path)?,
         "jsonl" | "ndjson" => read_jsonl(path)?,
         "parquet" => read_parquet(path)?,
-        _ => bail!(
-            "{}: not a manifest type: use a .csv, .jsonl, .ndjson or .parquet file",
-            path.display()
-        ),
+        _ => bail!("{}: not a manifest type: use a .csv, .jsonl, .ndjson or .parquet file", path.display()),
     };
     let base = path.parent().unwrap_or(Path::new(""));
     to_samples(path, base, rows, classes)
 }
 
 /// Checks rows and makes samples of them: path present, box complete and ordered, ids unique.
-fn to_samples(
-    file: &Path,
-    base: &Path,
-    rows: Vec<RawRow>,
-    classes: &Classes,
-) -> anyhow::Result<Vec<Sample>> {
+fn to_samples(file: &Path, base: &Path, rows: Vec<RawRow>, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
     let f = file.display();
     let mut seen: HashMap<String, String> = HashMap::with_capacity(rows.len());
     let mut samples = Vec::with_capacity(rows.len());
     for row in rows {
         let at = &row.at;
-        let path = row
-            .path
-            .ok_or_else(|| anyhow!("{f} {at}: no path (the `path` column is empty)"))?;
+        let path = row.path.ok_or_else(|| anyhow!("{f} {at}: no path (the `path` column is empty)"))?;
         let bbox = match row.bbox {
             [None, None, None, None] => None,
             [Some(x0), Some(y0), Some(x1), Some(y1)] => {
@@ -87,12 +71,8 @@ fn to_samples(
                 Some([x0 as f32, y0 as f32, x1 as f32, y1 as f32])
             }
             partial => {
-                let missing: Vec<&str> = BBOX
-                    .iter()
-                    .zip(partial)
-                    .filter(|(_, v)| v.is_none())
-                    .map(|(n, _)| *n)
-                    .collect();
+                let missing: Vec<&str> =
+                    BBOX.iter().zip(partial).filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
                 bail!(
                     "{f} {at}: {} empty while other box columns are set: give all four of bbox_x0, bbox_y0, \
                      bbox_x1, bbox_y1, or none",
@@ -147,10 +127,7 @@ fn read_csv(path: &Path) -> anyhow::Result<Vec<RawRow>> {
         }
     }
     if !col.contains_key("path") {
-        bail!(
-            "{f} line 1: no `path` column in the header (found: {})",
-            headers.iter().collect::<Vec<_>>().join(", ")
-        );
+        bail!("{f} line 1: no `path` column in the header (found: {})", headers.iter().collect::<Vec<_>>().join(", "));
     }
     let mut rows = Vec::new();
     for record in reader.records() {
@@ -161,10 +138,7 @@ fn read_csv(path: &Path) -> anyhow::Result<Vec<RawRow>> {
         let mut bbox = [None; 4];
         for (k, name) in BBOX.iter().enumerate() {
             if let Some(v) = get(name) {
-                bbox[k] = Some(
-                    v.parse::<f64>()
-                        .map_err(|_| anyhow!("{f} {at}: {name} \"{v}\" is not a number"))?,
-                );
+                bbox[k] = Some(v.parse::<f64>().map_err(|_| anyhow!("{f} {at}: {name} \"{v}\" is not a number"))?);
             }
         }
         rows.push(RawRow {
@@ -190,19 +164,15 @@ fn csv_error(path: &Path, e: csv::Error) -> anyhow::Error {
 fn read_jsonl(path: &Path) -> anyhow::Result<Vec<RawRow>> {
     use serde_json::Value;
     let f = path.display();
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {f}"))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {f}"))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let at = format!("line {}", i + 1);
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| anyhow!("{f} {at}: not valid JSON: {e}"))?;
-        let Value::Object(obj) = value else {
-            bail!("{f} {at}: not a JSON object")
-        };
+        let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("{f} {at}: not valid JSON: {e}"))?;
+        let Value::Object(obj) = value else { bail!("{f} {at}: not a JSON object") };
         let text_of = |key: &str, numbers_too: bool| -> anyhow::Result<Option<String>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -216,9 +186,7 @@ fn read_jsonl(path: &Path) -> anyhow::Result<Vec<RawRow>> {
             Some(Value::String(s)) => cell(s).map(|s| RawLabel::from_text(&s)),
             Some(Value::Number(n)) => Some(match n.as_i64() {
                 Some(id) => RawLabel::Id(id),
-                None => n
-                    .as_f64()
-                    .map_or_else(|| RawLabel::Other(n.to_string()), RawLabel::from_float),
+                None => n.as_f64().map_or_else(|| RawLabel::Other(n.to_string()), RawLabel::from_float),
             }),
             Some(other) => Some(RawLabel::Other(other.to_string())),
         };
@@ -245,8 +213,8 @@ fn read_jsonl(path: &Path) -> anyhow::Result<Vec<RawRow>> {
 fn read_parquet(path: &Path) -> anyhow::Result<Vec<RawRow>> {
     let f = path.display();
     let file = File::open(path).with_context(|| format!("cannot open manifest {f}"))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{f}: not a readable Parquet file"))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{f}: not a readable Parquet file"))?;
     let roots: Vec<usize> = builder
         .parquet_schema()
         .root_schema()
@@ -259,22 +227,14 @@ fn read_parquet(path: &Path) -> anyhow::Result<Vec<RawRow>> {
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let schema = builder.schema().clone();
     if schema.column_with_name("path").is_none() {
-        let names: Vec<&str> = schema
-            .fields()
-            .iter()
-            .map(|fl| fl.name().as_str())
-            .collect();
+        let names: Vec<&str> = schema.fields().iter().map(|fl| fl.name().as_str()).collect();
         bail!("{f}: no `path` column (found: {})", names.join(", "));
     }
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .with_context(|| format!("{f}: cannot read Parquet"))?;
+    let reader = builder.with_projection(mask).build().with_context(|| format!("{f}: cannot read Parquet"))?;
     let mut rows = Vec::new();
     let mut row_no = 0usize;
     for batch in reader {
-        let batch = batch
-            .with_context(|| format!("{f}: cannot read Parquet row group after row {row_no}"))?;
+        let batch = batch.with_context(|| format!("{f}: cannot read Parquet row group after row {row_no}"))?;
         let column = |name: &str| batch.column_by_name(name).cloned();
         let path_col = strings(path, "path", column("path"), false)?;
         let id_col = strings(path, "id", column("id"), true)?;
@@ -288,15 +248,11 @@ fn read_parquet(path: &Path) -> anyhow::Result<Vec<RawRow>> {
             row_no += 1;
             let text = |c: &Option<ArrayRef>| -> Option<String> {
                 let a = c.as_ref()?;
-                (!a.is_null(i))
-                    .then(|| a.as_string::<i32>().value(i))
-                    .and_then(cell)
+                (!a.is_null(i)).then(|| a.as_string::<i32>().value(i)).and_then(cell)
             };
             let mut bbox = [None; 4];
             for (k, c) in bbox_cols.iter().enumerate() {
-                bbox[k] = c.as_ref().and_then(|a| {
-                    (!a.is_null(i)).then(|| a.as_primitive::<Float64Type>().value(i))
-                });
+                bbox[k] = c.as_ref().and_then(|a| (!a.is_null(i)).then(|| a.as_primitive::<Float64Type>().value(i)));
             }
             rows.push(RawRow {
                 at: format!("row {row_no}"),
@@ -320,30 +276,16 @@ fn is_string(t: &DataType) -> bool {
 }
 
 fn is_number(t: &DataType) -> bool {
-    t.is_integer()
-        || t.is_floating()
-        || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
+    t.is_integer() || t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
 }
 
 /// A string column (integers too when `integers_too`) cast to Utf8.
-fn strings(
-    file: &Path,
-    name: &str,
-    col: Option<ArrayRef>,
-    integers_too: bool,
-) -> anyhow::Result<Option<ArrayRef>> {
+fn strings(file: &Path, name: &str, col: Option<ArrayRef>, integers_too: bool) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     let t = col.data_type();
     if !(is_string(t) || (integers_too && t.is_integer())) {
-        let want = if integers_too {
-            "strings or integers"
-        } else {
-            "strings"
-        };
-        bail!(
-            "{}: column `{name}` has type {t}; it must hold {want}",
-            file.display()
-        );
+        let want = if integers_too { "strings or integers" } else { "strings" };
+        bail!("{}: column `{name}` has type {t}; it must hold {want}", file.display());
     }
     cast(file, name, &col, &DataType::Utf8).map(Some)
 }
@@ -352,23 +294,14 @@ fn strings(
 fn floats(file: &Path, name: &str, col: Option<ArrayRef>) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     if !is_number(col.data_type()) {
-        bail!(
-            "{}: column `{name}` has type {}; it must hold numbers",
-            file.display(),
-            col.data_type()
-        );
+        bail!("{}: column `{name}` has type {}; it must hold numbers", file.display(), col.data_type());
     }
     cast(file, name, &col, &DataType::Float64).map(Some)
 }
 
 fn cast(file: &Path, name: &str, col: &ArrayRef, to: &DataType) -> anyhow::Result<ArrayRef> {
-    arrow::compute::cast(col, to).with_context(|| {
-        format!(
-            "{}: cannot read column `{name}` of type {} as {to}",
-            file.display(),
-            col.data_type()
-        )
-    })
+    arrow::compute::cast(col, to)
+        .with_context(|| format!("{}: cannot read column `{name}` of type {} as {to}", file.display(), col.data_type()))
 }
 
 /// The label column, whichever type it has.
@@ -382,25 +315,17 @@ enum LabelColumn {
 impl LabelColumn {
     fn get(&self, i: usize) -> Option<RawLabel> {
         let a = match self {
-            LabelColumn::Ids(a)
-            | LabelColumn::Floats(a)
-            | LabelColumn::Text(a)
-            | LabelColumn::Other(a) => a,
+            LabelColumn::Ids(a) | LabelColumn::Floats(a) | LabelColumn::Text(a) | LabelColumn::Other(a) => a,
         };
         if a.is_null(i) {
             return None;
         }
         match self {
             LabelColumn::Ids(a) => Some(RawLabel::Id(a.as_primitive::<Int64Type>().value(i))),
-            LabelColumn::Floats(a) => Some(RawLabel::from_float(
-                a.as_primitive::<Float64Type>().value(i),
-            )),
-            LabelColumn::Text(a) => {
-                cell(a.as_string::<i32>().value(i)).map(|t| RawLabel::from_text(&t))
-            }
+            LabelColumn::Floats(a) => Some(RawLabel::from_float(a.as_primitive::<Float64Type>().value(i))),
+            LabelColumn::Text(a) => cell(a.as_string::<i32>().value(i)).map(|t| RawLabel::from_text(&t)),
             LabelColumn::Other(a) => {
-                let shown = arrow::util::display::array_value_to_string(a, i)
-                    .unwrap_or_else(|_| "?".to_owned());
+                let shown = arrow::util::display::array_value_to_string(a, i).unwrap_or_else(|_| "?".to_owned());
                 Some(RawLabel::Other(shown))
             }
         }

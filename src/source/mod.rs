@@ -43,17 +43,13 @@ pub fn load_samples(
 ) -> anyhow::Result<SampleSet> {
     let classes = labels::Classes::new(class_names, num_classes);
     let (mut samples, names) = match src {
-        DatasetSource::Manifest(path) => (
-            manifest::read_manifest(path, &classes)?,
-            class_names.map(<[String]>::to_vec),
-        ),
+        DatasetSource::Manifest(path) => {
+            (manifest::read_manifest(path, &classes)?, class_names.map(<[String]>::to_vec))
+        }
         DatasetSource::ImageFolder(root) => folder::read_image_folder(root, &classes)?,
     };
     order(&mut samples);
-    Ok(SampleSet {
-        samples,
-        class_names: names,
-    })
+    Ok(SampleSet { samples, class_names: names })
 }
 
 /// Sorts by id and numbers `index` 0..N in that order.

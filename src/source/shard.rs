@@ -20,10 +20,7 @@ pub fn shard_of(id: &str, num_shards: u32) -> u32 {
 /// Keeps the samples of shard `shard` of `num_shards`, in their order, with `index` numbered
 /// 0..n within the shard.
 pub fn select_shard(samples: Vec<Sample>, shard: u32, num_shards: u32) -> Vec<Sample> {
-    let mut kept: Vec<Sample> = samples
-        .into_iter()
-        .filter(|s| shard_of(&s.id, num_shards) == shard)
-        .collect();
+    let mut kept: Vec<Sample> = samples.into_iter().filter(|s| shard_of(&s.id, num_shards) == shard).collect();
     for (i, s) in kept.iter_mut().enumerate() {
         s.index = i as u64;
     }
@@ -81,11 +78,7 @@ impl ShardSpec {
             bail!("the shard count is 0; it must be at least 1");
         }
         if self.index >= self.count {
-            bail!(
-                "shard index {} is not below the shard count {}",
-                self.index,
-                self.count
-            );
+            bail!("shard index {} is not below the shard count {}", self.index, self.count);
         }
         Ok(())
     }
@@ -95,20 +88,19 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
     let get = |name: &str| -> anyhow::Result<Option<u64>> {
         match env(name) {
             None => Ok(None),
-            Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
-                anyhow!("environment variable {name}={v:?} is not a non-negative integer")
-            }),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| anyhow!("environment variable {name}={v:?} is not a non-negative integer")),
         }
     };
     let require = |name: &str, because: &str| -> anyhow::Result<u64> {
-        get(name)?
-            .ok_or_else(|| anyhow!("environment variable {name} is not set, but {because} is"))
+        get(name)?.ok_or_else(|| anyhow!("environment variable {name} is not set, but {because} is"))
     };
     let shard = |index: u64, count: u64, names: &str| -> anyhow::Result<ShardSpec> {
-        let index = u32::try_from(index)
-            .map_err(|_| anyhow!("{names}: shard index {index} is too large"))?;
-        let count = u32::try_from(count)
-            .map_err(|_| anyhow!("{names}: shard count {count} is too large"))?;
+        let index = u32::try_from(index).map_err(|_| anyhow!("{names}: shard index {index} is too large"))?;
+        let count = u32::try_from(count).map_err(|_| anyhow!("{names}: shard count {count} is too large"))?;
         let spec = ShardSpec { index, count };
         spec.check().map_err(|e| anyhow!("{names}: {e}"))?;
         Ok(spec)
@@ -136,20 +128,12 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
                  SLURM_ARRAY_TASK_STEP={step}: use an evenly stepped array such as --array=0-9"
             );
         }
-        return shard(
-            (id - min) / step,
-            count,
-            "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT",
-        );
+        return shard((id - min) / step, count, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT");
     }
     // AWS Batch array job.
     if let Some(index) = get("AWS_BATCH_JOB_ARRAY_INDEX")? {
         let count = require("AWS_BATCH_JOB_ARRAY_SIZE", "AWS_BATCH_JOB_ARRAY_INDEX")?;
-        return shard(
-            index,
-            count,
-            "AWS_BATCH_JOB_ARRAY_INDEX and AWS_BATCH_JOB_ARRAY_SIZE",
-        );
+        return shard(index, count, "AWS_BATCH_JOB_ARRAY_INDEX and AWS_BATCH_JOB_ARRAY_SIZE");
     }
     if get("AWS_BATCH_JOB_ARRAY_SIZE")?.is_some() {
         bail!("environment variable AWS_BATCH_JOB_ARRAY_SIZE is set but AWS_BATCH_JOB_ARRAY_INDEX is not");

@@ -46,17 +46,7 @@ fn csv_manifest() {
     let set = manifest(&m, Some(&classes), Some(2)).unwrap();
     assert_eq!(set.class_names, Some(classes.clone()));
     let ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "/data/c.jpg",
-            "img/a.jpg",
-            "img/b.jpg",
-            "img/d.jpg",
-            "img/e.jpg",
-            "img/f.jpg"
-        ]
-    );
+    assert_eq!(ids, ["/data/c.jpg", "img/a.jpg", "img/b.jpg", "img/d.jpg", "img/e.jpg", "img/f.jpg"]);
     for (i, s) in set.samples.iter().enumerate() {
         assert_eq!(s.index, i as u64);
     }
@@ -75,45 +65,26 @@ fn csv_manifest() {
     assert_eq!(by["/data/c.jpg"].location, PathBuf::from("/data/c.jpg"));
     assert_eq!(by["/data/c.jpg"].label, Some(0));
     // No label: no error either.
-    assert_eq!(
-        (
-            by["img/d.jpg"].label,
-            by["img/d.jpg"].label_error.as_deref()
-        ),
-        (None, None)
-    );
+    assert_eq!((by["img/d.jpg"].label, by["img/d.jpg"].label_error.as_deref()), (None, None));
     // Out-of-range id and non-integral number: row-level label errors.
     let e = by["img/e.jpg"].label_error.as_deref().unwrap();
-    assert!(
-        e.contains("label 7 is not a class of the model") && e.contains("2 classes"),
-        "{e}"
-    );
+    assert!(e.contains("label 7 is not a class of the model") && e.contains("2 classes"), "{e}");
     assert_eq!(by["img/e.jpg"].label, None);
     let f = by["img/f.jpg"].label_error.as_deref().unwrap();
-    assert!(
-        f.contains("label \"2.5\" is not a class of the model"),
-        "{f}"
-    );
+    assert!(f.contains("label \"2.5\" is not a class of the model"), "{f}");
 }
 
 #[test]
 fn bad_label_names_become_row_errors() {
     let d = tempfile::tempdir().unwrap();
-    let m = write(
-        d.path(),
-        "m.csv",
-        "path,label\na.jpg,cat\nb.jpg,horse\nc.jpg,3.0\n",
-    );
+    let m = write(d.path(), "m.csv", "path,label\na.jpg,cat\nb.jpg,horse\nc.jpg,3.0\n");
     let classes = names(&["cat", "dog", "a", "b", "c", "d", "e"]);
     let set = manifest(&m, Some(&classes), None).unwrap();
     let s = &set.samples;
     assert_eq!(s[0].label, Some(0));
     assert_eq!(s[1].label, None);
     let e = s[1].label_error.as_deref().unwrap();
-    assert!(
-        e.starts_with("label \"horse\" is not a class of the model (its classes: \"cat\", \"dog\""),
-        "{e}"
-    );
+    assert!(e.starts_with("label \"horse\" is not a class of the model (its classes: \"cat\", \"dog\""), "{e}");
     assert!(e.contains("2 more"), "{e}");
     // An integral decimal (as pandas writes integer columns with gaps) is a class id.
     assert_eq!(s[2].label, Some(3));
@@ -143,36 +114,18 @@ fn jsonl_manifest() {
     assert_eq!(by["7"].label, Some(0));
     assert_eq!(by["7"].mask, Some(d.path().join("a.png")));
     assert_eq!((by["c.jpg"].label, by["c.jpg"].bbox), (None, None));
-    assert!(by["d.jpg"]
-        .label_error
-        .as_deref()
-        .unwrap()
-        .contains("label 1.5"));
-    assert!(by["e.jpg"]
-        .label_error
-        .as_deref()
-        .unwrap()
-        .contains("label true"));
+    assert!(by["d.jpg"].label_error.as_deref().unwrap().contains("label 1.5"));
+    assert!(by["e.jpg"].label_error.as_deref().unwrap().contains("label true"));
     // .ndjson is the same format.
     let m2 = write(d.path(), "m.ndjson", text);
     assert_eq!(manifest(&m2, Some(&classes), None).unwrap(), set);
 
-    let bad = write(
-        d.path(),
-        "bad.jsonl",
-        "{\"path\": \"a.jpg\"}\n{\"path\": \"b.jpg\",}\n",
-    );
+    let bad = write(d.path(), "bad.jsonl", "{\"path\": \"a.jpg\"}\n{\"path\": \"b.jpg\",}\n");
     let e = err_of(manifest(&bad, None, None));
-    assert!(
-        e.contains("bad.jsonl line 2") && e.contains("not valid JSON"),
-        "{e}"
-    );
+    assert!(e.contains("bad.jsonl line 2") && e.contains("not valid JSON"), "{e}");
     let bad = write(d.path(), "bad2.jsonl", "{\"label\": 1}\n");
     let e = err_of(manifest(&bad, None, None));
-    assert!(
-        e.contains("bad2.jsonl line 1") && e.contains("no path"),
-        "{e}"
-    );
+    assert!(e.contains("bad2.jsonl line 1") && e.contains("no path"), "{e}");
     let bad = write(d.path(), "bad3.jsonl", "[1, 2]\n");
     assert!(err_of(manifest(&bad, None, None)).contains("line 1: not a JSON object"));
     let bad = write(d.path(), "bad4.jsonl", "{\"path\": 5}\n");
@@ -180,16 +133,9 @@ fn jsonl_manifest() {
 }
 
 fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
-        .collect();
+    let fields: Vec<Field> = columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        columns.into_iter().map(|(_, a)| a).collect(),
-    )
-    .unwrap();
+    let batch = RecordBatch::try_new(schema.clone(), columns.into_iter().map(|(_, a)| a).collect()).unwrap();
     let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
@@ -202,42 +148,14 @@ fn parquet_manifest() {
     write_parquet(
         &m,
         vec![
-            (
-                "path",
-                Arc::new(StringArray::from(vec![
-                    Some("b.jpg"),
-                    Some("a.jpg"),
-                    Some("c.jpg"),
-                ])) as ArrayRef,
-            ),
-            (
-                "label",
-                Arc::new(Int32Array::from(vec![Some(1), None, Some(5)])) as ArrayRef,
-            ),
-            (
-                "id",
-                Arc::new(Int64Array::from(vec![Some(20), Some(10), None])) as ArrayRef,
-            ),
-            (
-                "bbox_x0",
-                Arc::new(Float32Array::from(vec![Some(1.0), None, None])) as ArrayRef,
-            ),
-            (
-                "bbox_y0",
-                Arc::new(Int32Array::from(vec![Some(2), None, None])) as ArrayRef,
-            ),
-            (
-                "bbox_x1",
-                Arc::new(Float32Array::from(vec![Some(3.0), None, None])) as ArrayRef,
-            ),
-            (
-                "bbox_y1",
-                Arc::new(Float32Array::from(vec![Some(4.0), None, None])) as ArrayRef,
-            ),
-            (
-                "ignored",
-                Arc::new(StringArray::from(vec!["x", "y", "z"])) as ArrayRef,
-            ),
+            ("path", Arc::new(StringArray::from(vec![Some("b.jpg"), Some("a.jpg"), Some("c.jpg")])) as ArrayRef),
+            ("label", Arc::new(Int32Array::from(vec![Some(1), None, Some(5)])) as ArrayRef),
+            ("id", Arc::new(Int64Array::from(vec![Some(20), Some(10), None])) as ArrayRef),
+            ("bbox_x0", Arc::new(Float32Array::from(vec![Some(1.0), None, None])) as ArrayRef),
+            ("bbox_y0", Arc::new(Int32Array::from(vec![Some(2), None, None])) as ArrayRef),
+            ("bbox_x1", Arc::new(Float32Array::from(vec![Some(3.0), None, None])) as ArrayRef),
+            ("bbox_y1", Arc::new(Float32Array::from(vec![Some(4.0), None, None])) as ArrayRef),
+            ("ignored", Arc::new(StringArray::from(vec!["x", "y", "z"])) as ArrayRef),
         ],
     );
     let set = manifest(&m, None, Some(3)).unwrap();
@@ -248,84 +166,43 @@ fn parquet_manifest() {
     assert_eq!(s[1].label, Some(1));
     assert_eq!(s[1].bbox, Some([1.0, 2.0, 3.0, 4.0]));
     assert_eq!(s[1].location, d.path().join("b.jpg"));
-    assert!(s[2]
-        .label_error
-        .as_deref()
-        .unwrap()
-        .contains("label 5 is not a class"));
+    assert!(s[2].label_error.as_deref().unwrap().contains("label 5 is not a class"));
 
     // String labels resolve by name.
     let m = d.path().join("names.parquet");
     write_parquet(
         &m,
         vec![
-            (
-                "path",
-                Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef,
-            ),
-            (
-                "label",
-                Arc::new(StringArray::from(vec!["dog", "emu"])) as ArrayRef,
-            ),
+            ("path", Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef),
+            ("label", Arc::new(StringArray::from(vec!["dog", "emu"])) as ArrayRef),
         ],
     );
     let classes = names(&["cat", "dog"]);
     let set = manifest(&m, Some(&classes), None).unwrap();
     assert_eq!(set.samples[0].label, Some(1));
-    assert!(set.samples[1]
-        .label_error
-        .as_deref()
-        .unwrap()
-        .contains("\"emu\""));
+    assert!(set.samples[1].label_error.as_deref().unwrap().contains("\"emu\""));
 
     // A partial box names the row and the column.
     let m = d.path().join("partial.parquet");
     write_parquet(
         &m,
         vec![
-            (
-                "path",
-                Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef,
-            ),
-            (
-                "bbox_x0",
-                Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef,
-            ),
-            (
-                "bbox_y0",
-                Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef,
-            ),
-            (
-                "bbox_x1",
-                Arc::new(Float32Array::from(vec![None, Some(2.0)])) as ArrayRef,
-            ),
+            ("path", Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])) as ArrayRef),
+            ("bbox_x0", Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef),
+            ("bbox_y0", Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef),
+            ("bbox_x1", Arc::new(Float32Array::from(vec![None, Some(2.0)])) as ArrayRef),
         ],
     );
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("partial.parquet row 2") && e.contains("bbox_y1"),
-        "{e}"
-    );
+    assert!(e.contains("partial.parquet row 2") && e.contains("bbox_y1"), "{e}");
 
     // No path column; a path column of the wrong type.
     let m = d.path().join("nopath.parquet");
-    write_parquet(
-        &m,
-        vec![(
-            "file",
-            Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef,
-        )],
-    );
+    write_parquet(&m, vec![("file", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef)]);
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("nopath.parquet") && e.contains("no `path` column") && e.contains("file"),
-        "{e}"
-    );
+    assert!(e.contains("nopath.parquet") && e.contains("no `path` column") && e.contains("file"), "{e}");
     let m = d.path().join("intpath.parquet");
-    write_parquet(
-        &m,
-        vec![("path", Arc::new(Int32Array::from(vec![1])) as ArrayRef)],
-    );
+    write_parquet(&m, vec![("path", Arc::new(Int32Array::from(vec![1])) as ArrayRef)]);
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("column `path` has type Int32"), "{e}");
     // Not Parquet at all.
@@ -339,60 +216,27 @@ fn structural_errors() {
     let d = tempfile::tempdir().unwrap();
     let m = write(d.path(), "nopath.csv", "file,label\na.jpg,1\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("nopath.csv line 1") && e.contains("no `path` column"),
-        "{e}"
-    );
+    assert!(e.contains("nopath.csv line 1") && e.contains("no `path` column"), "{e}");
 
     let m = write(d.path(), "dup.csv", "path,id\na.jpg,x\nb.jpg,y\nc.jpg,x\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("dup.csv") && e.contains("duplicate id \"x\" at line 2 and line 4"),
-        "{e}"
-    );
+    assert!(e.contains("dup.csv") && e.contains("duplicate id \"x\" at line 2 and line 4"), "{e}");
     let m = write(d.path(), "dup2.csv", "path\na.jpg\na.jpg\n");
-    assert!(
-        err_of(manifest(&m, None, None)).contains("duplicate id \"a.jpg\" at line 2 and line 3")
-    );
+    assert!(err_of(manifest(&m, None, None)).contains("duplicate id \"a.jpg\" at line 2 and line 3"));
 
-    let m = write(
-        d.path(),
-        "ragged.csv",
-        "path,label\na.jpg,1\nb.jpg,1,extra\n",
-    );
+    let m = write(d.path(), "ragged.csv", "path,label\na.jpg,1\nb.jpg,1,extra\n");
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("ragged.csv line 3"), "{e}");
 
-    let m = write(
-        d.path(),
-        "partial.csv",
-        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,2,3,4\nb.jpg,1,,3,4\n",
-    );
+    let m = write(d.path(), "partial.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,2,3,4\nb.jpg,1,,3,4\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("partial.csv line 3") && e.contains("bbox_y0 empty"),
-        "{e}"
-    );
-    let m = write(
-        d.path(),
-        "nan.csv",
-        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,two,3,4\n",
-    );
+    assert!(e.contains("partial.csv line 3") && e.contains("bbox_y0 empty"), "{e}");
+    let m = write(d.path(), "nan.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,two,3,4\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("nan.csv line 2") && e.contains("bbox_y0 \"two\" is not a number"),
-        "{e}"
-    );
-    let m = write(
-        d.path(),
-        "empty_box.csv",
-        "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,5,2,3,4\n",
-    );
+    assert!(e.contains("nan.csv line 2") && e.contains("bbox_y0 \"two\" is not a number"), "{e}");
+    let m = write(d.path(), "empty_box.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,5,2,3,4\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(
-        e.contains("empty_box.csv line 2") && e.contains("is empty"),
-        "{e}"
-    );
+    assert!(e.contains("empty_box.csv line 2") && e.contains("is empty"), "{e}");
     let m = write(d.path(), "emptypath.csv", "path,label\n,1\n");
     assert!(err_of(manifest(&m, None, None)).contains("emptypath.csv line 2: no path"));
 
@@ -405,26 +249,16 @@ fn structural_errors() {
 #[test]
 fn order_does_not_depend_on_row_order() {
     let d = tempfile::tempdir().unwrap();
-    let rows: Vec<String> = (0..50)
-        .map(|i| format!("img/{i:03}.jpg,{}", i % 3))
-        .collect();
+    let rows: Vec<String> = (0..50).map(|i| format!("img/{i:03}.jpg,{}", i % 3)).collect();
     let mut reversed = rows.clone();
     reversed.reverse();
-    let a = write(
-        d.path(),
-        "a.csv",
-        &format!("path,label\n{}\n", rows.join("\n")),
-    );
+    let a = write(d.path(), "a.csv", &format!("path,label\n{}\n", rows.join("\n")));
     let b = write(
         d.path(),
         "b.csv",
         &format!(
             "label_ignored,path,label\n{}\n",
-            reversed
-                .iter()
-                .map(|r| format!("x,{r}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            reversed.iter().map(|r| format!("x,{r}")).collect::<Vec<_>>().join("\n")
         ),
     );
     let sa = manifest(&a, None, Some(3)).unwrap();
@@ -442,30 +276,17 @@ fn touch(root: &Path, rel: &str) {
 fn image_folder_labels_and_ids() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("train");
-    for f in [
-        "dog/b.JPG",
-        "dog/sub/c.png",
-        "cat/a.jpeg",
-        "cat/notes.txt",
-        "cat/.hidden.jpg",
-        "zebra/x.webp",
-        "loose.jpg",
-    ] {
+    for f in
+        ["dog/b.JPG", "dog/sub/c.png", "cat/a.jpeg", "cat/notes.txt", "cat/.hidden.jpg", "zebra/x.webp", "loose.jpg"]
+    {
         touch(&root, f);
     }
     std::fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
     std::fs::create_dir_all(root.join("empty")).unwrap();
     let src = DatasetSource::ImageFolder(root.clone());
     let set = load_samples(&src, None, None).unwrap();
-    assert_eq!(
-        set.class_names,
-        Some(names(&["cat", "dog", "empty", "zebra"]))
-    );
-    let got: Vec<(&str, Option<i64>, u64)> = set
-        .samples
-        .iter()
-        .map(|s| (s.id.as_str(), s.label, s.index))
-        .collect();
+    assert_eq!(set.class_names, Some(names(&["cat", "dog", "empty", "zebra"])));
+    let got: Vec<(&str, Option<i64>, u64)> = set.samples.iter().map(|s| (s.id.as_str(), s.label, s.index)).collect();
     assert_eq!(
         got,
         [
@@ -475,10 +296,7 @@ fn image_folder_labels_and_ids() {
             ("zebra/x.webp", Some(3), 3)
         ]
     );
-    assert_eq!(
-        set.samples[2].location,
-        root.join("dog").join("sub").join("c.png")
-    );
+    assert_eq!(set.samples[2].location, root.join("dog").join("sub").join("c.png"));
     assert_eq!(set.samples[2].path, "dog/sub/c.png");
 
     // A class count smaller than the folder count: the extra folders' samples get label errors.
@@ -486,10 +304,7 @@ fn image_folder_labels_and_ids() {
     let z = &set.samples[3];
     assert_eq!(z.label, None);
     let e = z.label_error.as_deref().unwrap();
-    assert!(
-        e.contains("label 3 is not a class") && e.contains("class folder \"zebra\""),
-        "{e}"
-    );
+    assert!(e.contains("label 3 is not a class") && e.contains("class folder \"zebra\""), "{e}");
 
     // When every class folder is a model class name, labels are the model's ids of those names.
     let model = names(&["zebra", "empty", "dog", "cat", "emu"]);
@@ -508,26 +323,10 @@ fn image_folder_labels_and_ids() {
 #[test]
 fn image_folder_errors() {
     let d = tempfile::tempdir().unwrap();
-    let e = format!(
-        "{:#}",
-        load_samples(
-            &DatasetSource::ImageFolder(d.path().join("nope")),
-            None,
-            None
-        )
-        .unwrap_err()
-    );
+    let e = format!("{:#}", load_samples(&DatasetSource::ImageFolder(d.path().join("nope")), None, None).unwrap_err());
     assert!(e.contains("nope"), "{e}");
     touch(d.path(), "flat/a.jpg");
-    let e = format!(
-        "{:#}",
-        load_samples(
-            &DatasetSource::ImageFolder(d.path().join("flat")),
-            None,
-            None
-        )
-        .unwrap_err()
-    );
+    let e = format!("{:#}", load_samples(&DatasetSource::ImageFolder(d.path().join("flat")), None, None).unwrap_err());
     assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
 }
 
@@ -560,8 +359,7 @@ fn shards_partition_the_samples() {
             // Kept in the input order.
             assert!(shard
                 .windows(2)
-                .all(|w| ids.iter().position(|x| *x == w[0].id)
-                    < ids.iter().position(|x| *x == w[1].id)));
+                .all(|w| ids.iter().position(|x| *x == w[0].id) < ids.iter().position(|x| *x == w[1].id)));
             seen.extend(shard.into_iter().map(|s| s.id));
         }
         let before = seen.len();
@@ -574,25 +372,15 @@ fn shards_partition_the_samples() {
     assert_eq!(shard_of("anything", 1), 0);
     assert_eq!(shard_of("a", 0), 0);
     // SHA-256("abc") starts with ba7816bf8f01cfea.
-    assert_eq!(
-        shard_of("abc", 1000),
-        (0xba7816bf8f01cfea_u64 % 1000) as u32
-    );
+    assert_eq!(shard_of("abc", 1000), (0xba7816bf8f01cfea_u64 % 1000) as u32);
 }
 
 fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let map: HashMap<String, String> = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     move |k: &str| map.get(k).cloned()
 }
 
-fn shard_env(
-    index: Option<u32>,
-    count: Option<u32>,
-    pairs: &[(&str, &str)],
-) -> anyhow::Result<ShardSpec> {
+fn shard_env(index: Option<u32>, count: Option<u32>, pairs: &[(&str, &str)]) -> anyhow::Result<ShardSpec> {
     ShardSpec::from_env_or_args(index, count, &env_of(pairs))
 }
 
@@ -601,70 +389,23 @@ fn shard_spec_from_args_and_env() {
     let spec = |index, count| ShardSpec { index, count };
     assert_eq!(shard_env(None, None, &[]).unwrap(), spec(0, 1));
     // Explicit arguments win over the environment.
-    assert_eq!(
-        shard_env(
-            Some(2),
-            Some(5),
-            &[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")]
-        )
-        .unwrap(),
-        spec(2, 5)
-    );
-    assert!(shard_env(Some(5), Some(5), &[])
-        .unwrap_err()
-        .to_string()
-        .contains("not below"));
-    assert!(shard_env(Some(0), Some(0), &[])
-        .unwrap_err()
-        .to_string()
-        .contains("0"));
+    assert_eq!(shard_env(Some(2), Some(5), &[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")]).unwrap(), spec(2, 5));
+    assert!(shard_env(Some(5), Some(5), &[]).unwrap_err().to_string().contains("not below"));
+    assert!(shard_env(Some(0), Some(0), &[]).unwrap_err().to_string().contains("0"));
     assert!(shard_env(Some(1), None, &[]).is_err());
     assert!(shard_env(None, Some(1), &[]).is_err());
 
     // Kubernetes Indexed Job.
-    assert_eq!(
-        shard_env(
-            None,
-            None,
-            &[("JOB_COMPLETION_INDEX", "2"), ("NUM_SHARDS", "4")]
-        )
-        .unwrap(),
-        spec(2, 4)
-    );
-    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "2")])
-        .unwrap_err()
-        .to_string();
+    assert_eq!(shard_env(None, None, &[("JOB_COMPLETION_INDEX", "2"), ("NUM_SHARDS", "4")]).unwrap(), spec(2, 4));
+    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "2")]).unwrap_err().to_string();
     assert!(e.contains("NUM_SHARDS"), "{e}");
-    let e = shard_env(None, None, &[("NUM_SHARDS", "2")])
-        .unwrap_err()
-        .to_string();
+    let e = shard_env(None, None, &[("NUM_SHARDS", "2")]).unwrap_err().to_string();
     assert!(e.contains("JOB_COMPLETION_INDEX"), "{e}");
-    let e = shard_env(
-        None,
-        None,
-        &[("JOB_COMPLETION_INDEX", "x"), ("NUM_SHARDS", "2")],
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("JOB_COMPLETION_INDEX") && e.contains("\"x\""),
-        "{e}"
-    );
-    let e = shard_env(
-        None,
-        None,
-        &[("JOB_COMPLETION_INDEX", "4"), ("NUM_SHARDS", "4")],
-    )
-    .unwrap_err()
-    .to_string();
+    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "x"), ("NUM_SHARDS", "2")]).unwrap_err().to_string();
+    assert!(e.contains("JOB_COMPLETION_INDEX") && e.contains("\"x\""), "{e}");
+    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "4"), ("NUM_SHARDS", "4")]).unwrap_err().to_string();
     assert!(e.contains("not below"), "{e}");
-    let e = shard_env(
-        None,
-        None,
-        &[("JOB_COMPLETION_INDEX", "0"), ("NUM_SHARDS", "0")],
-    )
-    .unwrap_err()
-    .to_string();
+    let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "0"), ("NUM_SHARDS", "0")]).unwrap_err().to_string();
     assert!(e.contains("at least 1"), "{e}");
 
     // Slurm job array: --array=10-40:10 gives ids 10, 20, 30, 40.
@@ -677,59 +418,26 @@ fn shard_spec_from_args_and_env() {
         ]
     };
     assert_eq!(shard_env(None, None, &slurm("30")).unwrap(), spec(2, 4));
-    assert!(shard_env(None, None, &slurm("25"))
-        .unwrap_err()
-        .to_string()
-        .contains("SLURM_ARRAY_TASK_STEP"));
-    let no_step = [
-        ("SLURM_ARRAY_TASK_ID", "3"),
-        ("SLURM_ARRAY_TASK_MIN", "1"),
-        ("SLURM_ARRAY_TASK_COUNT", "5"),
-    ];
+    assert!(shard_env(None, None, &slurm("25")).unwrap_err().to_string().contains("SLURM_ARRAY_TASK_STEP"));
+    let no_step = [("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_COUNT", "5")];
     assert_eq!(shard_env(None, None, &no_step).unwrap(), spec(2, 5));
-    let e = shard_env(
-        None,
-        None,
-        &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1")],
-    )
-    .unwrap_err()
-    .to_string();
+    let e =
+        shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1")]).unwrap_err().to_string();
     assert!(e.contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
-    let e = shard_env(
-        None,
-        None,
-        &[
-            ("SLURM_ARRAY_TASK_ID", "3"),
-            ("SLURM_ARRAY_TASK_COUNT", "1"),
-        ],
-    )
-    .unwrap_err()
-    .to_string();
+    let e = shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "1")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("SLURM_ARRAY_TASK_MIN"), "{e}");
 
     // AWS Batch array job.
-    let aws = [
-        ("AWS_BATCH_JOB_ARRAY_INDEX", "7"),
-        ("AWS_BATCH_JOB_ARRAY_SIZE", "8"),
-    ];
+    let aws = [("AWS_BATCH_JOB_ARRAY_INDEX", "7"), ("AWS_BATCH_JOB_ARRAY_SIZE", "8")];
     assert_eq!(shard_env(None, None, &aws).unwrap(), spec(7, 8));
-    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_INDEX", "7")])
-        .unwrap_err()
-        .to_string();
+    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_INDEX", "7")]).unwrap_err().to_string();
     assert!(e.contains("AWS_BATCH_JOB_ARRAY_SIZE"), "{e}");
-    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_SIZE", "7")])
+    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_SIZE", "7")]).unwrap_err().to_string();
+    assert!(e.contains("AWS_BATCH_JOB_ARRAY_INDEX"), "{e}");
+    let e = shard_env(None, None, &[("AWS_BATCH_JOB_ARRAY_INDEX", "-1"), ("AWS_BATCH_JOB_ARRAY_SIZE", "8")])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("AWS_BATCH_JOB_ARRAY_INDEX"), "{e}");
-    let e = shard_env(
-        None,
-        None,
-        &[
-            ("AWS_BATCH_JOB_ARRAY_INDEX", "-1"),
-            ("AWS_BATCH_JOB_ARRAY_SIZE", "8"),
-        ],
-    )
-    .unwrap_err()
-    .to_string();
     assert!(e.contains("AWS_BATCH_JOB_ARRAY_INDEX"), "{e}");
 }

@@ -20,10 +20,7 @@ pub fn encode_cam_f16(cam: &[f32]) -> Vec<u8> {
 /// Decodes little-endian float16 bytes (as written by [`encode_cam_f16`]) to f32.
 /// A trailing odd byte is ignored.
 pub fn decode_cam_f16(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(2)
-        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect()
+    bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
 }
 
 /// Window `[start, end)` of input indices averaged into output index `i`, as PyTorch's
@@ -78,19 +75,13 @@ pub fn encode_map_png(map: &[f32], h: usize, w: usize, size: u32) -> EncodedMap 
     let scale = resized.iter().fold(0.0f32, |m, &v| m.max(clean(v)));
     let q: Vec<u8> = if scale > 0.0 {
         let k = 255.0 / scale as f64;
-        resized
-            .iter()
-            .map(|&v| (clean(v) as f64 * k).round().clamp(0.0, 255.0) as u8)
-            .collect()
+        resized.iter().map(|&v| (clean(v) as f64 * k).round().clamp(0.0, 255.0) as u8).collect()
     } else {
         vec![0; resized.len()]
     };
     let mut png = Vec::with_capacity(256 + q.len() / 2);
     let enc = PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive);
-    if enc
-        .write_image(&q, size, size, ExtendedColorType::L8)
-        .is_err()
-    {
+    if enc.write_image(&q, size, size, ExtendedColorType::L8).is_err() {
         png.clear();
     }
     EncodedMap { png, scale, size }
@@ -105,10 +96,7 @@ const MAX_MAP_PIXELS: u64 = 1 << 26;
 pub fn decode_map_png(png: &[u8], scale: f32) -> anyhow::Result<(Vec<f32>, u32, u32)> {
     let dec = PngDecoder::new(std::io::Cursor::new(png)).context("map is not a readable PNG")?;
     if dec.color_type() != ColorType::L8 {
-        bail!(
-            "map PNG is {:?}, expected 8-bit grayscale (L8)",
-            dec.color_type()
-        );
+        bail!("map PNG is {:?}, expected 8-bit grayscale (L8)", dec.color_type());
     }
     let (w, h) = dec.dimensions();
     if w as u64 * h as u64 > MAX_MAP_PIXELS {

@@ -125,10 +125,7 @@ pub fn map_stats(
     mask: Option<&[u8]>,
     regions: &[Region],
 ) -> MapStats {
-    let mut s = MapStats {
-        region_shares: vec![None; regions.len()],
-        ..MapStats::default()
-    };
+    let mut s = MapStats { region_shares: vec![None; regions.len()], ..MapStats::default() };
 
     // CAM: max and centre of mass.
     let cam_moments = moments(cam, ch, cw);
@@ -149,11 +146,7 @@ pub fn map_stats(
 
     // Entropy: −Σ p ln p = ln T − (Σ m ln m) / T.
     let h_nat = (total.ln() - mm.sum_m_ln_m / total).max(0.0);
-    s.attr_entropy = Some(if n > 1 {
-        (h_nat / (n as f64).ln()).clamp(0.0, 1.0) as f32
-    } else {
-        0.0
-    });
+    s.attr_entropy = Some(if n > 1 { (h_nat / (n as f64).ln()).clamp(0.0, 1.0) as f32 } else { 0.0 });
     s.attr_com_x = Some((mm.sum_x / total) as f32);
     s.attr_com_y = Some((mm.sum_y / total) as f32);
     s.attr_peak_x = Some(((mm.argmax % w) as f64 + 0.5) as f32 / w as f32);
@@ -165,17 +158,11 @@ pub fn map_stats(
         // Σ (2i − n − 1)·x_(i) = 2·Σ i·x_(i) − (n + 1)·T, i = 1..n.
         let nf = n as f64;
         let zeros = (n - sorted.len()) as f64;
-        let weighted: f64 = sorted
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (zeros + i as f64 + 1.0) * f32::from_bits(v) as f64)
-            .sum();
+        let weighted: f64 =
+            sorted.iter().enumerate().map(|(i, &v)| (zeros + i as f64 + 1.0) * f32::from_bits(v) as f64).sum();
         let gini = (2.0 * weighted - (nf + 1.0) * total) / (nf * total);
         let k = n.div_ceil(20).min(sorted.len());
-        let top: f64 = sorted[sorted.len() - k..]
-            .iter()
-            .map(|&v| f32::from_bits(v) as f64)
-            .sum();
+        let top: f64 = sorted[sorted.len() - k..].iter().map(|&v| f32::from_bits(v) as f64).sum();
         (gini, top / total)
     });
     s.attr_gini = Some(gini.max(0.0) as f32);
@@ -188,12 +175,7 @@ pub fn map_stats(
         *share = Some((box_mass(map, h, w, [r.x0, r.y0, r.x1, r.y1]) / total) as f32);
     }
     if let Some(mask) = mask.filter(|m| m.len() == n) {
-        let inside: f64 = map
-            .iter()
-            .zip(mask)
-            .filter(|(_, &k)| k != 0)
-            .map(|(&v, _)| clean(v) as f64)
-            .sum();
+        let inside: f64 = map.iter().zip(mask).filter(|(_, &k)| k != 0).map(|(&v, _)| clean(v) as f64).sum();
         s.mask_mass_share = Some((inside / total) as f32);
     }
     s
@@ -212,14 +194,7 @@ struct Moments {
 }
 
 fn moments(map: &[f32], h: usize, w: usize) -> Moments {
-    let mut m = Moments {
-        total: 0.0,
-        max: 0.0,
-        argmax: 0,
-        sum_m_ln_m: 0.0,
-        sum_x: 0.0,
-        sum_y: 0.0,
-    };
+    let mut m = Moments { total: 0.0, max: 0.0, argmax: 0, sum_m_ln_m: 0.0, sum_x: 0.0, sum_y: 0.0 };
     let shaped = w > 0 && h.checked_mul(w) == Some(map.len());
     let mut col_sums = if shaped { vec![0.0f64; w] } else { Vec::new() };
     let row_len = if shaped { w } else { map.len().max(1) };
@@ -282,12 +257,7 @@ fn radix_sort(map: &[f32], a: &mut Vec<u32>, b: &mut Vec<u32>) {
     const BITS: u32 = 11;
     const MASK: u32 = (1 << BITS) - 1;
     a.clear();
-    a.extend(
-        map.iter()
-            .map(|&v| clean(v))
-            .filter(|&v| v > 0.0)
-            .map(f32::to_bits),
-    );
+    a.extend(map.iter().map(|&v| clean(v)).filter(|&v| v > 0.0).map(f32::to_bits));
     let mut hist = [[0usize; 1 << BITS]; 3];
     for &v in a.iter() {
         hist[0][(v & MASK) as usize] += 1;
@@ -339,10 +309,7 @@ fn box_mass(map: &[f32], h: usize, w: usize, b: [f32; 4]) -> f64 {
     let mut sum = 0.0f64;
     for y in ys {
         let row = &map[y * w..(y + 1) * w];
-        sum += row[xs.clone()]
-            .iter()
-            .map(|&v| clean(v) as f64)
-            .sum::<f64>();
+        sum += row[xs.clone()].iter().map(|&v| clean(v) as f64).sum::<f64>();
     }
     sum
 }

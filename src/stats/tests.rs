@@ -10,13 +10,7 @@ fn stats(map: &[f32], h: usize, w: usize) -> MapStats {
 }
 
 fn region(name: &str, b: [f32; 4]) -> Region {
-    Region {
-        name: name.into(),
-        x0: b[0],
-        y0: b[1],
-        x1: b[2],
-        y1: b[3],
-    }
+    Region { name: name.into(), x0: b[0], y0: b[1], x1: b[2], y1: b[3] }
 }
 
 /// Small deterministic pseudo-random generator for test data.
@@ -24,9 +18,7 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32) / (1u64 << 24) as f32
         })
         .collect()
@@ -68,17 +60,7 @@ fn single_hot_pixel() {
 #[test]
 fn hand_computed_2x2() {
     // [[1, 2], [3, 4]]: total 10.
-    let s = map_stats(
-        &[1.0, 2.0, 3.0, 4.0],
-        2,
-        2,
-        &[0.0, 0.0, 0.0, 5.0],
-        2,
-        2,
-        None,
-        None,
-        &[],
-    );
+    let s = map_stats(&[1.0, 2.0, 3.0, 4.0], 2, 2, &[0.0, 0.0, 0.0, 5.0], 2, 2, None, None, &[]);
     // Gini: ((-3)·1 + (-1)·2 + 1·3 + 3·4) / (4 · 10) = 10 / 40.
     close(s.attr_gini, 0.25, "gini");
     // k = ceil(4 / 20) = 1 → 4 / 10.
@@ -114,17 +96,7 @@ fn box_region_and_mask_shares() {
     ];
     let mut mask = vec![0u8; h * w];
     mask[..w].fill(255); // the top row: 4 of the 16 hot pixels
-    let s = map_stats(
-        &m,
-        h,
-        w,
-        &[],
-        0,
-        0,
-        Some([0.0, 0.5, 1.0, 1.0]),
-        Some(&mask),
-        &regions,
-    );
+    let s = map_stats(&m, h, w, &[], 0, 0, Some([0.0, 0.5, 1.0, 1.0]), Some(&mask), &regions);
     assert_eq!(s.region_shares.len(), 4);
     close(s.region_shares[0], 1.0, "top_right");
     close(s.region_shares[1], 0.0, "left");
@@ -134,29 +106,9 @@ fn box_region_and_mask_shares() {
     close(s.mask_mass_share, 0.25, "mask");
 
     // Edges: a pixel is inside when x0 ≤ centre < x1. Column 4's centre is 4.5/8 = 0.5625.
-    let s = map_stats(
-        &m,
-        h,
-        w,
-        &[],
-        0,
-        0,
-        Some([0.5625, 0.0, 1.0, 1.0]),
-        None,
-        &[],
-    );
+    let s = map_stats(&m, h, w, &[], 0, 0, Some([0.5625, 0.0, 1.0, 1.0]), None, &[]);
     close(s.bbox_mass_share, 1.0, "left edge inclusive");
-    let s = map_stats(
-        &m,
-        h,
-        w,
-        &[],
-        0,
-        0,
-        Some([0.0, 0.0, 0.5625, 1.0]),
-        None,
-        &[],
-    );
+    let s = map_stats(&m, h, w, &[], 0, 0, Some([0.0, 0.0, 0.5625, 1.0]), None, &[]);
     close(s.bbox_mass_share, 0.0, "right edge exclusive");
     assert_eq!(s.mask_mass_share, None, "no mask given");
 }
@@ -165,17 +117,7 @@ fn box_region_and_mask_shares() {
 fn zero_map_leaves_ratios_undefined() {
     let regions = [region("r", [0.0, 0.0, 1.0, 1.0])];
     let mask = vec![1u8; 16];
-    let s = map_stats(
-        &[0.0; 16],
-        4,
-        4,
-        &[0.0; 4],
-        2,
-        2,
-        Some([0.0, 0.0, 1.0, 1.0]),
-        Some(&mask),
-        &regions,
-    );
+    let s = map_stats(&[0.0; 16], 4, 4, &[0.0; 4], 2, 2, Some([0.0, 0.0, 1.0, 1.0]), Some(&mask), &regions);
     assert_eq!(s.attr_total, 0.0);
     assert_eq!(s.attr_max, 0.0);
     assert_eq!(s.cam_max, 0.0);
@@ -204,17 +146,7 @@ fn bad_values_and_shapes_do_not_panic() {
     close(s.attr_entropy, 0.0, "entropy");
     close(s.attr_peak_x, 0.75, "peak_x");
     // Wrong lengths: totals only, no panic.
-    let s = map_stats(
-        &[1.0; 5],
-        2,
-        2,
-        &[1.0; 3],
-        2,
-        2,
-        Some([0.0, 0.0, 1.0, 1.0]),
-        Some(&[1]),
-        &[],
-    );
+    let s = map_stats(&[1.0; 5], 2, 2, &[1.0; 3], 2, 2, Some([0.0, 0.0, 1.0, 1.0]), Some(&[1]), &[]);
     assert_eq!(s.attr_total, 5.0);
     assert_eq!(s.attr_com_x, None);
     assert_eq!(s.cam_com_x, None);
@@ -236,8 +168,7 @@ fn radix_sort_matches_std_sort() {
     m.iter_mut().step_by(3).for_each(|v| *v *= 1e-30); // spread the exponents
     m[5] = 0.0;
     m[6] = 1e30;
-    let got: Vec<f32> =
-        with_sorted_positive(&m, |s| s.iter().map(|&v| f32::from_bits(v)).collect());
+    let got: Vec<f32> = with_sorted_positive(&m, |s| s.iter().map(|&v| f32::from_bits(v)).collect());
     let mut want: Vec<f32> = m.iter().copied().filter(|&v| v > 0.0).collect();
     want.sort_by(f32::total_cmp);
     assert_eq!(got, want);
@@ -264,25 +195,11 @@ fn gini_and_top5_match_a_direct_computation() {
         v.sort_by(f64::total_cmp);
         let n = v.len() as f64;
         let total: f64 = v.iter().sum();
-        let gini = v
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (2.0 * (i as f64 + 1.0) - n - 1.0) * x)
-            .sum::<f64>()
-            / (n * total);
+        let gini = v.iter().enumerate().map(|(i, x)| (2.0 * (i as f64 + 1.0) - n - 1.0) * x).sum::<f64>() / (n * total);
         close(s.attr_gini, gini, "gini");
         let k = v.len().div_ceil(20);
-        close(
-            s.attr_top5_share,
-            v[v.len() - k..].iter().sum::<f64>() / total,
-            "top5",
-        );
-        let ent = -v
-            .iter()
-            .map(|x| x / total)
-            .map(|p| if p > 0.0 { p * p.ln() } else { 0.0 })
-            .sum::<f64>()
-            / n.ln();
+        close(s.attr_top5_share, v[v.len() - k..].iter().sum::<f64>() / total, "top5");
+        let ent = -v.iter().map(|x| x / total).map(|p| if p > 0.0 { p * p.ln() } else { 0.0 }).sum::<f64>() / n.ln();
         close(s.attr_entropy, ent, "entropy");
     }
 }
@@ -299,11 +216,7 @@ fn resize_map_area_average() {
         resize_map(&[1.0, 2.0, 3.0, 4.0], 2, 2, 4),
         vec![1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0]
     );
-    assert_eq!(
-        resize_map(&[1.0; 3], 2, 2, 2),
-        vec![0.0; 4],
-        "bad shape → zeros"
-    );
+    assert_eq!(resize_map(&[1.0; 3], 2, 2, 2), vec![0.0; 4], "bad shape → zeros");
 }
 
 #[test]
@@ -318,20 +231,9 @@ fn map_png_round_trip() {
     assert_eq!(enc.scale, max);
     let (back, bh, bw) = decode_map_png(&enc.png, enc.scale).unwrap();
     assert_eq!((bh, bw), (64, 64));
-    let worst = back
-        .iter()
-        .zip(&resized)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= enc.scale / 510.0 * 1.0001,
-        "worst {worst}, scale {}",
-        enc.scale
-    );
-    assert!(
-        back.iter().cloned().fold(0.0f32, f32::max) == enc.scale,
-        "maximum maps to 255"
-    );
+    let worst = back.iter().zip(&resized).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= enc.scale / 510.0 * 1.0001, "worst {worst}, scale {}", enc.scale);
+    assert!(back.iter().cloned().fold(0.0f32, f32::max) == enc.scale, "maximum maps to 255");
 
     // All-zero map: scale 0, zero pixels.
     let z = encode_map_png(&[0.0; 16], 4, 4, 8);
@@ -342,13 +244,8 @@ fn map_png_round_trip() {
 
     assert!(decode_map_png(b"not a png", 1.0).is_err());
     let mut rgb = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::ImageRgb8(image::RgbImage::new(2, 2))
-        .write_to(&mut rgb, image::ImageFormat::Png)
-        .unwrap();
-    assert!(
-        decode_map_png(rgb.get_ref(), 1.0).is_err(),
-        "RGB PNG is refused"
-    );
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(2, 2)).write_to(&mut rgb, image::ImageFormat::Png).unwrap();
+    assert!(decode_map_png(rgb.get_ref(), 1.0).is_err(), "RGB PNG is refused");
 }
 
 #[test]
@@ -361,9 +258,5 @@ fn cam_f16_round_trip() {
     for (a, b) in cam.iter().zip(&back) {
         assert!((a - b).abs() <= a.abs() / 2048.0, "{a} vs {b}");
     }
-    assert_eq!(
-        decode_cam_f16(&bytes[..3]).len(),
-        1,
-        "odd trailing byte ignored"
-    );
+    assert_eq!(decode_cam_f16(&bytes[..3]).len(), 1, "odd trailing byte ignored");
 }

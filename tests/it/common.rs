@@ -11,11 +11,7 @@ pub fn repo() -> PathBuf {
 /// The project's Python, with torch, torchvision and Captum (scripts/setup.sh makes it).
 pub fn python() -> PathBuf {
     let p = repo().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
     p
 }
 
@@ -32,10 +28,7 @@ pub fn generate_once(cell: &'static OnceLock<PathBuf>, script: &str, name: &str)
         let mut extra = Vec::new();
         // The export helper is part of every fixture.
         extra.extend(std::fs::read(repo().join("scripts/export_model.py")).unwrap_or_default());
-        let stamp = format!(
-            "{:016x}",
-            fnv(&[text.as_slice(), extra.as_slice()].concat())
-        );
+        let stamp = format!("{:016x}", fnv(&[text.as_slice(), extra.as_slice()].concat()));
         let out = repo().join("target/test-fixtures").join(name);
         if std::fs::read_to_string(out.join("stamp")).ok().as_deref() == Some(stamp.as_str()) {
             return out;

@@ -1,9 +1,7 @@
 //! The attribution engine against Captum: its own test cases and reference runs in the .venv.
 
 use crate::common::{bin, engine_cases, rel_l2};
-use saliency_audit::engine::{
-    attribute_npy, EngineOptions, GuidedGradCam, InterpolateMode, Rectifiers, TargetArg,
-};
+use saliency_audit::engine::{attribute_npy, EngineOptions, GuidedGradCam, InterpolateMode, Rectifiers, TargetArg};
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -23,20 +21,11 @@ fn cases() -> Vec<Case> {
 }
 
 fn read(p: &Path) -> Vec<f32> {
-    Vec::<f32>::try_from(
-        Tensor::read_npy(p)
-            .unwrap()
-            .to_kind(Kind::Float)
-            .flatten(0, -1),
-    )
-    .unwrap()
+    Vec::<f32>::try_from(Tensor::read_npy(p).unwrap().to_kind(Kind::Float).flatten(0, -1)).unwrap()
 }
 
 fn opts(mode: &str) -> EngineOptions {
-    EngineOptions {
-        interpolate: mode.parse().unwrap(),
-        rectifiers: Rectifiers::RELU,
-    }
+    EngineOptions { interpolate: mode.parse().unwrap(), rectifiers: Rectifiers::RELU }
 }
 
 /// Every generated case, in several batches, against Captum's GuidedGradCam (attribution) and
@@ -51,11 +40,7 @@ fn matches_captum_on_every_case() {
         let d = dir.join(&case.name);
         let out = tmp.path().join(format!("{}_attr.npy", case.name));
         let cam_out = tmp.path().join(format!("{}_cam.npy", case.name));
-        let target = if case.predicted {
-            TargetArg::Predicted
-        } else {
-            TargetArg::File(d.join("t.npy"))
-        };
+        let target = if case.predicted { TargetArg::Predicted } else { TargetArg::File(d.join("t.npy")) };
         let run = attribute_npy(
             &d.join("model.pt"),
             &d.join("x.npy"),
@@ -67,27 +52,13 @@ fn matches_captum_on_every_case() {
             opts(&case.interpolate_mode),
         )
         .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
-        assert_eq!(
-            run.batches,
-            (case.n as usize).div_ceil(case.batch),
-            "{}",
-            case.name
-        );
-        let expected_targets =
-            Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap();
+        assert_eq!(run.batches, (case.n as usize).div_ceil(case.batch), "{}", case.name);
+        let expected_targets = Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap();
         assert_eq!(run.targets, expected_targets, "{}: targets", case.name);
         let err = rel_l2(&read(&out), &read(&d.join("ref_attr.npy")));
-        assert!(
-            err <= 1e-5,
-            "{}: attribution relative L2 error {err:e} > 1e-5",
-            case.name
-        );
+        assert!(err <= 1e-5, "{}: attribution relative L2 error {err:e} > 1e-5", case.name);
         let cam_err = rel_l2(&read(&cam_out), &read(&d.join("ref_cam.npy")));
-        assert!(
-            cam_err <= 1e-5,
-            "{}: CAM relative L2 error {cam_err:e} > 1e-5",
-            case.name
-        );
+        assert!(cam_err <= 1e-5, "{}: CAM relative L2 error {cam_err:e} > 1e-5", case.name);
     }
 }
 
@@ -97,40 +68,28 @@ fn matches_captum_on_every_case() {
 fn batches_after_the_first_equal_a_single_batch() {
     let d = engine_cases().join("resnet18_layer4");
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
-    let t: Vec<Option<i64>> = Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(Some)
-        .collect();
-    let engine =
-        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let t: Vec<Option<i64>> =
+        Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap().into_iter().map(Some).collect();
+    let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
     let whole = engine.attribute(&x, &t).unwrap();
     let mut guided = Vec::new();
     let mut parts = Vec::new();
     for _ in 0..3 {
         for i in 0..x.size()[0] {
-            let r = engine
-                .attribute(&x.narrow(0, i, 1), &t[i as usize..i as usize + 1])
-                .unwrap();
+            let r = engine.attribute(&x.narrow(0, i, 1), &t[i as usize..i as usize + 1]).unwrap();
             guided.push(r.guided_nodes);
             parts.push(r.attribution);
         }
     }
     // resnet18: the stem ReLU plus two ReLU calls in each of its 8 blocks.
-    assert!(
-        guided.iter().all(|&g| g == 17),
-        "guided ReLU nodes per call: {guided:?}"
-    );
+    assert!(guided.iter().all(|&g| g == 17), "guided ReLU nodes per call: {guided:?}");
     assert_eq!(whole.guided_nodes, 17);
     let n = x.size()[0] as usize;
     for rep in 0..3 {
         let cat = Tensor::cat(&parts[rep * n..(rep + 1) * n], 0);
         let diff = (&cat - &whole.attribution).abs().max().double_value(&[]);
         let scale = whole.attribution.abs().max().double_value(&[]);
-        assert!(
-            diff <= 1e-5 * scale,
-            "repeat {rep}: max diff {diff} vs scale {scale}"
-        );
+        assert!(diff <= 1e-5 * scale, "repeat {rep}: max diff {diff} vs scale {scale}");
     }
 }
 
@@ -139,31 +98,18 @@ fn batches_after_the_first_equal_a_single_batch() {
 #[test]
 fn functional_relus_are_guided() {
     let d = engine_cases().join("functional_relu");
-    let engine =
-        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
-    let r = engine
-        .attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)])
-        .unwrap();
+    let r = engine.attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)]).unwrap();
     assert_eq!(r.guided_nodes, 4);
-    let off = EngineOptions {
-        rectifiers: Rectifiers::HARDTANH,
-        ..Default::default()
-    };
+    let off = EngineOptions { rectifiers: Rectifiers::HARDTANH, ..Default::default() };
     let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, off).unwrap();
-    assert_eq!(
-        engine
-            .attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)])
-            .unwrap()
-            .guided_nodes,
-        0
-    );
+    assert_eq!(engine.attribute(&x.narrow(0, 0, 2), &[Some(1), Some(2)]).unwrap().guided_nodes, 0);
 }
 
 fn toy(name: &str) -> (Tensor, Tensor) {
     let d = engine_cases().join(name);
-    let engine =
-        GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, EngineOptions::default()).unwrap();
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
     let r = engine.attribute(&x, &[Some(0)]).unwrap();
     (r.attribution, r.cam)
@@ -206,9 +152,7 @@ fn captum_suite_layer_input() {
 }
 
 fn err_of(model: &Path, x: &Tensor, targets: &[Option<i64>]) -> String {
-    match GuidedGradCam::load(model, Device::Cpu, EngineOptions::default())
-        .and_then(|e| e.attribute(x, targets))
-    {
+    match GuidedGradCam::load(model, Device::Cpu, EngineOptions::default()).and_then(|e| e.attribute(x, targets)) {
         Ok(_) => panic!("{} was accepted", model.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -230,19 +174,13 @@ fn contract_violations_are_named() {
     for (file, what) in cases {
         let msg = err_of(&bad.join(file), &x, &t);
         assert!(msg.contains(what), "{file}: {msg}");
-        assert!(
-            msg.contains("returns a tuple (logits [N, classes], activation"),
-            "{file}: no contract in {msg}"
-        );
+        assert!(msg.contains("returns a tuple (logits [N, classes], activation"), "{file}: no contract in {msg}");
     }
     let tmp = tempfile::tempdir().unwrap();
     let junk = tmp.path().join("junk.pt");
     std::fs::write(&junk, b"this is not a model").unwrap();
     let msg = err_of(&junk, &x, &t);
-    assert!(
-        msg.contains("not a loadable TorchScript file") && msg.contains("junk.pt"),
-        "{msg}"
-    );
+    assert!(msg.contains("not a loadable TorchScript file") && msg.contains("junk.pt"), "{msg}");
     let msg = err_of(&tmp.path().join("absent.pt"), &x, &t);
     assert!(msg.contains("does not exist"), "{msg}");
 }
@@ -253,10 +191,7 @@ fn bad_targets_shapes_and_values_are_named() {
     let model = d.join("model.pt");
     let x = Tensor::read_npy(d.join("x.npy")).unwrap().narrow(0, 0, 3);
     let msg = err_of(&model, &x, &[Some(0), Some(7), Some(1)]);
-    assert!(
-        msg.contains("target 7 of example 1 is out of range") && msg.contains("7 classes"),
-        "{msg}"
-    );
+    assert!(msg.contains("target 7 of example 1 is out of range") && msg.contains("7 classes"), "{msg}");
     let msg = err_of(&model, &x, &[Some(0), Some(-1), Some(1)]);
     assert!(msg.contains("target -1 of example 1"), "{msg}");
     let msg = err_of(&model, &x, &[Some(0)]);
@@ -267,15 +202,10 @@ fn bad_targets_shapes_and_values_are_named() {
     assert!(msg.contains("example 2 holds NaN or Inf"), "{msg}");
     let inf = x.copy();
     let _ = inf.get(1).get(1).get(0).get(0).fill_(f64::INFINITY);
-    assert!(
-        err_of(&model, &inf, &[Some(0), Some(1), Some(2)]).contains("example 1 holds NaN or Inf")
-    );
+    assert!(err_of(&model, &inf, &[Some(0), Some(1), Some(2)]).contains("example 1 holds NaN or Inf"));
     // One channel into a 3-channel model: the forward error names the input shape.
     let msg = err_of(&model, &x.narrow(1, 0, 1), &[Some(0), Some(1), Some(2)]);
-    assert!(
-        msg.contains("forward failed on input [3, 1, 32, 32]"),
-        "{msg}"
-    );
+    assert!(msg.contains("forward failed on input [3, 1, 32, 32]"), "{msg}");
     let msg = err_of(&model, &x.get(0), &[Some(0)]);
     assert!(msg.contains("expected [N, C, H, W]"), "{msg}");
 }
@@ -298,22 +228,11 @@ fn attribute_command() {
         .arg(&out)
         .arg("--cam-out")
         .arg(&cam)
-        .args([
-            "--interpolate-mode",
-            "bilinear",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-        ])
+        .args(["--interpolate-mode", "bilinear", "--batch-size", "2", "--device", "cpu"])
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert!(rel_l2(&read(&out), &read(&d.join("ref_attr.npy"))) <= 1e-5);
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
     assert_eq!(Tensor::read_npy(&out).unwrap().size(), x.size());
@@ -334,10 +253,7 @@ fn attribute_command() {
         .unwrap();
     assert_eq!(st.status.code(), Some(2));
     let err = String::from_utf8_lossy(&st.stderr);
-    assert!(
-        err.contains("t.npy") && err.contains("expected [5]"),
-        "{err}"
-    );
+    assert!(err.contains("t.npy") && err.contains("expected [5]"), "{err}");
     // An unknown device.
     let st = std::process::Command::new(bin())
         .args([

@@ -1,0 +1,414 @@
+//! The dataset pipeline end to end: generated images with planted bad files, a fake engine for
+//! exact shares, and the real engine for maps that must agree with `attribute`.
+
+use crate::common::{bin, engine_cases};
+use arrow::array::{Array, BinaryArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array};
+use arrow::record_batch::RecordBatch;
+use image::{ImageFormat, Rgb, RgbImage};
+use saliency_audit::decode::{self, Preprocess, Resize};
+use saliency_audit::engine::batch::{Attributor, SampleMaps, U8Batch};
+use saliency_audit::engine::{EngineOptions, GuidedGradCam};
+use saliency_audit::pipeline::{self, PipelineConfig, Progress, TargetMode};
+use saliency_audit::sample::{Sample, Status};
+use saliency_audit::sink::{read_rows, SinkConfig};
+use saliency_audit::stats::{self, Region};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// A smooth random pattern, `w × h`.
+fn pattern(w: u32, h: u32, seed: u32) -> RgbImage {
+    let f = |x: u32, y: u32, c: u32| {
+        let v = ((x as f32 / (3.0 + (seed % 5) as f32 + c as f32)).sin() * 70.0
+            + (y as f32 / (4.0 + (seed % 7) as f32)).cos() * 50.0
+            + 128.0
+            + ((x * 31 + y * 17 + seed * 13 + c * 7) % 23) as f32) as i32;
+        v.clamp(0, 255) as u8
+    };
+    RgbImage::from_fn(w, h, |x, y| Rgb([f(x, y, 0), f(x, y, 1), f(x, y, 2)]))
+}
+
+struct Dataset {
+    dir: PathBuf,
+    /// id → expected status.
+    expected: BTreeMap<String, Status>,
+}
+
+const FORMATS: [(&str, ImageFormat); 6] = [
+    ("jpg", ImageFormat::Jpeg),
+    ("png", ImageFormat::Png),
+    ("bmp", ImageFormat::Bmp),
+    ("webp", ImageFormat::WebP),
+    ("gif", ImageFormat::Gif),
+    ("tiff", ImageFormat::Tiff),
+];
+
+/// `n_good` images over 3 classes in several formats and sizes, plus one planted bad file of
+/// each kind, and a CSV manifest naming them all.
+fn make_dataset(root: &Path, n_good: usize) -> Dataset {
+    let classes = ["circle", "square", "triangle"];
+    let mut expected = BTreeMap::new();
+    let mut lines = vec!["path,label,id,bbox_x0,bbox_y0,bbox_x1,bbox_y1,mask".to_owned()];
+    std::fs::create_dir_all(root.join("img")).unwrap();
+    std::fs::create_dir_all(root.join("bad")).unwrap();
+    for i in 0..n_good {
+        let (ext, fmt) = FORMATS[i % FORMATS.len()];
+        let (w, h) = (40 + (i as u32 * 7) % 31, 36 + (i as u32 * 5) % 27);
+        let rel = format!("img/{i:04}.{ext}");
+        pattern(w, h, i as u32).save_with_format(root.join(&rel), fmt).unwrap();
+        // Labels by name and by number; a box on every third sample.
+        let label = if i % 2 == 0 { classes[i % 3].to_owned() } else { (i % 3).to_string() };
+        let bbox = if i % 3 == 0 { format!("{},{},{},{}", 2, 3, w - 5, h - 4) } else { ",,,".to_owned() };
+        lines.push(format!("{rel},{label},s{i:04},{bbox},"));
+        expected.insert(format!("s{i:04}"), Status::Ok);
+    }
+    let jpeg = {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        pattern(64, 48, 99).write_to(&mut buf, ImageFormat::Jpeg).unwrap();
+        buf.into_inner()
+    };
+    std::fs::write(root.join("bad/zero.jpg"), b"").unwrap();
+    std::fs::write(root.join("bad/truncated.jpg"), &jpeg[..jpeg.len() * 6 / 10]).unwrap();
+    std::fs::write(root.join("bad/text.png"), b"this is not an image\n").unwrap();
+    std::fs::create_dir_all(root.join("bad/dir.jpg")).unwrap();
+    pattern(200, 150, 7).save(root.join("bad/huge.png")).unwrap();
+    std::fs::write(root.join("bad/good.jpg"), &jpeg).unwrap();
+    let bad = [
+        ("bad/missing.jpg", "circle", "x_missing", Status::Missing, ""),
+        ("bad/zero.jpg", "circle", "x_zero", Status::DecodeError, ""),
+        ("bad/truncated.jpg", "square", "x_truncated", Status::DecodeError, ""),
+        ("bad/text.png", "square", "x_text", Status::DecodeError, ""),
+        ("bad/dir.jpg", "triangle", "x_dir", Status::Unreadable, ""),
+        ("bad/huge.png", "triangle", "x_huge", Status::TooLarge, ""),
+        ("bad/good.jpg", "dog", "x_label_name", Status::BadLabel, ""),
+        ("bad/good.jpg", "7", "x_label_range", Status::BadLabel, ""),
+        ("bad/good.jpg", "circle", "x_mask", Status::BadMask, "bad/no-such-mask.png"),
+    ];
+    for (path, label, id, status, mask) in bad {
+        lines.push(format!("{path},{label},{id},,,,,{mask}"));
+        expected.insert(id.to_owned(), status);
+    }
+    std::fs::write(root.join("samples.csv"), lines.join("\n") + "\n").unwrap();
+    Dataset { dir: root.to_path_buf(), expected }
+}
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_any().downcast_ref::<T>().unwrap()
+}
+
+/// All rows of an output folder as one batch.
+fn read_all(dir: &Path) -> RecordBatch {
+    let batches = read_rows(dir).unwrap();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+fn write_job(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let job = format!(
+        r#"[dataset]
+manifest = "samples.csv"
+
+[model]
+path = "{}"
+
+[preprocess]
+max_pixels = 20000
+
+[attribution]
+target = "label"
+
+[runtime]
+batch_size = 16
+
+[output]
+path = "out"
+map_size = 16
+rows_per_part = 50
+{extra}"#,
+        model.display()
+    );
+    let p = dir.join("job.toml");
+    std::fs::write(&p, job).unwrap();
+    p
+}
+
+/// `run` over a few hundred images in many batches: one row per input sample, the right
+/// statuses, statistics in range, and maps that dequantise to agree with the engine run on the
+/// same preprocessed tensors (batches after the first included). A rerun resumes.
+#[test]
+fn run_end_to_end_with_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 240);
+    let model = engine_cases().join("pipeline/model.pt");
+    let job =
+        write_job(&ds.dir, &model, "\n[[regions]]\nname = \"top_right\"\nx0 = 0.5\ny0 = 0.0\nx1 = 1.0\ny1 = 0.5\n");
+
+    let v = Command::new(bin()).arg("validate").arg(&job).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let plan = String::from_utf8_lossy(&v.stdout);
+    assert!(plan.contains("samples: 249 in the dataset"), "{plan}");
+    assert!(plan.contains("2 with a bad label"), "{plan}");
+
+    let out = Command::new(bin()).arg("run").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "some samples fail → exit 1\n{stderr}");
+    let rows = read_all(&ds.dir.join("out"));
+    assert_eq!(rows.num_rows(), ds.expected.len(), "one row per input sample");
+
+    let ids = col::<StringArray>(&rows, "id");
+    let status = col::<StringArray>(&rows, "status");
+    let error = col::<StringArray>(&rows, "error");
+    let index = col::<UInt64Array>(&rows, "index");
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..rows.num_rows() {
+        let id = ids.value(i);
+        assert!(seen.insert(id.to_owned()), "{id} twice");
+        assert_eq!(index.value(i), i as u64, "rows in index order");
+        let want = ds.expected[id];
+        assert_eq!(status.value(i), want.as_str(), "{id}: {:?}", error.is_valid(i).then(|| error.value(i)));
+        if want != Status::Ok {
+            let msg = error.value(i);
+            assert!(!msg.is_empty(), "{id}: failure without a message");
+            if id != "x_label_name" && id != "x_label_range" && id != "x_mask" {
+                assert!(msg.contains("bad/"), "{id}: message does not name the file: {msg}");
+            }
+        }
+    }
+    assert!(error.value(ids.iter().position(|v| v == Some("x_label_name")).unwrap()).contains("dog"));
+    assert!(error.value(ids.iter().position(|v| v == Some("x_mask")).unwrap()).contains("no-such-mask.png"));
+
+    // Statistics in range on every ok row.
+    let f = |name: &str| col::<Float32Array>(&rows, name);
+    let (ok_rows, target, label) = (
+        (0..rows.num_rows()).filter(|&i| status.value(i) == "ok").collect::<Vec<_>>(),
+        col::<Int64Array>(&rows, "target"),
+        col::<Int64Array>(&rows, "label"),
+    );
+    assert_eq!(ok_rows.len(), 240);
+    for &i in &ok_rows {
+        assert_eq!(target.value(i), label.value(i), "target = label");
+        for name in ["attr_entropy", "attr_gini", "attr_top5_share", "attr_com_x", "attr_com_y", "attr_peak_x"] {
+            let v = f(name).value(i);
+            assert!((0.0..=1.0).contains(&v), "{name} = {v} out of 0..1");
+        }
+        for name in ["predicted_prob", "target_prob", "region_top_right_share"] {
+            let v = f(name).value(i);
+            assert!((0.0..=1.0 + 1e-6).contains(&v), "{name} = {v}");
+        }
+        assert!(f("attr_total").value(i) > 0.0 && f("attr_max").value(i) <= f("attr_total").value(i));
+        assert_eq!(f("bbox_mass_share").is_valid(i), ids.value(i)[1..].parse::<usize>().unwrap() % 3 == 0);
+        assert!(f("mask_mass_share").is_null(i));
+    }
+
+    // Maps against the engine on the same preprocessed tensors, from several batches.
+    let pre = Preprocess { resize: Resize::ShorterSide(36), crop: Some((32, 32)), max_pixels: 20000 };
+    let engine = GuidedGradCam::load(&model, Device::Cpu, EngineOptions::default()).unwrap();
+    let mean = Tensor::from_slice(&[0.5f32, 0.4, 0.3]).view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&[0.25f32, 0.2, 0.3]).view([1, 3, 1, 1]);
+    let paths = col::<StringArray>(&rows, "path");
+    let (png, scale) = (col::<BinaryArray>(&rows, "map_png"), f("map_scale"));
+    let (cam, cam_h) = (col::<BinaryArray>(&rows, "cam"), col::<UInt32Array>(&rows, "cam_h"));
+    for &i in ok_rows.iter().step_by(37) {
+        let d = decode::decode_file(&ds.dir.join(paths.value(i)), &pre).unwrap();
+        let x = Tensor::from_slice(&d.rgb).view([1, 32, 32, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+        let x = (x - &mean) / &std;
+        let r = engine.attribute(&x, &[Some(label.value(i))]).unwrap();
+        let map: Vec<f32> =
+            Vec::try_from(r.attribution.abs().sum_dim_intlist(&[1i64][..], false, Kind::Float).flatten(0, -1)).unwrap();
+        let want = stats::resize_map(&map, 32, 32, 16);
+        let (got, h, w) = stats::decode_map_png(png.value(i), scale.value(i)).unwrap();
+        assert_eq!((h, w), (16, 16));
+        let max = want.iter().cloned().fold(0f32, f32::max);
+        assert!((scale.value(i) - max).abs() <= 1e-4 * max, "{}: scale {} vs {max}", ids.value(i), scale.value(i));
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= max / 255.0 + 1e-6 * max, "{}: map {a} vs {b} (max {max})", ids.value(i));
+        }
+        let cam_ref: Vec<f32> = Vec::try_from(r.cam.flatten(0, -1)).unwrap();
+        let cam_got = stats::decode_cam_f16(cam.value(i));
+        assert_eq!(cam_h.value(i) as usize * cam_h.value(i) as usize, cam_ref.len());
+        let cmax = cam_ref.iter().cloned().fold(0f32, f32::max);
+        for (a, b) in cam_got.iter().zip(&cam_ref) {
+            assert!((a - b).abs() <= 1e-3 * cmax.max(1e-12) + 1e-7, "cam {a} vs {b}");
+        }
+    }
+
+    // Committed parts and _SUCCESS; a rerun keeps every part and computes nothing.
+    let out_dir = ds.dir.join("out");
+    let parts: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    assert_eq!(parts.len(), ds.expected.len().div_ceil(50));
+    let success: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("_SUCCESS")).unwrap()).unwrap();
+    assert_eq!(success["rows"], ds.expected.len());
+    assert_eq!(success["status_counts"]["decode_error"], 3);
+    let mtime = |n: &str| std::fs::metadata(out_dir.join(n)).unwrap().modified().unwrap();
+    let before: Vec<_> = parts.iter().map(|p| mtime(p)).collect();
+    let again = Command::new(bin()).arg("run").arg(&job).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("0 of 0 samples processed") && text.contains("249 kept from an earlier run"), "{text}");
+    let after: Vec<_> = parts.iter().map(|p| mtime(p)).collect();
+    assert_eq!(before, after, "committed parts are kept, not recomputed");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("_run-00000-of-00001.json")).unwrap()).unwrap();
+    assert_eq!(summary["resumed_rows"], 249);
+}
+
+/// A fake engine: the map is the image's red channel, the CAM its 2×2 block means. Shares of
+/// boxes, masks and regions mapped through resize and crop are then known exactly.
+struct RedChannel;
+
+impl Attributor for RedChannel {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+    fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
+        let hw = b.h * b.w;
+        Ok((0..b.n)
+            .map(|i| {
+                let map: Vec<f32> = (0..hw).map(|p| b.data[(i * hw + p) * 3] as f32).collect();
+                let cam = stats::resize_map(&map, b.h, b.w, 2);
+                SampleMaps {
+                    target: b.targets[i].unwrap_or(0),
+                    predicted: 0,
+                    predicted_prob: 1.0,
+                    target_prob: 1.0,
+                    map,
+                    cam,
+                    cam_h: 2,
+                    cam_w: 2,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Constructed cases: an 80×60 image, red in its top-right quarter only, resized (shorter side
+/// 36 → 48×36) and centre-cropped to 32 (left 8, top 2): the red lands in the crop's top-right
+/// quarter. Box [40,0,80,30] and a mask of the same area map onto that quarter.
+#[test]
+fn region_bbox_and_mask_shares_on_constructed_cases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut samples = Vec::new();
+    let red_quarter =
+        RgbImage::from_fn(80, 60, |x, y| if x >= 40 && y < 30 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 0]) });
+    red_quarter.save(tmp.path().join("q.png")).unwrap();
+    let mask = image::GrayImage::from_fn(80, 60, |x, y| image::Luma([if x >= 40 && y < 30 { 1 } else { 0 }]));
+    mask.save(tmp.path().join("q_mask.png")).unwrap();
+    let left_half = RgbImage::from_fn(80, 60, |x, _| if x < 40 { Rgb([200, 0, 0]) } else { Rgb([0, 0, 0]) });
+    left_half.save(tmp.path().join("l.png")).unwrap();
+    for (i, (file, bbox, mask)) in [
+        ("q.png", Some([40.0, 0.0, 80.0, 30.0]), Some("q_mask.png")),
+        ("l.png", Some([40.0, 0.0, 80.0, 30.0]), Some("q_mask.png")),
+        ("q.png", Some([0.0, 30.0, 40.0, 60.0]), None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        samples.push(Sample {
+            index: i as u64,
+            id: format!("case{i}"),
+            path: file.into(),
+            location: tmp.path().join(file),
+            label: Some(0),
+            label_error: None,
+            bbox,
+            mask: mask.map(|m| tmp.path().join(m)),
+        });
+    }
+    let out = tmp.path().join("out");
+    let regions = vec![
+        Region { name: "top_right".into(), x0: 0.5, y0: 0.0, x1: 1.0, y1: 0.5 },
+        Region { name: "bottom_left".into(), x0: 0.0, y0: 0.5, x1: 0.5, y1: 1.0 },
+        Region { name: "left".into(), x0: 0.0, y0: 0.0, x1: 0.5, y1: 1.0 },
+    ];
+    let cfg = PipelineConfig {
+        preprocess: Preprocess { resize: Resize::ShorterSide(36), crop: Some((32, 32)), max_pixels: 1 << 20 },
+        target: TargetMode::Label,
+        batch_size: 2,
+        decode_threads: 2,
+        map_size: 8,
+        regions: regions.clone(),
+        sink: SinkConfig {
+            dir: out.clone(),
+            shard: 0,
+            num_shards: 1,
+            total_rows: 3,
+            rows_per_part: 2,
+            regions: regions.iter().map(|r| r.name.clone()).collect(),
+            metadata: vec![],
+        },
+        fingerprint: "constructed".into(),
+    };
+    let summary = pipeline::run(
+        cfg,
+        samples,
+        vec![Box::new(RedChannel)],
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Progress::default()),
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&3));
+    let rows = read_all(&out);
+    let f = |name: &str, i: usize| col::<Float32Array>(&rows, name).value(i);
+    // Antialiased resizing spreads the red edge over about one pixel: shares within 0.04.
+    let close = |a: f32, b: f32, what: &str| assert!((a - b).abs() <= 0.04, "{what}: {a} vs {b}");
+    close(f("region_top_right_share", 0), 1.0, "case 0 top_right");
+    close(f("region_bottom_left_share", 0), 0.0, "case 0 bottom_left");
+    close(f("bbox_mass_share", 0), 1.0, "case 0 box");
+    close(f("mask_mass_share", 0), 1.0, "case 0 mask");
+    assert!(
+        (f("bbox_mass_share", 0) - f("region_top_right_share", 0)).abs() < 1e-6,
+        "the box maps onto the quarter exactly"
+    );
+    // Red on the left half: the left region holds it all; none in the top-right box or mask.
+    close(f("region_left_share", 1), 1.0, "case 1 left");
+    close(f("bbox_mass_share", 1), 0.0, "case 1 box");
+    close(f("mask_mass_share", 1), 0.0, "case 1 mask");
+    close(f("attr_com_x", 1), 0.5 * (40.0 * 0.6 - 8.0) / 32.0, "case 1 centre of mass x");
+    // Box in the bottom-left quarter of the original, where there is no red.
+    close(f("bbox_mass_share", 2), 0.0, "case 2 box");
+    assert!(col::<Float32Array>(&rows, "mask_mass_share").is_null(2));
+    close(f("attr_com_x", 0), 0.75, "case 0 centre of mass x");
+    close(f("attr_com_y", 0), 0.25, "case 0 centre of mass y");
+    close(f("cam_com_x", 0), 0.75, "case 0 CAM centre of mass x");
+}
+
+/// Bad job specs and models fail before any work, exit 2, one message naming the key or file.
+#[test]
+fn bad_job_specs_fail_before_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 6);
+    let model = engine_cases().join("pipeline/model.pt");
+    // (text replaced, replacement, key the error must name)
+    let cases: [(&str, &str, &str); 4] = [
+        ("batch_size = 16", "batch_size = 0", "runtime.batch_size"),
+        ("batch_size = 16", "batch_size = 16\nthreads = 4", "threads"),
+        ("map_size = 16", "map_size = 16\n[[regions]]\nname = \"r\"\nx0 = 0.5\ny0 = 0.0\nx1 = 0.2\ny1 = 1.0", "regions"),
+        ("target = \"label\"", "target = \"label\"\ninterpolate_mode = \"cubic\"", "interpolate_mode"),
+    ];
+    for (from, to, key) in cases {
+        let job = write_job(&ds.dir, &model, "");
+        let text = std::fs::read_to_string(&job).unwrap().replacen(from, to, 1);
+        std::fs::write(&job, text).unwrap();
+        let out = Command::new(bin()).arg("run").arg(&job).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{to}: {err}");
+        assert!(err.contains(key) && err.contains("line"), "{to}: {err}");
+        assert!(!ds.dir.join("out").exists(), "no work before validation");
+    }
+    // A model that breaks the contract.
+    let job = write_job(&ds.dir, &engine_cases().join("bad/single.pt"), "");
+    let text = std::fs::read_to_string(&job).unwrap().replace("[preprocess]\n", "[preprocess]\nresize = 8\ncrop = 8\n");
+    std::fs::write(&job, text).unwrap();
+    let out = Command::new(bin()).arg("run").arg(&job).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("single tensor, not a tuple"), "{err}");
+}
