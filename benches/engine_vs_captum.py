@@ -92,6 +92,40 @@ def lean(model, layer, x, tgt):
     return gx * F.interpolate(cam.detach(), size=x.shape[2:], mode="nearest")
 
 
+def build(a):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, a.model)(weights=None).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peer(a):
+    """One Python variant in this (fresh) process; prints a JSON line."""
+    from captum.attr import GuidedGradCam
+
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    model = build(a)
+    for m in model.modules():  # Captum needs out-of-place ReLU modules
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    model.to(dev)
+    layer = resolve_layer(model, LAYERS[a.model])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(dev)
+    tgt = torch.tensor([(i * 7919) % 1000 for i in range(a.batch)], device=dev)
+    if a.variant == "captum":
+        ggc = GuidedGradCam(model, layer)
+        fn = lambda: ggc.attribute(x, target=tgt.tolist())  # noqa: E731
+    else:
+        fn = lambda: lean(model, layer, x, tgt)  # noqa: E731
+    t, peak = timed(fn, dev, a.warmup, a.iters)
+    print(json.dumps({"s_per_batch": t, "peak_rss_delta_bytes": peak}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet18")
@@ -103,40 +137,33 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--variant", choices=["captum", "lean"], help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    import torchvision
-    from captum.attr import GuidedGradCam
+    if a.variant:
+        return peer(a)
+    import warnings
 
-    dev = torch.device(a.device)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, a.model)(weights=None).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layer_path = LAYERS[a.model]
+    warnings.filterwarnings("ignore")
     tmp = tempfile.mkdtemp(prefix="sa-bench-")
     pt = os.path.join(tmp, f"{a.model}.pt")
-    export(model, layer_path, False, torch.randn(2, 3, a.size, a.size), {"architecture": a.model}, pt)
-    for m in model.modules():  # Captum needs out-of-place ReLU modules
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    model.to(dev)
-    layer = resolve_layer(model, layer_path)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(dev)
-    tgt = torch.tensor([(i * 7919) % 1000 for i in range(a.batch)], device=dev)
-    ggc = GuidedGradCam(model, layer)
+    export(build(a), LAYERS[a.model], False, torch.randn(2, 3, a.size, a.size), {"architecture": a.model}, pt)
+    common = ["--model", a.model, "--batch", str(a.batch), "--size", str(a.size), "--threads", str(a.threads),
+              "--iters", str(a.iters), "--warmup", str(a.warmup), "--device", a.device]
     rows = []
-    t, peak = timed(lambda: ggc.attribute(x, target=tgt.tolist()), dev, a.warmup, a.iters)
-    rows.append(("captum GuidedGradCam", t, peak))
-    t, peak = timed(lambda: lean(model, layer, x, tgt), dev, a.warmup, a.iters)
-    rows.append(("lean one-forward PyTorch", t, peak))
+    # Every variant in a fresh process, timed and measured the same way: median time per batch
+    # after warm-up; peak resident memory above the process's memory after loading the model.
+    for name, variant in [("captum GuidedGradCam", "captum"), ("lean one-forward PyTorch", "lean")]:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
+                             check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
     out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", str(a.iters),
                           "--warmup", str(a.warmup), "--device", a.device, "--threads", str(a.threads), "--json"],
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     rows.append(("saliency-audit engine", r["s_per_batch"], r["peak_rss_delta_bytes"]))
     captum = rows[0][1]
+    dev = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"{a.model}, batch {a.batch}, {a.size}x{a.size}, {a.threads} threads, {dev_name}, torch {torch.__version__}")
     print(f"{'variant':28s} {'ms/batch':>10s} {'images/s':>10s} {'vs Captum':>10s} {'peak MiB':>10s}")

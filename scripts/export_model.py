@@ -51,9 +51,13 @@ class ContractWrapper(nn.Module):
         self.model = model
         self._captured = []
         if layer_input:
-            layer.register_forward_pre_hook(self._pre_hook)
+            self._handle = layer.register_forward_pre_hook(self._pre_hook)
         else:
-            layer.register_forward_hook(self._post_hook)
+            self._handle = layer.register_forward_hook(self._post_hook)
+
+    def remove_hook(self):
+        """Leaves the eager model as it was (the export has recorded the hook's effect)."""
+        self._handle.remove()
 
     def _pre_hook(self, module, args):
         self._captured.append(args[0])
@@ -100,7 +104,7 @@ def build_model(args) -> nn.Module:
 
 
 def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.Tensor, meta: dict, out: str,
-           script: bool = False, check: bool = True):
+           check: bool = True):
     for p in model.parameters():
         p.requires_grad_(False)
     layer = resolve_layer(model, layer_path)
@@ -116,10 +120,8 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
     ref_act = captured[0]
 
     wrapper = ContractWrapper(model, layer, layer_input).eval()
-    if script:
-        traced = torch.jit.script(wrapper)
-    else:
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    traced = torch.jit.trace(wrapper, example, check_trace=False)
+    wrapper.remove_hook()
     traced = traced.eval()
     if ref_act.dim() != 4:
         raise SystemExit(f"error: the layer's activation has shape {list(ref_act.shape)}; Grad-CAM needs [N, K, h, w]")
@@ -155,7 +157,6 @@ def main(argv=None):
     ap.add_argument("--mean", type=float, nargs="+", default=None)
     ap.add_argument("--std", type=float, nargs="+", default=None)
     ap.add_argument("--class-names", help="file with one class name a line, or a comma-separated list")
-    ap.add_argument("--script", action="store_true", help="torch.jit.script instead of trace")
     ap.add_argument("--batch", type=int, default=2, help="example batch used for tracing and the check")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -176,7 +177,7 @@ def main(argv=None):
             names = [l.strip() for l in open(args.class_names) if l.strip()]
         meta["class_names"] = names
     example = torch.randn(args.batch, args.channels, *args.input_size, generator=torch.Generator().manual_seed(0))
-    export(model, args.layer, args.layer_input, example, meta, args.out, script=args.script)
+    export(model, args.layer, args.layer_input, example, meta, args.out)
     print(f"exported {meta['architecture']} (layer {args.layer}{' input' if args.layer_input else ''}) to {args.out}")
 
 

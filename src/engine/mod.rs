@@ -261,6 +261,7 @@ impl GuidedGradCam {
         let x = x.set_requires_grad(true);
 
         // 1. One forward.
+        let t0 = std::time::Instant::now();
         let (logits, act) = self.forward(&x, n)?;
         let classes = logits.size()[1];
         let predicted: Option<Vec<i64>> = if targets.iter().any(Option::is_none) {
@@ -282,6 +283,7 @@ impl GuidedGradCam {
         let tgt = Tensor::from_slice(&resolved).to_device(self.device).view([-1, 1]);
         let sel = logits.gather(1, &tgt, false).sum(Kind::Float);
 
+        let t1 = std::time::Instant::now();
         // 2. Grad-CAM: standard gradients to the layer, graph kept.
         let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
             self.contract_error(&format!("no gradient reaches the activation ({})", first_line(&e.to_string())))
@@ -295,6 +297,7 @@ impl GuidedGradCam {
             (w * act.detach().to_kind(Kind::Float)).sum_dim_intlist(&[1i64][..], true, Kind::Float).relu()
         });
 
+        let t2 = std::time::Instant::now();
         // 3. Guided backprop through the same graph.
         let guided_nodes = shim::add_guided_hooks(&sel, self.opts.rectifiers.bits())
             .map_err(|e| anyhow!("adding guided hooks: {e}"))?;
@@ -306,11 +309,20 @@ impl GuidedGradCam {
             return Err(self.contract_error("the logits do not depend on the input"));
         }
 
+        let t3 = std::time::Instant::now();
         // 4. Guided gradient × upsampled CAM.
         let attribution = tch::no_grad(|| {
             let up = upsample(&cam, size[2], size[3], self.opts.interpolate);
             gx.to_kind(Kind::Float) * up
         });
+        tracing::trace!(
+            n,
+            forward_ms = (t1 - t0).as_secs_f64() * 1e3,
+            layer_backward_ms = (t2 - t1).as_secs_f64() * 1e3,
+            guided_backward_ms = (t3 - t2).as_secs_f64() * 1e3,
+            combine_ms = t3.elapsed().as_secs_f64() * 1e3,
+            "attributed a batch"
+        );
         Ok(Attribution { attribution, cam, logits: logits.detach(), targets: resolved, guided_nodes })
     }
 }

@@ -390,7 +390,11 @@ fn bad_job_specs_fail_before_work() {
     let cases: [(&str, &str, &str); 4] = [
         ("batch_size = 16", "batch_size = 0", "runtime.batch_size"),
         ("batch_size = 16", "batch_size = 16\nthreads = 4", "threads"),
-        ("map_size = 16", "map_size = 16\n[[regions]]\nname = \"r\"\nx0 = 0.5\ny0 = 0.0\nx1 = 0.2\ny1 = 1.0", "regions"),
+        (
+            "map_size = 16",
+            "map_size = 16\n[[regions]]\nname = \"r\"\nx0 = 0.5\ny0 = 0.0\nx1 = 0.2\ny1 = 1.0",
+            "regions",
+        ),
         ("target = \"label\"", "target = \"label\"\ninterpolate_mode = \"cubic\"", "interpolate_mode"),
     ];
     for (from, to, key) in cases {
