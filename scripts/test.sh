@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Sets everything up (idempotent) and runs every test: Rust unit and integration tests, which
-# generate their models and Captum references with the project's .venv.
+# generate their models and Captum references with the project's .venv, run the example jobs,
+# and open the report in headless Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing Debian's chromium for the report test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "test: chromium is not installed and cannot be installed here (need root and apt-get)" >&2
+    exit 2
+  fi
+fi
 cargo build --release --bin saliency-audit
 cargo test --no-fail-fast "$@"

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod job;
 pub mod logging;
 pub mod pipeline;
+pub mod report;
 pub mod run;
 pub mod sample;
 pub mod sink;

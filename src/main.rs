@@ -52,6 +52,24 @@ enum Command {
         #[command(flatten)]
         shard: ShardArgs,
     },
+    /// Build the audit report of an output folder: HTML (self-contained), scores as Parquet, and a summary.
+    Report {
+        /// The run's output folder.
+        dir: PathBuf,
+        /// Samples shown per class, ranked by the spurious score.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// Ranking score: auto (named regions if the job has any, else outside the object),
+        /// outside (share outside the object's mask or box), or region:<name>.
+        #[arg(long, default_value = "auto")]
+        score: saliency_audit::report::ScoreKind,
+        /// Largest number of strategy clusters per class.
+        #[arg(long, default_value_t = 6)]
+        max_clusters: usize,
+        /// Where to write the report (default DIR/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check that every shard of a sharded run completed and write the dataset's _SUCCESS.
     Finalize {
         /// The output folder all shards wrote into.
@@ -193,6 +211,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { job, output, shard } => {
             let (plan, _) = run::plan(&job, shard.resolve()?, output.as_deref())?;
             print!("{plan}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { dir, top, score, max_clusters, out } => {
+            let mut opts = saliency_audit::report::ReportOptions { top, score, out, ..Default::default() };
+            opts.cluster.max_clusters = max_clusters;
+            let report = saliency_audit::report::build(&dir, &opts)?;
+            print!("{}", saliency_audit::report::summary_text(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Finalize { dir } => {

@@ -209,6 +209,9 @@ pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<A
         ("saliency_audit.model_sha256".to_owned(), plan.model_sha256.clone()),
         ("saliency_audit.class_names".to_owned(), serde_json::to_string(&plan.class_names)?),
         ("saliency_audit.shard".to_owned(), format!("{}/{}", plan.shard.index, plan.shard.count)),
+        ("saliency_audit.dataset_root".to_owned(), dataset_root(&job.dataset).display().to_string()),
+        ("saliency_audit.preprocess".to_owned(), preprocess_json(&job.preprocess).to_string()),
+        ("saliency_audit.regions".to_owned(), serde_json::to_string(&job.regions)?),
     ];
     let sink = SinkConfig {
         dir: job.output.clone(),
@@ -250,6 +253,31 @@ pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<A
         r
     })?;
     Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
+}
+
+/// The folder that rows' `path` values are relative to.
+fn dataset_root(d: &job::DatasetSource) -> std::path::PathBuf {
+    let root = match d {
+        job::DatasetSource::Manifest(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        job::DatasetSource::ImageFolder(p) => p.clone(),
+    };
+    std::fs::canonicalize(&root).unwrap_or(root)
+}
+
+/// The preprocessing, as recorded in the output's file metadata (the report re-creates the
+/// model-input crops from it).
+pub fn preprocess_json(p: &job::Preprocess) -> serde_json::Value {
+    let resize = match p.resize {
+        job::Resize::ShorterSide(s) => serde_json::json!({ "shorter_side": s }),
+        job::Resize::Exact { h, w } => serde_json::json!({ "exact": [h, w] }),
+    };
+    serde_json::json!({
+        "resize": resize,
+        "crop": p.crop.map(|(h, w)| [h, w]),
+        "max_pixels": p.max_pixels,
+        "mean": p.mean,
+        "std": p.std,
+    })
 }
 
 /// The decode stage's preprocessing from the job's.

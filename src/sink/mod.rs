@@ -31,7 +31,9 @@ use crate::sample::{Sample, Status};
 use crate::stats::{EncodedMap, MapStats};
 use columns::Column;
 
+mod extra;
 pub use columns::region_column;
+pub use extra::{read_metadata, write_file, write_table};
 pub use files::part_name;
 pub use read::read_rows;
 pub use summary::{finalize, write_summary, DatasetSummary, ShardSummary};
