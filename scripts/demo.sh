@@ -14,4 +14,4 @@ set -e
 # 0: every sample ok; 1: some samples failed (their rows say why); anything else is fatal.
 if [ "$code" -gt 1 ]; then exit "$code"; fi
 "$bin" report out/demo
-echo "open out/demo/report/index.html in a browser"
+echo "open out/demo/_report/index.html in a browser"

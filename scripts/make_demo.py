@@ -9,12 +9,15 @@ mark appears on half of the images of every class; the manifest gives each image
 the job names the mark's place as a region.
 
 Usage: python scripts/make_demo.py OUT_DIR [--train-per-class 400] [--audit-per-class 60] [--epochs 6]
-Writes OUT_DIR/{train/, audit/, audit.csv, model.pt, train_log.json}. Skips what exists.
+Writes OUT_DIR/{train/, audit/, audit.csv, model.pt, train_log.json, stamp}; skips the work when the
+stamp matches this script, the export helper and the arguments.
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -106,9 +109,18 @@ def main():
     ap.add_argument("--epochs", type=int, default=14)
     a = ap.parse_args()
     out = a.out
-    if os.path.exists(os.path.join(out, "model.pt")) and os.path.exists(os.path.join(out, "audit.csv")):
+    # The demo is remade when this script, the export helper or the arguments change.
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(repr(vars(a)).encode())
+    for f in ("make_demo.py", "export_model.py"):
+        with open(os.path.join(here, f), "rb") as fh:
+            h.update(fh.read())
+    stamp = os.path.join(out, "stamp")
+    if os.path.exists(stamp) and open(stamp).read() == h.hexdigest():
         print(f"demo data and model already in {out}")
         return
+    if os.path.exists(out):
+        shutil.rmtree(out)
     t0 = time.time()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -161,6 +173,8 @@ def main():
            os.path.join(out, "model.pt"))
     with open(os.path.join(out, "train_log.json"), "w") as f:
         json.dump({"epochs": log, "audit": stats, "seconds": time.time() - t0}, f, indent=1)
+    with open(stamp, "w") as f:
+        f.write(h.hexdigest())
     print(f"demo made in {time.time() - t0:.0f} s: {out}")
 
 

@@ -15,4 +15,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 cargo build --release --bin saliency-audit
-cargo test --no-fail-fast "$@"
+# One profile for the binary and the tests: the release build is made once.
+cargo test --release --no-fail-fast "$@"

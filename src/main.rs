@@ -66,7 +66,7 @@ enum Command {
         /// Largest number of strategy clusters per class.
         #[arg(long, default_value_t = 6)]
         max_clusters: usize,
-        /// Where to write the report (default DIR/report).
+        /// Where to write the report (default DIR/_report, which dataset readers skip).
         #[arg(long)]
         out: Option<PathBuf>,
     },

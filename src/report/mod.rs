@@ -379,7 +379,7 @@ pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
         classes.push(ClassSummary { ranked, ..summary });
     }
 
-    let out = opts.out.clone().unwrap_or_else(|| dir.join("report"));
+    let out = opts.out.clone().unwrap_or_else(|| dir.join("_report"));
     let table_path = sink::write_table(&out, "scores.parquet", &scores_table(&records, &class_names)?, &[])?;
     let mut report = Report {
         dir: dir.to_path_buf(),

@@ -1,5 +1,6 @@
 //! The integration test binary: one binary, topic modules.
 
+mod audit;
 mod common;
 mod engine;
 mod pipeline;

