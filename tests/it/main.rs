@@ -2,5 +2,6 @@
 
 mod audit;
 mod common;
+mod deploy;
 mod engine;
 mod pipeline;

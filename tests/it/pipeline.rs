@@ -416,3 +416,72 @@ fn bad_job_specs_fail_before_work() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("single tensor, not a tuple"), "{err}");
 }
+
+/// Stops a run once its first part is committed (SIGINT: graceful; SIGKILL: at any moment),
+/// then reruns the same command: every sample ends up exactly once, and nothing half-written
+/// is taken as complete.
+fn interrupt_and_resume(signal: i32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 600);
+    let model = engine_cases().join("resnet18_layer4/model.pt");
+    let job = write_job(&ds.dir, &model, "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("[preprocess]\n", "[preprocess]\nresize = 112\ncrop = 112\n")
+        .replace("target = \"label\"", "target = \"predicted\"")
+        .replace("batch_size = 16", "batch_size = 4")
+        .replace("rows_per_part = 50", "rows_per_part = 20");
+    std::fs::write(&job, text).unwrap();
+    let out_dir = ds.dir.join("out");
+    let parts = || -> Vec<String> {
+        std::fs::read_dir(&out_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .filter(|n| n.starts_with("part-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut child = Command::new(bin()).arg("-q").arg("run").arg(&job).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while parts().is_empty() {
+        assert!(start.elapsed().as_secs() < 120, "no part committed in 2 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = child.wait().unwrap();
+    let committed = parts().len();
+    let total_parts = ds.expected.len().div_ceil(20);
+    assert!(committed < total_parts, "the run finished before the signal ({committed} parts)");
+    assert!(!out_dir.join("_SUCCESS").exists(), "an interrupted run is not complete");
+    if signal == libc::SIGINT {
+        assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
+    } else {
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    }
+    let again = Command::new(bin()).arg("-q").arg("run").arg(&job).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));
+    let rows = read_all(&out_dir);
+    assert_eq!(rows.num_rows(), ds.expected.len(), "every sample exactly once");
+    let index = col::<UInt64Array>(&rows, "index");
+    assert!((0..rows.num_rows()).all(|i| index.value(i) == i as u64), "indices 0..n, each once");
+    assert_eq!(parts().len(), total_parts);
+    assert!(out_dir.join("_SUCCESS").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn ctrl_c_commits_complete_parts_and_a_rerun_finishes() {
+    interrupt_and_resume(libc::SIGINT);
+}
+
+#[test]
+fn sigkill_at_any_moment_then_rerun_gives_every_sample_once() {
+    interrupt_and_resume(libc::SIGKILL);
+}
