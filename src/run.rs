@@ -282,14 +282,7 @@ pub fn preprocess_json(p: &job::Preprocess) -> serde_json::Value {
 
 /// The decode stage's preprocessing from the job's.
 pub fn decode_preprocess(p: &job::Preprocess) -> decode::Preprocess {
-    decode::Preprocess {
-        resize: match p.resize {
-            job::Resize::ShorterSide(s) => decode::Resize::ShorterSide(s),
-            job::Resize::Exact { h, w } => decode::Resize::Exact { h, w },
-        },
-        crop: p.crop,
-        max_pixels: p.max_pixels,
-    }
+    decode::Preprocess { resize: p.resize, crop: p.crop, max_pixels: p.max_pixels }
 }
 
 /// Progress: a bar on a terminal (images/s, ETA), a log line every 10 s otherwise.

@@ -73,19 +73,8 @@ pub enum DatasetSource {
     ImageFolder(PathBuf),
 }
 
-/// The first resize step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resize {
-    /// Scale so the shorter side has this many pixels, keeping the aspect ratio.
-    ShorterSide(u32),
-    /// Scale to exactly this height and width.
-    Exact {
-        /// Height in pixels.
-        h: u32,
-        /// Width in pixels.
-        w: u32,
-    },
-}
+/// The first resize step: the decode stage's own type.
+pub use crate::decode::Resize;
 
 /// Preprocessing: resize, optional centre crop, normalisation, pixel limit.
 #[derive(Debug, Clone, PartialEq)]
