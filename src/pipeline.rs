@@ -122,6 +122,10 @@ pub fn run(
     let start = Instant::now();
     anyhow::ensure!(!attributors.is_empty(), "no model replica to run");
     anyhow::ensure!(cfg.batch_size > 0, "batch size must be at least 1");
+    let size = cfg
+        .preprocess
+        .output_size()
+        .context("preprocessing needs a crop or an exact resize, so that every image of a batch has one size")?;
     let (mut writer, resume) = PartWriter::open(cfg.sink.clone(), &cfg.fingerprint)?;
     let pending: Vec<Sample> = samples.into_iter().filter(|s| !resume.is_done(s.index)).collect();
     let mut summary =
@@ -153,7 +157,7 @@ pub fn run(
         // Decode: a batch at a time on the pool; failures go straight to the writer as rows.
         {
             let row_tx = row_tx.clone();
-            s.spawn(move || decode_stage(cfg, pool, times, batch_rx, work_tx, row_tx));
+            s.spawn(move || decode_stage(cfg, size, pool, times, batch_rx, work_tx, row_tx));
         }
         // One worker per model replica.
         for mut attributor in attributors {
@@ -262,13 +266,13 @@ fn prepare(cfg: &PipelineConfig, s: Sample) -> Result<(Ready, Vec<u8>), Row> {
 
 fn decode_stage(
     cfg: &PipelineConfig,
+    (h, w): (u32, u32),
     pool: &rayon::ThreadPool,
     times: &StageTimes,
     batch_rx: Receiver<Vec<Sample>>,
     work_tx: Sender<WorkBatch>,
     row_tx: Sender<Vec<Row>>,
 ) {
-    let (h, w) = cfg.preprocess.output_size().expect("the job gives every image one size");
     let px = h as usize * w as usize * 3;
     let mut ready: Vec<Ready> = Vec::with_capacity(cfg.batch_size);
     let mut pixels: Vec<u8> = Vec::with_capacity(cfg.batch_size * px);
