@@ -485,3 +485,76 @@ fn ctrl_c_commits_complete_parts_and_a_rerun_finishes() {
 fn sigkill_at_any_moment_then_rerun_gives_every_sample_once() {
     interrupt_and_resume(libc::SIGKILL);
 }
+
+/// Three shards (one by arguments, two from a Kubernetes and a Slurm environment) write into
+/// one folder; `finalize` checks them and writes `_SUCCESS`; their union equals the unsharded
+/// run, with no overlap. JSON log lines come out with `--log-format json`.
+#[test]
+fn shards_union_equals_the_unsharded_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 60);
+    let model = engine_cases().join("pipeline/model.pt");
+    let job = write_job(&ds.dir, &model, "");
+    let whole = ds.dir.join("whole");
+    let sharded = ds.dir.join("sharded");
+    let st = Command::new(bin()).args(["-q", "run"]).arg(&job).arg("--output").arg(&whole).status().unwrap();
+    assert_eq!(st.code(), Some(1));
+    let runs: [(&[(&str, &str)], &[&str]); 3] = [
+        (&[], &["--shard-index", "0", "--num-shards", "3"]),
+        (&[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")], &[]),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "12"),
+                ("SLURM_ARRAY_TASK_MIN", "10"),
+                ("SLURM_ARRAY_TASK_STEP", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ],
+            &[],
+        ),
+    ];
+    for (i, (env, args)) in runs.iter().enumerate() {
+        if i == 2 {
+            // Not every shard is done yet: finalize names the missing one.
+            let f = Command::new(bin()).arg("finalize").arg(&sharded).output().unwrap();
+            assert_eq!(f.status.code(), Some(2));
+            let err = String::from_utf8_lossy(&f.stderr);
+            assert!(err.contains("shard(s) 2 of 3"), "{err}");
+        }
+        let mut c = Command::new(bin());
+        c.args(["--log-format", "json", "run"]).arg(&job).arg("--output").arg(&sharded).args(*args);
+        for (k, v) in *env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.code().unwrap() <= 1, "shard {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let first = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_owned();
+        let v: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+        assert_eq!(v["level"], "INFO");
+        assert!(ds.dir.join(format!("sharded/_run-0000{i}-of-00003.json")).exists());
+    }
+    let f = Command::new(bin()).arg("finalize").arg(&sharded).output().unwrap();
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stderr));
+    let success: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sharded.join("_SUCCESS")).unwrap()).unwrap();
+    assert_eq!(success["rows"], ds.expected.len());
+    assert_eq!(success["num_shards"], 3);
+
+    let rows = |dir: &Path| -> BTreeMap<String, (String, Option<String>)> {
+        let b = read_all(dir);
+        let (ids, st, pngs) =
+            (col::<StringArray>(&b, "id"), col::<StringArray>(&b, "status"), col::<BinaryArray>(&b, "map_png"));
+        let mut m = BTreeMap::new();
+        for i in 0..b.num_rows() {
+            let png = pngs.is_valid(i).then(|| format!("{:x}", pngs.value(i).len()));
+            assert!(
+                m.insert(ids.value(i).to_owned(), (st.value(i).to_owned(), png)).is_none(),
+                "{} twice",
+                ids.value(i)
+            );
+        }
+        m
+    };
+    let (a, b) = (rows(&whole), rows(&sharded));
+    assert_eq!(a.len(), ds.expected.len());
+    assert_eq!(a, b, "the shards' union equals the unsharded run");
+}
