@@ -66,6 +66,10 @@ enum Command {
         /// Largest number of strategy clusters per class.
         #[arg(long, default_value_t = 6)]
         max_clusters: usize,
+        /// Samples per class the clustering runs on (a deterministic uniform subsample); the
+        /// rest join their nearest cluster.
+        #[arg(long, default_value_t = 1500)]
+        cluster_sample: usize,
         /// Where to write the report (default DIR/_report, which dataset readers skip).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -213,9 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{plan}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { dir, top, score, max_clusters, out } => {
+        Command::Report { dir, top, score, max_clusters, cluster_sample, out } => {
             let mut opts = saliency_audit::report::ReportOptions { top, score, out, ..Default::default() };
             opts.cluster.max_clusters = max_clusters;
+            opts.cluster.max_samples = cluster_sample;
             let report = saliency_audit::report::build(&dir, &opts)?;
             print!("{}", saliency_audit::report::summary_text(&report));
             Ok(ExitCode::SUCCESS)

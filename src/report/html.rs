@@ -72,14 +72,15 @@ impl SampleImages {
 
     fn make(r: &Report, rec: &Record) -> [String; 3] {
         let display = 128u32;
-        let cam = png_uri(&heat(&rec.cam, rec.cam_h, rec.cam_w, display, display));
+        let Some(m) = &rec.maps else { return [String::new(), String::new(), String::new()] };
+        let cam = png_uri(&heat(&m.cam, m.cam_h, m.cam_w, display, display));
         match model_input(r, rec) {
             Some((rgb, w, h)) => {
                 let img = image::RgbImage::from_raw(w, h, rgb.clone()).unwrap_or_default();
-                [png_uri(&img), png_uri(&overlay(&rgb, w, h, &rec.map, rec.map_side)), cam]
+                [png_uri(&img), png_uri(&overlay(&rgb, w, h, &m.map, m.map_side)), cam]
             }
             None => {
-                let map = png_uri(&heat(&rec.map, rec.map_side, rec.map_side, display, display));
+                let map = png_uri(&heat(&m.map, m.map_side, m.map_side, display, display));
                 [String::new(), map, cam]
             }
         }

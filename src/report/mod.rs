@@ -61,6 +61,17 @@ impl Default for ReportOptions {
     }
 }
 
+/// A sample's maps, kept only for the samples the page shows.
+#[derive(Debug, Clone)]
+pub struct Maps {
+    /// Dequantised map, `map_side × map_side`.
+    pub map: Vec<f32>,
+    pub map_side: usize,
+    pub cam: Vec<f32>,
+    pub cam_h: usize,
+    pub cam_w: usize,
+}
+
 /// One ok row, as the report needs it.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -74,18 +85,13 @@ pub struct Record {
     pub bbox_share: Option<f32>,
     pub mask_share: Option<f32>,
     pub region_shares: Vec<Option<f32>>,
-    /// Dequantised map, `map_side × map_side`.
-    pub map: Vec<f32>,
-    pub map_side: usize,
-    pub cam: Vec<f32>,
-    pub cam_h: usize,
-    pub cam_w: usize,
     /// The class the sample is grouped under: its label, else its prediction.
     pub class: i64,
     pub score: Option<f32>,
     pub rank: Option<usize>,
     pub cluster: Option<usize>,
     pub flagged: bool,
+    pub maps: Option<Maps>,
 }
 
 impl Record {
@@ -168,56 +174,159 @@ fn opt_i64(a: &Int64Array, i: usize) -> Option<i64> {
     a.is_valid(i).then(|| a.value(i))
 }
 
-/// Reads an output folder's rows: the ok ones as records, failures counted by status.
-fn read_records(dir: &Path, region_names: &[String]) -> Result<(Vec<Record>, BTreeMap<String, usize>)> {
-    let mut records = Vec::new();
-    let mut failed = BTreeMap::new();
-    for b in sink::read_rows(dir)? {
-        let (index, id, path) =
-            (col::<UInt64Array>(&b, "index")?, col::<StringArray>(&b, "id")?, col::<StringArray>(&b, "path")?);
-        let (label, predicted) = (col::<Int64Array>(&b, "label")?, col::<Int64Array>(&b, "predicted")?);
-        let status = col::<StringArray>(&b, "status")?;
-        let (prob, entropy) = (col::<Float32Array>(&b, "predicted_prob")?, col::<Float32Array>(&b, "attr_entropy")?);
-        let (bbox, mask) = (col::<Float32Array>(&b, "bbox_mass_share")?, col::<Float32Array>(&b, "mask_mass_share")?);
-        let regions: Vec<&Float32Array> =
-            region_names.iter().map(|n| col::<Float32Array>(&b, &sink::region_column(n))).collect::<Result<_>>()?;
-        let (png, scale) = (col::<BinaryArray>(&b, "map_png")?, col::<Float32Array>(&b, "map_scale")?);
-        let (cam, cam_h, cam_w) =
-            (col::<BinaryArray>(&b, "cam")?, col::<UInt32Array>(&b, "cam_h")?, col::<UInt32Array>(&b, "cam_w")?);
-        for i in 0..b.num_rows() {
-            if status.value(i) != "ok" {
-                *failed.entry(status.value(i).to_owned()).or_insert(0) += 1;
-                continue;
-            }
-            let (map, mh, mw) = stats::decode_map_png(png.value(i), scale.value(i))
-                .with_context(|| format!("sample {}: map_png", id.value(i)))?;
-            anyhow::ensure!(mh == mw, "sample {}: map is {mh}×{mw}, expected square", id.value(i));
-            let (label, predicted) = (opt_i64(label, i), opt_i64(predicted, i));
-            records.push(Record {
-                index: index.value(i),
-                id: id.value(i).to_owned(),
-                path: path.value(i).to_owned(),
-                label,
-                predicted,
-                predicted_prob: opt_f32(prob, i),
-                entropy: opt_f32(entropy, i),
-                bbox_share: opt_f32(bbox, i),
-                mask_share: opt_f32(mask, i),
-                region_shares: regions.iter().map(|r| opt_f32(r, i)).collect(),
-                map,
-                map_side: mh as usize,
-                cam: stats::decode_cam_f16(cam.value(i)),
-                cam_h: cam_h.value(i) as usize,
-                cam_w: cam_w.value(i) as usize,
-                class: label.or(predicted).unwrap_or(-1),
-                score: None,
-                rank: None,
-                cluster: None,
-                flagged: false,
-            });
+/// The columns of one record batch the report reads.
+struct Cols<'a> {
+    index: &'a UInt64Array,
+    id: &'a StringArray,
+    path: &'a StringArray,
+    label: &'a Int64Array,
+    predicted: &'a Int64Array,
+    status: &'a StringArray,
+    prob: &'a Float32Array,
+    entropy: &'a Float32Array,
+    bbox: &'a Float32Array,
+    mask: &'a Float32Array,
+    regions: Vec<&'a Float32Array>,
+    png: &'a BinaryArray,
+    scale: &'a Float32Array,
+    cam: &'a BinaryArray,
+    cam_h: &'a UInt32Array,
+    cam_w: &'a UInt32Array,
+}
+
+impl<'a> Cols<'a> {
+    fn of(b: &'a RecordBatch, region_names: &[String]) -> Result<Self> {
+        Ok(Self {
+            index: col(b, "index")?,
+            id: col(b, "id")?,
+            path: col(b, "path")?,
+            label: col(b, "label")?,
+            predicted: col(b, "predicted")?,
+            status: col(b, "status")?,
+            prob: col(b, "predicted_prob")?,
+            entropy: col(b, "attr_entropy")?,
+            bbox: col(b, "bbox_mass_share")?,
+            mask: col(b, "mask_mass_share")?,
+            regions: region_names
+                .iter()
+                .map(|n| col::<Float32Array>(b, &sink::region_column(n)))
+                .collect::<Result<_>>()?,
+            png: col(b, "map_png")?,
+            scale: col(b, "map_scale")?,
+            cam: col(b, "cam")?,
+            cam_h: col(b, "cam_h")?,
+            cam_w: col(b, "cam_w")?,
+        })
+    }
+
+    fn map(&self, i: usize) -> Result<(Vec<f32>, usize)> {
+        let (map, h, w) = stats::decode_map_png(self.png.value(i), self.scale.value(i))
+            .with_context(|| format!("sample {}: map_png", self.id.value(i)))?;
+        anyhow::ensure!(h == w, "sample {}: map is {h}×{w}, expected square", self.id.value(i));
+        Ok((map, h as usize))
+    }
+
+    fn maps(&self, i: usize) -> Result<Maps> {
+        let (map, side) = self.map(i)?;
+        Ok(Maps {
+            map,
+            map_side: side,
+            cam: stats::decode_cam_f16(self.cam.value(i)),
+            cam_h: self.cam_h.value(i) as usize,
+            cam_w: self.cam_w.value(i) as usize,
+        })
+    }
+
+    fn record(&self, i: usize) -> Record {
+        let (label, predicted) = (opt_i64(self.label, i), opt_i64(self.predicted, i));
+        Record {
+            index: self.index.value(i),
+            id: self.id.value(i).to_owned(),
+            path: self.path.value(i).to_owned(),
+            label,
+            predicted,
+            predicted_prob: opt_f32(self.prob, i),
+            entropy: opt_f32(self.entropy, i),
+            bbox_share: opt_f32(self.bbox, i),
+            mask_share: opt_f32(self.mask, i),
+            region_shares: self.regions.iter().map(|r| opt_f32(r, i)).collect(),
+            class: label.or(predicted).unwrap_or(-1),
+            score: None,
+            rank: None,
+            cluster: None,
+            flagged: false,
+            maps: None,
         }
     }
-    Ok((records, failed))
+}
+
+/// Per-class state of the first pass: the running mean map and a uniform, deterministic
+/// subsample (the `max_samples` smallest hashes of the sample index) of clustering features.
+struct ClassScan {
+    sum: Vec<f64>,
+    side: usize,
+    count: usize,
+    /// (hash, record position) of the kept samples; the largest hash on top.
+    kept: std::collections::BinaryHeap<(u64, usize)>,
+    features: std::collections::HashMap<usize, Vec<f32>>,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// First pass over the output, one batch at a time: the ok rows as records (without maps),
+/// failures counted by status, class mean maps, and a bounded subsample of clustering features
+/// per class. Memory grows with the number of rows only by their scalar fields.
+fn scan(
+    dir: &Path,
+    region_names: &[String],
+    p: &ClusterParams,
+) -> Result<(Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>)> {
+    let mut records = Vec::new();
+    let mut failed = BTreeMap::new();
+    let mut classes: BTreeMap<i64, ClassScan> = BTreeMap::new();
+    let cap = p.max_samples.max(1);
+    sink::for_each_batch(dir, |b| {
+        let c = Cols::of(&b, region_names)?;
+        for i in 0..b.num_rows() {
+            if c.status.value(i) != "ok" {
+                *failed.entry(c.status.value(i).to_owned()).or_insert(0) += 1;
+                continue;
+            }
+            let rec = c.record(i);
+            let (map, side) = c.map(i)?;
+            let e = classes.entry(rec.class).or_insert_with(|| ClassScan {
+                sum: vec![0.0; side * side],
+                side,
+                count: 0,
+                kept: Default::default(),
+                features: Default::default(),
+            });
+            anyhow::ensure!(side == e.side, "sample {}: map size differs from the class's other maps", rec.id);
+            let norm = normalised(&map);
+            for (a, v) in e.sum.iter_mut().zip(&norm) {
+                *a += *v as f64;
+            }
+            e.count += 1;
+            let pos = records.len();
+            let h = splitmix(rec.index ^ p.seed);
+            if e.kept.len() < cap || e.kept.peek().is_some_and(|top| h < top.0) {
+                if e.kept.len() == cap {
+                    let (_, out) = e.kept.pop().expect("full");
+                    e.features.remove(&out);
+                }
+                e.kept.push((h, pos));
+                e.features.insert(pos, cluster::downsample(&map, side, side, p.side));
+            }
+            records.push(rec);
+        }
+        Ok(())
+    })?;
+    Ok((records, failed, classes))
 }
 
 /// Normalised to sum 1 (a zero map stays zero).
@@ -255,7 +364,9 @@ fn flag(c: &ClusterInfo, class_region_mean: Option<f32>) -> bool {
     c.concentration >= 0.4 && (away_from_object || in_region)
 }
 
-/// Builds the report for an output folder.
+/// Builds the report for an output folder in two streaming passes: the first collects every
+/// row's scalars, class mean maps and a bounded subsample per class for clustering; the second
+/// assigns every other sample to its nearest cluster and keeps the maps of the samples shown.
 pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
     let metadata = sink::read_metadata(dir)?;
     let class_names: Option<Vec<String>> = metadata
@@ -265,7 +376,8 @@ pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
     let regions: Vec<(String, f32, f32, f32, f32)> =
         metadata.get("saliency_audit.regions").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
     let region_names: Vec<String> = regions.iter().map(|r| r.0.clone()).collect();
-    let (mut records, failed) = read_records(dir, &region_names)?;
+    let p = &opts.cluster;
+    let (mut records, failed, scans) = scan(dir, &region_names, p)?;
 
     // The score.
     let kind = match &opts.score {
@@ -295,64 +407,119 @@ pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
             _ => r.outside_object(),
         };
     }
-
     let name_of = |c: i64| -> String {
         class_names.as_ref().and_then(|n| n.get(c as usize).cloned()).unwrap_or_else(|| format!("class {c}"))
     };
+
+    // Ranking (scalars only) and the clustering of each class's subsample.
     let mut by_class: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
         by_class.entry(r.class).or_default().push(i);
     }
+    let mut ranked_of: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    let mut wanted = std::collections::HashSet::new();
+    for (class, members) in &by_class {
+        let mut ranked: Vec<usize> = members.iter().copied().filter(|&i| records[i].score.is_some()).collect();
+        ranked.sort_by(|&a, &b| records[b].score.unwrap().total_cmp(&records[a].score.unwrap()).then(a.cmp(&b)));
+        for (rank, &i) in ranked.iter().enumerate() {
+            records[i].rank = Some(rank + 1);
+        }
+        ranked.truncate(opts.top);
+        wanted.extend(ranked.iter().copied());
+        ranked_of.insert(*class, ranked);
+    }
+    let mut clusterings: BTreeMap<i64, Clustering> = BTreeMap::new();
+    for (class, sc) in &scans {
+        let mut pos: Vec<usize> = sc.features.keys().copied().collect();
+        pos.sort_unstable();
+        let feats: Vec<Vec<f32>> = pos.iter().map(|q| sc.features[q].clone()).collect();
+        let side = p.side.max(1);
+        let cl = cluster::spray(&feats, side, side, p);
+        for (k, q) in pos.iter().enumerate() {
+            records[*q].cluster = Some(cl.labels[k]);
+        }
+        clusterings.insert(*class, cl);
+    }
+
+    // Second pass: every other sample to its nearest cluster; the members closest to each
+    // cluster's mean; the maps of the samples the page shows.
+    const MEMBERS: usize = 6;
+    let mut closest: BTreeMap<(i64, usize), Vec<(f32, usize)>> = BTreeMap::new();
+    let mut kept_maps: std::collections::HashMap<usize, Maps> = Default::default();
+    let mut pos = 0usize;
+    sink::for_each_batch(dir, |b| {
+        let c = Cols::of(&b, &region_names)?;
+        for i in 0..b.num_rows() {
+            if c.status.value(i) != "ok" {
+                continue;
+            }
+            let rec = &mut records[pos];
+            anyhow::ensure!(rec.index == c.index.value(i), "the output changed while the report was read");
+            let cl = &clusterings[&rec.class];
+            let maps = c.maps(i)?;
+            let feat = cluster::downsample(&maps.map, maps.map_side, maps.map_side, cl.side);
+            let dist = |m: &Vec<f32>| feat.iter().zip(m).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+            let label = match rec.cluster {
+                Some(l) => l,
+                None => {
+                    let l = (0..cl.mean_maps.len())
+                        .min_by(|&a, &b| dist(&cl.mean_maps[a]).total_cmp(&dist(&cl.mean_maps[b])));
+                    let l = l.unwrap_or(0);
+                    rec.cluster = Some(l);
+                    l
+                }
+            };
+            let d = cl.mean_maps.get(label).map(dist).unwrap_or(0.0);
+            let list = closest.entry((rec.class, label)).or_default();
+            let keep = list.len() < MEMBERS || list.last().is_some_and(|l| d < l.0);
+            if keep {
+                list.push((d, pos));
+                list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                if list.len() > MEMBERS {
+                    let (_, out) = list.pop().expect("longer than MEMBERS");
+                    if !wanted.contains(&out) {
+                        kept_maps.remove(&out);
+                    }
+                }
+            }
+            if wanted.contains(&pos) || keep {
+                kept_maps.insert(pos, maps);
+            }
+            pos += 1;
+        }
+        Ok(())
+    })?;
+    anyhow::ensure!(pos == records.len(), "the output changed while the report was read");
+    for (q, m) in kept_maps {
+        records[q].maps = Some(m);
+    }
+
     let mut classes = Vec::new();
     for (class, members) in by_class {
+        let sc = &scans[&class];
+        let cl = &clusterings[&class];
         let rs: Vec<&Record> = members.iter().map(|&i| &records[i]).collect();
         let labelled: Vec<&&Record> = rs.iter().filter(|r| r.label.is_some() && r.predicted.is_some()).collect();
         let accuracy = (!labelled.is_empty())
             .then(|| labelled.iter().filter(|r| r.label == r.predicted).count() as f32 / labelled.len() as f32);
-        let side = rs[0].map_side;
-        let maps: Vec<Vec<f32>> = rs.iter().map(|r| normalised(&r.map)).collect();
-        let mut mean_map = vec![0f32; side * side];
-        for m in &maps {
-            for (a, b) in mean_map.iter_mut().zip(m) {
-                *a += b / maps.len() as f32;
-            }
-        }
-        // Strategy clusters (SpRAy) on the normalised maps.
-        let Clustering { labels, eigenvalues, mean_maps, sizes, side: cside, .. } =
-            cluster::spray(&maps, side, side, &opts.cluster);
         let class_region_mean = mean(rs.iter().filter_map(|r| r.max_region()));
         let mut clusters = Vec::new();
-        for (cid, (mm, size)) in mean_maps.iter().zip(&sizes).enumerate() {
-            let idx: Vec<usize> = (0..rs.len()).filter(|&i| labels[i] == cid).collect();
-            // Members closest to the cluster's mean map.
-            let down = |m: &Vec<f32>| cluster::downsample(m, side, side, cside);
-            let mut dist: Vec<(f32, usize)> = idx
-                .iter()
-                .map(|&i| {
-                    let d: f32 = down(&maps[i]).iter().zip(mm).map(|(a, b)| (a - b) * (a - b)).sum();
-                    (d, members[i])
-                })
-                .collect();
-            dist.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (cid, mm) in cl.mean_maps.iter().enumerate() {
+            let idx: Vec<&&Record> = rs.iter().filter(|r| r.cluster == Some(cid)).collect();
             let mut info = ClusterInfo {
                 id: cid,
-                size: *size,
+                size: idx.len(),
                 mean_map: mm.clone(),
-                side: cside,
+                side: cl.side,
                 concentration: concentration(mm),
-                mean_outside_object: mean(idx.iter().filter_map(|&i| rs[i].outside_object())),
-                mean_max_region: mean(idx.iter().filter_map(|&i| rs[i].max_region())),
+                mean_outside_object: mean(idx.iter().filter_map(|r| r.outside_object())),
+                mean_max_region: mean(idx.iter().filter_map(|r| r.max_region())),
                 flagged: false,
-                top_members: dist.iter().take(6).map(|d| d.1).collect(),
+                top_members: closest.get(&(class, cid)).map(|l| l.iter().map(|x| x.1).collect()).unwrap_or_default(),
             };
             info.flagged = flag(&info, class_region_mean);
             clusters.push(info);
         }
-        for (i, &m) in members.iter().enumerate() {
-            records[m].cluster = Some(labels[i]);
-            records[m].flagged = clusters[labels[i]].flagged;
-        }
-        let rs: Vec<&Record> = members.iter().map(|&i| &records[i]).collect();
         let summary = ClassSummary {
             class,
             name: name_of(class),
@@ -364,19 +531,17 @@ pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
                 .map(|k| mean(rs.iter().filter_map(|r| r.region_shares[k])))
                 .collect(),
             mean_entropy: mean(rs.iter().filter_map(|r| r.entropy)),
-            mean_map,
-            map_side: side,
+            mean_map: sc.sum.iter().map(|v| (*v / sc.count.max(1) as f64) as f32).collect(),
+            map_side: sc.side,
+            eigenvalues: cl.eigenvalues.clone(),
+            ranked: ranked_of.remove(&class).unwrap_or_default(),
             clusters,
-            eigenvalues,
-            ranked: Vec::new(),
         };
-        let mut ranked: Vec<usize> = members.iter().copied().filter(|&i| records[i].score.is_some()).collect();
-        ranked.sort_by(|&a, &b| records[b].score.unwrap().total_cmp(&records[a].score.unwrap()).then(a.cmp(&b)));
-        for (rank, &i) in ranked.iter().enumerate() {
-            records[i].rank = Some(rank + 1);
+        for &m in &members {
+            let c = records[m].cluster.unwrap_or(0);
+            records[m].flagged = summary.clusters.get(c).is_some_and(|k| k.flagged);
         }
-        ranked.truncate(opts.top);
-        classes.push(ClassSummary { ranked, ..summary });
+        classes.push(summary);
     }
 
     let out = opts.out.clone().unwrap_or_else(|| dir.join("_report"));

@@ -35,7 +35,7 @@ mod extra;
 pub use columns::region_column;
 pub use extra::{read_metadata, write_file, write_table};
 pub use files::part_name;
-pub use read::read_rows;
+pub use read::{for_each_batch, read_rows};
 pub use summary::{finalize, write_summary, DatasetSummary, ShardSummary};
 
 /// Version of the output table layout; bump when a column is added, removed or changes meaning.

@@ -86,6 +86,16 @@ pub(crate) fn read_part_contents(path: &Path, expected: &SchemaRef) -> anyhow::R
 /// by chunk, so rows of one shard come in index order. Temporary and set-aside files are skipped.
 pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<RecordBatch>> {
     let mut batches = Vec::new();
+    for_each_batch(dir, |b| {
+        batches.push(b);
+        Ok(())
+    })?;
+    Ok(batches)
+}
+
+/// Streams every committed part in `dir`, in the order of [`read_rows`], one record batch at a
+/// time, so a reader of a large output holds one batch in memory.
+pub fn for_each_batch(dir: &Path, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
     for name in list_names(dir)? {
         if parse_part_name(&name).is_none() {
             continue;
@@ -93,8 +103,8 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<RecordBatch>> {
         let path = dir.join(&name);
         let reader = open_builder(&path)?.build().with_context(|| format!("cannot read {}", path.display()))?;
         for batch in reader {
-            batches.push(batch.with_context(|| format!("cannot read rows of {}", path.display()))?);
+            f(batch.with_context(|| format!("cannot read rows of {}", path.display()))?)?;
         }
     }
-    Ok(batches)
+    Ok(())
 }

@@ -239,3 +239,37 @@ fn real_photos_job_runs() {
     assert!([281, 282, 285].contains(&of("chelsea")), "a cat: {}", of("chelsea"));
     run_ok(Command::new(bin()).arg("report").arg(out.path()), "report");
 }
+
+/// Clustering a small subsample of each class (20 of 60) and assigning the rest to their
+/// nearest cluster in the report's second pass still separates the marked images of the
+/// shortcut class; every sample gets a cluster.
+#[test]
+fn clusters_from_a_subsample_cover_every_sample() {
+    let out = demo_output();
+    let rep = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new(bin()).arg("report").arg(out).args(["--cluster-sample", "20", "--out"]).arg(rep.path()),
+        "report --cluster-sample 20",
+    );
+    let marked = marked();
+    let scores = read_parquet(&rep.path().join("scores.parquet"));
+    let (ids, class, cluster) = (
+        col::<StringArray>(&scores, "id"),
+        col::<Int64Array>(&scores, "class"),
+        col::<UInt32Array>(&scores, "cluster"),
+    );
+    assert_eq!(scores.num_rows(), 180);
+    assert!((0..scores.num_rows()).all(|i| cluster.is_valid(i)), "every sample has a cluster");
+    let mut counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    let sq: Vec<usize> = (0..scores.num_rows()).filter(|&i| class.value(i) == 1).collect();
+    for &i in &sq {
+        let e = counts.entry(cluster.value(i)).or_default();
+        if marked[ids.value(i)] {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
+    }
+    let purity = counts.values().map(|(m, u)| *m.max(u)).sum::<usize>() as f64 / sq.len() as f64;
+    assert!(counts.len() >= 2 && purity >= 0.9, "purity {purity}: {counts:?}");
+}
