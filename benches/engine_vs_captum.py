@@ -158,7 +158,7 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
     out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", str(a.iters),
-                          "--warmup", str(a.warmup), "--device", a.device, "--threads", str(a.threads), "--json"],
+                          "--warmup", str(a.warmup), "--devices", a.device, "--threads", str(a.threads), "--json"],
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     rows.append(("saliency-audit engine", r["s_per_batch"], r["peak_rss_delta_bytes"]))

@@ -67,7 +67,7 @@ def main():
         f.write(f'[dataset]\nmanifest = "samples.csv"\n[model]\npath = "model.pt"\n'
                 f'[runtime]\ndevices = ["{a.device}"]\nbatch_size = {a.batch}\n[output]\npath = "out"\n')
     eng = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", "6",
-                          "--device", a.device, "--json"], check=True, capture_output=True, text=True)
+                          "--devices", a.device, "--json"], check=True, capture_output=True, text=True)
     engine = json.loads(eng.stdout)
     subprocess.run([a.bin, "-q", "run", os.path.join(work, "job.toml")], check=True, capture_output=True)
     with open(os.path.join(work, "out", "_run-00000-of-00001.json")) as f:

@@ -107,24 +107,29 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Engine throughput on synthetic input (images/s, peak memory).
+    /// Throughput: the engine on synthetic input (images/s, peak memory), per device and for
+    /// 1..N devices together (scaling efficiency); with --job, the whole pipeline on real files.
     Bench {
         /// TorchScript model following the engine's contract.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
+        /// Devices, comma separated (cpu, cuda:N) or `all`; the scaling table uses the first 1..N.
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        devices: Vec<String>,
         #[arg(long, default_value_t = 8)]
         batch_size: i64,
         #[arg(long, default_value_t = 6)]
         iters: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
         /// Intra-op threads (0 = libtorch's default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
-        /// Print JSON instead of a line of text.
+        /// Real data: run this job (decode → engine → statistics → Parquet into a temporary
+        /// folder) on the first 1..N devices and report images/s and busy time per stage.
+        #[arg(long)]
+        job: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -161,6 +166,40 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `bench --job`: the whole pipeline on real files, on the first 1..N devices.
+fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyhow::Result<ExitCode> {
+    let mut rows = Vec::new();
+    for k in 1..=devices.len() {
+        let tmp = std::env::temp_dir().join(format!("saliency-audit-bench-{}-{k}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let names: Vec<String> = devices[..k]
+            .iter()
+            .map(|d| match d {
+                tch::Device::Cuda(n) => format!("cuda:{n}"),
+                _ => "cpu".to_owned(),
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcome = run::run_with(job, ShardSpec::default(), Some(&tmp), Some(names.clone()), stop)?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        let summary = run::summary_json(&outcome, ShardSpec::default());
+        if !json {
+            println!(
+                "{}: {:.1} images/s over {} images; stage busy time (s): {}",
+                names.join(","),
+                summary["images_per_s"].as_f64().unwrap_or(0.0),
+                summary["processed"],
+                summary["stage_busy_s"]
+            );
+        }
+        rows.push(serde_json::json!({ "devices": names, "summary": summary }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -248,26 +287,77 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!(examples = r.examples, batches = r.batches, out = %out.display(), "attribution written");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { model, batch_size, iters, warmup, device, threads, json } => {
+        Command::Bench { model, devices, batch_size, iters, warmup, threads, job, json } => {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            let device = engine::parse_device(&device)?;
-            let r = engine::bench::synthetic(&model, device, EngineOptions::default(), batch_size, iters, warmup)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
+            let devices: Vec<tch::Device> = if devices.iter().any(|d| d == "all") {
+                let n = engine::cuda_device_count();
+                if n == 0 {
+                    vec![tch::Device::Cpu]
+                } else {
+                    (0..n).map(tch::Device::Cuda).collect()
+                }
             } else {
-                println!(
-                    "{} batch {} threads {}: {:.1} images/s ({:.1} ms/batch){}",
-                    r.device,
-                    r.batch,
-                    r.threads,
-                    r.images_per_s,
-                    r.s_per_batch * 1e3,
-                    r.peak_rss_delta_bytes
-                        .map(|b| format!(", peak memory +{:.0} MiB", b as f64 / 1048576.0))
-                        .unwrap_or_default()
-                );
+                devices.iter().map(|d| engine::parse_device(d)).collect::<anyhow::Result<_>>()?
+            };
+            if let Some(job) = job {
+                return bench_job(&job, &devices, json);
+            }
+            let model =
+                model.ok_or_else(|| anyhow::anyhow!("bench needs --model (synthetic input) or --job (real data)"))?;
+            let mut singles = Vec::new();
+            for d in &devices {
+                singles.push(engine::bench::synthetic(
+                    &model,
+                    *d,
+                    EngineOptions::default(),
+                    batch_size,
+                    iters,
+                    warmup,
+                )?);
+            }
+            let scaling = if devices.len() > 1 {
+                engine::bench::synthetic_scaling(
+                    &model,
+                    &devices,
+                    EngineOptions::default(),
+                    batch_size as usize,
+                    iters,
+                    warmup,
+                )?
+            } else {
+                Vec::new()
+            };
+            if json {
+                if scaling.is_empty() && singles.len() == 1 {
+                    println!("{}", serde_json::to_string(&singles[0])?);
+                } else {
+                    println!("{}", serde_json::json!({ "single": singles, "scaling": scaling }));
+                }
+            } else {
+                for r in &singles {
+                    println!(
+                        "{} batch {} threads {}: {:.1} images/s ({:.1} ms/batch){}",
+                        r.device,
+                        r.batch,
+                        r.threads,
+                        r.images_per_s,
+                        r.s_per_batch * 1e3,
+                        r.peak_rss_delta_bytes
+                            .map(|b| format!(", peak memory +{:.0} MiB", b as f64 / 1048576.0))
+                            .unwrap_or_default()
+                    );
+                }
+                for r in &scaling {
+                    println!(
+                        "{} device(s) together: {:.1} images/s (efficiency {:.0}%), per device {:?}",
+                        r.devices.len(),
+                        r.images_per_s,
+                        r.efficiency * 100.0,
+                        r.per_device.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

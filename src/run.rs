@@ -87,9 +87,22 @@ fn engine_options(job: &Job) -> Result<EngineOptions> {
 /// Validates the job file, loads one model replica to check the contract, and lists the samples.
 /// Returns the plan and the loaded replica (reused by `run`).
 pub fn plan(job_file: &Path, shard: ShardSpec, output: Option<&Path>) -> Result<(Plan, TorchAttributor)> {
+    plan_with(job_file, shard, output, None)
+}
+
+/// [`plan`] with the job's devices replaced (for `bench --job`).
+pub fn plan_with(
+    job_file: &Path,
+    shard: ShardSpec,
+    output: Option<&Path>,
+    devices: Option<Vec<String>>,
+) -> Result<(Plan, TorchAttributor)> {
     let mut job = job::load(job_file)?;
     if let Some(o) = output {
         job.output = o.to_path_buf();
+    }
+    if let Some(d) = devices {
+        job.devices = Devices::List(d);
     }
     let opts = engine_options(&job)?;
     let devices = resolve_devices(&job.devices)?;
@@ -178,7 +191,18 @@ impl Outcome {
 
 /// Runs a job: all replicas are loaded before any pipeline thread starts.
 pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<AtomicBool>) -> Result<Outcome> {
-    let (plan, first) = plan(job_file, shard, output)?;
+    run_with(job_file, shard, output, None, stop)
+}
+
+/// [`run`] with the job's devices replaced (for `bench --job`).
+pub fn run_with(
+    job_file: &Path,
+    shard: ShardSpec,
+    output: Option<&Path>,
+    devices: Option<Vec<String>>,
+    stop: Arc<AtomicBool>,
+) -> Result<Outcome> {
+    let (plan, first) = plan_with(job_file, shard, output, devices)?;
     let job = &plan.job;
     tracing::info!(
         samples = plan.samples.len(),

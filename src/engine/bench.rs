@@ -90,3 +90,100 @@ fn peak_rss_bytes() -> Option<u64> {
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// One line of a device-scaling benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScalingRow {
+    /// The devices used together.
+    pub devices: Vec<String>,
+    /// Images per second, all devices together.
+    pub images_per_s: f64,
+    /// Images per second of each device in that run.
+    pub per_device: Vec<f64>,
+    /// `images_per_s / (k × the first device's rate alone)`.
+    pub efficiency: f64,
+}
+
+/// Engine throughput on synthetic u8 batches through the production path (upload, convert and
+/// normalise on the device, attribute, reduce, download), for the first 1, 2, …, N devices at
+/// once, each with its own replica pulling from one shared counter of batches.
+pub fn synthetic_scaling(
+    model: &Path,
+    devices: &[Device],
+    opts: EngineOptions,
+    batch: usize,
+    iters: usize,
+    warmup: usize,
+) -> Result<Vec<ScalingRow>> {
+    use super::batch::{Attributor, TorchAttributor, U8Batch};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if devices.is_empty() || batch == 0 || iters == 0 {
+        bail!("need at least one device, a batch of at least 1 and at least one iteration");
+    }
+    let meta = super::read_meta(model)?.unwrap_or_default();
+    let [h, w] = meta.input_size.unwrap_or([224, 224]);
+    let c = meta.channels.unwrap_or(3) as usize;
+    let mean = meta.mean.clone().unwrap_or_else(|| vec![0.5; c]);
+    let std = meta.std.clone().unwrap_or_else(|| vec![0.25; c]);
+    let mut replicas = Vec::new();
+    for d in devices {
+        replicas.push(TorchAttributor::load(model, *d, opts, &mean, &std)?);
+    }
+    let (classes, _) = replicas[0].engine().probe(c as i64, h, w)?;
+    let (h, w) = (h as usize, w as usize);
+    // A fixed pseudo-random batch (the content does not change the work).
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..batch * h * w * 3)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect();
+    let targets = (0..batch as i64).map(|i| Some((i * 7919) % classes)).collect();
+    let input = U8Batch { n: batch, h, w, data, targets };
+    for r in replicas.iter_mut() {
+        for _ in 0..warmup {
+            r.attribute(&input)?;
+        }
+    }
+    let mut rows: Vec<ScalingRow> = Vec::new();
+    for k in 1..=replicas.len() {
+        let total = iters * k;
+        let next = AtomicUsize::new(0);
+        let start = Instant::now();
+        let counts: Vec<Result<usize>> = std::thread::scope(|s| {
+            let handles: Vec<_> = replicas[..k]
+                .iter_mut()
+                .map(|r| {
+                    let (next, input) = (&next, &input);
+                    s.spawn(move || -> Result<usize> {
+                        let mut done = 0;
+                        while next.fetch_add(1, Ordering::Relaxed) < total {
+                            r.attribute(input)?;
+                            done += batch;
+                        }
+                        Ok(done)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))
+                .collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        let counts: Vec<usize> = counts.into_iter().collect::<Result<_>>()?;
+        let per_device: Vec<f64> = counts.iter().map(|n| *n as f64 / secs).collect();
+        let rate = per_device.iter().sum::<f64>();
+        let single = rows.first().map_or(rate, |r| r.images_per_s);
+        rows.push(ScalingRow {
+            devices: devices[..k].iter().map(|d| format!("{d:?}")).collect(),
+            images_per_s: rate,
+            per_device,
+            efficiency: rate / (k as f64 * single),
+        });
+    }
+    Ok(rows)
+}

@@ -558,3 +558,39 @@ fn shards_union_equals_the_unsharded_run() {
     assert_eq!(a.len(), ds.expected.len());
     assert_eq!(a, b, "the shards' union equals the unsharded run");
 }
+
+/// `bench`: synthetic input per device and for 1..N devices together (two CPU replicas here),
+/// and `--job` runs the whole pipeline per device count into a temporary folder.
+#[test]
+fn bench_command_reports_scaling_and_real_data() {
+    let model = engine_cases().join("pipeline/model.pt");
+    let out = Command::new(bin())
+        .args(["-q", "bench", "--model"])
+        .arg(&model)
+        .args(["--devices", "cpu,cpu", "--iters", "3", "--warmup", "1", "--batch-size", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["single"].as_array().unwrap().len(), 2);
+    let scaling = v["scaling"].as_array().unwrap();
+    assert_eq!(scaling.len(), 2);
+    assert_eq!(scaling[1]["devices"].as_array().unwrap().len(), 2);
+    assert!(scaling[1]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert!((scaling[0]["efficiency"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 20);
+    let job = write_job(&ds.dir, &model, "");
+    let out = Command::new(bin())
+        .args(["-q", "bench", "--job"])
+        .arg(&job)
+        .args(["--devices", "cpu", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["summary"]["processed"], 29);
+    assert!(v[0]["summary"]["stage_busy_s"]["engine"].as_f64().unwrap() > 0.0);
+    assert!(!ds.dir.join("out").exists(), "bench writes into a temporary folder, not the job's output");
+}
