@@ -63,6 +63,26 @@ fn marked() -> HashMap<String, bool> {
     r.records().map(|rec| rec.unwrap()).map(|rec| (rec[p].to_owned(), &rec[m] == "1")).collect()
 }
 
+/// (marked, unmarked) counts per cluster over the rows `rows`, and the clusters' purity.
+fn cluster_purity(
+    rows: &[usize],
+    ids: &StringArray,
+    cluster: &UInt32Array,
+    marked: &HashMap<String, bool>,
+) -> (BTreeMap<u32, (usize, usize)>, f64) {
+    let mut counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    for &i in rows {
+        let e = counts.entry(cluster.value(i)).or_default();
+        if marked[ids.value(i)] {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
+    }
+    let purity = counts.values().map(|(m, u)| *m.max(u)).sum::<usize>() as f64 / rows.len() as f64;
+    (counts, purity)
+}
+
 fn roc_auc(pos: &[f32], neg: &[f32]) -> f64 {
     let mut s = 0f64;
     for p in pos {
@@ -124,17 +144,8 @@ fn demo_catches_the_planted_shortcut() {
     let top_marked = top.iter().filter(|&&i| marked[ids.value(i)]).count();
     assert!(top_marked >= 18, "top 20 of the shortcut class: {top_marked} marked");
 
-    let mut counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
-    for &i in &sq {
-        let e = counts.entry(cluster.value(i)).or_default();
-        if marked[ids.value(i)] {
-            e.0 += 1
-        } else {
-            e.1 += 1
-        }
-    }
+    let (counts, purity) = cluster_purity(&sq, ids, cluster, &marked);
     assert!(counts.len() >= 2, "one cluster for the shortcut class: {counts:?}");
-    let purity = counts.values().map(|(m, u)| *m.max(u)).sum::<usize>() as f64 / sq.len() as f64;
     assert!(purity >= 0.9, "cluster purity {purity}: {counts:?}");
     // The cluster holding most marked images is the flagged one; unmarked images are not flagged.
     let flagged_marked = sq.iter().filter(|&&i| flagged.value(i) && marked[ids.value(i)]).count();
@@ -260,16 +271,7 @@ fn clusters_from_a_subsample_cover_every_sample() {
     );
     assert_eq!(scores.num_rows(), 180);
     assert!((0..scores.num_rows()).all(|i| cluster.is_valid(i)), "every sample has a cluster");
-    let mut counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
     let sq: Vec<usize> = (0..scores.num_rows()).filter(|&i| class.value(i) == 1).collect();
-    for &i in &sq {
-        let e = counts.entry(cluster.value(i)).or_default();
-        if marked[ids.value(i)] {
-            e.0 += 1
-        } else {
-            e.1 += 1
-        }
-    }
-    let purity = counts.values().map(|(m, u)| *m.max(u)).sum::<usize>() as f64 / sq.len() as f64;
+    let (counts, purity) = cluster_purity(&sq, ids, cluster, &marked);
     assert!(counts.len() >= 2 && purity >= 0.9, "purity {purity}: {counts:?}");
 }
