@@ -243,21 +243,24 @@ fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleErr
     }
 }
 
-fn prepare(cfg: &PipelineConfig, s: Sample) -> Result<(Ready, Vec<u8>), Row> {
+/// A decoded sample and its pixels, or the row of its failure.
+type Prepared = Result<(Ready, Vec<u8>), Box<Row>>;
+
+fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
     let target = match resolve_target(cfg.target, &s) {
         Ok(t) => t,
-        Err(e) => return Err(failed_row(s, None, e)),
+        Err(e) => return Err(Box::new(failed_row(s, None, e))),
     };
     let decoded = match decode::decode_file(&s.location, &cfg.preprocess) {
         Ok(d) => d,
-        Err(e) => return Err(failed_row(s, target, e)),
+        Err(e) => return Err(Box::new(failed_row(s, target, e))),
     };
     // A box wholly outside the crop keeps a share (0): the object is not in view.
     let bbox = s.bbox.map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
     let mask = match &s.mask {
         Some(p) => match decode::load_mask(p, &decoded.geometry) {
             Ok(m) => Some(m),
-            Err(e) => return Err(failed_row(s, target, e)),
+            Err(e) => return Err(Box::new(failed_row(s, target, e))),
         },
         None => None,
     };
@@ -288,8 +291,7 @@ fn decode_stage(
     };
     for batch in batch_rx {
         let t = Instant::now();
-        let results: Vec<Result<(Ready, Vec<u8>), Row>> =
-            pool.install(|| batch.into_par_iter().map(|s| prepare(cfg, s)).collect());
+        let results: Vec<Prepared> = pool.install(|| batch.into_par_iter().map(|s| prepare(cfg, s)).collect());
         add(&times.decode_ns, t);
         let mut failed = Vec::new();
         for r in results {
@@ -302,7 +304,7 @@ fn decode_stage(
                         return;
                     }
                 }
-                Err(row) => failed.push(row),
+                Err(row) => failed.push(*row),
             }
         }
         if !failed.is_empty() && row_tx.send(failed).is_err() {

@@ -39,7 +39,9 @@ pub struct NpyRun {
 }
 
 /// Reads a float32 `[N, C, H, W]` .npy, attributes it in batches of `batch_size` and writes
-/// the attribution (and the CAM, if asked) as float32 .npy.
+/// the attribution (and the CAM, if asked) as float32 .npy. The arguments are the `attribute`
+/// command's flags, one for one.
+#[allow(clippy::too_many_arguments)]
 pub fn attribute_npy(
     model: &Path,
     input: &Path,

@@ -27,9 +27,7 @@ pub fn graph_optimization_enabled() -> bool {
 /// [`super::Rectifiers`]) of the autograd graph behind `root`. Returns how many were hooked.
 pub fn add_guided_hooks(root: &Tensor, kinds: u32) -> Result<usize, String> {
     let mut buf = vec![0 as c_char; 1024];
-    let n = unsafe {
-        sa_add_guided_hooks(root.as_ptr() as *const torch_sys::C_tensor, kinds as c_int, buf.as_mut_ptr(), buf.len())
-    };
+    let n = unsafe { sa_add_guided_hooks(root.as_ptr(), kinds as c_int, buf.as_mut_ptr(), buf.len()) };
     if n < 0 {
         let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };
         return Err(msg.to_string_lossy().into_owned());

@@ -278,14 +278,13 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// What the first pass returns: records, failed rows per status, per-class state.
+type Scanned = (Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>);
+
 /// First pass over the output, one batch at a time: the ok rows as records (without maps),
 /// failures counted by status, class mean maps, and a bounded subsample of clustering features
 /// per class. Memory grows with the number of rows only by their scalar fields.
-fn scan(
-    dir: &Path,
-    region_names: &[String],
-    p: &ClusterParams,
-) -> Result<(Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>)> {
+fn scan(dir: &Path, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
     let mut records = Vec::new();
     let mut failed = BTreeMap::new();
     let mut classes: BTreeMap<i64, ClassScan> = BTreeMap::new();

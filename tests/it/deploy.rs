@@ -73,7 +73,7 @@ fn dockerfile_follows_the_setup() {
     assert!(text.contains("torch==2.11.0") && text.contains(".venv/libtorch"));
     assert!(text.contains("cargo build --release --bin saliency-audit"));
     assert!(text.contains("AS build") && text.contains("AS runtime"), "multi-stage");
-    let user = text.lines().filter(|l| l.starts_with("USER ")).last().unwrap();
+    let user = text.lines().rfind(|l| l.starts_with("USER ")).unwrap();
     assert_ne!(user.trim(), "USER root");
     assert!(text.contains("ENTRYPOINT [\"/opt/saliency-audit/bin/saliency-audit\"]"));
     let req = std::fs::read_to_string(repo().join("scripts/requirements.txt")).unwrap();

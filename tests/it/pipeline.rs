@@ -499,7 +499,9 @@ fn shards_union_equals_the_unsharded_run() {
     let sharded = ds.dir.join("sharded");
     let st = Command::new(bin()).args(["-q", "run"]).arg(&job).arg("--output").arg(&whole).status().unwrap();
     assert_eq!(st.code(), Some(1));
-    let runs: [(&[(&str, &str)], &[&str]); 3] = [
+    // (environment, arguments) per shard
+    type ShardRun<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let runs: [ShardRun; 3] = [
         (&[], &["--shard-index", "0", "--num-shards", "3"]),
         (&[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")], &[]),
         (
