@@ -1,7 +1,7 @@
 //! The attribution engine against Captum: its own test cases and reference runs in the .venv.
 
 use crate::common::{bin, engine_cases, rel_l2};
-use saliency_audit::engine::{attribute_npy, EngineOptions, GuidedGradCam, InterpolateMode, Rectifiers, TargetArg};
+use saliency_audit::engine::{attribute_npy, EngineOptions, GuidedGradCam, Rectifiers, TargetArg};
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -273,5 +273,4 @@ fn attribute_command() {
         .unwrap();
     assert_eq!(st.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&st.stderr).contains("unknown device \"tpu\""));
-    let _ = InterpolateMode::default();
 }
