@@ -2,6 +2,7 @@
 //! float16 CAM) pushed out of order through `PartWriter` into a temporary folder, parts of 1000
 //! rows, each committed with fsync. Reports rows/s and the bytes written per row.
 
+use saliency_audit::store::Loc;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -86,7 +87,7 @@ fn row(index: u64, noise: &mut Noise) -> Row {
             index,
             id: format!("n01440764/ILSVRC2012_val_{index:08}"),
             path: format!("val/n01440764/ILSVRC2012_val_{index:08}.JPEG"),
-            location: PathBuf::from(format!("/data/imagenet/val/n01440764/ILSVRC2012_val_{index:08}.JPEG")),
+            location: Loc::from(PathBuf::from(format!("/data/imagenet/val/n01440764/ILSVRC2012_val_{index:08}.JPEG"))),
             label: Some((index % 1000) as i64),
             label_error: None,
             bbox: None,
@@ -114,7 +115,7 @@ fn rows() -> Vec<Row> {
 
 fn config(dir: PathBuf) -> SinkConfig {
     SinkConfig {
-        dir,
+        dir: Loc::from(dir),
         shard: 0,
         num_shards: 1,
         total_rows: ROWS,

@@ -2,13 +2,16 @@
 //  - per-thread switch for the TorchScript graph executor's optimisation (it fuses ReLUs into
 //    DifferentiableGraph nodes from the second call on, which would hide them from the hooks);
 //  - guided backprop: post-hooks on every rectifier node of an autograd graph, clamping the
-//    gradients they produce at zero.
+//    gradients they produce at zero;
+//  - autocast to bfloat16 on CPU or CUDA (tch's own autocast is CUDA and float16 only);
+//  - the channels-last memory format for a tensor.
 // Every function catches C++ exceptions and reports them through a message buffer.
 
 #include <torch/torch.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <ATen/autocast_mode.h>
 
 #include <cstring>
 #include <string>
@@ -99,6 +102,38 @@ int sa_add_guided_hooks(const torch::Tensor* root, int kinds, char* err, size_t 
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return -1;
+  }
+}
+
+// Enters (enter != 0) or leaves bfloat16 autocast for the calling thread on CPU (cuda == 0) or
+// CUDA. Entering records nothing: the caller leaves in the same thread, and leaving clears the
+// cast cache when the outermost region ends, as torch.autocast does.
+int sa_autocast_bf16(int cuda, int enter, char* err, size_t err_len) {
+  try {
+    const auto dev = cuda ? at::kCUDA : at::kCPU;
+    if (enter) {
+      at::autocast::set_autocast_dtype(dev, at::kBFloat16);
+      at::autocast::set_autocast_enabled(dev, true);
+      at::autocast::increment_nesting();
+    } else {
+      at::autocast::set_autocast_enabled(dev, false);
+      if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// A new tensor: `t` in the channels-last memory format (a view's copy when needed), with
+// autograd history. The caller owns it (tch frees it with at_free).
+torch::Tensor* sa_channels_last(const torch::Tensor* t, char* err, size_t err_len) {
+  try {
+    return new torch::Tensor(t->contiguous(at::MemoryFormat::ChannelsLast));
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return nullptr;
   }
 }
 

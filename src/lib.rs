@@ -13,3 +13,4 @@ pub mod sample;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod store;

@@ -5,6 +5,7 @@ use saliency_audit::engine::{self, EngineOptions, InterpolateMode, Rectifiers, T
 use saliency_audit::logging::{self, LogFormat};
 use saliency_audit::run;
 use saliency_audit::source::ShardSpec;
+use saliency_audit::store::Loc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,9 +37,9 @@ enum Command {
     Run {
         /// The job spec (TOML).
         job: PathBuf,
-        /// Write here instead of the spec's output.path.
+        /// Write here instead of the spec's output.path (a folder or an s3://, gs://, az:// URL).
         #[arg(long)]
-        output: Option<PathBuf>,
+        output: Option<Loc>,
         #[command(flatten)]
         shard: ShardArgs,
     },
@@ -46,16 +47,16 @@ enum Command {
     Validate {
         /// The job spec (TOML).
         job: PathBuf,
-        /// Write here instead of the spec's output.path.
+        /// Write here instead of the spec's output.path (a folder or an s3://, gs://, az:// URL).
         #[arg(long)]
-        output: Option<PathBuf>,
+        output: Option<Loc>,
         #[command(flatten)]
         shard: ShardArgs,
     },
     /// Build the audit report of an output folder: HTML (self-contained), scores as Parquet, and a summary.
     Report {
-        /// The run's output folder.
-        dir: PathBuf,
+        /// The run's output folder (or s3://, gs://, az:// URL).
+        dir: Loc,
         /// Samples shown per class, ranked by the spurious score.
         #[arg(long, default_value_t = 20)]
         top: usize,
@@ -72,12 +73,12 @@ enum Command {
         cluster_sample: usize,
         /// Where to write the report (default DIR/_report, which dataset readers skip).
         #[arg(long)]
-        out: Option<PathBuf>,
+        out: Option<Loc>,
     },
     /// Check that every shard of a sharded run completed and write the dataset's _SUCCESS.
     Finalize {
-        /// The output folder all shards wrote into.
-        dir: PathBuf,
+        /// The output folder (or s3://, gs://, az:// URL) all shards wrote into.
+        dir: Loc,
     },
     /// Guided Grad-CAM for a preprocessed float32 .npy batch [N, C, H, W].
     Attribute {
@@ -106,6 +107,8 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        #[command(flatten)]
+        speed: SpeedArgs,
     },
     /// Throughput: the engine on synthetic input (images/s, peak memory), per device and for
     /// 1..N devices together (scaling efficiency); with --job, the whole pipeline on real files.
@@ -132,7 +135,32 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        speed: SpeedArgs,
     },
+}
+
+/// Precision and memory layout of the engine (a job sets them in its spec).
+#[derive(clap::Args)]
+struct SpeedArgs {
+    /// fp32 (exact, equal to Captum) or bf16 (forward under bfloat16 autocast).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    precision: String,
+    /// Parameters and input in the channels-last memory format.
+    #[arg(long)]
+    channels_last: bool,
+}
+
+impl SpeedArgs {
+    fn options(&self, interpolate: InterpolateMode, rectifiers: Rectifiers) -> EngineOptions {
+        EngineOptions {
+            interpolate,
+            rectifiers,
+            bf16: self.precision == "bf16",
+            channels_last: self.channels_last,
+            cudnn_benchmark: true,
+        }
+    }
 }
 
 /// Which shard this process runs; else from the scheduler's environment (Kubernetes Indexed
@@ -182,7 +210,8 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let outcome = run::run_with(job, ShardSpec::default(), Some(&tmp), Some(names.clone()), stop)?;
+        let outcome =
+            run::run_with(job, ShardSpec::default(), Some(&Loc::Local(tmp.clone())), Some(names.clone()), stop)?;
         let _ = std::fs::remove_dir_all(&tmp);
         let summary = run::summary_json(&outcome, ShardSpec::default());
         if !json {
@@ -215,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });
-            let outcome = run::run(&job, shard, output.as_deref(), stop)?;
+            let outcome = run::run(&job, shard, output.as_ref(), stop)?;
             let s = &outcome.summary;
             let secs = s.elapsed.as_secs_f64().max(1e-9);
             let counts: Vec<String> = run::status_counts(s).iter().map(|(st, n)| format!("{st} {n}")).collect();
@@ -252,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Command::Validate { job, output, shard } => {
-            let (plan, _) = run::plan(&job, shard.resolve()?, output.as_deref())?;
+            let (plan, _) = run::plan(&job, shard.resolve()?, output.as_ref())?;
             print!("{plan}");
             Ok(ExitCode::SUCCESS)
         }
@@ -279,15 +308,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             guided_rectifiers,
             batch_size,
             device,
+            speed,
         } => {
             let device = engine::parse_device(&device)?;
             let rectifiers = Rectifiers::from_names(&guided_rectifiers).map_err(anyhow::Error::msg)?;
-            let opts = EngineOptions { interpolate: interpolate_mode, rectifiers };
+            let opts = speed.options(interpolate_mode, rectifiers);
             let r = engine::attribute_npy(&model, &input, &target, &out, cam_out.as_deref(), batch_size, device, opts)?;
             tracing::info!(examples = r.examples, batches = r.batches, out = %out.display(), "attribution written");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { model, devices, batch_size, iters, warmup, threads, job, json } => {
+        Command::Bench { model, devices, batch_size, iters, warmup, threads, job, json, speed } => {
+            let opts = speed.options(InterpolateMode::default(), Rectifiers::default());
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
@@ -308,24 +339,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 model.ok_or_else(|| anyhow::anyhow!("bench needs --model (synthetic input) or --job (real data)"))?;
             let mut singles = Vec::new();
             for d in &devices {
-                singles.push(engine::bench::synthetic(
-                    &model,
-                    *d,
-                    EngineOptions::default(),
-                    batch_size,
-                    iters,
-                    warmup,
-                )?);
+                singles.push(engine::bench::synthetic(&model, *d, opts, batch_size, iters, warmup)?);
             }
             let scaling = if devices.len() > 1 {
-                engine::bench::synthetic_scaling(
-                    &model,
-                    &devices,
-                    EngineOptions::default(),
-                    batch_size as usize,
-                    iters,
-                    warmup,
-                )?
+                engine::bench::synthetic_scaling(&model, &devices, opts, batch_size as usize, iters, warmup)?
             } else {
                 Vec::new()
             };

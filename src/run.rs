@@ -12,6 +12,8 @@ use crate::stats::Region;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::Path;
+
+use crate::store::Loc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,18 +77,18 @@ fn file_sha256(p: &Path) -> Result<String> {
 }
 
 fn engine_options(job: &Job) -> Result<EngineOptions> {
-    if job.precision != Precision::Fp32 {
-        bail!("attribution.precision = \"{}\" is not available in this version; use \"fp32\"", job.precision.as_str());
-    }
     Ok(EngineOptions {
         interpolate: job.interpolate_mode.as_str().parse().map_err(anyhow::Error::msg)?,
         rectifiers: Rectifiers::from_names(&job.guided_rectifiers).map_err(anyhow::Error::msg)?,
+        bf16: job.precision == Precision::Bf16,
+        channels_last: job.channels_last,
+        cudnn_benchmark: job.cudnn_benchmark,
     })
 }
 
 /// Validates the job file, loads one model replica to check the contract, and lists the samples.
 /// Returns the plan and the loaded replica (reused by `run`).
-pub fn plan(job_file: &Path, shard: ShardSpec, output: Option<&Path>) -> Result<(Plan, TorchAttributor)> {
+pub fn plan(job_file: &Path, shard: ShardSpec, output: Option<&Loc>) -> Result<(Plan, TorchAttributor)> {
     plan_with(job_file, shard, output, None)
 }
 
@@ -94,12 +96,12 @@ pub fn plan(job_file: &Path, shard: ShardSpec, output: Option<&Path>) -> Result<
 pub fn plan_with(
     job_file: &Path,
     shard: ShardSpec,
-    output: Option<&Path>,
+    output: Option<&Loc>,
     devices: Option<Vec<String>>,
 ) -> Result<(Plan, TorchAttributor)> {
     let mut job = job::load(job_file)?;
     if let Some(o) = output {
-        job.output = o.to_path_buf();
+        job.output = o.clone();
     }
     if let Some(d) = devices {
         job.devices = Devices::List(d);
@@ -176,7 +178,7 @@ fn fingerprint(p: &Plan) -> String {
 pub struct Outcome {
     pub summary: RunSummary,
     pub plan_samples: usize,
-    pub output_dir: std::path::PathBuf,
+    pub output_dir: Loc,
 }
 
 impl Outcome {
@@ -190,7 +192,7 @@ impl Outcome {
 }
 
 /// Runs a job: all replicas are loaded before any pipeline thread starts.
-pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<AtomicBool>) -> Result<Outcome> {
+pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Loc>, stop: Arc<AtomicBool>) -> Result<Outcome> {
     run_with(job_file, shard, output, None, stop)
 }
 
@@ -198,7 +200,7 @@ pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Path>, stop: Arc<A
 pub fn run_with(
     job_file: &Path,
     shard: ShardSpec,
-    output: Option<&Path>,
+    output: Option<&Loc>,
     devices: Option<Vec<String>>,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome> {
@@ -233,7 +235,7 @@ pub fn run_with(
         ("saliency_audit.model_sha256".to_owned(), plan.model_sha256.clone()),
         ("saliency_audit.class_names".to_owned(), serde_json::to_string(&plan.class_names)?),
         ("saliency_audit.shard".to_owned(), format!("{}/{}", plan.shard.index, plan.shard.count)),
-        ("saliency_audit.dataset_root".to_owned(), dataset_root(&job.dataset).display().to_string()),
+        ("saliency_audit.dataset_root".to_owned(), dataset_root(&job.dataset).to_string()),
         ("saliency_audit.preprocess".to_owned(), preprocess_json(&job.preprocess).to_string()),
         ("saliency_audit.regions".to_owned(), serde_json::to_string(&job.regions)?),
     ];
@@ -279,13 +281,16 @@ pub fn run_with(
     Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
 }
 
-/// The folder that rows' `path` values are relative to.
-fn dataset_root(d: &job::DatasetSource) -> std::path::PathBuf {
+/// The folder (or object-store prefix) that rows' `path` values are relative to.
+fn dataset_root(d: &job::DatasetSource) -> Loc {
     let root = match d {
-        job::DatasetSource::Manifest(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        job::DatasetSource::Manifest(p) => p.parent(),
         job::DatasetSource::ImageFolder(p) => p.clone(),
     };
-    std::fs::canonicalize(&root).unwrap_or(root)
+    match root {
+        Loc::Local(p) => Loc::Local(std::fs::canonicalize(&p).unwrap_or(p)),
+        remote => remote,
+    }
 }
 
 /// The preprocessing, as recorded in the output's file metadata (the report re-creates the

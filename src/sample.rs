@@ -1,6 +1,6 @@
 //! Plain data shared by the stages: a dataset sample and the status of its row.
 
-use std::path::PathBuf;
+use crate::store::Loc;
 
 /// One input sample, as the source stage resolves it from a manifest or an image folder.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,7 +12,7 @@ pub struct Sample {
     /// Path as written in the manifest (or relative to the image folder).
     pub path: String,
     /// Resolved location of the image file.
-    pub location: PathBuf,
+    pub location: Loc,
     /// Class id of the label, if the sample has one and it resolved.
     pub label: Option<i64>,
     /// Why the label did not resolve (a row with status `bad_label`).
@@ -20,7 +20,7 @@ pub struct Sample {
     /// Object box in the original image's pixels: x0, y0, x1, y1.
     pub bbox: Option<[f32; 4]>,
     /// Object mask PNG (non-zero pixels are the object), resolved.
-    pub mask: Option<PathBuf>,
+    pub mask: Option<Loc>,
 }
 
 /// The status of a sample's row: `ok` or the kind of failure.

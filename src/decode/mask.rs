@@ -1,6 +1,6 @@
 //! Object masks: an image in the original image's pixel frame → a 0/1 mask in the model-input frame.
 
-use std::path::Path;
+use crate::store::Loc;
 
 use super::{alloc_limit, decode_oriented, read_file, Geometry};
 use crate::sample::{SampleError, Status};
@@ -16,11 +16,12 @@ use crate::sample::{SampleError, Status};
 ///
 /// Returns `out_h * out_w` bytes, row-major, each 0 or 1. Every failure (missing, unreadable,
 /// not an image, wrong size) has status `bad_mask` and names the mask's path.
-pub fn load_mask(path: &Path, geometry: &Geometry) -> Result<Vec<u8>, SampleError> {
+pub fn load_mask(path: impl Into<Loc>, geometry: &Geometry) -> Result<Vec<u8>, SampleError> {
+    let path = &path.into();
     let bad = |e: SampleError| SampleError::new(Status::BadMask, format!("mask {}", e.message));
     let max_pixels = geometry.orig_w as u64 * geometry.orig_h as u64;
     let bytes = read_file(path, alloc_limit(max_pixels)).map_err(bad)?;
-    let name = path.display().to_string();
+    let name = path.to_string();
     let expect = (geometry.orig_w, geometry.orig_h);
     let img = decode_oriented(&bytes, &name, max_pixels, "mask", Some(expect)).map_err(bad)?;
     // f32 keeps every non-zero value non-zero, whatever the stored depth.

@@ -21,6 +21,8 @@ use std::cell::RefCell;
 use std::io::Cursor;
 use std::path::Path;
 
+use crate::store::{self, Loc};
+
 use fast_image_resize as fr;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
@@ -84,9 +86,10 @@ pub struct Decoded {
 /// (permissions, a directory, I/O error) gives `unreadable`; a file larger than any image of
 /// `max_pixels` pixels could be (16 bytes a pixel plus 256 MiB) gives `too_large` unread.
 /// Messages name the path.
-pub fn decode_file(path: &Path, pre: &Preprocess) -> Result<Decoded, SampleError> {
-    let bytes = read_file(path, alloc_limit(pre.max_pixels))?;
-    decode_bytes(&bytes, &path.display().to_string(), pre)
+pub fn decode_file(path: impl Into<Loc>, pre: &Preprocess) -> Result<Decoded, SampleError> {
+    let path = path.into();
+    let bytes = read_file(&path, alloc_limit(pre.max_pixels))?;
+    decode_bytes(&bytes, &path.to_string(), pre)
 }
 
 /// Decodes an encoded image held in memory; `name` (usually the file path) is used in messages.
@@ -117,38 +120,45 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     Ok(Decoded { rgb, geometry })
 }
 
-/// Reads a whole file, mapping failures to `missing` / `unreadable` with the path in the
-/// message. A file longer than `max_bytes` is refused with `too_large` before it is read.
-pub(crate) fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, SampleError> {
-    use std::io::Read;
-    let io_err = |e: std::io::Error| {
-        let status = match e.kind() {
-            std::io::ErrorKind::NotFound => Status::Missing,
-            _ => Status::Unreadable,
-        };
-        SampleError::new(status, format!("{}: cannot read file: {e}", path.display()))
-    };
-    let too_large = |len: u64| {
-        SampleError::new(
-            Status::TooLarge,
-            format!(
-                "{}: file is {len} bytes or more, over the {max_bytes}-byte limit for this pixel limit",
-                path.display()
-            ),
-        )
-    };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
-    if len > max_bytes {
-        return Err(too_large(len));
+/// Reads a whole file (local or in an object store), mapping failures to `missing` /
+/// `unreadable` with the path in the message. A file longer than `max_bytes` is refused with
+/// `too_large` before it is read.
+pub(crate) fn read_file(path: &Loc, max_bytes: u64) -> Result<bytes::Bytes, SampleError> {
+    if let Loc::Local(p) = path {
+        // A special file may report length 0 and never end: read at most max_bytes + 1.
+        let bytes = read_local(p, max_bytes).map_err(|e| read_error(path, max_bytes, e))?;
+        return Ok(bytes::Bytes::from(bytes));
     }
-    // Bounded read: a special file may report length 0 and never end.
+    store::read(path, Some(max_bytes)).map_err(|e| read_error(path, max_bytes, e))
+}
+
+fn read_local(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > max_bytes {
+        return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{len} bytes")));
+    }
     let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err)?;
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max_bytes {
-        return Err(too_large(bytes.len() as u64));
+        return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{} bytes", bytes.len())));
     }
     Ok(bytes)
+}
+
+fn read_error(path: &Loc, max_bytes: u64, e: std::io::Error) -> SampleError {
+    let status = match e.kind() {
+        std::io::ErrorKind::NotFound => Status::Missing,
+        std::io::ErrorKind::FileTooLarge => {
+            return SampleError::new(
+                Status::TooLarge,
+                format!("{path}: file is over the {max_bytes}-byte limit for this pixel limit ({e})"),
+            );
+        }
+        _ => Status::Unreadable,
+    };
+    SampleError::new(status, format!("{path}: cannot read file: {e}"))
 }
 
 /// Allocation budget handed to the image decoders for a pixel limit: room for the largest

@@ -131,6 +131,14 @@ pub fn cuda_device_count() -> usize {
 pub struct EngineOptions {
     pub interpolate: InterpolateMode,
     pub rectifiers: Rectifiers,
+    /// Fast mode: the forward pass under bfloat16 autocast (the backward follows its dtypes).
+    /// Off: exact float32, equal to Captum.
+    pub bf16: bool,
+    /// Parameters and input in the channels-last memory format (faster convolutions on GPUs,
+    /// mostly with bfloat16).
+    pub channels_last: bool,
+    /// cuDNN benchmark mode on CUDA devices: picks the fastest convolution algorithms per shape.
+    pub cudnn_benchmark: bool,
 }
 
 /// One batch's result. Tensors stay on the engine's device.
@@ -145,6 +153,9 @@ pub struct Attribution {
     pub targets: Vec<i64>,
     /// How many rectifier nodes were guided.
     pub guided_nodes: usize,
+    /// The dtype the logits were computed in: bfloat16 in fast mode (the head's matrix product
+    /// runs under autocast), float32 otherwise.
+    pub logits_kind: Kind,
 }
 
 /// A TorchScript model replica on one device, ready to attribute batches.
@@ -172,9 +183,17 @@ impl GuidedGradCam {
             )
         })?;
         module.set_eval();
-        for (_, p) in module.named_parameters().context("listing the model's parameters")? {
+        for (name, mut p) in module.named_parameters().context("listing the model's parameters")? {
             // No weight gradients are ever computed.
             let _ = p.set_requires_grad(false);
+            if opts.channels_last && p.dim() == 4 {
+                // The handle shares the module's tensor: set_data changes the parameter itself.
+                let cl = shim::channels_last(&p).map_err(|e| anyhow!("{}: parameter {name}: {e}", path.display()))?;
+                tch::no_grad(|| p.set_data(&cl));
+            }
+        }
+        if opts.cudnn_benchmark && device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
         }
         Ok(Self { module, device, opts, path: path.to_path_buf(), meta })
     }
@@ -258,11 +277,19 @@ impl GuidedGradCam {
         }
         let x = input.to_device(self.device).to_kind(Kind::Float).detach();
         check_finite(&x, 0)?;
+        let x = if self.opts.channels_last { shim::channels_last(&x).map_err(|e| anyhow!("input: {e}"))? } else { x };
         let x = x.set_requires_grad(true);
 
-        // 1. One forward.
+        // 1. One forward (under bfloat16 autocast in fast mode).
         let t0 = std::time::Instant::now();
-        let (logits, act) = self.forward(&x, n)?;
+        let (logits, act) = {
+            let _autocast = if self.opts.bf16 {
+                Some(shim::Bf16Autocast::enter(self.device).map_err(|e| anyhow!("bfloat16 autocast: {e}"))?)
+            } else {
+                None
+            };
+            self.forward(&x, n)?
+        };
         let classes = logits.size()[1];
         let predicted: Option<Vec<i64>> = if targets.iter().any(Option::is_none) {
             Some(Vec::<i64>::try_from(logits.detach().argmax(1, false).to_device(Device::Cpu))?)
@@ -323,7 +350,8 @@ impl GuidedGradCam {
             combine_ms = t3.elapsed().as_secs_f64() * 1e3,
             "attributed a batch"
         );
-        Ok(Attribution { attribution, cam, logits: logits.detach(), targets: resolved, guided_nodes })
+        let logits_kind = logits.kind();
+        Ok(Attribution { attribution, cam, logits: logits.detach(), targets: resolved, guided_nodes, logits_kind })
     }
 }
 

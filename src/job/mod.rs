@@ -13,6 +13,8 @@ mod tests;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::store::Loc;
+
 pub use error::JobError;
 pub use resolve::{load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 pub use spec::{
@@ -45,10 +47,14 @@ pub struct Job {
     pub devices: Devices,
     /// Samples per forward/backward pass (at least 1).
     pub batch_size: u32,
+    /// Parameters and input in the channels-last memory format.
+    pub channels_last: bool,
+    /// cuDNN benchmark mode on CUDA devices.
+    pub cudnn_benchmark: bool,
     /// Image decoding threads; 0 means one per core.
     pub decode_threads: u32,
-    /// Output folder.
-    pub output: PathBuf,
+    /// Output folder, or object-store prefix (`s3://bucket/path`, …).
+    pub output: Loc,
     /// Side of the stored attribution map, in pixels (at least 1).
     pub map_size: u32,
     /// Rows per Parquet part file (at least 1).
@@ -67,10 +73,10 @@ pub struct Job {
 /// Where the samples come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatasetSource {
-    /// A manifest file (CSV, JSONL or Parquet).
-    Manifest(PathBuf),
-    /// A folder with one sub-folder of images per class.
-    ImageFolder(PathBuf),
+    /// A manifest file (CSV, JSONL or Parquet), local or in an object store.
+    Manifest(Loc),
+    /// A folder (or object-store prefix) with one sub-folder of images per class.
+    ImageFolder(Loc),
 }
 
 /// The first resize step: the decode stage's own type.
@@ -207,8 +213,8 @@ impl fmt::Display for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "job:          {}", self.job_file.display())?;
         match &self.dataset {
-            DatasetSource::Manifest(p) => writeln!(f, "dataset:      manifest {}", p.display())?,
-            DatasetSource::ImageFolder(p) => writeln!(f, "dataset:      image folder {}", p.display())?,
+            DatasetSource::Manifest(p) => writeln!(f, "dataset:      manifest {p}")?,
+            DatasetSource::ImageFolder(p) => writeln!(f, "dataset:      image folder {p}")?,
         }
         writeln!(f, "model:        {}", self.model.display())?;
         match (&self.class_names, self.num_classes) {
@@ -243,7 +249,13 @@ impl fmt::Display for Job {
             self.precision.as_str()
         )?;
         writeln!(f, "devices:      {}", self.devices)?;
-        writeln!(f, "batch size:   {}", self.batch_size)?;
+        writeln!(
+            f,
+            "batch size:   {} (channels last {}, cudnn benchmark {})",
+            self.batch_size,
+            if self.channels_last { "on" } else { "off" },
+            if self.cudnn_benchmark { "on" } else { "off" }
+        )?;
         if self.decode_threads == 0 {
             writeln!(f, "decode:       one thread per core")?;
         } else {
@@ -252,10 +264,7 @@ impl fmt::Display for Job {
         writeln!(
             f,
             "output:       {} (maps {}x{}, {} rows per part)",
-            self.output.display(),
-            self.map_size,
-            self.map_size,
-            self.rows_per_part
+            self.output, self.map_size, self.map_size, self.rows_per_part
         )?;
         if self.regions.is_empty() {
             write!(f, "regions:      none")

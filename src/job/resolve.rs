@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::store::{self, Loc};
+
 use crate::engine::{read_meta, ModelMeta};
 
 use super::error::JobError;
@@ -50,6 +52,15 @@ fn model_file(spec: &JobSpec, job_dir: &Path) -> Result<PathBuf, JobError> {
     Ok(model)
 }
 
+/// A path or URL from the spec: a URL as it is, a local path resolved against `job_dir`.
+fn location(spec: &JobSpec, key: &str, value: &Path, job_dir: &Path) -> Result<Loc, JobError> {
+    match Loc::parse(&value.to_string_lossy()) {
+        Ok(Loc::Local(_)) => Ok(Loc::Local(job_dir.join(value))),
+        Ok(remote) => Ok(remote),
+        Err(e) => Err(spec.error(key, format!("{e:#}"))),
+    }
+}
+
 /// Makes a [`Job`] from a checked spec: relative paths resolve against `job_dir` (the job
 /// file's folder), the model and the dataset must exist, and what the spec leaves out comes
 /// from the model's metadata `meta` (resize, crop from `input_size`, mean, std, class names).
@@ -60,24 +71,36 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
     let model = model_file(&spec, job_dir)?;
     let dataset = match (&spec.dataset.manifest, &spec.dataset.image_folder) {
         (Some(m), _) => {
-            let p = job_dir.join(m);
-            if !p.is_file() {
-                return Err(spec.error("dataset.manifest", format!("no manifest file at {}", p.display())));
+            let loc = location(&spec, "dataset.manifest", m, job_dir)?;
+            match &loc {
+                Loc::Local(p) if !p.is_file() => {
+                    return Err(spec.error("dataset.manifest", format!("no manifest file at {}", p.display())));
+                }
+                Loc::Remote { .. } => match store::exists(&loc) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(spec.error("dataset.manifest", format!("no manifest object at {loc}"))),
+                    Err(e) => return Err(spec.error("dataset.manifest", format!("{e:#}"))),
+                },
+                Loc::Local(_) => {}
             }
-            DatasetSource::Manifest(p)
+            DatasetSource::Manifest(loc)
         }
         (None, Some(f)) => {
-            let p = job_dir.join(f);
-            if !p.is_dir() {
-                return Err(spec.error("dataset.image_folder", format!("no folder at {}", p.display())));
+            let loc = location(&spec, "dataset.image_folder", f, job_dir)?;
+            if let Loc::Local(p) = &loc {
+                if !p.is_dir() {
+                    return Err(spec.error("dataset.image_folder", format!("no folder at {}", p.display())));
+                }
             }
-            DatasetSource::ImageFolder(p)
+            DatasetSource::ImageFolder(loc)
         }
         (None, None) => return Err(spec.error("dataset", "give one of `manifest` or `image_folder`")),
     };
-    let output = job_dir.join(&spec.output.path);
-    if output.exists() && !output.is_dir() {
-        return Err(spec.error("output.path", format!("{} exists and is not a folder", output.display())));
+    let output = location(&spec, "output.path", &spec.output.path, job_dir)?;
+    if let Loc::Local(p) = &output {
+        if p.exists() && !p.is_dir() {
+            return Err(spec.error("output.path", format!("{} exists and is not a folder", p.display())));
+        }
     }
 
     let preprocess = preprocess(&spec, meta)?;
@@ -139,6 +162,8 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         precision,
         devices,
         batch_size: spec.runtime.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
+        channels_last: spec.runtime.channels_last.unwrap_or(precision == Precision::Bf16),
+        cudnn_benchmark: spec.runtime.cudnn_benchmark.unwrap_or(true),
         decode_threads: spec.runtime.decode_threads.unwrap_or(0),
         output,
         map_size: spec.output.map_size.unwrap_or(DEFAULT_MAP_SIZE),

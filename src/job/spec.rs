@@ -124,6 +124,14 @@ pub struct RuntimeSpec {
     /// Image decoding threads; 0 (the default) means one per core.
     #[serde(default)]
     pub decode_threads: Option<u32>,
+    /// Model parameters and input in the channels-last memory format; default on with
+    /// `precision = "bf16"`, off with `"fp32"`.
+    #[serde(default)]
+    pub channels_last: Option<bool>,
+    /// cuDNN benchmark mode (fastest convolution algorithm per input shape) on CUDA devices;
+    /// default on.
+    #[serde(default)]
+    pub cudnn_benchmark: Option<bool>,
 }
 
 /// `[output]`.

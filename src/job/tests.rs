@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::engine::ModelMeta;
+use crate::store::Loc;
 
 use super::*;
 
@@ -96,7 +97,7 @@ impl Dir {
 fn full_spec_resolves() {
     let d = Dir::new();
     let job = resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
-    assert_eq!(job.dataset, DatasetSource::Manifest(d.path().join("samples.csv")));
+    assert_eq!(job.dataset, DatasetSource::Manifest(Loc::from(d.path().join("samples.csv"))));
     assert_eq!(job.model, d.path().join("model.pt"));
     assert_eq!(job.preprocess.resize, Resize::ShorterSide(256));
     assert_eq!(job.preprocess.crop, Some((224, 224)));
@@ -111,7 +112,7 @@ fn full_spec_resolves() {
     assert_eq!(job.devices, Devices::List(vec!["cuda:0".into(), "cuda:1".into()]));
     assert_eq!(job.batch_size, 16);
     assert_eq!(job.decode_threads, 4);
-    assert_eq!(job.output, d.path().join("out/"));
+    assert_eq!(job.output, Loc::from(d.path().join("out/")));
     assert_eq!(job.map_size, 32);
     assert_eq!(job.rows_per_part, 100);
     assert_eq!(
@@ -140,7 +141,7 @@ fn minimal_spec_takes_defaults() {
     let d = Dir::new();
     let meta = ModelMeta { input_size: Some([224, 224]), resize: Some(256), ..Default::default() };
     let job = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap();
-    assert_eq!(job.dataset, DatasetSource::ImageFolder(d.path().join("train")));
+    assert_eq!(job.dataset, DatasetSource::ImageFolder(Loc::from(d.path().join("train"))));
     assert_eq!(job.target, Target::Label);
     assert_eq!(job.interpolate_mode, InterpolateMode::Nearest);
     assert_eq!(job.guided_rectifiers, vec!["relu"]);
@@ -247,10 +248,10 @@ fn relative_and_absolute_paths() {
         Ok(None)
     })
     .unwrap();
-    assert_eq!(job.dataset, DatasetSource::Manifest(d.path().join("jobs").join("../samples.csv")));
+    assert_eq!(job.dataset, DatasetSource::Manifest(Loc::from(d.path().join("jobs").join("../samples.csv"))));
     assert_eq!(job.model, abs_model);
     assert_eq!(seen, Some(abs_model));
-    assert_eq!(job.output, d.path().join("jobs/results"));
+    assert_eq!(job.output, Loc::from(d.path().join("jobs/results")));
     assert_eq!(job.job_file, job_file);
     assert_eq!(job.spec_text, text);
 }

@@ -185,7 +185,7 @@ figcaption{font-size:12px;max-width:260px}.thumb{width:40px;height:40px;margin:1
          Samples are ranked by the {}. Clusters are strategy clusters of the normalised attribution maps \
          (spectral clustering on a nearest-neighbour affinity, as SpRAy); a red border marks a Clever-Hans candidate: \
          a cluster whose attribution concentrates away from the object.</p>",
-        esc(&r.dir.display().to_string()),
+        esc(&r.dir.to_string()),
         r.records.len(),
         r.classes.len(),
         esc(&r.score_label)

@@ -8,6 +8,7 @@ mod html;
 use crate::decode;
 use crate::sink;
 use crate::stats;
+use crate::store::Loc;
 use anyhow::{Context, Result};
 use arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array,
@@ -16,7 +17,6 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use cluster::{ClusterParams, Clustering};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Which score ranks samples as likely spurious.
@@ -52,7 +52,7 @@ pub struct ReportOptions {
     pub score: ScoreKind,
     pub cluster: ClusterParams,
     /// Where the report goes (default OUTPUT_DIR/report).
-    pub out: Option<PathBuf>,
+    pub out: Option<Loc>,
 }
 
 impl Default for ReportOptions {
@@ -142,14 +142,14 @@ pub struct ClassSummary {
 
 /// Everything the report shows.
 pub struct Report {
-    pub dir: PathBuf,
+    pub dir: Loc,
     pub records: Vec<Record>,
     pub classes: Vec<ClassSummary>,
     pub region_names: Vec<String>,
     pub score_label: String,
     pub failed: BTreeMap<String, usize>,
-    pub html_path: PathBuf,
-    pub table_path: PathBuf,
+    pub html_path: Loc,
+    pub table_path: Loc,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -284,7 +284,7 @@ type Scanned = (Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>);
 /// First pass over the output, one batch at a time: the ok rows as records (without maps),
 /// failures counted by status, class mean maps, and a bounded subsample of clustering features
 /// per class. Memory grows with the number of rows only by their scalar fields.
-fn scan(dir: &Path, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
+fn scan(dir: &Loc, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
     let mut records = Vec::new();
     let mut failed = BTreeMap::new();
     let mut classes: BTreeMap<i64, ClassScan> = BTreeMap::new();
@@ -366,7 +366,8 @@ fn flag(c: &ClusterInfo, class_region_mean: Option<f32>) -> bool {
 /// Builds the report for an output folder in two streaming passes: the first collects every
 /// row's scalars, class mean maps and a bounded subsample per class for clustering; the second
 /// assigns every other sample to its nearest cluster and keeps the maps of the samples shown.
-pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
+pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
+    let dir = &dir.into();
     let metadata = sink::read_metadata(dir)?;
     let class_names: Option<Vec<String>> = metadata
         .get("saliency_audit.class_names")
@@ -543,16 +544,19 @@ pub fn build(dir: &Path, opts: &ReportOptions) -> Result<Report> {
         classes.push(summary);
     }
 
-    let out = opts.out.clone().unwrap_or_else(|| dir.join("_report"));
+    let out = match &opts.out {
+        Some(o) => o.clone(),
+        None => dir.join("_report")?,
+    };
     let table_path = sink::write_table(&out, "scores.parquet", &scores_table(&records, &class_names)?, &[])?;
     let mut report = Report {
-        dir: dir.to_path_buf(),
+        dir: dir.clone(),
         records,
         classes,
         region_names,
         score_label,
         failed,
-        html_path: out.join("index.html"),
+        html_path: out.join("index.html")?,
         table_path,
         metadata,
     };
@@ -657,7 +661,7 @@ pub fn summary_text(r: &Report) -> String {
         let f: Vec<String> = r.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!("failed rows (not in the report): {}\n", f.join(", ")));
     }
-    s.push_str(&format!("report: {}\nscores: {}\n", r.html_path.display(), r.table_path.display()));
+    s.push_str(&format!("report: {}\nscores: {}\n", r.html_path, r.table_path));
     s
 }
 
@@ -681,8 +685,7 @@ pub(crate) fn model_input(report: &Report, rec: &Record) -> Option<(Vec<u8>, u32
     };
     let crop = pre["crop"].as_array().and_then(|c| Some((c.first()?.as_u64()? as u32, c.get(1)?.as_u64()? as u32)));
     let p = decode::Preprocess { resize, crop, max_pixels: pre["max_pixels"].as_u64().unwrap_or(u64::MAX) };
-    let path = Path::new(&rec.path);
-    let loc = if path.is_absolute() { path.to_path_buf() } else { Path::new(root).join(path) };
-    let d = decode::decode_file(&loc, &p).ok()?;
+    let loc = Loc::parse(root).ok()?.join(&rec.path).ok()?;
+    let d = decode::decode_file(loc, &p).ok()?;
     Some((d.rgb, d.geometry.out_w, d.geometry.out_h))
 }

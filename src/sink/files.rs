@@ -1,9 +1,11 @@
-//! File names of the output folder and the one way files get there: written under a temporary
-//! name in the same folder, synced, renamed into place, and the folder synced.
+//! File names of the output folder and the one way files get there: atomically (see
+//! [`write_atomic`]), in a local folder or under an object-store prefix.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::store::{self, Loc};
 
 use anyhow::Context;
 
@@ -88,33 +90,35 @@ pub(crate) fn tmp_name(name: &str) -> String {
     format!("{TMP_PREFIX}{name}-{}", std::process::id())
 }
 
-/// File names in `dir` (entries whose name is not UTF-8 are skipped: the sink never writes them).
-pub(crate) fn list_names(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let mut names = Vec::new();
-    let entries = fs::read_dir(dir).with_context(|| format!("cannot list output folder {}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot list output folder {}", dir.display()))?;
-        if let Ok(name) = entry.file_name().into_string() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
+/// File names in `dir` (for a local folder, entries whose name is not UTF-8 are skipped: the
+/// sink never writes them).
+pub(crate) fn list_names(dir: &Loc) -> anyhow::Result<Vec<String>> {
+    store::list_names(dir).with_context(|| format!("cannot list output folder {dir}"))
 }
 
-/// Flushes a folder's entries (new names, renames) to disk.
+/// Flushes a local folder's entries (new names, renames) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync output folder {}", dir.display()))
 }
 
-/// Writes `dir/name` atomically: `write` fills `dir/.tmp-<name>-<pid>`, which is synced, renamed
-/// to `dir/name`, and the folder synced. On any error the temporary file is removed and
-/// `dir/name` is untouched.
+/// Writes `dir/name` atomically, so that a reader (or a resuming run) sees the whole file or
+/// none of it.
+///
+/// Local folder: `write` fills `dir/.tmp-<name>-<pid>`, which is synced, renamed to `dir/name`,
+/// and the folder synced; on any error the temporary file is removed and `dir/name` is
+/// untouched. Object store: `write` fills memory, which is stored with one PUT, which the
+/// store makes visible whole or not at all.
 pub(crate) fn write_atomic(
-    dir: &Path,
+    dir: &Loc,
     name: &str,
-    write: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
+    write: impl FnOnce(&mut (dyn Write + Send)) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let Loc::Local(dir) = dir else {
+        let target = dir.join(name)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        write(&mut buf).with_context(|| format!("cannot write {target}"))?;
+        return store::put_remote(&target, buf);
+    };
     let tmp = dir.join(tmp_name(name));
     let target = dir.join(name);
     let result = (|| -> anyhow::Result<()> {
@@ -137,7 +141,7 @@ pub(crate) fn write_atomic(
 }
 
 /// Writes `value` as pretty JSON to `dir/name`, atomically.
-pub(crate) fn write_json_atomic<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<()> {
+pub(crate) fn write_json_atomic<T: serde::Serialize>(dir: &Loc, name: &str, value: &T) -> anyhow::Result<()> {
     write_atomic(dir, name, |out| {
         serde_json::to_writer_pretty(&mut *out, value)?;
         out.write_all(b"\n")?;
@@ -146,34 +150,29 @@ pub(crate) fn write_json_atomic<T: serde::Serialize>(dir: &Path, name: &str, val
 }
 
 /// Reads and parses a JSON file the sink wrote, with an error naming the file.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid saliency-audit file", path.display()))
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(loc: &Loc) -> anyhow::Result<T> {
+    let bytes = store::read_all(loc)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{loc} is not a valid saliency-audit file"))
 }
 
 /// Moves a part that failed validation aside as `<name>.corrupt-<unix time>` (never overwriting
-/// an earlier one); returns the new path.
-pub(crate) fn move_aside(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+/// an earlier one); returns the new location.
+pub(crate) fn move_aside(dir: &Loc, name: &str) -> anyhow::Result<Loc> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let mut aside = dir.join(format!("{name}.corrupt-{now}"));
+    let mut aside = dir.join(&format!("{name}.corrupt-{now}"))?;
     let mut n = 1;
-    while aside.exists() {
-        aside = dir.join(format!("{name}.corrupt-{now}-{n}"));
+    while store::exists(&aside)? {
+        aside = dir.join(&format!("{name}.corrupt-{now}-{n}"))?;
         n += 1;
     }
-    let from = dir.join(name);
-    fs::rename(&from, &aside)
-        .with_context(|| format!("cannot move {} aside to {}", from.display(), aside.display()))?;
-    sync_dir(dir)?;
+    store::rename(&dir.join(name)?, &aside)?;
+    if let Loc::Local(d) = dir {
+        sync_dir(d)?;
+    }
     Ok(aside)
 }
 
 /// Removes `dir/name` if it exists.
-pub(crate) fn remove_if_exists(dir: &Path, name: &str) -> anyhow::Result<bool> {
-    let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
-    }
+pub(crate) fn remove_if_exists(dir: &Loc, name: &str) -> anyhow::Result<bool> {
+    store::remove_if_exists(&dir.join(name)?)
 }

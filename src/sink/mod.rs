@@ -18,8 +18,8 @@ mod summary;
 #[cfg(test)]
 mod tests;
 
+use crate::store::{self, Loc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use arrow::datatypes::SchemaRef;
@@ -88,8 +88,8 @@ pub fn schema(regions: &[String]) -> SchemaRef {
 /// Where and what one shard writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
-    /// Output folder (created if missing); shared by all shards of the job.
-    pub dir: PathBuf,
+    /// Output folder (created if missing) or object-store prefix; shared by all shards of the job.
+    pub dir: Loc,
     /// This shard, `0..num_shards`.
     pub shard: u32,
     /// Number of shards of the job (at least 1).
@@ -163,7 +163,7 @@ pub(crate) fn zero_counts() -> BTreeMap<String, u64> {
 }
 
 fn check_config(cfg: &SinkConfig) -> anyhow::Result<()> {
-    let dir = cfg.dir.display();
+    let dir = &cfg.dir;
     if cfg.num_shards == 0 || cfg.shard >= cfg.num_shards {
         bail!("output {dir}: shard {} is not one of 0..{}", cfg.shard, cfg.num_shards);
     }
@@ -205,12 +205,12 @@ impl PartWriter {
     pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
         check_config(&cfg)?;
         let dir = cfg.dir.clone();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        extra::create_dir(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
 
         let (shard, count) = (cfg.shard, cfg.num_shards);
         let names = files::list_names(&dir)?;
         for name in names.iter().filter(|n| files::is_shard_tmp(n, shard, count)) {
-            tracing::info!("removing leftover temporary file {}", dir.join(name).display());
+            tracing::info!("removing leftover temporary file {}", dir.join(name)?);
             files::remove_if_exists(&dir, name)?;
         }
 
@@ -223,15 +223,15 @@ impl PartWriter {
             schema_version: SCHEMA_VERSION,
         };
         let job_name = files::job_name(shard, count);
-        let job_path = dir.join(&job_name);
-        if job_path.exists() {
+        let job_path = dir.join(&job_name)?;
+        if store::exists(&job_path)? {
             let old: JobFile = files::read_json(&job_path)?;
             if old.fingerprint != job.fingerprint {
                 bail!(
                     "output folder {} holds another job's output for shard {shard} of {count} \
                      ({} records job {}, this job is {}); use another output folder",
-                    dir.display(),
-                    job_path.display(),
+                    dir,
+                    job_path,
                     old.fingerprint,
                     job.fingerprint
                 );
@@ -241,7 +241,7 @@ impl PartWriter {
                     "output folder {} holds this job's shard {shard} of {count} written with a \
                      different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
                      parts of {}, schema {}); use another output folder",
-                    dir.display(),
+                    dir,
                     old.total_rows,
                     old.rows_per_part,
                     old.schema_version,
@@ -290,8 +290,8 @@ impl PartWriter {
                     let aside = files::move_aside(&dir, name)?;
                     tracing::warn!(
                         "part {} is not valid ({e:#}); moved it to {} and will write chunk {chunk} again",
-                        dir.join(name).display(),
-                        aside.display()
+                        dir.join(name)?,
+                        aside
                     );
                 }
             }
@@ -318,7 +318,7 @@ impl PartWriter {
         if chunk >= self.num_chunks {
             bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
         }
-        let contents = read::read_part_contents(&self.cfg.dir.join(name), &self.schema)?;
+        let contents = read::read_part_contents(&self.cfg.dir.join(name)?, &self.schema)?;
         let (start, end) = self.chunk_range(chunk);
         let expected = end - start;
         if contents.indices.len() as u64 != expected {
@@ -341,14 +341,14 @@ impl PartWriter {
         end - start
     }
 
-    fn part_path(&self, chunk: u64) -> PathBuf {
-        self.cfg.dir.join(part_name(self.cfg.shard, self.cfg.num_shards, chunk))
+    fn part_path(&self, chunk: u64) -> String {
+        format!("{}/{}", self.cfg.dir, part_name(self.cfg.shard, self.cfg.num_shards, chunk))
     }
 
     /// The row's shape must match this job's table; a mismatch is a bug upstream.
     fn check_row(&self, row: &Row) -> anyhow::Result<()> {
         let index = row.sample.index;
-        let shard = format!("shard {} of {} in {}", self.cfg.shard, self.cfg.num_shards, self.cfg.dir.display());
+        let shard = format!("shard {} of {} in {}", self.cfg.shard, self.cfg.num_shards, self.cfg.dir);
         if index >= self.cfg.total_rows {
             bail!("row index {index} (id {:?}) is past the {} rows of {shard}", row.sample.id, self.cfg.total_rows);
         }
@@ -383,7 +383,7 @@ impl PartWriter {
     /// CAM size do not match the job.
     pub fn push(&mut self, row: Row) -> anyhow::Result<()> {
         if self.closed {
-            bail!("output writer for {} is closed", self.cfg.dir.display());
+            bail!("output writer for {} is closed", self.cfg.dir);
         }
         self.check_row(&row)?;
         let index = row.sample.index;
@@ -392,7 +392,7 @@ impl PartWriter {
             bail!(
                 "row index {index} (id {:?}) belongs to chunk {chunk}, already written to {}",
                 row.sample.id,
-                self.part_path(chunk).display()
+                self.part_path(chunk)
             );
         }
         let (start, end) = self.chunk_range(chunk);
@@ -406,7 +406,7 @@ impl PartWriter {
                 "row index {index} was pushed twice (ids {:?} and {:?}) for {}",
                 first.sample.id,
                 row.sample.id,
-                part.display()
+                part
             );
         }
         *slot = Some(row);
@@ -508,7 +508,7 @@ impl PartWriter {
                  (indices {list}{more}); the parts written so far are kept and a rerun resumes",
                 self.cfg.shard,
                 self.cfg.num_shards,
-                self.cfg.dir.display(),
+                self.cfg.dir,
                 self.cfg.total_rows
             );
         }
@@ -556,7 +556,7 @@ impl Drop for PartWriter {
                      {buffered} buffered rows were not written",
                     self.cfg.shard,
                     self.cfg.num_shards,
-                    self.cfg.dir.display()
+                    self.cfg.dir
                 );
             }
         }

@@ -1,7 +1,8 @@
 //! Completion markers: per-shard `_SUCCESS-<shard>-of-<count>.json` and the dataset's `_SUCCESS`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
+use crate::store::Loc;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -51,7 +52,8 @@ pub struct DatasetSummary {
 /// Errors name the folder and what is wrong: no output, files of jobs with different shard
 /// counts, shards without their `_SUCCESS-<shard>-of-<count>.json` (listed), or parts whose
 /// rows do not add up.
-pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
+pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
+    let dir = &dir.into();
     let names = list_names(dir)?;
     let mut counts = BTreeSet::new();
     let mut parts: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
@@ -68,12 +70,12 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         }
     }
     let num_shards = match counts.len() {
-        0 => bail!("{} holds no saliency-audit output", dir.display()),
+        0 => bail!("{} holds no saliency-audit output", dir),
         1 => counts.first().copied().unwrap_or_default(),
         _ => bail!(
             "{} mixes output of jobs split into different shard counts ({}); \
              use one output folder per job",
-            dir.display(),
+            dir,
             counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         ),
     };
@@ -82,7 +84,7 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         bail!(
             "output in {} is not complete: shard(s) {} of {num_shards} have not finished \
              (no _SUCCESS-<shard>-of-{num_shards:05}.json)",
-            dir.display(),
+            dir,
             missing.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
         );
     }
@@ -90,21 +92,17 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
     let mut total =
         DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
     for shard in 0..num_shards {
-        let path = dir.join(files::shard_success_name(shard, num_shards));
+        let path = dir.join(&files::shard_success_name(shard, num_shards))?;
         let s: ShardSummary = files::read_json(&path)?;
         if (s.shard, s.num_shards) != (shard, num_shards) {
-            bail!("{} describes shard {} of {}", path.display(), s.shard, s.num_shards);
+            bail!("{} describes shard {} of {}", path, s.shard, s.num_shards);
         }
         if s.schema_version != SCHEMA_VERSION {
-            bail!(
-                "{} was written with schema version {}, this build writes {SCHEMA_VERSION}",
-                path.display(),
-                s.schema_version
-            );
+            bail!("{} was written with schema version {}, this build writes {SCHEMA_VERSION}", path, s.schema_version);
         }
         let status_rows: u64 = s.status_counts.values().sum();
         if s.rows != s.total_rows || status_rows != s.rows {
-            bail!("{} is inconsistent: {} of {} rows, {status_rows} by status", path.display(), s.rows, s.total_rows);
+            bail!("{} is inconsistent: {} of {} rows, {status_rows} by status", path, s.rows, s.total_rows);
         }
         let mut shard_parts = parts.remove(&shard).unwrap_or_default();
         shard_parts.sort();
@@ -114,8 +112,8 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
             bail!(
                 "shard {shard} of {num_shards} in {}: {} says {} parts, the folder has {} \
                  (chunks {})",
-                dir.display(),
-                path.display(),
+                dir,
+                path,
                 s.parts,
                 shard_parts.len(),
                 shard_parts.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ")
@@ -123,15 +121,10 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         }
         let mut rows = 0u64;
         for (_, name) in &shard_parts {
-            rows += super::read::part_row_count(&dir.join(name))?;
+            rows += super::read::part_row_count(&dir.join(name)?)?;
         }
         if rows != s.rows {
-            bail!(
-                "shard {shard} of {num_shards} in {}: parts hold {rows} rows, {} says {}",
-                dir.display(),
-                path.display(),
-                s.rows
-            );
+            bail!("shard {shard} of {num_shards} in {}: parts hold {rows} rows, {} says {}", dir, path, s.rows);
         }
         total.parts += s.parts;
         total.rows += s.rows;
@@ -140,18 +133,18 @@ pub fn finalize(dir: &Path) -> anyhow::Result<DatasetSummary> {
         }
     }
     if let Some((shard, _)) = parts.first_key_value() {
-        bail!("{} holds parts of shard {shard}, which is not one of 0..{num_shards}", dir.display());
+        bail!("{} holds parts of shard {shard}, which is not one of 0..{num_shards}", dir);
     }
     files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
-        .with_context(|| format!("cannot mark output in {} complete", dir.display()))?;
+        .with_context(|| format!("cannot mark output in {} complete", dir))?;
     Ok(total)
 }
 
 /// Writes the caller's report of one run of a shard (timings, counts, whether it was
 /// interrupted) to `dir/_run-<shard>-of-<count>.json`, atomically, replacing the previous run's.
 /// Returns the file's path.
-pub fn write_summary(dir: &Path, shard: u32, num_shards: u32, summary: &serde_json::Value) -> anyhow::Result<PathBuf> {
+pub fn write_summary(dir: &Loc, shard: u32, num_shards: u32, summary: &serde_json::Value) -> anyhow::Result<Loc> {
     let name = files::run_summary_name(shard, num_shards);
     files::write_json_atomic(dir, &name, summary)?;
-    Ok(dir.join(name))
+    dir.join(&name)
 }

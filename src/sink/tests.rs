@@ -1,3 +1,4 @@
+use crate::store::Loc;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ fn regions() -> Vec<String> {
 
 fn cfg(dir: &Path, shard: u32, num_shards: u32, total_rows: u64, rows_per_part: u64) -> SinkConfig {
     SinkConfig {
-        dir: dir.to_path_buf(),
+        dir: Loc::from(dir),
         shard,
         num_shards,
         total_rows,
@@ -34,7 +35,7 @@ fn row(index: u64) -> Row {
             index,
             id: format!("img-{index}"),
             path: format!("images/{index}.jpg"),
-            location: PathBuf::from(format!("/data/images/{index}.jpg")),
+            location: Loc::from(PathBuf::from(format!("/data/images/{index}.jpg"))),
             label: Some(index as i64 % 3),
             label_error: None,
             bbox: None,
@@ -66,11 +67,11 @@ fn shuffled(n: u64) -> Vec<u64> {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    files::list_names(dir).unwrap()
+    files::list_names(&Loc::from(dir)).unwrap()
 }
 
 fn indices_of(path: &Path) -> Vec<u64> {
-    read::read_part_contents(path, &schema(&regions())).unwrap().indices
+    read::read_part_contents(&Loc::from(path), &schema(&regions())).unwrap().indices
 }
 
 #[test]
@@ -178,7 +179,7 @@ fn single_shard_finish_marks_dataset_complete() {
         w.push(row(i)).unwrap();
     }
     w.finish().unwrap();
-    let total: DatasetSummary = files::read_json(&tmp.path().join("_SUCCESS")).unwrap();
+    let total: DatasetSummary = files::read_json(&Loc::from(tmp.path().join("_SUCCESS"))).unwrap();
     assert_eq!((total.num_shards, total.parts, total.rows), (1, 3, 5));
     assert_eq!(total.status_counts["ok"], 4);
 }
@@ -373,7 +374,7 @@ fn finalize_counts_all_shards() {
     assert_eq!((total.num_shards, total.parts, total.rows), (2, 7, 17));
     assert_eq!(total.status_counts["ok"], 8 + 6);
     assert_eq!(total.status_counts["decode_error"], 2 + 1);
-    let on_disk: DatasetSummary = files::read_json(&tmp.path().join("_SUCCESS")).unwrap();
+    let on_disk: DatasetSummary = files::read_json(&Loc::from(tmp.path().join("_SUCCESS"))).unwrap();
     assert_eq!(on_disk, total);
     let rows: usize = read_rows(tmp.path()).unwrap().iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 17);
@@ -410,11 +411,11 @@ fn file_names_parse() {
 fn run_summary_is_written_atomically() {
     let tmp = tempfile::tempdir().unwrap();
     let v = serde_json::json!({"processed": 3, "interrupted": false});
-    let path = write_summary(tmp.path(), 1, 4, &v).unwrap();
-    assert_eq!(path, tmp.path().join("_run-00001-of-00004.json"));
+    let path = write_summary(&Loc::from(tmp.path()), 1, 4, &v).unwrap();
+    assert_eq!(path, Loc::from(tmp.path().join("_run-00001-of-00004.json")));
     let back: serde_json::Value = files::read_json(&path).unwrap();
     assert_eq!(back, v);
     assert_eq!(names(tmp.path()), ["_run-00001-of-00004.json"]);
-    let e = write_summary(&tmp.path().join("nope"), 1, 4, &v).unwrap_err();
+    let e = write_summary(&Loc::from(tmp.path().join("nope")), 1, 4, &v).unwrap_err();
     assert!(format!("{e:#}").contains("nope"), "{e:#}");
 }

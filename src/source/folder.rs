@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::store::{self, Loc};
+
 use anyhow::{anyhow, bail, Context};
 
 use super::labels::{Classes, RawLabel};
@@ -17,22 +19,17 @@ use crate::sample::Sample;
 /// Image file extensions, lower case (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: [&str; 10] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif"];
 
+/// Image files of one class folder: (id relative to the image folder with `/`, location).
+type ClassFiles = Vec<(String, Loc)>;
+
 /// Reads an image folder's samples (unsorted) and the names of its label ids.
-pub(super) fn read_image_folder(root: &Path, classes: &Classes) -> anyhow::Result<(Vec<Sample>, Option<Vec<String>>)> {
-    let r = root.display();
-    let mut class_dirs = Vec::new();
-    for entry in read_dir(root)? {
-        let (name, path) = entry;
-        if name.starts_with('.') {
-            continue;
-        }
-        if std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
-            class_dirs.push((name, path));
-        }
-    }
-    class_dirs.sort();
+pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result<(Vec<Sample>, Option<Vec<String>>)> {
+    let class_dirs = match root {
+        Loc::Local(p) => list_local(p)?,
+        Loc::Remote { .. } => list_remote(root)?,
+    };
     if class_dirs.is_empty() {
-        bail!("{r}: no class folders (an image folder holds one sub-folder of images per class)");
+        bail!("{root}: no class folders (an image folder holds one sub-folder of images per class)");
     }
     let by_name = classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
     let names = if by_name {
@@ -42,18 +39,15 @@ pub(super) fn read_image_folder(root: &Path, classes: &Classes) -> anyhow::Resul
     };
 
     let mut samples = Vec::new();
-    let mut visited = HashSet::new();
-    for (i, (class, dir)) in class_dirs.iter().enumerate() {
+    for (i, (class, files)) in class_dirs.into_iter().enumerate() {
         let (label, label_error) = if by_name {
-            (classes.id_of(class), None)
+            (classes.id_of(&class), None)
         } else {
             match classes.resolve(&RawLabel::Id(i as i64)) {
                 Ok(id) => (Some(id), None),
                 Err(e) => (None, Some(format!("{e} (class folder \"{class}\")"))),
             }
         };
-        let mut files = Vec::new();
-        walk(dir, class, &mut visited, &mut files)?;
         for (rel, location) in files {
             samples.push(Sample {
                 index: 0,
@@ -68,6 +62,43 @@ pub(super) fn read_image_folder(root: &Path, classes: &Classes) -> anyhow::Resul
         }
     }
     Ok((samples, names))
+}
+
+/// Class folders of a local image folder, sorted by name, with their image files.
+fn list_local(root: &Path) -> anyhow::Result<Vec<(String, ClassFiles)>> {
+    let mut class_dirs = Vec::new();
+    for (name, path) in read_dir(root)? {
+        if name.starts_with('.') {
+            continue;
+        }
+        if std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
+            class_dirs.push((name, path));
+        }
+    }
+    class_dirs.sort();
+    let mut visited = HashSet::new();
+    let mut out = Vec::new();
+    for (class, dir) in class_dirs {
+        let mut files = Vec::new();
+        walk(&dir, &class, &mut visited, &mut files)?;
+        out.push((class, files.into_iter().map(|(rel, p)| (rel, Loc::Local(p))).collect()));
+    }
+    Ok(out)
+}
+
+/// Class "folders" of an image folder in an object store: the first key segment under the
+/// prefix. Objects directly under the prefix, and hidden names at any depth, are skipped.
+fn list_remote(root: &Loc) -> anyhow::Result<Vec<(String, ClassFiles)>> {
+    let mut by_class: std::collections::BTreeMap<String, ClassFiles> = Default::default();
+    for rel in store::walk_remote(root)? {
+        let segments: Vec<&str> = rel.split('/').collect();
+        if segments.len() < 2 || segments.iter().any(|s| s.starts_with('.')) || !is_image(&rel) {
+            continue;
+        }
+        let location = root.join(&rel)?;
+        by_class.entry(segments[0].to_owned()).or_default().push((rel, location));
+    }
+    Ok(by_class.into_iter().collect())
 }
 
 /// The entries of `dir` as (UTF-8 name, path).

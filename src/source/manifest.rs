@@ -3,9 +3,8 @@
 //! Columns: `path` (required), `label`, `id`, `bbox_x0`, `bbox_y0`, `bbox_x1`, `bbox_y1`, `mask`;
 //! other columns are ignored. An empty cell or a null is an absent value.
 
+use crate::store::{self, Loc};
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
@@ -36,21 +35,23 @@ struct RawRow {
 }
 
 /// Reads a manifest's samples, unsorted.
-pub(super) fn read_manifest(path: &Path, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
-    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+pub(super) fn read_manifest(path: &Loc, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
+    let ext = path.extension().unwrap_or_default();
+    if !matches!(ext.as_str(), "csv" | "jsonl" | "ndjson" | "parquet") {
+        bail!("{path}: not a manifest type: use a .csv, .jsonl, .ndjson or .parquet file");
+    }
+    let bytes = store::read_all(path).with_context(|| format!("cannot read manifest {path}"))?;
     let rows = match ext.as_str() {
-        "csv" => read_csv(path)?,
-        "jsonl" | "ndjson" => read_jsonl(path)?,
-        "parquet" => read_parquet(path)?,
-        _ => bail!("{}: not a manifest type: use a .csv, .jsonl, .ndjson or .parquet file", path.display()),
+        "csv" => read_csv(path, &bytes)?,
+        "parquet" => read_parquet(path, bytes)?,
+        _ => read_jsonl(path, &bytes)?,
     };
-    let base = path.parent().unwrap_or(Path::new(""));
-    to_samples(path, base, rows, classes)
+    to_samples(path, &path.parent(), rows, classes)
 }
 
 /// Checks rows and makes samples of them: path present, box complete and ordered, ids unique.
-fn to_samples(file: &Path, base: &Path, rows: Vec<RawRow>, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
-    let f = file.display();
+fn to_samples(file: &Loc, base: &Loc, rows: Vec<RawRow>, classes: &Classes) -> anyhow::Result<Vec<Sample>> {
+    let f = file;
     let mut seen: HashMap<String, String> = HashMap::with_capacity(rows.len());
     let mut samples = Vec::with_capacity(rows.len());
     for row in rows {
@@ -92,13 +93,13 @@ fn to_samples(file: &Path, base: &Path, rows: Vec<RawRow>, classes: &Classes) ->
         };
         samples.push(Sample {
             index: 0,
-            location: resolve_path(base, &path),
+            location: resolve_path(base, &path).with_context(|| format!("{f} {at}"))?,
             id,
             path,
             label,
             label_error,
             bbox,
-            mask: row.mask.map(|m| resolve_path(base, &m)),
+            mask: row.mask.map(|m| resolve_path(base, &m)).transpose().with_context(|| format!("{f} {at}"))?,
         });
     }
     Ok(samples)
@@ -110,12 +111,9 @@ fn cell(text: &str) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
-fn read_csv(path: &Path) -> anyhow::Result<Vec<RawRow>> {
-    let f = path.display();
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_path(path)
-        .with_context(|| format!("cannot open manifest {f}"))?;
+fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
+    let f = path;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
     let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
     let mut col: HashMap<&str, usize> = HashMap::new();
     for (i, h) in headers.iter().enumerate() {
@@ -153,18 +151,18 @@ fn read_csv(path: &Path) -> anyhow::Result<Vec<RawRow>> {
     Ok(rows)
 }
 
-fn csv_error(path: &Path, e: csv::Error) -> anyhow::Error {
-    let f = path.display();
+fn csv_error(path: &Loc, e: csv::Error) -> anyhow::Error {
+    let f = path;
     match e.position() {
         Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", p.line()),
         None => anyhow!("{f}: cannot read the CSV manifest: {e}"),
     }
 }
 
-fn read_jsonl(path: &Path) -> anyhow::Result<Vec<RawRow>> {
+fn read_jsonl(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     use serde_json::Value;
-    let f = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {f}"))?;
+    let f = path;
+    let text = std::str::from_utf8(bytes).with_context(|| format!("manifest {f} is not UTF-8 text"))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -210,11 +208,10 @@ fn read_jsonl(path: &Path) -> anyhow::Result<Vec<RawRow>> {
     Ok(rows)
 }
 
-fn read_parquet(path: &Path) -> anyhow::Result<Vec<RawRow>> {
-    let f = path.display();
-    let file = File::open(path).with_context(|| format!("cannot open manifest {f}"))?;
+fn read_parquet(path: &Loc, bytes: bytes::Bytes) -> anyhow::Result<Vec<RawRow>> {
+    let f = path;
     let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{f}: not a readable Parquet file"))?;
+        ParquetRecordBatchReaderBuilder::try_new(bytes).with_context(|| format!("{f}: not a readable Parquet file"))?;
     let roots: Vec<usize> = builder
         .parquet_schema()
         .root_schema()
@@ -280,28 +277,28 @@ fn is_number(t: &DataType) -> bool {
 }
 
 /// A string column (integers too when `integers_too`) cast to Utf8.
-fn strings(file: &Path, name: &str, col: Option<ArrayRef>, integers_too: bool) -> anyhow::Result<Option<ArrayRef>> {
+fn strings(file: &Loc, name: &str, col: Option<ArrayRef>, integers_too: bool) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     let t = col.data_type();
     if !(is_string(t) || (integers_too && t.is_integer())) {
         let want = if integers_too { "strings or integers" } else { "strings" };
-        bail!("{}: column `{name}` has type {t}; it must hold {want}", file.display());
+        bail!("{}: column `{name}` has type {t}; it must hold {want}", file);
     }
     cast(file, name, &col, &DataType::Utf8).map(Some)
 }
 
 /// A numeric column cast to Float64.
-fn floats(file: &Path, name: &str, col: Option<ArrayRef>) -> anyhow::Result<Option<ArrayRef>> {
+fn floats(file: &Loc, name: &str, col: Option<ArrayRef>) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     if !is_number(col.data_type()) {
-        bail!("{}: column `{name}` has type {}; it must hold numbers", file.display(), col.data_type());
+        bail!("{}: column `{name}` has type {}; it must hold numbers", file, col.data_type());
     }
     cast(file, name, &col, &DataType::Float64).map(Some)
 }
 
-fn cast(file: &Path, name: &str, col: &ArrayRef, to: &DataType) -> anyhow::Result<ArrayRef> {
+fn cast(file: &Loc, name: &str, col: &ArrayRef, to: &DataType) -> anyhow::Result<ArrayRef> {
     arrow::compute::cast(col, to)
-        .with_context(|| format!("{}: cannot read column `{name}` of type {} as {to}", file.display(), col.data_type()))
+        .with_context(|| format!("{}: cannot read column `{name}` of type {} as {to}", file, col.data_type()))
 }
 
 /// The label column, whichever type it has.
@@ -332,7 +329,7 @@ impl LabelColumn {
     }
 }
 
-fn labels(file: &Path, col: Option<ArrayRef>) -> anyhow::Result<Option<LabelColumn>> {
+fn labels(file: &Loc, col: Option<ArrayRef>) -> anyhow::Result<Option<LabelColumn>> {
     let Some(col) = col else { return Ok(None) };
     let t = col.data_type().clone();
     let out = if t.is_integer() {

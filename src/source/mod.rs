@@ -14,7 +14,7 @@ mod shard;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
+use crate::store::Loc;
 
 use crate::job::DatasetSource;
 use crate::sample::Sample;
@@ -60,7 +60,8 @@ fn order(samples: &mut [Sample]) {
     }
 }
 
-/// `path` resolved against `base` (the manifest's folder); an absolute `path` stays as it is.
-fn resolve_path(base: &Path, path: &str) -> std::path::PathBuf {
+/// `path` resolved against `base` (the manifest's folder); an absolute `path` or a URL stays
+/// as it is.
+fn resolve_path(base: &Loc, path: &str) -> anyhow::Result<Loc> {
     base.join(path)
 }

@@ -1,3 +1,4 @@
+use crate::store::Loc;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn manifest(path: &Path, classes: Option<&[String]>, n: Option<i64>) -> anyhow::Result<SampleSet> {
-    load_samples(&DatasetSource::Manifest(path.to_path_buf()), classes, n)
+    load_samples(&DatasetSource::Manifest(Loc::from(path)), classes, n)
 }
 
 fn err_of(r: anyhow::Result<SampleSet>) -> String {
@@ -55,14 +56,14 @@ fn csv_manifest() {
     assert_eq!(b.label, Some(1));
     assert_eq!(b.label_error, None);
     assert_eq!(b.bbox, Some([1.0, 2.0, 30.0, 40.0]));
-    assert_eq!(b.location, d.path().join("sets/img/b.jpg"));
-    assert_eq!(b.mask, Some(d.path().join("sets/masks/b.png")));
+    assert_eq!(b.location, Loc::from(d.path().join("sets/img/b.jpg")));
+    assert_eq!(b.mask, Some(Loc::from(d.path().join("sets/masks/b.png"))));
     assert_eq!(b.path, "img/b.jpg");
     assert_eq!(by["img/a.jpg"].label, Some(0));
     assert_eq!(by["img/a.jpg"].bbox, None);
     assert_eq!(by["img/a.jpg"].mask, None);
     // Absolute paths stay absolute.
-    assert_eq!(by["/data/c.jpg"].location, PathBuf::from("/data/c.jpg"));
+    assert_eq!(by["/data/c.jpg"].location, Loc::from(PathBuf::from("/data/c.jpg")));
     assert_eq!(by["/data/c.jpg"].label, Some(0));
     // No label: no error either.
     assert_eq!((by["img/d.jpg"].label, by["img/d.jpg"].label_error.as_deref()), (None, None));
@@ -112,7 +113,7 @@ fn jsonl_manifest() {
     assert_eq!(by["second"].label, Some(1));
     assert_eq!(by["second"].bbox, Some([1.0, 2.5, 3.0, 4.0]));
     assert_eq!(by["7"].label, Some(0));
-    assert_eq!(by["7"].mask, Some(d.path().join("a.png")));
+    assert_eq!(by["7"].mask, Some(Loc::from(d.path().join("a.png"))));
     assert_eq!((by["c.jpg"].label, by["c.jpg"].bbox), (None, None));
     assert!(by["d.jpg"].label_error.as_deref().unwrap().contains("label 1.5"));
     assert!(by["e.jpg"].label_error.as_deref().unwrap().contains("label true"));
@@ -165,7 +166,7 @@ fn parquet_manifest() {
     assert_eq!((s[0].path.as_str(), s[0].label), ("a.jpg", None));
     assert_eq!(s[1].label, Some(1));
     assert_eq!(s[1].bbox, Some([1.0, 2.0, 3.0, 4.0]));
-    assert_eq!(s[1].location, d.path().join("b.jpg"));
+    assert_eq!(s[1].location, Loc::from(d.path().join("b.jpg")));
     assert!(s[2].label_error.as_deref().unwrap().contains("label 5 is not a class"));
 
     // String labels resolve by name.
@@ -283,7 +284,7 @@ fn image_folder_labels_and_ids() {
     }
     std::fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
     std::fs::create_dir_all(root.join("empty")).unwrap();
-    let src = DatasetSource::ImageFolder(root.clone());
+    let src = DatasetSource::ImageFolder(Loc::from(&root));
     let set = load_samples(&src, None, None).unwrap();
     assert_eq!(set.class_names, Some(names(&["cat", "dog", "empty", "zebra"])));
     let got: Vec<(&str, Option<i64>, u64)> = set.samples.iter().map(|s| (s.id.as_str(), s.label, s.index)).collect();
@@ -296,7 +297,7 @@ fn image_folder_labels_and_ids() {
             ("zebra/x.webp", Some(3), 3)
         ]
     );
-    assert_eq!(set.samples[2].location, root.join("dog").join("sub").join("c.png"));
+    assert_eq!(set.samples[2].location, Loc::from(root.join("dog").join("sub").join("c.png")));
     assert_eq!(set.samples[2].path, "dog/sub/c.png");
 
     // A class count smaller than the folder count: the extra folders' samples get label errors.
@@ -323,10 +324,16 @@ fn image_folder_labels_and_ids() {
 #[test]
 fn image_folder_errors() {
     let d = tempfile::tempdir().unwrap();
-    let e = format!("{:#}", load_samples(&DatasetSource::ImageFolder(d.path().join("nope")), None, None).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_samples(&DatasetSource::ImageFolder(Loc::from(d.path().join("nope"))), None, None).unwrap_err()
+    );
     assert!(e.contains("nope"), "{e}");
     touch(d.path(), "flat/a.jpg");
-    let e = format!("{:#}", load_samples(&DatasetSource::ImageFolder(d.path().join("flat")), None, None).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_samples(&DatasetSource::ImageFolder(Loc::from(d.path().join("flat"))), None, None).unwrap_err()
+    );
     assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
 }
 
@@ -340,7 +347,7 @@ fn shards_partition_the_samples() {
             index: i as u64,
             id: id.clone(),
             path: id.clone(),
-            location: PathBuf::from(id),
+            location: Loc::from(PathBuf::from(id)),
             label: None,
             label_error: None,
             bbox: None,

@@ -25,7 +25,7 @@ fn read(p: &Path) -> Vec<f32> {
 }
 
 fn opts(mode: &str) -> EngineOptions {
-    EngineOptions { interpolate: mode.parse().unwrap(), rectifiers: Rectifiers::RELU }
+    EngineOptions { interpolate: mode.parse().unwrap(), rectifiers: Rectifiers::RELU, ..Default::default() }
 }
 
 /// Every generated case, in several batches, against Captum's GuidedGradCam (attribution) and
@@ -273,4 +273,47 @@ fn attribute_command() {
         .unwrap();
     assert_eq!(st.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&st.stderr).contains("unknown device \"tpu\""));
+}
+
+/// Fast mode on CPU: channels-last alone stays exact (≤ 1e-5 against Captum); bfloat16 autocast
+/// really runs the forward in bfloat16 (the logits come back bfloat16), stays close to
+/// Captum's float32 result, keeps every ReLU guided, and leaves the thread in float32 after.
+/// The measured errors are printed for BENCHMARKS.md.
+#[test]
+fn fast_modes_bf16_and_channels_last() {
+    for case in ["resnet18_layer4", "vgg11_conv"] {
+        let d = engine_cases().join(case);
+        let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+        let t: Vec<Option<i64>> =
+            Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap().into_iter().map(Some).collect();
+        let reference = read(&d.join("ref_attr.npy"));
+        let run = |bf16: bool, channels_last: bool| {
+            let o = EngineOptions { bf16, channels_last, ..Default::default() };
+            let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, o).unwrap();
+            let r = engine.attribute(&x, &t).unwrap();
+            let attr = Vec::<f32>::try_from(r.attribution.contiguous().flatten(0, -1)).unwrap();
+            (r, attr)
+        };
+        let (exact, exact_attr) = run(false, false);
+        assert_eq!(exact.logits_kind, Kind::Float);
+        let (cl, cl_attr) = run(false, true);
+        assert_eq!(cl.guided_nodes, exact.guided_nodes);
+        let cl_err = rel_l2(&cl_attr, &reference);
+        assert!(cl_err <= 1e-5, "{case}: channels-last fp32 error {cl_err:e}");
+        for channels_last in [false, true] {
+            let (fast, fast_attr) = run(true, channels_last);
+            assert_eq!(fast.logits_kind, Kind::BFloat16, "{case}: autocast did not run in bfloat16");
+            assert_eq!(fast.guided_nodes, exact.guided_nodes, "{case}");
+            assert_eq!(fast.attribution.kind(), Kind::Float);
+            let err = rel_l2(&fast_attr, &reference);
+            let err_exact = rel_l2(&fast_attr, &exact_attr);
+            println!("{case}: bf16 (channels_last {channels_last}) relative L2 vs Captum fp32 {err:.4}, vs engine fp32 {err_exact:.4}");
+            assert!(err > 1e-4, "{case}: bf16 result equals fp32 ({err:e}): autocast had no effect");
+            assert!(err < 0.15, "{case}: bf16 relative L2 error {err:.4} against Captum fp32");
+        }
+        // The guard is gone: the same thread computes in float32 again.
+        let (again, again_attr) = run(false, false);
+        assert_eq!(again.logits_kind, Kind::Float);
+        assert!(rel_l2(&again_attr, &exact_attr) <= 1e-6);
+    }
 }

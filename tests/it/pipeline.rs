@@ -31,10 +31,10 @@ fn pattern(w: u32, h: u32, seed: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| Rgb([f(x, y, 0), f(x, y, 1), f(x, y, 2)]))
 }
 
-struct Dataset {
-    dir: PathBuf,
+pub(crate) struct Dataset {
+    pub dir: PathBuf,
     /// id → expected status.
-    expected: BTreeMap<String, Status>,
+    pub expected: BTreeMap<String, Status>,
 }
 
 const FORMATS: [(&str, ImageFormat); 6] = [
@@ -48,7 +48,7 @@ const FORMATS: [(&str, ImageFormat); 6] = [
 
 /// `n_good` images over 3 classes in several formats and sizes, plus one planted bad file of
 /// each kind, and a CSV manifest naming them all.
-fn make_dataset(root: &Path, n_good: usize) -> Dataset {
+pub(crate) fn make_dataset(root: &Path, n_good: usize) -> Dataset {
     let classes = ["circle", "square", "triangle"];
     let mut expected = BTreeMap::new();
     let mut lines = vec!["path,label,id,bbox_x0,bbox_y0,bbox_x1,bbox_y1,mask".to_owned()];
@@ -95,17 +95,17 @@ fn make_dataset(root: &Path, n_good: usize) -> Dataset {
     Dataset { dir: root.to_path_buf(), expected }
 }
 
-fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+pub(crate) fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
     b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_any().downcast_ref::<T>().unwrap()
 }
 
 /// All rows of an output folder as one batch.
-fn read_all(dir: &Path) -> RecordBatch {
+pub(crate) fn read_all(dir: &Path) -> RecordBatch {
     let batches = read_rows(dir).unwrap();
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
-fn write_job(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+pub(crate) fn write_job(dir: &Path, model: &Path, extra: &str) -> PathBuf {
     let job = format!(
         r#"[dataset]
 manifest = "samples.csv"
@@ -314,11 +314,11 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
             index: i as u64,
             id: format!("case{i}"),
             path: file.into(),
-            location: tmp.path().join(file),
+            location: tmp.path().join(file).into(),
             label: Some(0),
             label_error: None,
             bbox,
-            mask: mask.map(|m| tmp.path().join(m)),
+            mask: mask.map(|m| tmp.path().join(m).into()),
         });
     }
     let out = tmp.path().join("out");
@@ -335,7 +335,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
         map_size: 8,
         regions: regions.clone(),
         sink: SinkConfig {
-            dir: out.clone(),
+            dir: out.clone().into(),
             shard: 0,
             num_shards: 1,
             total_rows: 3,

@@ -1,0 +1,409 @@
+//! Where bytes live: a local path or an object-store URL (`s3://`, `gs://`, `az://`, …).
+//!
+//! [`Loc`] names a file or folder in either place, and the functions here read, list, write
+//! and remove through it. Local paths go to `std::fs`; URLs go to the `object_store` crate,
+//! driven by one small Tokio runtime and blocking callers (the stages are threads, not tasks).
+//! This is the only module that talks to object stores.
+//!
+//! Credentials and endpoints come from the environment, as each cloud's own tools read them:
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` (an
+//! S3-compatible server), `AWS_ALLOW_HTTP=true` (plain HTTP to such a server);
+//! `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_APPLICATION_CREDENTIALS`; `AZURE_STORAGE_ACCOUNT_NAME`,
+//! `AZURE_STORAGE_ACCOUNT_KEY`, and the rest that `object_store`'s builders document.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+#[cfg(test)]
+mod tests;
+
+/// URL schemes served by an object store.
+pub const REMOTE_SCHEMES: [&str; 8] = ["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl"];
+
+/// A file or folder: a local path, or an object in a bucket (a "folder" there is a key prefix).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Loc {
+    /// A path on the local file system.
+    Local(PathBuf),
+    /// `<bucket>/<key>`: `bucket` is `scheme://name`, `key` has no leading or trailing `/`.
+    Remote {
+        /// `scheme://bucket`, the store it lives in.
+        bucket: String,
+        /// The object's key (or folder prefix) in the bucket, `/`-separated, may be empty.
+        key: String,
+    },
+}
+
+impl Loc {
+    /// Parses a path or URL: `s3://bucket/key` and the other [`REMOTE_SCHEMES`] are remote,
+    /// `file:///path` and anything without a scheme are local. Other schemes are refused.
+    pub fn parse(text: &str) -> anyhow::Result<Loc> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Ok(Loc::Local(PathBuf::from(text)));
+        };
+        let scheme_lc = scheme.to_ascii_lowercase();
+        let plain = !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-');
+        if !plain {
+            // Not a URL scheme (for example a local path that contains "://").
+            return Ok(Loc::Local(PathBuf::from(text)));
+        }
+        if scheme_lc == "file" {
+            return Ok(Loc::Local(PathBuf::from(rest)));
+        }
+        if !REMOTE_SCHEMES.contains(&scheme_lc.as_str()) {
+            bail!("{text}: unsupported URL scheme `{scheme}://` (use a local path or one of {})", schemes_list());
+        }
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("{text}: no bucket or container name after `{scheme}://`");
+        }
+        let key = normalize_key("", key).with_context(|| format!("{text}: bad object key"))?;
+        Ok(Loc::Remote { bucket: format!("{scheme_lc}://{bucket}"), key })
+    }
+
+    /// Whether this is an object-store location.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Loc::Remote { .. })
+    }
+
+    /// The local path, if local.
+    pub fn as_local(&self) -> Option<&Path> {
+        match self {
+            Loc::Local(p) => Some(p),
+            Loc::Remote { .. } => None,
+        }
+    }
+
+    /// `rel` resolved against this folder: a URL or an absolute local path stays as it is;
+    /// a relative one is appended (`.` and `..` segments resolved for keys).
+    pub fn join(&self, rel: &str) -> anyhow::Result<Loc> {
+        if rel.contains("://") {
+            if let Ok(loc @ Loc::Remote { .. }) = Loc::parse(rel) {
+                return Ok(loc);
+            }
+        }
+        match self {
+            Loc::Local(p) => Ok(Loc::Local(p.join(rel))),
+            Loc::Remote { bucket, key } => {
+                let key = normalize_key(key, rel).with_context(|| format!("{self}: cannot resolve {rel:?}"))?;
+                Ok(Loc::Remote { bucket: bucket.clone(), key })
+            }
+        }
+    }
+
+    /// The folder holding this file (the bucket root for a top-level key).
+    pub fn parent(&self) -> Loc {
+        match self {
+            Loc::Local(p) => Loc::Local(p.parent().map(Path::to_path_buf).unwrap_or_default()),
+            Loc::Remote { bucket, key } => {
+                let key = key.rsplit_once('/').map(|(k, _)| k.to_owned()).unwrap_or_default();
+                Loc::Remote { bucket: bucket.clone(), key }
+            }
+        }
+    }
+
+    /// The last name of the path or key.
+    pub fn file_name(&self) -> Option<String> {
+        match self {
+            Loc::Local(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+            Loc::Remote { key, .. } => key.rsplit('/').next().filter(|n| !n.is_empty()).map(str::to_owned),
+        }
+    }
+
+    /// The lower-cased extension of the last name, if any.
+    pub fn extension(&self) -> Option<String> {
+        let name = self.file_name()?;
+        let (stem, ext) = name.rsplit_once('.')?;
+        (!stem.is_empty()).then(|| ext.to_ascii_lowercase())
+    }
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Loc::Local(p) => write!(f, "{}", p.display()),
+            Loc::Remote { bucket, key } if key.is_empty() => f.write_str(bucket),
+            Loc::Remote { bucket, key } => write!(f, "{bucket}/{key}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Loc {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Loc> {
+        Loc::parse(s)
+    }
+}
+
+impl From<PathBuf> for Loc {
+    fn from(p: PathBuf) -> Loc {
+        Loc::Local(p)
+    }
+}
+
+impl From<&PathBuf> for Loc {
+    fn from(p: &PathBuf) -> Loc {
+        Loc::Local(p.clone())
+    }
+}
+
+impl From<&Loc> for Loc {
+    fn from(l: &Loc) -> Loc {
+        l.clone()
+    }
+}
+
+impl From<&Path> for Loc {
+    fn from(p: &Path) -> Loc {
+        Loc::Local(p.to_path_buf())
+    }
+}
+
+fn schemes_list() -> String {
+    REMOTE_SCHEMES.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
+}
+
+/// `base` + `/` + `rel` with empty and `.` segments dropped and `..` applied.
+fn normalize_key(base: &str, rel: &str) -> anyhow::Result<String> {
+    let mut parts: Vec<&str> = if rel.starts_with('/') { Vec::new() } else { base.split('/').collect() };
+    parts.retain(|p| !p.is_empty());
+    for seg in rel.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    bail!("`..` leaves the bucket");
+                }
+            }
+            s => parts.push(s),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("object-store")
+            .enable_all()
+            .build()
+            .expect("cannot start the object-store runtime")
+    })
+}
+
+/// The store serving `bucket` (`scheme://name`), built once per bucket from the environment.
+fn store(bucket: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    let mut stores = stores.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = stores.get(bucket) {
+        return Ok(s.clone());
+    }
+    let scheme = bucket.split("://").next().unwrap_or_default();
+    let built: Arc<dyn ObjectStore> = match scheme {
+        "s3" | "s3a" => Arc::new(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_url(bucket)
+                .build()
+                .with_context(|| format!("cannot set up S3 access to {bucket}"))?,
+        ),
+        "gs" => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(bucket)
+                .build()
+                .with_context(|| format!("cannot set up Google Cloud Storage access to {bucket}"))?,
+        ),
+        _ => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(bucket)
+                .build()
+                .with_context(|| format!("cannot set up Azure storage access to {bucket}"))?,
+        ),
+    };
+    stores.insert(bucket.to_owned(), built.clone());
+    Ok(built)
+}
+
+fn remote<'a>(loc: &'a Loc) -> Option<(&'a str, ObjPath)> {
+    match loc {
+        Loc::Remote { bucket, key } => Some((bucket, ObjPath::from(key.as_str()))),
+        Loc::Local(_) => None,
+    }
+}
+
+fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            io::ErrorKind::PermissionDenied
+        }
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{loc}: {e}"))
+}
+
+/// Reads a whole file. `max_bytes` refuses a larger file with [`io::ErrorKind::FileTooLarge`]
+/// before reading it. Not-found and permission errors keep their [`io::ErrorKind`].
+pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
+    let Some((bucket, path)) = remote(loc) else {
+        let Loc::Local(p) = loc else { unreachable!() };
+        if let Some(max) = max_bytes {
+            let len = std::fs::metadata(p)?.len();
+            if len > max {
+                return Err(too_large(loc, len, max));
+            }
+        }
+        return std::fs::read(p).map(Bytes::from);
+    };
+    let s = store(bucket).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    runtime().block_on(async {
+        let got = s.get(&path).await.map_err(|e| io_error(loc, e))?;
+        if let Some(max) = max_bytes {
+            if got.meta.size > max {
+                return Err(too_large(loc, got.meta.size, max));
+            }
+        }
+        got.bytes().await.map_err(|e| io_error(loc, e))
+    })
+}
+
+fn too_large(loc: &Loc, len: u64, max: u64) -> io::Error {
+    io::Error::new(io::ErrorKind::FileTooLarge, format!("{loc} has {len} bytes, over the limit of {max}"))
+}
+
+/// Reads a whole file, with an error naming it.
+pub fn read_all(loc: &Loc) -> anyhow::Result<Bytes> {
+    read(loc, None).map_err(|e| anyhow!(e)).with_context(|| format!("cannot read {loc}"))
+}
+
+/// Whether a file exists (for a folder: whether it exists locally, or holds any object).
+pub fn exists(loc: &Loc) -> anyhow::Result<bool> {
+    let Some((bucket, path)) = remote(loc) else {
+        let Loc::Local(p) = loc else { unreachable!() };
+        return Ok(p.exists());
+    };
+    let s = store(bucket)?;
+    runtime().block_on(async {
+        match s.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(anyhow!(io_error(loc, e))),
+        }
+    })
+}
+
+/// Names of the files directly in a folder, sorted; for a local folder, entries whose name is
+/// not UTF-8 are skipped. A missing remote folder is empty (there are no empty prefixes).
+pub fn list_names(dir: &Loc) -> anyhow::Result<Vec<String>> {
+    let Some((bucket, prefix)) = remote(dir) else {
+        let Loc::Local(p) = dir else { unreachable!() };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(p).with_context(|| format!("cannot list folder {}", p.display()))? {
+            let entry = entry.with_context(|| format!("cannot list folder {}", p.display()))?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        return Ok(names);
+    };
+    let s = store(bucket)?;
+    let listed = runtime()
+        .block_on(s.list_with_delimiter(Some(&prefix)))
+        .map_err(|e| io_error(dir, e))
+        .with_context(|| format!("cannot list {dir}"))?;
+    let mut names: Vec<String> =
+        listed.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Every object under a remote folder (at any depth), as keys relative to it, sorted.
+pub fn walk_remote(dir: &Loc) -> anyhow::Result<Vec<String>> {
+    let Some((bucket, prefix)) = remote(dir) else {
+        bail!("{dir} is not an object-store folder");
+    };
+    let s = store(bucket)?;
+    let base = prefix.as_ref().to_owned();
+    let listed: Vec<object_store::ObjectMeta> = runtime()
+        .block_on(s.list(Some(&prefix)).try_collect())
+        .map_err(|e| io_error(dir, e))
+        .with_context(|| format!("cannot list {dir}"))?;
+    let mut rels: Vec<String> = listed
+        .iter()
+        .filter_map(|o| {
+            let key = o.location.as_ref();
+            let rel = if base.is_empty() { key } else { key.strip_prefix(&base)?.strip_prefix('/')? };
+            (!rel.is_empty()).then(|| rel.to_owned())
+        })
+        .collect();
+    rels.sort();
+    Ok(rels)
+}
+
+/// Writes a remote object in one request: it appears whole or not at all.
+pub fn put_remote(loc: &Loc, bytes: Vec<u8>) -> anyhow::Result<()> {
+    let Some((bucket, path)) = remote(loc) else {
+        bail!("{loc} is not an object-store location");
+    };
+    let s = store(bucket)?;
+    runtime()
+        .block_on(s.put(&path, PutPayload::from(bytes)))
+        .map_err(|e| io_error(loc, e))
+        .with_context(|| format!("cannot write {loc}"))?;
+    Ok(())
+}
+
+/// Removes a file; `Ok(false)` if it was not there.
+pub fn remove_if_exists(loc: &Loc) -> anyhow::Result<bool> {
+    let Some((bucket, path)) = remote(loc) else {
+        let Loc::Local(p) = loc else { unreachable!() };
+        return match std::fs::remove_file(p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
+        };
+    };
+    if !exists(loc)? {
+        return Ok(false);
+    }
+    let s = store(bucket)?;
+    runtime()
+        .block_on(s.delete(&path))
+        .map_err(|e| io_error(loc, e))
+        .with_context(|| format!("cannot remove {loc}"))?;
+    Ok(true)
+}
+
+/// Moves a file (for remote files: copy, then delete the original).
+pub fn rename(from: &Loc, to: &Loc) -> anyhow::Result<()> {
+    match (remote(from), remote(to)) {
+        (None, None) => {
+            let (Loc::Local(a), Loc::Local(b)) = (from, to) else { unreachable!() };
+            std::fs::rename(a, b).with_context(|| format!("cannot move {from} to {to}"))
+        }
+        (Some((ba, pa)), Some((bb, pb))) if ba == bb => {
+            let s = store(ba)?;
+            runtime()
+                .block_on(async {
+                    s.copy(&pa, &pb).await?;
+                    s.delete(&pa).await
+                })
+                .map_err(|e| io_error(from, e))
+                .with_context(|| format!("cannot move {from} to {to}"))
+        }
+        _ => bail!("cannot move {from} to {to}: not in the same store"),
+    }
+}

@@ -1,0 +1,55 @@
+use super::*;
+
+fn remote(bucket: &str, key: &str) -> Loc {
+    Loc::Remote { bucket: bucket.to_owned(), key: key.to_owned() }
+}
+
+#[test]
+fn parses_urls_and_paths() {
+    assert_eq!(Loc::parse("s3://b/x/y.jpg").unwrap(), remote("s3://b", "x/y.jpg"));
+    assert_eq!(Loc::parse("S3://b/x//y/").unwrap(), remote("s3://b", "x/y"));
+    assert_eq!(Loc::parse("gs://b").unwrap(), remote("gs://b", ""));
+    assert_eq!(Loc::parse("data/x.csv").unwrap(), Loc::Local(PathBuf::from("data/x.csv")));
+    assert_eq!(Loc::parse("file:///tmp/x").unwrap(), Loc::Local(PathBuf::from("/tmp/x")));
+    let err = Loc::parse("ftp://host/x").unwrap_err().to_string();
+    assert!(err.contains("ftp://host/x") && err.contains("unsupported URL scheme"), "{err}");
+    assert!(Loc::parse("s3:///key").unwrap_err().to_string().contains("no bucket"));
+    assert!(Loc::parse("s3://b/../x").is_err());
+}
+
+#[test]
+fn joins_and_parents() {
+    let dir = Loc::parse("s3://b/data/set").unwrap();
+    assert_eq!(dir.join("img/a.jpg").unwrap(), remote("s3://b", "data/set/img/a.jpg"));
+    assert_eq!(dir.join("../other/a.jpg").unwrap(), remote("s3://b", "data/other/a.jpg"));
+    assert_eq!(dir.join("./a.jpg").unwrap(), remote("s3://b", "data/set/a.jpg"));
+    assert_eq!(dir.join("/top.jpg").unwrap(), remote("s3://b", "top.jpg"));
+    assert_eq!(dir.join("gs://c/z.png").unwrap(), remote("gs://c", "z.png"));
+    assert!(dir.join("../../../x").is_err());
+    assert_eq!(dir.parent(), remote("s3://b", "data"));
+    assert_eq!(remote("s3://b", "x").parent(), remote("s3://b", ""));
+    assert_eq!(dir.join("m.CSV").unwrap().extension().as_deref(), Some("csv"));
+    assert_eq!(dir.file_name().as_deref(), Some("set"));
+    assert_eq!(dir.to_string(), "s3://b/data/set");
+    assert_eq!(remote("s3://b", "").to_string(), "s3://b");
+    let local = Loc::parse("/d/m.csv").unwrap();
+    assert_eq!(local.parent().join("x.jpg").unwrap(), Loc::Local(PathBuf::from("/d/x.jpg")));
+    assert_eq!(local.parent().join("/abs.jpg").unwrap(), Loc::Local(PathBuf::from("/abs.jpg")));
+}
+
+#[test]
+fn local_io_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Loc::from(dir.path());
+    std::fs::write(dir.path().join("a.bin"), b"hello").unwrap();
+    let a = d.join("a.bin").unwrap();
+    assert_eq!(&read(&a, None).unwrap()[..], b"hello");
+    assert_eq!(read(&a, Some(4)).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+    assert_eq!(read(&d.join("nope").unwrap(), None).unwrap_err().kind(), io::ErrorKind::NotFound);
+    assert_eq!(list_names(&d).unwrap(), vec!["a.bin".to_owned()]);
+    let b = d.join("b.bin").unwrap();
+    rename(&a, &b).unwrap();
+    assert!(!exists(&a).unwrap() && exists(&b).unwrap());
+    assert!(remove_if_exists(&b).unwrap());
+    assert!(!remove_if_exists(&b).unwrap());
+}

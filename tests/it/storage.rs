@@ -1,0 +1,248 @@
+//! Object storage: manifest, images and output in S3, served over real HTTP by a local
+//! S3-compatible server (moto's server mode, from the project's .venv) that the test starts.
+
+use crate::common::{bin, engine_cases, python, repo};
+use crate::pipeline::{col, make_dataset, read_all, write_job};
+use arrow::array::{Array, BinaryArray, StringArray};
+use saliency_audit::sample::Status;
+use saliency_audit::stats::decode_map_png;
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A moto S3 server on a free local port, stopped on drop.
+struct S3Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let server = repo().join(".venv/bin/moto_server");
+        assert!(server.exists(), "{} is missing: run scripts/setup.sh", server.display());
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let s = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(60), "moto_server did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// Environment that points both boto3 and the binary at this server.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// Runs a boto3 snippet; `s3` is a client for this server.
+    fn boto(&self, code: &str, args: &[&str]) {
+        let script = format!("import sys, os, boto3\ns3 = boto3.client('s3')\n{code}\n");
+        let out = Command::new(python()).arg("-c").arg(script).args(args).envs(self.env()).output().unwrap();
+        assert!(out.status.success(), "boto3 snippet failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn bin(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(args).envs(self.env()).output().unwrap()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const UPLOAD: &str = r#"
+bucket, root, prefix = sys.argv[1:4]
+s3.create_bucket(Bucket=bucket)
+for dirpath, _, files in os.walk(root):
+    for f in files:
+        p = os.path.join(dirpath, f)
+        s3.upload_file(p, bucket, prefix + os.path.relpath(p, root))
+"#;
+
+const DOWNLOAD: &str = r#"
+bucket, prefix, dest = sys.argv[1:4]
+for page in s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
+    for o in page.get('Contents', []):
+        rel = o['Key'][len(prefix):]
+        path = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        s3.download_file(bucket, o['Key'], path)
+"#;
+
+const CORRUPT: &str = r#"
+bucket, key = sys.argv[1:3]
+s3.put_object(Bucket=bucket, Key=key, Body=b'PAR1 not really a part')
+s3.delete_object(Bucket=bucket, Key=key.rsplit('/', 1)[0] + '/_SUCCESS')
+"#;
+
+fn ok_or_failed(o: &Output, what: &str) {
+    assert!(
+        matches!(o.status.code(), Some(0) | Some(1)),
+        "{what}: exit {:?}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// id → (status, map PNG) of every row, each id once.
+fn rows(dir: &Path) -> BTreeMap<String, (String, Option<Vec<u8>>)> {
+    let b = read_all(dir);
+    let (ids, st, png) =
+        (col::<StringArray>(&b, "id"), col::<StringArray>(&b, "status"), col::<BinaryArray>(&b, "map_png"));
+    let mut m = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        let map = png.is_valid(i).then(|| png.value(i).to_vec());
+        assert!(m.insert(ids.value(i).to_owned(), (st.value(i).to_owned(), map)).is_none(), "{} twice", ids.value(i));
+    }
+    m
+}
+
+/// Manifest, images and output in S3 over HTTP: two shards, `finalize`, a resume that keeps
+/// every part, a corrupt part moved aside and redone, an image-folder dataset, and the report —
+/// with the same rows as a local run of the same files.
+#[test]
+fn s3_manifest_images_and_output_over_http() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(&tmp.path().join("data"), 24);
+    let model = engine_cases().join("pipeline/model.pt");
+    let s3 = S3Server::start();
+    s3.boto(UPLOAD, &["audit", ds.dir.to_str().unwrap(), "datasets/set1/"]);
+
+    // The local reference run over the same files.
+    let job = write_job(&ds.dir, &model, "");
+    let local = tmp.path().join("local");
+    let o = Command::new(bin()).args(["-q", "run"]).arg(&job).arg("--output").arg(&local).output().unwrap();
+    ok_or_failed(&o, "local run");
+
+    // The S3 job: manifest by URL, image paths relative to it, output by URL.
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("manifest = \"samples.csv\"", "manifest = \"s3://audit/datasets/set1/samples.csv\"")
+        .replace("path = \"out\"", "path = \"s3://audit/runs/r1\"");
+    let s3_job = tmp.path().join("s3-job.toml");
+    std::fs::write(&s3_job, text).unwrap();
+    let job_arg = s3_job.to_str().unwrap();
+
+    let v = s3.bin(&["validate", job_arg]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let plan = String::from_utf8_lossy(&v.stdout);
+    assert!(plan.contains("s3://audit/datasets/set1/samples.csv") && plan.contains("s3://audit/runs/r1"), "{plan}");
+
+    for shard in ["0", "1"] {
+        let o = s3.bin(&["-q", "run", job_arg, "--shard-index", shard, "--num-shards", "2"]);
+        ok_or_failed(&o, &format!("S3 shard {shard}"));
+    }
+    let f = s3.bin(&["finalize", "s3://audit/runs/r1"]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stderr));
+    let total: serde_json::Value = serde_json::from_slice(&f.stdout).unwrap();
+    assert_eq!(total["rows"], ds.expected.len());
+
+    // A rerun resumes from the bucket: every part is kept, nothing is written again.
+    let again = s3.bin(&["run", job_arg, "--shard-index", "1", "--num-shards", "2"]);
+    ok_or_failed(&again, "S3 rerun");
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.starts_with("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
+
+    // A damaged part in the bucket is moved aside and its chunk written again.
+    s3.boto(CORRUPT, &["audit", "runs/r1/part-00000-of-00002-000000.parquet"]);
+    let redo = s3.bin(&["run", job_arg, "--shard-index", "0", "--num-shards", "2"]);
+    ok_or_failed(&redo, "S3 run after a damaged part");
+    assert!(
+        String::from_utf8_lossy(&redo.stderr).contains("is not valid"),
+        "{}",
+        String::from_utf8_lossy(&redo.stderr)
+    );
+    let f = s3.bin(&["finalize", "s3://audit/runs/r1"]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stderr));
+
+    // Read back what the bucket holds, with boto3, and compare with the local run.
+    let fetched = tmp.path().join("fetched");
+    s3.boto(DOWNLOAD, &["audit", "runs/r1/", fetched.to_str().unwrap()]);
+    let names: Vec<String> =
+        std::fs::read_dir(&fetched).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(names.iter().any(|n| n.starts_with("part-00000-of-00002-000000.parquet.corrupt-")), "{names:?}");
+    assert!(names.iter().any(|n| n == "_SUCCESS") && names.iter().any(|n| n == "_run-00001-of-00002.json"));
+    let (want, got) = (rows(&local), rows(&fetched));
+    assert_eq!(got.len(), ds.expected.len());
+    for (id, (status, map)) in &want {
+        let (s, m) = &got[id];
+        if id == "x_dir" {
+            // A folder named like an image exists only locally; in a bucket there is no such key.
+            assert_eq!((status.as_str(), s.as_str()), ("unreadable", "missing"));
+            continue;
+        }
+        assert_eq!(s, status, "{id}");
+        assert_eq!(m.is_some(), map.is_some(), "{id}");
+        if let (Some(a), Some(b)) = (m, map) {
+            // Other batch compositions may move a value by one quantisation level.
+            let (a, _, _) = decode_map_png(a, 255.0).unwrap();
+            let (b, _, _) = decode_map_png(b, 255.0).unwrap();
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1.0, "{id}: the map from S3 input is the local run's (off by {worst} levels)");
+        }
+    }
+    assert_eq!(got.values().filter(|(s, _)| s == Status::Ok.as_str()).count(), 24);
+
+    // The report reads the output and the images from the bucket.
+    let report_dir = tmp.path().join("report");
+    let r = s3.bin(&["report", "s3://audit/runs/r1", "--out", report_dir.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let html = std::fs::read_to_string(report_dir.join("index.html")).unwrap();
+    assert!(html.contains("s3://audit/runs/r1"));
+    // Cards show the model-input crop only when the image could be read: as many pictures as
+    // the local run's report, whose images are on disk.
+    let local_report = tmp.path().join("local-report");
+    let r = Command::new(bin()).arg("report").arg(&local).arg("--out").arg(&local_report).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let pictures = |html: &str| html.matches("data:image/png;base64").count();
+    let local_html = std::fs::read_to_string(local_report.join("index.html")).unwrap();
+    assert!(pictures(&local_html) > 0);
+    assert_eq!(pictures(&html), pictures(&local_html), "the report fetched the images from the bucket");
+
+    // An image folder given by URL: class folders are the first key segment under the prefix.
+    s3.boto(UPLOAD, &["folders", ds.dir.join("img").to_str().unwrap(), "train/cls_a/"]);
+    s3.boto(UPLOAD, &["folders2", ds.dir.join("bad").to_str().unwrap(), "x/"]);
+    let folder_job = tmp.path().join("folder-job.toml");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("manifest = \"samples.csv\"", "image_folder = \"s3://folders/train\"")
+        .replace("target = \"label\"", "target = \"predicted\"")
+        .replace("path = \"out\"", &format!("path = \"{}\"", tmp.path().join("folder-out").display()));
+    std::fs::write(&folder_job, text).unwrap();
+    let o = s3.bin(&["-q", "run", folder_job.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder_rows = rows(&tmp.path().join("folder-out"));
+    assert_eq!(folder_rows.len(), 24);
+    assert!(folder_rows.keys().all(|id| id.starts_with("cls_a/")), "{:?}", folder_rows.keys().collect::<Vec<_>>());
+
+    // Clear errors: a missing manifest object names the key; a bad scheme names the value.
+    let bad = tmp.path().join("bad-job.toml");
+    let text = std::fs::read_to_string(&s3_job).unwrap().replace("set1/samples.csv", "set1/nope.csv");
+    std::fs::write(&bad, text).unwrap();
+    let e = s3.bin(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(e.status.code(), Some(2));
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(msg.contains("dataset.manifest") && msg.contains("s3://audit/datasets/set1/nope.csv"), "{msg}");
+    let e = s3.bin(&["finalize", "ftp://host/out"]);
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("unsupported URL scheme"));
+}
