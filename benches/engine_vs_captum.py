@@ -68,17 +68,18 @@ def timed(fn, dev, warm, iters):
     return ts[len(ts) // 2], peak
 
 
-def lean(model, layer, x, tgt):
+def lean(model, layer, x, tgt, bf16=False):
     """One forward, standard backward to the layer, guided backward to the input."""
     acts = {}
     h = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
     x = x.detach().requires_grad_(True)
-    logits = model(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
     h.remove()
     a = acts["a"]
     sel = logits.gather(1, tgt.view(-1, 1)).sum()
     (ga,) = torch.autograd.grad(sel, a, retain_graph=True)
-    cam = F.relu((ga.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    cam = F.relu((ga.float().mean(dim=(2, 3), keepdim=True) * a.float()).sum(1, keepdim=True))
     seen, stack = set(), [sel.grad_fn]
     while stack:
         node = stack.pop()
@@ -120,8 +121,12 @@ def peer(a):
     if a.variant == "captum":
         ggc = GuidedGradCam(model, layer)
         fn = lambda: ggc.attribute(x, target=tgt.tolist())  # noqa: E731
-    else:
+    elif a.variant == "lean":
         fn = lambda: lean(model, layer, x, tgt)  # noqa: E731
+    else:  # lean_fast: bf16 autocast and channels-last, as the anchors' fast peer
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        fn = lambda: lean(model, layer, x, tgt, bf16=True)  # noqa: E731
     t, peak = timed(fn, dev, a.warmup, a.iters)
     print(json.dumps({"s_per_batch": t, "peak_rss_delta_bytes": peak}))
 
@@ -137,7 +142,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--variant", choices=["captum", "lean"], help=argparse.SUPPRESS)
+    ap.add_argument("--fast", action="store_true",
+                    help="also the bf16 + channels-last peer and engine, and the engine's bf16 error against fp32")
+    ap.add_argument("--variant", choices=["captum", "lean", "lean_fast"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
         return peer(a)
@@ -152,7 +159,10 @@ def main():
     rows = []
     # Every variant in a fresh process, timed and measured the same way: median time per batch
     # after warm-up; peak resident memory above the process's memory after loading the model.
-    for name, variant in [("captum GuidedGradCam", "captum"), ("lean one-forward PyTorch", "lean")]:
+    variants = [("captum GuidedGradCam", "captum"), ("lean one-forward PyTorch", "lean")]
+    if a.fast:
+        variants.append(("lean bf16 channels-last", "lean_fast"))
+    for name, variant in variants:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
                              check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -162,6 +172,15 @@ def main():
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     rows.append(("saliency-audit engine", r["s_per_batch"], r["peak_rss_delta_bytes"]))
+    fast_err = None
+    if a.fast:
+        out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters",
+                              str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
+                              str(a.threads), "--json", "--precision", "bf16", "--channels-last"],
+                             check=True, capture_output=True, text=True)
+        r = json.loads(out.stdout)
+        rows.append(("engine bf16 channels-last", r["s_per_batch"], r["peak_rss_delta_bytes"]))
+        fast_err = bf16_error(a, pt, tmp)
     captum = rows[0][1]
     dev = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -173,10 +192,29 @@ def main():
         print(f"{name:28s} {t * 1e3:10.1f} {a.batch / t:10.2f} {captum / t:9.2f}x {mib:>10s}")
         res.append({"variant": name, "s_per_batch": t, "images_per_s": a.batch / t, "vs_captum": captum / t,
                     "peak_rss_delta_bytes": peak})
+    if fast_err is not None:
+        print(f"engine bf16 vs fp32 on {fast_err[0]} random inputs: relative L2 error {fast_err[1]:.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "batch": a.batch, "size": a.size, "threads": a.threads, "device": dev_name,
-                       "rows": res}, f, indent=1)
+                       "rows": res, "bf16_rel_l2": None if fast_err is None else fast_err[1]}, f, indent=1)
+
+
+def bf16_error(a, pt, tmp, n=16):
+    """The engine's fast mode against its exact mode (= Captum) on the same inputs."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    np.save(os.path.join(tmp, "x.npy"), torch.randn(n, 3, a.size, a.size, generator=g).numpy())
+    np.save(os.path.join(tmp, "t.npy"), np.array([(i * 7919) % 1000 for i in range(n)], dtype=np.int64))
+    res = {}
+    for mode, extra in [("fp32", []), ("bf16", ["--precision", "bf16", "--channels-last"])]:
+        o = os.path.join(tmp, f"attr_{mode}.npy")
+        subprocess.run([a.bin, "-q", "attribute", "--model", pt, "--input", os.path.join(tmp, "x.npy"), "--target",
+                        os.path.join(tmp, "t.npy"), "--out", o, "--device", a.device, "--batch-size", "8"] + extra,
+                       check=True, capture_output=True, text=True)
+        res[mode] = np.load(o).astype(np.float64)
+    return n, float(np.linalg.norm(res["bf16"] - res["fp32"]) / np.linalg.norm(res["fp32"]))
 
 
 if __name__ == "__main__":

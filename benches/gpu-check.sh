@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 bin=target/release/saliency-audit
 out=${OUT:-/tmp}
 for m in resnet50 vgg16 resnet18; do
-  timeout 150 "$PY" benches/engine_vs_captum.py --model "$m" --batch 128 --device cuda --iters 10 --warmup 3 \
+  timeout 150 "$PY" benches/engine_vs_captum.py --model "$m" --batch 128 --device cuda --iters 10 --warmup 3 --fast \
     --bin "$bin" --json "$out/engine_$m.json" || echo "engine_vs_captum $m failed ($?)"
 done
 timeout 200 "$PY" benches/pipeline_vs_engine.py --model resnet50 --batch 128 --n 4096 --device cuda:0 --bin "$bin" \

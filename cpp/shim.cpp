@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <ATen/autocast_mode.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <string>
@@ -55,7 +56,29 @@ void set_error(char* buf, size_t len, const char* msg) {
   buf[len - 1] = '\0';
 }
 
+// Autocast on CPU covers conv1d/2d/3d and the old `_convolution` overload, but not the full
+// `aten::_convolution` that traced TorchScript models record for every convolution (CUDA's
+// autocast covers both). This kernel casts it to the autocast dtype like the others, so fast
+// mode runs convolutions in bfloat16 on CPU too. It only runs while CPU autocast is on.
+at::Tensor convolution_autocast_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, c10::SymIntArrayRef stride,
+                                    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed,
+                                    c10::SymIntArrayRef output_padding, c10::SymInt groups, bool benchmark,
+                                    bool deterministic, bool cudnn_enabled, bool allow_tf32) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  const auto dt = at::autocast::get_autocast_dtype(at::kCPU);
+  const auto cpu = c10::DeviceType::CPU;
+  return at::_convolution_symint(at::autocast::cached_cast(dt, input, cpu), at::autocast::cached_cast(dt, weight, cpu),
+                                 at::autocast::cached_cast(dt, bias, cpu), stride, padding, dilation, transposed,
+                                 output_padding, std::move(groups), benchmark, deterministic, cudnn_enabled,
+                                 allow_tf32);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(aten, AutocastCPU, m) {
+  m.impl("_convolution", TORCH_FN(convolution_autocast_cpu));
+}
 
 extern "C" {
 

@@ -309,7 +309,7 @@ fn fast_modes_bf16_and_channels_last() {
             let err_exact = rel_l2(&fast_attr, &exact_attr);
             println!("{case}: bf16 (channels_last {channels_last}) relative L2 vs Captum fp32 {err:.4}, vs engine fp32 {err_exact:.4}");
             assert!(err > 1e-4, "{case}: bf16 result equals fp32 ({err:e}): autocast had no effect");
-            assert!(err < 0.15, "{case}: bf16 relative L2 error {err:.4} against Captum fp32");
+            assert!(err < 0.2, "{case}: bf16 relative L2 error {err:.4} against Captum fp32");
         }
         // The guard is gone: the same thread computes in float32 again.
         let (again, again_attr) = run(false, false);
