@@ -167,20 +167,16 @@ def main():
                              check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
-    out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", str(a.iters),
-                          "--warmup", str(a.warmup), "--devices", a.device, "--threads", str(a.threads), "--json"],
-                         check=True, capture_output=True, text=True)
-    r = json.loads(out.stdout)
-    rows.append(("saliency-audit engine", r["s_per_batch"], r["peak_rss_delta_bytes"]))
-    fast_err = None
+    engines = [("saliency-audit engine", [])]
     if a.fast:
+        engines.append(("engine bf16 channels-last", ["--precision", "bf16", "--channels-last"]))
+    for name, extra in engines:
         out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters",
                               str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
-                              str(a.threads), "--json", "--precision", "bf16", "--channels-last"],
-                             check=True, capture_output=True, text=True)
+                              str(a.threads), "--json"] + extra, check=True, capture_output=True, text=True)
         r = json.loads(out.stdout)
-        rows.append(("engine bf16 channels-last", r["s_per_batch"], r["peak_rss_delta_bytes"]))
-        fast_err = bf16_error(a, pt, tmp)
+        rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
+    fast_err = bf16_error(a, pt, tmp) if a.fast else None
     captum = rows[0][1]
     dev = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"

@@ -19,7 +19,6 @@ mod tests;
 
 use std::cell::RefCell;
 use std::io::Cursor;
-use std::path::Path;
 
 use crate::store::{self, Loc};
 
@@ -124,37 +123,14 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
 /// `unreadable` with the path in the message. A file longer than `max_bytes` is refused with
 /// `too_large` before it is read.
 pub(crate) fn read_file(path: &Loc, max_bytes: u64) -> Result<bytes::Bytes, SampleError> {
-    if let Loc::Local(p) = path {
-        // A special file may report length 0 and never end: read at most max_bytes + 1.
-        let bytes = read_local(p, max_bytes).map_err(|e| read_error(path, max_bytes, e))?;
-        return Ok(bytes::Bytes::from(bytes));
-    }
-    store::read(path, Some(max_bytes)).map_err(|e| read_error(path, max_bytes, e))
+    store::read(path, Some(max_bytes)).map_err(|e| read_error(path, e))
 }
 
-fn read_local(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    if len > max_bytes {
-        return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{len} bytes")));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{} bytes", bytes.len())));
-    }
-    Ok(bytes)
-}
-
-fn read_error(path: &Loc, max_bytes: u64, e: std::io::Error) -> SampleError {
+fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
     let status = match e.kind() {
         std::io::ErrorKind::NotFound => Status::Missing,
         std::io::ErrorKind::FileTooLarge => {
-            return SampleError::new(
-                Status::TooLarge,
-                format!("{path}: file is over the {max_bytes}-byte limit for this pixel limit ({e})"),
-            );
+            return SampleError::new(Status::TooLarge, format!("{path}: file is {e} for this pixel limit"));
         }
         _ => Status::Unreadable,
     };

@@ -413,7 +413,7 @@ fn mask_maps_into_the_crop() {
     assert!(e.message.contains("rgb.png"), "{}", e.message);
 
     // Missing or not an image → bad_mask.
-    let e = load_mask(&dir.path().join("none.png"), &g).unwrap_err();
+    let e = load_mask(dir.path().join("none.png"), &g).unwrap_err();
     assert_eq!(e.status, Status::BadMask);
     assert!(e.message.contains("none.png"));
     let txt = dir.path().join("t.png");

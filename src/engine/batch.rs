@@ -101,7 +101,9 @@ impl TorchAttributor {
             };
             Ok((x - &self.mean) / &self.std)
         })?;
-        Ok(x.contiguous())
+        // The permuted view of the NHWC bytes is channels-last already, and elementwise ops
+        // keep that layout: in channels-last mode the engine takes it as it is, without a copy.
+        Ok(if self.engine.options().channels_last { x } else { x.contiguous() })
     }
 }
 

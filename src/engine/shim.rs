@@ -7,6 +7,8 @@ extern "C" {
     fn sa_set_graph_executor_optimize(on: c_int);
     fn sa_get_graph_executor_optimize() -> c_int;
     fn sa_add_guided_hooks(root: *const torch_sys::C_tensor, kinds: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_autocast_bf16(cuda: c_int, enter: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_channels_last(t: *const torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
 }
 
 /// Turns the TorchScript graph executor's optimisation off for the calling thread.
@@ -29,15 +31,9 @@ pub fn add_guided_hooks(root: &Tensor, kinds: u32) -> Result<usize, String> {
     let mut buf = vec![0 as c_char; 1024];
     let n = unsafe { sa_add_guided_hooks(root.as_ptr(), kinds as c_int, buf.as_mut_ptr(), buf.len()) };
     if n < 0 {
-        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };
-        return Err(msg.to_string_lossy().into_owned());
+        return Err(shim_error(&buf));
     }
     Ok(n as usize)
-}
-
-extern "C" {
-    fn sa_autocast_bf16(cuda: c_int, enter: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn sa_channels_last(t: *const torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
 }
 
 fn shim_error(buf: &[c_char]) -> String {

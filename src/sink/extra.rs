@@ -2,7 +2,7 @@
 //! run's file metadata. Still the sink's job: every file is written atomically.
 
 use super::files::{list_names, parse_part_name, write_atomic};
-use crate::store::Loc;
+use crate::store::{self, Loc};
 use anyhow::{Context, Result};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 
 /// Writes `bytes` to `dir/name` atomically, creating `dir` if needed.
 pub fn write_file(dir: &Loc, name: &str, bytes: &[u8]) -> Result<Loc> {
-    create_dir(dir)?;
+    store::create_dir_all(dir)?;
     write_atomic(dir, name, |out| Ok(out.write_all(bytes)?))?;
     dir.join(name)
 }
 
 /// Writes one record batch as a zstd-compressed Parquet file `dir/name`, atomically.
 pub fn write_table(dir: &Loc, name: &str, batch: &RecordBatch, metadata: &[(String, String)]) -> Result<Loc> {
-    create_dir(dir)?;
+    store::create_dir_all(dir)?;
     let kv = metadata.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone())).collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
@@ -33,14 +33,6 @@ pub fn write_table(dir: &Loc, name: &str, batch: &RecordBatch, metadata: &[(Stri
         Ok(())
     })?;
     dir.join(name)
-}
-
-/// Creates a local folder (object stores have no folders to create).
-pub(crate) fn create_dir(dir: &Loc) -> Result<()> {
-    if let Loc::Local(d) = dir {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    Ok(())
 }
 
 /// The key-value metadata of the first committed part in `dir` (job spec, class names, …).

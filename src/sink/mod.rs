@@ -205,7 +205,7 @@ impl PartWriter {
     pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
         check_config(&cfg)?;
         let dir = cfg.dir.clone();
-        extra::create_dir(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
+        store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
 
         let (shard, count) = (cfg.shard, cfg.num_shards);
         let names = files::list_names(&dir)?;

@@ -70,19 +70,6 @@ impl Loc {
         Ok(Loc::Remote { bucket: format!("{scheme_lc}://{bucket}"), key })
     }
 
-    /// Whether this is an object-store location.
-    pub fn is_remote(&self) -> bool {
-        matches!(self, Loc::Remote { .. })
-    }
-
-    /// The local path, if local.
-    pub fn as_local(&self) -> Option<&Path> {
-        match self {
-            Loc::Local(p) => Some(p),
-            Loc::Remote { .. } => None,
-        }
-    }
-
     /// `rel` resolved against this folder: a URL or an absolute local path stays as it is;
     /// a relative one is appended (`.` and `..` segments resolved for keys).
     pub fn join(&self, rel: &str) -> anyhow::Result<Loc> {
@@ -236,11 +223,9 @@ fn store(bucket: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
     Ok(built)
 }
 
-fn remote<'a>(loc: &'a Loc) -> Option<(&'a str, ObjPath)> {
-    match loc {
-        Loc::Remote { bucket, key } => Some((bucket, ObjPath::from(key.as_str()))),
-        Loc::Local(_) => None,
-    }
+/// The store and object path of a remote location.
+fn object(bucket: &str, key: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjPath)> {
+    Ok((store(bucket)?, ObjPath::from(key)))
 }
 
 fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
@@ -254,33 +239,41 @@ fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
     io::Error::new(kind, format!("{loc}: {e}"))
 }
 
-/// Reads a whole file. `max_bytes` refuses a larger file with [`io::ErrorKind::FileTooLarge`]
-/// before reading it. Not-found and permission errors keep their [`io::ErrorKind`].
-pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
-    let Some((bucket, path)) = remote(loc) else {
-        let Loc::Local(p) = loc else { unreachable!() };
-        if let Some(max) = max_bytes {
-            let len = std::fs::metadata(p)?.len();
-            if len > max {
-                return Err(too_large(loc, len, max));
-            }
-        }
-        return std::fs::read(p).map(Bytes::from);
-    };
-    let s = store(bucket).map_err(|e| io::Error::other(format!("{e:#}")))?;
-    runtime().block_on(async {
-        let got = s.get(&path).await.map_err(|e| io_error(loc, e))?;
-        if let Some(max) = max_bytes {
-            if got.meta.size > max {
-                return Err(too_large(loc, got.meta.size, max));
-            }
-        }
-        got.bytes().await.map_err(|e| io_error(loc, e))
-    })
+fn too_large(len: u64, max: u64) -> io::Error {
+    io::Error::new(io::ErrorKind::FileTooLarge, format!("{len} bytes or more, over the limit of {max} bytes"))
 }
 
-fn too_large(loc: &Loc, len: u64, max: u64) -> io::Error {
-    io::Error::new(io::ErrorKind::FileTooLarge, format!("{loc} has {len} bytes, over the limit of {max}"))
+/// Reads a whole file. `max_bytes` refuses a larger file with [`io::ErrorKind::FileTooLarge`]
+/// before reading it (a local special file that reports length 0 and never ends is cut at
+/// `max_bytes + 1`). Not-found and permission errors keep their [`io::ErrorKind`].
+pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
+    match loc {
+        Loc::Local(p) => {
+            use std::io::Read;
+            let file = std::fs::File::open(p)?;
+            let len = file.metadata()?.len();
+            let max = max_bytes.unwrap_or(u64::MAX);
+            if len > max {
+                return Err(too_large(len, max));
+            }
+            let mut bytes = Vec::with_capacity(len as usize);
+            file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > max {
+                return Err(too_large(bytes.len() as u64, max));
+            }
+            Ok(Bytes::from(bytes))
+        }
+        Loc::Remote { bucket, key } => {
+            let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            runtime().block_on(async {
+                let got = s.get(&path).await.map_err(|e| io_error(loc, e))?;
+                if let Some(max) = max_bytes.filter(|&m| got.meta.size > m) {
+                    return Err(too_large(got.meta.size, max));
+                }
+                got.bytes().await.map_err(|e| io_error(loc, e))
+            })
+        }
+    }
 }
 
 /// Reads a whole file, with an error naming it.
@@ -290,11 +283,10 @@ pub fn read_all(loc: &Loc) -> anyhow::Result<Bytes> {
 
 /// Whether a file exists (for a folder: whether it exists locally, or holds any object).
 pub fn exists(loc: &Loc) -> anyhow::Result<bool> {
-    let Some((bucket, path)) = remote(loc) else {
-        let Loc::Local(p) = loc else { unreachable!() };
-        return Ok(p.exists());
+    let Loc::Remote { bucket, key } = loc else {
+        return Ok(matches!(loc, Loc::Local(p) if p.exists()));
     };
-    let s = store(bucket)?;
+    let (s, path) = object(bucket, key)?;
     runtime().block_on(async {
         match s.head(&path).await {
             Ok(_) => Ok(true),
@@ -307,35 +299,35 @@ pub fn exists(loc: &Loc) -> anyhow::Result<bool> {
 /// Names of the files directly in a folder, sorted; for a local folder, entries whose name is
 /// not UTF-8 are skipped. A missing remote folder is empty (there are no empty prefixes).
 pub fn list_names(dir: &Loc) -> anyhow::Result<Vec<String>> {
-    let Some((bucket, prefix)) = remote(dir) else {
-        let Loc::Local(p) = dir else { unreachable!() };
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(p).with_context(|| format!("cannot list folder {}", p.display()))? {
-            let entry = entry.with_context(|| format!("cannot list folder {}", p.display()))?;
-            if let Ok(name) = entry.file_name().into_string() {
-                names.push(name);
+    let mut names = Vec::new();
+    match dir {
+        Loc::Local(p) => {
+            for entry in std::fs::read_dir(p).with_context(|| format!("cannot list folder {}", p.display()))? {
+                let entry = entry.with_context(|| format!("cannot list folder {}", p.display()))?;
+                if let Ok(name) = entry.file_name().into_string() {
+                    names.push(name);
+                }
             }
         }
-        names.sort();
-        return Ok(names);
-    };
-    let s = store(bucket)?;
-    let listed = runtime()
-        .block_on(s.list_with_delimiter(Some(&prefix)))
-        .map_err(|e| io_error(dir, e))
-        .with_context(|| format!("cannot list {dir}"))?;
-    let mut names: Vec<String> =
-        listed.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)).collect();
+        Loc::Remote { bucket, key } => {
+            let (s, prefix) = object(bucket, key)?;
+            let listed = runtime()
+                .block_on(s.list_with_delimiter(Some(&prefix)))
+                .map_err(|e| io_error(dir, e))
+                .with_context(|| format!("cannot list {dir}"))?;
+            names.extend(listed.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)));
+        }
+    }
     names.sort();
     Ok(names)
 }
 
 /// Every object under a remote folder (at any depth), as keys relative to it, sorted.
 pub fn walk_remote(dir: &Loc) -> anyhow::Result<Vec<String>> {
-    let Some((bucket, prefix)) = remote(dir) else {
+    let Loc::Remote { bucket, key } = dir else {
         bail!("{dir} is not an object-store folder");
     };
-    let s = store(bucket)?;
+    let (s, prefix) = object(bucket, key)?;
     let base = prefix.as_ref().to_owned();
     let listed: Vec<object_store::ObjectMeta> = runtime()
         .block_on(s.list(Some(&prefix)).try_collect())
@@ -355,10 +347,10 @@ pub fn walk_remote(dir: &Loc) -> anyhow::Result<Vec<String>> {
 
 /// Writes a remote object in one request: it appears whole or not at all.
 pub fn put_remote(loc: &Loc, bytes: Vec<u8>) -> anyhow::Result<()> {
-    let Some((bucket, path)) = remote(loc) else {
+    let Loc::Remote { bucket, key } = loc else {
         bail!("{loc} is not an object-store location");
     };
-    let s = store(bucket)?;
+    let (s, path) = object(bucket, key)?;
     runtime()
         .block_on(s.put(&path, PutPayload::from(bytes)))
         .map_err(|e| io_error(loc, e))
@@ -366,36 +358,44 @@ pub fn put_remote(loc: &Loc, bytes: Vec<u8>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates a local folder and its parents; object stores have no folders to create.
+pub fn create_dir_all(dir: &Loc) -> anyhow::Result<()> {
+    if let Loc::Local(d) = dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    Ok(())
+}
+
 /// Removes a file; `Ok(false)` if it was not there.
 pub fn remove_if_exists(loc: &Loc) -> anyhow::Result<bool> {
-    let Some((bucket, path)) = remote(loc) else {
-        let Loc::Local(p) = loc else { unreachable!() };
-        return match std::fs::remove_file(p) {
+    match loc {
+        Loc::Local(p) => match std::fs::remove_file(p) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
-        };
-    };
-    if !exists(loc)? {
-        return Ok(false);
+        },
+        Loc::Remote { bucket, key } => {
+            // S3 deletes a missing key without complaint: ask first, to report whether it was there.
+            if !exists(loc)? {
+                return Ok(false);
+            }
+            let (s, path) = object(bucket, key)?;
+            runtime()
+                .block_on(s.delete(&path))
+                .map_err(|e| io_error(loc, e))
+                .with_context(|| format!("cannot remove {loc}"))?;
+            Ok(true)
+        }
     }
-    let s = store(bucket)?;
-    runtime()
-        .block_on(s.delete(&path))
-        .map_err(|e| io_error(loc, e))
-        .with_context(|| format!("cannot remove {loc}"))?;
-    Ok(true)
 }
 
 /// Moves a file (for remote files: copy, then delete the original).
 pub fn rename(from: &Loc, to: &Loc) -> anyhow::Result<()> {
-    match (remote(from), remote(to)) {
-        (None, None) => {
-            let (Loc::Local(a), Loc::Local(b)) = (from, to) else { unreachable!() };
-            std::fs::rename(a, b).with_context(|| format!("cannot move {from} to {to}"))
-        }
-        (Some((ba, pa)), Some((bb, pb))) if ba == bb => {
-            let s = store(ba)?;
+    match (from, to) {
+        (Loc::Local(a), Loc::Local(b)) => std::fs::rename(a, b).with_context(|| format!("cannot move {from} to {to}")),
+        (Loc::Remote { bucket: ba, key: ka }, Loc::Remote { bucket: bb, key: kb }) if ba == bb => {
+            let (s, pa) = object(ba, ka)?;
+            let pb = ObjPath::from(kb.as_str());
             runtime()
                 .block_on(async {
                     s.copy(&pa, &pb).await?;

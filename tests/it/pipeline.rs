@@ -99,6 +99,19 @@ pub(crate) fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
     b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_any().downcast_ref::<T>().unwrap()
 }
 
+/// id → (status, map PNG) of every row of an output folder; each id must appear once.
+pub(crate) fn rows_by_id(dir: &Path) -> BTreeMap<String, (String, Option<Vec<u8>>)> {
+    let b = read_all(dir);
+    let (ids, st, png) =
+        (col::<StringArray>(&b, "id"), col::<StringArray>(&b, "status"), col::<BinaryArray>(&b, "map_png"));
+    let mut m = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        let map = png.is_valid(i).then(|| png.value(i).to_vec());
+        assert!(m.insert(ids.value(i).to_owned(), (st.value(i).to_owned(), map)).is_none(), "{} twice", ids.value(i));
+    }
+    m
+}
+
 /// All rows of an output folder as one batch.
 pub(crate) fn read_all(dir: &Path) -> RecordBatch {
     let batches = read_rows(dir).unwrap();
@@ -211,7 +224,7 @@ fn run_end_to_end_with_bad_files() {
     let (png, scale) = (col::<BinaryArray>(&rows, "map_png"), f("map_scale"));
     let (cam, cam_h) = (col::<BinaryArray>(&rows, "cam"), col::<UInt32Array>(&rows, "cam_h"));
     for &i in ok_rows.iter().step_by(37) {
-        let d = decode::decode_file(&ds.dir.join(paths.value(i)), &pre).unwrap();
+        let d = decode::decode_file(ds.dir.join(paths.value(i)), &pre).unwrap();
         let x = Tensor::from_slice(&d.rgb).view([1, 32, 32, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
         let x = (x - &mean) / &std;
         let r = engine.attribute(&x, &[Some(label.value(i))]).unwrap();
@@ -541,20 +554,8 @@ fn shards_union_equals_the_unsharded_run() {
     assert_eq!(success["rows"], ds.expected.len());
     assert_eq!(success["num_shards"], 3);
 
-    let rows = |dir: &Path| -> BTreeMap<String, (String, Option<String>)> {
-        let b = read_all(dir);
-        let (ids, st, pngs) =
-            (col::<StringArray>(&b, "id"), col::<StringArray>(&b, "status"), col::<BinaryArray>(&b, "map_png"));
-        let mut m = BTreeMap::new();
-        for i in 0..b.num_rows() {
-            let png = pngs.is_valid(i).then(|| format!("{:x}", pngs.value(i).len()));
-            assert!(
-                m.insert(ids.value(i).to_owned(), (st.value(i).to_owned(), png)).is_none(),
-                "{} twice",
-                ids.value(i)
-            );
-        }
-        m
+    let rows = |dir: &Path| -> BTreeMap<String, (String, Option<usize>)> {
+        rows_by_id(dir).into_iter().map(|(id, (status, png))| (id, (status, png.map(|p| p.len())))).collect()
     };
     let (a, b) = (rows(&whole), rows(&sharded));
     assert_eq!(a.len(), ds.expected.len());

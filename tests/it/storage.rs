@@ -2,13 +2,10 @@
 //! S3-compatible server (moto's server mode, from the project's .venv) that the test starts.
 
 use crate::common::{bin, engine_cases, python, repo};
-use crate::pipeline::{col, make_dataset, read_all, write_job};
-use arrow::array::{Array, BinaryArray, StringArray};
+use crate::pipeline::{make_dataset, rows_by_id as rows, write_job};
 use saliency_audit::sample::Status;
 use saliency_audit::stats::decode_map_png;
-use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -106,19 +103,6 @@ fn ok_or_failed(o: &Output, what: &str) {
         o.status.code(),
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-/// id → (status, map PNG) of every row, each id once.
-fn rows(dir: &Path) -> BTreeMap<String, (String, Option<Vec<u8>>)> {
-    let b = read_all(dir);
-    let (ids, st, png) =
-        (col::<StringArray>(&b, "id"), col::<StringArray>(&b, "status"), col::<BinaryArray>(&b, "map_png"));
-    let mut m = BTreeMap::new();
-    for i in 0..b.num_rows() {
-        let map = png.is_valid(i).then(|| png.value(i).to_vec());
-        assert!(m.insert(ids.value(i).to_owned(), (st.value(i).to_owned(), map)).is_none(), "{} twice", ids.value(i));
-    }
-    m
 }
 
 /// Manifest, images and output in S3 over HTTP: two shards, `finalize`, a resume that keeps
