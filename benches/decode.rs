@@ -1,4 +1,5 @@
-//! Decode-stage throughput: 500×375 JPEG (quality 90) → Resize(256) → CenterCrop(224).
+//! Decode-stage throughput: 500×375 and 4000×3000 JPEGs (quality 90) → Resize(256) →
+//! CenterCrop(224), with the full decode and with DCT-domain scaling.
 //! Run: `cargo bench --bench decode`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -7,9 +8,8 @@ use std::hint::black_box;
 use sa::decode::{decode_bytes, Preprocess, Resize};
 use saliency_audit as sa; // in the decode-stats scratch crate: `use decode_stats as sa;`
 
-/// A 500×375 photo-like test image: smooth colour gradients plus mild pixel noise.
-fn test_jpeg() -> Vec<u8> {
-    let (w, h) = (500u32, 375u32);
+/// A `w × h` photo-like test image: smooth colour gradients plus mild pixel noise.
+fn test_jpeg(w: u32, h: u32) -> Vec<u8> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         state ^= state << 13;
@@ -28,18 +28,42 @@ fn test_jpeg() -> Vec<u8> {
 }
 
 fn bench_decode(c: &mut Criterion) {
-    let jpeg = test_jpeg();
+    let jpeg = test_jpeg(500, 375);
     eprintln!("test JPEG: 500x375, quality 90, 4:4:4, {} bytes", jpeg.len());
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
-    let imagenet = Preprocess { resize: Resize::ShorterSide(256), crop: Some((224, 224)), max_pixels: 89_478_485 };
+    let imagenet = Preprocess {
+        resize: Resize::ShorterSide(256),
+        crop: Some((224, 224)),
+        max_pixels: 89_478_485,
+        jpeg_dct_scaling: false,
+    };
     g.bench_function("jpeg_500x375_resize256_crop224", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &imagenet).unwrap())
     });
     // The JPEG decode alone (no resample: exact resize to the stored size, no crop).
-    let decode_only = Preprocess { resize: Resize::Exact { h: 375, w: 500 }, crop: None, max_pixels: 89_478_485 };
+    let decode_only = Preprocess {
+        resize: Resize::Exact { h: 375, w: 500 },
+        crop: None,
+        max_pixels: 89_478_485,
+        jpeg_dct_scaling: false,
+    };
     g.bench_function("jpeg_500x375_decode_only", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &decode_only).unwrap())
+    });
+    let dct = Preprocess { jpeg_dct_scaling: true, ..imagenet };
+    g.bench_function("jpeg_500x375_resize256_crop224_dct_scaling", |b| {
+        b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &dct).unwrap())
+    });
+    // A 12-megapixel photo: the full decode, and libjpeg decoding at 1/8 scale (500×375).
+    let large = test_jpeg(4000, 3000);
+    eprintln!("test JPEG: 4000x3000, quality 90, 4:4:4, {} bytes", large.len());
+    g.sample_size(10);
+    g.bench_function("jpeg_4000x3000_resize256_crop224", |b| {
+        b.iter(|| decode_bytes(black_box(&large), "large.jpg", &imagenet).unwrap())
+    });
+    g.bench_function("jpeg_4000x3000_resize256_crop224_dct_scaling", |b| {
+        b.iter(|| decode_bytes(black_box(&large), "large.jpg", &dct).unwrap())
     });
     g.finish();
 }

@@ -4,10 +4,15 @@
 Exports a randomly initialised torchvision model with scripts/export_model.py, times Captum's
 GuidedGradCam on the eager model in this process (and, as a second peer, a lean one-forward
 PyTorch version), runs `saliency-audit bench` on the export in a subprocess, and prints a table
-with images/s, peak memory above the loaded model, and the ratios.
+with images/s, peak memory above the loaded model (host memory on the CPU; the caching
+allocator's peak for the Python peers on CUDA), and the ratios. The export folds batch norm into
+the convolutions (see export_model.py); the peers run the model as torchvision builds it, as a
+Captum user would. --unfolded adds the engine without that folding; --ablation the other fp32
+memory layout and, on CUDA, full IEEE float32 (no TF32) with its error against Captum's.
 
 Usage: .venv/bin/python benches/engine_vs_captum.py [--model resnet18] [--batch 8] [--size 224]
-       [--threads 2] [--iters 6] [--device cpu] [--bin target/release/saliency-audit]
+       [--threads 2] [--iters 6] [--device cpu] [--bin target/release/saliency-audit] [--fast]
+       [--ablation] [--unfolded] [--skip-lean] [--json out.json]
 """
 import argparse
 import json
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from export_model import export, resolve_layer  # noqa: E402
+from export_model import META_FILE, export, resolve_layer  # noqa: E402
 
 LAYERS = {"resnet18": "layer4", "resnet50": "layer4", "vgg16": "features.29", "vgg11": "features.18"}
 RELU_NODES = ("ReluBackward", "ThresholdBackward")
@@ -64,7 +69,7 @@ def timed(fn, dev, warm, iters):
         sync(dev)
         ts.append(time.perf_counter() - t)
     ts.sort()
-    peak = rss("VmHWM:") - base if dev.type == "cpu" else None
+    peak = rss("VmHWM:") - base if dev.type == "cpu" else None  # CUDA: the caller reads the allocator
     return ts[len(ts) // 2], peak
 
 
@@ -127,7 +132,12 @@ def peer(a):
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         fn = lambda: lean(model, layer, x, tgt, bf16=True)  # noqa: E731
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
     t, peak = timed(fn, dev, a.warmup, a.iters)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
     print(json.dumps({"s_per_batch": t, "peak_rss_delta_bytes": peak}))
 
 
@@ -144,6 +154,11 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--fast", action="store_true",
                     help="also the bf16 + channels-last peer and engine, and the engine's bf16 error against fp32")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also the engine with the other fp32 memory layout and, on CUDA, without TF32 (and its error)")
+    ap.add_argument("--unfolded", action="store_true",
+                    help="also the engine on an export without batch norm folded into the convolutions")
+    ap.add_argument("--skip-lean", action="store_true", help="leave out the lean PyTorch peers")
     ap.add_argument("--variant", choices=["captum", "lean", "lean_fast"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
@@ -159,24 +174,39 @@ def main():
     rows = []
     # Every variant in a fresh process, timed and measured the same way: median time per batch
     # after warm-up; peak resident memory above the process's memory after loading the model.
-    variants = [("captum GuidedGradCam", "captum"), ("lean one-forward PyTorch", "lean")]
-    if a.fast:
-        variants.append(("lean bf16 channels-last", "lean_fast"))
+    variants = [("captum GuidedGradCam", "captum")]
+    if not a.skip_lean:
+        variants.append(("lean one-forward PyTorch", "lean"))
+        if a.fast:
+            variants.append(("lean bf16 channels-last", "lean_fast"))
     for name, variant in variants:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
                              check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
-    engines = [("saliency-audit engine", [])]
+    cuda = a.device.startswith("cuda")
+    engines = [("saliency-audit engine", [], pt)]
     if a.fast:
-        engines.append(("engine bf16 channels-last", ["--precision", "bf16", "--channels-last"]))
-    for name, extra in engines:
-        out = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters",
+        engines.append(("engine bf16", ["--precision", "bf16"], pt))
+    if a.ablation:
+        # The layout default flipped: channels-last is on for CUDA, off for fp32 on the CPU.
+        engines.append(("engine fp32 NCHW", ["--channels-last", "false"], pt) if cuda
+                       else ("engine fp32 channels-last", ["--channels-last"], pt))
+        if cuda:
+            engines.append(("engine fp32 IEEE (no TF32)", ["--ieee-fp32"], pt))
+    if a.unfolded and meta_of(pt).get("folded_batchnorm"):
+        unfolded = os.path.join(tmp, f"{a.model}-bn.pt")
+        export(build(a), LAYERS[a.model], False, torch.randn(2, 3, a.size, a.size), {"architecture": a.model},
+               unfolded, fold_bn=False)
+        engines.append(("engine fp32, BN not folded", [], unfolded))
+        engines.append(("engine bf16, BN not folded", ["--precision", "bf16"], unfolded))
+    for name, extra, model_file in engines:
+        out = subprocess.run([a.bin, "-q", "bench", "--model", model_file, "--batch-size", str(a.batch), "--iters",
                               str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
                               str(a.threads), "--json"] + extra, check=True, capture_output=True, text=True)
         r = json.loads(out.stdout)
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
-    fast_err = bf16_error(a, pt, tmp) if a.fast else None
+    errors = accuracy(a, pt, tmp, ieee=a.ablation and cuda) if a.fast else {}
     captum = rows[0][1]
     dev = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -188,29 +218,70 @@ def main():
         print(f"{name:28s} {t * 1e3:10.1f} {a.batch / t:10.2f} {captum / t:9.2f}x {mib:>10s}")
         res.append({"variant": name, "s_per_batch": t, "images_per_s": a.batch / t, "vs_captum": captum / t,
                     "peak_rss_delta_bytes": peak})
-    if fast_err is not None:
-        print(f"engine bf16 vs fp32 on {fast_err[0]} random inputs: relative L2 error {fast_err[1]:.4f}")
+    for what, err in errors.items():
+        print(f"relative L2 error, {what}: {err:.2e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "batch": a.batch, "size": a.size, "threads": a.threads, "device": dev_name,
-                       "rows": res, "bf16_rel_l2": None if fast_err is None else fast_err[1]}, f, indent=1)
+                       "rows": res, "rel_l2_errors": errors}, f, indent=1)
 
 
-def bf16_error(a, pt, tmp, n=16):
-    """The engine's fast mode against its exact mode (= Captum) on the same inputs."""
+def captum_attr(a, x, t, ieee):
+    """Captum's GuidedGradCam on the eager model as torchvision builds it (BN not folded), with
+    PyTorch's default TF32 convolutions on CUDA or (ieee) without."""
+    from captum.attr import GuidedGradCam
+
+    dev = torch.device(a.device)
+    torch.backends.cudnn.allow_tf32 = not ieee
+    model = build(a)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    model.to(dev)
+    ggc = GuidedGradCam(model, resolve_layer(model, LAYERS[a.model]))
+    x = torch.from_numpy(x).to(dev)
+    out = torch.cat([ggc.attribute(x[i:i + 8], target=t[i:i + 8]) for i in range(0, len(t), 8)])
+    torch.backends.cudnn.allow_tf32 = True
+    return out.detach().cpu().double().numpy()
+
+
+def accuracy(a, pt, tmp, ieee, n=16):
+    """Relative L2 errors on the same n random inputs: the engine's bf16 mode against its fp32
+    mode, the engine's fp32 mode against Captum, and with ieee (CUDA) the same without TF32 and
+    TF32's own effect on Captum."""
     import numpy as np
 
     g = torch.Generator().manual_seed(1)
-    np.save(os.path.join(tmp, "x.npy"), torch.randn(n, 3, a.size, a.size, generator=g).numpy())
-    np.save(os.path.join(tmp, "t.npy"), np.array([(i * 7919) % 1000 for i in range(n)], dtype=np.int64))
-    res = {}
-    for mode, extra in [("fp32", []), ("bf16", ["--precision", "bf16", "--channels-last"])]:
+    x = torch.randn(n, 3, a.size, a.size, generator=g).numpy()
+    t = [(i * 7919) % 1000 for i in range(n)]
+    np.save(os.path.join(tmp, "x.npy"), x)
+    np.save(os.path.join(tmp, "t.npy"), np.array(t, dtype=np.int64))
+    modes = [("fp32", []), ("bf16", ["--precision", "bf16"])] + ([("ieee", ["--ieee-fp32"])] if ieee else [])
+    eng = {}
+    for mode, extra in modes:
         o = os.path.join(tmp, f"attr_{mode}.npy")
         subprocess.run([a.bin, "-q", "attribute", "--model", pt, "--input", os.path.join(tmp, "x.npy"), "--target",
                         os.path.join(tmp, "t.npy"), "--out", o, "--device", a.device, "--batch-size", "8"] + extra,
                        check=True, capture_output=True, text=True)
-        res[mode] = np.load(o).astype(np.float64)
-    return n, float(np.linalg.norm(res["bf16"] - res["fp32"]) / np.linalg.norm(res["fp32"]))
+        eng[mode] = np.load(o).astype(np.float64)
+
+    def rel(u, v):
+        return float(np.linalg.norm(u - v) / np.linalg.norm(v))
+
+    ref = captum_attr(a, x, t, ieee=False)
+    errors = {"engine bf16 vs engine fp32": rel(eng["bf16"], eng["fp32"]),
+              f"engine fp32 vs Captum ({a.device} defaults)": rel(eng["fp32"], ref)}
+    if ieee:
+        ref_ieee = captum_attr(a, x, t, ieee=True)
+        errors["engine fp32 IEEE vs Captum IEEE (no TF32 on either side)"] = rel(eng["ieee"], ref_ieee)
+        errors["Captum with TF32 vs Captum IEEE (TF32's own effect)"] = rel(ref, ref_ieee)
+    return errors
+
+
+def meta_of(pt):
+    extra = {META_FILE: ""}
+    torch.jit.load(pt, _extra_files=extra)
+    return json.loads(extra[META_FILE] or "{}")
 
 
 if __name__ == "__main__":

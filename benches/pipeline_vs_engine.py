@@ -27,18 +27,46 @@ from export_model import export  # noqa: E402
 LAYERS = {"resnet18": "layer4", "resnet50": "layer4", "vgg16": "features.29"}
 
 
+def make_jpeg(args):
+    root, i = args
+    p = os.path.join(root, f"{i:06d}.jpg")
+    if os.path.exists(p):
+        return
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:375, 0:500]
+    img = np.stack([np.sin(x / (7 + c) + rng.uniform(0, 6)) * 60 + np.cos(y / (11 + c)) * 50 + 128
+                    for c in range(3)], -1)
+    img += rng.normal(0, 12, size=img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p, quality=90)
+
+
 def make_jpegs(root, n):
     os.makedirs(root, exist_ok=True)
-    for i in range(n):
-        p = os.path.join(root, f"{i:06d}.jpg")
-        if os.path.exists(p):
-            continue
-        rng = np.random.default_rng(i)
-        y, x = np.mgrid[0:375, 0:500]
-        img = np.stack([np.sin(x / (7 + c) + rng.uniform(0, 6)) * 60 + np.cos(y / (11 + c)) * 50 + 128
-                        for c in range(3)], -1)
-        img += rng.normal(0, 12, size=img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p, quality=90)
+    from multiprocessing import Pool
+
+    with Pool(os.cpu_count()) as pool:
+        pool.map(make_jpeg, [(root, i) for i in range(n)], chunksize=64)
+
+
+def agreement(results):
+    """Every variant must give the same rows (different batch sizes and workers change only the
+    order of floating-point work): compares them with the first variant's."""
+    import pyarrow.parquet as pq
+
+    def rows(out):
+        t = pq.read_table(out, columns=["id", "status", "predicted", "target_prob", "attr_total"]).to_pydict()
+        return {i: (s, p, tp, at) for i, s, p, tp, at in zip(*t.values())}
+
+    base = rows(results[0]["out"])
+    for r in results[1:]:
+        other = rows(r["out"])
+        same_ids = set(other) == set(base)
+        status = sum(base[i][0] != other[i][0] for i in base if i in other)
+        d_prob = max((abs(base[i][2] - other[i][2]) for i in base if i in other and base[i][2] is not None), default=0)
+        d_total = max((abs(base[i][3] - other[i][3]) / max(abs(base[i][3]), 1e-30)
+                       for i in base if i in other and base[i][3] is not None), default=0)
+        print(f"rows of '{r['variant']}' vs '{results[0]['variant']}': same ids {same_ids}, status differs {status}, "
+              f"max |d target_prob| {d_prob:.2e}, max relative d attr_total {d_total:.2e}")
 
 
 def main():
@@ -48,6 +76,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--variants", action="store_true",
+                    help="also one worker per device (no overlap) and batch_size = \"auto\"")
     a = ap.parse_args()
     import torchvision
 
@@ -63,21 +94,42 @@ def main():
         f.write("path,label\n")
         for i in range(a.n):
             f.write(f"{jpegs}/{i:06d}.jpg,{i % 1000}\n")
-    with open(os.path.join(work, "job.toml"), "w") as f:
-        f.write(f'[dataset]\nmanifest = "samples.csv"\n[model]\npath = "model.pt"\n'
-                f'[runtime]\ndevices = ["{a.device}"]\nbatch_size = {a.batch}\n[output]\npath = "out"\n')
     eng = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", "6",
                           "--devices", a.device, "--json"], check=True, capture_output=True, text=True)
     engine = json.loads(eng.stdout)
-    subprocess.run([a.bin, "-q", "run", os.path.join(work, "job.toml")], check=True, capture_output=True)
-    with open(os.path.join(work, "out", "_run-00000-of-00001.json")) as f:
-        run = json.load(f)
+    runs = [("pipeline (defaults)", {})]
+    if a.variants:
+        runs += [("one worker per device", {"workers_per_device": 1}), ("batch_size = auto", {"batch_size": '"auto"'})]
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}")
     print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")
-    print(f"whole pipeline (JPEG -> Parquet): {run['images_per_s']:8.2f} images/s "
-          f"= {run['images_per_s'] / engine['images_per_s']:.1%} of the engine")
-    print("pipeline stage busy time (s):", json.dumps(run["stage_busy_s"]))
+    print(f"{'whole pipeline, JPEG -> Parquet':32s} {'images/s':>9s} {'of engine':>9s} {'batch':>6s} {'workers':>7s} "
+          f"{'warm-up s':>9s} {'incl. warm-up':>13s}")
+    results = []
+    for i, (name, extra) in enumerate(runs):
+        runtime = {"devices": f'["{a.device}"]', "batch_size": str(a.batch), **{k: str(v) for k, v in extra.items()}}
+        job = os.path.join(work, f"job{i}.toml")
+        with open(job, "w") as f:
+            f.write('[dataset]\nmanifest = "samples.csv"\n[model]\npath = "model.pt"\n[runtime]\n'
+                    + "".join(f"{k} = {v}\n" for k, v in runtime.items()) + f'[output]\npath = "out{i}"\n')
+        r = subprocess.run([a.bin, "-q", "run", job], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{name}: run failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+            continue
+        with open(os.path.join(work, f"out{i}", "_run-00000-of-00001.json")) as f:
+            run = json.load(f)
+        rate = run["images_per_s"]
+        with_warm = run["processed"] / (run["elapsed_s"] + run.get("warmup_s", 0.0))
+        print(f"{name:32s} {rate:9.2f} {rate / engine['images_per_s']:9.1%} {run.get('batch_size', a.batch):6d} "
+              f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {with_warm / engine['images_per_s']:13.1%}")
+        print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]))
+        results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}")})
+    if len(results) > 1:
+        agreement(results)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "batch": a.batch, "n": a.n, "device": dev, "engine": engine,
+                       "pipeline": results}, f, indent=1)
 
 
 if __name__ == "__main__":

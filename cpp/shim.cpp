@@ -4,7 +4,10 @@
 //  - guided backprop: post-hooks on every rectifier node of an autograd graph, clamping the
 //    gradients they produce at zero;
 //  - autocast to bfloat16 on CPU or CUDA (tch's own autocast is CUDA and float16 only);
-//  - the channels-last memory format for a tensor.
+//  - the channels-last memory format for a tensor;
+//  - CUDA streams from libtorch's pool, set per thread (through c10's device-generic interface,
+//    so the shim needs no CUDA headers and builds against CPU-only libtorch too);
+//  - page-locked (pinned) host tensors for fast, asynchronous copies to and from the GPU.
 // Every function catches C++ exceptions and reports them through a message buffer.
 
 #include <torch/torch.h>
@@ -13,6 +16,8 @@
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstring>
 #include <string>
@@ -154,6 +159,69 @@ int sa_autocast_bf16(int cuda, int enter, char* err, size_t err_len) {
 torch::Tensor* sa_channels_last(const torch::Tensor* t, char* err, size_t err_len) {
   try {
     return new torch::Tensor(t->contiguous(at::MemoryFormat::ChannelsLast));
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return nullptr;
+  }
+}
+
+// A stream of CUDA device `device` from libtorch's pool (created non-blocking: it does not wait
+// for the legacy default stream). Writes its id to `id`.
+int sa_cuda_pool_stream(int device, int64_t* id, char* err, size_t err_len) {
+  try {
+    const auto impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    *id = impl->getStreamFromGlobalPool(c10::Device(c10::DeviceType::CUDA, device), false).id();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// Makes stream `id` of CUDA device `device` the calling thread's current stream for that device
+// (every later op of this thread on the device runs on it); writes the previous stream's id.
+int sa_cuda_set_stream(int device, int64_t id, int64_t* previous, char* err, size_t err_len) {
+  try {
+    const auto impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    const c10::Stream stream(c10::Stream::UNSAFE, c10::Device(c10::DeviceType::CUDA, device), id);
+    *previous = impl->exchangeStream(stream).id();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// Lets cuDNN use TF32 tensor cores for float32 convolutions (PyTorch's default) or not.
+int sa_set_cudnn_tf32(int allow, char* err, size_t err_len) {
+  try {
+    at::globalContext().setAllowTF32CuDNN(allow != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// A new contiguous uint8 host tensor of `numel` elements in page-locked memory (libtorch's
+// caching host allocator, so repeated calls reuse blocks).
+torch::Tensor* sa_empty_pinned_u8(int64_t numel, char* err, size_t err_len) {
+  try {
+    return new torch::Tensor(at::empty({numel}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return nullptr;
+  }
+}
+
+// `t` (any device, any layout) copied into a new contiguous float32 host tensor of the same
+// shape; page-locked when `pinned`. The copy runs on the current stream and is waited for.
+torch::Tensor* sa_to_host_f32(const torch::Tensor* t, int pinned, char* err, size_t err_len) {
+  try {
+    auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(pinned != 0);
+    auto host = at::empty(t->sizes(), opts);
+    host.copy_(*t, /*non_blocking=*/false);
+    return new torch::Tensor(std::move(host));
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return nullptr;

@@ -95,7 +95,19 @@ def narrow_vgg11(classes=10):
 def resnet18(classes=10):
     import torchvision
 
-    return torchvision.models.resnet18(weights=None, num_classes=classes).eval()
+    m = torchvision.models.resnet18(weights=None, num_classes=classes).eval()
+    # Trained-looking batch-norm statistics, so that folding them into the convolutions (as the
+    # export does) is a real change of the weights that the Captum comparison checks.
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                bn.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return m
 
 
 def captum_refs(model, layer_path, layer_input, x, targets, mode):

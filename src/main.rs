@@ -146,9 +146,13 @@ struct SpeedArgs {
     /// fp32 (exact, equal to Captum) or bf16 (forward under bfloat16 autocast).
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     precision: String,
-    /// Parameters and input in the channels-last memory format.
+    /// Parameters and input in the channels-last memory format: `--channels-last` or
+    /// `--channels-last false`; default on for CUDA devices and with bf16, off for fp32 on the CPU.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    channels_last: Option<bool>,
+    /// Float32 convolutions in full IEEE precision on CUDA (no TF32 tensor cores; slower).
     #[arg(long)]
-    channels_last: bool,
+    ieee_fp32: bool,
 }
 
 impl SpeedArgs {
@@ -159,6 +163,7 @@ impl SpeedArgs {
             bf16: self.precision == "bf16",
             channels_last: self.channels_last,
             cudnn_benchmark: true,
+            ieee_fp32: self.ieee_fp32,
         }
     }
 }

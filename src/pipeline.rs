@@ -1,7 +1,7 @@
 //! Threads and channels wiring the stages: source → decode → engine workers → writer.
 //!
 //! ```text
-//! source thread ──Vec<Sample>──▶ decode thread (rayon pool) ──WorkBatch──▶ worker per device
+//! source thread ──Vec<Sample>──▶ decode thread (rayon pool) ──WorkBatch──▶ worker per replica
 //!                                      │ failed samples                      │ rows (stats on the pool)
 //!                                      └──────────────Vec<Row>──────────────▶ writer (this thread)
 //! ```
@@ -71,6 +71,12 @@ pub struct RunSummary {
     pub write_time: Duration,
     /// Stopped by a signal before the end: complete parts are committed, the rest is left for a rerun.
     pub interrupted: bool,
+    /// Time the workers spent warming up before the pipeline started (not in `elapsed`).
+    pub warmup_time: Duration,
+    /// Samples per batch (the job's, or the one `auto` found).
+    pub batch_size: usize,
+    /// Model replicas (workers) that ran.
+    pub workers: usize,
     pub shard: Option<ShardSummary>,
 }
 

@@ -3,7 +3,7 @@
 use crate::decode;
 use crate::engine::batch::{Attributor, TorchAttributor};
 use crate::engine::{self, EngineOptions, Rectifiers};
-use crate::job::{self, Devices, Job, Precision, Target};
+use crate::job::{self, BatchSize, Devices, Job, Precision, Target};
 use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
 use crate::sample::{Sample, Status};
 use crate::sink::{SinkConfig, SCHEMA_VERSION};
@@ -83,6 +83,7 @@ fn engine_options(job: &Job) -> Result<EngineOptions> {
         bf16: job.precision == Precision::Bf16,
         channels_last: job.channels_last,
         cudnn_benchmark: job.cudnn_benchmark,
+        ieee_fp32: !job.allow_tf32,
     })
 }
 
@@ -213,16 +214,20 @@ pub fn run_with(
         "job planned"
     );
     let opts = engine_options(job)?;
-    let mut replicas: Vec<Box<dyn Attributor>> = vec![Box::new(first)];
-    for d in &plan.devices[1..] {
-        replicas.push(Box::new(TorchAttributor::load(
-            &job.model,
-            *d,
-            opts,
-            &job.preprocess.mean,
-            &job.preprocess.std,
-        )?));
+    // Every replica is loaded (and warmed up) before any pipeline thread starts.
+    let mut loaded = vec![first];
+    for (k, d) in plan.devices.iter().enumerate() {
+        let workers = job.workers_per_device.unwrap_or(if d.is_cuda() { 2 } else { 1 });
+        for _ in usize::from(k == 0)..workers as usize {
+            loaded.push(TorchAttributor::load(&job.model, *d, opts, &job.preprocess.mean, &job.preprocess.std)?);
+        }
     }
+    let (h, w) = job.preprocess.input_size();
+    let warm = Instant::now();
+    let batch_size = warm_up(job.batch_size, &mut loaded, h as usize, w as usize)?;
+    let warmup_time = warm.elapsed();
+    let replicas_len = loaded.len();
+    let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
     let regions: Vec<Region> = job
         .regions
         .iter()
@@ -255,7 +260,7 @@ pub fn run_with(
             Target::Predicted => TargetMode::Predicted,
             Target::Class(c) => TargetMode::Class(c),
         },
-        batch_size: job.batch_size as usize,
+        batch_size,
         decode_threads: job.decode_threads as usize,
         map_size: job.map_size,
         regions,
@@ -278,7 +283,55 @@ pub fn run_with(
         done.store(true, Ordering::Relaxed);
         r
     })?;
+    let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, ..summary };
     Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
+}
+
+/// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's
+/// algorithm search and the allocator's growth happen before the clock and the progress bar
+/// start, and returns the batch size. With `auto`, tries 256, 128, … down to 1 and takes the
+/// first that every CUDA replica runs at once (32 without a CUDA device). A fixed size that fails
+/// here only warns: the pipeline splits failing batches and retries them.
+fn warm_up(batch: BatchSize, replicas: &mut [TorchAttributor], h: usize, w: usize) -> Result<usize> {
+    let cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
+    let candidates: Vec<usize> = match batch {
+        BatchSize::Fixed(n) => vec![n as usize],
+        BatchSize::Auto if !cuda.is_empty() => (0..=8).map(|k| 256 >> k).collect(),
+        BatchSize::Auto => {
+            tracing::info!(batch_size = BatchSize::DEFAULT, "batch_size = \"auto\" without a CUDA device");
+            vec![BatchSize::DEFAULT as usize]
+        }
+    };
+    if cuda.is_empty() {
+        return Ok(candidates[0]);
+    }
+    let mut cuda = cuda;
+    let mut last_error = String::new();
+    for &n in &candidates {
+        let t = Instant::now();
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = cuda.iter_mut().map(|r| s.spawn(move || r.warm_up(n, h, w))).collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some("a warm-up thread panicked".to_owned()),
+                })
+                .collect()
+        });
+        let Some(err) = errors.into_iter().next() else {
+            tracing::info!(batch_size = n, workers = cuda.len(), secs = t.elapsed().as_secs_f64(), "warmed up");
+            return Ok(n);
+        };
+        if let BatchSize::Fixed(_) = batch {
+            tracing::warn!("warm-up with a batch of {n} failed ({err}); failing batches will be split and retried");
+            return Ok(n);
+        }
+        tracing::info!("a batch of {n} does not run on every worker at once: {err}");
+        last_error = err;
+    }
+    bail!("batch_size = \"auto\": not even a batch of 1 runs on every worker: {last_error}")
 }
 
 /// The folder (or object-store prefix) that rows' `path` values are relative to.
@@ -304,6 +357,7 @@ pub fn preprocess_json(p: &job::Preprocess) -> serde_json::Value {
         "resize": resize,
         "crop": p.crop.map(|(h, w)| [h, w]),
         "max_pixels": p.max_pixels,
+        "jpeg_dct_scaling": p.jpeg_dct_scaling,
         "mean": p.mean,
         "std": p.std,
     })
@@ -311,7 +365,12 @@ pub fn preprocess_json(p: &job::Preprocess) -> serde_json::Value {
 
 /// The decode stage's preprocessing from the job's.
 pub fn decode_preprocess(p: &job::Preprocess) -> decode::Preprocess {
-    decode::Preprocess { resize: p.resize, crop: p.crop, max_pixels: p.max_pixels }
+    decode::Preprocess {
+        resize: p.resize,
+        crop: p.crop,
+        max_pixels: p.max_pixels,
+        jpeg_dct_scaling: p.jpeg_dct_scaling,
+    }
 }
 
 /// Progress: a bar on a terminal (images/s, ETA), a log line every 10 s otherwise.
@@ -365,6 +424,9 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "interrupted": s.interrupted,
         "elapsed_s": secs,
         "images_per_s": s.processed() as f64 / secs,
+        "warmup_s": s.warmup_time.as_secs_f64(),
+        "batch_size": s.batch_size,
+        "workers": s.workers,
         "stage_busy_s": {
             "decode": s.decode_time.as_secs_f64(),
             "engine": s.engine_time.as_secs_f64(),

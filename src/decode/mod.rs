@@ -10,6 +10,13 @@
 //!    alpha dropped as PIL's `convert("RGB")`, 16-bit reduced), apply the EXIF orientation;
 //! 4. resize with antialiased bilinear (PIL's bilinear filter, via fast_image_resize) and
 //!    centre-crop, computing only the pixels inside the crop window.
+//!
+//! With `jpeg_dct_scaling`, a JPEG much larger than the resize target is decoded by libjpeg
+//! (mozjpeg) at 1/8 … 7/8 of its size straight from the DCT coefficients, the smallest scale
+//! that still leaves the image at least as large as the resize target, and step 4 starts from
+//! that. Far less work for large photos; pixels differ slightly from the full decode (the DCT
+//! scaling is a box-like filter before the bilinear one). Geometry (boxes, masks) stays in the
+//! original image's frame.
 
 mod geometry;
 mod mask;
@@ -56,6 +63,9 @@ pub struct Preprocess {
     /// Largest accepted `width * height` of the stored image (checked from the header before
     /// decoding) and of the output; larger images get status `too_large`.
     pub max_pixels: u64,
+    /// Decode large JPEGs at a reduced scale straight from the DCT coefficients (see the module
+    /// documentation).
+    pub jpeg_dct_scaling: bool,
 }
 
 impl Preprocess {
@@ -98,12 +108,23 @@ pub fn decode_file(path: impl Into<Loc>, pre: &Preprocess) -> Result<Decoded, Sa
 /// exceeds `pre.max_pixels` (checked before the pixels are decoded), when the decoder's
 /// allocation limit is hit, or when the output itself would exceed `max_pixels`.
 pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decoded, SampleError> {
+    if pre.jpeg_dct_scaling {
+        if let Some(d) = decode_jpeg_scaled(bytes, name, pre)? {
+            return Ok(d);
+        }
+    }
     // Grey is expanded, alpha dropped (as PIL's convert("RGB")), 16-bit reduced to 8-bit;
     // an RGB8 image (the usual JPEG) passes through without a copy.
     let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?.into_rgb8();
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
+    finish(img, geometry, name, pre)
+}
+
+/// Steps 4 and after: the output-size check, then resize and crop `img` (the original image, or
+/// a DCT-scaled one) into `geometry`'s window.
+fn finish(img: image::RgbImage, geometry: Geometry, name: &str, pre: &Preprocess) -> Result<Decoded, SampleError> {
     let out_pixels = geometry.out_w as u64 * geometry.out_h as u64;
     if out_pixels > pre.max_pixels {
         return Err(SampleError::new(
@@ -114,9 +135,70 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
             ),
         ));
     }
-    let rgb = resize_crop(img.into_raw(), &geometry)
+    let src_size = img.dimensions();
+    let rgb = resize_crop(img.into_raw(), src_size, &geometry)
         .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
     Ok(Decoded { rgb, geometry })
+}
+
+/// The DCT-scaled path: `Ok(None)` when it does not apply (not a JPEG, no scale below 8/8
+/// keeps the image at least as large as the resize target, or libjpeg cannot convert this
+/// JPEG to RGB, CMYK say), and the caller decodes the whole image. A corrupt or too large
+/// JPEG gets the same error as on the full path.
+fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(None);
+    }
+    let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
+    // The header, the pixel limit, the EXIF orientation and the end marker, as on the full path.
+    let (w, h, orientation) = std::panic::catch_unwind(|| -> Result<_, SampleError> {
+        let mut decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
+            .map_err(|e| err(image_error_status(&e), format!("cannot read the Jpeg image header: {e}")))?;
+        let (w, h) = decoder.dimensions();
+        Ok((w, h, decoder.orientation().unwrap_or(Orientation::NoTransforms)))
+    })
+    .map_err(|_| err(Status::DecodeError, "the Jpeg decoder panicked on this image".into()))??;
+    let pixels = w as u64 * h as u64;
+    if pixels > pre.max_pixels {
+        return Err(err(
+            Status::TooLarge,
+            format!("image is {w}x{h} ({pixels} pixels), over the limit of {} pixels", pre.max_pixels),
+        ));
+    }
+    jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
+    let (ow, oh) = oriented_size(w, h, orientation);
+    let Ok(geometry) = Geometry::plan(ow, oh, pre) else {
+        return Ok(None); // the full path reports it
+    };
+    // The resize target in the stored (not yet rotated) orientation.
+    let (tw, th) = if (ow, oh) == (w, h) {
+        (geometry.resized_w, geometry.resized_h)
+    } else {
+        (geometry.resized_h, geometry.resized_w)
+    };
+    // libjpeg's scaled size is ceil(side * k / 8).
+    let scaled = |side: u32, k: u32| (side as u64 * k as u64).div_ceil(8) as u32;
+    let Some(k) = (1..8u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th) else {
+        return Ok(None);
+    };
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+        d.scale(k as u8);
+        let mut started = d.rgb()?;
+        let (sw, sh) = (started.width() as u32, started.height() as u32);
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok((sw, sh, data))
+    });
+    let Ok(Ok((sw, sh, data))) = decoded else {
+        return Ok(None); // libjpeg refused it: the full path decides (and names the error)
+    };
+    let Some(img) = image::RgbImage::from_raw(sw, sh, data) else {
+        return Ok(None);
+    };
+    let mut img = DynamicImage::ImageRgb8(img);
+    img.apply_orientation(orientation);
+    finish(img.into_rgb8(), geometry, name, pre).map(Some)
 }
 
 /// Reads a whole file (local or in an object store), mapping failures to `missing` /
@@ -281,28 +363,28 @@ thread_local! {
     static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
 }
 
-/// Resizes the `orig_w × orig_h` RGB8 image `src` and cuts the output window described by
-/// `geo`, computing only the resized pixels that land inside the window. Pixels of the window
-/// outside the resized image are zero.
-pub(crate) fn resize_crop(src: Vec<u8>, geo: &Geometry) -> Result<Vec<u8>, String> {
+/// Resizes the RGB8 image `src` of `src_w × src_h` (the original image of `geo`, or a scaled
+/// decode of it) and cuts the output window described by `geo`, computing only the resized
+/// pixels that land inside the window. Pixels of the window outside the resized image are zero.
+pub(crate) fn resize_crop(src: Vec<u8>, (src_w, src_h): (u32, u32), geo: &Geometry) -> Result<Vec<u8>, String> {
     let out_len = geo.out_w as usize * geo.out_h as usize * 3;
     let Some((x0, y0, x1, y1)) = geo.visible_window() else {
         return Ok(vec![0; out_len]);
     };
     let (iw, ih) = (x1 - x0, y1 - y0);
     let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
-    let inner = if whole && geo.resized_w == geo.orig_w && geo.resized_h == geo.orig_h {
+    let inner = if whole && geo.resized_w == src_w && geo.resized_h == src_h {
         // Nothing to resample.
         src
     } else {
-        let src_img = fr::images::ImageRef::new(geo.orig_w, geo.orig_h, &src, fr::PixelType::U8x3)
+        let src_img = fr::images::ImageRef::new(src_w, src_h, &src, fr::PixelType::U8x3)
             .map_err(|e| format!("decoded buffer does not match its size: {e}"))?;
         let mut dst = fr::images::Image::new(iw, ih, fr::PixelType::U8x3);
         // The visible window expressed in source pixels. The filter still reads source pixels
         // outside this box (clipped at the image border), so the result equals resizing the
         // whole image and cutting the window afterwards.
-        let sx = geo.orig_w as f64 / geo.resized_w as f64;
-        let sy = geo.orig_h as f64 / geo.resized_h as f64;
+        let sx = src_w as f64 / geo.resized_w as f64;
+        let sy = src_h as f64 / geo.resized_h as f64;
         let mut opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
         if !whole {
             opts = opts.crop(x0 as f64 * sx, y0 as f64 * sy, iw as f64 * sx, ih as f64 * sy);

@@ -4,7 +4,7 @@ use image::{ImageFormat, Rgb, RgbImage};
 use std::io::Write;
 
 fn pre(resize: Resize, crop: Option<(u32, u32)>) -> Preprocess {
-    Preprocess { resize, crop, max_pixels: 100_000_000 }
+    Preprocess { resize, crop, max_pixels: 100_000_000, jpeg_dct_scaling: false }
 }
 
 /// Identity preprocessing for a `w × h` image (no resample, no crop).
@@ -419,4 +419,67 @@ fn mask_maps_into_the_crop() {
     let txt = dir.path().join("t.png");
     std::fs::write(&txt, "hello").unwrap();
     assert_eq!(load_mask(&txt, &g).unwrap_err().status, Status::BadMask);
+}
+
+/// A smooth photo-like image: gradients plus a few waves, so resampling errors stay visible.
+fn photo(w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+        let wave = ((fx * 23.0).sin() * (fy * 17.0).cos() * 40.0) as i32;
+        Rgb([
+            (fx * 200.0) as u8 + 20,
+            ((fy * 180.0) as i32 + 40 + wave).clamp(0, 255) as u8,
+            ((1.0 - fx) * 120.0 + fy * 100.0) as u8,
+        ])
+    })
+}
+
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn jpeg_dct_scaling_matches_the_full_decode_closely() {
+    let imagenet = Preprocess { jpeg_dct_scaling: false, ..pre(Resize::ShorterSide(256), Some((224, 224))) };
+    let scaled = Preprocess { jpeg_dct_scaling: true, ..imagenet };
+    // 2000×1500 → the shorter side 256 needs ≥ 256/1500 of it: libjpeg decodes at 2/8 (500×375).
+    for (name, bytes) in
+        [("plain", jpeg(&photo(2000, 1500), 92)), ("exif6", jpeg_with_orientation(&photo(2000, 1500), 6))]
+    {
+        let full = decode_bytes(&bytes, name, &imagenet).unwrap();
+        let fast = decode_bytes(&bytes, name, &scaled).unwrap();
+        assert_eq!(full.geometry, fast.geometry, "{name}: geometry stays in the original frame");
+        assert_eq!(fast.rgb.len(), 224 * 224 * 3);
+        let (mean, max) = (mean_abs_diff(&full.rgb, &fast.rgb), max_abs_diff(&full.rgb, &fast.rgb));
+        println!("{name}: DCT-scaled vs full decode: mean |diff| {mean:.3}, max {max}");
+        // Not the same pixels (the scaled path ran), but the same picture.
+        assert!(mean > 0.0, "{name}: identical output: the DCT-scaled path did not run");
+        assert!(mean < 1.5 && max < 24, "{name}: mean |diff| {mean:.3}, max {max}");
+    }
+    let (w, h) = (2000, 1500);
+    let rotated = decode_bytes(&jpeg_with_orientation(&photo(w, h), 6), "r", &scaled).unwrap();
+    assert_eq!((rotated.geometry.orig_w, rotated.geometry.orig_h), (h, w), "orientation applied");
+}
+
+#[test]
+fn jpeg_dct_scaling_keeps_errors_and_small_images() {
+    let scaled = Preprocess { jpeg_dct_scaling: true, ..pre(Resize::ShorterSide(256), Some((224, 224))) };
+    let bytes = jpeg(&photo(1200, 900), 90);
+    // Cut short: the same truncation error as the full decode.
+    let e = decode_bytes(&bytes[..bytes.len() / 2], "cut.jpg", &scaled).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{}", e.message);
+    assert!(e.message.contains("cut.jpg") && e.message.contains("truncated"), "{}", e.message);
+    // Garbage after a JPEG signature.
+    let mut junk = vec![0xFF, 0xD8, 0xFF, 0xE0];
+    junk.extend(std::iter::repeat_n(0x55u8, 400));
+    let e = decode_bytes(&junk, "junk.jpg", &scaled).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{}", e.message);
+    // Over the pixel limit: refused from the header.
+    let e = decode_bytes(&bytes, "big.jpg", &Preprocess { max_pixels: 1000, ..scaled }).unwrap_err();
+    assert_eq!(e.status, Status::TooLarge, "{}", e.message);
+    // Already at the target size: no scale below 8/8 fits, the full path decodes it exactly.
+    let small = jpeg(&photo(300, 256), 90);
+    let full = Preprocess { jpeg_dct_scaling: false, ..scaled };
+    assert_eq!(decode_bytes(&small, "s", &scaled).unwrap(), decode_bytes(&small, "s", &full).unwrap());
 }

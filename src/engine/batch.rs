@@ -1,6 +1,6 @@
 //! The pipeline's view of the engine: plain-data batches in, plain-data results out.
 
-use super::{EngineOptions, GuidedGradCam};
+use super::{shim, EngineOptions, GuidedGradCam};
 use anyhow::{bail, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -56,11 +56,17 @@ pub trait Attributor: Send {
 /// The TorchScript engine as an [`Attributor`]: uploads u8 images, converts and normalises them
 /// on the device, attributes, reduces the map over channels on the device and downloads only
 /// the small results.
+///
+/// On a CUDA device each replica runs on its own stream from libtorch's pool, so that two
+/// replicas on one device (two workers) overlap: one's upload, download and host-side work run
+/// while the other's kernels keep the device busy. Uploads go from page-locked memory, and
+/// downloads land in page-locked memory.
 pub struct TorchAttributor {
     engine: GuidedGradCam,
     mean: Tensor,
     std: Tensor,
     channels: i64,
+    stream: Option<shim::CudaStream>,
 }
 
 impl TorchAttributor {
@@ -74,7 +80,26 @@ impl TorchAttributor {
         let c = mean.len() as i64;
         let mean = Tensor::from_slice(mean).view([1, c, 1, 1]).to_device(device);
         let std = Tensor::from_slice(std).view([1, c, 1, 1]).to_device(device);
-        Ok(Self { engine, mean, std, channels: c })
+        let stream = match device {
+            Device::Cuda(i) => {
+                // The pool's streams do not wait for the default stream the model was loaded on.
+                tch::Cuda::synchronize(i as i64);
+                Some(shim::CudaStream::from_pool(i).map_err(|e| anyhow::anyhow!("CUDA stream for {device:?}: {e}"))?)
+            }
+            _ => None,
+        };
+        Ok(Self { engine, mean, std, channels: c, stream })
+    }
+
+    /// Runs `n` images of `h × w` (a fixed pattern) through the whole path once: on CUDA this is
+    /// when cuDNN's benchmark mode picks its algorithms and the caching allocator grows, and an
+    /// error here (out of memory) means a batch of `n` does not fit.
+    pub fn warm_up(&mut self, n: usize, h: usize, w: usize) -> Result<std::time::Duration> {
+        let t = std::time::Instant::now();
+        let data = (0..n * h * w * 3).map(|i| (i % 251) as u8).collect();
+        let batch = U8Batch { n, h, w, data, targets: vec![Some(0); n] };
+        self.attribute(&batch)?;
+        Ok(t.elapsed())
     }
 
     pub fn engine(&self) -> &GuidedGradCam {
@@ -87,8 +112,18 @@ impl TorchAttributor {
             bail!("batch holds {} bytes, expected {n}×{h}×{w}×3", batch.data.len());
         }
         let dev = self.engine.device();
-        let u8s = Tensor::from_slice(&batch.data).view([n, h, w, 3]);
-        let u8s = if dev == Device::Cpu { u8s } else { u8s.pin_memory(dev).to_device_(dev, Kind::Uint8, true, false) };
+        let u8s = if dev == Device::Cpu {
+            Tensor::from_slice(&batch.data).view([n, h, w, 3])
+        } else {
+            // One copy into page-locked memory, then an asynchronous upload on this replica's stream.
+            let pinned = shim::empty_pinned_u8(batch.data.len()).map_err(|e| anyhow::anyhow!("pinned buffer: {e}"))?;
+            // SAFETY: `pinned` is a fresh contiguous u8 tensor of exactly `batch.data.len()`
+            // elements, which nothing else references yet.
+            unsafe {
+                std::ptr::copy_nonoverlapping(batch.data.as_ptr(), pinned.data_ptr() as *mut u8, batch.data.len());
+            }
+            pinned.view([n, h, w, 3]).to_device_(dev, Kind::Uint8, true, false)
+        };
         let x = tch::no_grad(|| {
             let x = u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
             let x = match self.channels {
@@ -103,7 +138,7 @@ impl TorchAttributor {
         })?;
         // The permuted view of the NHWC bytes is channels-last already, and elementwise ops
         // keep that layout: in channels-last mode the engine takes it as it is, without a copy.
-        Ok(if self.engine.options().channels_last { x } else { x.contiguous() })
+        Ok(if self.engine.options().channels_last == Some(true) { x } else { x.contiguous() })
     }
 }
 
@@ -113,6 +148,10 @@ impl Attributor for TorchAttributor {
     }
 
     fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
+        let _stream = match &self.stream {
+            Some(s) => Some(s.enter().map_err(|e| anyhow::anyhow!("CUDA stream: {e}"))?),
+            None => None,
+        };
         let x = self.to_input(batch)?;
         let r = self.engine.attribute(&x, &batch.targets)?;
         let n = batch.n as i64;
@@ -126,9 +165,12 @@ impl Attributor for TorchAttributor {
         let target_prob = probs.gather(1, &tgt, false).view([-1]);
         let pred_prob = probs.gather(1, &predicted.view([-1, 1]), false).view([-1]);
         let cpu = Device::Cpu;
-        let map: Vec<f32> = Vec::try_from(map.to_device(cpu).contiguous().view([-1]))?;
+        let pinned = self.stream.is_some();
+        let host = |t: &Tensor| shim::to_host_f32(t, pinned).map_err(|e| anyhow::anyhow!("download: {e}"));
+        let (map, cam_host) = (host(&map)?, host(&cam)?);
         let (ch, cw) = (cam.size()[1] as usize, cam.size()[2] as usize);
-        let cam: Vec<f32> = Vec::try_from(cam.to_device(cpu).contiguous().view([-1]))?;
+        let map = f32_slice(&map, batch.n * batch.h * batch.w)?;
+        let cam = f32_slice(&cam_host, batch.n * ch * cw)?;
         let predicted: Vec<i64> = Vec::try_from(predicted.to_device(cpu))?;
         let target_prob: Vec<f32> = Vec::try_from(target_prob.to_device(cpu))?;
         let pred_prob: Vec<f32> = Vec::try_from(pred_prob.to_device(cpu))?;
@@ -146,4 +188,19 @@ impl Attributor for TorchAttributor {
             })
             .collect())
     }
+}
+
+/// The elements of a contiguous float32 host tensor, checked to number `numel`.
+fn f32_slice(t: &Tensor, numel: usize) -> Result<&[f32]> {
+    if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() || t.numel() != numel {
+        bail!(
+            "engine result has {} elements of {:?} on {:?}, expected {numel} contiguous f32 on the host",
+            t.numel(),
+            t.kind(),
+            t.device()
+        );
+    }
+    // SAFETY: checked above: a contiguous f32 host tensor of `numel` elements, borrowed for as
+    // long as `t` is.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, numel) })
 }

@@ -42,6 +42,9 @@ pub struct ModelMeta {
     /// Preprocessing resize (shorter side) the model was trained with.
     #[serde(default)]
     pub resize: Option<u32>,
+    /// How many BatchNorm layers the export folded into the convolution before them.
+    #[serde(default)]
+    pub folded_batchnorm: Option<u32>,
 }
 
 /// Reads the embedded metadata, `Ok(None)` when the file carries none.

@@ -134,11 +134,22 @@ pub struct EngineOptions {
     /// Fast mode: the forward pass under bfloat16 autocast (the backward follows its dtypes).
     /// Off: exact float32, equal to Captum.
     pub bf16: bool,
-    /// Parameters and input in the channels-last memory format (faster convolutions on GPUs,
-    /// mostly with bfloat16).
-    pub channels_last: bool,
+    /// Parameters and input in the channels-last memory format (faster convolutions on GPUs).
+    /// `None`: on for CUDA devices and in bf16 mode, off for fp32 on the CPU (where it is slower).
+    pub channels_last: Option<bool>,
     /// cuDNN benchmark mode on CUDA devices: picks the fastest convolution algorithms per shape.
     pub cudnn_benchmark: bool,
+    /// Convolutions in full IEEE float32 on CUDA. Off (the default, as in PyTorch): cuDNN may use
+    /// TF32 tensor cores for float32 convolutions, as Captum does under PyTorch's defaults.
+    /// The setting is process-wide.
+    pub ieee_fp32: bool,
+}
+
+impl EngineOptions {
+    /// Whether parameters and input are channels-last on `device`.
+    pub fn channels_last_on(&self, device: Device) -> bool {
+        self.channels_last.unwrap_or(device.is_cuda() || self.bf16)
+    }
 }
 
 /// One batch's result. Tensors stay on the engine's device.
@@ -183,17 +194,21 @@ impl GuidedGradCam {
             )
         })?;
         module.set_eval();
+        let opts = EngineOptions { channels_last: Some(opts.channels_last_on(device)), ..opts };
         for (name, mut p) in module.named_parameters().context("listing the model's parameters")? {
             // No weight gradients are ever computed.
             let _ = p.set_requires_grad(false);
-            if opts.channels_last && p.dim() == 4 {
+            if opts.channels_last == Some(true) && p.dim() == 4 {
                 // The handle shares the module's tensor: set_data changes the parameter itself.
                 let cl = shim::channels_last(&p).map_err(|e| anyhow!("{}: parameter {name}: {e}", path.display()))?;
                 tch::no_grad(|| p.set_data(&cl));
             }
         }
-        if opts.cudnn_benchmark && device.is_cuda() {
-            tch::Cuda::cudnn_set_benchmark(true);
+        if device.is_cuda() {
+            if opts.cudnn_benchmark {
+                tch::Cuda::cudnn_set_benchmark(true);
+            }
+            shim::set_cudnn_tf32(!opts.ieee_fp32).map_err(|e| anyhow!("setting cuDNN's float32 precision: {e}"))?;
         }
         Ok(Self { module, device, opts, path: path.to_path_buf(), meta })
     }
@@ -206,6 +221,7 @@ impl GuidedGradCam {
         &self.meta
     }
 
+    /// The options, with `channels_last` resolved for this device.
     pub fn options(&self) -> EngineOptions {
         self.opts
     }
@@ -277,7 +293,11 @@ impl GuidedGradCam {
         }
         let x = input.to_device(self.device).to_kind(Kind::Float).detach();
         check_finite(&x, 0)?;
-        let x = if self.opts.channels_last { shim::channels_last(&x).map_err(|e| anyhow!("input: {e}"))? } else { x };
+        let x = if self.opts.channels_last == Some(true) {
+            shim::channels_last(&x).map_err(|e| anyhow!("input: {e}"))?
+        } else {
+            x
+        };
         let x = x.set_requires_grad(true);
 
         // 1. One forward (under bfloat16 autocast in fast mode).

@@ -9,6 +9,35 @@ extern "C" {
     fn sa_add_guided_hooks(root: *const torch_sys::C_tensor, kinds: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_autocast_bf16(cuda: c_int, enter: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_channels_last(t: *const torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
+    fn sa_cuda_pool_stream(device: c_int, id: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_cuda_set_stream(device: c_int, id: i64, previous: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_set_cudnn_tf32(allow: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_empty_pinned_u8(numel: i64, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
+    fn sa_to_host_f32(
+        t: *const torch_sys::C_tensor,
+        pinned: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// Calls a shim function that reports failure through a message buffer.
+fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut buf = vec![0 as c_char; 512];
+    if f(buf.as_mut_ptr(), buf.len()) < 0 {
+        return Err(shim_error(&buf));
+    }
+    Ok(())
+}
+
+/// Calls a shim function that returns a new tensor, or null and a message.
+fn new_tensor(f: impl FnOnce(*mut c_char, usize) -> *mut torch_sys::C_tensor) -> Result<Tensor, String> {
+    let mut buf = vec![0 as c_char; 512];
+    let p = f(buf.as_mut_ptr(), buf.len());
+    if p.is_null() {
+        return Err(shim_error(&buf));
+    }
+    Ok(unsafe { Tensor::from_ptr(p) })
 }
 
 /// Turns the TorchScript graph executor's optimisation off for the calling thread.
@@ -28,12 +57,12 @@ pub fn graph_optimization_enabled() -> bool {
 /// Adds a clamp-at-zero post-hook to every rectifier node (per `kinds`, a bit mask of
 /// [`super::Rectifiers`]) of the autograd graph behind `root`. Returns how many were hooked.
 pub fn add_guided_hooks(root: &Tensor, kinds: u32) -> Result<usize, String> {
-    let mut buf = vec![0 as c_char; 1024];
-    let n = unsafe { sa_add_guided_hooks(root.as_ptr(), kinds as c_int, buf.as_mut_ptr(), buf.len()) };
-    if n < 0 {
-        return Err(shim_error(&buf));
-    }
-    Ok(n as usize)
+    let mut hooked = 0;
+    call(|e, n| {
+        hooked = unsafe { sa_add_guided_hooks(root.as_ptr(), kinds as c_int, e, n) };
+        hooked
+    })?;
+    Ok(hooked as usize)
 }
 
 fn shim_error(buf: &[c_char]) -> String {
@@ -50,29 +79,78 @@ pub struct Bf16Autocast {
 impl Bf16Autocast {
     pub fn enter(device: tch::Device) -> Result<Bf16Autocast, String> {
         let cuda = c_int::from(device.is_cuda());
-        let mut buf = vec![0 as c_char; 512];
-        if unsafe { sa_autocast_bf16(cuda, 1, buf.as_mut_ptr(), buf.len()) } < 0 {
-            return Err(shim_error(&buf));
-        }
+        call(|e, n| unsafe { sa_autocast_bf16(cuda, 1, e, n) })?;
         Ok(Bf16Autocast { cuda })
     }
 }
 
 impl Drop for Bf16Autocast {
     fn drop(&mut self) {
-        let mut buf = vec![0 as c_char; 512];
-        if unsafe { sa_autocast_bf16(self.cuda, 0, buf.as_mut_ptr(), buf.len()) } < 0 {
-            tracing::warn!("leaving bfloat16 autocast: {}", shim_error(&buf));
+        let cuda = self.cuda;
+        if let Err(e) = call(|e, n| unsafe { sa_autocast_bf16(cuda, 0, e, n) }) {
+            tracing::warn!("leaving bfloat16 autocast: {e}");
         }
     }
 }
 
 /// `t` in the channels-last memory format (NHWC strides), keeping its autograd history.
 pub fn channels_last(t: &Tensor) -> Result<Tensor, String> {
-    let mut buf = vec![0 as c_char; 512];
-    let p = unsafe { sa_channels_last(t.as_ptr(), buf.as_mut_ptr(), buf.len()) };
-    if p.is_null() {
-        return Err(shim_error(&buf));
+    new_tensor(|e, n| unsafe { sa_channels_last(t.as_ptr(), e, n) })
+}
+
+/// A CUDA stream from libtorch's pool. Work queued on different streams may overlap on the
+/// device, and waiting for one stream does not wait for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaStream {
+    device: c_int,
+    id: i64,
+}
+
+impl CudaStream {
+    /// A stream of CUDA device `device` from the pool (the pool hands them out round-robin).
+    pub fn from_pool(device: usize) -> Result<CudaStream, String> {
+        let (device, mut id) = (device as c_int, 0i64);
+        call(|e, n| unsafe { sa_cuda_pool_stream(device, &mut id, e, n) })?;
+        Ok(CudaStream { device, id })
     }
-    Ok(unsafe { Tensor::from_ptr(p) })
+
+    /// Makes this stream the calling thread's current stream on its device until the guard is
+    /// dropped (on the same thread), which restores the previous one.
+    pub fn enter(&self) -> Result<StreamGuard, String> {
+        let mut previous = 0i64;
+        call(|e, n| unsafe { sa_cuda_set_stream(self.device, self.id, &mut previous, e, n) })?;
+        Ok(StreamGuard { device: self.device, previous })
+    }
+}
+
+/// Restores the thread's previous current stream when dropped.
+pub struct StreamGuard {
+    device: c_int,
+    previous: i64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut ignored = 0i64;
+        if let Err(e) = call(|e, n| unsafe { sa_cuda_set_stream(self.device, self.previous, &mut ignored, e, n) }) {
+            tracing::warn!("restoring the CUDA stream: {e}");
+        }
+    }
+}
+
+/// Lets cuDNN use TF32 tensor cores for float32 convolutions (PyTorch's default) or not;
+/// process-wide.
+pub fn set_cudnn_tf32(allow: bool) -> Result<(), String> {
+    call(|e, n| unsafe { sa_set_cudnn_tf32(c_int::from(allow), e, n) })
+}
+
+/// A new contiguous uint8 host tensor of `numel` elements in page-locked memory (needs CUDA).
+pub fn empty_pinned_u8(numel: usize) -> Result<Tensor, String> {
+    new_tensor(|e, n| unsafe { sa_empty_pinned_u8(numel as i64, e, n) })
+}
+
+/// `t` copied into a new contiguous float32 host tensor of its shape, page-locked when `pinned`
+/// (needs CUDA); the copy runs on the current stream and is waited for.
+pub fn to_host_f32(t: &Tensor, pinned: bool) -> Result<Tensor, String> {
+    new_tensor(|e, n| unsafe { sa_to_host_f32(t.as_ptr(), c_int::from(pinned), e, n) })
 }

@@ -18,7 +18,7 @@ use crate::store::Loc;
 pub use error::JobError;
 pub use resolve::{load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 pub use spec::{
-    parse_spec, valid_device, AttributionSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec, OutputSpec,
+    parse_spec, valid_device, AttributionSpec, BatchSizeSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec, OutputSpec,
     PreprocessSpec, RegionSpec, RuntimeSpec, SizeSpec, TargetSpec, INTERPOLATE_MODES, MANIFEST_EXTENSIONS, PRECISIONS,
     RECTIFIERS,
 };
@@ -45,10 +45,15 @@ pub struct Job {
     pub precision: Precision,
     /// Devices the engine runs on.
     pub devices: Devices,
-    /// Samples per forward/backward pass (at least 1).
-    pub batch_size: u32,
-    /// Parameters and input in the channels-last memory format.
-    pub channels_last: bool,
+    /// Samples per forward/backward pass.
+    pub batch_size: BatchSize,
+    /// Workers per device; `None`: 2 on CUDA devices, 1 on the CPU.
+    pub workers_per_device: Option<u32>,
+    /// Parameters and input in the channels-last memory format; `None`: on for CUDA devices and
+    /// with bf16, off for fp32 on the CPU.
+    pub channels_last: Option<bool>,
+    /// cuDNN may use TF32 tensor cores for float32 convolutions on CUDA (PyTorch's default).
+    pub allow_tf32: bool,
     /// cuDNN benchmark mode on CUDA devices.
     pub cudnn_benchmark: bool,
     /// Image decoding threads; 0 means one per core.
@@ -95,6 +100,8 @@ pub struct Preprocess {
     pub std: Vec<f32>,
     /// Largest image, in pixels, that is decoded; larger ones are `too_large` rows.
     pub max_pixels: u64,
+    /// Large JPEGs are decoded at a reduced scale from their DCT coefficients.
+    pub jpeg_dct_scaling: bool,
 }
 
 impl Preprocess {
@@ -175,6 +182,30 @@ impl Precision {
     }
 }
 
+/// Samples per forward/backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    /// This many (at least 1).
+    Fixed(u32),
+    /// Found at start-up: on CUDA the largest power of two from 256 down that every worker runs
+    /// at once; [`BatchSize::DEFAULT`] on the CPU.
+    Auto,
+}
+
+impl BatchSize {
+    /// The default, and what `auto` means on the CPU.
+    pub const DEFAULT: u32 = 32;
+}
+
+impl fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            BatchSize::Fixed(n) => write!(f, "{n}"),
+            BatchSize::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 /// Devices the engine runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Devices {
@@ -240,6 +271,9 @@ impl fmt::Display for Job {
         writeln!(f, "preprocess:   resize {resize}{crop} (model input {h}x{w}, {} channels)", p.channels())?;
         writeln!(f, "normalise:    mean {}, std {}", list(&p.mean), list(&p.std))?;
         writeln!(f, "max pixels:   {}", p.max_pixels)?;
+        if p.jpeg_dct_scaling {
+            writeln!(f, "jpeg:         DCT-domain scaling of large JPEGs")?;
+        }
         writeln!(f, "target:       {}", self.target)?;
         let rect = format!("[{}]", self.guided_rectifiers.join(", "));
         writeln!(
@@ -248,12 +282,19 @@ impl fmt::Display for Job {
             self.interpolate_mode.as_str(),
             self.precision.as_str()
         )?;
-        writeln!(f, "devices:      {}", self.devices)?;
+        match self.workers_per_device {
+            Some(w) => writeln!(f, "devices:      {} ({w} workers each)", self.devices)?,
+            None => writeln!(f, "devices:      {} (2 workers per CUDA device, 1 on the CPU)", self.devices)?,
+        }
         writeln!(
             f,
             "batch size:   {} (channels last {}, cudnn benchmark {})",
             self.batch_size,
-            if self.channels_last { "on" } else { "off" },
+            match self.channels_last {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "on for CUDA and bf16",
+            },
             if self.cudnn_benchmark { "on" } else { "off" }
         )?;
         if self.decode_threads == 0 {

@@ -7,8 +7,8 @@ use crate::store::{self, Loc};
 use crate::engine::{read_meta, ModelMeta};
 
 use super::error::JobError;
-use super::spec::{parse_spec, DevicesSpec, JobSpec, SizeSpec, TargetSpec};
-use super::{DatasetSource, Devices, InterpolateMode, Job, Precision, Preprocess, Resize, Target};
+use super::spec::{parse_spec, BatchSizeSpec, DevicesSpec, JobSpec, SizeSpec, TargetSpec};
+use super::{BatchSize, DatasetSource, Devices, InterpolateMode, Job, Precision, Preprocess, Resize, Target};
 
 /// Default pixel limit: PIL's decompression-bomb threshold.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
@@ -17,7 +17,6 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// Normalisation std used for a 3-channel model when neither the spec nor the metadata gives one.
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-const DEFAULT_BATCH_SIZE: u32 = 32;
 const DEFAULT_MAP_SIZE: u32 = 64;
 const DEFAULT_ROWS_PER_PART: u32 = 1024;
 
@@ -161,8 +160,15 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         guided_rectifiers,
         precision,
         devices,
-        batch_size: spec.runtime.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
-        channels_last: spec.runtime.channels_last.unwrap_or(precision == Precision::Bf16),
+        batch_size: match &spec.runtime.batch_size {
+            None => BatchSize::Fixed(BatchSize::DEFAULT),
+            // Validated to be 1..=65536.
+            Some(BatchSizeSpec::Fixed(n)) => BatchSize::Fixed(*n as u32),
+            Some(BatchSizeSpec::Word(_)) => BatchSize::Auto,
+        },
+        workers_per_device: spec.runtime.workers_per_device,
+        channels_last: spec.runtime.channels_last,
+        allow_tf32: spec.runtime.allow_tf32.unwrap_or(true),
         cudnn_benchmark: spec.runtime.cudnn_benchmark.unwrap_or(true),
         decode_threads: spec.runtime.decode_threads.unwrap_or(0),
         output,
@@ -286,5 +292,12 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
     if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
         return Err(spec.error("preprocess.mean", format!("{x}{} is not a finite number", origin(mean_given))));
     }
-    Ok(Preprocess { resize, crop, mean, std, max_pixels: p.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS) })
+    Ok(Preprocess {
+        resize,
+        crop,
+        mean,
+        std,
+        max_pixels: p.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS),
+        jpeg_dct_scaling: p.jpeg_dct_scaling.unwrap_or(false),
+    })
 }

@@ -89,6 +89,11 @@ pub struct PreprocessSpec {
     /// guard); default 89478485.
     #[serde(default)]
     pub max_pixels: Option<u64>,
+    /// Decode JPEGs much larger than the resize target at 1/8 … 7/8 scale straight from the
+    /// DCT coefficients (much faster for large photos; pixels differ slightly from a full
+    /// decode and resize); default false.
+    #[serde(default)]
+    pub jpeg_dct_scaling: Option<bool>,
 }
 
 /// `[attribution]`.
@@ -118,16 +123,26 @@ pub struct RuntimeSpec {
     /// Devices: a list of `cpu`, `cuda` or `cuda:N`, or the string `"all"`; default `["cpu"]`.
     #[serde(default)]
     pub devices: Option<DevicesSpec>,
-    /// Samples per forward/backward pass; at least 1; default 32.
+    /// Samples per forward/backward pass: a number, at least 1, or `"auto"` (on CUDA, the
+    /// largest of 256, 128, 64, … that runs on every worker at once; 32 on CPU); default 32.
     #[serde(default)]
-    pub batch_size: Option<u32>,
+    pub batch_size: Option<BatchSizeSpec>,
+    /// Workers (model replicas, each on its own CUDA stream) per device, 1 to 8: with two, one
+    /// worker's uploads, downloads and host-side work overlap the other's kernels; default 2 on
+    /// CUDA devices, 1 on the CPU.
+    #[serde(default)]
+    pub workers_per_device: Option<u32>,
     /// Image decoding threads; 0 (the default) means one per core.
     #[serde(default)]
     pub decode_threads: Option<u32>,
-    /// Model parameters and input in the channels-last memory format; default on with
-    /// `precision = "bf16"`, off with `"fp32"`.
+    /// Model parameters and input in the channels-last memory format; default on for CUDA
+    /// devices and with `precision = "bf16"`, off for fp32 on the CPU (where it is slower).
     #[serde(default)]
     pub channels_last: Option<bool>,
+    /// cuDNN may run float32 convolutions on TF32 tensor cores (PyTorch's default, so also
+    /// Captum's); `false` for full IEEE float32 on CUDA, slower. Default true.
+    #[serde(default)]
+    pub allow_tf32: Option<bool>,
     /// cuDNN benchmark mode (fastest convolution algorithm per input shape) on CUDA devices;
     /// default on.
     #[serde(default)]
@@ -180,6 +195,37 @@ pub enum TargetSpec {
     Name(String),
     /// A class id.
     Class(i64),
+}
+
+/// `runtime.batch_size` as written: a number or a word (`auto` is the valid one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchSizeSpec {
+    /// A number (validated to be at least 1).
+    Fixed(i64),
+    /// A string; `auto` is the valid one.
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for BatchSizeSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = BatchSizeSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of samples or \"auto\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<BatchSizeSpec, E> {
+                Ok(BatchSizeSpec::Fixed(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<BatchSizeSpec, E> {
+                Ok(BatchSizeSpec::Fixed(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BatchSizeSpec, E> {
+                Ok(BatchSizeSpec::Word(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `runtime.devices` as written: a string or a list of strings.
@@ -560,8 +606,18 @@ impl JobSpec {
             }
             _ => {}
         }
-        if r.batch_size == Some(0) {
-            return Err(s.error("runtime.batch_size", "must be at least 1"));
+        match &r.batch_size {
+            Some(BatchSizeSpec::Fixed(n)) if *n < 1 => return Err(s.error("runtime.batch_size", "must be at least 1")),
+            Some(BatchSizeSpec::Fixed(n)) if *n > 65536 => {
+                return Err(s.error("runtime.batch_size", "must be at most 65536"))
+            }
+            Some(BatchSizeSpec::Word(w)) if w != "auto" => {
+                return Err(s.error("runtime.batch_size", format!("\"{w}\" is not a batch size: a number or \"auto\"")))
+            }
+            _ => {}
+        }
+        if matches!(r.workers_per_device, Some(n) if !(1..=8).contains(&n)) {
+            return Err(s.error("runtime.workers_per_device", "must be 1 to 8"));
         }
         // [output]
         if self.output.path.as_os_str().is_empty() {

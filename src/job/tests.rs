@@ -110,7 +110,7 @@ fn full_spec_resolves() {
     assert_eq!(job.guided_rectifiers, vec!["relu", "relu6"]);
     assert_eq!(job.precision, Precision::Bf16);
     assert_eq!(job.devices, Devices::List(vec!["cuda:0".into(), "cuda:1".into()]));
-    assert_eq!(job.batch_size, 16);
+    assert_eq!(job.batch_size, BatchSize::Fixed(16));
     assert_eq!(job.decode_threads, 4);
     assert_eq!(job.output, Loc::from(d.path().join("out/")));
     assert_eq!(job.map_size, 32);
@@ -147,7 +147,8 @@ fn minimal_spec_takes_defaults() {
     assert_eq!(job.guided_rectifiers, vec!["relu"]);
     assert_eq!(job.precision, Precision::Fp32);
     assert_eq!(job.devices, Devices::List(vec!["cpu".into()]));
-    assert_eq!(job.batch_size, 32);
+    assert_eq!(job.batch_size, BatchSize::Fixed(32));
+    assert_eq!(job.workers_per_device, None);
     assert_eq!(job.decode_threads, 0);
     assert_eq!(job.map_size, 64);
     assert_eq!(job.rows_per_part, 1024);
@@ -332,8 +333,11 @@ fn semantic_errors_name_key_and_line() {
 #[test]
 fn type_errors_name_key_and_line() {
     let e = assert_err(&full_with("batch_size", "batch_size = \"big\""), "runtime.batch_size", 12);
+    assert!(e.message.contains("\"big\" is not a batch size: a number or \"auto\""), "{e}");
+    let e = assert_err(&full_with("batch_size", "batch_size = 1.5"), "runtime.batch_size", 12);
     assert!(e.message.contains("invalid type"), "{e}");
-    assert_err(&full_with("batch_size", "batch_size = -3"), "runtime.batch_size", 12);
+    let e = assert_err(&full_with("batch_size", "batch_size = -3"), "runtime.batch_size", 12);
+    assert!(e.message.contains("at least 1"), "{e}");
     assert_err(&full_with("resize", "resize = [1, 2, 3]"), "preprocess.resize", 6);
     assert_err(&full_with("mean", "mean = [0.4, \"x\", 0.4]"), "preprocess.mean[1]", 8);
     assert_err(&full_with("x0", "x0 = \"left\""), "regions[0].x0", 26);
@@ -395,4 +399,19 @@ fn devices_all_and_exact_resize() {
     assert_eq!(job.devices, Devices::All);
     assert!(valid_device("cuda") && valid_device("cuda:12") && valid_device("cpu"));
     assert!(!valid_device("cuda:") && !valid_device("cuda:-1") && !valid_device("mps"));
+}
+
+#[test]
+fn batch_size_auto_and_workers_per_device() {
+    let d = Dir::new();
+    let meta = ModelMeta { input_size: Some([224, 224]), resize: Some(256), ..Default::default() };
+    let text = full_with("batch_size", "batch_size = \"auto\"\nworkers_per_device = 3");
+    let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
+    assert_eq!(job.batch_size, BatchSize::Auto);
+    assert_eq!(job.workers_per_device, Some(3));
+    for bad in ["0", "9"] {
+        let text = full_with("batch_size", &format!("batch_size = 4\nworkers_per_device = {bad}"));
+        let e = assert_err(&text, "runtime.workers_per_device", 13);
+        assert!(e.message.contains("must be 1 to 8"), "{e}");
+    }
 }

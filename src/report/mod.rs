@@ -684,7 +684,12 @@ pub(crate) fn model_input(report: &Report, rec: &Record) -> Option<(Vec<u8>, u32
         decode::Resize::Exact { h: e.first()?.as_u64()? as u32, w: e.get(1)?.as_u64()? as u32 }
     };
     let crop = pre["crop"].as_array().and_then(|c| Some((c.first()?.as_u64()? as u32, c.get(1)?.as_u64()? as u32)));
-    let p = decode::Preprocess { resize, crop, max_pixels: pre["max_pixels"].as_u64().unwrap_or(u64::MAX) };
+    let p = decode::Preprocess {
+        resize,
+        crop,
+        max_pixels: pre["max_pixels"].as_u64().unwrap_or(u64::MAX),
+        jpeg_dct_scaling: pre["jpeg_dct_scaling"].as_bool().unwrap_or(false),
+    };
     let loc = Loc::parse(root).ok()?.join(&rec.path).ok()?;
     let d = decode::decode_file(loc, &p).ok()?;
     Some((d.rgb, d.geometry.out_w, d.geometry.out_h))

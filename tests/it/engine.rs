@@ -1,7 +1,7 @@
 //! The attribution engine against Captum: its own test cases and reference runs in the .venv.
 
 use crate::common::{bin, engine_cases, rel_l2};
-use saliency_audit::engine::{attribute_npy, EngineOptions, GuidedGradCam, Rectifiers, TargetArg};
+use saliency_audit::engine::{attribute_npy, read_meta, EngineOptions, GuidedGradCam, Rectifiers, TargetArg};
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -38,6 +38,10 @@ fn matches_captum_on_every_case() {
     let tmp = tempfile::tempdir().unwrap();
     for case in &cases {
         let d = dir.join(&case.name);
+        // The ResNet cases' exports fold batch norm (with non-trivial statistics) into the
+        // convolutions; Captum runs the unfolded model.
+        let folded = read_meta(&d.join("model.pt")).unwrap().unwrap().folded_batchnorm.unwrap_or(0);
+        assert_eq!(folded > 0, case.name.starts_with("resnet18"), "{}: {folded} batch norms folded", case.name);
         let out = tmp.path().join(format!("{}_attr.npy", case.name));
         let cam_out = tmp.path().join(format!("{}_cam.npy", case.name));
         let target = if case.predicted { TargetArg::Predicted } else { TargetArg::File(d.join("t.npy")) };
@@ -288,7 +292,7 @@ fn fast_modes_bf16_and_channels_last() {
             Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap().into_iter().map(Some).collect();
         let reference = read(&d.join("ref_attr.npy"));
         let run = |bf16: bool, channels_last: bool| {
-            let o = EngineOptions { bf16, channels_last, ..Default::default() };
+            let o = EngineOptions { bf16, channels_last: Some(channels_last), ..Default::default() };
             let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, o).unwrap();
             let r = engine.attribute(&x, &t).unwrap();
             let attr = Vec::<f32>::try_from(r.attribution.contiguous().flatten(0, -1)).unwrap();

@@ -216,7 +216,12 @@ fn run_end_to_end_with_bad_files() {
     }
 
     // Maps against the engine on the same preprocessed tensors, from several batches.
-    let pre = Preprocess { resize: Resize::ShorterSide(36), crop: Some((32, 32)), max_pixels: 20000 };
+    let pre = Preprocess {
+        resize: Resize::ShorterSide(36),
+        crop: Some((32, 32)),
+        max_pixels: 20000,
+        jpeg_dct_scaling: false,
+    };
     let engine = GuidedGradCam::load(&model, Device::Cpu, EngineOptions::default()).unwrap();
     let mean = Tensor::from_slice(&[0.5f32, 0.4, 0.3]).view([1, 3, 1, 1]);
     let std = Tensor::from_slice(&[0.25f32, 0.2, 0.3]).view([1, 3, 1, 1]);
@@ -341,7 +346,12 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
         Region { name: "left".into(), x0: 0.0, y0: 0.0, x1: 0.5, y1: 1.0 },
     ];
     let cfg = PipelineConfig {
-        preprocess: Preprocess { resize: Resize::ShorterSide(36), crop: Some((32, 32)), max_pixels: 1 << 20 },
+        preprocess: Preprocess {
+            resize: Resize::ShorterSide(36),
+            crop: Some((32, 32)),
+            max_pixels: 1 << 20,
+            jpeg_dct_scaling: false,
+        },
         target: TargetMode::Label,
         batch_size: 2,
         decode_threads: 2,
@@ -596,4 +606,50 @@ fn bench_command_reports_scaling_and_real_data() {
     assert_eq!(v[0]["summary"]["processed"], 29);
     assert!(v[0]["summary"]["stage_busy_s"]["engine"].as_f64().unwrap() > 0.0);
     assert!(!ds.dir.join("out").exists(), "bench writes into a temporary folder, not the job's output");
+}
+
+/// Two workers on one device (two model replicas pulling from one queue) and
+/// `batch_size = "auto"` (32 without a CUDA device) give the same rows as one worker with
+/// batches of 16, and the run summary says which batch size and how many workers ran.
+#[test]
+fn two_workers_per_device_and_auto_batch_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 60);
+    let model = engine_cases().join("pipeline/model.pt");
+    let job = write_job(&ds.dir, &model, "");
+    let text = std::fs::read_to_string(&job).unwrap();
+    let two = ds.dir.join("two.toml");
+    std::fs::write(&two, text.replace("batch_size = 16", "batch_size = \"auto\"\nworkers_per_device = 2")).unwrap();
+    let (one_out, two_out) = (ds.dir.join("one"), ds.dir.join("two"));
+    for (j, out) in [(&job, &one_out), (&two, &two_out)] {
+        let st = Command::new(bin()).args(["-q", "run"]).arg(j).arg("--output").arg(out).status().unwrap();
+        assert_eq!(st.code(), Some(1), "{}: some samples of the dataset are bad on purpose", j.display());
+    }
+    let summary = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("_run-00000-of-00001.json")).unwrap()).unwrap()
+    };
+    let (s1, s2) = (summary(&one_out), summary(&two_out));
+    assert_eq!((s1["batch_size"].as_u64(), s1["workers"].as_u64()), (Some(16), Some(1)));
+    assert_eq!((s2["batch_size"].as_u64(), s2["workers"].as_u64()), (Some(32), Some(2)));
+    assert_eq!(s1["processed"], s2["processed"]);
+    let (a, b) = (read_all(&one_out), read_all(&two_out));
+    let by_id = |batch: &RecordBatch| -> BTreeMap<String, (String, Option<f32>)> {
+        let (ids, st) = (col::<StringArray>(batch, "id"), col::<StringArray>(batch, "status"));
+        let total = col::<Float32Array>(batch, "attr_total");
+        (0..batch.num_rows())
+            .map(|i| (ids.value(i).to_owned(), (st.value(i).to_owned(), total.is_valid(i).then(|| total.value(i)))))
+            .collect()
+    };
+    let (a, b) = (by_id(&a), by_id(&b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut compared = 0;
+    for (id, (st, total)) in &a {
+        let (st2, total2) = &b[id];
+        assert_eq!(st, st2, "{id}");
+        if let (Some(x), Some(y)) = (total, total2) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-12), "{id}: attr_total {x} vs {y}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 40, "only {compared} ok rows compared");
 }
