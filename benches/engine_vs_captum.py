@@ -185,6 +185,7 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
     cuda = a.device.startswith("cuda")
+    unfolded = None
     engines = [("saliency-audit engine", [], pt)]
     if a.fast:
         engines.append(("engine bf16", ["--precision", "bf16"], pt))
@@ -206,7 +207,7 @@ def main():
                               str(a.threads), "--json"] + extra, check=True, capture_output=True, text=True)
         r = json.loads(out.stdout)
         rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
-    errors = accuracy(a, pt, tmp, ieee=a.ablation and cuda) if a.fast else {}
+    errors = accuracy(a, pt, tmp, ieee=a.ablation and cuda, unfolded=unfolded) if a.fast else {}
     captum = rows[0][1]
     dev = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -245,10 +246,11 @@ def captum_attr(a, x, t, ieee):
     return out.detach().cpu().double().numpy()
 
 
-def accuracy(a, pt, tmp, ieee, n=16):
+def accuracy(a, pt, tmp, ieee, unfolded=None, n=16):
     """Relative L2 errors on the same n random inputs: the engine's bf16 mode against its fp32
-    mode, the engine's fp32 mode against Captum, and with ieee (CUDA) the same without TF32 and
-    TF32's own effect on Captum."""
+    mode, the engine's fp32 mode against Captum (and, given the export without batch norm
+    folded, that one's), and with ieee (CUDA) the same without TF32 and TF32's own effect on
+    Captum."""
     import numpy as np
 
     g = torch.Generator().manual_seed(1)
@@ -256,11 +258,13 @@ def accuracy(a, pt, tmp, ieee, n=16):
     t = [(i * 7919) % 1000 for i in range(n)]
     np.save(os.path.join(tmp, "x.npy"), x)
     np.save(os.path.join(tmp, "t.npy"), np.array(t, dtype=np.int64))
-    modes = [("fp32", []), ("bf16", ["--precision", "bf16"])] + ([("ieee", ["--ieee-fp32"])] if ieee else [])
+    modes = [("fp32", [], pt), ("bf16", ["--precision", "bf16"], pt)]
+    modes += [("ieee", ["--ieee-fp32"], pt)] if ieee else []
+    modes += [("unfolded", [], unfolded)] if unfolded else []
     eng = {}
-    for mode, extra in modes:
+    for mode, extra, model_file in modes:
         o = os.path.join(tmp, f"attr_{mode}.npy")
-        subprocess.run([a.bin, "-q", "attribute", "--model", pt, "--input", os.path.join(tmp, "x.npy"), "--target",
+        subprocess.run([a.bin, "-q", "attribute", "--model", model_file, "--input", os.path.join(tmp, "x.npy"), "--target",
                         os.path.join(tmp, "t.npy"), "--out", o, "--device", a.device, "--batch-size", "8"] + extra,
                        check=True, capture_output=True, text=True)
         eng[mode] = np.load(o).astype(np.float64)
@@ -271,6 +275,8 @@ def accuracy(a, pt, tmp, ieee, n=16):
     ref = captum_attr(a, x, t, ieee=False)
     errors = {"engine bf16 vs engine fp32": rel(eng["bf16"], eng["fp32"]),
               f"engine fp32 vs Captum ({a.device} defaults)": rel(eng["fp32"], ref)}
+    if unfolded:
+        errors[f"engine fp32, BN not folded, vs Captum ({a.device} defaults)"] = rel(eng["unfolded"], ref)
     if ieee:
         ref_ieee = captum_attr(a, x, t, ieee=True)
         errors["engine fp32 IEEE vs Captum IEEE (no TF32 on either side)"] = rel(eng["ieee"], ref_ieee)

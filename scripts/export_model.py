@@ -14,8 +14,10 @@ Batch normalisation that directly follows a convolution is folded into the convo
 and bias first (eval mode: BN is a fixed per-channel affine map, so the model computes the same
 function, up to float rounding, and the export check above still holds): one memory-bound
 pass fewer per BN in the forward and in both backward passes. Pairs that straddle the Grad-CAM
-layer's boundary are left as they are, so the activation does not change. --no-fold-batchnorm
-turns this off.
+layer's boundary are left as they are, so the activation does not change. Guided backprop
+amplifies the changed rounding a little (ResNet-18 at 224x224 on the CPU: 2.8e-4 relative L2
+from Captum on the eager model, against 0 unfolded); --no-fold-batchnorm turns folding off for
+bit-for-bit agreement.
 
 Examples:
   python scripts/export_model.py --arch resnet50 --layer layer4 --out resnet50.pt
