@@ -108,17 +108,22 @@ def build(a):
     return model
 
 
+def peer_model(a, dev):
+    """The eager model the Python peers run, on `dev`: Captum needs out-of-place ReLU modules."""
+    model = build(a)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return model.to(dev)
+
+
 def peer(a):
     """One Python variant in this (fresh) process; prints a JSON line."""
     from captum.attr import GuidedGradCam
 
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    model = build(a)
-    for m in model.modules():  # Captum needs out-of-place ReLU modules
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    model.to(dev)
+    model = peer_model(a, dev)
     layer = resolve_layer(model, LAYERS[a.model])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(dev)
@@ -234,11 +239,7 @@ def captum_attr(a, x, t, ieee):
 
     dev = torch.device(a.device)
     torch.backends.cudnn.allow_tf32 = not ieee
-    model = build(a)
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    model.to(dev)
+    model = peer_model(a, dev)
     ggc = GuidedGradCam(model, resolve_layer(model, LAYERS[a.model]))
     x = torch.from_numpy(x).to(dev)
     out = torch.cat([ggc.attribute(x[i:i + 8], target=t[i:i + 8]) for i in range(0, len(t), 8)])

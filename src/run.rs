@@ -293,7 +293,7 @@ pub fn run_with(
 /// first that every CUDA replica runs at once (32 without a CUDA device). A fixed size that fails
 /// here only warns: the pipeline splits failing batches and retries them.
 fn warm_up(batch: BatchSize, replicas: &mut [TorchAttributor], h: usize, w: usize) -> Result<usize> {
-    let cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
+    let mut cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
     let candidates: Vec<usize> = match batch {
         BatchSize::Fixed(n) => vec![n as usize],
         BatchSize::Auto if !cuda.is_empty() => (0..=8).map(|k| 256 >> k).collect(),
@@ -305,7 +305,6 @@ fn warm_up(batch: BatchSize, replicas: &mut [TorchAttributor], h: usize, w: usiz
     if cuda.is_empty() {
         return Ok(candidates[0]);
     }
-    let mut cuda = cuda;
     let mut last_error = String::new();
     for &n in &candidates {
         let t = Instant::now();

@@ -150,7 +150,7 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
         return Ok(None);
     }
     let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
-    // The header, the pixel limit, the EXIF orientation and the end marker, as on the full path.
+    // The header, the EXIF orientation and the header checks, as on the full path.
     let (w, h, orientation) = std::panic::catch_unwind(|| -> Result<_, SampleError> {
         let mut decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
             .map_err(|e| err(image_error_status(&e), format!("cannot read the Jpeg image header: {e}")))?;
@@ -158,14 +158,7 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
         Ok((w, h, decoder.orientation().unwrap_or(Orientation::NoTransforms)))
     })
     .map_err(|_| err(Status::DecodeError, "the Jpeg decoder panicked on this image".into()))??;
-    let pixels = w as u64 * h as u64;
-    if pixels > pre.max_pixels {
-        return Err(err(
-            Status::TooLarge,
-            format!("image is {w}x{h} ({pixels} pixels), over the limit of {} pixels", pre.max_pixels),
-        ));
-    }
-    jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
+    check_header(bytes, ImageFormat::Jpeg, (w, h), pre.max_pixels, "image", name)?;
     let (ow, oh) = oriented_size(w, h, orientation);
     let Ok(geometry) = Geometry::plan(ow, oh, pre) else {
         return Ok(None); // the full path reports it
@@ -279,19 +272,7 @@ pub(crate) fn decode_oriented(
                 ));
             }
         }
-        let pixels = w as u64 * h as u64;
-        if pixels > max_pixels {
-            return Err(err(
-                Status::TooLarge,
-                format!("{what} is {w}x{h} ({pixels} pixels), over the limit of {max_pixels} pixels"),
-            ));
-        }
-        if pixels == 0 {
-            return Err(err(Status::DecodeError, format!("{what} has zero size {w}x{h}")));
-        }
-        if format == ImageFormat::Jpeg {
-            jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
-        }
+        check_header(bytes, format, (w, h), max_pixels, what, name)?;
         let mut img = DynamicImage::from_decoder(decoder)
             .map_err(|e| err(image_error_status(&e), format!("cannot decode the {format:?} {what}: {e}")))?;
         img.apply_orientation(orientation);
@@ -301,6 +282,34 @@ pub(crate) fn decode_oriented(
         Ok(r) => r,
         Err(_) => Err(err(Status::DecodeError, format!("the {format:?} decoder panicked on this {what}"))),
     }
+}
+
+/// What every decode checks from the header before any pixel is decoded: `width * height`
+/// within `max_pixels` (else `too_large`), not zero, and for a JPEG the end marker
+/// ([`jpeg_has_end`]). `what` ("image", "mask") and `name` go into the message.
+fn check_header(
+    bytes: &[u8],
+    format: ImageFormat,
+    (w, h): (u32, u32),
+    max_pixels: u64,
+    what: &str,
+    name: &str,
+) -> Result<(), SampleError> {
+    let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(err(
+            Status::TooLarge,
+            format!("{what} is {w}x{h} ({pixels} pixels), over the limit of {max_pixels} pixels"),
+        ));
+    }
+    if pixels == 0 {
+        return Err(err(Status::DecodeError, format!("{what} has zero size {w}x{h}")));
+    }
+    if format == ImageFormat::Jpeg {
+        jpeg_has_end(bytes).map_err(|m| err(Status::DecodeError, m))?;
+    }
+    Ok(())
 }
 
 /// Checks that a JPEG is not cut short: its entropy-coded data must be followed by an
