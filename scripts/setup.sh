@@ -19,9 +19,21 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
+# Free space on the disk holding .venv, in GiB (rounded down).
+free_gib() { df -Pk "${1:-.}" | awk 'NR == 2 { print int($4 / 1048576) }'; }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing $(grep -v '^#' "$req" | tr '\n' ' ')(about 5 GB, first time only)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
+  # The wheels (about 3.5 GB: torch and the CUDA libraries it links) are downloaded before
+  # anything is installed (about 5.5 GB), and the release build that follows takes about 4 GB.
+  need=10
+  have=$(free_gib .)
+  if [ "$have" -lt "$need" ]; then
+    echo "setup: $have GiB free on the disk of $(pwd); installing .venv needs about $need GiB" \
+      "(torch's wheels, then the installed packages), and the build about 4 GiB more" >&2
+    exit 2
+  fi
+  echo "setup: installing $(grep -v '^#' "$req" | tr '\n' ' ')(about 5.5 GB, first time only)"
+  # No pip cache: it would keep a second copy of the 3.5 GB of wheels.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
   echo "$want" > "$stamp"
 fi
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
