@@ -54,19 +54,24 @@ def agreement(results):
     import pyarrow.parquet as pq
 
     def rows(out):
-        t = pq.read_table(out, columns=["id", "status", "predicted", "target_prob", "attr_total"]).to_pydict()
-        return {i: (s, p, tp, at) for i, s, p, tp, at in zip(*t.values())}
+        cols = ["id", "status", "predicted", "target_prob", "attr_total", "attr_gini", "attr_entropy", "map_scale"]
+        t = pq.read_table(out, columns=cols).to_pydict()
+        return {i: rest for i, *rest in zip(*t.values())}
+
+    def max_diff(base, other, k, relative):
+        return max((abs(base[i][k] - other[i][k]) / (max(abs(base[i][k]), 1e-30) if relative else 1)
+                    for i in base if i in other and base[i][k] is not None and other[i][k] is not None), default=0)
 
     base = rows(results[0]["out"])
     for r in results[1:]:
         other = rows(r["out"])
         same_ids = set(other) == set(base)
         status = sum(base[i][0] != other[i][0] for i in base if i in other)
-        d_prob = max((abs(base[i][2] - other[i][2]) for i in base if i in other and base[i][2] is not None), default=0)
-        d_total = max((abs(base[i][3] - other[i][3]) / max(abs(base[i][3]), 1e-30)
-                       for i in base if i in other and base[i][3] is not None), default=0)
         print(f"rows of '{r['variant']}' vs '{results[0]['variant']}': same ids {same_ids}, status differs {status}, "
-              f"max |d target_prob| {d_prob:.2e}, max relative d attr_total {d_total:.2e}")
+              f"max |d target_prob| {max_diff(base, other, 2, False):.2e}, max relative d attr_total "
+              f"{max_diff(base, other, 3, True):.2e}, max |d gini| {max_diff(base, other, 4, False):.2e}, "
+              f"max |d entropy| {max_diff(base, other, 5, False):.2e}, max relative d map_scale "
+              f"{max_diff(base, other, 6, True):.2e}")
 
 
 def main():
@@ -78,7 +83,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--variants", action="store_true",
-                    help="also one worker per device (no overlap) and batch_size = \"auto\"")
+                    help="also one worker per device (no overlap), batch_size = \"auto\", and the statistics "
+                         "where the default does not put them (on the host for CUDA, on libtorch for the CPU)")
     a = ap.parse_args()
     import torchvision
 
@@ -100,6 +106,10 @@ def main():
     runs = [("pipeline (defaults)", {})]
     if a.variants:
         runs += [("one worker per device", {"workers_per_device": 1}), ("batch_size = auto", {"batch_size": '"auto"'})]
+        if a.device.startswith("cuda"):
+            runs.append(("statistics on the host", {"stats_on_device": "false"}))
+        else:
+            runs.append(("statistics in libtorch (CPU)", {"stats_on_device": "true"}))
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}")
     print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")

@@ -1,10 +1,14 @@
-//! Stats-stage timings: map statistics on a 224×224 map, the 64×64 map PNG, the 7×7 f16 CAM.
+//! Stats-stage timings: map statistics on a 224×224 map, the 64×64 map PNG, the 7×7 f16 CAM;
+//! and a batch of 32 maps reduced two ways, in the same run: on the host (statistics' sums and
+//! resize per map, as the pipeline's pool does) and by libtorch on the CPU (the engine's device
+//! reduction, `runtime.stats_on_device`; on CUDA the same code runs on the GPU).
 //! Run: `cargo bench --bench stats`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
-use sa::stats::{encode_cam_f16, encode_map_png, map_stats, Region};
+use sa::engine::reduce::{reduce, Reduction};
+use sa::stats::{encode_cam_f16, encode_map_png, map_stats, map_sums, resize_map, Region};
 use saliency_audit as sa; // in the decode-stats scratch crate: `use decode_stats as sa;`
 
 /// A positive attribution-like map: a smooth blob plus sparse speckle.
@@ -35,6 +39,28 @@ fn bench_stats(c: &mut Criterion) {
     });
     c.bench_function("encode_map_png_224_to_64", |b| b.iter(|| encode_map_png(black_box(&map), h, w, 64)));
     c.bench_function("encode_cam_f16_7x7", |b| b.iter(|| encode_cam_f16(black_box(&cam))));
+
+    // A batch of 32 maps: the host's reduction, one thread, vs libtorch's on the CPU.
+    let n = 32;
+    let maps: Vec<f32> = (0..n).flat_map(|_| map.iter().copied()).collect();
+    let boxes = vec![Some([0.1f32, 0.2, 0.7, 0.9]); n];
+    let masks = vec![Some(mask.clone()); n];
+    c.bench_function("reduce_32x224x224_host_1_thread", |b| {
+        b.iter(|| {
+            for (m, (bx, mk)) in maps.chunks_exact(h * w).zip(boxes.iter().zip(&masks)) {
+                black_box(map_sums(m, h, w, *bx, mk.as_deref(), &regions));
+                black_box(resize_map(m, h, w, 64));
+            }
+        })
+    });
+    let t = tch::Tensor::from_slice(&maps).view([n as i64, h as i64, w as i64]);
+    let red = Reduction { map_size: 64, regions: regions.to_vec() };
+    c.bench_function(&format!("reduce_32x224x224_libtorch_cpu_{}_threads", tch::get_num_threads()), |b| {
+        b.iter(|| {
+            let r = reduce(black_box(&t), &red, &boxes, &masks).unwrap();
+            black_box(r.sums_per_sample().unwrap());
+        })
+    });
 }
 
 criterion_group!(benches, bench_stats);

@@ -189,6 +189,7 @@ impl ShardArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose, cli.quiet, cli.log_format);
+    saliency_audit::engine::batch::install_panic_hook();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -347,7 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 singles.push(engine::bench::synthetic(&model, *d, opts, batch_size, iters, warmup)?);
             }
             let scaling = if devices.len() > 1 {
-                engine::bench::synthetic_scaling(&model, &devices, opts, batch_size as usize, iters, warmup)?
+                engine::bench::synthetic_scaling(&model, &devices, opts, batch_size as usize, iters, warmup, None)?
             } else {
                 Vec::new()
             };

@@ -10,7 +10,7 @@
 //! Every sample leaves the pipeline as exactly one row: failures are rows with a status.
 
 use crate::decode::{self, Preprocess};
-use crate::engine::batch::{Attributor, SampleMaps, U8Batch};
+use crate::engine::batch::{Attributor, MapOut, SampleMaps, U8Batch};
 use crate::sample::{Sample, SampleError, Status};
 use crate::sink::{CamMap, PartWriter, Row, ShardSummary, SinkConfig};
 use crate::stats::{self, Region};
@@ -89,15 +89,20 @@ impl RunSummary {
     }
 }
 
-/// A decoded sample waiting for the engine.
+/// A decoded sample waiting for the engine (its pixels, box and mask go in the batch).
 struct Ready {
     sample: Sample,
     target: Option<i64>,
+}
+
+/// What decoding gives the engine for one sample: model-input pixels, box and mask.
+struct Decoded {
+    rgb: Vec<u8>,
     bbox: Option<[f32; 4]>,
     mask: Option<Vec<u8>>,
 }
 
-/// A batch for a worker: the samples and their pixels.
+/// A batch for a worker: the samples and their pixels (with boxes and masks).
 struct WorkBatch {
     items: Vec<Ready>,
     pixels: U8Batch,
@@ -250,7 +255,7 @@ fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleErr
 }
 
 /// A decoded sample and its pixels, or the row of its failure.
-type Prepared = Result<(Ready, Vec<u8>), Box<Row>>;
+type Prepared = Result<(Ready, Decoded), Box<Row>>;
 
 fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
     let target = match resolve_target(cfg.target, &s) {
@@ -270,7 +275,7 @@ fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
         },
         None => None,
     };
-    Ok((Ready { sample: s, target, bbox, mask }, decoded.rgb))
+    Ok((Ready { sample: s, target }, Decoded { rgb: decoded.rgb, bbox, mask }))
 }
 
 fn decode_stage(
@@ -284,15 +289,21 @@ fn decode_stage(
 ) {
     let px = h as usize * w as usize * 3;
     let mut ready: Vec<Ready> = Vec::with_capacity(cfg.batch_size);
-    let mut pixels: Vec<u8> = Vec::with_capacity(cfg.batch_size * px);
-    let flush = |ready: &mut Vec<Ready>, pixels: &mut Vec<u8>| -> bool {
+    let new_batch = || U8Batch {
+        h: h as usize,
+        w: w as usize,
+        data: Vec::with_capacity(cfg.batch_size * px),
+        ..U8Batch::default()
+    };
+    let mut pixels = new_batch();
+    let flush = |ready: &mut Vec<Ready>, pixels: &mut U8Batch| -> bool {
         if ready.is_empty() {
             return true;
         }
         let items = std::mem::take(ready);
-        let data = std::mem::replace(pixels, Vec::with_capacity(cfg.batch_size * px));
-        let targets = items.iter().map(|r| r.target).collect();
-        let pixels = U8Batch { n: items.len(), h: h as usize, w: w as usize, data, targets };
+        let mut pixels = std::mem::replace(pixels, new_batch());
+        pixels.n = items.len();
+        pixels.targets = items.iter().map(|r| r.target).collect();
         work_tx.send(WorkBatch { items, pixels }).is_ok()
     };
     for batch in batch_rx {
@@ -302,9 +313,11 @@ fn decode_stage(
         let mut failed = Vec::new();
         for r in results {
             match r {
-                Ok((item, rgb)) => {
-                    debug_assert_eq!(rgb.len(), px);
-                    pixels.extend_from_slice(&rgb);
+                Ok((item, d)) => {
+                    debug_assert_eq!(d.rgb.len(), px);
+                    pixels.data.extend_from_slice(&d.rgb);
+                    pixels.boxes.push(d.bbox);
+                    pixels.masks.push(d.mask);
                     ready.push(item);
                     if ready.len() == cfg.batch_size && !flush(&mut ready, &mut pixels) {
                         return;
@@ -354,26 +367,28 @@ fn attribute_batch(
     let results = attribute_split(attr, &batch.pixels, 0);
     add(&times.engine_ns, t);
     let t = Instant::now();
-    let (h, w) = (batch.pixels.h, batch.pixels.w);
+    let px = &batch.pixels;
+    let (h, w) = (px.h, px.w);
     let rows = pool.install(|| {
         batch
             .items
             .into_par_iter()
             .zip(results)
-            .map(|(item, res)| match res {
+            .enumerate()
+            .map(|(i, (item, res))| match res {
                 Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
                 Ok(m) => {
-                    let st = stats::map_stats(
-                        &m.map,
-                        h,
-                        w,
-                        &m.cam,
-                        m.cam_h,
-                        m.cam_w,
-                        item.bbox,
-                        item.mask.as_deref(),
-                        &cfg.regions,
-                    );
+                    // The whole map is reduced here; a reduced one only needs finishing.
+                    let (sums, map) = match &m.map {
+                        MapOut::Full(map) => (
+                            stats::map_sums(map, h, w, px.bbox(i), px.mask(i), &cfg.regions),
+                            stats::encode_map_png(map, h, w, cfg.map_size),
+                        ),
+                        MapOut::Reduced { sums, resized } => {
+                            (sums.clone(), stats::encode_resized_map_png(resized, cfg.map_size.max(1)))
+                        }
+                    };
+                    let st = stats::finish(&sums, h, w, &m.cam, m.cam_h, m.cam_w);
                     Row {
                         sample: item.sample,
                         status: Status::Ok,
@@ -388,7 +403,7 @@ fn attribute_batch(
                             h: m.cam_h as u32,
                             w: m.cam_w as u32,
                         }),
-                        map: Some(stats::encode_map_png(&m.map, h, w, cfg.map_size)),
+                        map: Some(map),
                     }
                 }
             })

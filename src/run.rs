@@ -2,6 +2,7 @@
 
 use crate::decode;
 use crate::engine::batch::{Attributor, TorchAttributor};
+use crate::engine::reduce::Reduction;
 use crate::engine::{self, EngineOptions, Rectifiers};
 use crate::job::{self, BatchSize, Devices, Job, Precision, Target};
 use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
@@ -222,17 +223,23 @@ pub fn run_with(
             loaded.push(TorchAttributor::load(&job.model, *d, opts, &job.preprocess.mean, &job.preprocess.std)?);
         }
     }
+    let regions: Vec<Region> = job
+        .regions
+        .iter()
+        .map(|(name, x0, y0, x1, y1)| Region { name: name.clone(), x0: *x0, y0: *y0, x1: *x1, y1: *y1 })
+        .collect();
+    for r in loaded.iter_mut() {
+        let device = r.engine().device();
+        let on = job.stats_on_device.unwrap_or(device.is_cuda());
+        tracing::debug!(?device, stats_on_device = on, "statistics placement");
+        r.set_reduction(on.then(|| Reduction { map_size: job.map_size as usize, regions: regions.clone() }));
+    }
     let (h, w) = job.preprocess.input_size();
     let warm = Instant::now();
     let batch_size = warm_up(job.batch_size, &mut loaded, h as usize, w as usize)?;
     let warmup_time = warm.elapsed();
     let replicas_len = loaded.len();
     let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
-    let regions: Vec<Region> = job
-        .regions
-        .iter()
-        .map(|(name, x0, y0, x1, y1)| Region { name: name.clone(), x0: *x0, y0: *y0, x1: *x1, y1: *y1 })
-        .collect();
     let metadata = vec![
         ("saliency_audit.version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
         ("saliency_audit.schema_version".to_owned(), SCHEMA_VERSION.to_string()),

@@ -1,12 +1,16 @@
 //! The pipeline's view of the engine: plain-data batches in, plain-data results out.
 
-use super::{shim, EngineOptions, GuidedGradCam};
+use super::reduce::{self, Reduction};
+use super::{no_grad, shim, EngineOptions, GuidedGradCam};
+use crate::stats::MapSums;
 use anyhow::{bail, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// A batch of decoded images: RGB8, HWC, `n × h × w × 3` bytes, and a target per image
-/// (`None` = the predicted class).
+/// (`None` = the predicted class), with what the statistics need of each: its object box
+/// (normalised to the model-input frame) and its `h × w` object mask. `boxes` and `masks` may be
+/// shorter than `n` (missing entries are None).
 #[derive(Debug, Clone, Default)]
 pub struct U8Batch {
     pub n: usize,
@@ -14,19 +18,34 @@ pub struct U8Batch {
     pub w: usize,
     pub data: Vec<u8>,
     pub targets: Vec<Option<i64>>,
+    pub boxes: Vec<Option<[f32; 4]>>,
+    pub masks: Vec<Option<Vec<u8>>>,
 }
 
 impl U8Batch {
     /// The sub-batch of images `start..start + len`.
     pub fn slice(&self, start: usize, len: usize) -> U8Batch {
         let px = self.h * self.w * 3;
+        let part = |len_of: usize| start.min(len_of)..(start + len).min(len_of);
         U8Batch {
             n: len,
             h: self.h,
             w: self.w,
             data: self.data[start * px..(start + len) * px].to_vec(),
             targets: self.targets[start..start + len].to_vec(),
+            boxes: self.boxes[part(self.boxes.len())].to_vec(),
+            masks: self.masks[part(self.masks.len())].to_vec(),
         }
+    }
+
+    /// Sample i's object box.
+    pub fn bbox(&self, i: usize) -> Option<[f32; 4]> {
+        self.boxes.get(i).copied().flatten()
+    }
+
+    /// Sample i's object mask.
+    pub fn mask(&self, i: usize) -> Option<&[u8]> {
+        self.masks.get(i).and_then(|m| m.as_deref())
     }
 }
 
@@ -37,12 +56,22 @@ pub struct SampleMaps {
     pub predicted: i64,
     pub predicted_prob: f32,
     pub target_prob: f32,
-    /// Guided Grad-CAM reduced over channels by absolute value, h × w row-major.
-    pub map: Vec<f32>,
+    /// Guided Grad-CAM reduced over channels by absolute value: whole, or reduced on the device.
+    pub map: MapOut,
     /// Grad-CAM at the layer's resolution, cam_h × cam_w.
     pub cam: Vec<f32>,
     pub cam_h: usize,
     pub cam_w: usize,
+}
+
+/// A sample's attribution map as the engine returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MapOut {
+    /// The whole map, h × w row-major: its statistics and resize are left to the host.
+    Full(Vec<f32>),
+    /// Reduced where it was computed ([`Reduction`]): the sums behind its statistics and the map
+    /// area-resized to `map_size × map_size`.
+    Reduced { sums: MapSums, resized: Vec<f32> },
 }
 
 /// What the pipeline's workers talk to: one model replica on one device.
@@ -67,6 +96,7 @@ pub struct TorchAttributor {
     std: Tensor,
     channels: i64,
     stream: Option<shim::CudaStream>,
+    reduction: Option<Reduction>,
 }
 
 impl TorchAttributor {
@@ -88,7 +118,13 @@ impl TorchAttributor {
             }
             _ => None,
         };
-        Ok(Self { engine, mean, std, channels: c, stream })
+        Ok(Self { engine, mean, std, channels: c, stream, reduction: None })
+    }
+
+    /// With `Some`, every map is reduced on the device ([`MapOut::Reduced`]) instead of copied
+    /// back whole ([`MapOut::Full`], the default).
+    pub fn set_reduction(&mut self, reduction: Option<Reduction>) {
+        self.reduction = reduction;
     }
 
     /// Runs `n` images of `h × w` (a fixed pattern) through the whole path once: on CUDA this is
@@ -97,7 +133,7 @@ impl TorchAttributor {
     pub fn warm_up(&mut self, n: usize, h: usize, w: usize) -> Result<std::time::Duration> {
         let t = std::time::Instant::now();
         let data = (0..n * h * w * 3).map(|i| (i % 251) as u8).collect();
-        let batch = U8Batch { n, h, w, data, targets: vec![Some(0); n] };
+        let batch = U8Batch { n, h, w, data, targets: vec![Some(0); n], ..U8Batch::default() };
         self.attribute(&batch)?;
         Ok(t.elapsed())
     }
@@ -124,7 +160,7 @@ impl TorchAttributor {
             }
             pinned.view([n, h, w, 3]).to_device_(dev, Kind::Uint8, true, false)
         };
-        let x = tch::no_grad(|| {
+        let x = no_grad(|| {
             let x = u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
             let x = match self.channels {
                 3 => x,
@@ -147,15 +183,32 @@ impl Attributor for TorchAttributor {
         format!("{:?}", self.engine.device())
     }
 
+    /// tch's infallible calls panic on a libtorch error (out of device memory in a kernel, say):
+    /// such a panic becomes this batch's error, so the pipeline splits and retries the batch.
     fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
+        CATCHING.with(|c| c.set(true));
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.attribute_batch(batch)));
+        CATCHING.with(|c| c.set(false));
+        caught.unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(anyhow::anyhow!("libtorch: {}", msg.lines().next().unwrap_or(msg)))
+        })
+    }
+}
+
+impl TorchAttributor {
+    fn attribute_batch(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
         let _stream = match &self.stream {
             Some(s) => Some(s.enter().map_err(|e| anyhow::anyhow!("CUDA stream: {e}"))?),
             None => None,
         };
         let x = self.to_input(batch)?;
         let r = self.engine.attribute(&x, &batch.targets)?;
-        let n = batch.n as i64;
-        let (map, cam, probs, predicted) = tch::no_grad(|| {
+        let (map, cam, probs, predicted) = no_grad(|| {
             let map = r.attribution.abs().sum_dim_intlist(&[1i64][..], false, Kind::Float);
             let probs = r.logits.to_kind(Kind::Float).softmax(1, Kind::Float);
             let predicted = probs.argmax(1, false);
@@ -167,27 +220,63 @@ impl Attributor for TorchAttributor {
         let cpu = Device::Cpu;
         let pinned = self.stream.is_some();
         let host = |t: &Tensor| shim::to_host_f32(t, pinned).map_err(|e| anyhow::anyhow!("download: {e}"));
-        let (map, cam_host) = (host(&map)?, host(&cam)?);
         let (ch, cw) = (cam.size()[1] as usize, cam.size()[2] as usize);
-        let map = f32_slice(&map, batch.n * batch.h * batch.w)?;
+        let maps: Vec<MapOut> = match &self.reduction {
+            None => {
+                let map = host(&map)?;
+                let hw = batch.h * batch.w;
+                f32_slice(&map, batch.n * hw)?.chunks_exact(hw).map(|m| MapOut::Full(m.to_vec())).collect()
+            }
+            Some(red) => {
+                let dr = reduce::reduce(&map, red, &batch.boxes, &batch.masks)?;
+                let resized = host(&dr.resized)?;
+                let s2 = red.map_size * red.map_size;
+                let resized = f32_slice(&resized, batch.n * s2)?;
+                dr.sums_per_sample()?
+                    .into_iter()
+                    .zip(resized.chunks_exact(s2))
+                    .map(|(sums, r)| MapOut::Reduced { sums, resized: r.to_vec() })
+                    .collect()
+            }
+        };
+        let cam_host = host(&cam)?;
         let cam = f32_slice(&cam_host, batch.n * ch * cw)?;
         let predicted: Vec<i64> = Vec::try_from(predicted.to_device(cpu))?;
         let target_prob: Vec<f32> = Vec::try_from(target_prob.to_device(cpu))?;
         let pred_prob: Vec<f32> = Vec::try_from(pred_prob.to_device(cpu))?;
-        let (hw, chw) = (batch.h * batch.w, ch * cw);
-        Ok((0..n as usize)
-            .map(|i| SampleMaps {
+        let chw = ch * cw;
+        Ok(maps
+            .into_iter()
+            .enumerate()
+            .map(|(i, map)| SampleMaps {
                 target: r.targets[i],
                 predicted: predicted[i],
                 predicted_prob: pred_prob[i],
                 target_prob: target_prob[i],
-                map: map[i * hw..(i + 1) * hw].to_vec(),
+                map,
                 cam: cam[i * chw..(i + 1) * chw].to_vec(),
                 cam_h: ch,
                 cam_w: cw,
             })
             .collect())
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a batch whose panics [`TorchAttributor`] turns into errors.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook that stays silent for the panics [`TorchAttributor`] catches (libtorch
+/// failures, reported as the batch's error, with their C++ frames left out) and hands every
+/// other panic to the hook that was there before.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !CATCHING.with(|c| c.get()) {
+            previous(info);
+        }
+    }));
 }
 
 /// The elements of a contiguous float32 host tensor, checked to number `numel`.

@@ -105,8 +105,10 @@ pub struct ScalingRow {
 }
 
 /// Engine throughput on synthetic u8 batches through the production path (upload, convert and
-/// normalise on the device, attribute, reduce, download), for the first 1, 2, …, N devices at
-/// once, each with its own replica pulling from one shared counter of batches.
+/// normalise on the device, attribute, reduce over channels, download), for the first 1, 2, …, N
+/// devices at once, each with its own replica pulling from one shared counter of batches.
+/// `stats_on_device` (`None`: on for CUDA devices, as in a job) also reduces each map to its
+/// statistics' sums and a 64×64 map on the device, so only those are downloaded.
 pub fn synthetic_scaling(
     model: &Path,
     devices: &[Device],
@@ -114,6 +116,7 @@ pub fn synthetic_scaling(
     batch: usize,
     iters: usize,
     warmup: usize,
+    stats_on_device: Option<bool>,
 ) -> Result<Vec<ScalingRow>> {
     use super::batch::{Attributor, TorchAttributor, U8Batch};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,7 +130,11 @@ pub fn synthetic_scaling(
     let std = meta.std.clone().unwrap_or_else(|| vec![0.25; c]);
     let mut replicas = Vec::new();
     for d in devices {
-        replicas.push(TorchAttributor::load(model, *d, opts, &mean, &std)?);
+        let mut r = TorchAttributor::load(model, *d, opts, &mean, &std)?;
+        if stats_on_device.unwrap_or(d.is_cuda()) {
+            r.set_reduction(Some(super::reduce::Reduction { map_size: 64, regions: Vec::new() }));
+        }
+        replicas.push(r);
     }
     let (classes, _) = replicas[0].engine().probe(c as i64, h, w)?;
     let (h, w) = (h as usize, w as usize);
@@ -142,7 +149,7 @@ pub fn synthetic_scaling(
         })
         .collect();
     let targets = (0..batch as i64).map(|i| Some((i * 7919) % classes)).collect();
-    let input = U8Batch { n: batch, h, w, data, targets };
+    let input = U8Batch { n: batch, h, w, data, targets, ..U8Batch::default() };
     for r in replicas.iter_mut() {
         for _ in 0..warmup {
             r.attribute(&input)?;

@@ -15,6 +15,7 @@ pub mod batch;
 pub mod bench;
 mod meta;
 mod npy;
+pub mod reduce;
 mod shim;
 
 pub use meta::{read_meta, ModelMeta, META_FILE};
@@ -201,7 +202,7 @@ impl GuidedGradCam {
             if opts.channels_last == Some(true) && p.dim() == 4 {
                 // The handle shares the module's tensor: set_data changes the parameter itself.
                 let cl = shim::channels_last(&p).map_err(|e| anyhow!("{}: parameter {name}: {e}", path.display()))?;
-                tch::no_grad(|| p.set_data(&cl));
+                no_grad(|| p.set_data(&cl));
             }
         }
         if device.is_cuda() {
@@ -339,7 +340,7 @@ impl GuidedGradCam {
         if !ga.defined() {
             return Err(self.contract_error("the activation is not on the autograd path to the logits"));
         }
-        let cam = tch::no_grad(|| {
+        let cam = no_grad(|| {
             let w = ga.to_kind(Kind::Float).mean_dim(&[2i64, 3][..], true, Kind::Float);
             (w * act.detach().to_kind(Kind::Float)).sum_dim_intlist(&[1i64][..], true, Kind::Float).relu()
         });
@@ -358,7 +359,7 @@ impl GuidedGradCam {
 
         let t3 = std::time::Instant::now();
         // 4. Guided gradient × upsampled CAM.
-        let attribution = tch::no_grad(|| {
+        let attribution = no_grad(|| {
             let up = upsample(&cam, size[2], size[3], self.opts.interpolate);
             gx.to_kind(Kind::Float) * up
         });
@@ -373,6 +374,14 @@ impl GuidedGradCam {
         let logits_kind = logits.kind();
         Ok(Attribution { attribution, cam, logits: logits.detach(), targets: resolved, guided_nodes, logits_kind })
     }
+}
+
+/// Runs `f` with gradient tracking off, restoring the thread's mode afterwards even when `f`
+/// unwinds (tch's own `no_grad` does not restore it on a panic, and the panic of a failed
+/// libtorch call is caught and retried: the retry would then run without gradients).
+pub(crate) fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = tch::no_grad_guard();
+    f()
 }
 
 /// Upsamples `[N, 1, h, w]` to `[N, 1, H, W]` as `F.interpolate(.., size=(H, W), mode)`.

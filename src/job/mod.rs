@@ -56,6 +56,9 @@ pub struct Job {
     pub allow_tf32: bool,
     /// cuDNN benchmark mode on CUDA devices.
     pub cudnn_benchmark: bool,
+    /// Statistics and map resizing on the model's device; `None`: on for CUDA devices, off on
+    /// the CPU.
+    pub stats_on_device: Option<bool>,
     /// Image decoding threads; 0 means one per core.
     pub decode_threads: u32,
     /// Output folder, or object-store prefix (`s3://bucket/path`, …).
@@ -297,6 +300,11 @@ impl fmt::Display for Job {
             },
             if self.cudnn_benchmark { "on" } else { "off" }
         )?;
+        match self.stats_on_device {
+            Some(true) => writeln!(f, "statistics:   on the model's device")?,
+            Some(false) => writeln!(f, "statistics:   on the host")?,
+            None => writeln!(f, "statistics:   on the device for CUDA, on the host for the CPU")?,
+        }
         if self.decode_threads == 0 {
             writeln!(f, "decode:       one thread per core")?;
         } else {

@@ -169,6 +169,7 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         workers_per_device: spec.runtime.workers_per_device,
         channels_last: spec.runtime.channels_last,
         allow_tf32: spec.runtime.allow_tf32.unwrap_or(true),
+        stats_on_device: spec.runtime.stats_on_device,
         cudnn_benchmark: spec.runtime.cudnn_benchmark.unwrap_or(true),
         decode_threads: spec.runtime.decode_threads.unwrap_or(0),
         output,

@@ -147,7 +147,16 @@ pub struct RuntimeSpec {
     /// default on.
     #[serde(default)]
     pub cudnn_benchmark: Option<bool>,
+    /// Per-sample statistics and the map's resize run on the model's device, so that only they
+    /// (a few hundred bytes and the `map_size²` map) are copied back instead of the whole map;
+    /// `false` computes them on the host's thread pool from the whole map. Default on for CUDA
+    /// devices, off on the CPU (where the host's pool is as close to the map and faster).
+    #[serde(default)]
+    pub stats_on_device: Option<bool>,
 }
+
+/// Largest `output.map_size`: each row stores a map of this side.
+pub const MAX_MAP_SIZE: u32 = 1024;
 
 /// `[output]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -155,7 +164,7 @@ pub struct RuntimeSpec {
 pub struct OutputSpec {
     /// The output folder, relative to the job file's folder.
     pub path: PathBuf,
-    /// Side of the stored attribution map, in pixels; at least 1; default 64.
+    /// Side of the stored attribution map, in pixels; 1 to 1024; default 64.
     #[serde(default)]
     pub map_size: Option<u32>,
     /// Rows per Parquet part file; at least 1; default 1024.
@@ -625,6 +634,9 @@ impl JobSpec {
         }
         if self.output.map_size == Some(0) {
             return Err(s.error("output.map_size", "must be at least 1"));
+        }
+        if matches!(self.output.map_size, Some(n) if n > MAX_MAP_SIZE) {
+            return Err(s.error("output.map_size", format!("must be at most {MAX_MAP_SIZE} (a map per row)")));
         }
         if self.output.rows_per_part == Some(0) {
             return Err(s.error("output.rows_per_part", "must be at least 1"));

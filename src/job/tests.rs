@@ -298,6 +298,7 @@ fn load_reads_a_non_zip_model_without_metadata() {
 fn semantic_errors_name_key_and_line() {
     assert_err(&full_with("batch_size", "batch_size = 0"), "runtime.batch_size", 12);
     assert_err(&full_with("map_size", "map_size = 0"), "output.map_size", 22);
+    assert_err(&full_with("map_size", "map_size = 1025"), "output.map_size", 22);
     assert_err(&full_with("rows_per_part", "rows_per_part = 0"), "output.rows_per_part", 23);
     assert_err(&full_with("interpolate_mode", "interpolate_mode = \"linear\""), "attribution.interpolate_mode", 17);
     assert_err(&full_with("precision", "precision = \"fp16\""), "attribution.precision", 19);

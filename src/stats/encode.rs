@@ -71,7 +71,13 @@ pub fn resize_map(map: &[f32], h: usize, w: usize, size: usize) -> Vec<f32> {
 /// this size), `png` is left empty.
 pub fn encode_map_png(map: &[f32], h: usize, w: usize, size: u32) -> EncodedMap {
     let size = size.max(1);
-    let resized = resize_map(map, h, w, size as usize);
+    encode_resized_map_png(&resize_map(map, h, w, size as usize), size)
+}
+
+/// The second half of [`encode_map_png`]: encodes a map already resized to `size × size` (by
+/// [`resize_map`], or by the engine on its device). A `resized` of the wrong length gives an
+/// empty `png`.
+pub fn encode_resized_map_png(resized: &[f32], size: u32) -> EncodedMap {
     let scale = resized.iter().fold(0.0f32, |m, &v| m.max(clean(v)));
     let q: Vec<u8> = if scale > 0.0 {
         let k = 255.0 / scale as f64;
@@ -81,7 +87,7 @@ pub fn encode_map_png(map: &[f32], h: usize, w: usize, size: u32) -> EncodedMap 
     };
     let mut png = Vec::with_capacity(256 + q.len() / 2);
     let enc = PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive);
-    if enc.write_image(&q, size, size, ExtendedColorType::L8).is_err() {
+    if q.len() as u64 != size as u64 * size as u64 || enc.write_image(&q, size, size, ExtendedColorType::L8).is_err() {
         png.clear();
     }
     EncodedMap { png, scale, size }

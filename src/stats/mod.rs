@@ -13,7 +13,7 @@ mod encode;
 #[cfg(test)]
 mod tests;
 
-pub use encode::{decode_cam_f16, decode_map_png, encode_cam_f16, encode_map_png, resize_map};
+pub use encode::{decode_cam_f16, decode_map_png, encode_cam_f16, encode_map_png, encode_resized_map_png, resize_map};
 
 /// A named rectangle in the model-input frame, coordinates normalised to 0..1.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +28,13 @@ pub struct Region {
     pub x1: f32,
     /// Bottom edge (exclusive).
     pub y1: f32,
+}
+
+impl Region {
+    /// `[x0, y0, x1, y1]`.
+    pub fn bounds(&self) -> [f32; 4] {
+        [self.x0, self.y0, self.x1, self.y1]
+    }
 }
 
 /// Statistics of one sample's maps. `map` = guided Grad-CAM reduced over channels by absolute
@@ -113,6 +120,9 @@ fn clean(v: f32) -> f32 {
 /// Every ratio over T is None when T = 0. Bad shapes never panic: when `map.len() != h·w` only
 /// `attr_total`/`attr_max` are filled; when `cam.len() != ch·cw` the CAM centre is None; when
 /// the mask's length is not h·w its share is None.
+///
+/// This is [`map_sums`] followed by [`finish`]; the engine can compute the same sums where the
+/// map is (on the device) and hand them to [`finish`].
 #[allow(clippy::too_many_arguments)]
 pub fn map_stats(
     map: &[f32],
@@ -125,7 +135,88 @@ pub fn map_stats(
     mask: Option<&[u8]>,
     regions: &[Region],
 ) -> MapStats {
-    let mut s = MapStats { region_shares: vec![None; regions.len()], ..MapStats::default() };
+    finish(&map_sums(map, h, w, bbox, mask, regions), h, w, cam, ch, cw)
+}
+
+/// The sums behind a map's statistics (see [`map_stats`] for the notation; m cleaned, n = h·w).
+/// [`map_sums`] computes them on the host; the engine computes the same on its device.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MapSums {
+    /// Number of map values (h·w when the shape is right).
+    pub n: usize,
+    /// T = Σ m.
+    pub total: f64,
+    /// max m (0 for an empty map).
+    pub max: f32,
+    /// Row-major index of the first maximum.
+    pub argmax: usize,
+    /// Σ m ln m (0 ln 0 = 0).
+    pub sum_m_ln_m: f64,
+    /// Σ m·(x + 0.5)/w.
+    pub sum_x: f64,
+    /// Σ m·(y + 0.5)/h.
+    pub sum_y: f64,
+    /// Σ_i i·m_(i), values sorted ascending, i = 1..n.
+    pub rank_weighted: f64,
+    /// Sum of the ⌈n / 20⌉ largest values.
+    pub top_sum: f64,
+    /// Mass inside the object box, when one is given.
+    pub bbox_mass: Option<f64>,
+    /// Mass inside each region, in order.
+    pub region_mass: Vec<f64>,
+    /// Mass on the mask's non-zero pixels, when a mask of n values is given.
+    pub mask_mass: Option<f64>,
+}
+
+/// The sums of [`MapSums`] for one map, on the host. The sort-based sums (`rank_weighted`,
+/// `top_sum`) and the box and mask masses are only computed when the shape is right and T > 0
+/// (they are 0 / None otherwise; [`finish`] leaves every ratio undefined then).
+pub fn map_sums(
+    map: &[f32],
+    h: usize,
+    w: usize,
+    bbox: Option<[f32; 4]>,
+    mask: Option<&[u8]>,
+    regions: &[Region],
+) -> MapSums {
+    let n = map.len();
+    let mm = moments(map, h, w);
+    let mut s = MapSums {
+        n,
+        total: mm.total,
+        max: mm.max,
+        argmax: mm.argmax,
+        sum_m_ln_m: mm.sum_m_ln_m,
+        sum_x: mm.sum_x,
+        sum_y: mm.sum_y,
+        ..MapSums::default()
+    };
+    if h.checked_mul(w) != Some(n) || n == 0 || mm.total <= 0.0 || !mm.total.is_finite() {
+        s.region_mass = vec![0.0; regions.len()];
+        return s;
+    }
+    // Gini's weighted sum and the top-5% sum from one ascending sort of the positive values;
+    // the zeros (n − len of them) take ranks 1..=zeros and add nothing to either sum.
+    (s.rank_weighted, s.top_sum) = with_sorted_positive(map, |sorted| {
+        let zeros = (n - sorted.len()) as f64;
+        let weighted: f64 =
+            sorted.iter().enumerate().map(|(i, &v)| (zeros + i as f64 + 1.0) * f32::from_bits(v) as f64).sum();
+        let k = n.div_ceil(20).min(sorted.len());
+        let top: f64 = sorted[sorted.len() - k..].iter().map(|&v| f32::from_bits(v) as f64).sum();
+        (weighted, top)
+    });
+    s.bbox_mass = bbox.map(|b| box_mass(map, h, w, b));
+    s.region_mass = regions.iter().map(|r| box_mass(map, h, w, r.bounds())).collect();
+    s.mask_mass = mask
+        .filter(|m| m.len() == n)
+        .map(|mask| map.iter().zip(mask).filter(|(_, &k)| k != 0).map(|(&v, _)| clean(v) as f64).sum());
+    s
+}
+
+/// The statistics from a map's sums (`h × w` map) and its CAM (`ch × cw`); see [`map_stats`].
+/// `region_shares` has one entry per region mass in `sums`.
+pub fn finish(sums: &MapSums, h: usize, w: usize, cam: &[f32], ch: usize, cw: usize) -> MapStats {
+    let mut s = MapStats { region_shares: vec![None; sums.region_mass.len()], ..MapStats::default() };
 
     // CAM: max and centre of mass.
     let cam_moments = moments(cam, ch, cw);
@@ -135,49 +226,31 @@ pub fn map_stats(
         s.cam_com_y = Some((cam_moments.sum_y / cam_moments.total) as f32);
     }
 
-    let n = map.len();
-    let mm = moments(map, h, w);
-    s.attr_total = mm.total as f32;
-    s.attr_max = mm.max;
-    if h.checked_mul(w) != Some(n) || n == 0 || mm.total <= 0.0 || !mm.total.is_finite() {
+    let n = sums.n;
+    s.attr_total = sums.total as f32;
+    s.attr_max = sums.max;
+    if h.checked_mul(w) != Some(n) || n == 0 || sums.total <= 0.0 || !sums.total.is_finite() {
         return s;
     }
-    let total = mm.total;
+    let total = sums.total;
 
     // Entropy: −Σ p ln p = ln T − (Σ m ln m) / T.
-    let h_nat = (total.ln() - mm.sum_m_ln_m / total).max(0.0);
+    let h_nat = (total.ln() - sums.sum_m_ln_m / total).max(0.0);
     s.attr_entropy = Some(if n > 1 { (h_nat / (n as f64).ln()).clamp(0.0, 1.0) as f32 } else { 0.0 });
-    s.attr_com_x = Some((mm.sum_x / total) as f32);
-    s.attr_com_y = Some((mm.sum_y / total) as f32);
-    s.attr_peak_x = Some(((mm.argmax % w) as f64 + 0.5) as f32 / w as f32);
-    s.attr_peak_y = Some(((mm.argmax / w) as f64 + 0.5) as f32 / h as f32);
-
-    // Gini and top-5% share from one ascending sort of the positive values; the zeros
-    // (n − len of them) take ranks 1..=zeros and add nothing to either sum.
-    let (gini, top5) = with_sorted_positive(map, |sorted| {
-        // Σ (2i − n − 1)·x_(i) = 2·Σ i·x_(i) − (n + 1)·T, i = 1..n.
-        let nf = n as f64;
-        let zeros = (n - sorted.len()) as f64;
-        let weighted: f64 =
-            sorted.iter().enumerate().map(|(i, &v)| (zeros + i as f64 + 1.0) * f32::from_bits(v) as f64).sum();
-        let gini = (2.0 * weighted - (nf + 1.0) * total) / (nf * total);
-        let k = n.div_ceil(20).min(sorted.len());
-        let top: f64 = sorted[sorted.len() - k..].iter().map(|&v| f32::from_bits(v) as f64).sum();
-        (gini, top / total)
-    });
+    s.attr_com_x = Some((sums.sum_x / total) as f32);
+    s.attr_com_y = Some((sums.sum_y / total) as f32);
+    s.attr_peak_x = Some(((sums.argmax % w) as f64 + 0.5) as f32 / w as f32);
+    s.attr_peak_y = Some(((sums.argmax / w) as f64 + 0.5) as f32 / h as f32);
+    // Σ (2i − n − 1)·x_(i) = 2·Σ i·x_(i) − (n + 1)·T, i = 1..n.
+    let nf = n as f64;
+    let gini = (2.0 * sums.rank_weighted - (nf + 1.0) * total) / (nf * total);
     s.attr_gini = Some(gini.max(0.0) as f32);
-    s.attr_top5_share = Some(top5 as f32);
-
-    if let Some(b) = bbox {
-        s.bbox_mass_share = Some((box_mass(map, h, w, b) / total) as f32);
+    s.attr_top5_share = Some((sums.top_sum / total) as f32);
+    s.bbox_mass_share = sums.bbox_mass.map(|m| (m / total) as f32);
+    for (share, m) in s.region_shares.iter_mut().zip(&sums.region_mass) {
+        *share = Some((m / total) as f32);
     }
-    for (share, r) in s.region_shares.iter_mut().zip(regions) {
-        *share = Some((box_mass(map, h, w, [r.x0, r.y0, r.x1, r.y1]) / total) as f32);
-    }
-    if let Some(mask) = mask.filter(|m| m.len() == n) {
-        let inside: f64 = map.iter().zip(mask).filter(|(_, &k)| k != 0).map(|(&v, _)| clean(v) as f64).sum();
-        s.mask_mass_share = Some((inside / total) as f32);
-    }
+    s.mask_mass_share = sums.mask_mass.map(|m| (m / total) as f32);
     s
 }
 
@@ -288,7 +361,7 @@ fn radix_sort(map: &[f32], a: &mut Vec<u32>, b: &mut Vec<u32>) {
 
 /// Half-open index range of the pixels along an axis of `size` pixels whose centres
 /// `(i + 0.5) / size` satisfy `lo ≤ c < hi`.
-fn axis_range(size: usize, lo: f32, hi: f32) -> std::ops::Range<usize> {
+pub fn axis_range(size: usize, lo: f32, hi: f32) -> std::ops::Range<usize> {
     let inside = |i: usize| {
         let c = (i as f64 + 0.5) / size as f64;
         lo as f64 <= c && c < hi as f64

@@ -6,7 +6,7 @@ use arrow::array::{Array, BinaryArray, Float32Array, Int64Array, StringArray, UI
 use arrow::record_batch::RecordBatch;
 use image::{ImageFormat, Rgb, RgbImage};
 use saliency_audit::decode::{self, Preprocess, Resize};
-use saliency_audit::engine::batch::{Attributor, SampleMaps, U8Batch};
+use saliency_audit::engine::batch::{Attributor, MapOut, SampleMaps, U8Batch};
 use saliency_audit::engine::{EngineOptions, GuidedGradCam};
 use saliency_audit::pipeline::{self, PipelineConfig, Progress, TargetMode};
 use saliency_audit::sample::{Sample, Status};
@@ -296,7 +296,7 @@ impl Attributor for RedChannel {
                     predicted: 0,
                     predicted_prob: 1.0,
                     target_prob: 1.0,
-                    map,
+                    map: MapOut::Full(map),
                     cam,
                     cam_h: 2,
                     cam_w: 2,
@@ -652,4 +652,93 @@ fn two_workers_per_device_and_auto_batch_size() {
         }
     }
     assert!(compared >= 40, "only {compared} ok rows compared");
+}
+
+/// `runtime.stats_on_device = true` (statistics and map resize in libtorch, where the maps are;
+/// the default on CUDA) gives the rows the host computes (`false`, the default on the CPU):
+/// every statistic within float rounding, every map within one quantisation level, with boxes,
+/// regions and failed samples in the run.
+#[test]
+fn statistics_on_the_device_equal_the_hosts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 48);
+    let model = engine_cases().join("pipeline/model.pt");
+    let regions = "\n[[regions]]\nname = \"corner\"\nx0 = 0.6\ny0 = 0.0\nx1 = 1.0\ny1 = 0.3\n\
+                   [[regions]]\nname = \"sliver\"\nx0 = 0.5\ny0 = 0.5\nx1 = 0.5001\ny1 = 0.9\n";
+    let job = write_job(&ds.dir, &model, regions);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let (host_out, dev_out) = (ds.dir.join("host"), ds.dir.join("device"));
+    for (flag, out) in [("false", &host_out), ("true", &dev_out)] {
+        let j = ds.dir.join(format!("stats-{flag}.toml"));
+        std::fs::write(&j, text.replace("batch_size = 16", &format!("batch_size = 16\nstats_on_device = {flag}")))
+            .unwrap();
+        let st = Command::new(bin()).args(["-q", "run"]).arg(&j).arg("--output").arg(out).status().unwrap();
+        assert_eq!(st.code(), Some(1), "{}: some samples of the dataset are bad on purpose", j.display());
+    }
+    let (a, b) = (read_all(&host_out), read_all(&dev_out));
+    assert_eq!(a.num_rows(), b.num_rows());
+    let order = |batch: &RecordBatch| -> Vec<usize> {
+        let ids = col::<StringArray>(batch, "id");
+        let mut idx: Vec<usize> = (0..batch.num_rows()).collect();
+        idx.sort_by_key(|&i| ids.value(i).to_owned());
+        idx
+    };
+    let (ia, ib) = (order(&a), order(&b));
+    let stat_cols: Vec<String> = a
+        .schema()
+        .fields()
+        .iter()
+        .filter(|f| f.data_type() == &arrow::datatypes::DataType::Float32)
+        .map(|f| f.name().clone())
+        .collect();
+    assert!(stat_cols.iter().any(|c| c == "region_corner_share") && stat_cols.iter().any(|c| c == "attr_gini"));
+    let (mut ok_rows, mut boxes) = (0, 0);
+    for (&i, &j) in ia.iter().zip(&ib) {
+        let id = col::<StringArray>(&a, "id").value(i);
+        assert_eq!(id, col::<StringArray>(&b, "id").value(j));
+        assert_eq!(col::<StringArray>(&a, "status").value(i), col::<StringArray>(&b, "status").value(j), "{id}");
+        for name in &stat_cols {
+            let (x, y) = (col::<Float32Array>(&a, name), col::<Float32Array>(&b, name));
+            assert_eq!(x.is_valid(i), y.is_valid(j), "{id} {name}: null on one side only");
+            if x.is_valid(i) {
+                let (x, y) = (x.value(i), y.value(j));
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{id} {name}: host {x} vs device {y}");
+            }
+        }
+        let (pa, pb) = (col::<BinaryArray>(&a, "map_png"), col::<BinaryArray>(&b, "map_png"));
+        if pa.is_valid(i) {
+            ok_rows += 1;
+            boxes += usize::from(col::<Float32Array>(&a, "bbox_mass_share").is_valid(i));
+            let scale = |batch: &RecordBatch, k: usize| col::<Float32Array>(batch, "map_scale").value(k);
+            let (ma, _, _) = stats::decode_map_png(pa.value(i), scale(&a, i)).unwrap();
+            let (mb, _, _) = stats::decode_map_png(pb.value(j), scale(&b, j)).unwrap();
+            let level = scale(&a, i) / 255.0;
+            for (p, (u, v)) in ma.iter().zip(&mb).enumerate() {
+                assert!((u - v).abs() <= 1.01 * level + 1e-6, "{id} map pixel {p}: {u} vs {v}");
+            }
+        }
+    }
+    assert!(ok_rows >= 40 && boxes >= 10, "{ok_rows} ok rows, {boxes} with a box");
+}
+
+/// A libtorch failure inside a batch (here: the map resize cannot allocate its output, as a
+/// batch that runs out of device memory would fail) is that batch's error, not a crash, and the
+/// replica keeps working afterwards.
+#[test]
+fn a_libtorch_failure_is_the_batchs_error() {
+    use saliency_audit::engine::batch::TorchAttributor;
+    use saliency_audit::engine::reduce::Reduction;
+    let model = engine_cases().join("pipeline/model.pt");
+    let mut a = TorchAttributor::load(&model, Device::Cpu, EngineOptions::default(), &[0.5; 3], &[0.25; 3]).unwrap();
+    let (n, h, w) = (2, 32, 32);
+    let data = (0..n * h * w * 3).map(|i| (i % 251) as u8).collect();
+    let batch = U8Batch { n, h, w, data, targets: vec![Some(0), Some(1)], ..U8Batch::default() };
+    // 2 × 2^18 × 2^18 float32 maps: 2 TiB.
+    a.set_reduction(Some(Reduction { map_size: 1 << 18, regions: Vec::new() }));
+    let err = format!("{:#}", a.attribute(&batch).unwrap_err());
+    assert!(err.starts_with("libtorch: "), "{err}");
+    a.set_reduction(Some(Reduction { map_size: 8, regions: Vec::new() }));
+    let maps = a.attribute(&batch).unwrap();
+    assert_eq!(maps.len(), 2);
+    assert!(matches!(&maps[0].map, MapOut::Reduced { resized, .. } if resized.len() == 64));
 }
