@@ -14,6 +14,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 2
   fi
 fi
-cargo build --release --bin saliency-audit
-# One profile for the binary and the tests: the release build is made once.
+# One build: the integration tests run the binary that `cargo test` builds with them (a separate
+# `cargo build` would compile the dependencies a second time, with the test build's features).
 cargo test --release --no-fail-fast "$@"

@@ -77,6 +77,8 @@ pub struct RunSummary {
     pub batch_size: usize,
     /// Model replicas (workers) that ran.
     pub workers: usize,
+    /// Of those, the workers that computed statistics on their device.
+    pub stats_on_device: usize,
     pub shard: Option<ShardSummary>,
 }
 
@@ -379,16 +381,17 @@ fn attribute_batch(
                 Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
                 Ok(m) => {
                     // The whole map is reduced here; a reduced one only needs finishing.
+                    let host_sums;
                     let (sums, map) = match &m.map {
-                        MapOut::Full(map) => (
-                            stats::map_sums(map, h, w, px.bbox(i), px.mask(i), &cfg.regions),
-                            stats::encode_map_png(map, h, w, cfg.map_size),
-                        ),
+                        MapOut::Full(map) => {
+                            host_sums = stats::map_sums(map, h, w, px.bbox(i), px.mask(i), &cfg.regions);
+                            (&host_sums, stats::encode_map_png(map, h, w, cfg.map_size))
+                        }
                         MapOut::Reduced { sums, resized } => {
-                            (sums.clone(), stats::encode_resized_map_png(resized, cfg.map_size.max(1)))
+                            (sums, stats::encode_resized_map_png(resized, cfg.map_size.max(1)))
                         }
                     };
-                    let st = stats::finish(&sums, h, w, &m.cam, m.cam_h, m.cam_w);
+                    let st = stats::finish(sums, h, w, &m.cam, m.cam_h, m.cam_w);
                     Row {
                         sample: item.sample,
                         status: Status::Ok,

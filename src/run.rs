@@ -228,11 +228,13 @@ pub fn run_with(
         .iter()
         .map(|(name, x0, y0, x1, y1)| Region { name: name.clone(), x0: *x0, y0: *y0, x1: *x1, y1: *y1 })
         .collect();
+    let mut stats_on_device = 0;
     for r in loaded.iter_mut() {
         let device = r.engine().device();
         let on = job.stats_on_device.unwrap_or(device.is_cuda());
         tracing::debug!(?device, stats_on_device = on, "statistics placement");
         r.set_reduction(on.then(|| Reduction { map_size: job.map_size as usize, regions: regions.clone() }));
+        stats_on_device += usize::from(on);
     }
     let (h, w) = job.preprocess.input_size();
     let warm = Instant::now();
@@ -290,7 +292,7 @@ pub fn run_with(
         done.store(true, Ordering::Relaxed);
         r
     })?;
-    let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, ..summary };
+    let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, stats_on_device, ..summary };
     Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
 }
 
@@ -433,6 +435,7 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "warmup_s": s.warmup_time.as_secs_f64(),
         "batch_size": s.batch_size,
         "workers": s.workers,
+        "workers_with_stats_on_device": s.stats_on_device,
         "stage_busy_s": {
             "decode": s.decode_time.as_secs_f64(),
             "engine": s.engine_time.as_secs_f64(),

@@ -195,7 +195,7 @@ impl Attributor for TorchAttributor {
                 .map(String::as_str)
                 .or_else(|| p.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown panic");
-            Err(anyhow::anyhow!("libtorch: {}", msg.lines().next().unwrap_or(msg)))
+            Err(anyhow::anyhow!("libtorch: {}", libtorch_message(msg)))
         })
     }
 }
@@ -260,6 +260,15 @@ impl TorchAttributor {
             })
             .collect())
     }
+}
+
+/// The first line of libtorch's error inside a tch panic message, which reads
+/// ``called `Result::unwrap()` on an `Err` value: Torch("<error>\nframe #0: …")`` (the C++
+/// frames follow the first escaped newline).
+fn libtorch_message(panic: &str) -> &str {
+    let inner = panic.split_once("Torch(\"").map_or(panic, |(_, rest)| rest);
+    let first = inner.split("\\n").next().unwrap_or(inner);
+    first.lines().next().unwrap_or(first).trim_end_matches("\")").trim()
 }
 
 thread_local! {
