@@ -1,8 +1,8 @@
 //! `saliency-audit run` and `validate`: job file → plan → model replicas → pipeline → summary.
 
 use crate::decode;
-use crate::engine::batch::{Attributor, TorchAttributor};
-use crate::engine::reduce::Reduction;
+use crate::engine::batch::{catch_libtorch, Attributor, TorchAttributor};
+use crate::engine::reduce::{self, Reduction};
 use crate::engine::{self, EngineOptions, Rectifiers};
 use crate::job::{self, BatchSize, Devices, Job, Precision, Target};
 use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
@@ -228,15 +228,34 @@ pub fn run_with(
         .iter()
         .map(|(name, x0, y0, x1, y1)| Region { name: name.clone(), x0: *x0, y0: *y0, x1: *x1, y1: *y1 })
         .collect();
+    let (h, w) = job.preprocess.input_size();
+    let reduction = Reduction { map_size: job.map_size as usize, regions: regions.clone() };
+    // A device is trusted with the statistics once its reduction has matched the host's.
+    let mut checked: Vec<(tch::Device, bool)> = Vec::new();
     let mut stats_on_device = 0;
     for r in loaded.iter_mut() {
         let device = r.engine().device();
-        let on = job.stats_on_device.unwrap_or(device.is_cuda());
+        let mut on = job.stats_on_device.unwrap_or(device.is_cuda());
+        if on {
+            on = match checked.iter().find(|(d, _)| *d == device) {
+                Some(&(_, ok)) => ok,
+                None => {
+                    let check = catch_libtorch(|| reduce::self_check(device, &reduction, h as usize, w as usize));
+                    if let Err(e) = &check {
+                        tracing::warn!(
+                            "statistics computed on {device:?} do not match the host's ({e:#}); \
+                             the workers on {device:?} compute them on the host"
+                        );
+                    }
+                    checked.push((device, check.is_ok()));
+                    check.is_ok()
+                }
+            };
+        }
         tracing::debug!(?device, stats_on_device = on, "statistics placement");
-        r.set_reduction(on.then(|| Reduction { map_size: job.map_size as usize, regions: regions.clone() }));
+        r.set_reduction(on.then(|| reduction.clone()));
         stats_on_device += usize::from(on);
     }
-    let (h, w) = job.preprocess.input_size();
     let warm = Instant::now();
     let batch_size = warm_up(job.batch_size, &mut loaded, h as usize, w as usize)?;
     let warmup_time = warm.elapsed();

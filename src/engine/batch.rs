@@ -186,18 +186,25 @@ impl Attributor for TorchAttributor {
     /// tch's infallible calls panic on a libtorch error (out of device memory in a kernel, say):
     /// such a panic becomes this batch's error, so the pipeline splits and retries the batch.
     fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
-        CATCHING.with(|c| c.set(true));
-        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.attribute_batch(batch)));
-        CATCHING.with(|c| c.set(false));
-        caught.unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            Err(anyhow::anyhow!("libtorch: {}", libtorch_message(msg)))
-        })
+        catch_libtorch(|| self.attribute_batch(batch))
     }
+}
+
+/// Runs `f`, turning a panic inside it (tch's infallible calls panic on a libtorch error) into
+/// an error that carries libtorch's message; such panics stay out of stderr
+/// ([`install_panic_hook`]).
+pub fn catch_libtorch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    CATCHING.with(|c| c.set(true));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(false));
+    caught.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(anyhow::anyhow!("libtorch: {}", libtorch_message(msg)))
+    })
 }
 
 impl TorchAttributor {

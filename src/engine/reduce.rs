@@ -4,8 +4,8 @@
 //! [`crate::stats::resize_map`]); [`crate::stats::finish`] turns the sums into statistics either way.
 
 use super::no_grad;
-use crate::stats::{axis_range, MapSums, Region};
-use anyhow::{ensure, Result};
+use crate::stats::{axis_range, finish, map_sums, resize_map, MapStats, MapSums, Region};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 /// What every map of a batch is reduced to on the device.
@@ -161,39 +161,122 @@ impl DeviceReduction {
     }
 }
 
+/// Checks `device`'s reduction against the host's definitions before it is trusted with a run's
+/// statistics: maps of the model's input size `h × w` that hold what real maps can (a smooth
+/// bump, sparse hot pixels, NaN, infinities and negatives, an all-zero map), with object boxes,
+/// masks and `r`'s regions, are reduced on the device and on the host; the statistics must
+/// agree within [`CHECK_TOLERANCE`] and the resized maps within it relative to their values.
+/// The error names the first disagreement.
+pub fn self_check(device: Device, r: &Reduction, h: usize, w: usize) -> Result<()> {
+    let n = 4;
+    let v = check_maps(n, h, w);
+    let t = Tensor::from_slice(&v).view([n as i64, h as i64, w as i64]).to_device(device);
+    let boxes = [Some([0.1, 0.2, 0.8, 0.9]), None, Some([0.5, 0.0, 1.0, 0.5]), Some([0.0, 0.0, 1.0, 1.0])];
+    let masks: Vec<Option<Vec<u8>>> = (0..n)
+        .map(|i| (i % 2 == 0).then(|| (0..h * w).map(|p| u8::from((p / w) % 3 == i % 3) * 255).collect()))
+        .collect();
+    let dr = reduce(&t, r, &boxes, &masks)?;
+    let sums = dr.sums_per_sample()?;
+    let s2 = r.map_size * r.map_size;
+    let resized: Vec<f32> = Vec::try_from(dr.resized.to_device(Device::Cpu).contiguous().view([-1]))?;
+    ensure!(
+        sums.len() == n && resized.len() == n * s2,
+        "reduction returned {} sums, {} resized values",
+        sums.len(),
+        resized.len()
+    );
+    for i in 0..n {
+        let map = &v[i * h * w..(i + 1) * h * w];
+        let host = map_sums(map, h, w, boxes[i], masks[i].as_deref(), &r.regions);
+        let (a, b) = (finish(&host, h, w, &[], 0, 0), finish(&sums[i], h, w, &[], 0, 0));
+        compare_stats(&a, &b, CHECK_TOLERANCE).with_context(|| format!("test map {i} of {h}×{w}"))?;
+        let want = resize_map(map, h, w, r.map_size);
+        for (p, (a, b)) in want.iter().zip(&resized[i * s2..(i + 1) * s2]).enumerate() {
+            let both_finite = a.is_finite() && b.is_finite();
+            if (both_finite && (a - b).abs() > CHECK_TOLERANCE * a.abs().max(1.0)) || (a.is_finite() != b.is_finite()) {
+                bail!("test map {i} of {h}×{w}: resized pixel {p} is {b} on the device, {a} on the host");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How far the device's statistics may be from the host's in [`self_check`]: both sum in
+/// float64, so they differ by rounding alone (about 1e-7; the host takes logarithms in f32).
+pub const CHECK_TOLERANCE: f32 = 1e-5;
+
+/// Whether two samples' statistics agree: the same ones defined, values within `tol`
+/// (`attr_total` and `attr_max` relative to their size). The error names the first that does not.
+pub fn compare_stats(host: &MapStats, dev: &MapStats, tol: f32) -> Result<()> {
+    let rel = |name: &str, a: f32, b: f32| -> Result<()> {
+        if (a - b).abs() > tol * a.abs().max(b.abs()).max(1.0) || a.is_nan() != b.is_nan() {
+            bail!("{name} is {b} on the device, {a} on the host");
+        }
+        Ok(())
+    };
+    rel("attr_total", host.attr_total, dev.attr_total)?;
+    rel("attr_max", host.attr_max, dev.attr_max)?;
+    let shares = [
+        ("attr_entropy", host.attr_entropy, dev.attr_entropy),
+        ("attr_gini", host.attr_gini, dev.attr_gini),
+        ("attr_top5_share", host.attr_top5_share, dev.attr_top5_share),
+        ("attr_com_x", host.attr_com_x, dev.attr_com_x),
+        ("attr_com_y", host.attr_com_y, dev.attr_com_y),
+        ("attr_peak_x", host.attr_peak_x, dev.attr_peak_x),
+        ("attr_peak_y", host.attr_peak_y, dev.attr_peak_y),
+        ("bbox_mass_share", host.bbox_mass_share, dev.bbox_mass_share),
+        ("mask_mass_share", host.mask_mass_share, dev.mask_mass_share),
+    ];
+    let regions = host.region_shares.iter().zip(&dev.region_shares).map(|(a, b)| ("a region share", *a, *b));
+    ensure!(
+        host.region_shares.len() == dev.region_shares.len(),
+        "{} region shares on the device, {} on the host",
+        dev.region_shares.len(),
+        host.region_shares.len()
+    );
+    for (name, a, b) in shares.into_iter().chain(regions) {
+        match (a, b) {
+            (None, None) => {}
+            (Some(a), Some(b)) if (a - b).abs() <= tol => {}
+            _ => bail!("{name} is {b:?} on the device, {a:?} on the host"),
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic maps for checks and tests: sample i is, by i mod 4, a smooth bump times noise,
+/// sparse hot pixels, noise with NaN, −1 and +∞ mixed in, or all zeros.
+pub(crate) fn check_maps(n: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut v = Vec::with_capacity(n * h * w);
+    for i in 0..n {
+        for p in 0..h * w {
+            let (x, y) = ((p % w) as f32 / w as f32, (p / w) as f32 / h as f32);
+            let bump = (-((x - 0.7).powi(2) + (y - 0.3).powi(2)) * 20.0).exp();
+            v.push(match i % 4 {
+                0 => bump * rnd(),
+                1 if rnd() < 0.02 => 10.0 * rnd(),
+                1 => 0.0,
+                2 => [f32::NAN, -1.0, f32::INFINITY, 0.5][p % 4] * rnd(),
+                _ => 0.0,
+            });
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{finish, map_sums, resize_map};
 
     fn close(a: f64, b: f64, what: &str) {
         assert!((a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0), "{what}: host {a} vs device {b}");
-    }
-
-    /// Deterministic test maps: smooth bumps, sparse hot pixels, bad values, an all-zero map.
-    fn maps(n: usize, h: usize, w: usize) -> Vec<f32> {
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        };
-        let mut v = Vec::with_capacity(n * h * w);
-        for i in 0..n {
-            for p in 0..h * w {
-                let (x, y) = ((p % w) as f32 / w as f32, (p / w) as f32 / h as f32);
-                let bump = (-((x - 0.7).powi(2) + (y - 0.3).powi(2)) * 20.0).exp();
-                v.push(match i % 4 {
-                    0 => bump * rnd(),
-                    1 if rnd() < 0.02 => 10.0 * rnd(),
-                    1 => 0.0,
-                    2 => [f32::NAN, -1.0, f32::INFINITY, 0.5][p % 4] * rnd(),
-                    _ => 0.0,
-                });
-            }
-        }
-        v
     }
 
     /// The device reduction (libtorch on the CPU here, the same kernels' definitions as on CUDA)
@@ -201,7 +284,7 @@ mod tests {
     #[test]
     fn device_sums_equal_the_hosts() {
         for (n, h, w, size) in [(8usize, 29usize, 37usize, 16usize), (4, 32, 32, 64), (3, 7, 5, 3), (1, 1, 1, 1)] {
-            let v = maps(n, h, w);
+            let v = check_maps(n, h, w);
             let t = Tensor::from_slice(&v).view([n as i64, h as i64, w as i64]);
             let regions = vec![
                 Region { name: "corner".into(), x0: 0.6, y0: 0.0, x1: 1.0, y1: 0.4 },
@@ -289,7 +372,7 @@ mod tests {
     #[test]
     fn no_boxes_or_regions() {
         let (n, h, w) = (3usize, 12usize, 10usize);
-        let v = maps(n, h, w);
+        let v = check_maps(n, h, w);
         let t = Tensor::from_slice(&v).view([n as i64, h as i64, w as i64]);
         let red = Reduction { map_size: 5, regions: Vec::new() };
         let sums = reduce(&t, &red, &[], &[]).unwrap().sums_per_sample().unwrap();
@@ -299,6 +382,43 @@ mod tests {
             close(host.rank_weighted, dev.rank_weighted, "rank_weighted");
             assert!(dev.region_mass.is_empty() && dev.bbox_mass.is_none() && dev.mask_mass.is_none());
         }
+    }
+
+    /// The self-check passes where the reduction is right (libtorch's CPU kernels here), at a
+    /// model-input size and at odd sizes.
+    #[test]
+    fn self_check_passes_here() {
+        let regions = vec![
+            Region { name: "corner".into(), x0: 0.0, y0: 0.0, x1: 0.25, y1: 0.25 },
+            Region { name: "border".into(), x0: 0.0, y0: 0.9, x1: 1.0, y1: 1.0 },
+        ];
+        self_check(Device::Cpu, &Reduction { map_size: 64, regions: regions.clone() }, 224, 224).unwrap();
+        self_check(Device::Cpu, &Reduction { map_size: 16, regions }, 29, 37).unwrap();
+        self_check(Device::Cpu, &Reduction { map_size: 1, regions: Vec::new() }, 1, 1).unwrap();
+    }
+
+    /// What the self-check catches: a statistic off by more than the tolerance, one defined on
+    /// one side only, a different number of regions, and a reduction that fails.
+    #[test]
+    fn self_check_reports_disagreements() {
+        let v = check_maps(1, 20, 20);
+        let sums = map_sums(&v, 20, 20, Some([0.0, 0.0, 0.5, 0.5]), None, &[]);
+        let host = finish(&sums, 20, 20, &[], 0, 0);
+        compare_stats(&host, &host.clone(), CHECK_TOLERANCE).unwrap();
+
+        let off = MapStats { attr_gini: host.attr_gini.map(|g| g + 1e-3), ..host.clone() };
+        let e = compare_stats(&host, &off, CHECK_TOLERANCE).unwrap_err().to_string();
+        assert!(e.contains("attr_gini"), "{e}");
+        let undefined = MapStats { bbox_mass_share: None, ..host.clone() };
+        let e = compare_stats(&host, &undefined, CHECK_TOLERANCE).unwrap_err().to_string();
+        assert!(e.contains("bbox_mass_share"), "{e}");
+        let total = MapStats { attr_total: host.attr_total * 1.001, ..host.clone() };
+        assert!(compare_stats(&host, &total, CHECK_TOLERANCE).unwrap_err().to_string().contains("attr_total"));
+        let regions = MapStats { region_shares: vec![Some(0.5)], ..host.clone() };
+        assert!(compare_stats(&host, &regions, CHECK_TOLERANCE).unwrap_err().to_string().contains("region"));
+
+        let e = self_check(Device::Cpu, &Reduction { map_size: 0, regions: Vec::new() }, 8, 8).unwrap_err();
+        assert!(e.to_string().contains("map size"), "{e}");
     }
 
     #[test]

@@ -150,7 +150,9 @@ pub struct RuntimeSpec {
     /// Per-sample statistics and the map's resize run on the model's device, so that only they
     /// (a few hundred bytes and the `map_size²` map) are copied back instead of the whole map;
     /// `false` computes them on the host's thread pool from the whole map. Default on for CUDA
-    /// devices, off on the CPU (where the host's pool is as close to the map and faster).
+    /// devices, off on the CPU (where the host's pool is as close to the map and faster). A
+    /// device whose reduction does not match the host's on test maps at start-up computes them
+    /// on the host instead, with a warning.
     #[serde(default)]
     pub stats_on_device: Option<bool>,
 }

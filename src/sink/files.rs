@@ -39,6 +39,55 @@ pub(crate) fn run_summary_name(shard: u32, num_shards: u32) -> String {
     format!("_run-{}.json", shard_tag(shard, num_shards))
 }
 
+/// `.lock-<shard:05>-of-<count:05>`: held (flock) by the process writing that shard into a
+/// local folder.
+pub(crate) fn shard_lock_name(shard: u32, num_shards: u32) -> String {
+    format!(".lock-{}", shard_tag(shard, num_shards))
+}
+
+/// Takes the exclusive lock on shard `shard`'s lock file in a local output folder, waiting for
+/// another process that holds it (a shard started twice, a requeued job whose first copy is
+/// still stopping) to let go: the lock is what makes the leftover-file clean-up and the resume
+/// check safe, since with it no other process writes this shard's files. The lock goes with the
+/// returned file (or the process). Object-store prefixes have no lock (`None`): there each file
+/// is one PUT, and two writers of a shard write the same parts. A file system without locks
+/// (some network mounts) only gets a warning.
+pub(crate) fn lock_shard(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Result<Option<File>> {
+    let Loc::Local(d) = dir else {
+        return Ok(None);
+    };
+    let path = d.join(shard_lock_name(shard, num_shards));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => {
+            tracing::warn!(
+                "shard {shard} of {num_shards} in {} is being written by another process (it holds {}); \
+                 waiting for it to stop, then resuming from its parts",
+                d.display(),
+                path.display()
+            );
+            let t = std::time::Instant::now();
+            file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+            tracing::info!(waited_s = t.elapsed().as_secs_f64(), "took the lock of shard {shard} of {num_shards}");
+            Ok(Some(file))
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}); nothing stops a second process from writing shard {shard} of \
+                 {num_shards} at the same time",
+                path.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Parses `<5 digits>-of-<5 digits>` at the start of `s`; returns (shard, count, rest).
 fn parse_tag(s: &str) -> Option<(u32, u32, &str)> {
     let digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());

@@ -9,6 +9,10 @@
 //! Reopening a folder resumes: committed parts are checked (schema, row count, indices) and their
 //! chunks are skipped; anything else is redone. A shard that has all its rows gets a
 //! `_SUCCESS-<shard>-of-<count>.json`; [`finalize`] checks all shards and writes `_SUCCESS`.
+//!
+//! In a local folder the writer holds an exclusive lock on `.lock-<shard>-of-<count>` for its
+//! life; a second process opening the same shard waits for it (see `files::lock_shard`), so
+//! the clean-up of leftover temporary files and the resume check never race another writer.
 
 mod columns;
 mod files;
@@ -155,6 +159,8 @@ pub struct PartWriter {
     rows: u64,
     status_counts: BTreeMap<String, u64>,
     closed: bool,
+    /// This shard's lock (local folders), held for the writer's life.
+    _lock: Option<std::fs::File>,
 }
 
 /// Every status name with a zero count.
@@ -208,6 +214,8 @@ impl PartWriter {
         store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
 
         let (shard, count) = (cfg.shard, cfg.num_shards);
+        // Before anything is removed or checked: no other process writes this shard meanwhile.
+        let lock = files::lock_shard(&dir, shard, count)?;
         let names = files::list_names(&dir)?;
         for name in names.iter().filter(|n| files::is_shard_tmp(n, shard, count)) {
             tracing::info!("removing leftover temporary file {}", dir.join(name)?);
@@ -269,6 +277,7 @@ impl PartWriter {
             rows: 0,
             status_counts: zero_counts(),
             closed: false,
+            _lock: lock,
         };
 
         for name in &names {

@@ -318,7 +318,42 @@ fn abort_keeps_committed_parts_only() {
     let s = w.abort().unwrap();
     assert_eq!((s.rows, s.parts), (4, 1));
     let all = names(dir);
-    assert_eq!(all, ["_job-00000-of-00001.json", "part-00000-of-00001-000000.parquet"]);
+    assert_eq!(all, [".lock-00000-of-00001", "_job-00000-of-00001.json", "part-00000-of-00001-000000.parquet"]);
+}
+
+#[test]
+fn a_second_writer_of_a_shard_waits_for_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let c = cfg(&dir, 0, 2, 4, 2);
+    let (mut first, _) = PartWriter::open(c.clone(), "job").unwrap();
+    first.push(row(0)).unwrap(); // half of chunk 0 buffered
+                                 // The first writer's temporary file, which a second writer must not take for a leftover.
+    let live_tmp = dir.join(files::tmp_name("part-00000-of-00002-000001.parquet"));
+    fs::write(&live_tmp, b"in flight").unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second = std::thread::spawn(move || {
+        let r = PartWriter::open(c, "job");
+        tx.send(()).unwrap();
+        r
+    });
+    // Another shard opens at once; the same shard does not.
+    let (other, _) = PartWriter::open(cfg(&dir, 1, 2, 4, 2), "job").unwrap();
+    other.abort().unwrap();
+    assert!(rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(), "the second writer did not wait");
+    assert!(live_tmp.exists(), "the second writer removed the first's temporary file");
+
+    // Committing chunk 1 writes and renames that very temporary file.
+    (1..4).for_each(|i| first.push(row(i)).unwrap());
+    assert!(!live_tmp.exists());
+    first.finish().unwrap();
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the second writer still waits after the first finished");
+    let (w, resume) = second.join().unwrap().unwrap();
+    assert_eq!(resume.done_rows, 4, "the second writer resumes from the first's parts");
+    w.abort().unwrap();
+    assert!(names(&dir).contains(&files::shard_lock_name(0, 2)));
 }
 
 #[test]

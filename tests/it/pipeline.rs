@@ -441,8 +441,9 @@ fn bad_job_specs_fail_before_work() {
 }
 
 /// Stops a run once its first part is committed (SIGINT: graceful; SIGKILL: at any moment),
-/// then reruns the same command: every sample ends up exactly once, and nothing half-written
-/// is taken as complete.
+/// while a second run of the same command, started meanwhile, waits for the shard's lock; the
+/// second then resumes: every sample ends up exactly once, and nothing half-written is taken
+/// as complete.
 fn interrupt_and_resume(signal: i32) {
     let tmp = tempfile::tempdir().unwrap();
     let ds = make_dataset(tmp.path(), 600);
@@ -472,19 +473,46 @@ fn interrupt_and_resume(signal: i32) {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    unsafe { libc::kill(child.id() as i32, signal) };
-    let status = child.wait().unwrap();
+    // Frozen, the first run holds its shard's lock: a second run of the same job (a requeued
+    // task, say) must wait for it rather than write the same files.
+    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+    let mut again = Command::new(bin()).arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let stderr = again.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("is being written by another process") {
+                let _ = waiting_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let waited = waiting_rx.recv_timeout(std::time::Duration::from_secs(120));
     let committed = parts().len();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The first run is frozen: only the second could have written meanwhile.
+    let unchanged = parts().len() == committed;
+    let complete = out_dir.join("_SUCCESS").exists();
+    unsafe { libc::kill(child.id() as i32, signal) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    let status = child.wait().unwrap();
+    assert!(waited.is_ok(), "the second run did not wait for the first");
+    assert!(unchanged, "the second run wrote while the first held the shard");
+    assert!(!complete, "an interrupted run is not complete");
     let total_parts = ds.expected.len().div_ceil(20);
     assert!(committed < total_parts, "the run finished before the signal ({committed} parts)");
-    assert!(!out_dir.join("_SUCCESS").exists(), "an interrupted run is not complete");
     if signal == libc::SIGINT {
         assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
     } else {
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
     }
-    let again = Command::new(bin()).arg("-q").arg("run").arg(&job).output().unwrap();
-    assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));
+    // The second run takes over once the first is gone and finishes the job.
+    let again_status = again.wait().unwrap();
+    let again_err = reader.join().unwrap();
+    assert_eq!(again_status.code(), Some(1), "{again_err}");
     let rows = read_all(&out_dir);
     assert_eq!(rows.num_rows(), ds.expected.len(), "every sample exactly once");
     let index = col::<UInt64Array>(&rows, "index");
