@@ -114,7 +114,7 @@ def main():
     print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}")
     print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")
     print(f"{'whole pipeline, JPEG -> Parquet':32s} {'images/s':>9s} {'of engine':>9s} {'batch':>6s} {'workers':>7s} "
-          f"{'warm-up s':>9s} {'incl. warm-up':>13s}")
+          f"{'warm-up s':>9s} {'incl. warm-up':>13s} {'stats on device':>15s}")
     results = []
     for i, (name, extra) in enumerate(runs):
         runtime = {"devices": f'["{a.device}"]', "batch_size": str(a.batch), **{k: str(v) for k, v in extra.items()}}
@@ -131,7 +131,8 @@ def main():
         rate = run["images_per_s"]
         with_warm = run["processed"] / (run["elapsed_s"] + run.get("warmup_s", 0.0))
         print(f"{name:32s} {rate:9.2f} {rate / engine['images_per_s']:9.1%} {run.get('batch_size', a.batch):6d} "
-              f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {with_warm / engine['images_per_s']:13.1%}")
+              f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {with_warm / engine['images_per_s']:13.1%} "
+              f"{str(run.get('workers_with_stats_on_device', 0)) + ' of ' + str(run.get('workers', 1)):>15s}")
         print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]))
         results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}")})
     if len(results) > 1:

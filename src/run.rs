@@ -240,7 +240,15 @@ pub fn run_with(
             on = match checked.iter().find(|(d, _)| *d == device) {
                 Some(&(_, ok)) => ok,
                 None => {
+                    let t = Instant::now();
                     let check = catch_libtorch(|| reduce::self_check(device, &reduction, h as usize, w as usize));
+                    if check.is_ok() {
+                        tracing::info!(
+                            ?device,
+                            secs = t.elapsed().as_secs_f64(),
+                            "statistics on the device match the host's on the test maps"
+                        );
+                    }
                     if let Err(e) = &check {
                         tracing::warn!(
                             "statistics computed on {device:?} do not match the host's ({e:#}); \
