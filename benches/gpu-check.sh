@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent GPU machine (see the device tool): engine vs Captum and a
-# lean one-forward peer (fp32, then bf16 + channels-last) at batch 128, then the whole pipeline
-# (JPEG files -> Parquet) against the engine alone on ResNet-50. Prints one table per step and
-# writes JSON under $OUT when set.
+# One prepared GPU check for a lent GPU machine (see the device tool): the whole pipeline (JPEG
+# files -> Parquet) against the engine alone on ResNet-50, with its variants (statistics on the
+# host and on the device, one worker, batch_size = "auto"); then engine vs Captum and a lean
+# one-forward peer (fp32, then bf16 + channels-last) at batch 128 per model. Prints one table per
+# step and writes JSON under $OUT when set. The whole script keeps within BUDGET_S seconds (each
+# step's timeout is cut to what is left), so one device call of 8 minutes holds it.
 #
 # Here:   cargo build --release --bin saliency-audit
 #         mkdir -p .gpu && cp target/release/saliency-audit .gpu/ && strip .gpu/saliency-audit
@@ -10,29 +12,56 @@
 #         (.gpu and .whl are in .git/info/exclude; the stripped binary is ~35 MB, under the
 #         device tool's 64 MiB limit, the unstripped one is not)
 # There:  carry .gpu and .whl; run: bash benches/gpu-check.sh
-# MODELS (default "resnet50 vgg16"), JPEGS (default 8192), ENGINE_FLAGS (default
-# "--ablation --unfolded") and PIPELINE_FLAGS (default "--variants") change the work.
+#
+# Knobs (environment): MODELS (default "resnet50 vgg16"), PIPELINE_MODEL (resnet50), JPEGS
+# (8192), BATCH (128), SIZE (224, engine step), ITERS (10), WARMUP (3), DEVICE (cuda:0),
+# ENGINE_FLAGS (default "--ablation --unfolded"), PIPELINE_FLAGS (default "--variants"),
+# BUDGET_S (450), PYTHON (python3), BIN (.gpu/saliency-audit, else target/release's).
+# The test suite runs this script on the CPU with small values (tests/it/benches.rs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+device=${DEVICE:-cuda:0}
+batch=${BATCH:-128}
+budget=${BUDGET_S:-450}
+if [ -d .whl ] && ! "$PY" -c 'import captum' 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 # The binary's rpath names this project's .venv; on the GPU machine libtorch is the system torch's.
 torch_lib=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+case $device in
+  cuda*) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true ;;
+esac
 echo "cpu cores: $(nproc)"
 bin=${BIN:-.gpu/saliency-audit}
 [ -x "$bin" ] || bin=target/release/saliency-audit
 out=${OUT:-/tmp}
 t0=$SECONDS
-for m in ${MODELS:-resnet50 vgg16}; do
-  timeout 170 "$PY" benches/engine_vs_captum.py --model "$m" --batch 128 --device cuda --iters 10 --warmup 3 --fast \
-    ${ENGINE_FLAGS:---ablation --unfolded} --bin "$bin" --json "$out/engine_$m.json" || echo "engine_vs_captum $m failed ($?)"
+failed=0
+# step CAP_S NAME COMMAND...: runs COMMAND with a timeout of CAP_S or what is left of the budget.
+step() {
+  local cap=$1 name=$2
+  shift 2
+  local left=$((budget - (SECONDS - t0)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 20 ]; then
+    echo "$name: skipped (${left} s of the ${budget} s budget left)"
+    failed=1
+    return
+  fi
+  timeout "$limit" "$@" || { echo "$name failed or timed out ($?, limit $limit s)"; failed=1; }
   echo "[$((SECONDS - t0)) s]"
+}
+step 200 "pipeline_vs_engine ${PIPELINE_MODEL:-resnet50}" \
+  "$PY" benches/pipeline_vs_engine.py --model "${PIPELINE_MODEL:-resnet50}" --batch "$batch" --n "${JPEGS:-8192}" \
+  --device "$device" ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_${PIPELINE_MODEL:-resnet50}.json"
+for m in ${MODELS:-resnet50 vgg16}; do
+  step 170 "engine_vs_captum $m" \
+    "$PY" benches/engine_vs_captum.py --model "$m" --batch "$batch" --size "${SIZE:-224}" --device "$device" \
+    --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" --fast ${ENGINE_FLAGS---ablation --unfolded} --bin "$bin" \
+    --json "$out/engine_$m.json"
 done
-timeout 200 "$PY" benches/pipeline_vs_engine.py --model resnet50 --batch 128 --n "${JPEGS:-8192}" --device cuda:0 \
-  ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_resnet50.json" || echo "pipeline_vs_engine failed ($?)"
-echo "[$((SECONDS - t0)) s]"
+echo "gpu-check: $((SECONDS - t0)) s in all"
+exit $failed

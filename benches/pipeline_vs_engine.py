@@ -63,15 +63,20 @@ def agreement(results):
                     for i in base if i in other and base[i][k] is not None and other[i][k] is not None), default=0)
 
     base = rows(results[0]["out"])
+    found = []
     for r in results[1:]:
         other = rows(r["out"])
-        same_ids = set(other) == set(base)
-        status = sum(base[i][0] != other[i][0] for i in base if i in other)
-        print(f"rows of '{r['variant']}' vs '{results[0]['variant']}': same ids {same_ids}, status differs {status}, "
-              f"max |d target_prob| {max_diff(base, other, 2, False):.2e}, max relative d attr_total "
-              f"{max_diff(base, other, 3, True):.2e}, max |d gini| {max_diff(base, other, 4, False):.2e}, "
-              f"max |d entropy| {max_diff(base, other, 5, False):.2e}, max relative d map_scale "
-              f"{max_diff(base, other, 6, True):.2e}")
+        d = {"variant": r["variant"], "same_ids": set(other) == set(base),
+             "status_differs": sum(base[i][0] != other[i][0] for i in base if i in other),
+             "target_prob": max_diff(base, other, 2, False), "attr_total_rel": max_diff(base, other, 3, True),
+             "gini": max_diff(base, other, 4, False), "entropy": max_diff(base, other, 5, False),
+             "map_scale_rel": max_diff(base, other, 6, True)}
+        print(f"rows of '{r['variant']}' vs '{results[0]['variant']}': same ids {d['same_ids']}, status differs "
+              f"{d['status_differs']}, max |d target_prob| {d['target_prob']:.2e}, max relative d attr_total "
+              f"{d['attr_total_rel']:.2e}, max |d gini| {d['gini']:.2e}, max |d entropy| {d['entropy']:.2e}, "
+              f"max relative d map_scale {d['map_scale_rel']:.2e}")
+        found.append(d)
+    return found
 
 
 def main():
@@ -115,7 +120,7 @@ def main():
     print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")
     print(f"{'whole pipeline, JPEG -> Parquet':32s} {'images/s':>9s} {'of engine':>9s} {'batch':>6s} {'workers':>7s} "
           f"{'warm-up s':>9s} {'incl. warm-up':>13s} {'stats on device':>15s}")
-    results = []
+    results, failed = [], []
     for i, (name, extra) in enumerate(runs):
         runtime = {"devices": f'["{a.device}"]', "batch_size": str(a.batch), **{k: str(v) for k, v in extra.items()}}
         job = os.path.join(work, f"job{i}.toml")
@@ -125,6 +130,7 @@ def main():
         r = subprocess.run([a.bin, "-q", "run", job], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: run failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+            failed.append(name)
             continue
         with open(os.path.join(work, f"out{i}", "_run-00000-of-00001.json")) as f:
             run = json.load(f)
@@ -135,12 +141,13 @@ def main():
               f"{str(run.get('workers_with_stats_on_device', 0)) + ' of ' + str(run.get('workers', 1)):>15s}")
         print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]))
         results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}")})
-    if len(results) > 1:
-        agreement(results)
+    agree = agreement(results) if len(results) > 1 else []
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "batch": a.batch, "n": a.n, "device": dev, "engine": engine,
-                       "pipeline": results}, f, indent=1)
+                       "pipeline": results, "agreement": agree, "failed": failed}, f, indent=1)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,10 @@ fn main() -> ExitCode {
     saliency_audit::engine::batch::install_panic_hook();
     match run(cli) {
         Ok(code) => code,
+        Err(err) if err.downcast_ref::<saliency_audit::sink::LockWaitInterrupted>().is_some() => {
+            eprintln!("stopped: {err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {

@@ -139,7 +139,7 @@ pub fn run(
         .preprocess
         .output_size()
         .context("preprocessing needs a crop or an exact resize, so that every image of a batch has one size")?;
-    let (mut writer, resume) = PartWriter::open(cfg.sink.clone(), &cfg.fingerprint)?;
+    let (mut writer, resume) = PartWriter::open_or_stop(cfg.sink.clone(), &cfg.fingerprint, &stop)?;
     let pending: Vec<Sample> = samples.into_iter().filter(|s| !resume.is_done(s.index)).collect();
     let mut summary =
         RunSummary { resumed_rows: resume.done_rows, pending: pending.len() as u64, ..Default::default() };

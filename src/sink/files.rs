@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::store::{self, Loc};
 
@@ -52,7 +53,10 @@ pub(crate) fn shard_lock_name(shard: u32, num_shards: u32) -> String {
 /// returned file (or the process). Object-store prefixes have no lock (`None`): there each file
 /// is one PUT, and two writers of a shard write the same parts. A file system without locks
 /// (some network mounts) only gets a warning.
-pub(crate) fn lock_shard(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Result<Option<File>> {
+///
+/// The wait polls the lock (every 100 ms) and gives up with [`LockWaitInterrupted`] once `stop`
+/// is set (Ctrl-C), having written nothing.
+pub(crate) fn lock_shard(dir: &Loc, shard: u32, num_shards: u32, stop: &AtomicBool) -> anyhow::Result<Option<File>> {
     let Loc::Local(d) = dir else {
         return Ok(None);
     };
@@ -73,7 +77,18 @@ pub(crate) fn lock_shard(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Resu
                 path.display()
             );
             let t = std::time::Instant::now();
-            file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(fs::TryLockError::WouldBlock) if stop.load(Ordering::Relaxed) => {
+                        return Err(LockWaitInterrupted { path }.into());
+                    }
+                    Err(fs::TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                    Err(fs::TryLockError::Error(e)) => {
+                        return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+                    }
+                }
+            }
             tracing::info!(waited_s = t.elapsed().as_secs_f64(), "took the lock of shard {shard} of {num_shards}");
             Ok(Some(file))
         }
@@ -86,6 +101,14 @@ pub(crate) fn lock_shard(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Resu
             Ok(None)
         }
     }
+}
+
+/// A run stopped (Ctrl-C) while it waited for another process's shard lock; it wrote nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted while waiting for the lock {} held by another process; nothing was written", .path.display())]
+pub struct LockWaitInterrupted {
+    /// The lock file.
+    pub path: std::path::PathBuf,
 }
 
 /// Parses `<5 digits>-of-<5 digits>` at the start of `s`; returns (shard, count, rest).

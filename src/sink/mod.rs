@@ -24,6 +24,7 @@ mod tests;
 
 use crate::store::{self, Loc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context};
 use arrow::datatypes::SchemaRef;
@@ -38,7 +39,7 @@ use columns::Column;
 mod extra;
 pub use columns::region_column;
 pub use extra::{read_metadata, write_file, write_table};
-pub use files::part_name;
+pub use files::{part_name, LockWaitInterrupted};
 pub use read::{for_each_batch, read_rows};
 pub use summary::{finalize, write_summary, DatasetSummary, ShardSummary};
 
@@ -209,13 +210,19 @@ impl PartWriter {
     /// does not hold exactly its chunk's rows is moved aside as `<name>.corrupt-<time>` and its
     /// chunk redone. Returns the writer and what is already done.
     pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
+        Self::open_or_stop(cfg, fingerprint, &AtomicBool::new(false))
+    }
+
+    /// [`PartWriter::open`], except that waiting for another process's lock on the shard ends
+    /// with [`LockWaitInterrupted`] once `stop` is set (Ctrl-C while waiting).
+    pub fn open_or_stop(cfg: SinkConfig, fingerprint: &str, stop: &AtomicBool) -> anyhow::Result<(PartWriter, Resume)> {
         check_config(&cfg)?;
         let dir = cfg.dir.clone();
         store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
 
         let (shard, count) = (cfg.shard, cfg.num_shards);
         // Before anything is removed or checked: no other process writes this shard meanwhile.
-        let lock = files::lock_shard(&dir, shard, count)?;
+        let lock = files::lock_shard(&dir, shard, count, stop)?;
         let names = files::list_names(&dir)?;
         for name in names.iter().filter(|n| files::is_shard_tmp(n, shard, count)) {
             tracing::info!("removing leftover temporary file {}", dir.join(name)?);

@@ -344,6 +344,23 @@ fn a_second_writer_of_a_shard_waits_for_the_first() {
     assert!(rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(), "the second writer did not wait");
     assert!(live_tmp.exists(), "the second writer removed the first's temporary file");
 
+    // A third that waits gives up once its stop flag is set, and touches nothing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, c3) = (stop.clone(), cfg(&dir, 0, 2, 4, 2));
+    let third = std::thread::spawn(move || PartWriter::open_or_stop(c3, "job", &stop2).map(|_| ()));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!third.is_finished(), "the third writer did not wait");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::Instant::now();
+    while !third.is_finished() {
+        assert!(t.elapsed().as_secs() < 5, "the third writer still waits 5 s after its stop");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = third.join().unwrap().expect_err("a stopped wait opens nothing");
+    assert!(e.downcast_ref::<LockWaitInterrupted>().is_some(), "{e:#}");
+    assert!(e.to_string().contains(&files::shard_lock_name(0, 2)), "{e}");
+    assert!(live_tmp.exists(), "the stopped writer removed the first's temporary file");
+
     // Committing chunk 1 writes and renames that very temporary file.
     (1..4).for_each(|i| first.push(row(i)).unwrap());
     assert!(!live_tmp.exists());

@@ -1,6 +1,7 @@
 //! The integration test binary: one binary, topic modules.
 
 mod audit;
+mod benches;
 mod common;
 mod deploy;
 mod engine;

@@ -476,22 +476,51 @@ fn interrupt_and_resume(signal: i32) {
     // Frozen, the first run holds its shard's lock: a second run of the same job (a requeued
     // task, say) must wait for it rather than write the same files.
     unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
-    let mut again = Command::new(bin()).arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
-    let stderr = again.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if line.contains("is being written by another process") {
-                let _ = waiting_tx.send(());
+    // A run of the job whose stderr is read on a thread; the receiver hears when it waits.
+    let waiting_run = || {
+        let mut run = Command::new(bin()).arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+        let stderr = run.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                if line.contains("is being written by another process") {
+                    let _ = waiting_tx.send(());
+                }
+                text.push_str(&line);
+                text.push('\n');
             }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
+            text
+        });
+        (run, waiting_rx, reader)
+    };
+    let (mut again, waiting_rx, reader) = waiting_run();
     let waited = waiting_rx.recv_timeout(std::time::Duration::from_secs(120));
     let committed = parts().len();
+    if signal == libc::SIGINT && waited.is_ok() {
+        // One Ctrl-C stops a run that waits for the lock, at once and without writing.
+        let (mut third, third_waiting, third_reader) = waiting_run();
+        let third_waited = third_waiting.recv_timeout(std::time::Duration::from_secs(120));
+        unsafe { libc::kill(third.id() as i32, libc::SIGINT) };
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = third.try_wait().unwrap() {
+                break Some(status);
+            }
+            if t.elapsed().as_secs() >= 5 {
+                third.kill().unwrap();
+                third.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let err = third_reader.join().unwrap();
+        assert!(third_waited.is_ok(), "the third run did not wait: {err}");
+        let status = status.unwrap_or_else(|| panic!("Ctrl-C did not stop a waiting run within 5 s: {err}"));
+        assert_eq!(status.code(), Some(130), "{err}");
+        assert!(err.contains("interrupted while waiting for the lock"), "{err}");
+        assert!(!out_dir.join("_run-00000-of-00001.json").exists(), "the waiting run wrote a summary");
+    }
     std::thread::sleep(std::time::Duration::from_millis(300));
     // The first run is frozen: only the second could have written meanwhile.
     let unchanged = parts().len() == committed;
