@@ -122,6 +122,7 @@ fn config(dir: PathBuf) -> SinkConfig {
         rows_per_part: ROWS_PER_PART,
         regions: REGIONS.iter().map(|r| r.to_string()).collect(),
         metadata: vec![("saliency_audit.schema_version".into(), sa::sink::SCHEMA_VERSION.to_string())],
+        job_id: "job".into(),
     }
 }
 

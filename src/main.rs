@@ -279,7 +279,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.write_time.as_secs_f64()
             );
             let json = run::summary_json(&outcome, shard);
-            saliency_audit::sink::write_summary(&outcome.output_dir, shard.index, shard.count, &json)?;
+            // The parts and markers are committed: a summary that cannot be written does not
+            // change how the run ended.
+            if let Err(e) = saliency_audit::sink::write_summary(&outcome.output_dir, shard.index, shard.count, &json) {
+                tracing::warn!("cannot write the run summary into {}: {e:#}", outcome.output_dir);
+            }
             if s.interrupted {
                 eprintln!("stopped early: rerun the same command to finish (committed parts are kept)");
                 return Ok(ExitCode::from(130));

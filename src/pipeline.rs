@@ -10,7 +10,7 @@
 //! Every sample leaves the pipeline as exactly one row: failures are rows with a status.
 
 use crate::decode::{self, Preprocess};
-use crate::engine::batch::{Attributor, MapOut, SampleMaps, U8Batch};
+use crate::engine::batch::{panic_message, Attributor, MapOut, SampleMaps, U8Batch};
 use crate::sample::{Sample, SampleError, Status};
 use crate::sink::{CamMap, PartWriter, Row, ShardSummary, SinkConfig};
 use crate::stats::{self, Region};
@@ -159,6 +159,9 @@ pub fn run(
     let (pool, times, stop_ref) = (&pool, &times, &stop);
 
     let write_result = std::thread::scope(|s| -> Result<()> {
+        // Owned by this closure, so that a panic of the writer below drops the receiver and the
+        // stages' sends fail instead of blocking the scope's join forever.
+        let row_rx = row_rx;
         // Source: pending samples in order, in batches.
         s.spawn(move || {
             for chunk in pending.chunks(cfg.batch_size) {
@@ -177,7 +180,9 @@ pub fn run(
             let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
             s.spawn(move || {
                 for batch in work_rx {
-                    let rows = attribute_batch(cfg, pool, times, attributor.as_mut(), batch);
+                    let items = batch.items.iter().map(|r| (r.sample.clone(), r.target)).collect();
+                    let rows =
+                        rows_or_internal_error(items, || attribute_batch(cfg, pool, times, attributor.as_mut(), batch));
                     if row_tx.send(rows).is_err() {
                         break;
                     }
@@ -213,7 +218,17 @@ pub fn run(
     write_result?;
     let interrupted = stop.load(Ordering::Relaxed) && summary.processed() < summary.pending;
     let t = Instant::now();
-    summary.shard = Some(if interrupted { writer.abort()? } else { writer.finish()? });
+    summary.shard = Some(if interrupted {
+        // Rows of unfinished parts are dropped (a rerun redoes them): they do not count.
+        for (status, n) in writer.buffered_status_counts() {
+            if let Some(c) = summary.counts.get_mut(&status) {
+                *c = c.saturating_sub(n);
+            }
+        }
+        writer.abort()?
+    } else {
+        writer.finish()?
+    });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
@@ -354,6 +369,26 @@ fn attribute_split(attr: &mut dyn Attributor, batch: &U8Batch, first: usize) -> 
             let mut out = attribute_split(attr, &batch.slice(0, half), first);
             out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half));
             out
+        }
+    }
+}
+
+/// `attribute()`'s rows, with a panic in it (a bug: libtorch's own failures are caught in the
+/// engine) turned into an `attribution_error` row for each of `items` (the batch's samples and
+/// targets), so that no sample goes missing and the other batches go on.
+fn rows_or_internal_error(items: Vec<(Sample, Option<i64>)>, attribute: impl FnOnce() -> Vec<Row>) -> Vec<Row> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(attribute)) {
+        Ok(rows) => rows,
+        Err(p) => {
+            let msg = panic_message(p.as_ref());
+            tracing::error!("internal error on a batch of {} samples (a bug; please report it): {msg}", items.len());
+            items
+                .into_iter()
+                .map(|(sample, target)| {
+                    let err = SampleError::new(Status::AttributionError, format!("internal error: {msg}"));
+                    failed_row(sample, target, err)
+                })
+                .collect()
         }
     }
 }

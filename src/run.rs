@@ -31,6 +31,8 @@ pub struct Plan {
     pub num_classes: i64,
     pub devices: Vec<tch::Device>,
     pub model_sha256: String,
+    /// SHA-256 over every sample of the dataset (before sharding): what all shards must share.
+    pub dataset_sha256: String,
 }
 
 impl std::fmt::Display for Plan {
@@ -133,6 +135,11 @@ pub fn plan_with(
     }
     let set = source::load_samples(&job.dataset, job.class_names.as_deref(), Some(classes))?;
     let total = set.samples.len();
+    let mut h = Sha256::new();
+    for s in &set.samples {
+        h.update(sample_key(s));
+    }
+    let dataset_sha256 = hex::encode(h.finalize());
     let samples = source::select_shard(set.samples, shard.index, shard.count);
     let model_sha256 = file_sha256(&job.model)?;
     let plan = Plan {
@@ -144,6 +151,7 @@ pub fn plan_with(
         num_classes: classes,
         devices,
         model_sha256,
+        dataset_sha256,
     };
     Ok((plan, first))
 }
@@ -151,29 +159,44 @@ pub fn plan_with(
 /// The output's identity: a folder holding parts of another job (other model, samples,
 /// preprocessing or statistics settings) is refused instead of mixed.
 fn fingerprint(p: &Plan) -> String {
-    let j = &p.job;
     let mut h = Sha256::new();
-    h.update(format!(
-        "v{SCHEMA_VERSION}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{}/{}",
+    h.update(format!("{}|{}/{}", settings_key(p), p.shard.index, p.shard.count));
+    for s in &p.samples {
+        h.update(sample_key(s));
+    }
+    hex::encode(h.finalize())
+}
+
+/// The identity every shard of one output folder shares: the settings, the shard count and the
+/// whole dataset's samples. A shard run with another model, other settings or a dataset that
+/// changed since the other shards ran is refused (see [`SinkConfig::job_id`]).
+fn job_id(p: &Plan) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{}|of {}|{}", settings_key(p), p.shard.count, p.dataset_sha256));
+    hex::encode(h.finalize())
+}
+
+fn sample_key(s: &Sample) -> String {
+    format!("\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}", s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask)
+}
+
+/// The model and every setting that changes what is written.
+fn settings_key(p: &Plan) -> String {
+    let j = &p.job;
+    format!(
+        "v{SCHEMA_VERSION}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|tf32 {}|channels_last {:?}|{}|{}|{:?}",
         p.model_sha256,
         j.preprocess,
         j.target,
         j.interpolate_mode,
         j.guided_rectifiers,
         j.precision,
+        j.allow_tf32,
+        j.channels_last,
         j.map_size,
         j.rows_per_part,
         j.regions,
-        p.shard.index,
-        p.shard.count
-    ));
-    for s in &p.samples {
-        h.update(format!(
-            "\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}",
-            s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask
-        ));
-    }
-    hex::encode(h.finalize())
+    )
 }
 
 /// How a run ended, for the exit code.
@@ -288,6 +311,7 @@ pub fn run_with(
         rows_per_part: job.rows_per_part as u64,
         regions: regions.iter().map(|r| r.name.clone()).collect(),
         metadata,
+        job_id: job_id(&plan),
     };
     let cfg = PipelineConfig {
         preprocess: decode_preprocess(&job.preprocess),
@@ -307,6 +331,15 @@ pub fn run_with(
     let total = plan.samples.len();
     let done = Arc::new(AtomicBool::new(false));
     let summary = std::thread::scope(|s| {
+        // Set on the way out, panics included, so that the progress thread ends and the scope
+        // can join it.
+        struct SetOnDrop<'a>(&'a AtomicBool);
+        impl Drop for SetOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _done = SetOnDrop(&done);
         let (progress2, done2) = (progress.clone(), done.clone());
         let (pending_tx, pending_rx) = crossbeam_channel::bounded::<(u64, u64)>(1);
         s.spawn(move || report_progress(pending_rx, &progress2, &done2));
@@ -316,7 +349,6 @@ pub fn run_with(
             }
             let _ = pending_tx.send((pending, resumed));
         });
-        done.store(true, Ordering::Relaxed);
         r
     })?;
     let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, stats_on_device, ..summary };

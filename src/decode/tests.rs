@@ -48,8 +48,10 @@ fn crc32(data: &[u8]) -> u32 {
 fn every_format_decodes() {
     let img = gradient(40, 30);
     let dynimg = DynamicImage::ImageRgb8(img.clone());
-    let cases: [(ImageFormat, Vec<u8>, u8); 6] = [
+    // Every extension an image folder lists (torchvision's IMG_EXTENSIONS and .gif) decodes.
+    let cases: [(ImageFormat, Vec<u8>, u8); 7] = [
         (ImageFormat::Png, encode(&dynimg, ImageFormat::Png), 0),
+        (ImageFormat::Pnm, encode(&dynimg, ImageFormat::Pnm), 0),
         (ImageFormat::Bmp, encode(&dynimg, ImageFormat::Bmp), 0),
         (ImageFormat::Tiff, encode(&dynimg, ImageFormat::Tiff), 0),
         (ImageFormat::WebP, encode(&dynimg, ImageFormat::WebP), 0), // image writes lossless WebP
@@ -63,6 +65,13 @@ fn every_format_decodes() {
         let diff = max_abs_diff(&d.rgb, img.as_raw());
         assert!(diff <= tolerance, "{format:?}: max diff {diff}");
     }
+    // A grey PGM comes out with the grey value in all three channels.
+    let grey = dynimg.to_luma8();
+    let d =
+        decode_bytes(&encode(&DynamicImage::ImageLuma8(grey.clone()), ImageFormat::Pnm), "g.pgm", &identity(40, 30))
+            .unwrap();
+    let expanded: Vec<u8> = grey.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
+    assert_eq!(d.rgb, expanded);
 }
 
 #[test]

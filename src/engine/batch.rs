@@ -197,14 +197,16 @@ pub fn catch_libtorch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     CATCHING.with(|c| c.set(true));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     CATCHING.with(|c| c.set(false));
-    caught.unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
-        Err(anyhow::anyhow!("libtorch: {}", libtorch_message(msg)))
-    })
+    caught.unwrap_or_else(|p| Err(anyhow::anyhow!("libtorch: {}", libtorch_message(panic_message(p.as_ref())))))
+}
+
+/// The message a panic carries (`panic!`'s text, or tch's `unwrap` of a libtorch error).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
 }
 
 impl TorchAttributor {
@@ -283,13 +285,16 @@ thread_local! {
     static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Installs a panic hook that stays silent for the panics [`TorchAttributor`] catches (libtorch
-/// failures, reported as the batch's error, with their C++ frames left out) and hands every
-/// other panic to the hook that was there before.
+/// Installs a panic hook that stays silent for the libtorch failures [`TorchAttributor`]
+/// catches (reported as the batch's error, with their C++ frames left out) and hands every
+/// other panic, caught or not, to the hook that was there before.
 pub fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !CATCHING.with(|c| c.get()) {
+        // tch reports a libtorch error as `Torch(…)`; any other panic is a bug, printed with
+        // its location even where it is caught.
+        let libtorch = panic_message(info.payload()).contains("Torch(");
+        if !(libtorch && CATCHING.with(|c| c.get())) {
             previous(info);
         }
     }));

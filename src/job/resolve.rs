@@ -293,6 +293,25 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
     if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
         return Err(spec.error("preprocess.mean", format!("{x}{} is not a finite number", origin(mean_given))));
     }
+    // Pixels are scaled to 0..1 before (x − mean) / std, as torchvision's ToTensor does; values
+    // on the 0..255 scale (mmcv's convention) would make every input about −2 without an error.
+    for (key, v, given, bad) in [
+        ("preprocess.mean", &mean, mean_given, mean.iter().any(|&x| x > 1.0)),
+        ("preprocess.std", &std, std_given, std.iter().any(|&x| x > 1.0)),
+    ] {
+        if bad {
+            let scaled: Vec<String> = v.iter().map(|x| format!("{:.4}", x / 255.0)).collect();
+            return Err(spec.error(
+                key,
+                format!(
+                    "{v:?}{} is on the 0..255 pixel scale, but pixels are scaled to 0..1 before normalising \
+                     (as torchvision's ToTensor does): divide by 255, i.e. [{}]",
+                    origin(given),
+                    scaled.join(", ")
+                ),
+            ));
+        }
+    }
     Ok(Preprocess {
         resize,
         crop,

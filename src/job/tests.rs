@@ -226,6 +226,22 @@ fn mean_std_must_match_channels() {
     assert_err(&full_with("std", "std = [0.2, 0.2]"), "preprocess.std", 9);
 }
 
+/// mean/std on the 0..255 scale (mmcv's convention) are refused, from the spec (naming its
+/// line) or from the model's metadata, with the 0..1 values to use.
+#[test]
+fn mean_std_on_the_0_255_scale_are_refused() {
+    let d = Dir::new();
+    let text = full_with("mean", "mean = [123.675, 116.28, 103.53]");
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("preprocess.mean") && err.contains("line 8") && err.contains("0..255"), "{err}");
+    assert!(err.contains("[0.4850, 0.4560, 0.4060]"), "{err}");
+    let meta = ModelMeta { std: Some(vec![58.395, 57.12, 57.375]), input_size: Some([224, 224]), ..Default::default() };
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
+    assert!(err.contains("preprocess.std") && err.contains("from the model's metadata"), "{err}");
+    // 0..1 values pass.
+    resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
+}
+
 #[test]
 fn std_must_be_positive() {
     let e = assert_err(&full_with("std", "std = [0.2, 0.0, 0.2]"), "preprocess.std[1]", 9);

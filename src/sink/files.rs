@@ -227,14 +227,16 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(loc: &Loc) -> anyhow::Re
     serde_json::from_slice(&bytes).with_context(|| format!("{loc} is not a valid saliency-audit file"))
 }
 
-/// Moves a part that failed validation aside as `<name>.corrupt-<unix time>` (never overwriting
+/// Moves a part that failed validation aside as `.<name>.corrupt-<unix time>` (never overwriting
 /// an earlier one); returns the new location.
 pub(crate) fn move_aside(dir: &Loc, name: &str) -> anyhow::Result<Loc> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let mut aside = dir.join(&format!("{name}.corrupt-{now}"))?;
+    // Hidden (a leading dot), so that dataset readers (pyarrow, Spark) skip it, as they skip
+    // temporary files; it no longer parses as a part.
+    let mut aside = dir.join(&format!(".{name}.corrupt-{now}"))?;
     let mut n = 1;
     while store::exists(&aside)? {
-        aside = dir.join(&format!("{name}.corrupt-{now}-{n}"))?;
+        aside = dir.join(&format!(".{name}.corrupt-{now}-{n}"))?;
         n += 1;
     }
     store::rename(&dir.join(name)?, &aside)?;

@@ -108,7 +108,15 @@ pub struct SinkConfig {
     /// Parquet key-value metadata written into every part (job spec, model hash, tool version,
     /// schema version, class names); filled by the caller.
     pub metadata: Vec<(String, String)>,
+    /// The identity all shards of one output folder share (the caller's hash of model,
+    /// settings, shard count and the whole dataset's sample list): a shard of another job, or
+    /// of this job over a dataset that has changed since, is refused. Empty: not checked.
+    pub job_id: String,
 }
+
+/// How many other shards' `_job` files an `open` reads to check the job id (a folder of
+/// another job shows in every one of them); `finalize` reads them all.
+const OTHER_SHARDS_CHECKED: usize = 16;
 
 /// What an earlier run of the same job already committed for this shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +143,9 @@ impl Resume {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct JobFile {
     fingerprint: String,
+    /// [`SinkConfig::job_id`] (absent in folders written before it existed).
+    #[serde(default)]
+    job_id: String,
     shard: u32,
     num_shards: u32,
     total_rows: u64,
@@ -207,7 +218,8 @@ impl PartWriter {
     /// The first open records it in `_job-<shard>-of-<count>.json`; a later open with another
     /// fingerprint is refused, since the folder then holds another job's output. Stale
     /// temporary files of this shard are removed, and committed parts are checked; a part that
-    /// does not hold exactly its chunk's rows is moved aside as `<name>.corrupt-<time>` and its
+    /// does not hold exactly its chunk's rows is moved aside as `.<name>.corrupt-<time>` (hidden from
+    /// dataset readers, as temporary files are) and its
     /// chunk redone. Returns the writer and what is already done.
     pub fn open(cfg: SinkConfig, fingerprint: &str) -> anyhow::Result<(PartWriter, Resume)> {
         Self::open_or_stop(cfg, fingerprint, &AtomicBool::new(false))
@@ -229,8 +241,41 @@ impl PartWriter {
             files::remove_if_exists(&dir, name)?;
         }
 
+        // The other shards in the folder: split the same way, and of the same job.
+        let mut checked = 0;
+        for name in &names {
+            let Some((s, c)) = files::parse_job_name(name) else {
+                continue;
+            };
+            if c != count {
+                bail!(
+                    "output folder {dir} holds shard {s} of {c} ({}), but this run is shard {shard} of \
+                     {count}: all shards of one output folder share one shard count (for a Slurm array, \
+                     set NUM_SHARDS); run with {c} shards or use another output folder",
+                    dir.join(name)?
+                );
+            }
+            if s == shard || checked == OTHER_SHARDS_CHECKED || cfg.job_id.is_empty() {
+                continue;
+            }
+            checked += 1;
+            let path = dir.join(name)?;
+            let other: JobFile = files::read_json(&path)?;
+            if !other.job_id.is_empty() && other.job_id != cfg.job_id {
+                bail!(
+                    "output folder {dir} holds shard {s} of {c} of another job ({path} records job {}, \
+                     this run is job {}): the model, a setting or the dataset's sample list differs \
+                     from when that shard ran; run every shard with one job spec over one dataset, or \
+                     use another output folder",
+                    other.job_id,
+                    cfg.job_id
+                );
+            }
+        }
+
         let job = JobFile {
             fingerprint: fingerprint.to_owned(),
+            job_id: cfg.job_id.clone(),
             shard,
             num_shards: count,
             total_rows: cfg.total_rows,
@@ -251,7 +296,20 @@ impl PartWriter {
                     job.fingerprint
                 );
             }
-            if old != job {
+            if !old.job_id.is_empty() && !job.job_id.is_empty() && old.job_id != job.job_id {
+                bail!(
+                    "output folder {} holds this shard's output, but the dataset's sample list has \
+                     changed since ({} records job {}, this run is job {}): the other shards no longer \
+                     match; rerun every shard into another output folder",
+                    dir,
+                    job_path,
+                    old.job_id,
+                    job.job_id
+                );
+            }
+            if (old.shard, old.num_shards, old.total_rows, old.rows_per_part, old.schema_version)
+                != (job.shard, job.num_shards, job.total_rows, job.rows_per_part, job.schema_version)
+            {
                 bail!(
                     "output folder {} holds this job's shard {shard} of {count} written with a \
                      different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
@@ -287,6 +345,7 @@ impl PartWriter {
             _lock: lock,
         };
 
+        let mut invalid = Vec::new();
         for name in &names {
             let Some((s, c, chunk)) = files::parse_part_name(name) else {
                 continue;
@@ -294,7 +353,9 @@ impl PartWriter {
             if (s, c) != (shard, count) {
                 continue;
             }
-            match writer.check_part(name, chunk) {
+            // A part that cannot be read (a store's time-out, EIO) stops the run: only a part
+            // whose content is wrong is set aside and written again.
+            match writer.check_part(name, chunk)? {
                 Ok(counts) => {
                     writer.done.insert(chunk);
                     writer.rows += writer.chunk_len(chunk);
@@ -302,21 +363,26 @@ impl PartWriter {
                         *writer.status_counts.entry(k).or_default() += v;
                     }
                 }
-                Err(e) => {
-                    let aside = files::move_aside(&dir, name)?;
-                    tracing::warn!(
-                        "part {} is not valid ({e:#}); moved it to {} and will write chunk {chunk} again",
-                        dir.join(name)?,
-                        aside
-                    );
-                }
+                Err(e) => invalid.push((name, chunk, e)),
             }
         }
 
         if (writer.done.len() as u64) < writer.num_chunks {
-            // The shard is not complete, so neither it nor the dataset may look finished.
-            files::remove_if_exists(&dir, &files::shard_success_name(shard, count))?;
-            files::remove_if_exists(&dir, files::DATASET_SUCCESS)?;
+            // The shard is not complete, so neither it nor the dataset may look finished: the
+            // markers go (durably) before any part is set aside.
+            let a = files::remove_if_exists(&dir, &files::shard_success_name(shard, count))?;
+            let b = files::remove_if_exists(&dir, files::DATASET_SUCCESS)?;
+            if let (Loc::Local(d), true) = (&dir, a || b) {
+                files::sync_dir(d)?;
+            }
+        }
+        for (name, chunk, e) in invalid {
+            let aside = files::move_aside(&dir, name)?;
+            tracing::warn!(
+                "part {} is not valid ({e:#}); moved it to {} and will write chunk {chunk} again",
+                dir.join(name)?,
+                aside
+            );
         }
 
         let resume = Resume {
@@ -329,21 +395,29 @@ impl PartWriter {
         Ok((writer, resume))
     }
 
-    /// Validates a committed part of `chunk`; returns its status counts.
-    fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<BTreeMap<String, u64>> {
-        if chunk >= self.num_chunks {
-            bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
-        }
-        let contents = read::read_part_contents(&self.cfg.dir.join(name)?, &self.schema)?;
-        let (start, end) = self.chunk_range(chunk);
-        let expected = end - start;
-        if contents.indices.len() as u64 != expected {
-            bail!("it holds {} rows, chunk {chunk} has {expected}", contents.indices.len());
-        }
-        if !contents.indices.iter().copied().eq(start..end) {
-            bail!("its indices are not {start}..{end} in order");
-        }
-        Ok(contents.status_counts)
+    /// Validates a committed part of `chunk`: `Err` when it cannot be read at all (I/O, the
+    /// store), `Ok(Err)` when its content is not that chunk's, else its status counts.
+    #[allow(clippy::type_complexity)]
+    fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<BTreeMap<String, u64>>> {
+        let path = self.cfg.dir.join(name)?;
+        let file = read::open_part(&path).with_context(|| {
+            format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)")
+        })?;
+        Ok((|| {
+            if chunk >= self.num_chunks {
+                bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
+            }
+            let contents = read::read_part_contents(file, &path, &self.schema)?;
+            let (start, end) = self.chunk_range(chunk);
+            let expected = end - start;
+            if contents.indices.len() as u64 != expected {
+                bail!("it holds {} rows, chunk {chunk} has {expected}", contents.indices.len());
+            }
+            if !contents.indices.iter().copied().eq(start..end) {
+                bail!("its indices are not {start}..{end} in order");
+            }
+            Ok(contents.status_counts)
+        })())
     }
 
     fn chunk_range(&self, chunk: u64) -> (u64, u64) {
@@ -535,6 +609,16 @@ impl PartWriter {
             finalize(&self.cfg.dir)?;
         }
         Ok(summary)
+    }
+
+    /// Statuses of the rows buffered for chunks not yet complete (what [`PartWriter::abort`]
+    /// would drop).
+    pub fn buffered_status_counts(&self) -> BTreeMap<Status, u64> {
+        let mut counts = BTreeMap::new();
+        for row in self.pending.values().flat_map(|p| p.slots.iter().flatten()) {
+            *counts.entry(row.status).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Stops early (Ctrl-C): committed parts stay, buffered rows of incomplete chunks are

@@ -83,8 +83,9 @@ pub(crate) fn part_row_count(path: &Loc) -> anyhow::Result<u64> {
 }
 
 /// Reads a part's `index` and `status` columns, after checking that its schema is `expected`.
-pub(crate) fn read_part_contents(path: &Loc, expected: &SchemaRef) -> anyhow::Result<PartContents> {
-    let builder = open_builder(path)?;
+pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRef) -> anyhow::Result<PartContents> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{path} is not a readable Parquet file"))?;
     let found = builder.schema();
     let same =
         found.fields().len() == expected.fields().len()

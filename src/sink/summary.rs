@@ -89,6 +89,29 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
         );
     }
 
+    // Every shard of the job over the same dataset.
+    let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
+    for name in names.iter().filter(|n| parse_job_name(n).is_some()) {
+        let path = dir.join(name)?;
+        let job: serde_json::Value = files::read_json(&path)?;
+        if let Some(id) = job.get("job_id").and_then(|v| v.as_str()).filter(|id| !id.is_empty()) {
+            job_ids.entry(id.to_owned()).or_insert(path);
+        }
+    }
+    let mut ids = job_ids.iter();
+    if let (Some(a), Some(b)) = (ids.next(), ids.next()) {
+        bail!(
+            "{} mixes shards of different jobs: {} records job {}, {} records job {} (the model, a \
+             setting or the dataset's sample list changed between shards); rerun every shard into \
+             another output folder",
+            dir,
+            a.1,
+            a.0,
+            b.1,
+            b.0
+        );
+    }
+
     let mut total =
         DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
     for shard in 0..num_shards {

@@ -24,6 +24,7 @@ fn cfg(dir: &Path, shard: u32, num_shards: u32, total_rows: u64, rows_per_part: 
             ("saliency_audit.schema_version".into(), SCHEMA_VERSION.to_string()),
             ("saliency_audit.model_sha256".into(), "abc123".into()),
         ],
+        job_id: "job".into(),
     }
 }
 
@@ -71,7 +72,8 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn indices_of(path: &Path) -> Vec<u64> {
-    read::read_part_contents(&Loc::from(path), &schema(&regions())).unwrap().indices
+    let loc = Loc::from(path);
+    read::read_part_contents(read::open_part(&loc).unwrap(), &loc, &schema(&regions())).unwrap().indices
 }
 
 #[test]
@@ -270,7 +272,7 @@ fn resume_after_crash() {
     let all = names(&dir);
     assert!(!all.iter().any(|n| n.starts_with(".tmp-part-00001")), "{all:?}");
     assert!(all.iter().any(|n| n == other_shard_tmp), "another shard's files are left alone");
-    assert!(all.iter().any(|n| n.starts_with("part-00001-of-00003-000000.parquet.corrupt-")), "{all:?}");
+    assert!(all.iter().any(|n| n.starts_with(".part-00001-of-00003-000000.parquet.corrupt-")), "{all:?}");
     assert!(!part0.exists());
 
     // Redo the rest, skipping done samples as the pipeline does.
@@ -291,14 +293,37 @@ fn resume_after_crash() {
     w.abort().unwrap();
 }
 
-#[test]
-fn reopening_an_incomplete_shard_removes_stale_markers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// Writes shard 0 of 1 (4 rows, parts of 2) into `dir`, finished; returns its config.
+fn finished_shard_of_two_parts(dir: &Path) -> SinkConfig {
     let c = cfg(dir, 0, 1, 4, 2);
     let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
     (0..4).for_each(|i| w.push(row(i)).unwrap());
     w.finish().unwrap();
+    c
+}
+
+/// A committed part that cannot be read (here: a dangling link; on a store, a time-out) stops
+/// the open with an error naming it, and is neither moved aside nor redone.
+#[test]
+fn an_unreadable_part_stops_the_open_and_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let c = finished_shard_of_two_parts(dir);
+    let part = dir.join("part-00000-of-00001-000001.parquet");
+    fs::remove_file(&part).unwrap();
+    std::os::unix::fs::symlink(dir.join("gone"), &part).unwrap();
+    let e = format!("{:#}", PartWriter::open(c, "job").err().expect("an unreadable part is an error"));
+    assert!(e.contains("cannot read committed part") && e.contains("part-00000-of-00001-000001.parquet"), "{e}");
+    assert!(fs::symlink_metadata(&part).is_ok(), "the part was moved");
+    assert!(!names(dir).iter().any(|n| n.contains("corrupt")), "{:?}", names(dir));
+    assert!(dir.join("_SUCCESS").exists(), "an I/O error does not unmark a finished output");
+}
+
+#[test]
+fn reopening_an_incomplete_shard_removes_stale_markers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let c = finished_shard_of_two_parts(dir);
     fs::remove_file(dir.join("part-00000-of-00001-000001.parquet")).unwrap();
     let (_w, resume) = PartWriter::open(c, "job").unwrap();
     assert_eq!(resume.done_chunks.len(), 1);
@@ -441,9 +466,47 @@ fn finalize_counts_all_shards() {
 fn finalize_refuses_mixed_shard_counts() {
     let tmp = tempfile::tempdir().unwrap();
     write_shard(tmp.path(), 0, 1, 2);
-    write_shard(tmp.path(), 0, 2, 2);
+    // A shard of another count is refused at open, before any work...
+    let e = PartWriter::open(cfg(tmp.path(), 0, 2, 2, 3), "job-0").err().unwrap().to_string();
+    assert!(e.contains("holds shard 0 of 1") && e.contains("_job-00000-of-00001.json"), "{e}");
+    assert!(e.contains("shard 0 of 2") && e.contains("NUM_SHARDS"), "{e}");
+    // ...and a folder mixed by other means is refused by finalize.
+    let other = tempfile::tempdir().unwrap();
+    write_shard(other.path(), 0, 2, 2);
+    for name in names(other.path()) {
+        fs::copy(other.path().join(&name), tmp.path().join(&name)).unwrap();
+    }
     let e = finalize(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("different shard counts (1, 2)"), "{e}");
+}
+
+/// Shards of one folder share a job id (model, settings, the whole dataset): a shard of another
+/// job, or of this one after its dataset changed, is refused at open and by finalize.
+#[test]
+fn shards_of_another_job_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_shard(tmp.path(), 0, 2, 2);
+    let mut c = cfg(tmp.path(), 1, 2, 2, 3);
+    c.job_id = "other".into();
+    let e = PartWriter::open(c.clone(), "job-1").err().unwrap().to_string();
+    assert!(e.contains("holds shard 0 of 2 of another job") && e.contains("_job-00000-of-00002.json"), "{e}");
+    assert!(e.contains("records job job") && e.contains("this run is job other"), "{e}");
+    // The same shard again after its dataset changed (same shard fingerprint, new job id).
+    c.shard = 0;
+    let e = PartWriter::open(c, "job-0").err().unwrap().to_string();
+    assert!(e.contains("sample list has changed"), "{e}");
+    // finalize reads every shard's job id.
+    let other = tempfile::tempdir().unwrap();
+    let mut c = cfg(other.path(), 1, 2, 2, 3);
+    c.job_id = "other".into();
+    let (mut w, _) = PartWriter::open(c, "job-1").unwrap();
+    (0..2).for_each(|i| w.push(row(i)).unwrap());
+    w.finish().unwrap();
+    for name in names(other.path()).into_iter().filter(|n| !n.starts_with('.') && n != "_SUCCESS") {
+        fs::copy(other.path().join(&name), tmp.path().join(&name)).unwrap();
+    }
+    let e = finalize(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("mixes shards of different jobs") && e.contains("records job other"), "{e}");
 }
 
 #[test]
@@ -451,6 +514,7 @@ fn file_names_parse() {
     assert_eq!(part_name(2, 8, 13), "part-00002-of-00008-000013.parquet");
     assert_eq!(files::parse_part_name("part-00002-of-00008-000013.parquet"), Some((2, 8, 13)));
     assert_eq!(files::parse_part_name("part-00002-of-00008-000013.parquet.corrupt-1"), None);
+    assert_eq!(files::parse_part_name(".part-00002-of-00008-000013.parquet.corrupt-1"), None);
     assert_eq!(files::parse_part_name(".tmp-part-00002-of-00008-000013.parquet-7"), None);
     assert_eq!(files::parse_part_name("part-2-of-8-13.parquet"), None);
     assert_eq!(files::parse_shard_success_name("_SUCCESS-00003-of-00004.json"), Some((3, 4)));

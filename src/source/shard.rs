@@ -54,8 +54,10 @@ impl ShardSpec {
     ///
     /// Environments, first match wins:
     /// - Kubernetes Indexed Job: `JOB_COMPLETION_INDEX`, with `NUM_SHARDS` set in the pod spec;
-    /// - Slurm job array: index = (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`) /
-    ///   `SLURM_ARRAY_TASK_STEP` (default 1), count = `SLURM_ARRAY_TASK_COUNT`;
+    /// - Slurm job array: with `NUM_SHARDS` set, index = `SLURM_ARRAY_TASK_ID` (the array's
+    ///   indices are the shards', so one task resubmitted alone keeps its shard); else index =
+    ///   (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`) / `SLURM_ARRAY_TASK_STEP` (default 1),
+    ///   count = `SLURM_ARRAY_TASK_COUNT`, which holds only for the array as first submitted;
     /// - AWS Batch array job: `AWS_BATCH_JOB_ARRAY_INDEX`, with `AWS_BATCH_JOB_ARRAY_SIZE` set in
     ///   the job definition.
     pub fn from_env_or_args(
@@ -111,11 +113,14 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
         let count = require("NUM_SHARDS", "JOB_COMPLETION_INDEX")?;
         return shard(index, count, "JOB_COMPLETION_INDEX and NUM_SHARDS");
     }
-    if get("NUM_SHARDS")?.is_some() {
-        bail!("environment variable NUM_SHARDS is set but JOB_COMPLETION_INDEX is not");
-    }
     // Slurm job array.
     if let Some(id) = get("SLURM_ARRAY_TASK_ID")? {
+        // With NUM_SHARDS the array index is the shard index, so a task resubmitted alone
+        // (`--array=3`, where Slurm's MIN and COUNT describe only that one task) still runs
+        // shard 3 of NUM_SHARDS.
+        if let Some(count) = get("NUM_SHARDS")? {
+            return shard(id, count, "SLURM_ARRAY_TASK_ID and NUM_SHARDS");
+        }
         let min = require("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_ID")?;
         let count = require("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID")?;
         let step = get("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
@@ -129,6 +134,9 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
             );
         }
         return shard((id - min) / step, count, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT");
+    }
+    if get("NUM_SHARDS")?.is_some() {
+        bail!("environment variable NUM_SHARDS is set but neither JOB_COMPLETION_INDEX nor SLURM_ARRAY_TASK_ID is");
     }
     // AWS Batch array job.
     if let Some(index) = get("AWS_BATCH_JOB_ARRAY_INDEX")? {

@@ -436,6 +436,18 @@ fn shard_spec_from_args_and_env() {
         .to_string();
     assert!(e.contains("SLURM_ARRAY_TASK_MIN"), "{e}");
 
+    // With NUM_SHARDS, the array index is the shard: task 3 resubmitted alone (--array=3,
+    // where Slurm says MIN 3, COUNT 1) is still shard 3 of 8.
+    let alone = [
+        ("SLURM_ARRAY_TASK_ID", "3"),
+        ("SLURM_ARRAY_TASK_MIN", "3"),
+        ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ("NUM_SHARDS", "8"),
+    ];
+    assert_eq!(shard_env(None, None, &alone).unwrap(), spec(3, 8));
+    let e = shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "8"), ("NUM_SHARDS", "8")]).unwrap_err().to_string();
+    assert!(e.contains("not below") && e.contains("NUM_SHARDS"), "{e}");
+
     // AWS Batch array job.
     let aws = [("AWS_BATCH_JOB_ARRAY_INDEX", "7"), ("AWS_BATCH_JOB_ARRAY_SIZE", "8")];
     assert_eq!(shard_env(None, None, &aws).unwrap(), spec(7, 8));

@@ -60,6 +60,9 @@ fn slurm_array_script() {
     assert!(text.contains("#SBATCH --gres=gpu:1"));
     assert!(text.contains("saliency-audit finalize"));
     assert!(text.contains("if [ \"$code\" -le 1 ]; then exit 0; fi"));
+    // NUM_SHARDS defaults to the array's size, so task i is shard i of it, resubmitted or not.
+    let last: u32 = text.split("#SBATCH --array=0-").nth(1).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    assert!(text.contains(&format!("export NUM_SHARDS=${{NUM_SHARDS:-{}}}", last + 1)), "NUM_SHARDS != array size");
 }
 
 /// The Dockerfile builds as the README's set-up does (pip's torch 2.11.0 in a venv, the

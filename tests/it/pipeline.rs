@@ -306,6 +306,98 @@ impl Attributor for RedChannel {
     }
 }
 
+/// A fake engine that panics (a bug, not a libtorch error) on a batch holding an image whose
+/// first red value is 7, and otherwise behaves as [`RedChannel`].
+struct PanicsOnSeven;
+
+impl Attributor for PanicsOnSeven {
+    fn name(&self) -> String {
+        "panics".into()
+    }
+    fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
+        let hw = b.h * b.w;
+        if (0..b.n).any(|i| b.data[i * hw * 3] == 7) {
+            panic!("index out of bounds: the fake's bug");
+        }
+        RedChannel.attribute(b)
+    }
+}
+
+/// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
+/// other batches are written, no sample goes missing, and the run ends (no hang).
+#[test]
+fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let samples: Vec<Sample> = [3u8, 7, 9, 11, 7, 5]
+        .into_iter()
+        .enumerate()
+        .map(|(i, red)| {
+            let file = format!("s{i}.png");
+            RgbImage::from_pixel(16, 16, Rgb([red, 0, 0])).save(tmp.path().join(&file)).unwrap();
+            Sample {
+                index: i as u64,
+                id: format!("s{i}"),
+                path: file.clone(),
+                location: tmp.path().join(&file).into(),
+                label: Some(0),
+                label_error: None,
+                bbox: None,
+                mask: None,
+            }
+        })
+        .collect();
+    let out = tmp.path().join("out");
+    let cfg = PipelineConfig {
+        preprocess: Preprocess {
+            resize: Resize::Exact { h: 16, w: 16 },
+            crop: None,
+            max_pixels: 1 << 20,
+            jpeg_dct_scaling: false,
+        },
+        target: TargetMode::Label,
+        batch_size: 2,
+        decode_threads: 2,
+        map_size: 4,
+        regions: vec![],
+        sink: SinkConfig {
+            dir: out.clone().into(),
+            shard: 0,
+            num_shards: 1,
+            total_rows: 6,
+            rows_per_part: 4,
+            regions: vec![],
+            metadata: vec![],
+            job_id: "job".into(),
+        },
+        fingerprint: "panics".into(),
+    };
+    let summary = pipeline::run(
+        cfg,
+        samples,
+        vec![Box::new(PanicsOnSeven)],
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Progress::default()),
+        |_, _| {},
+    )
+    .expect("the run ends normally");
+    // Batches [3, 7] and [7, 5] fail whole; [9, 11] is fine.
+    assert_eq!(summary.counts.get(&Status::AttributionError), Some(&4), "{:?}", summary.counts);
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&2), "{:?}", summary.counts);
+    let rows = read_all(&out);
+    assert_eq!(rows.num_rows(), 6, "every sample has its row");
+    let status = col::<StringArray>(&rows, "status");
+    let error = col::<StringArray>(&rows, "error");
+    for (i, want) in ["attribution_error", "attribution_error", "ok", "ok", "attribution_error", "attribution_error"]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(status.value(i), want, "row {i}");
+        if want != "ok" {
+            assert!(error.value(i).contains("internal error") && error.value(i).contains("the fake's bug"), "row {i}");
+        }
+    }
+}
+
 /// Constructed cases: an 80×60 image, red in its top-right quarter only, resized (shorter side
 /// 36 → 48×36) and centre-cropped to 32 (left 8, top 2): the red lands in the crop's top-right
 /// quarter. Box [40,0,80,30] and a mask of the same area map onto that quarter.
@@ -365,6 +457,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
             rows_per_part: 2,
             regions: regions.iter().map(|r| r.name.clone()).collect(),
             metadata: vec![],
+            job_id: "job".into(),
         },
         fingerprint: "constructed".into(),
     };
