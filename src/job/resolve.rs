@@ -19,6 +19,8 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 const DEFAULT_MAP_SIZE: u32 = 64;
 const DEFAULT_ROWS_PER_PART: u32 = 1024;
+/// Most bytes of maps one part may hold in the worst case (an incompressible PNG per row).
+const MAX_PART_MAP_BYTES: u64 = 1 << 30;
 
 /// Reads, parses and resolves a job file, reading the model's embedded metadata from the
 /// TorchScript archive.
@@ -150,6 +152,23 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         Some(DevicesSpec::List(l)) => Devices::List(l.clone()),
     };
 
+    let map_size = spec.output.map_size.unwrap_or(DEFAULT_MAP_SIZE);
+    let rows_per_part = spec.output.rows_per_part.unwrap_or(DEFAULT_ROWS_PER_PART);
+    // A part's map column holds up to rows_per_part PNGs of up to about map_size² bytes each;
+    // Arrow's binary column tops out at 2 GiB per part, so keep the worst case within 1 GiB.
+    let worst = u64::from(rows_per_part) * u64::from(map_size) * u64::from(map_size);
+    if worst > MAX_PART_MAP_BYTES {
+        let fits = (MAX_PART_MAP_BYTES / (u64::from(map_size) * u64::from(map_size))).max(1);
+        return Err(spec.error(
+            if spec.output.rows_per_part.is_some() { "output.rows_per_part" } else { "output.map_size" },
+            format!(
+                "{rows_per_part} rows per part with maps of {map_size}×{map_size} can hold up to {} MiB of \
+                 maps in one part file (at most {} MiB): set output.rows_per_part to {fits} or fewer",
+                worst >> 20,
+                MAX_PART_MAP_BYTES >> 20
+            ),
+        ));
+    }
     Ok(Job {
         job_file: spec.origin().to_path_buf(),
         dataset,
@@ -173,8 +192,8 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         cudnn_benchmark: spec.runtime.cudnn_benchmark.unwrap_or(true),
         decode_threads: spec.runtime.decode_threads.unwrap_or(0),
         output,
-        map_size: spec.output.map_size.unwrap_or(DEFAULT_MAP_SIZE),
-        rows_per_part: spec.output.rows_per_part.unwrap_or(DEFAULT_ROWS_PER_PART),
+        map_size,
+        rows_per_part,
         regions: spec.regions.iter().map(|r| (r.name.clone(), r.x0, r.y0, r.x1, r.y1)).collect(),
         class_names,
         num_classes,

@@ -242,6 +242,24 @@ fn mean_std_on_the_0_255_scale_are_refused() {
     resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
 }
 
+/// A part's maps must fit Arrow's 2 GiB binary column: large maps need smaller parts.
+#[test]
+fn parts_of_large_maps_are_bounded() {
+    let d = Dir::new();
+    let text = full_with("map_size", "map_size = 1024").replace("rows_per_part = 100", "rows_per_part = 4096");
+    let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("output.rows_per_part") && err.contains("line 23") && err.contains("1024 or fewer"), "{err}");
+    // The default 1024 rows fit maps of 1024; 2048 rows of 512 do too.
+    resolve(
+        parse(&full_with("map_size", "map_size = 1024").replace("rows_per_part = 100\n", "")).unwrap(),
+        d.path(),
+        None,
+    )
+    .unwrap();
+    let text = full_with("map_size", "map_size = 512").replace("rows_per_part = 100", "rows_per_part = 4096");
+    assert!(resolve(parse(&text).unwrap(), d.path(), None).is_ok());
+}
+
 #[test]
 fn std_must_be_positive() {
     let e = assert_err(&full_with("std", "std = [0.2, 0.0, 0.2]"), "preprocess.std[1]", 9);

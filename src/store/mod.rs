@@ -225,7 +225,14 @@ fn store(bucket: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
 
 /// The store and object path of a remote location.
 fn object(bucket: &str, key: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjPath)> {
-    Ok((store(bucket)?, ObjPath::from(key)))
+    Ok((store(bucket)?, obj_path(bucket, key)?))
+}
+
+/// The key as the store names it. `ObjPath::from` would percent-encode characters such as
+/// `~ # [ ] %`, so that a key listed from the bucket (`cls/img[1].jpg`) or given by the user
+/// (`runs/exp#3`) would name another object; `parse` keeps it as it is.
+fn obj_path(bucket: &str, key: &str) -> anyhow::Result<ObjPath> {
+    ObjPath::parse(key).with_context(|| format!("key {key:?} in bucket {bucket} is not a valid object path"))
 }
 
 fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
@@ -395,7 +402,7 @@ pub fn rename(from: &Loc, to: &Loc) -> anyhow::Result<()> {
         (Loc::Local(a), Loc::Local(b)) => std::fs::rename(a, b).with_context(|| format!("cannot move {from} to {to}")),
         (Loc::Remote { bucket: ba, key: ka }, Loc::Remote { bucket: bb, key: kb }) if ba == bb => {
             let (s, pa) = object(ba, ka)?;
-            let pb = ObjPath::from(kb.as_str());
+            let pb = obj_path(bb, kb)?;
             runtime()
                 .block_on(async {
                     s.copy(&pa, &pb).await?;

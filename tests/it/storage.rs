@@ -219,12 +219,13 @@ fn s3_manifest_images_and_output_over_http() {
     assert_eq!(pictures(&html), pictures(&local_html), "the report fetched the images from the bucket");
 
     // An image folder given by URL: class folders are the first key segment under the prefix.
-    s3.boto(UPLOAD, &["folders", ds.dir.join("img").to_str().unwrap(), "train/cls_a/"]);
+    // Keys keep characters a URL would escape (`~`, `[`, `]`, `#`).
+    s3.boto(UPLOAD, &["folders", ds.dir.join("img").to_str().unwrap(), "train~v2/cls_[a]#1/"]);
     s3.boto(UPLOAD, &["folders2", ds.dir.join("bad").to_str().unwrap(), "x/"]);
     let folder_job = tmp.path().join("folder-job.toml");
     let text = std::fs::read_to_string(&job)
         .unwrap()
-        .replace("manifest = \"samples.csv\"", "image_folder = \"s3://folders/train\"")
+        .replace("manifest = \"samples.csv\"", "image_folder = \"s3://folders/train~v2\"")
         .replace("target = \"label\"", "target = \"predicted\"")
         .replace("path = \"out\"", &format!("path = \"{}\"", tmp.path().join("folder-out").display()));
     std::fs::write(&folder_job, text).unwrap();
@@ -232,7 +233,7 @@ fn s3_manifest_images_and_output_over_http() {
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let folder_rows = rows(&tmp.path().join("folder-out"));
     assert_eq!(folder_rows.len(), 24);
-    assert!(folder_rows.keys().all(|id| id.starts_with("cls_a/")), "{:?}", folder_rows.keys().collect::<Vec<_>>());
+    assert!(folder_rows.keys().all(|id| id.starts_with("cls_[a]#1/")), "{:?}", folder_rows.keys().collect::<Vec<_>>());
 
     // Clear errors: a missing manifest object names the key; a bad scheme names the value.
     let bad = tmp.path().join("bad-job.toml");
