@@ -156,7 +156,8 @@ pub fn run(
     let (row_tx, row_rx) = bounded::<Vec<Row>>(4 * workers + 4);
     let times = StageTimes::default();
     let cfg = &cfg;
-    let (pool, times, stop_ref) = (&pool, &times, &stop);
+    let device_failure = std::sync::Mutex::new(None::<anyhow::Error>);
+    let (pool, times, stop_ref, device_failure) = (&pool, &times, &stop, &device_failure);
 
     let write_result = std::thread::scope(|s| -> Result<()> {
         // Owned by this closure, so that a panic of the writer below drops the receiver and the
@@ -181,10 +182,22 @@ pub fn run(
             s.spawn(move || {
                 for batch in work_rx {
                     let items = batch.items.iter().map(|r| (r.sample.clone(), r.target)).collect();
-                    let rows =
-                        rows_or_internal_error(items, || attribute_batch(cfg, pool, times, attributor.as_mut(), batch));
-                    if row_tx.send(rows).is_err() {
-                        break;
+                    match rows_or_internal_error(items, || {
+                        attribute_batch(cfg, pool, times, attributor.as_mut(), batch)
+                    }) {
+                        Ok(rows) => {
+                            if row_tx.send(rows).is_err() {
+                                break;
+                            }
+                        }
+                        // The device is failing: this batch gets no rows (a rerun does it), the
+                        // run stops as on Ctrl-C and then reports this error.
+                        Err(e) => {
+                            tracing::error!("{e:#}");
+                            stop_ref.store(true, Ordering::Relaxed);
+                            device_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            break;
+                        }
                     }
                 }
             });
@@ -231,6 +244,9 @@ pub fn run(
     });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;
+    if let Some(e) = device_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
     summary.engine_time = Duration::from_nanos(times.engine_ns.load(Ordering::Relaxed));
     summary.stats_time = Duration::from_nanos(times.stats_ns.load(Ordering::Relaxed));
@@ -352,11 +368,29 @@ fn decode_stage(
 
 /// Attributes a batch; a failing batch is split and retried (out of device memory, one bad
 /// sample), down to single samples, which get an `attribution_error` row. Nothing is lost.
-fn attribute_split(attr: &mut dyn Attributor, batch: &U8Batch, first: usize) -> Vec<Result<SampleMaps, String>> {
-    match attr.attribute(batch) {
+///
+/// A single sample that fails is followed by a health check of the replica; if that fails too,
+/// the device is failing (a sticky CUDA error, memory taken by another process), and the error
+/// ends the run (`Err`) instead of filling every remaining sample's row with it.
+fn attribute_split(
+    attr: &mut dyn Attributor,
+    batch: &U8Batch,
+    first: usize,
+) -> Result<Vec<Result<SampleMaps, String>>> {
+    Ok(match attr.attribute(batch) {
         Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
         Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
-        Err(e) if batch.n == 1 => vec![Err(format!("{e:#}"))],
+        Err(e) if batch.n == 1 => {
+            if let Err(health) = attr.check_health(batch.h, batch.w) {
+                return Err(health.context(format!(
+                    "worker {}: sample {first} of a batch failed ({e:#}), and so did a health check on a \
+                     mid-grey image: the device is failing; stopping (committed parts are kept, rerun to \
+                     resume)",
+                    attr.name()
+                )));
+            }
+            vec![Err(format!("{e:#}"))]
+        }
         Err(e) => {
             let half = batch.n / 2;
             tracing::warn!(
@@ -366,29 +400,32 @@ fn attribute_split(attr: &mut dyn Attributor, batch: &U8Batch, first: usize) -> 
                 first,
                 first + batch.n
             );
-            let mut out = attribute_split(attr, &batch.slice(0, half), first);
-            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half));
+            let mut out = attribute_split(attr, &batch.slice(0, half), first)?;
+            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half)?);
             out
         }
-    }
+    })
 }
 
 /// `attribute()`'s rows, with a panic in it (a bug: libtorch's own failures are caught in the
 /// engine) turned into an `attribution_error` row for each of `items` (the batch's samples and
 /// targets), so that no sample goes missing and the other batches go on.
-fn rows_or_internal_error(items: Vec<(Sample, Option<i64>)>, attribute: impl FnOnce() -> Vec<Row>) -> Vec<Row> {
+fn rows_or_internal_error(
+    items: Vec<(Sample, Option<i64>)>,
+    attribute: impl FnOnce() -> Result<Vec<Row>>,
+) -> Result<Vec<Row>> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(attribute)) {
         Ok(rows) => rows,
         Err(p) => {
             let msg = panic_message(p.as_ref());
             tracing::error!("internal error on a batch of {} samples (a bug; please report it): {msg}", items.len());
-            items
+            Ok(items
                 .into_iter()
                 .map(|(sample, target)| {
                     let err = SampleError::new(Status::AttributionError, format!("internal error: {msg}"));
                     failed_row(sample, target, err)
                 })
-                .collect()
+                .collect())
         }
     }
 }
@@ -399,9 +436,9 @@ fn attribute_batch(
     times: &StageTimes,
     attr: &mut dyn Attributor,
     batch: WorkBatch,
-) -> Vec<Row> {
+) -> Result<Vec<Row>> {
     let t = Instant::now();
-    let results = attribute_split(attr, &batch.pixels, 0);
+    let results = attribute_split(attr, &batch.pixels, 0)?;
     add(&times.engine_ns, t);
     let t = Instant::now();
     let px = &batch.pixels;
@@ -448,5 +485,5 @@ fn attribute_batch(
             .collect()
     });
     add(&times.stats_ns, t);
-    rows
+    Ok(rows)
 }

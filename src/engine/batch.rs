@@ -80,6 +80,14 @@ pub trait Attributor: Send {
     fn name(&self) -> String;
     /// Attributes a batch; one result per image, in order.
     fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>>;
+
+    /// Whether the replica still works, after a single image failed: attributes one mid-grey
+    /// image of `h × w`. An error means the device itself is failing (a sticky CUDA error, no
+    /// memory left even for one image), not that image.
+    fn check_health(&mut self, h: usize, w: usize) -> Result<()> {
+        let probe = U8Batch { n: 1, h, w, data: vec![128; h * w * 3], targets: vec![None], ..U8Batch::default() };
+        self.attribute(&probe).map(drop)
+    }
 }
 
 /// The TorchScript engine as an [`Attributor`]: uploads u8 images, converts and normalises them

@@ -8,7 +8,7 @@ use image::{ImageFormat, Rgb, RgbImage};
 use saliency_audit::decode::{self, Preprocess, Resize};
 use saliency_audit::engine::batch::{Attributor, MapOut, SampleMaps, U8Batch};
 use saliency_audit::engine::{EngineOptions, GuidedGradCam};
-use saliency_audit::pipeline::{self, PipelineConfig, Progress, TargetMode};
+use saliency_audit::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
 use saliency_audit::sample::{Sample, Status};
 use saliency_audit::sink::{read_rows, SinkConfig};
 use saliency_audit::stats::{self, Region};
@@ -323,22 +323,44 @@ impl Attributor for PanicsOnSeven {
     }
 }
 
-/// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
-/// other batches are written, no sample goes missing, and the run ends (no hang).
-#[test]
-fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let samples: Vec<Sample> = [3u8, 7, 9, 11, 7, 5]
+/// A fake engine whose device breaks for good after `ok_calls` calls (a sticky CUDA error);
+/// before that, and when `bad_red` marks one image, it fails only batches holding that image.
+struct BreaksAfter {
+    ok_calls: usize,
+    bad_red: Option<u8>,
+}
+
+impl Attributor for BreaksAfter {
+    fn name(&self) -> String {
+        "cuda:9".into()
+    }
+    fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
+        if self.ok_calls == 0 {
+            anyhow::bail!("CUDA error: an illegal memory access was encountered");
+        }
+        self.ok_calls -= 1;
+        let hw = b.h * b.w;
+        if (0..b.n).any(|i| Some(b.data[i * hw * 3]) == self.bad_red) {
+            anyhow::bail!("this image breaks the model");
+        }
+        RedChannel.attribute(b)
+    }
+}
+
+/// Six 16×16 images, red values `reds`, as samples of `dir`, and a pipeline config writing
+/// parts of 2 rows into `dir/out` with batches of 2.
+fn six_images(dir: &Path, reds: [u8; 6]) -> (Vec<Sample>, PipelineConfig) {
+    let samples = reds
         .into_iter()
         .enumerate()
         .map(|(i, red)| {
             let file = format!("s{i}.png");
-            RgbImage::from_pixel(16, 16, Rgb([red, 0, 0])).save(tmp.path().join(&file)).unwrap();
+            RgbImage::from_pixel(16, 16, Rgb([red, 0, 0])).save(dir.join(&file)).unwrap();
             Sample {
                 index: i as u64,
                 id: format!("s{i}"),
                 path: file.clone(),
-                location: tmp.path().join(&file).into(),
+                location: dir.join(&file).into(),
                 label: Some(0),
                 label_error: None,
                 bbox: None,
@@ -346,7 +368,6 @@ fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
             }
         })
         .collect();
-    let out = tmp.path().join("out");
     let cfg = PipelineConfig {
         preprocess: Preprocess {
             resize: Resize::Exact { h: 16, w: 16 },
@@ -360,26 +381,66 @@ fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
         map_size: 4,
         regions: vec![],
         sink: SinkConfig {
-            dir: out.clone().into(),
+            dir: dir.join("out").into(),
             shard: 0,
             num_shards: 1,
             total_rows: 6,
-            rows_per_part: 4,
+            rows_per_part: 2,
             regions: vec![],
             metadata: vec![],
             job_id: "job".into(),
         },
-        fingerprint: "panics".into(),
+        fingerprint: "six".into(),
     };
-    let summary = pipeline::run(
+    (samples, cfg)
+}
+
+fn run_six(samples: Vec<Sample>, cfg: PipelineConfig, engine: Box<dyn Attributor>) -> anyhow::Result<RunSummary> {
+    pipeline::run(
         cfg,
         samples,
-        vec![Box::new(PanicsOnSeven)],
+        vec![engine],
         Arc::new(AtomicBool::new(false)),
         Arc::new(Progress::default()),
         |_, _| {},
     )
-    .expect("the run ends normally");
+}
+
+/// A device that fails for good stops the run with its error (exit 2 from the CLI) after the
+/// parts already complete are committed; the failing batches get no rows, so a rerun does them,
+/// instead of every remaining sample getting an `attribution_error` row. One image that fails
+/// on a healthy device still gets its error row.
+#[test]
+fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+    let e = run_six(samples, cfg, Box::new(BreaksAfter { ok_calls: 2, bad_red: None }))
+        .expect_err("a failing device ends the run with an error");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("illegal memory access") && msg.contains("health check") && msg.contains("cuda:9"), "{msg}");
+    let rows = read_all(&tmp.path().join("out"));
+    assert_eq!(rows.num_rows(), 4, "the two batches done before are committed");
+    let status = col::<StringArray>(&rows, "status");
+    assert!((0..4).all(|i| status.value(i) == "ok"), "no error rows for the device's failure");
+
+    // A healthy device: only the image that breaks the model fails.
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+    let summary = run_six(samples, cfg, Box::new(BreaksAfter { ok_calls: 1000, bad_red: Some(3) })).unwrap();
+    assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
+    let rows = read_all(&tmp.path().join("out"));
+    let error = col::<StringArray>(&rows, "error");
+    assert!(error.value(2).contains("this image breaks the model"), "{}", error.value(2));
+}
+
+/// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
+/// other batches are written, no sample goes missing, and the run ends (no hang).
+#[test]
+fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, cfg) = six_images(tmp.path(), [3, 7, 9, 11, 7, 5]);
+    let out = tmp.path().join("out");
+    let summary = run_six(samples, cfg, Box::new(PanicsOnSeven)).expect("the run ends normally");
     // Batches [3, 7] and [7, 5] fail whole; [9, 11] is fine.
     assert_eq!(summary.counts.get(&Status::AttributionError), Some(&4), "{:?}", summary.counts);
     assert_eq!(summary.counts.get(&Status::Ok), Some(&2), "{:?}", summary.counts);
