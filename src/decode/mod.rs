@@ -119,12 +119,22 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
-    finish(img, geometry, name, pre)
+    finish(img, None, geometry, name, pre)
 }
 
 /// Steps 4 and after: the output-size check, then resize and crop `img` (the original image, or
 /// a DCT-scaled one) into `geometry`'s window.
-fn finish(img: image::RgbImage, geometry: Geometry, name: &str, pre: &Preprocess) -> Result<Decoded, SampleError> {
+///
+/// `region` is the rectangle of `img` (x0, y0, width, height, in its pixels) that holds the
+/// whole original image: all of it, except for a DCT-scaled decode, whose last row and column
+/// of pixels cover less than a whole scaled pixel of the original.
+fn finish(
+    img: image::RgbImage,
+    region: Option<[f64; 4]>,
+    geometry: Geometry,
+    name: &str,
+    pre: &Preprocess,
+) -> Result<Decoded, SampleError> {
     let out_pixels = geometry.out_w as u64 * geometry.out_h as u64;
     if out_pixels > pre.max_pixels {
         return Err(SampleError::new(
@@ -136,7 +146,8 @@ fn finish(img: image::RgbImage, geometry: Geometry, name: &str, pre: &Preprocess
         ));
     }
     let src_size = img.dimensions();
-    let rgb = resize_crop(img.into_raw(), src_size, &geometry)
+    let region = region.unwrap_or([0.0, 0.0, src_size.0 as f64, src_size.1 as f64]);
+    let rgb = resize_crop(img.into_raw(), src_size, region, &geometry)
         .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
     Ok(Decoded { rgb, geometry })
 }
@@ -169,9 +180,11 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
     } else {
         (geometry.resized_h, geometry.resized_w)
     };
-    // libjpeg's scaled size is ceil(side * k / 8).
+    // libjpeg's scaled size is ceil(side * k / 8). Only scales up to 4/8 are used, so that the
+    // scaled image is at least twice the target: at 5/8..7/8 the DCT's own resampling makes
+    // the result differ visibly from a full decode's (and saves little time).
     let scaled = |side: u32, k: u32| (side as u64 * k as u64).div_ceil(8) as u32;
-    let Some(k) = (1..8u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th) else {
+    let Some(k) = (1..=4u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th) else {
         return Ok(None);
     };
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<(u32, u32, Vec<u8>)> {
@@ -189,9 +202,57 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
     let Some(img) = image::RgbImage::from_raw(sw, sh, data) else {
         return Ok(None);
     };
+    // The original image covers side * k / 8 scaled pixels, from the top-left corner of the
+    // stored frame; where that corner lands once the orientation is applied.
+    let extent = (w as f64 * k as f64 / 8.0, h as f64 * k as f64 / 8.0);
+    let region = oriented_region(orientation, (sw as f64, sh as f64), extent);
     let mut img = DynamicImage::ImageRgb8(img);
     img.apply_orientation(orientation);
-    finish(img.into_rgb8(), geometry, name, pre).map(Some)
+    finish(img.into_rgb8(), Some(region), geometry, name, pre).map(Some)
+}
+
+/// The rectangle `[0, ew] × [0, eh]` of a `sw × sh` image, after `o` is applied to the image
+/// (as [`DynamicImage::apply_orientation`] does), as (x0, y0, width, height).
+fn oriented_region(o: Orientation, (sw, sh): (f64, f64), (ew, eh): (f64, f64)) -> [f64; 4] {
+    #[derive(Clone, Copy)]
+    enum Step {
+        Rot90,
+        Rot180,
+        Rot270,
+        FlipH,
+        FlipV,
+    }
+    use Step::*;
+    let steps: &[Step] = match o {
+        Orientation::NoTransforms => &[],
+        Orientation::Rotate90 => &[Rot90],
+        Orientation::Rotate180 => &[Rot180],
+        Orientation::Rotate270 => &[Rot270],
+        Orientation::FlipHorizontal => &[FlipH],
+        Orientation::FlipVertical => &[FlipV],
+        Orientation::Rotate90FlipH => &[Rot90, FlipH],
+        Orientation::Rotate270FlipH => &[Rot270, FlipH],
+    };
+    let (mut size, mut corners) = ((sw, sh), [(0.0, 0.0), (ew, eh)]);
+    for &step in steps {
+        let (w, h) = size;
+        for c in &mut corners {
+            let (x, y) = *c;
+            // image's rotate90 turns clockwise: pixel (x, y) goes to (h − 1 − y, x).
+            *c = match step {
+                Rot90 => (h - y, x),
+                Rot180 => (w - x, h - y),
+                Rot270 => (y, w - x),
+                FlipH => (w - x, y),
+                FlipV => (x, h - y),
+            };
+        }
+        if matches!(step, Rot90 | Rot270) {
+            size = (h, w);
+        }
+    }
+    let [(ax, ay), (bx, by)] = corners;
+    [ax.min(bx), ay.min(by), (ax - bx).abs(), (ay - by).abs()]
 }
 
 /// Reads a whole file (local or in an object store), mapping failures to `missing` /
@@ -375,14 +436,20 @@ thread_local! {
 /// Resizes the RGB8 image `src` of `src_w × src_h` (the original image of `geo`, or a scaled
 /// decode of it) and cuts the output window described by `geo`, computing only the resized
 /// pixels that land inside the window. Pixels of the window outside the resized image are zero.
-pub(crate) fn resize_crop(src: Vec<u8>, (src_w, src_h): (u32, u32), geo: &Geometry) -> Result<Vec<u8>, String> {
+pub(crate) fn resize_crop(
+    src: Vec<u8>,
+    (src_w, src_h): (u32, u32),
+    [rx, ry, rw, rh]: [f64; 4],
+    geo: &Geometry,
+) -> Result<Vec<u8>, String> {
     let out_len = geo.out_w as usize * geo.out_h as usize * 3;
     let Some((x0, y0, x1, y1)) = geo.visible_window() else {
         return Ok(vec![0; out_len]);
     };
     let (iw, ih) = (x1 - x0, y1 - y0);
     let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
-    let inner = if whole && geo.resized_w == src_w && geo.resized_h == src_h {
+    let full_region = [rx, ry, rw, rh] == [0.0, 0.0, src_w as f64, src_h as f64];
+    let inner = if whole && full_region && geo.resized_w == src_w && geo.resized_h == src_h {
         // Nothing to resample.
         src
     } else {
@@ -392,11 +459,11 @@ pub(crate) fn resize_crop(src: Vec<u8>, (src_w, src_h): (u32, u32), geo: &Geomet
         // The visible window expressed in source pixels. The filter still reads source pixels
         // outside this box (clipped at the image border), so the result equals resizing the
         // whole image and cutting the window afterwards.
-        let sx = src_w as f64 / geo.resized_w as f64;
-        let sy = src_h as f64 / geo.resized_h as f64;
+        let sx = rw / geo.resized_w as f64;
+        let sy = rh / geo.resized_h as f64;
         let mut opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
-        if !whole {
-            opts = opts.crop(x0 as f64 * sx, y0 as f64 * sy, iw as f64 * sx, ih as f64 * sy);
+        if !whole || !full_region {
+            opts = opts.crop(rx + x0 as f64 * sx, ry + y0 as f64 * sy, iw as f64 * sx, ih as f64 * sy);
         }
         RESIZER
             .with(|r| r.borrow_mut().resize(&src_img, &mut dst, &opts))

@@ -471,6 +471,38 @@ fn jpeg_dct_scaling_matches_the_full_decode_closely() {
     assert_eq!((rotated.geometry.orig_w, rotated.geometry.orig_h), (h, w), "orientation applied");
 }
 
+/// libjpeg's scaled image is ceil(side · k / 8) pixels, of which the last row and column cover
+/// only part of the original: resampling must read the exact extent, in every EXIF
+/// orientation, or the picture shifts by a fraction of a pixel. On a smooth ramp a shift shows
+/// as a signed mean difference against the full decode.
+#[test]
+fn jpeg_dct_scaling_does_not_shift_the_picture() {
+    let imagenet = Preprocess { jpeg_dct_scaling: false, ..pre(Resize::ShorterSide(256), Some((224, 224))) };
+    let scaled = Preprocess { jpeg_dct_scaling: true, ..imagenet };
+    // 2001 × 1503 at 2/8: 501 × 376 pixels for an extent of 500.25 × 375.75.
+    let (w, h) = (2001u32, 1503u32);
+    let ramp = RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+        Rgb([(fx * 255.0) as u8, (fy * 255.0) as u8, ((fx + fy) * 127.0) as u8])
+    });
+    for orientation in 1..=8u16 {
+        let bytes = jpeg_with_orientation(&ramp, orientation);
+        let full = decode_bytes(&bytes, "ramp", &imagenet).unwrap();
+        let fast = decode_bytes(&bytes, "ramp", &scaled).unwrap();
+        assert_eq!(full.geometry, fast.geometry);
+        let signed = |c: usize| {
+            let n = full.rgb.len() / 3;
+            (0..n).map(|i| fast.rgb[i * 3 + c] as f64 - full.rgb[i * 3 + c] as f64).sum::<f64>() / n as f64
+        };
+        let (r, g) = (signed(0), signed(1));
+        let mean = mean_abs_diff(&full.rgb, &fast.rgb);
+        println!("orientation {orientation}: signed mean diff R {r:+.3} G {g:+.3}, mean |diff| {mean:.3}");
+        assert!(mean > 0.0, "orientation {orientation}: the DCT-scaled path did not run");
+        assert!(r.abs() < 0.1 && g.abs() < 0.1, "orientation {orientation}: shifted (R {r:+.3}, G {g:+.3})");
+        assert!(mean < 0.6, "orientation {orientation}: mean |diff| {mean:.3}");
+    }
+}
+
 #[test]
 fn jpeg_dct_scaling_keeps_errors_and_small_images() {
     let scaled = Preprocess { jpeg_dct_scaling: true, ..pre(Resize::ShorterSide(256), Some((224, 224))) };

@@ -89,7 +89,7 @@ pub struct PreprocessSpec {
     /// guard); default 89478485.
     #[serde(default)]
     pub max_pixels: Option<u64>,
-    /// Decode JPEGs much larger than the resize target at 1/8 … 7/8 scale straight from the
+    /// Decode JPEGs at least twice the resize target at 1/8 … 4/8 scale straight from the
     /// DCT coefficients (much faster for large photos; pixels differ slightly from a full
     /// decode and resize); default false.
     #[serde(default)]
