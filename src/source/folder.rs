@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::store::{self, Loc};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 
 use super::labels::{Classes, RawLabel};
 use crate::sample::Sample;
@@ -101,13 +101,22 @@ fn list_remote(root: &Loc) -> anyhow::Result<Vec<(String, ClassFiles)>> {
     Ok(by_class.into_iter().collect())
 }
 
-/// The entries of `dir` as (UTF-8 name, path).
+/// The entries of `dir` as (name, path). A name that is not valid UTF-8 (a file copied from an
+/// old Latin-1 system, say) is kept, as its path is: only its id and class name show U+FFFD
+/// where the bytes are not UTF-8, with a warning.
 fn read_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let d = dir.display();
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list folder {d}"))? {
         let entry = entry.with_context(|| format!("cannot list folder {d}"))?;
-        let name = entry.file_name().into_string().map_err(|n| anyhow!("{d}: the name {n:?} is not valid UTF-8"))?;
+        let name = match entry.file_name().into_string() {
+            Ok(name) => name,
+            Err(raw) => {
+                let lossy = raw.to_string_lossy().into_owned();
+                tracing::warn!("{}: the name is not valid UTF-8; its id reads {lossy:?}", entry.path().display());
+                lossy
+            }
+        };
         out.push((name, entry.path()));
     }
     Ok(out)

@@ -71,10 +71,21 @@ impl<'a> Classes<'a> {
                 if *id < 0 {
                     return Err(format!("label {id} is not a class of the model (class ids start at 0)"));
                 }
-                match self.count {
-                    Some(n) if *id >= n => {
-                        Err(format!("label {id} is not a class of the model (it has {n} classes: ids 0..{})", n - 1))
-                    }
+                if let Some(n) = self.count.filter(|n| id >= n) {
+                    return Err(format!(
+                        "label {id} is not a class of the model (it has {n} classes: ids 0..{})",
+                        n - 1
+                    ));
+                }
+                // Class names that are numbers in another order (an ImageFolder of folders 1..102
+                // sorts as "1", "10", "100", …): the label could mean either class.
+                match (self.id_of(&id.to_string()), self.names) {
+                    (Some(named), Some(names)) if named != *id => Err(format!(
+                        "label {id} is ambiguous: class id {id} is named \"{}\", but the class named \"{id}\" \
+                         has id {named}, and a manifest cannot say which it means; give the model class names \
+                         that are not numbers in another order (in its export's metadata)",
+                        names.get(*id as usize).map(String::as_str).unwrap_or("?")
+                    )),
                     _ => Ok(*id),
                 }
             }

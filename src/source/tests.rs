@@ -96,6 +96,27 @@ fn bad_label_names_become_row_errors() {
     assert_eq!(set.samples[2].label, Some(3));
 }
 
+/// Class names that are numbers in another order (an ImageFolder of folders 1..12 sorts as
+/// "1", "10", "11", "12", "2", …): a label that is both an id and another class's name is a
+/// row error, not silently one of the two; labels the names do not contradict resolve.
+#[test]
+fn numeric_class_names_in_another_order_make_labels_ambiguous() {
+    let d = tempfile::tempdir().unwrap();
+    let m = write(d.path(), "m.csv", "path,label\na.jpg,10\nb.jpg,0\nc.jpg,1\n");
+    let classes = names(&["1", "10", "11", "12", "2", "3", "4", "5", "6", "7", "8", "9"]);
+    let set = manifest(&m, Some(&classes), None).unwrap();
+    let s = &set.samples;
+    assert_eq!(s[0].label, None);
+    let e = s[0].label_error.as_deref().unwrap();
+    assert!(e.contains("label 10 is ambiguous") && e.contains("named \"8\"") && e.contains("has id 1"), "{e}");
+    assert_eq!(s[1].label, Some(0), "no class is named \"0\"");
+    assert!(s[2].label_error.as_deref().unwrap().contains("label 1 is ambiguous"));
+    // Numeric names in id order ("0", "1", …) agree with the ids.
+    let set = manifest(&m, Some(&names(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"])), None).unwrap();
+    let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [Some(10), Some(0), Some(1)]);
+}
+
 #[test]
 fn jsonl_manifest() {
     let d = tempfile::tempdir().unwrap();
@@ -319,6 +340,23 @@ fn image_folder_labels_and_ids() {
     let set = load_samples(&src, Some(&model), None).unwrap();
     let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
     assert_eq!(labels, [Some(0), Some(1), Some(1), Some(3)]);
+}
+
+/// A name that is not UTF-8 (Latin-1 "résumé.jpg") does not stop the listing: the image is a
+/// sample with the real path as its location, and only its id shows U+FFFD.
+#[test]
+fn image_folder_keeps_names_that_are_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("train");
+    touch(&root, "cat/a.jpg");
+    let latin1 = std::ffi::OsStr::from_bytes(b"r\xe9sum\xe9.jpg");
+    std::fs::write(root.join("cat").join(latin1), b"").unwrap();
+    std::fs::write(root.join("cat").join(std::ffi::OsStr::from_bytes(b"n\xf6tes.txt")), b"").unwrap();
+    let set = load_samples(&DatasetSource::ImageFolder(Loc::from(&root)), None, None).unwrap();
+    let ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["cat/a.jpg", "cat/r\u{fffd}sum\u{fffd}.jpg"]);
+    assert_eq!(set.samples[1].location, Loc::from(root.join("cat").join(latin1)));
 }
 
 #[test]
