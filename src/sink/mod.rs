@@ -173,6 +173,8 @@ pub struct PartWriter {
     closed: bool,
     /// This shard's lock (local folders), held for the writer's life.
     _lock: Option<std::fs::File>,
+    /// Bytes read and bytes held by the remote parts checked at open (ranged reads).
+    remote_check_bytes: std::sync::Mutex<(u64, u64)>,
 }
 
 /// Every status name with a zero count.
@@ -343,6 +345,7 @@ impl PartWriter {
             status_counts: zero_counts(),
             closed: false,
             _lock: lock,
+            remote_check_bytes: Default::default(),
         };
 
         let mut invalid = Vec::new();
@@ -365,6 +368,14 @@ impl PartWriter {
                 }
                 Err(e) => invalid.push((name, chunk, e)),
             }
+        }
+
+        let (read, held) = *writer.remote_check_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if held > 0 {
+            tracing::info!(
+                "checked the committed parts in {dir} with ranged reads: {read} of their {held} bytes \
+                 (footers, index and status columns)"
+            );
         }
 
         if (writer.done.len() as u64) < writer.num_chunks {
@@ -400,10 +411,12 @@ impl PartWriter {
     #[allow(clippy::type_complexity)]
     fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<BTreeMap<String, u64>>> {
         let path = self.cfg.dir.join(name)?;
-        let file = read::open_part(&path).with_context(|| {
-            format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)")
-        })?;
-        Ok((|| {
+        let unreadable =
+            || format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)");
+        let file = read::open_part_ranged(&path).with_context(unreadable)?;
+        let io_failure = file.io_failure();
+        let fetched = file.fetch_counter();
+        let checked = (|| {
             if chunk >= self.num_chunks {
                 bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
             }
@@ -417,7 +430,17 @@ impl PartWriter {
                 bail!("its indices are not {start}..{end} in order");
             }
             Ok(contents.status_counts)
-        })())
+        })();
+        // A store's error in the middle (a ranged read): the part may be fine, so stop.
+        if let Some(e) = io_failure.and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).clone()) {
+            return Err(anyhow::anyhow!(e)).with_context(unreadable);
+        }
+        if let Some((len, n)) = fetched {
+            let mut c = self.remote_check_bytes.lock().unwrap_or_else(|p| p.into_inner());
+            c.0 += n.load(std::sync::atomic::Ordering::Relaxed);
+            c.1 += len;
+        }
+        Ok(checked)
     }
 
     fn chunk_range(&self, chunk: u64) -> (u64, u64) {

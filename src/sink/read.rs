@@ -29,10 +29,56 @@ pub(crate) struct PartContents {
     pub status_counts: BTreeMap<String, u64>,
 }
 
-/// A committed part's bytes: a local file read in place, or a remote object fetched whole.
+/// A committed part's bytes: a local file read in place, a remote object fetched whole (to read
+/// every column), or a remote object read by ranged GETs (footer and a few columns: resume,
+/// validation and `finalize` then fetch a small share of each part).
 pub(crate) enum PartFile {
     Local(File),
     Remote(Bytes),
+    Ranged(RangedObject),
+}
+
+/// A remote object read range by range; remembers a failed request, so that a store's error is
+/// told apart from a damaged file (see [`PartFile::io_error`]).
+pub(crate) struct RangedObject {
+    loc: Loc,
+    len: u64,
+    failed: IoFailure,
+    /// Bytes fetched so far.
+    fetched: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The first failed request of a [`RangedObject`], shared with whoever opened it.
+pub(crate) type IoFailure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+impl RangedObject {
+    fn get(&self, range: std::ops::Range<u64>) -> parquet::errors::Result<Bytes> {
+        self.fetched.fetch_add(range.end - range.start, std::sync::atomic::Ordering::Relaxed);
+        store::read_remote_range(&self.loc, range).map_err(|e| {
+            let msg = e.to_string();
+            self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
+            parquet::errors::ParquetError::External(Box::new(e))
+        })
+    }
+}
+
+impl PartFile {
+    /// Where a failed ranged read is recorded (the file itself may be fine); `None` for files
+    /// read whole, whose reads fail before parsing starts.
+    pub(crate) fn io_failure(&self) -> Option<IoFailure> {
+        match self {
+            PartFile::Ranged(r) => Some(r.failed.clone()),
+            _ => None,
+        }
+    }
+
+    /// For a ranged object: its size and a counter of the bytes fetched from it.
+    pub(crate) fn fetch_counter(&self) -> Option<(u64, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+        match self {
+            PartFile::Ranged(r) => Some((r.len, r.fetched.clone())),
+            _ => None,
+        }
+    }
 }
 
 impl Length for PartFile {
@@ -40,6 +86,7 @@ impl Length for PartFile {
         match self {
             PartFile::Local(f) => f.len(),
             PartFile::Remote(b) => Length::len(b),
+            PartFile::Ranged(r) => r.len,
         }
     }
 }
@@ -51,6 +98,16 @@ impl ChunkReader for PartFile {
         Ok(match self {
             PartFile::Local(f) => Box::new(f.get_read(start)?),
             PartFile::Remote(b) => Box::new(b.get_read(start)?),
+            PartFile::Ranged(r) => Box::new(RangeReader {
+                obj: RangedObject {
+                    loc: r.loc.clone(),
+                    len: r.len,
+                    failed: r.failed.clone(),
+                    fetched: r.fetched.clone(),
+                },
+                pos: start.min(r.len),
+                buf: Bytes::new(),
+            }),
         })
     }
 
@@ -58,6 +115,57 @@ impl ChunkReader for PartFile {
         match self {
             PartFile::Local(f) => f.get_bytes(start, length),
             PartFile::Remote(b) => b.get_bytes(start, length),
+            PartFile::Ranged(r) => {
+                let end = start.saturating_add(length as u64);
+                if end > r.len {
+                    return Err(parquet::errors::ParquetError::EOF(format!(
+                        "{}: bytes {start}..{end} are past its end ({})",
+                        r.loc, r.len
+                    )));
+                }
+                r.get(start..end)
+            }
+        }
+    }
+}
+
+/// A reader from an offset of a [`RangedObject`] that fetches 512 bytes at a time as it is
+/// read: the page reader reads each page's header (tens of bytes) through one of these, and
+/// then the page itself with one ranged read.
+struct RangeReader {
+    obj: RangedObject,
+    pos: u64,
+    buf: Bytes,
+}
+
+impl Read for RangeReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        const WINDOW: u64 = 512;
+        if self.buf.is_empty() && self.pos < self.obj.len {
+            let end = (self.pos + WINDOW).min(self.obj.len);
+            self.buf = self.obj.get(self.pos..end).map_err(std::io::Error::other)?;
+            self.pos = end;
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        bytes::Buf::advance(&mut self.buf, n);
+        Ok(n)
+    }
+}
+
+/// Opens a part to read its footer and a few columns: a local file, or a remote object read by
+/// ranged GETs (its size from one HEAD).
+pub(crate) fn open_part_ranged(loc: &Loc) -> anyhow::Result<PartFile> {
+    match loc {
+        Loc::Local(_) => open_part(loc),
+        Loc::Remote { .. } => {
+            let len = store::remote_size(loc).with_context(|| format!("cannot read {loc}"))?;
+            Ok(PartFile::Ranged(RangedObject {
+                loc: loc.clone(),
+                len,
+                failed: Default::default(),
+                fetched: Default::default(),
+            }))
         }
     }
 }
@@ -77,7 +185,8 @@ fn open_builder(path: &Loc) -> anyhow::Result<ParquetRecordBatchReaderBuilder<Pa
 
 /// Number of rows in a part, from its footer.
 pub(crate) fn part_row_count(path: &Loc) -> anyhow::Result<u64> {
-    let builder = open_builder(path)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(open_part_ranged(path)?)
+        .with_context(|| format!("{path} is not a readable Parquet file"))?;
     let n = builder.metadata().file_metadata().num_rows();
     u64::try_from(n).with_context(|| format!("{} has a negative row count", path))
 }

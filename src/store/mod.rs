@@ -288,6 +288,24 @@ pub fn read_all(loc: &Loc) -> anyhow::Result<Bytes> {
     read(loc, None).map_err(|e| anyhow!(e)).with_context(|| format!("cannot read {loc}"))
 }
 
+/// The size of a remote object, in bytes (one HEAD request).
+pub fn remote_size(loc: &Loc) -> io::Result<u64> {
+    let Loc::Remote { bucket, key } = loc else {
+        return Err(io::Error::other(format!("{loc} is not in an object store")));
+    };
+    let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    runtime().block_on(s.head(&path)).map(|m| m.size).map_err(|e| io_error(loc, e))
+}
+
+/// Bytes `range` of a remote object (one ranged GET).
+pub fn read_remote_range(loc: &Loc, range: std::ops::Range<u64>) -> io::Result<Bytes> {
+    let Loc::Remote { bucket, key } = loc else {
+        return Err(io::Error::other(format!("{loc} is not in an object store")));
+    };
+    let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    runtime().block_on(s.get_range(&path, range)).map_err(|e| io_error(loc, e))
+}
+
 /// Whether a file exists (for a folder: whether it exists locally, or holds any object).
 pub fn exists(loc: &Loc) -> anyhow::Result<bool> {
     let Loc::Remote { bucket, key } = loc else {

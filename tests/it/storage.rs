@@ -116,8 +116,11 @@ fn s3_manifest_images_and_output_over_http() {
     let s3 = S3Server::start();
     s3.boto(UPLOAD, &["audit", ds.dir.to_str().unwrap(), "datasets/set1/"]);
 
-    // The local reference run over the same files.
+    // The local reference run over the same files. Maps of 128² make parts big enough (about
+    // 16 KB a row) for the resume check's ranged reads to show.
     let job = write_job(&ds.dir, &model, "");
+    let text = std::fs::read_to_string(&job).unwrap().replace("map_size = 16", "map_size = 128");
+    std::fs::write(&job, text).unwrap();
     let local = tmp.path().join("local");
     let o = Command::new(bin()).args(["-q", "run"]).arg(&job).arg("--output").arg(&local).output().unwrap();
     ok_or_failed(&o, "local run");
@@ -148,6 +151,20 @@ fn s3_manifest_images_and_output_over_http() {
     // A rerun resumes from the bucket: every part is kept, nothing is written again.
     let again = s3.bin(&["run", job_arg, "--shard-index", "1", "--num-shards", "2"]);
     ok_or_failed(&again, "S3 rerun");
+    // It checked the parts by ranged reads of their footers and two columns, not whole.
+    let log = String::from_utf8_lossy(&again.stderr);
+    let (read, held) = log
+        .split("with ranged reads: ")
+        .nth(1)
+        .and_then(|t| {
+            let mut w = t.split_whitespace();
+            let read: u64 = w.next()?.parse().ok()?;
+            let held: u64 = w.nth(2)?.parse().ok()?;
+            Some((read, held))
+        })
+        .unwrap_or_else(|| panic!("no ranged-read line in the rerun's log:\n{log}"));
+    println!("resume check over S3: {read} of {held} bytes read");
+    assert!(held > 0 && read * 2 < held, "read {read} of {held} bytes");
     let said = String::from_utf8_lossy(&again.stdout);
     assert!(said.starts_with("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
 
