@@ -414,8 +414,7 @@ impl PartWriter {
         let unreadable =
             || format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)");
         let file = read::open_part_ranged(&path).with_context(unreadable)?;
-        let io_failure = file.io_failure();
-        let fetched = file.fetch_counter();
+        let ranged = file.ranged();
         let checked = (|| {
             if chunk >= self.num_chunks {
                 bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
@@ -432,12 +431,13 @@ impl PartWriter {
             Ok(contents.status_counts)
         })();
         // A store's error in the middle (a ranged read): the part may be fine, so stop.
-        if let Some(e) = io_failure.and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).clone()) {
-            return Err(anyhow::anyhow!(e)).with_context(unreadable);
-        }
-        if let Some((len, n)) = fetched {
+        if let Some(r) = ranged {
+            if let Some(e) = r.failure() {
+                return Err(anyhow::anyhow!(e)).with_context(unreadable);
+            }
+            let (len, read) = r.bytes();
             let mut c = self.remote_check_bytes.lock().unwrap_or_else(|p| p.into_inner());
-            c.0 += n.load(std::sync::atomic::Ordering::Relaxed);
+            c.0 += read;
             c.1 += len;
         }
         Ok(checked)

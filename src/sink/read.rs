@@ -39,17 +39,16 @@ pub(crate) enum PartFile {
 }
 
 /// A remote object read range by range; remembers a failed request, so that a store's error is
-/// told apart from a damaged file (see [`PartFile::io_error`]).
+/// told apart from a damaged file, and counts the bytes fetched. Clones share both.
+#[derive(Clone)]
 pub(crate) struct RangedObject {
     loc: Loc,
     len: u64,
-    failed: IoFailure,
+    /// The first failed request's error.
+    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// Bytes fetched so far.
     fetched: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
-
-/// The first failed request of a [`RangedObject`], shared with whoever opened it.
-pub(crate) type IoFailure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl RangedObject {
     fn get(&self, range: std::ops::Range<u64>) -> parquet::errors::Result<Bytes> {
@@ -60,22 +59,24 @@ impl RangedObject {
             parquet::errors::ParquetError::External(Box::new(e))
         })
     }
+
+    /// The store's error, when a ranged read failed (the file itself may be fine).
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The object's size, and the bytes fetched from it so far.
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (self.len, self.fetched.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl PartFile {
-    /// Where a failed ranged read is recorded (the file itself may be fine); `None` for files
-    /// read whole, whose reads fail before parsing starts.
-    pub(crate) fn io_failure(&self) -> Option<IoFailure> {
+    /// A handle on the remote object being read by ranges (sharing its failure and byte count);
+    /// `None` for files read whole, whose reads fail before parsing starts.
+    pub(crate) fn ranged(&self) -> Option<RangedObject> {
         match self {
-            PartFile::Ranged(r) => Some(r.failed.clone()),
-            _ => None,
-        }
-    }
-
-    /// For a ranged object: its size and a counter of the bytes fetched from it.
-    pub(crate) fn fetch_counter(&self) -> Option<(u64, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
-        match self {
-            PartFile::Ranged(r) => Some((r.len, r.fetched.clone())),
+            PartFile::Ranged(r) => Some(r.clone()),
             _ => None,
         }
     }
@@ -98,16 +99,7 @@ impl ChunkReader for PartFile {
         Ok(match self {
             PartFile::Local(f) => Box::new(f.get_read(start)?),
             PartFile::Remote(b) => Box::new(b.get_read(start)?),
-            PartFile::Ranged(r) => Box::new(RangeReader {
-                obj: RangedObject {
-                    loc: r.loc.clone(),
-                    len: r.len,
-                    failed: r.failed.clone(),
-                    fetched: r.fetched.clone(),
-                },
-                pos: start.min(r.len),
-                buf: Bytes::new(),
-            }),
+            PartFile::Ranged(r) => Box::new(RangeReader { obj: r.clone(), pos: start.min(r.len), buf: Bytes::new() }),
         })
     }
 
@@ -179,22 +171,24 @@ pub(crate) fn open_part(loc: &Loc) -> anyhow::Result<PartFile> {
 }
 
 fn open_builder(path: &Loc) -> anyhow::Result<ParquetRecordBatchReaderBuilder<PartFile>> {
-    ParquetRecordBatchReaderBuilder::try_new(open_part(path)?)
-        .with_context(|| format!("{path} is not a readable Parquet file"))
+    builder_of(open_part(path)?, path)
+}
+
+/// Reads the footer of `file` (the part at `path`).
+fn builder_of(file: PartFile, path: &Loc) -> anyhow::Result<ParquetRecordBatchReaderBuilder<PartFile>> {
+    ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{path} is not a readable Parquet file"))
 }
 
 /// Number of rows in a part, from its footer.
 pub(crate) fn part_row_count(path: &Loc) -> anyhow::Result<u64> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open_part_ranged(path)?)
-        .with_context(|| format!("{path} is not a readable Parquet file"))?;
+    let builder = builder_of(open_part_ranged(path)?, path)?;
     let n = builder.metadata().file_metadata().num_rows();
     u64::try_from(n).with_context(|| format!("{} has a negative row count", path))
 }
 
 /// Reads a part's `index` and `status` columns, after checking that its schema is `expected`.
 pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRef) -> anyhow::Result<PartContents> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{path} is not a readable Parquet file"))?;
+    let builder = builder_of(file, path)?;
     let found = builder.schema();
     let same =
         found.fields().len() == expected.fields().len()

@@ -93,9 +93,9 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
     for name in names.iter().filter(|n| parse_job_name(n).is_some()) {
         let path = dir.join(name)?;
-        let job: serde_json::Value = files::read_json(&path)?;
-        if let Some(id) = job.get("job_id").and_then(|v| v.as_str()).filter(|id| !id.is_empty()) {
-            job_ids.entry(id.to_owned()).or_insert(path);
+        let job: super::JobFile = files::read_json(&path)?;
+        if !job.job_id.is_empty() {
+            job_ids.entry(job.job_id).or_insert(path);
         }
     }
     let mut ids = job_ids.iter();
