@@ -116,8 +116,8 @@ fn s3_manifest_images_and_output_over_http() {
     let s3 = S3Server::start();
     s3.boto(UPLOAD, &["audit", ds.dir.to_str().unwrap(), "datasets/set1/"]);
 
-    // The local reference run over the same files. Maps of 128² make parts big enough (about
-    // 16 KB a row) for the resume check's ranged reads to show.
+    // The local reference run over the same files. Maps of 128² make the parts large enough
+    // (about 3 KB a row here) for the resume check's ranged reads to show against their size.
     let job = write_job(&ds.dir, &model, "");
     let text = std::fs::read_to_string(&job).unwrap().replace("map_size = 16", "map_size = 128");
     std::fs::write(&job, text).unwrap();
