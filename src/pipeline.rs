@@ -180,10 +180,12 @@ pub fn run(
         for mut attributor in attributors {
             let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
             s.spawn(move || {
+                // The largest batch known to fit this worker's device (see `attribute_split`).
+                let mut cap = cfg.batch_size;
                 for batch in work_rx {
                     let items = batch.items.iter().map(|r| (r.sample.clone(), r.target)).collect();
                     match rows_or_internal_error(items, || {
-                        attribute_batch(cfg, pool, times, attributor.as_mut(), batch)
+                        attribute_batch(cfg, pool, times, attributor.as_mut(), &mut cap, batch)
                     }) {
                         Ok(rows) => {
                             if row_tx.send(rows).is_err() {
@@ -369,6 +371,10 @@ fn decode_stage(
 /// Attributes a batch; a failing batch is split and retried (out of device memory, one bad
 /// sample), down to single samples, which get an `attribution_error` row. Nothing is lost.
 ///
+/// `cap` is the worker's largest batch known to fit: a batch that ran out of memory lowers it to
+/// the halves it was split into, and later batches go in pieces of at most `cap` instead of
+/// failing and being split again (a failure for any other reason leaves it as it is).
+///
 /// A single sample that fails is followed by a health check of the replica; if that fails too,
 /// the device is failing (a sticky CUDA error, memory taken by another process), and the error
 /// ends the run (`Err`) instead of filling every remaining sample's row with it.
@@ -376,7 +382,18 @@ fn attribute_split(
     attr: &mut dyn Attributor,
     batch: &U8Batch,
     first: usize,
+    cap: &mut usize,
 ) -> Result<Vec<Result<SampleMaps, String>>> {
+    if batch.n > *cap {
+        let mut out = Vec::with_capacity(batch.n);
+        let mut start = 0;
+        while start < batch.n {
+            let len = (*cap).min(batch.n - start);
+            out.extend(attribute_split(attr, &batch.slice(start, len), first + start, cap)?);
+            start += len;
+        }
+        return Ok(out);
+    }
     Ok(match attr.attribute(batch) {
         Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
         Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
@@ -400,11 +417,22 @@ fn attribute_split(
                 first,
                 first + batch.n
             );
-            let mut out = attribute_split(attr, &batch.slice(0, half), first)?;
-            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half)?);
+            if is_out_of_memory(&e) && batch.n - half < *cap {
+                *cap = batch.n - half;
+                tracing::warn!(worker = %attr.name(), "out of memory: from now on this worker attributes at most {} images at a time", *cap);
+            }
+            let mut out = attribute_split(attr, &batch.slice(0, half), first, cap)?;
+            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half, cap)?);
             out
         }
     })
+}
+
+/// Whether an engine error means the device (or host) ran out of memory, so that a smaller batch
+/// would fit: CUDA's caching allocator, cuDNN and cuBLAS workspaces, libtorch's CPU allocator.
+pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let msg = format!("{e:#}").to_ascii_lowercase();
+    ["out of memory", "alloc_failed", "can't allocate memory", "not enough memory"].iter().any(|m| msg.contains(m))
 }
 
 /// `attribute()`'s rows, with a panic in it (a bug: libtorch's own failures are caught in the
@@ -435,10 +463,11 @@ fn attribute_batch(
     pool: &rayon::ThreadPool,
     times: &StageTimes,
     attr: &mut dyn Attributor,
+    cap: &mut usize,
     batch: WorkBatch,
 ) -> Result<Vec<Row>> {
     let t = Instant::now();
-    let results = attribute_split(attr, &batch.pixels, 0)?;
+    let results = attribute_split(attr, &batch.pixels, 0, cap)?;
     add(&times.engine_ns, t);
     let t = Instant::now();
     let px = &batch.pixels;

@@ -104,6 +104,9 @@ pub fn plan_with(
     devices: Option<Vec<String>>,
 ) -> Result<(Plan, TorchAttributor)> {
     let mut job = job::load(job_file)?;
+    for w in &job.warnings {
+        tracing::warn!("{}: {w}", job_file.display());
+    }
     if let Some(o) = output {
         job.output = o.clone();
     }
@@ -288,7 +291,9 @@ pub fn run_with(
         stats_on_device += usize::from(on);
     }
     let warm = Instant::now();
-    let batch_size = warm_up(job.batch_size, &mut loaded, h as usize, w as usize)?;
+    let boxes = plan.samples.iter().any(|s| s.bbox.is_some());
+    let masks = plan.samples.iter().any(|s| s.mask.is_some());
+    let batch_size = warm_up(job.batch_size, &mut loaded, [h as usize, w as usize], boxes, masks)?;
     let warmup_time = warm.elapsed();
     let replicas_len = loaded.len();
     let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
@@ -357,10 +362,17 @@ pub fn run_with(
 
 /// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's
 /// algorithm search and the allocator's growth happen before the clock and the progress bar
-/// start, and returns the batch size. With `auto`, tries 256, 128, … down to 1 and takes the
+/// start, and returns the batch size (with an object box and mask per image where the job's
+/// samples have them). With `auto`, tries 256, 128, … down to 1 and takes the
 /// first that every CUDA replica runs at once (32 without a CUDA device). A fixed size that fails
 /// here only warns: the pipeline splits failing batches and retries them.
-fn warm_up(batch: BatchSize, replicas: &mut [TorchAttributor], h: usize, w: usize) -> Result<usize> {
+fn warm_up(
+    batch: BatchSize,
+    replicas: &mut [TorchAttributor],
+    [h, w]: [usize; 2],
+    boxes: bool,
+    masks: bool,
+) -> Result<usize> {
     let mut cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
     let candidates: Vec<usize> = match batch {
         BatchSize::Fixed(n) => vec![n as usize],
@@ -377,7 +389,7 @@ fn warm_up(batch: BatchSize, replicas: &mut [TorchAttributor], h: usize, w: usiz
     for &n in &candidates {
         let t = Instant::now();
         let errors: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = cuda.iter_mut().map(|r| s.spawn(move || r.warm_up(n, h, w))).collect();
+            let handles: Vec<_> = cuda.iter_mut().map(|r| s.spawn(move || r.warm_up(n, h, w, boxes, masks))).collect();
             handles
                 .into_iter()
                 .filter_map(|h| match h.join() {

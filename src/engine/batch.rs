@@ -137,11 +137,16 @@ impl TorchAttributor {
 
     /// Runs `n` images of `h × w` (a fixed pattern) through the whole path once: on CUDA this is
     /// when cuDNN's benchmark mode picks its algorithms and the caching allocator grows, and an
-    /// error here (out of memory) means a batch of `n` does not fit.
-    pub fn warm_up(&mut self, n: usize, h: usize, w: usize) -> Result<std::time::Duration> {
+    /// error here (out of memory) means a batch of `n` does not fit. With `boxes` or `masks`
+    /// (the job's samples have them), every image gets one, so that the statistics' extra work
+    /// on the device is part of the trial.
+    pub fn warm_up(&mut self, n: usize, h: usize, w: usize, boxes: bool, masks: bool) -> Result<std::time::Duration> {
         let t = std::time::Instant::now();
         let data = (0..n * h * w * 3).map(|i| (i % 251) as u8).collect();
-        let batch = U8Batch { n, h, w, data, targets: vec![Some(0); n], ..U8Batch::default() };
+        let boxes = if boxes { vec![Some([0.25, 0.25, 0.75, 0.75]); n] } else { Vec::new() };
+        let masks =
+            if masks { vec![Some((0..h * w).map(|i| u8::from(i % w < w / 2)).collect()); n] } else { Vec::new() };
+        let batch = U8Batch { n, h, w, data, targets: vec![Some(0); n], boxes, masks };
         self.attribute(&batch)?;
         Ok(t.elapsed())
     }

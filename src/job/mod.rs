@@ -76,6 +76,9 @@ pub struct Job {
     pub num_classes: Option<i64>,
     /// The job file's text as read, for the output's file metadata.
     pub spec_text: String,
+    /// Settings that are valid but probably not what was meant (shown by `validate`, logged by
+    /// `run`).
+    pub warnings: Vec<String>,
 }
 
 /// Where the samples come from.
@@ -316,11 +319,15 @@ impl fmt::Display for Job {
             self.output, self.map_size, self.map_size, self.rows_per_part
         )?;
         if self.regions.is_empty() {
-            write!(f, "regions:      none")
+            write!(f, "regions:      none")?;
         } else {
             let r: Vec<String> =
                 self.regions.iter().map(|(n, x0, y0, x1, y1)| format!("{n} x {x0}..{x1}, y {y0}..{y1}")).collect();
-            write!(f, "regions:      {}", r.join("; "))
+            write!(f, "regions:      {}", r.join("; "))?;
         }
+        for w in &self.warnings {
+            write!(f, "\nwarning:      {w}")?;
+        }
+        Ok(())
     }
 }

@@ -105,6 +105,17 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
     }
 
     let preprocess = preprocess(&spec, meta)?;
+    let mut warnings = Vec::new();
+    if let Some((mh, mw)) = meta_input_size(&spec, meta)? {
+        let (h, w) = preprocess.input_size();
+        if (h, w) != (mh, mw) {
+            let key = if spec.preprocess.crop.is_some() { "preprocess.crop" } else { "preprocess.resize" };
+            warnings.push(format!(
+                "{key} gives the model {h}x{w} inputs, but its metadata says input_size [{mh}, {mw}]: the \
+                 attributions are of the model at a size it may not have been trained at"
+            ));
+        }
+    }
 
     let class_names = meta.class_names.clone();
     let num_classes = meta.num_classes.or(class_names.as_ref().map(|c| c.len() as i64));
@@ -198,6 +209,7 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         class_names,
         num_classes,
         spec_text: spec.text().to_owned(),
+        warnings,
     })
 }
 

@@ -193,6 +193,20 @@ fn defaults_from_model_metadata() {
     let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
     assert_eq!(job.preprocess.resize, Resize::ShorterSide(300));
     assert_eq!(job.preprocess.crop, Some((224, 224)));
+    assert!(job.warnings.is_empty(), "{:?}", job.warnings);
+
+    // A size other than the metadata's input_size is allowed (a convolutional model takes any
+    // size), with a warning that names the key.
+    for (extra, key, size) in
+        [("resize = [256, 256]\n", "preprocess.resize", "256x256"), ("crop = 192\n", "preprocess.crop", "192x192")]
+    {
+        let text = format!("{MINIMAL}[preprocess]\n{extra}");
+        let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
+        assert_eq!(job.warnings.len(), 1, "{:?}", job.warnings);
+        let w = &job.warnings[0];
+        assert!(w.contains(key) && w.contains(size) && w.contains("input_size [224, 224]"), "{w}");
+        assert!(job.to_string().contains(&format!("warning:      {key}")), "{job}");
+    }
 }
 
 #[test]

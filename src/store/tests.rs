@@ -15,6 +15,9 @@ fn parses_urls_and_paths() {
     assert!(err.contains("ftp://host/x") && err.contains("unsupported URL scheme"), "{err}");
     assert!(Loc::parse("s3:///key").unwrap_err().to_string().contains("no bucket"));
     assert!(Loc::parse("s3://b/../x").is_err());
+    // A key is taken as it is: `#` and `?` are not a URL's fragment and query.
+    assert_eq!(Loc::parse("s3://b/runs/exp#3/a?.jpg").unwrap(), remote("s3://b", "runs/exp#3/a?.jpg"));
+    assert_eq!(obj_path("s3://b", "runs/exp#3/a?.jpg").unwrap().as_ref(), "runs/exp#3/a?.jpg");
 }
 
 #[test]

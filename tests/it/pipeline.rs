@@ -433,6 +433,62 @@ fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
     assert!(error.value(2).contains("this image breaks the model"), "{}", error.value(2));
 }
 
+/// A fake engine on a device that fits at most `max` images at once, recording the size of every
+/// batch it is given; an image whose red value is `bad_red` breaks the model (not a memory error).
+struct FitsAtMost {
+    max: usize,
+    bad_red: Option<u8>,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Attributor for FitsAtMost {
+    fn name(&self) -> String {
+        "cuda:0".into()
+    }
+    fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
+        self.sizes.lock().unwrap().push(b.n);
+        if b.n > self.max {
+            anyhow::bail!("libtorch: CUDA out of memory. Tried to allocate 2.00 GiB");
+        }
+        let hw = b.h * b.w;
+        if (0..b.n).any(|i| Some(b.data[i * hw * 3]) == self.bad_red) {
+            anyhow::bail!("this image breaks the model");
+        }
+        RedChannel.attribute(b)
+    }
+}
+
+/// A batch that runs out of device memory is split, and the worker remembers the size that
+/// fitted: later batches go in pieces of that size instead of failing and splitting again. A
+/// failure for another reason (one bad image) does not shrink later batches.
+#[test]
+fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
+    let run = |max: usize, bad_red: Option<u8>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+        cfg.batch_size = 3;
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let summary = run_six(samples, cfg, Box::new(FitsAtMost { max, bad_red, sizes: sizes.clone() })).unwrap();
+        let rows = read_all(&tmp.path().join("out"));
+        assert_eq!(rows.num_rows(), 6, "every sample has its row");
+        let sizes = sizes.lock().unwrap().clone();
+        (summary, sizes)
+    };
+    // 3 fails; its halves 1 and 2: 2 fails too, so 1 and 1. The second batch of 3 goes as 1, 1, 1
+    // straight away (before, it failed as 3, then as 2, as the first did).
+    let (summary, sizes) = run(1, None);
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
+    assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 1, 1]);
+    // Fits 2: the first batch is split into 1 and 2, and the second goes as 2 and 1.
+    let (_, sizes) = run(2, None);
+    assert_eq!(sizes, [3, 1, 2, 2, 1]);
+    // Image 2 breaks the model: its batch is split down to it (and a health check of one image
+    // follows), but the second batch still goes whole.
+    let (summary, sizes) = run(8, Some(2));
+    assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
+    assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 3]);
+}
+
 /// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
 /// other batches are written, no sample goes missing, and the run ends (no hang).
 #[test]
@@ -949,7 +1005,10 @@ fn a_libtorch_failure_is_the_batchs_error() {
     let batch = U8Batch { n, h, w, data, targets: vec![Some(0), Some(1)], ..U8Batch::default() };
     // 2 × 2^18 × 2^18 float32 maps: 2 TiB.
     a.set_reduction(Some(Reduction { map_size: 1 << 18, regions: Vec::new() }));
-    let err = format!("{:#}", a.attribute(&batch).unwrap_err());
+    let err = a.attribute(&batch).unwrap_err();
+    // The pipeline takes it for running out of memory: later batches go smaller.
+    assert!(pipeline::is_out_of_memory(&err), "{err:#}");
+    let err = format!("{err:#}");
     // libtorch's own message, without tch's wrapping or the C++ frames.
     assert!(err.starts_with("libtorch: ") && err.contains("allocate"), "{err}");
     assert!(!err.contains("frame #") && !err.contains("unwrap") && err.lines().count() == 1, "{err}");
@@ -957,4 +1016,8 @@ fn a_libtorch_failure_is_the_batchs_error() {
     let maps = a.attribute(&batch).unwrap();
     assert_eq!(maps.len(), 2);
     assert!(matches!(&maps[0].map, MapOut::Reduced { resized, .. } if resized.len() == 64));
+    // The start-up trial with an object box and a mask per image (as a job with boxes and
+    // masks warms up) goes through the device statistics' box and mask sums.
+    a.warm_up(3, h, w, true, true).unwrap();
+    assert!(!pipeline::is_out_of_memory(&anyhow::anyhow!("this image breaks the model")));
 }
