@@ -15,9 +15,15 @@ command -v cargo >/dev/null || { echo "setup: need a Rust toolchain (cargo)" >&2
 req=scripts/requirements.txt
 stamp=.venv/.requirements.sha256
 want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ ! -x .venv/bin/python ]; then
+# A .venv left half-made (no pip: python3-venv was missing when it was created) is made again.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   echo "setup: creating .venv"
-  "$PY" -m venv .venv
+  rm -rf .venv
+  if ! "$PY" -m venv .venv; then
+    rm -rf .venv
+    echo "setup: $PY cannot create a virtual environment with pip (on Debian or Ubuntu: apt install python3-venv)" >&2
+    exit 2
+  fi
 fi
 # Free space on the disk holding .venv, in GiB (rounded down).
 free_gib() { df -Pk "${1:-.}" | awk 'NR == 2 { print int($4 / 1048576) }'; }
@@ -32,8 +38,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     exit 2
   fi
   echo "setup: installing $(grep -v '^#' "$req" | tr '\n' ' ')(about 5.5 GB, first time only)"
-  # No pip cache: it would keep a second copy of the 3.5 GB of wheels.
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
+  # No pip cache: it would keep a second copy of the 3.5 GB of wheels. The wheels are unpacked
+  # on the disk checked above, not in /tmp (often a small tmpfs).
+  mkdir -p .venv/.tmp
+  TMPDIR="$PWD/.venv/.tmp" .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
+  rm -rf .venv/.tmp
   echo "$want" > "$stamp"
 fi
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')

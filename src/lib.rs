@@ -4,6 +4,7 @@
 
 pub mod decode;
 pub mod engine;
+pub mod exit;
 pub mod job;
 pub mod logging;
 pub mod pipeline;

@@ -42,6 +42,14 @@ enum Command {
         output: Option<Loc>,
         #[command(flatten)]
         shard: ShardArgs,
+        /// Exit 0, not 1, when the shard is complete but some samples failed (their rows say
+        /// why): for schedulers that take any other exit code for a failed task.
+        #[arg(long)]
+        failed_samples_ok: bool,
+        /// Once this shard is complete, run `finalize` on the output: the last shard to finish
+        /// writes the dataset's _SUCCESS (the others note which shards are still running).
+        #[arg(long)]
+        finalize: bool,
     },
     /// Validate a job spec and the model, and print the resolved plan; computes nothing.
     Validate {
@@ -192,17 +200,44 @@ fn main() -> ExitCode {
     saliency_audit::engine::batch::install_panic_hook();
     match run(cli) {
         Ok(code) => code,
-        Err(err) if err.downcast_ref::<saliency_audit::sink::LockWaitInterrupted>().is_some() => {
-            eprintln!("stopped: {err}");
-            ExitCode::from(130)
-        }
         Err(err) => {
+            let code = saliency_audit::exit::code(&err);
+            if code == saliency_audit::exit::INTERRUPTED {
+                eprintln!("stopped: {err}");
+                return ExitCode::from(code);
+            }
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(2)
+            if code == saliency_audit::exit::RUN_FAILED {
+                eprintln!("(exit {code}: the run failed on the way; committed parts are kept, and a rerun resumes)");
+            }
+            ExitCode::from(code)
         }
+    }
+}
+
+/// `run --finalize`: writes the dataset's `_SUCCESS` when every shard is complete; while some are
+/// still running, only says which.
+fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
+    match saliency_audit::sink::finalize(dir) {
+        Ok(total) => {
+            println!("finalized {dir}: all {} shards complete, {} rows", total.num_shards, total.rows);
+            Ok(())
+        }
+        Err(e) => match e.downcast_ref::<saliency_audit::sink::ShardsUnfinished>() {
+            Some(u) => {
+                let missing: Vec<String> = u.missing.iter().map(u32::to_string).collect();
+                println!(
+                    "not finalized yet: shard(s) {} of {} still to finish (the last one finalizes)",
+                    missing.join(", "),
+                    u.num_shards
+                );
+                Ok(())
+            }
+            None => Err(e.context(format!("this shard is complete, but finalizing {dir} failed"))),
+        },
     }
 }
 
@@ -243,7 +278,7 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { job, output, shard } => {
+        Command::Run { job, output, shard, failed_samples_ok, finalize } => {
             let shard = shard.resolve()?;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
@@ -278,6 +313,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.stats_time.as_secs_f64(),
                 s.write_time.as_secs_f64()
             );
+            if let Some(n) = s.batch_after_out_of_memory {
+                eprintln!(
+                    "a batch of {} ran out of memory, so a worker went on with batches of {n}: \
+                     runtime.batch_size = {n} (or \"auto\") avoids the failed tries",
+                    s.batch_size
+                );
+            }
             let json = run::summary_json(&outcome, shard);
             // The parts and markers are committed: a summary that cannot be written does not
             // change how the run ended.
@@ -288,11 +330,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("stopped early: rerun the same command to finish (committed parts are kept)");
                 return Ok(ExitCode::from(130));
             }
+            if finalize {
+                finalize_after_shard(&outcome.output_dir)?;
+            }
             let failed = outcome.shard_failed();
             if failed > 0 {
                 eprintln!("{failed} sample(s) failed: their rows carry the status and error");
             }
-            Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if failed > 0 && !failed_samples_ok {
+                ExitCode::from(saliency_audit::exit::SAMPLES_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Validate { job, output, shard } => {
             let (plan, _) = run::plan(&job, shard.resolve()?, output.as_ref())?;

@@ -11,6 +11,7 @@
 
 use crate::decode::{self, Preprocess};
 use crate::engine::batch::{panic_message, Attributor, MapOut, SampleMaps, U8Batch};
+use crate::exit::RunFailed;
 use crate::sample::{Sample, SampleError, Status};
 use crate::sink::{CamMap, PartWriter, Row, ShardSummary, SinkConfig};
 use crate::stats::{self, Region};
@@ -79,6 +80,8 @@ pub struct RunSummary {
     pub workers: usize,
     /// Of those, the workers that computed statistics on their device.
     pub stats_on_device: usize,
+    /// The smallest batch a worker kept to after running out of memory (`None`: none did).
+    pub batch_after_out_of_memory: Option<usize>,
     pub shard: Option<ShardSummary>,
 }
 
@@ -157,7 +160,8 @@ pub fn run(
     let times = StageTimes::default();
     let cfg = &cfg;
     let device_failure = std::sync::Mutex::new(None::<anyhow::Error>);
-    let (pool, times, stop_ref, device_failure) = (&pool, &times, &stop, &device_failure);
+    let smallest_cap = std::sync::atomic::AtomicUsize::new(cfg.batch_size);
+    let (pool, times, stop_ref, device_failure, smallest_cap) = (&pool, &times, &stop, &device_failure, &smallest_cap);
 
     let write_result = std::thread::scope(|s| -> Result<()> {
         // Owned by this closure, so that a panic of the writer below drops the receiver and the
@@ -202,6 +206,7 @@ pub fn run(
                         }
                     }
                 }
+                smallest_cap.fetch_min(cap, Ordering::Relaxed);
             });
         }
         drop(row_tx);
@@ -222,7 +227,7 @@ pub fn run(
                 }
                 if let Err(e) = writer.push(row) {
                     stop_ref.store(true, Ordering::Relaxed);
-                    result = Err(e);
+                    result = Err(RunFailed(e).into());
                     break;
                 }
             }
@@ -240,14 +245,16 @@ pub fn run(
                 *c = c.saturating_sub(n);
             }
         }
-        writer.abort()?
+        writer.abort().map_err(RunFailed)?
     } else {
-        writer.finish()?
+        writer.finish().map_err(RunFailed)?
     });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;
+    let cap = smallest_cap.load(Ordering::Relaxed);
+    summary.batch_after_out_of_memory = (cap < cfg.batch_size).then_some(cap);
     if let Some(e) = device_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
+        return Err(RunFailed(e).into());
     }
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
     summary.engine_time = Duration::from_nanos(times.engine_ns.load(Ordering::Relaxed));

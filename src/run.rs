@@ -4,6 +4,7 @@ use crate::decode;
 use crate::engine::batch::{catch_libtorch, Attributor, TorchAttributor};
 use crate::engine::reduce::{self, Reduction};
 use crate::engine::{self, EngineOptions, Rectifiers};
+use crate::exit::RunFailed;
 use crate::job::{self, BatchSize, Devices, Job, Precision, Target};
 use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
 use crate::sample::{Sample, Status};
@@ -64,12 +65,44 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
     match d {
         Devices::All => {
             let n = engine::cuda_device_count();
-            Ok(if n == 0 { vec![tch::Device::Cpu] } else { (0..n).map(tch::Device::Cuda).collect() })
+            if n == 0 {
+                let env = |k: &str| std::env::var(k).ok();
+                let dev_nodes = std::fs::read_dir("/dev")
+                    .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(is_nvidia_gpu_node)));
+                if let Some(why) = gpu_assigned(&env, dev_nodes) {
+                    return Err(RunFailed(anyhow::anyhow!(
+                        "runtime.devices = \"all\": {why}, but libtorch sees no CUDA device (this build's \
+                         torch 2.11.0+cu130 needs an NVIDIA driver for CUDA 13: 580 or newer); set \
+                         runtime.devices = \"cpu\" to run on the CPU"
+                    ))
+                    .into());
+                }
+                return Ok(vec![tch::Device::Cpu]);
+            }
+            Ok((0..n).map(tch::Device::Cuda).collect())
         }
         Devices::List(list) => {
             list.iter().map(|s| engine::parse_device(s).with_context(|| "runtime.devices")).collect()
         }
     }
+}
+
+/// Why this process looks as if it was given a GPU (Slurm's or the launcher's
+/// `CUDA_VISIBLE_DEVICES`, NVIDIA device nodes in /dev as the container runtime mounts them), or
+/// `None`: then running on the CPU is what was asked for.
+fn gpu_assigned(env: &dyn Fn(&str) -> Option<String>, nvidia_dev_nodes: bool) -> Option<String> {
+    if let Some(v) = env("CUDA_VISIBLE_DEVICES") {
+        let v = v.trim();
+        if !v.is_empty() && !v.starts_with('-') && v != "NoDevFiles" {
+            return Some(format!("CUDA_VISIBLE_DEVICES is {v:?}"));
+        }
+    }
+    nvidia_dev_nodes.then(|| "/dev has NVIDIA GPU device nodes".to_owned())
+}
+
+/// `nvidia0`, `nvidia1`, …: a GPU's device node (not `nvidiactl`, `nvidia-uvm`).
+fn is_nvidia_gpu_node(name: &str) -> bool {
+    name.strip_prefix("nvidia").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn file_sha256(p: &Path) -> Result<String> {
@@ -507,6 +540,7 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "batch_size": s.batch_size,
         "workers": s.workers,
         "workers_with_stats_on_device": s.stats_on_device,
+        "batch_size_after_out_of_memory": s.batch_after_out_of_memory,
         "stage_busy_s": {
             "decode": s.decode_time.as_secs_f64(),
             "engine": s.engine_time.as_secs_f64(),
@@ -519,4 +553,23 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
 /// Counts in `Status::ALL` order, for printing.
 pub fn status_counts(s: &RunSummary) -> Vec<(Status, u64)> {
     Status::ALL.iter().filter_map(|st| s.counts.get(st).map(|n| (*st, *n))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_that_was_assigned_is_noticed() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(gpu_assigned(&env(&[]), false), None);
+        assert_eq!(gpu_assigned(&env(&[("CUDA_VISIBLE_DEVICES", "")]), false), None);
+        assert_eq!(gpu_assigned(&env(&[("CUDA_VISIBLE_DEVICES", "-1")]), false), None);
+        assert!(gpu_assigned(&env(&[("CUDA_VISIBLE_DEVICES", "0,1")]), false).unwrap().contains("\"0,1\""));
+        assert!(gpu_assigned(&env(&[]), true).unwrap().contains("/dev"));
+        assert!(is_nvidia_gpu_node("nvidia0") && is_nvidia_gpu_node("nvidia12"));
+        assert!(!is_nvidia_gpu_node("nvidiactl") && !is_nvidia_gpu_node("nvidia-uvm") && !is_nvidia_gpu_node("nvidia"));
+    }
 }

@@ -16,12 +16,15 @@ pub struct JobError {
     pub line: Option<usize>,
     /// What is wrong, and where it helps, what is allowed.
     pub message: String,
+    /// The check itself failed (a storage error while looking for an input), so a retry may
+    /// pass it.
+    pub retryable: bool,
 }
 
 impl JobError {
     /// An error about the job file as a whole (no key, no line).
     pub fn file(file: &Path, message: impl Into<String>) -> Self {
-        JobError { file: file.to_path_buf(), key: None, line: None, message: message.into() }
+        JobError { file: file.to_path_buf(), key: None, line: None, message: message.into(), retryable: false }
     }
 }
 

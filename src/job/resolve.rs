@@ -80,7 +80,9 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
                 Loc::Remote { .. } => match store::exists(&loc) {
                     Ok(true) => {}
                     Ok(false) => return Err(spec.error("dataset.manifest", format!("no manifest object at {loc}"))),
-                    Err(e) => return Err(spec.error("dataset.manifest", format!("{e:#}"))),
+                    Err(e) => {
+                        return Err(JobError { retryable: true, ..spec.error("dataset.manifest", format!("{e:#}")) })
+                    }
                 },
                 Loc::Local(_) => {}
             }

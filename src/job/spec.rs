@@ -347,7 +347,13 @@ impl SpecSource {
     fn new(text: &str, origin: &Path) -> Result<Self, JobError> {
         let table = toml::de::DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| line_at(text, s.start));
-            JobError { file: origin.to_path_buf(), key: None, line, message: e.message().trim().to_owned() }
+            JobError {
+                file: origin.to_path_buf(),
+                key: None,
+                line,
+                message: e.message().trim().to_owned(),
+                retryable: false,
+            }
         })?;
         let mut keys = Vec::new();
         index_table("", table.get_ref(), &mut keys);
@@ -373,6 +379,7 @@ impl SpecSource {
             key: Some(path.to_owned()),
             line: self.line_of(path),
             message: message.into(),
+            retryable: false,
         }
     }
 
@@ -401,6 +408,7 @@ impl SpecSource {
                 key: Some(k.path.clone()),
                 line: Some(line_at(&self.text, span.start)),
                 message,
+                retryable: false,
             },
             None => JobError::file(&self.origin, message),
         }

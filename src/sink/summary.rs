@@ -46,6 +46,22 @@ pub struct DatasetSummary {
     pub schema_version: u32,
 }
 
+/// [`finalize`] found shards that have not finished (yet).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "output in {dir} is not complete: shard(s) {} of {num_shards} have not finished (no \
+     _SUCCESS-<shard>-of-{num_shards:05}.json)",
+    missing.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+)]
+pub struct ShardsUnfinished {
+    /// The output folder.
+    pub dir: Loc,
+    /// The shards without their `_SUCCESS-<shard>-of-<count>.json`.
+    pub missing: Vec<u32>,
+    /// The job's shard count.
+    pub num_shards: u32,
+}
+
 /// Checks that every shard of the job in `dir` has finished and that the parts on disk match
 /// their shards' counts, then writes `_SUCCESS` (atomically) and returns the totals.
 ///
@@ -55,62 +71,22 @@ pub struct DatasetSummary {
 pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     let dir = &dir.into();
     let names = list_names(dir)?;
-    let mut counts = BTreeSet::new();
+    let num_shards = one_shard_count(dir, &names)?;
     let mut parts: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
     let mut successes = BTreeSet::new();
     for name in &names {
-        if let Some((shard, count, chunk)) = parse_part_name(name) {
-            counts.insert(count);
+        if let Some((shard, _, chunk)) = parse_part_name(name) {
             parts.entry(shard).or_default().push((chunk, name.clone()));
-        } else if let Some((shard, count)) = parse_shard_success_name(name) {
-            counts.insert(count);
+        } else if let Some((shard, _)) = parse_shard_success_name(name) {
             successes.insert(shard);
-        } else if let Some((_, count)) = parse_job_name(name) {
-            counts.insert(count);
         }
     }
-    let num_shards = match counts.len() {
-        0 => bail!("{} holds no saliency-audit output", dir),
-        1 => counts.first().copied().unwrap_or_default(),
-        _ => bail!(
-            "{} mixes output of jobs split into different shard counts ({}); \
-             use one output folder per job",
-            dir,
-            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-        ),
-    };
     let missing: Vec<u32> = (0..num_shards).filter(|s| !successes.contains(s)).collect();
     if !missing.is_empty() {
-        bail!(
-            "output in {} is not complete: shard(s) {} of {num_shards} have not finished \
-             (no _SUCCESS-<shard>-of-{num_shards:05}.json)",
-            dir,
-            missing.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-        );
+        return Err(ShardsUnfinished { dir: dir.clone(), missing, num_shards }.into());
     }
-
     // Every shard of the job over the same dataset.
-    let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
-    for name in names.iter().filter(|n| parse_job_name(n).is_some()) {
-        let path = dir.join(name)?;
-        let job: super::JobFile = files::read_json(&path)?;
-        if !job.job_id.is_empty() {
-            job_ids.entry(job.job_id).or_insert(path);
-        }
-    }
-    let mut ids = job_ids.iter();
-    if let (Some(a), Some(b)) = (ids.next(), ids.next()) {
-        bail!(
-            "{} mixes shards of different jobs: {} records job {}, {} records job {} (the model, a \
-             setting or the dataset's sample list changed between shards); rerun every shard into \
-             another output folder",
-            dir,
-            a.1,
-            a.0,
-            b.1,
-            b.0
-        );
-    }
+    one_job(dir, &names)?;
 
     let mut total =
         DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
@@ -161,6 +137,82 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
         .with_context(|| format!("cannot mark output in {} complete", dir))?;
     Ok(total)
+}
+
+/// The shard count of the job whose files `names` (of folder `dir`) are; an error when there
+/// are none, or files of jobs split into different shard counts.
+fn one_shard_count(dir: &Loc, names: &[String]) -> anyhow::Result<u32> {
+    let counts: BTreeSet<u32> = names
+        .iter()
+        .filter_map(|n| {
+            parse_part_name(n)
+                .map(|(_, c, _)| c)
+                .or_else(|| parse_shard_success_name(n).map(|(_, c)| c))
+                .or_else(|| parse_job_name(n).map(|(_, c)| c))
+        })
+        .collect();
+    match counts.len() {
+        0 => bail!("{} holds no saliency-audit output", dir),
+        1 => Ok(counts.first().copied().unwrap_or_default()),
+        _ => bail!(
+            "{} mixes output of jobs split into different shard counts ({}); \
+             use one output folder per job",
+            dir,
+            counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The shards' `_job-*.json` files, by shard; an error when they record different jobs.
+fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::JobFile>> {
+    let mut jobs = BTreeMap::new();
+    let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
+    for (name, (shard, _)) in names.iter().filter_map(|n| parse_job_name(n).map(|p| (n, p))) {
+        let path = dir.join(name)?;
+        let job: super::JobFile = files::read_json(&path)?;
+        if !job.job_id.is_empty() {
+            job_ids.entry(job.job_id.clone()).or_insert(path);
+        }
+        jobs.insert(shard, job);
+    }
+    let mut ids = job_ids.iter();
+    if let (Some(a), Some(b)) = (ids.next(), ids.next()) {
+        bail!(
+            "{} mixes shards of different jobs: {} records job {}, {} records job {} (the model, a \
+             setting or the dataset's sample list changed between shards); rerun every shard into \
+             another output folder",
+            dir,
+            a.1,
+            a.0,
+            b.1,
+            b.0
+        );
+    }
+    Ok(jobs)
+}
+
+/// How much of its dataset an output folder holds, as its markers say: for readers (the
+/// report) that must not take part of a dataset for all of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    /// The job's shard count.
+    pub num_shards: u32,
+    /// Rows the whole dataset has, when every shard has started (its `_job-*.json` is there).
+    pub expected_rows: Option<u64>,
+    /// Shards without their `_SUCCESS-<shard>-of-<count>.json`.
+    pub unfinished: Vec<u32>,
+}
+
+/// Reads `dir`'s markers into a [`Coverage`]. Errors as [`finalize`]'s for a folder that mixes
+/// jobs (its rows would be counted twice).
+pub fn coverage(dir: impl Into<Loc>) -> anyhow::Result<Coverage> {
+    let dir = &dir.into();
+    let names = list_names(dir)?;
+    let num_shards = one_shard_count(dir, &names)?;
+    let jobs = one_job(dir, &names)?;
+    let successes: BTreeSet<u32> = names.iter().filter_map(|n| parse_shard_success_name(n)).map(|(s, _)| s).collect();
+    let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();
+    Ok(Coverage { num_shards, expected_rows, unfinished: (0..num_shards).filter(|s| !successes.contains(s)).collect() })
 }
 
 /// Writes the caller's report of one run of a shard (timings, counts, whether it was

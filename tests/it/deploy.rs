@@ -16,7 +16,7 @@ for name in ["indexed-job", "cronjob"]:
     doc = yaml.safe_load(open(f"{sys.argv[1]}/docker/k8s/{name}.yaml"))
     spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
     c = spec["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
     rules = spec.get("podFailurePolicy", {}).get("rules", [])
     fail2 = any(r["action"] == "FailJob" and r["onExitCodes"]["operator"] == "In" and 2 in r["onExitCodes"]["values"]
                 and r["onExitCodes"].get("containerName") == c["name"] for r in rules if "onExitCodes" in r)
@@ -27,6 +27,10 @@ for name in ["indexed-job", "cronjob"]:
         "gpu_limit": c["resources"]["limits"].get("nvidia.com/gpu"), "backoff_per_index": spec.get("backoffLimitPerIndex"),
         "restart": spec["template"]["spec"]["restartPolicy"], "fail_on_2": fail2, "fail_on_1": retries_exit1,
         "runs": "run" in " ".join(c.get("args", []) + c.get("command", [])),
+        "args": c.get("args", []), "command": c.get("command", []),
+        "fail_on": sorted(v for r in rules if "onExitCodes" in r and r["action"] == "FailJob" for v in r["onExitCodes"]["values"]),
+        "run_as": spec["template"]["spec"].get("securityContext", {}).get("runAsUser"),
+        "fs_group": spec["template"]["spec"].get("securityContext", {}).get("fsGroup"),
     }
 print(json.dumps(out))
 "#;
@@ -46,6 +50,17 @@ print(json.dumps(out))
         assert_eq!(m["fail_on_2"], true, "{name}: configuration errors are not retried");
         assert_eq!(m["fail_on_1"], false, "{name}: sample failures are not pod failures");
         assert_eq!(m["runs"], true, "{name}");
+        // Exit 1 would be a pod failure, retried and failing again: the shard exits 0 instead.
+        // The last shard to finish writes _SUCCESS. Exit 3 (a failure on the way) is retried.
+        let args: Vec<&str> = m["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.contains(&"--failed-samples-ok") && args.contains(&"--finalize"), "{name}: {args:?}");
+        assert_eq!(m["fail_on"], serde_json::json!([2]), "{name}: only configuration errors fail the Job");
+        // The binary is the container's process (SIGTERM reaches it), and the output folder is
+        // the same for every pod and retry of a run (no shell, no clock).
+        assert_eq!(m["command"], serde_json::json!([]), "{name}: the image's entrypoint runs");
+        assert!(!args.iter().any(|a| a.contains("date")), "{name}: {args:?}");
+        // The image's user (Dockerfile: uid 10001) can write the volume.
+        assert_eq!((m["run_as"].as_u64(), m["fs_group"].as_u64()), (Some(10001), Some(10001)), "{name}");
     }
 }
 
@@ -58,8 +73,10 @@ fn slurm_array_script() {
     assert!(Command::new("bash").arg("-n").arg(&path).status().unwrap().success(), "bash syntax");
     assert!(text.contains("#SBATCH --array=0-"));
     assert!(text.contains("#SBATCH --gres=gpu:1"));
-    assert!(text.contains("saliency-audit finalize"));
-    assert!(text.contains("if [ \"$code\" -le 1 ]; then exit 0; fi"));
+    // One exec: the binary gets Slurm's SIGTERM itself and its exit code is the task's; failed
+    // samples do not fail the task, and the last task finalizes.
+    let exec = text.lines().find(|l| l.starts_with("exec ")).expect("an exec line");
+    assert!(exec.contains(" run ") && exec.contains("--failed-samples-ok") && exec.contains("--finalize"), "{exec}");
     // NUM_SHARDS defaults to the array's size, so task i is shard i of it, resubmitted or not.
     let last: u32 = text.split("#SBATCH --array=0-").nth(1).unwrap().lines().next().unwrap().trim().parse().unwrap();
     assert!(text.contains(&format!("export NUM_SHARDS=${{NUM_SHARDS:-{}}}", last + 1)), "NUM_SHARDS != array size");

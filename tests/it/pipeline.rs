@@ -406,7 +406,7 @@ fn run_six(samples: Vec<Sample>, cfg: PipelineConfig, engine: Box<dyn Attributor
     )
 }
 
-/// A device that fails for good stops the run with its error (exit 2 from the CLI) after the
+/// A device that fails for good stops the run with its error (exit 3 from the CLI) after the
 /// parts already complete are committed; the failing batches get no rows, so a rerun does them,
 /// instead of every remaining sample getting an `attribution_error` row. One image that fails
 /// on a healthy device still gets its error row.
@@ -418,6 +418,7 @@ fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
         .expect_err("a failing device ends the run with an error");
     let msg = format!("{e:#}");
     assert!(msg.contains("illegal memory access") && msg.contains("health check") && msg.contains("cuda:9"), "{msg}");
+    assert_eq!(saliency_audit::exit::code(&e), saliency_audit::exit::RUN_FAILED, "a retry may get past it");
     let rows = read_all(&tmp.path().join("out"));
     assert_eq!(rows.num_rows(), 4, "the two batches done before are committed");
     let status = col::<StringArray>(&rows, "status");
@@ -479,14 +480,17 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
     let (summary, sizes) = run(1, None);
     assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
     assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 1, 1]);
+    assert_eq!(summary.batch_after_out_of_memory, Some(1));
     // Fits 2: the first batch is split into 1 and 2, and the second goes as 2 and 1.
-    let (_, sizes) = run(2, None);
+    let (summary, sizes) = run(2, None);
     assert_eq!(sizes, [3, 1, 2, 2, 1]);
+    assert_eq!(summary.batch_after_out_of_memory, Some(2));
     // Image 2 breaks the model: its batch is split down to it (and a health check of one image
     // follows), but the second batch still goes whole.
     let (summary, sizes) = run(8, Some(2));
     assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
     assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 3]);
+    assert_eq!(summary.batch_after_out_of_memory, None);
 }
 
 /// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
@@ -614,6 +618,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
 }
 
 /// Bad job specs and models fail before any work, exit 2, one message naming the key or file.
+/// A GPU that was given but cannot be used is exit 3.
 #[test]
 fn bad_job_specs_fail_before_work() {
     let tmp = tempfile::tempdir().unwrap();
@@ -648,6 +653,21 @@ fn bad_job_specs_fail_before_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("single tensor, not a tuple"), "{err}");
+
+    // A process given a GPU that libtorch cannot see (a driver too old for CUDA 13) stops with
+    // exit 3, which a scheduler retries (elsewhere), instead of running on the CPU. Checkable
+    // only where there is no CUDA device, as on CI.
+    if !tch::Cuda::is_available() {
+        let job = write_job(&ds.dir, &model, "");
+        let text =
+            std::fs::read_to_string(&job).unwrap().replacen("batch_size = 16", "batch_size = 16\ndevices = \"all\"", 1);
+        std::fs::write(&job, text).unwrap();
+        let out = Command::new(bin()).arg("run").arg(&job).env("CUDA_VISIBLE_DEVICES", "0").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(err.contains("CUDA_VISIBLE_DEVICES is \"0\"") && err.contains("runtime.devices = \"cpu\""), "{err}");
+        assert!(!ds.dir.join("out").exists(), "no work");
+    }
 }
 
 /// Stops a run once its first part is committed (SIGINT: graceful; SIGKILL: at any moment),
@@ -777,8 +797,9 @@ fn sigkill_at_any_moment_then_rerun_gives_every_sample_once() {
 }
 
 /// Three shards (one by arguments, two from a Kubernetes and a Slurm environment) write into
-/// one folder; `finalize` checks them and writes `_SUCCESS`; their union equals the unsharded
-/// run, with no overlap. JSON log lines come out with `--log-format json`.
+/// one folder; `finalize` checks them and writes `_SUCCESS` (`run --finalize`: the last shard to
+/// finish does); their union equals the unsharded run, with no overlap. JSON log lines come out
+/// with `--log-format json`; `--failed-samples-ok` exits 0 where failed samples would give 1.
 #[test]
 fn shards_union_equals_the_unsharded_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -814,11 +835,31 @@ fn shards_union_equals_the_unsharded_run() {
         }
         let mut c = Command::new(bin());
         c.args(["--log-format", "json", "run"]).arg(&job).arg("--output").arg(&sharded).args(*args);
+        if i > 0 {
+            // As the cluster manifests run it: the shard exits 0 although samples failed, and
+            // the last shard to finish writes _SUCCESS.
+            c.args(["--failed-samples-ok", "--finalize"]);
+        }
         for (k, v) in *env {
             c.env(k, v);
         }
         let out = c.output().unwrap();
-        assert!(out.status.code().unwrap() <= 1, "shard {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match i {
+            0 => assert_eq!(out.status.code(), Some(1), "shard 0: {}", String::from_utf8_lossy(&out.stderr)),
+            _ => assert_eq!(out.status.code(), Some(0), "shard {i}: {}", String::from_utf8_lossy(&out.stderr)),
+        }
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("sample(s) failed"),
+            "shard {i}: the failures are reported"
+        );
+        if i == 1 {
+            assert!(stdout.contains("not finalized yet: shard(s) 2 of 3 still to finish"), "{stdout}");
+        }
+        assert_eq!(sharded.join("_SUCCESS").exists(), i == 2, "after shard {i}: {stdout}");
+        if i == 2 {
+            assert!(stdout.contains("finalized") && stdout.contains("all 3 shards complete"), "{stdout}");
+        }
         let first = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_owned();
         let v: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
         assert_eq!(v["level"], "INFO");

@@ -1,0 +1,97 @@
+//! Exit codes, as a scheduler sees them, and which errors a rerun may get past.
+//!
+//! - 0: every sample is ok (or, with `run --failed-samples-ok`, the shard is complete);
+//! - 1: the shard is complete, but some samples failed (their rows say why);
+//! - 2: the job cannot run as given (spec, model, dataset listing, an output folder of another
+//!   job): the same command fails the same way, so a scheduler should not retry it;
+//! - 3: the run failed on the way for a reason outside the job (the device, the network, the
+//!   disk): committed parts are kept, and a retry resumes;
+//! - 130: interrupted (Ctrl-C, SIGTERM), or stopped while waiting for another process's lock.
+
+use std::io;
+
+use crate::job::JobError;
+use crate::sink::LockWaitInterrupted;
+
+pub const SAMPLES_FAILED: u8 = 1;
+pub const CANNOT_RUN: u8 = 2;
+pub const RUN_FAILED: u8 = 3;
+pub const INTERRUPTED: u8 = 130;
+
+/// A failure part-way through a run that a retry may not meet again: the device stopped
+/// working, or the output could not be written. Shown as the error it wraps.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct RunFailed(#[from] pub anyhow::Error);
+
+/// The exit code for a command that ended with `err`: [`RUN_FAILED`] when a retry may succeed
+/// (a [`RunFailed`], an I/O or storage error other than a missing or forbidden file, a
+/// storage error while checking the job's inputs), [`INTERRUPTED`] for a stopped lock wait,
+/// else [`CANNOT_RUN`].
+pub fn code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<LockWaitInterrupted>().is_some() {
+        return INTERRUPTED;
+    }
+    let retryable = err.chain().any(|c| {
+        c.is::<RunFailed>()
+            || c.downcast_ref::<JobError>().is_some_and(|e| e.retryable)
+            || c.downcast_ref::<io::Error>().is_some_and(|e| transient(e.kind()))
+    });
+    if retryable {
+        RUN_FAILED
+    } else {
+        CANNOT_RUN
+    }
+}
+
+/// I/O errors about the file asked for (missing, forbidden, malformed, too large) stay the
+/// same on a retry; the others (time-outs, lost connections, a store's server errors, a full
+/// or failing disk) may not.
+fn transient(kind: io::ErrorKind) -> bool {
+    use io::ErrorKind::*;
+    !matches!(
+        kind,
+        NotFound
+            | PermissionDenied
+            | AlreadyExists
+            | InvalidInput
+            | InvalidData
+            | Unsupported
+            | FileTooLarge
+            | IsADirectory
+            | NotADirectory
+            | DirectoryNotEmpty
+            | InvalidFilename
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+    use std::path::PathBuf;
+
+    #[test]
+    fn codes() {
+        let spec = JobError {
+            file: PathBuf::from("j.toml"),
+            key: None,
+            line: Some(3),
+            message: "bad".into(),
+            retryable: false,
+        };
+        assert_eq!(code(&anyhow::Error::new(spec.clone()).context("loading")), CANNOT_RUN);
+        let store = JobError { retryable: true, ..spec };
+        assert_eq!(code(&anyhow::Error::new(store)), RUN_FAILED);
+        let missing = io::Error::new(io::ErrorKind::NotFound, "model.pt");
+        assert_eq!(code(&anyhow::Error::new(missing).context("cannot open model.pt")), CANNOT_RUN);
+        let timeout: Result<(), io::Error> = Err(io::Error::other("s3://b/x: Generic S3 error: 503"));
+        assert_eq!(code(&timeout.context("listing s3://b").unwrap_err()), RUN_FAILED);
+        let device = RunFailed(anyhow::anyhow!("CUDA error: an illegal memory access"));
+        let e = anyhow::Error::new(device).context("worker cuda:0");
+        assert_eq!(code(&e), RUN_FAILED);
+        // Shown as what it wraps.
+        assert_eq!(format!("{:#}", anyhow::Error::new(RunFailed(anyhow::anyhow!("x").context("y")))), "y: x");
+        assert_eq!(code(&anyhow::anyhow!("the model returned a single tensor, not a tuple")), CANNOT_RUN);
+    }
+}
