@@ -82,6 +82,10 @@ enum Command {
         /// Where to write the report (default DIR/_report, which dataset readers skip).
         #[arg(long)]
         out: Option<Loc>,
+        /// Classes given a section of their own on the page (the most flagged first); the
+        /// table and scores.parquet keep every class.
+        #[arg(long, default_value_t = 100)]
+        max_classes: usize,
     },
     /// Check that every shard of a sharded run completed and write the dataset's _SUCCESS.
     Finalize {
@@ -348,8 +352,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{plan}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { dir, top, score, max_clusters, cluster_sample, out } => {
-            let mut opts = saliency_audit::report::ReportOptions { top, score, out, ..Default::default() };
+        Command::Report { dir, top, score, max_clusters, cluster_sample, out, max_classes } => {
+            let mut opts = saliency_audit::report::ReportOptions { top, score, out, max_classes, ..Default::default() };
             opts.cluster.max_clusters = max_clusters;
             opts.cluster.max_samples = cluster_sample;
             let report = saliency_audit::report::build(&dir, &opts)?;

@@ -99,11 +99,11 @@ pub struct Clustering {
 ///
 /// # Panics
 /// If a map's length is not `h * w`.
-pub fn spray(maps: &[Vec<f32>], h: usize, w: usize, p: &ClusterParams) -> Clustering {
+pub fn spray<M: AsRef<[f32]>>(maps: &[M], h: usize, w: usize, p: &ClusterParams) -> Clustering {
     let side = p.side.max(1);
     let dim = side * side;
     let n = maps.len();
-    for (i, m) in maps.iter().enumerate() {
+    for (i, m) in maps.iter().map(AsRef::as_ref).enumerate() {
         assert_eq!(m.len(), h * w, "spray: map {i} has {} values, expected {h}×{w}", m.len());
     }
     if n == 0 {
@@ -112,7 +112,7 @@ pub fn spray(maps: &[Vec<f32>], h: usize, w: usize, p: &ClusterParams) -> Cluste
 
     // 1. Features: downsampled, sum-normalised maps, flattened n × dim (f64).
     let mut feats = vec![0.0f64; n * dim];
-    for (i, m) in maps.iter().enumerate() {
+    for (i, m) in maps.iter().map(AsRef::as_ref).enumerate() {
         feature_into(m, h, w, side, &mut feats[i * dim..(i + 1) * dim]);
     }
     let feat = |i: usize| &feats[i * dim..(i + 1) * dim];
@@ -692,7 +692,7 @@ mod tests {
     #[test]
     fn tiny_inputs() {
         let p = ClusterParams::default();
-        let c = spray(&[], 4, 4, &p);
+        let c = spray::<Vec<f32>>(&[], 4, 4, &p);
         assert_eq!((c.k, c.labels.len(), c.sizes.len(), c.mean_maps.len()), (0, 0, 0, 0));
         let a: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let b: Vec<f32> = (0..16).map(|i| (16 - i) as f32).collect();

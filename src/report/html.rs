@@ -58,7 +58,7 @@ pub struct SampleImages {
 impl SampleImages {
     pub fn new(r: &Report) -> Self {
         let mut wanted: Vec<usize> = Vec::new();
-        for c in &r.classes {
+        for c in r.classes.iter().filter(|c| r.detailed.contains(&c.class)) {
             wanted.extend(&c.ranked);
             for k in &c.clusters {
                 wanted.extend(&k.top_members);
@@ -156,6 +156,11 @@ fn class_section(out: &mut String, r: &Report, c: &ClassSummary, imgs: &SampleIm
         out.push_str("</div></figure>");
     }
     out.push_str("</div></div>");
+    if c.ranked.is_empty() {
+        let _ =
+            write!(out, "<h3>No ranking</h3><p>No sample of this class has a {}.</p></section>", esc(&r.score_label));
+        return;
+    }
     let _ = write!(out, "<h3>Top {} by spurious score</h3><div class=\"cards\">", c.ranked.len());
     for &i in &c.ranked {
         card(out, r, imgs, i, name_of);
@@ -176,7 +181,7 @@ td:first-child,th:first-child{text-align:left}
 .missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#888;font-size:12px}
 .cap{font-size:12px;margin-top:4px}.row{display:flex;gap:16px;align-items:flex-start}.clusters{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}figure.flagged{border:2px solid #c33}
-figcaption{font-size:12px;max-width:260px}.thumb{width:40px;height:40px;margin:1px}.members{margin-top:4px}
+figcaption{font-size:12px;max-width:260px}.warning{color:#a00}.thumb{width:40px;height:40px;margin:1px}.members{margin-top:4px}
 </style></head><body>"#,
     );
     let _ = write!(
@@ -190,9 +195,24 @@ figcaption{font-size:12px;max-width:260px}.thumb{width:40px;height:40px;margin:1
         r.classes.len(),
         esc(&r.score_label)
     );
+    if let Some(note) = &r.incomplete {
+        let _ = write!(out, r#"<p class="warning"><b>Warning:</b> {}.</p>"#, esc(note));
+    }
+    if let Some(note) = super::unranked_note(r) {
+        let _ = write!(out, "<p><b>Note:</b> {}.</p>", esc(&note));
+    }
     if !r.failed.is_empty() {
         let f: Vec<String> = r.failed.iter().map(|(k, v)| format!("{} {v}", esc(k))).collect();
         let _ = write!(out, "<p>Rows that failed and are not shown: {}.</p>", f.join(", "));
+    }
+    if r.detailed.len() < r.classes.len() {
+        let _ = write!(
+            out,
+            "<p>Sections below for {} of the {} classes: those with the most samples in flagged clusters, then \
+             the highest mean score (<code>--max-classes</code>). <code>scores.parquet</code> has every sample.</p>",
+            r.detailed.len(),
+            r.classes.len()
+        );
     }
     out.push_str("<table><tr><th>class</th><th>count</th><th>accuracy</th><th>bbox share</th><th>mask share</th>");
     for n in &r.region_names {
@@ -202,9 +222,12 @@ figcaption{font-size:12px;max-width:260px}.thumb{width:40px;height:40px;margin:1
     for c in &r.classes {
         let _ = write!(
             out,
-            r##"<tr><td><a href="#class-{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"##,
-            c.class,
-            esc(&c.name),
+            r##"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"##,
+            if r.detailed.contains(&c.class) {
+                format!(r##"<a href="#class-{}">{}</a>"##, c.class, esc(&c.name))
+            } else {
+                esc(&c.name)
+            },
             c.count,
             c.accuracy.map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "–".into()),
             fmt_opt(c.mean_bbox_share),
@@ -222,7 +245,7 @@ figcaption{font-size:12px;max-width:260px}.thumb{width:40px;height:40px;margin:1
         );
     }
     out.push_str("</table>");
-    for c in &r.classes {
+    for c in r.classes.iter().filter(|c| r.detailed.contains(&c.class)) {
         class_section(&mut out, r, c, imgs, name_of);
     }
     out.push_str("</body></html>\n");

@@ -16,6 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use cluster::{ClusterParams, Clustering};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -53,11 +54,15 @@ pub struct ReportOptions {
     pub cluster: ClusterParams,
     /// Where the report goes (default OUTPUT_DIR/report).
     pub out: Option<Loc>,
+    /// Classes the page gives a section of their own (cluster maps, ranked samples): those
+    /// with the most samples in flagged clusters, then the highest mean score. Every class
+    /// stays in the page's table and in `scores.parquet`.
+    pub max_classes: usize,
 }
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        Self { top: 20, score: ScoreKind::Auto, cluster: ClusterParams::default(), out: None }
+        Self { top: 20, score: ScoreKind::Auto, cluster: ClusterParams::default(), out: None, max_classes: 100 }
     }
 }
 
@@ -145,6 +150,10 @@ pub struct Report {
     pub dir: Loc,
     pub records: Vec<Record>,
     pub classes: Vec<ClassSummary>,
+    /// The classes (`ClassSummary::class`) that get a section of their own on the page.
+    pub detailed: std::collections::BTreeSet<i64>,
+    /// Set when the output holds only part of its dataset (shards unfinished): says how much.
+    pub incomplete: Option<String>,
     pub region_names: Vec<String>,
     pub score_label: String,
     pub failed: BTreeMap<String, usize>,
@@ -166,8 +175,10 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .with_context(|| format!("column {name} has an unexpected type"))
 }
 
+/// A statistic, or `None` where it is null or not a finite number (the pipeline writes null,
+/// but a file written by other means might hold NaN, which would top every ranking).
 fn opt_f32(a: &Float32Array, i: usize) -> Option<f32> {
-    a.is_valid(i).then(|| a.value(i))
+    a.is_valid(i).then(|| a.value(i)).filter(|v| v.is_finite())
 }
 
 fn opt_i64(a: &Int64Array, i: usize) -> Option<i64> {
@@ -228,13 +239,15 @@ impl<'a> Cols<'a> {
 
     fn maps(&self, i: usize) -> Result<Maps> {
         let (map, side) = self.map(i)?;
-        Ok(Maps {
-            map,
-            map_side: side,
-            cam: stats::decode_cam_f16(self.cam.value(i)),
-            cam_h: self.cam_h.value(i) as usize,
-            cam_w: self.cam_w.value(i) as usize,
-        })
+        let cam = stats::decode_cam_f16(self.cam.value(i));
+        let (cam_h, cam_w) = (self.cam_h.value(i) as usize, self.cam_w.value(i) as usize);
+        anyhow::ensure!(
+            cam.len() == cam_h.saturating_mul(cam_w),
+            "sample {}: cam holds {} values, cam_h × cam_w is {cam_h}×{cam_w}",
+            self.id.value(i),
+            cam.len()
+        );
+        Ok(Maps { map, map_side: side, cam, cam_h, cam_w })
     }
 
     fn record(&self, i: usize) -> Record {
@@ -283,7 +296,8 @@ type Scanned = (Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>);
 
 /// First pass over the output, one batch at a time: the ok rows as records (without maps),
 /// failures counted by status, class mean maps, and a bounded subsample of clustering features
-/// per class. Memory grows with the number of rows only by their scalar fields.
+/// per class. Memory grows with the number of rows by their scalar fields, and with the number
+/// of classes by a mean map and up to `max_samples` clustering features (`side²` floats) each.
 fn scan(dir: &Loc, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
     let mut records = Vec::new();
     let mut failed = BTreeMap::new();
@@ -353,14 +367,101 @@ fn concentration(m: &[f32]) -> f32 {
 /// A cluster is a Clever-Hans candidate when its mean map is concentrated (its top 10% of
 /// pixels hold at least 40% of the mass) and its members' attribution sits away from the
 /// object: on average at least 60% outside the object's mask or box, or, where the job names
-/// regions, at least twice the class's average share inside one of them (and at least 5%).
-fn flag(c: &ClusterInfo, class_region_mean: Option<f32>) -> bool {
+/// regions, at least 5% inside one of them and at least twice both what an even spread would
+/// put there (`region_area`, the largest region's share of the image) and the average of the
+/// rest of the class (`rest_region_mean`; `None` when the cluster is the whole class, which
+/// then needs only the first two: a shortcut most of a class takes is still a shortcut).
+fn flag(c: &ClusterInfo, rest_region_mean: Option<f32>, region_area: f32) -> bool {
     let away_from_object = c.mean_outside_object.is_some_and(|o| o >= 0.6);
-    let in_region = match (c.mean_max_region, class_region_mean) {
-        (Some(r), Some(m)) => r >= 0.05 && r >= 2.0 * m,
-        _ => false,
-    };
+    let in_region = c
+        .mean_max_region
+        .is_some_and(|r| r >= 0.05 && r >= 2.0 * region_area && rest_region_mean.is_none_or(|m| r >= 2.0 * m));
     c.concentration >= 0.4 && (away_from_object || in_region)
+}
+
+/// Set when no sample has a score, which happens when the output has no object boxes or masks
+/// and the job names no regions: says so, since every ranking is then empty.
+pub fn unranked_note(r: &Report) -> Option<String> {
+    (!r.records.iter().any(|x| x.score.is_some())).then(|| {
+        format!(
+            "no sample has a {} (the output has no object boxes or masks{}), so none is ranked; the \
+             clusters still show each class's strategies",
+            r.score_label,
+            if r.region_names.is_empty() { ", and the job names no regions" } else { "" }
+        )
+    })
+}
+
+/// What is missing from an output that holds `rows_read` rows, or `None` when it is whole.
+fn incomplete_note(c: &sink::Coverage, rows_read: u64) -> Option<String> {
+    let unfinished = || c.unfinished.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    match c.expected_rows {
+        Some(expected) if rows_read >= expected => None,
+        Some(expected) => Some(format!(
+            "incomplete output: {rows_read} of the dataset's {expected} rows (shard(s) {} of {} not finished); \
+             the numbers cover only those rows",
+            unfinished(),
+            c.num_shards
+        )),
+        None if c.unfinished.is_empty() => None,
+        None => Some(format!(
+            "incomplete output: {rows_read} rows, shard(s) {} of {} not finished; the numbers cover only those rows",
+            unfinished(),
+            c.num_shards
+        )),
+    }
+}
+
+/// The classes that get a section on the page: up to `max` of them, those with the most
+/// samples in flagged clusters first, then the highest mean score, then the largest.
+fn detailed_classes(classes: &[ClassSummary], records: &[Record], max: usize) -> std::collections::BTreeSet<i64> {
+    let mut order: Vec<(usize, f32, usize, i64)> = classes
+        .iter()
+        .map(|c| {
+            let flagged: usize = c.clusters.iter().filter(|k| k.flagged).map(|k| k.size).sum();
+            let scores = records.iter().filter(|r| r.class == c.class).filter_map(|r| r.score);
+            (flagged, mean(scores).unwrap_or(0.0), c.count, c.class)
+        })
+        .collect();
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)));
+    order.into_iter().take(max).map(|o| o.3).collect()
+}
+
+/// Numbers each class's clusters again by their size once every sample has joined one, largest
+/// first (the clustering numbers them by their size within its subsample), in the records,
+/// the clusterings and the `closest` lists; returns the lists under their new numbers.
+fn renumber_by_size(
+    records: &mut [Record],
+    clusterings: &mut BTreeMap<i64, Clustering>,
+    closest: BTreeMap<(i64, usize), Vec<(f32, usize)>>,
+) -> BTreeMap<(i64, usize), Vec<(f32, usize)>> {
+    let mut sizes: BTreeMap<(i64, usize), usize> = BTreeMap::new();
+    for r in records.iter() {
+        if let Some(c) = r.cluster {
+            *sizes.entry((r.class, c)).or_default() += 1;
+        }
+    }
+    let mut new_of: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (class, cl) in clusterings.iter_mut() {
+        let size = |c: usize| sizes.get(&(*class, c)).copied().unwrap_or(0);
+        let mut order: Vec<usize> = (0..cl.mean_maps.len()).collect();
+        order.sort_by_key(|&c| (std::cmp::Reverse(size(c)), c));
+        let mut map = vec![0; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            map[old] = new;
+        }
+        cl.mean_maps = order.iter().map(|&o| std::mem::take(&mut cl.mean_maps[o])).collect();
+        cl.sizes = order.iter().map(|&o| size(o)).collect();
+        for l in &mut cl.labels {
+            *l = map.get(*l).copied().unwrap_or(*l);
+        }
+        new_of.insert(*class, map);
+    }
+    let renumber = |class: i64, c: usize| new_of.get(&class).and_then(|m| m.get(c)).copied().unwrap_or(c);
+    for r in records.iter_mut() {
+        r.cluster = r.cluster.map(|c| renumber(r.class, c));
+    }
+    closest.into_iter().map(|((class, c), list)| ((class, renumber(class, c)), list)).collect()
 }
 
 /// Builds the report for an output folder in two streaming passes: the first collects every
@@ -376,8 +477,16 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let regions: Vec<(String, f32, f32, f32, f32)> =
         metadata.get("saliency_audit.regions").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
     let region_names: Vec<String> = regions.iter().map(|r| r.0.clone()).collect();
+    // What an even spread of attribution puts into the largest region.
+    let region_area = regions.iter().map(|r| ((r.3 - r.1) * (r.4 - r.2)).clamp(0.0, 1.0)).fold(0.0f32, f32::max);
     let p = &opts.cluster;
+    let coverage = sink::coverage(dir)?;
     let (mut records, failed, scans) = scan(dir, &region_names, p)?;
+    let rows_read = records.len() as u64 + failed.values().sum::<usize>() as u64;
+    let incomplete = incomplete_note(&coverage, rows_read);
+    if let Some(note) = &incomplete {
+        tracing::warn!("{dir}: {note}");
+    }
 
     // The score.
     let kind = match &opts.score {
@@ -428,17 +537,24 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         wanted.extend(ranked.iter().copied());
         ranked_of.insert(*class, ranked);
     }
+    // The classes are clustered in parallel (each one's eigen-decomposition is the report's
+    // largest cost).
+    let clustered: Vec<(i64, Vec<usize>, Clustering)> = scans
+        .par_iter()
+        .map(|(class, sc)| {
+            let mut pos: Vec<usize> = sc.features.keys().copied().collect();
+            pos.sort_unstable();
+            let feats: Vec<&[f32]> = pos.iter().map(|q| sc.features[q].as_slice()).collect();
+            let side = p.side.max(1);
+            (*class, pos, cluster::spray(&feats, side, side, p))
+        })
+        .collect();
     let mut clusterings: BTreeMap<i64, Clustering> = BTreeMap::new();
-    for (class, sc) in &scans {
-        let mut pos: Vec<usize> = sc.features.keys().copied().collect();
-        pos.sort_unstable();
-        let feats: Vec<Vec<f32>> = pos.iter().map(|q| sc.features[q].clone()).collect();
-        let side = p.side.max(1);
-        let cl = cluster::spray(&feats, side, side, p);
+    for (class, pos, cl) in clustered {
         for (k, q) in pos.iter().enumerate() {
             records[*q].cluster = Some(cl.labels[k]);
         }
-        clusterings.insert(*class, cl);
+        clusterings.insert(class, cl);
     }
 
     // Second pass: every other sample to its nearest cluster; the members closest to each
@@ -493,6 +609,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     for (q, m) in kept_maps {
         records[q].maps = Some(m);
     }
+    let closest = renumber_by_size(&mut records, &mut clusterings, closest);
 
     let mut classes = Vec::new();
     for (class, members) in by_class {
@@ -502,7 +619,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         let labelled: Vec<&&Record> = rs.iter().filter(|r| r.label.is_some() && r.predicted.is_some()).collect();
         let accuracy = (!labelled.is_empty())
             .then(|| labelled.iter().filter(|r| r.label == r.predicted).count() as f32 / labelled.len() as f32);
-        let class_region_mean = mean(rs.iter().filter_map(|r| r.max_region()));
+        let class_region: Vec<(Option<usize>, f32)> =
+            rs.iter().filter_map(|r| r.max_region().map(|m| (r.cluster, m))).collect();
         let mut clusters = Vec::new();
         for (cid, mm) in cl.mean_maps.iter().enumerate() {
             let idx: Vec<&&Record> = rs.iter().filter(|r| r.cluster == Some(cid)).collect();
@@ -517,7 +635,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
                 flagged: false,
                 top_members: closest.get(&(class, cid)).map(|l| l.iter().map(|x| x.1).collect()).unwrap_or_default(),
             };
-            info.flagged = flag(&info, class_region_mean);
+            let rest_region_mean = mean(class_region.iter().filter(|(c, _)| *c != Some(cid)).map(|(_, m)| *m));
+            info.flagged = flag(&info, rest_region_mean, region_area);
             clusters.push(info);
         }
         let summary = ClassSummary {
@@ -549,10 +668,13 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         None => dir.join("_report")?,
     };
     let table_path = sink::write_table(&out, "scores.parquet", &scores_table(&records, &class_names)?, &[])?;
+    let detailed = detailed_classes(&classes, &records, opts.max_classes);
     let mut report = Report {
         dir: dir.clone(),
         records,
         classes,
+        detailed,
+        incomplete,
         region_names,
         score_label,
         failed,
@@ -657,9 +779,23 @@ pub fn summary_text(r: &Report) -> String {
         flagged,
         r.score_label
     ));
+    if let Some(note) = unranked_note(r) {
+        s.push_str(&format!("{note}\n"));
+    }
     if !r.failed.is_empty() {
         let f: Vec<String> = r.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!("failed rows (not in the report): {}\n", f.join(", ")));
+    }
+    if let Some(note) = &r.incomplete {
+        s.push_str(&format!("warning: {note}\n"));
+    }
+    if r.detailed.len() < r.classes.len() {
+        s.push_str(&format!(
+            "the page details {} of {} classes (--max-classes): those with the most samples in flagged \
+             clusters, then the highest mean score\n",
+            r.detailed.len(),
+            r.classes.len()
+        ));
     }
     s.push_str(&format!("report: {}\nscores: {}\n", r.html_path, r.table_path));
     s
@@ -693,4 +829,101 @@ pub(crate) fn model_input(report: &Report, rec: &Record) -> Option<(Vec<u8>, u32
     let loc = Loc::parse(root).ok()?.join(&rec.path).ok()?;
     let d = decode::decode_file(loc, &p).ok()?;
     Some((d.rgb, d.geometry.out_w, d.geometry.out_h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(size: usize, concentration: f32, outside: Option<f32>, region: Option<f32>) -> ClusterInfo {
+        ClusterInfo {
+            id: 0,
+            size,
+            mean_map: vec![],
+            side: 1,
+            concentration,
+            mean_outside_object: outside,
+            mean_max_region: region,
+            flagged: false,
+            top_members: vec![],
+        }
+    }
+
+    /// The region rule compares a cluster with the rest of its class and with an even spread,
+    /// so a shortcut that most (or all) of a class takes is flagged; one the rest of the class
+    /// shares, or one no stronger than an even spread, is not.
+    #[test]
+    fn flag_rule() {
+        let area = 0.18 * 0.18; // the demo's mark region
+                                // The whole class in one cluster, 45% in the region: flagged (the old rule, twice the
+                                // class mean, could never flag a cluster holding more than half its class).
+        assert!(flag(&cluster(60, 0.66, None, Some(0.447)), None, area));
+        // Most of the class, against a rest at 0.2%: flagged.
+        assert!(flag(&cluster(40, 0.66, None, Some(0.447)), Some(0.002), area));
+        // The rest of the class has as much there: not flagged.
+        assert!(!flag(&cluster(40, 0.66, None, Some(0.447)), Some(0.3), area));
+        // No more than an even spread would give a region of a quarter of the image.
+        assert!(!flag(&cluster(60, 0.66, None, Some(0.3)), None, 0.25));
+        // Spread out (not concentrated), or under 5%: not flagged.
+        assert!(!flag(&cluster(60, 0.2, None, Some(0.447)), None, area));
+        assert!(!flag(&cluster(60, 0.66, None, Some(0.04)), Some(0.0), 0.001));
+        // Away from the object.
+        assert!(flag(&cluster(10, 0.5, Some(0.7), None), None, 0.0));
+        assert!(!flag(&cluster(10, 0.5, Some(0.5), None), None, 0.0));
+    }
+
+    #[test]
+    fn incomplete_outputs_are_named() {
+        let cov =
+            |expected, unfinished: Vec<u32>| sink::Coverage { num_shards: 3, expected_rows: expected, unfinished };
+        assert_eq!(incomplete_note(&cov(Some(90), vec![]), 90), None);
+        let note = incomplete_note(&cov(Some(90), vec![1, 2]), 30).unwrap();
+        assert!(note.contains("30 of the dataset's 90 rows") && note.contains("shard(s) 1, 2 of 3"), "{note}");
+        let note = incomplete_note(&cov(None, vec![2]), 60).unwrap();
+        assert!(note.contains("60 rows") && note.contains("shard(s) 2 of 3"), "{note}");
+        assert_eq!(incomplete_note(&cov(None, vec![]), 60), None);
+    }
+
+    #[test]
+    fn detailed_classes_are_the_most_flagged_then_the_highest_scored() {
+        let class = |class: i64, count: usize, flagged: usize| ClassSummary {
+            class,
+            name: format!("c{class}"),
+            count,
+            accuracy: None,
+            mean_bbox_share: None,
+            mean_mask_share: None,
+            mean_region_shares: vec![],
+            mean_entropy: None,
+            mean_map: vec![],
+            map_side: 1,
+            eigenvalues: vec![],
+            clusters: vec![ClusterInfo { flagged: flagged > 0, ..cluster(flagged.max(1), 0.5, None, None) }],
+            ranked: vec![],
+        };
+        let record = |class: i64, score: f32| Record {
+            index: 0,
+            id: String::new(),
+            path: String::new(),
+            label: Some(class),
+            predicted: None,
+            predicted_prob: None,
+            entropy: None,
+            bbox_share: None,
+            mask_share: None,
+            region_shares: vec![],
+            class,
+            score: Some(score),
+            rank: None,
+            cluster: None,
+            flagged: false,
+            maps: None,
+        };
+        let classes = [class(0, 10, 0), class(1, 10, 3), class(2, 10, 0), class(3, 10, 5)];
+        let records = [record(0, 0.1), record(1, 0.2), record(2, 0.9), record(3, 0.1)];
+        let pick = |max| detailed_classes(&classes, &records, max).into_iter().collect::<Vec<_>>();
+        assert_eq!(pick(2), [1, 3]);
+        assert_eq!(pick(3), [1, 2, 3]);
+        assert_eq!(pick(10), [0, 1, 2, 3]);
+    }
 }

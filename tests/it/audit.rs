@@ -274,4 +274,49 @@ fn clusters_from_a_subsample_cover_every_sample() {
     let sq: Vec<usize> = (0..scores.num_rows()).filter(|&i| class.value(i) == 1).collect();
     let (counts, purity) = cluster_purity(&sq, ids, cluster, &marked);
     assert!(counts.len() >= 2 && purity >= 0.9, "purity {purity}: {counts:?}");
+    // After every sample has joined a cluster, each class's clusters are numbered by size.
+    for c in 0..3 {
+        let mut sizes = BTreeMap::<u32, usize>::new();
+        for i in (0..scores.num_rows()).filter(|&i| class.value(i) == c) {
+            *sizes.entry(cluster.value(i)).or_default() += 1;
+        }
+        let sizes: Vec<usize> = sizes.into_values().collect();
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "class {c}: cluster sizes {sizes:?} in id order");
+    }
+}
+
+/// A report of an output that holds part of its dataset says so; one of a folder that mixes
+/// jobs (rows that would be counted twice) is refused.
+#[test]
+fn report_of_a_partial_or_mixed_output() {
+    let out = demo_output();
+    let tmp = tempfile::tempdir().unwrap();
+    let part = tmp.path().join("partial");
+    std::fs::create_dir(&part).unwrap();
+    let mut parts = Vec::new();
+    for e in std::fs::read_dir(out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && !name.starts_with("_SUCCESS") {
+            std::fs::copy(e.path(), part.join(&name)).unwrap();
+            if name.starts_with("part-") {
+                parts.push(name);
+            }
+        }
+    }
+    parts.sort();
+    assert!(parts.len() >= 2, "{parts:?}");
+    std::fs::remove_file(part.join(&parts[0])).unwrap();
+    let o = Command::new(bin()).args(["-q", "report"]).arg(&part).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("warning: incomplete output:") && text.contains("of the dataset's 180 rows"), "{text}");
+    let html = std::fs::read_to_string(part.join("_report/index.html")).unwrap();
+    assert!(html.contains("incomplete output"), "the page says so too");
+
+    // A stray part of a job split in two.
+    std::fs::copy(out.join(&parts[1]), part.join(parts[1].replace("-of-00001", "-of-00002"))).unwrap();
+    let o = Command::new(bin()).args(["-q", "report"]).arg(&part).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("different shard counts"), "{err}");
 }
