@@ -235,15 +235,26 @@ fn obj_path(bucket: &str, key: &str) -> anyhow::Result<ObjPath> {
     ObjPath::parse(key).with_context(|| format!("key {key:?} in bucket {bucket} is not a valid object path"))
 }
 
+/// The store's error as an [`io::Error`] whose kind says whether a retry may help (see
+/// `exit::code`): a missing object, a refusal, a bad key or setting stay as they are; the
+/// rest (`Generic`: time-outs, lost connections, the server's errors) may not.
 fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
+    use object_store::Error as E;
     let kind = match &e {
-        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            io::ErrorKind::PermissionDenied
-        }
+        E::NotFound { .. } => io::ErrorKind::NotFound,
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
+        E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => io::ErrorKind::InvalidInput,
+        E::NotSupported { .. } | E::NotImplemented { .. } => io::ErrorKind::Unsupported,
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("{loc}: {e}"))
+}
+
+/// A store that cannot be set up (a bad bucket URL or setting, an invalid key): not something
+/// a retry changes.
+fn setup_error(e: anyhow::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("{e:#}"))
 }
 
 fn too_large(len: u64, max: u64) -> io::Error {
@@ -271,7 +282,7 @@ pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
             Ok(Bytes::from(bytes))
         }
         Loc::Remote { bucket, key } => {
-            let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            let (s, path) = object(bucket, key).map_err(setup_error)?;
             runtime().block_on(async {
                 let got = s.get(&path).await.map_err(|e| io_error(loc, e))?;
                 if let Some(max) = max_bytes.filter(|&m| got.meta.size > m) {
@@ -293,7 +304,7 @@ pub fn remote_size(loc: &Loc) -> io::Result<u64> {
     let Loc::Remote { bucket, key } = loc else {
         return Err(io::Error::other(format!("{loc} is not in an object store")));
     };
-    let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    let (s, path) = object(bucket, key).map_err(setup_error)?;
     runtime().block_on(s.head(&path)).map(|m| m.size).map_err(|e| io_error(loc, e))
 }
 
@@ -302,7 +313,7 @@ pub fn read_remote_range(loc: &Loc, range: std::ops::Range<u64>) -> io::Result<B
     let Loc::Remote { bucket, key } = loc else {
         return Err(io::Error::other(format!("{loc} is not in an object store")));
     };
-    let (s, path) = object(bucket, key).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    let (s, path) = object(bucket, key).map_err(setup_error)?;
     runtime().block_on(s.get_range(&path, range)).map_err(|e| io_error(loc, e))
 }
 
