@@ -27,6 +27,46 @@ fn test_jpeg(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// The kind of file the end-to-end anchor's script makes and most photo datasets hold: a
+/// `w × h` pattern of sines with Gaussian-like noise (σ ≈ 12), saved as PIL saves a JPEG at
+/// quality 90 (libjpeg-turbo's defaults: baseline, 4:2:0 chroma, no optimised Huffman tables).
+fn pil_like_jpeg(w: usize, h: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = || {
+        // The sum of four uniforms in ±0.5 has σ = 1/√3; scaled to σ ≈ 12.
+        (0..4)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+            })
+            .sum::<f32>()
+            * 12.0
+            * 3f32.sqrt()
+    };
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let v = ((x as f32) / (7.0 + c as f32) + 1.3).sin() * 60.0
+                    + ((y as f32) / (11.0 + c as f32)).cos() * 50.0
+                    + 128.0
+                    + noise();
+                rgb.push(v.clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    let mut comp = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    comp.set_fastest_defaults();
+    comp.set_size(w, h);
+    comp.set_quality(90.0);
+    comp.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
+    let mut started = comp.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&rgb).unwrap();
+    started.finish().unwrap()
+}
+
 fn bench_decode(c: &mut Criterion) {
     let jpeg = test_jpeg(500, 375);
     eprintln!("test JPEG: 500x375, quality 90, 4:4:4, {} bytes", jpeg.len());
@@ -50,6 +90,19 @@ fn bench_decode(c: &mut Criterion) {
     };
     g.bench_function("jpeg_500x375_decode_only", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &decode_only).unwrap())
+    });
+    let pil = pil_like_jpeg(500, 375);
+    eprintln!("test JPEG: 500x375, quality 90, 4:2:0 baseline (as PIL saves), {} bytes", pil.len());
+    g.bench_function("jpeg_500x375_420_resize256_crop224", |b| {
+        b.iter(|| decode_bytes(black_box(&pil), "bench.jpg", &imagenet).unwrap())
+    });
+    g.bench_function("jpeg_500x375_420_decode_only", |b| {
+        b.iter(|| decode_bytes(black_box(&pil), "bench.jpg", &decode_only).unwrap())
+    });
+    // Peer: the image crate's own decode of the same file, without this project's checks
+    // (header, end marker, EXIF orientation, pixel limit).
+    g.bench_function("jpeg_500x375_420_image_crate_peer", |b| {
+        b.iter(|| image::load_from_memory_with_format(black_box(&pil), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
     let dct = Preprocess { jpeg_dct_scaling: true, ..imagenet };
     g.bench_function("jpeg_500x375_resize256_crop224_dct_scaling", |b| {
