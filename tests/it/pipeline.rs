@@ -618,7 +618,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
 }
 
 /// Bad job specs and models fail before any work, exit 2, one message naming the key or file.
-/// A GPU that was given but cannot be used is exit 3.
+/// A store that cannot be reached, or a GPU that was given but cannot be used, is exit 3.
 #[test]
 fn bad_job_specs_fail_before_work() {
     let tmp = tempfile::tempdir().unwrap();
@@ -653,6 +653,27 @@ fn bad_job_specs_fail_before_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("single tensor, not a tuple"), "{err}");
+
+    // An output store that cannot be reached (nothing listens on the port): exit 3, retried by
+    // the cluster manifests, where a bad spec is 2.
+    let job = write_job(&ds.dir, &model, "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(bin())
+        .args(["-q", "run"])
+        .arg(&job)
+        .args(["--output", "s3://audit/out"])
+        .envs([
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("s3://audit/out") && err.contains("a rerun resumes"), "{err}");
 
     // A process given a GPU that libtorch cannot see (a driver too old for CUDA 13) stops with
     // exit 3, which a scheduler retries (elsewhere), instead of running on the CPU. Checkable
