@@ -44,8 +44,8 @@ pub fn code(err: &anyhow::Error) -> u8 {
     }
 }
 
-/// I/O errors about the file asked for (missing, forbidden, malformed, too large) stay the
-/// same on a retry; the others (time-outs, lost connections, a store's server errors, a full
+/// I/O errors about the file asked for (missing, forbidden, malformed, too large, on a
+/// read-only mount) stay the same on a retry; the others (time-outs, lost connections, a store's server errors, a full
 /// or failing disk) may not.
 fn transient(kind: io::ErrorKind) -> bool {
     use io::ErrorKind::*;
@@ -62,6 +62,7 @@ fn transient(kind: io::ErrorKind) -> bool {
             | NotADirectory
             | DirectoryNotEmpty
             | InvalidFilename
+            | ReadOnlyFilesystem
     )
 }
 
@@ -83,6 +84,8 @@ mod tests {
         assert_eq!(code(&anyhow::Error::new(spec.clone()).context("loading")), CANNOT_RUN);
         let store = JobError { retryable: true, ..spec };
         assert_eq!(code(&anyhow::Error::new(store)), RUN_FAILED);
+        let read_only = io::Error::from(io::ErrorKind::ReadOnlyFilesystem);
+        assert_eq!(code(&anyhow::Error::new(read_only).context("cannot create out/")), CANNOT_RUN);
         let missing = io::Error::new(io::ErrorKind::NotFound, "model.pt");
         assert_eq!(code(&anyhow::Error::new(missing).context("cannot open model.pt")), CANNOT_RUN);
         let timeout: Result<(), io::Error> = Err(io::Error::other("s3://b/x: Generic S3 error: 503"));

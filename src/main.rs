@@ -215,7 +215,10 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
             }
             if code == saliency_audit::exit::RUN_FAILED {
-                eprintln!("(exit {code}: the run failed on the way; committed parts are kept, and a rerun resumes)");
+                eprintln!(
+                    "(exit {code}: a failure outside the job: the device, storage or network; a retry may pass it, \
+                     and a rerun of `run` resumes from the committed parts)"
+                );
             }
             ExitCode::from(code)
         }

@@ -184,13 +184,28 @@ pub fn run(
         for mut attributor in attributors {
             let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
             s.spawn(move || {
-                // The largest batch known to fit this worker's device (see `attribute_split`).
+                // The largest batch known to fit this worker's device (see `attribute_split`);
+                // after RETRY_FULL_BATCHES_AFTER batches at a lowered size, the full size is
+                // tried again (the memory may have been another worker's passing peak).
                 let mut cap = cfg.batch_size;
+                let (mut lowest, mut at_cap) = (cap, 0usize);
                 for batch in work_rx {
+                    let before = cap;
                     let items = batch.items.iter().map(|r| (r.sample.clone(), r.target)).collect();
-                    match rows_or_internal_error(items, || {
+                    let rows = rows_or_internal_error(items, || {
                         attribute_batch(cfg, pool, times, attributor.as_mut(), &mut cap, batch)
-                    }) {
+                    });
+                    lowest = lowest.min(cap);
+                    if cap < before {
+                        at_cap = 0;
+                    } else if cap < cfg.batch_size {
+                        at_cap += 1;
+                        if at_cap >= RETRY_FULL_BATCHES_AFTER {
+                            tracing::info!(worker = %attributor.name(), "trying batches of {} again", cfg.batch_size);
+                            (cap, at_cap) = (cfg.batch_size, 0);
+                        }
+                    }
+                    match rows {
                         Ok(rows) => {
                             if row_tx.send(rows).is_err() {
                                 break;
@@ -206,7 +221,7 @@ pub fn run(
                         }
                     }
                 }
-                smallest_cap.fetch_min(cap, Ordering::Relaxed);
+                smallest_cap.fetch_min(lowest, Ordering::Relaxed);
             });
         }
         drop(row_tx);
@@ -380,7 +395,8 @@ fn decode_stage(
 ///
 /// `cap` is the worker's largest batch known to fit: a batch that ran out of memory lowers it to
 /// the halves it was split into, and later batches go in pieces of at most `cap` instead of
-/// failing and being split again (a failure for any other reason leaves it as it is).
+/// failing and being split again (a failure for any other reason leaves it as it is; the
+/// worker tries the full size again after [`RETRY_FULL_BATCHES_AFTER`] batches).
 ///
 /// A single sample that fails is followed by a health check of the replica; if that fails too,
 /// the device is failing (a sticky CUDA error, memory taken by another process), and the error
@@ -434,6 +450,10 @@ fn attribute_split(
         }
     })
 }
+
+/// Batches a worker runs at a size lowered by running out of memory before it tries the full
+/// size again: a failed try costs one batch's partial work in this many.
+pub const RETRY_FULL_BATCHES_AFTER: usize = 64;
 
 /// Whether an engine error means the device (or host) ran out of memory, so that a smaller batch
 /// would fit: CUDA's caching allocator, cuDNN and cuBLAS workspaces, libtorch's CPU allocator.

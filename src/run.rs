@@ -279,7 +279,10 @@ pub fn run_with(
     for (k, d) in plan.devices.iter().enumerate() {
         let workers = job.workers_per_device.unwrap_or(if d.is_cuda() { 2 } else { 1 });
         for _ in usize::from(k == 0)..workers as usize {
-            loaded.push(TorchAttributor::load(&job.model, *d, opts, &job.preprocess.mean, &job.preprocess.std)?);
+            // The model loaded once already (the plan's replica): a failure here is the device's.
+            let replica = TorchAttributor::load(&job.model, *d, opts, &job.preprocess.mean, &job.preprocess.std)
+                .map_err(|e| RunFailed(e.context(format!("loading a replica on {d:?}"))))?;
+            loaded.push(replica);
         }
     }
     let regions: Vec<Region> = job
@@ -443,7 +446,9 @@ fn warm_up(
         tracing::info!("a batch of {n} does not run on every worker at once: {err}");
         last_error = err;
     }
-    bail!("batch_size = \"auto\": not even a batch of 1 runs on every worker: {last_error}")
+    // The device, not the job: a retry (on another machine) may pass.
+    Err(RunFailed(anyhow::anyhow!("batch_size = \"auto\": not even a batch of 1 runs on every worker: {last_error}"))
+        .into())
 }
 
 /// The folder (or object-store prefix) that rows' `path` values are relative to.

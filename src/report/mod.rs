@@ -120,6 +120,8 @@ pub struct ClusterInfo {
     pub concentration: f32,
     pub mean_outside_object: Option<f32>,
     pub mean_max_region: Option<f32>,
+    /// Per named region, the members' mean share inside it.
+    pub mean_region_shares: Vec<Option<f32>>,
     pub flagged: bool,
     /// Record positions of the members closest to the cluster's mean map.
     pub top_members: Vec<usize>,
@@ -367,15 +369,17 @@ fn concentration(m: &[f32]) -> f32 {
 /// A cluster is a Clever-Hans candidate when its mean map is concentrated (its top 10% of
 /// pixels hold at least 40% of the mass) and its members' attribution sits away from the
 /// object: on average at least 60% outside the object's mask or box, or, where the job names
-/// regions, at least 5% inside one of them and at least twice both what an even spread would
-/// put there (`region_area`, the largest region's share of the image) and the average of the
-/// rest of the class (`rest_region_mean`; `None` when the cluster is the whole class, which
+/// regions, in one region k at least 5% and at least twice both what an even spread would put
+/// there (`region_areas[k]`, the region's share of the image) and the average of the rest of
+/// the class there (`rest_region_means[k]`; `None` when the cluster is the whole class, which
 /// then needs only the first two: a shortcut most of a class takes is still a shortcut).
-fn flag(c: &ClusterInfo, rest_region_mean: Option<f32>, region_area: f32) -> bool {
+fn flag(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]) -> bool {
     let away_from_object = c.mean_outside_object.is_some_and(|o| o >= 0.6);
-    let in_region = c
-        .mean_max_region
-        .is_some_and(|r| r >= 0.05 && r >= 2.0 * region_area && rest_region_mean.is_none_or(|m| r >= 2.0 * m));
+    let in_region = c.mean_region_shares.iter().enumerate().any(|(k, r)| {
+        let area = region_areas.get(k).copied().unwrap_or(0.0);
+        let rest = rest_region_means.get(k).copied().flatten();
+        r.is_some_and(|r| r >= 0.05 && r >= 2.0 * area && rest.is_none_or(|m| r >= 2.0 * m))
+    });
     c.concentration >= 0.4 && (away_from_object || in_region)
 }
 
@@ -477,8 +481,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let regions: Vec<(String, f32, f32, f32, f32)> =
         metadata.get("saliency_audit.regions").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
     let region_names: Vec<String> = regions.iter().map(|r| r.0.clone()).collect();
-    // What an even spread of attribution puts into the largest region.
-    let region_area = regions.iter().map(|r| ((r.3 - r.1) * (r.4 - r.2)).clamp(0.0, 1.0)).fold(0.0f32, f32::max);
+    // What an even spread of attribution puts into each region.
+    let region_areas: Vec<f32> = regions.iter().map(|r| ((r.3 - r.1) * (r.4 - r.2)).clamp(0.0, 1.0)).collect();
     let p = &opts.cluster;
     let coverage = sink::coverage(dir)?;
     let (mut records, failed, scans) = scan(dir, &region_names, p)?;
@@ -619,8 +623,6 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         let labelled: Vec<&&Record> = rs.iter().filter(|r| r.label.is_some() && r.predicted.is_some()).collect();
         let accuracy = (!labelled.is_empty())
             .then(|| labelled.iter().filter(|r| r.label == r.predicted).count() as f32 / labelled.len() as f32);
-        let class_region: Vec<(Option<usize>, f32)> =
-            rs.iter().filter_map(|r| r.max_region().map(|m| (r.cluster, m))).collect();
         let mut clusters = Vec::new();
         for (cid, mm) in cl.mean_maps.iter().enumerate() {
             let idx: Vec<&&Record> = rs.iter().filter(|r| r.cluster == Some(cid)).collect();
@@ -632,11 +634,16 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
                 concentration: concentration(mm),
                 mean_outside_object: mean(idx.iter().filter_map(|r| r.outside_object())),
                 mean_max_region: mean(idx.iter().filter_map(|r| r.max_region())),
+                mean_region_shares: (0..region_names.len())
+                    .map(|k| mean(idx.iter().filter_map(|r| r.region_shares[k])))
+                    .collect(),
                 flagged: false,
                 top_members: closest.get(&(class, cid)).map(|l| l.iter().map(|x| x.1).collect()).unwrap_or_default(),
             };
-            let rest_region_mean = mean(class_region.iter().filter(|(c, _)| *c != Some(cid)).map(|(_, m)| *m));
-            info.flagged = flag(&info, rest_region_mean, region_area);
+            let rest_region_means: Vec<Option<f32>> = (0..region_names.len())
+                .map(|k| mean(rs.iter().filter(|r| r.cluster != Some(cid)).filter_map(|r| r.region_shares[k])))
+                .collect();
+            info.flagged = flag(&info, &rest_region_means, &region_areas);
             clusters.push(info);
         }
         let summary = ClassSummary {
@@ -844,32 +851,38 @@ mod tests {
             concentration,
             mean_outside_object: outside,
             mean_max_region: region,
+            mean_region_shares: vec![region],
             flagged: false,
             top_members: vec![],
         }
     }
 
     /// The region rule compares a cluster with the rest of its class and with an even spread,
-    /// so a shortcut that most (or all) of a class takes is flagged; one the rest of the class
-    /// shares, or one no stronger than an even spread, is not.
+    /// region by region, so a shortcut that most (or all) of a class takes is flagged; one the
+    /// rest of the class shares, or one no stronger than an even spread, is not.
     #[test]
     fn flag_rule() {
-        let area = 0.18 * 0.18; // the demo's mark region
-                                // The whole class in one cluster, 45% in the region: flagged (the old rule, twice the
-                                // class mean, could never flag a cluster holding more than half its class).
-        assert!(flag(&cluster(60, 0.66, None, Some(0.447)), None, area));
+        let area = [0.18 * 0.18]; // the demo's mark region
+                                  // The whole class in one cluster, 45% in the region: flagged (the old rule, twice the
+                                  // class mean, could never flag a cluster holding more than half its class).
+        assert!(flag(&cluster(60, 0.66, None, Some(0.447)), &[None], &area));
         // Most of the class, against a rest at 0.2%: flagged.
-        assert!(flag(&cluster(40, 0.66, None, Some(0.447)), Some(0.002), area));
+        assert!(flag(&cluster(40, 0.66, None, Some(0.447)), &[Some(0.002)], &area));
         // The rest of the class has as much there: not flagged.
-        assert!(!flag(&cluster(40, 0.66, None, Some(0.447)), Some(0.3), area));
+        assert!(!flag(&cluster(40, 0.66, None, Some(0.447)), &[Some(0.3)], &area));
         // No more than an even spread would give a region of a quarter of the image.
-        assert!(!flag(&cluster(60, 0.66, None, Some(0.3)), None, 0.25));
+        assert!(!flag(&cluster(60, 0.66, None, Some(0.3)), &[None], &[0.25]));
         // Spread out (not concentrated), or under 5%: not flagged.
-        assert!(!flag(&cluster(60, 0.2, None, Some(0.447)), None, area));
-        assert!(!flag(&cluster(60, 0.66, None, Some(0.04)), Some(0.0), 0.001));
+        assert!(!flag(&cluster(60, 0.2, None, Some(0.447)), &[None], &area));
+        assert!(!flag(&cluster(60, 0.66, None, Some(0.04)), &[Some(0.0)], &[0.001]));
+        // Each region against its own area: a large second region (60% of the image, 1% of the
+        // attribution) does not hide the small one.
+        let two =
+            ClusterInfo { mean_region_shares: vec![Some(0.447), Some(0.01)], ..cluster(60, 0.66, None, Some(0.447)) };
+        assert!(flag(&two, &[None, None], &[area[0], 0.6]));
         // Away from the object.
-        assert!(flag(&cluster(10, 0.5, Some(0.7), None), None, 0.0));
-        assert!(!flag(&cluster(10, 0.5, Some(0.5), None), None, 0.0));
+        assert!(flag(&cluster(10, 0.5, Some(0.7), None), &[], &[]));
+        assert!(!flag(&cluster(10, 0.5, Some(0.5), None), &[], &[]));
     }
 
     #[test]

@@ -159,7 +159,18 @@ pub(crate) fn is_shard_tmp(name: &str, shard: u32, num_shards: u32) -> bool {
 
 /// The temporary name under which `name` is written by this process.
 pub(crate) fn tmp_name(name: &str) -> String {
-    format!("{TMP_PREFIX}{name}-{}", std::process::id())
+    format!("{TMP_PREFIX}{name}-{}", process_token())
+}
+
+/// This process's mark in temporary names: its pid and the time it first needed one, so that
+/// two processes with the same pid (each the first process of its own container, writing into
+/// one shared volume, say two shards finalizing at once) never share a temporary file.
+pub(crate) fn process_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{}-{:x}", std::process::id(), nanos as u64)
+    })
 }
 
 /// File names in `dir` (for a local folder, entries whose name is not UTF-8 are skipped: the
@@ -176,7 +187,7 @@ pub(crate) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 /// Writes `dir/name` atomically, so that a reader (or a resuming run) sees the whole file or
 /// none of it.
 ///
-/// Local folder: `write` fills `dir/.tmp-<name>-<pid>`, which is synced, renamed to `dir/name`,
+/// Local folder: `write` fills `dir/.tmp-<name>-<pid>-<time>`, which is synced, renamed to `dir/name`,
 /// and the folder synced; on any error the temporary file is removed and `dir/name` is
 /// untouched. Object store: `write` fills memory, which is stored with one PUT, which the
 /// store makes visible whole or not at all.

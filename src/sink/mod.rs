@@ -659,7 +659,7 @@ impl PartWriter {
                 self.cfg.num_shards
             );
         }
-        let suffix = format!("-{}", std::process::id());
+        let suffix = format!("-{}", files::process_token());
         for name in files::list_names(&self.cfg.dir)? {
             if files::is_shard_tmp(&name, self.cfg.shard, self.cfg.num_shards) && name.ends_with(&suffix) {
                 files::remove_if_exists(&self.cfg.dir, &name)?;

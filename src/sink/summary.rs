@@ -92,7 +92,15 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
         DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
     for shard in 0..num_shards {
         let path = dir.join(&files::shard_success_name(shard, num_shards))?;
-        let s: ShardSummary = files::read_json(&path)?;
+        let s: ShardSummary = match files::read_json(&path) {
+            Ok(s) => s,
+            // Gone since the listing: a rerun of that shard has started (it removes its marker
+            // before it changes anything), so the shard is unfinished again.
+            Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+                return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
+            }
+            Err(e) => return Err(e),
+        };
         if (s.shard, s.num_shards) != (shard, num_shards) {
             bail!("{} describes shard {} of {}", path, s.shard, s.num_shards);
         }

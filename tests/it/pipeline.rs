@@ -350,8 +350,14 @@ impl Attributor for BreaksAfter {
 /// Six 16×16 images, red values `reds`, as samples of `dir`, and a pipeline config writing
 /// parts of 2 rows into `dir/out` with batches of 2.
 fn six_images(dir: &Path, reds: [u8; 6]) -> (Vec<Sample>, PipelineConfig) {
-    let samples = reds
-        .into_iter()
+    images(dir, &reds)
+}
+
+/// [`six_images`] with any number of images.
+fn images(dir: &Path, reds: &[u8]) -> (Vec<Sample>, PipelineConfig) {
+    let samples: Vec<Sample> = reds
+        .iter()
+        .copied()
         .enumerate()
         .map(|(i, red)| {
             let file = format!("s{i}.png");
@@ -384,7 +390,7 @@ fn six_images(dir: &Path, reds: [u8; 6]) -> (Vec<Sample>, PipelineConfig) {
             dir: dir.join("out").into(),
             shard: 0,
             num_shards: 1,
-            total_rows: 6,
+            total_rows: samples.len() as u64,
             rows_per_part: 2,
             regions: vec![],
             metadata: vec![],
@@ -440,6 +446,8 @@ struct FitsAtMost {
     max: usize,
     bad_red: Option<u8>,
     sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    /// After this many calls every size fits (the memory was taken only for a while).
+    until_call: usize,
 }
 
 impl Attributor for FitsAtMost {
@@ -447,8 +455,9 @@ impl Attributor for FitsAtMost {
         "cuda:0".into()
     }
     fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
-        self.sizes.lock().unwrap().push(b.n);
-        if b.n > self.max {
+        let mut sizes = self.sizes.lock().unwrap();
+        sizes.push(b.n);
+        if b.n > self.max && sizes.len() <= self.until_call {
             anyhow::bail!("libtorch: CUDA out of memory. Tried to allocate 2.00 GiB");
         }
         let hw = b.h * b.w;
@@ -469,7 +478,8 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
         let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
         cfg.batch_size = 3;
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let summary = run_six(samples, cfg, Box::new(FitsAtMost { max, bad_red, sizes: sizes.clone() })).unwrap();
+        let engine = FitsAtMost { max, bad_red, sizes: sizes.clone(), until_call: usize::MAX };
+        let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
         let rows = read_all(&tmp.path().join("out"));
         assert_eq!(rows.num_rows(), 6, "every sample has its row");
         let sizes = sizes.lock().unwrap().clone();
@@ -491,6 +501,25 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
     assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
     assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 3]);
     assert_eq!(summary.batch_after_out_of_memory, None);
+
+    // Memory taken only for a while: after RETRY_FULL_BATCHES_AFTER batches at the lowered size
+    // the worker tries the full size again, and keeps it.
+    let tmp = tempfile::tempdir().unwrap();
+    let retry = pipeline::RETRY_FULL_BATCHES_AFTER;
+    let reds: Vec<u8> = (0..2 * (retry + 6)).map(|i| (i % 250 + 1) as u8).collect();
+    let (samples, mut cfg) = images(tmp.path(), &reds);
+    cfg.batch_size = 2;
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let engine = FitsAtMost { max: 1, bad_red: None, sizes: sizes.clone(), until_call: 3 };
+    let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&(reds.len() as u64)));
+    assert_eq!(summary.batch_after_out_of_memory, Some(1));
+    let sizes = sizes.lock().unwrap().clone();
+    // The first batch: 2 fails, then 1 and 1; `retry` batches as 1 and 1; the last 5 whole.
+    let mut want = vec![2, 1, 1];
+    want.extend(std::iter::repeat_n(1, 2 * retry));
+    want.extend([2; 5]);
+    assert_eq!(sizes, want);
 }
 
 /// A panic in the engine stage becomes `attribution_error` rows for that batch's samples; the
@@ -673,7 +702,7 @@ fn bad_job_specs_fail_before_work() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains("s3://audit/out") && err.contains("a rerun resumes"), "{err}");
+    assert!(err.contains("s3://audit/out") && err.contains("a retry may pass it"), "{err}");
 
     // A process given a GPU that libtorch cannot see (a driver too old for CUDA 13) stops with
     // exit 3, which a scheduler retries (elsewhere), instead of running on the CPU. Checkable
