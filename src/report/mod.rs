@@ -77,6 +77,32 @@ pub struct Maps {
     pub cam_w: usize,
 }
 
+/// A sample's maps as the output stores them: kept through the second pass for the samples the
+/// page may show, and decoded only for those of the classes it details.
+struct EncodedMaps {
+    png: Vec<u8>,
+    scale: f32,
+    cam: Vec<u8>,
+    cam_h: usize,
+    cam_w: usize,
+}
+
+impl EncodedMaps {
+    fn decode(&self, id: &str) -> Result<Maps> {
+        let (map, h, w) =
+            stats::decode_map_png(&self.png, self.scale).with_context(|| format!("sample {id}: map_png"))?;
+        anyhow::ensure!(h == w, "sample {id}: map is {h}×{w}, expected square");
+        let cam = stats::decode_cam_f16(&self.cam);
+        let (cam_h, cam_w) = (self.cam_h, self.cam_w);
+        anyhow::ensure!(
+            cam.len() == cam_h.saturating_mul(cam_w),
+            "sample {id}: cam holds {} values, cam_h × cam_w is {cam_h}×{cam_w}",
+            cam.len()
+        );
+        Ok(Maps { map, map_side: h as usize, cam, cam_h, cam_w })
+    }
+}
+
 /// One ok row, as the report needs it.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -239,17 +265,15 @@ impl<'a> Cols<'a> {
         Ok((map, h as usize))
     }
 
-    fn maps(&self, i: usize) -> Result<Maps> {
-        let (map, side) = self.map(i)?;
-        let cam = stats::decode_cam_f16(self.cam.value(i));
-        let (cam_h, cam_w) = (self.cam_h.value(i) as usize, self.cam_w.value(i) as usize);
-        anyhow::ensure!(
-            cam.len() == cam_h.saturating_mul(cam_w),
-            "sample {}: cam holds {} values, cam_h × cam_w is {cam_h}×{cam_w}",
-            self.id.value(i),
-            cam.len()
-        );
-        Ok(Maps { map, map_side: side, cam, cam_h, cam_w })
+    /// Row i's maps as stored (a few KB), to be decoded only if the page shows them.
+    fn encoded_maps(&self, i: usize) -> EncodedMaps {
+        EncodedMaps {
+            png: self.png.value(i).to_vec(),
+            scale: self.scale.value(i),
+            cam: self.cam.value(i).to_vec(),
+            cam_h: self.cam_h.value(i) as usize,
+            cam_w: self.cam_w.value(i) as usize,
+        }
     }
 
     fn record(&self, i: usize) -> Record {
@@ -419,12 +443,19 @@ fn incomplete_note(c: &sink::Coverage, rows_read: u64) -> Option<String> {
 /// The classes that get a section on the page: up to `max` of them, those with the most
 /// samples in flagged clusters first, then the highest mean score, then the largest.
 fn detailed_classes(classes: &[ClassSummary], records: &[Record], max: usize) -> std::collections::BTreeSet<i64> {
+    let mut score_sums: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
+    for r in records {
+        if let Some(v) = r.score {
+            let e = score_sums.entry(r.class).or_default();
+            (e.0, e.1) = (e.0 + v as f64, e.1 + 1);
+        }
+    }
     let mut order: Vec<(usize, f32, usize, i64)> = classes
         .iter()
         .map(|c| {
             let flagged: usize = c.clusters.iter().filter(|k| k.flagged).map(|k| k.size).sum();
-            let scores = records.iter().filter(|r| r.class == c.class).filter_map(|r| r.score);
-            (flagged, mean(scores).unwrap_or(0.0), c.count, c.class)
+            let mean_score = score_sums.get(&c.class).map_or(0.0, |&(s, n)| (s / n as f64) as f32);
+            (flagged, mean_score, c.count, c.class)
         })
         .collect();
     order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)));
@@ -565,7 +596,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     // cluster's mean; the maps of the samples the page shows.
     const MEMBERS: usize = 6;
     let mut closest: BTreeMap<(i64, usize), Vec<(f32, usize)>> = BTreeMap::new();
-    let mut kept_maps: std::collections::HashMap<usize, Maps> = Default::default();
+    let mut kept_maps: std::collections::HashMap<usize, EncodedMaps> = Default::default();
     let mut pos = 0usize;
     sink::for_each_batch(dir, |b| {
         let c = Cols::of(&b, &region_names)?;
@@ -576,8 +607,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
             let rec = &mut records[pos];
             anyhow::ensure!(rec.index == c.index.value(i), "the output changed while the report was read");
             let cl = &clusterings[&rec.class];
-            let maps = c.maps(i)?;
-            let feat = cluster::downsample(&maps.map, maps.map_side, maps.map_side, cl.side);
+            let (map, side) = c.map(i)?;
+            let feat = cluster::downsample(&map, side, side, cl.side);
             let dist = |m: &Vec<f32>| feat.iter().zip(m).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
             let label = match rec.cluster {
                 Some(l) => l,
@@ -603,16 +634,13 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
                 }
             }
             if wanted.contains(&pos) || keep {
-                kept_maps.insert(pos, maps);
+                kept_maps.insert(pos, c.encoded_maps(i));
             }
             pos += 1;
         }
         Ok(())
     })?;
     anyhow::ensure!(pos == records.len(), "the output changed while the report was read");
-    for (q, m) in kept_maps {
-        records[q].maps = Some(m);
-    }
     let closest = renumber_by_size(&mut records, &mut clusterings, closest);
 
     let mut classes = Vec::new();
@@ -676,6 +704,11 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     };
     let table_path = sink::write_table(&out, "scores.parquet", &scores_table(&records, &class_names)?, &[])?;
     let detailed = detailed_classes(&classes, &records, opts.max_classes);
+    for (q, m) in kept_maps {
+        if detailed.contains(&records[q].class) {
+            records[q].maps = Some(m.decode(&records[q].id)?);
+        }
+    }
     let mut report = Report {
         dir: dir.clone(),
         records,
