@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent GPU machine (see the device tool): the whole pipeline (JPEG
 # files -> Parquet) against the engine alone on ResNet-50, with its variants (statistics on the
-# host and on the device, one worker, batch_size = "auto"); then engine vs Captum and a lean
+# host and on the device, one worker, batch_size = "auto", a batch of 2048 that runs out of
+# device memory and is split: the "OOM cap" column); then engine vs Captum and a lean
 # one-forward peer (fp32, then bf16 + channels-last) at batch 128 per model. Prints one table per
 # step and writes JSON under $OUT when set. The whole script keeps within BUDGET_S seconds (each
 # step's timeout is cut to what is left), so one device call of 8 minutes holds it.
@@ -54,7 +55,7 @@ step() {
   timeout "$limit" "$@" || { echo "$name failed or timed out ($?, limit $limit s)"; failed=1; }
   echo "[$((SECONDS - t0)) s]"
 }
-step 200 "pipeline_vs_engine ${PIPELINE_MODEL:-resnet50}" \
+step 240 "pipeline_vs_engine ${PIPELINE_MODEL:-resnet50}" \
   "$PY" benches/pipeline_vs_engine.py --model "${PIPELINE_MODEL:-resnet50}" --batch "$batch" --n "${JPEGS:-8192}" \
   --device "$device" ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_${PIPELINE_MODEL:-resnet50}.json"
 for m in ${MODELS:-resnet50 vgg16}; do

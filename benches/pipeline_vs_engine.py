@@ -88,8 +88,9 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--variants", action="store_true",
-                    help="also one worker per device (no overlap), batch_size = \"auto\", and the statistics "
-                         "where the default does not put them (on the host for CUDA, on libtorch for the CPU)")
+                    help="also one worker per device (no overlap), batch_size = \"auto\", the statistics "
+                         "where the default does not put them (on the host for CUDA, on libtorch for the CPU), "
+                         "and on CUDA a batch of 2048 that runs out of memory")
     a = ap.parse_args()
     import torchvision
 
@@ -113,13 +114,16 @@ def main():
         runs += [("one worker per device", {"workers_per_device": 1}), ("batch_size = auto", {"batch_size": '"auto"'})]
         if a.device.startswith("cuda"):
             runs.append(("statistics on the host", {"stats_on_device": "false"}))
+            # A batch far too large for the device: every batch runs out of memory, is split,
+            # and the workers keep to the size that fitted ("OOM cap"); no sample is lost.
+            runs.append(("batch 2048: out of memory, split", {"batch_size": 2048}))
         else:
             runs.append(("statistics in libtorch (CPU)", {"stats_on_device": "true"}))
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}")
     print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")
     print(f"{'whole pipeline, JPEG -> Parquet':32s} {'images/s':>9s} {'of engine':>9s} {'batch':>6s} {'workers':>7s} "
-          f"{'warm-up s':>9s} {'incl. warm-up':>13s} {'stats on device':>15s}")
+          f"{'warm-up s':>9s} {'incl. warm-up':>13s} {'stats on device':>15s} {'OOM cap':>7s}")
     results, failed = [], []
     for i, (name, extra) in enumerate(runs):
         runtime = {"devices": f'["{a.device}"]', "batch_size": str(a.batch), **{k: str(v) for k, v in extra.items()}}
@@ -138,7 +142,11 @@ def main():
         with_warm = run["processed"] / (run["elapsed_s"] + run.get("warmup_s", 0.0))
         print(f"{name:32s} {rate:9.2f} {rate / engine['images_per_s']:9.1%} {run.get('batch_size', a.batch):6d} "
               f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {with_warm / engine['images_per_s']:13.1%} "
-              f"{str(run.get('workers_with_stats_on_device', 0)) + ' of ' + str(run.get('workers', 1)):>15s}")
+              f"{str(run.get('workers_with_stats_on_device', 0)) + ' of ' + str(run.get('workers', 1)):>15s} "
+              f"{str(run.get('batch_size_after_out_of_memory') or '-'):>7s}")
+        if run["processed"] + run["resumed_rows"] != a.n:
+            print(f"{name}: {run['processed']} of {a.n} samples processed")
+            failed.append(name)
         print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]))
         results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}")})
     agree = agreement(results) if len(results) > 1 else []
