@@ -32,16 +32,20 @@ pub fn code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<LockWaitInterrupted>().is_some() {
         return INTERRUPTED;
     }
-    let retryable = err.chain().any(|c| {
-        c.is::<RunFailed>()
-            || c.downcast_ref::<JobError>().is_some_and(|e| e.retryable)
-            || c.downcast_ref::<io::Error>().is_some_and(|e| transient(e.kind()))
-    });
-    if retryable {
+    if retryable(err) {
         RUN_FAILED
     } else {
         CANNOT_RUN
     }
+}
+
+/// Whether a retry may get past `err` (see [`code`]).
+pub fn retryable(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.is::<RunFailed>()
+            || c.downcast_ref::<JobError>().is_some_and(|e| e.retryable)
+            || c.downcast_ref::<io::Error>().is_some_and(|e| transient(e.kind()))
+    })
 }
 
 /// I/O errors about the file asked for (missing, forbidden, malformed, too large, on a

@@ -82,7 +82,7 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
                     Ok(false) => return Err(spec.error("dataset.manifest", format!("no manifest object at {loc}"))),
                     Err(e) => {
                         // A time-out or a server error may pass on a retry; a refusal will not.
-                        let retryable = crate::exit::code(&e) == crate::exit::RUN_FAILED;
+                        let retryable = crate::exit::retryable(&e);
                         return Err(JobError { retryable, ..spec.error("dataset.manifest", format!("{e:#}")) });
                     }
                 },

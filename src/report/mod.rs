@@ -89,9 +89,7 @@ struct EncodedMaps {
 
 impl EncodedMaps {
     fn decode(&self, id: &str) -> Result<Maps> {
-        let (map, h, w) =
-            stats::decode_map_png(&self.png, self.scale).with_context(|| format!("sample {id}: map_png"))?;
-        anyhow::ensure!(h == w, "sample {id}: map is {h}×{w}, expected square");
+        let (map, map_side) = decode_square_map(&self.png, self.scale, id)?;
         let cam = stats::decode_cam_f16(&self.cam);
         let (cam_h, cam_w) = (self.cam_h, self.cam_w);
         anyhow::ensure!(
@@ -99,8 +97,15 @@ impl EncodedMaps {
             "sample {id}: cam holds {} values, cam_h × cam_w is {cam_h}×{cam_w}",
             cam.len()
         );
-        Ok(Maps { map, map_side: h as usize, cam, cam_h, cam_w })
+        Ok(Maps { map, map_side, cam, cam_h, cam_w })
     }
+}
+
+/// Sample `id`'s stored map (`map_png`, `map_scale`) dequantised, and its side.
+fn decode_square_map(png: &[u8], scale: f32, id: &str) -> Result<(Vec<f32>, usize)> {
+    let (map, h, w) = stats::decode_map_png(png, scale).with_context(|| format!("sample {id}: map_png"))?;
+    anyhow::ensure!(h == w, "sample {id}: map is {h}×{w}, expected square");
+    Ok((map, h as usize))
 }
 
 /// One ok row, as the report needs it.
@@ -259,10 +264,7 @@ impl<'a> Cols<'a> {
     }
 
     fn map(&self, i: usize) -> Result<(Vec<f32>, usize)> {
-        let (map, h, w) = stats::decode_map_png(self.png.value(i), self.scale.value(i))
-            .with_context(|| format!("sample {}: map_png", self.id.value(i)))?;
-        anyhow::ensure!(h == w, "sample {}: map is {h}×{w}, expected square", self.id.value(i));
-        Ok((map, h as usize))
+        decode_square_map(self.png.value(i), self.scale.value(i), self.id.value(i))
     }
 
     /// Row i's maps as stored (a few KB), to be decoded only if the page shows them.
@@ -895,9 +897,10 @@ mod tests {
     /// rest of the class shares, or one no stronger than an even spread, is not.
     #[test]
     fn flag_rule() {
-        let area = [0.18 * 0.18]; // the demo's mark region
-                                  // The whole class in one cluster, 45% in the region: flagged (the old rule, twice the
-                                  // class mean, could never flag a cluster holding more than half its class).
+        // The demo's mark region.
+        let area = [0.18 * 0.18];
+        // The whole class in one cluster, 45% in the region: flagged (the old rule, twice the
+        // class mean, could never flag a cluster holding more than half its class).
         assert!(flag(&cluster(60, 0.66, None, Some(0.447)), &[None], &area));
         // Most of the class, against a rest at 0.2%: flagged.
         assert!(flag(&cluster(40, 0.66, None, Some(0.447)), &[Some(0.002)], &area));

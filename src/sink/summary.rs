@@ -73,15 +73,10 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     let names = list_names(dir)?;
     let num_shards = one_shard_count(dir, &names)?;
     let mut parts: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
-    let mut successes = BTreeSet::new();
-    for name in &names {
-        if let Some((shard, _, chunk)) = parse_part_name(name) {
-            parts.entry(shard).or_default().push((chunk, name.clone()));
-        } else if let Some((shard, _)) = parse_shard_success_name(name) {
-            successes.insert(shard);
-        }
+    for (name, (shard, _, chunk)) in names.iter().filter_map(|n| parse_part_name(n).map(|p| (n, p))) {
+        parts.entry(shard).or_default().push((chunk, name.clone()));
     }
-    let missing: Vec<u32> = (0..num_shards).filter(|s| !successes.contains(s)).collect();
+    let missing = unfinished_shards(&names, num_shards);
     if !missing.is_empty() {
         return Err(ShardsUnfinished { dir: dir.clone(), missing, num_shards }.into());
     }
@@ -218,9 +213,14 @@ pub fn coverage(dir: impl Into<Loc>) -> anyhow::Result<Coverage> {
     let names = list_names(dir)?;
     let num_shards = one_shard_count(dir, &names)?;
     let jobs = one_job(dir, &names)?;
-    let successes: BTreeSet<u32> = names.iter().filter_map(|n| parse_shard_success_name(n)).map(|(s, _)| s).collect();
     let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();
-    Ok(Coverage { num_shards, expected_rows, unfinished: (0..num_shards).filter(|s| !successes.contains(s)).collect() })
+    Ok(Coverage { num_shards, expected_rows, unfinished: unfinished_shards(&names, num_shards) })
+}
+
+/// The shards of `0..num_shards` without their `_SUCCESS-<shard>-of-<count>.json` in `names`.
+fn unfinished_shards(names: &[String], num_shards: u32) -> Vec<u32> {
+    let successes: BTreeSet<u32> = names.iter().filter_map(|n| parse_shard_success_name(n)).map(|(s, _)| s).collect();
+    (0..num_shards).filter(|s| !successes.contains(s)).collect()
 }
 
 /// Writes the caller's report of one run of a shard (timings, counts, whether it was
