@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_model import export, resolve_layer  # noqa: E402
+from export_model import META_FILE, export, resolve_layer  # noqa: E402
 
 
 class ToyConvNet(nn.Module):
@@ -155,6 +155,17 @@ def bad_models(d):
     np.save(os.path.join(d, "x.npy"), x.numpy())
 
 
+class _Greedy(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            x = x + torch.zeros([1 << 40], device=x.device)[:1].sum()
+        return self.inner(x)
+
+
 def pipeline_model(d):
     """A 3-class model with metadata (input 32x32, resize 36, class names) for pipeline tests."""
     os.makedirs(d, exist_ok=True)
@@ -163,6 +174,12 @@ def pipeline_model(d):
     meta = {"architecture": "SmallNet", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "resize": 36,
             "class_names": ["circle", "square", "triangle"]}
     export(m, "conv3", False, torch.randn(2, 3, 32, 32), meta, os.path.join(d, "model.pt"))
+    # The same model, scripted around a forward that runs out of memory for batches over 2 (a
+    # 4 TiB allocation, which the allocator refuses at once, inside the TorchScript interpreter).
+    extra = {META_FILE: ""}
+    inner = torch.jit.load(os.path.join(d, "model.pt"), _extra_files=extra)
+    greedy = torch.jit.script(_Greedy(inner))
+    torch.jit.save(greedy, os.path.join(d, "model_oom_over_2.pt"), _extra_files=extra)
     m1 = SmallNet(channels=1, classes=3).eval()
     meta1 = dict(meta, mean=[0.5], std=[0.25])
     export(m1, "conv3", False, torch.randn(2, 1, 32, 32), meta1, os.path.join(d, "model_gray.pt"))

@@ -421,6 +421,18 @@ fn attribute_split(
         Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
         Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
         Err(e) if batch.n == 1 => {
+            // One image out of memory: another worker on the same device may hold the memory for
+            // a moment (its own batch at its peak), so the image gets one more try first.
+            let e = if is_out_of_memory(&e) {
+                std::thread::sleep(OUT_OF_MEMORY_PAUSE);
+                match attr.attribute(batch) {
+                    Ok(maps) if maps.len() == 1 => return Ok(maps.into_iter().map(Ok).collect()),
+                    Ok(_) => e,
+                    Err(again) => again,
+                }
+            } else {
+                e
+            };
             if let Err(health) = attr.check_health(batch.h, batch.w) {
                 return Err(health.context(format!(
                     "worker {}: sample {first} of a batch failed ({e:#}), and so did a health check on a \
@@ -451,15 +463,17 @@ fn attribute_split(
     })
 }
 
+/// How long a worker waits before it tries a single image that ran out of memory once more.
+const OUT_OF_MEMORY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Batches a worker runs at a size lowered by running out of memory before it tries the full
 /// size again: a failed try costs one batch's partial work in this many.
 pub const RETRY_FULL_BATCHES_AFTER: usize = 64;
 
 /// Whether an engine error means the device (or host) ran out of memory, so that a smaller batch
-/// would fit: CUDA's caching allocator, cuDNN and cuBLAS workspaces, libtorch's CPU allocator.
+/// would fit ([`crate::engine::out_of_memory`]).
 pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
-    let msg = format!("{e:#}").to_ascii_lowercase();
-    ["out of memory", "alloc_failed", "can't allocate memory", "not enough memory"].iter().any(|m| msg.contains(m))
+    crate::engine::out_of_memory(&format!("{e:#}"))
 }
 
 /// `attribute()`'s rows, with a panic in it (a bug: libtorch's own failures are caught in the

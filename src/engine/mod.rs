@@ -191,7 +191,7 @@ impl GuidedGradCam {
             anyhow!(
                 "{} is not a loadable TorchScript file ({}); {CONTRACT}",
                 path.display(),
-                first_line(&e.to_string())
+                torch_message(&e.to_string())
             )
         })?;
         module.set_eval();
@@ -243,7 +243,12 @@ impl GuidedGradCam {
     /// One forward; checks the output's form.
     fn forward(&self, x: &Tensor, n: i64) -> Result<(Tensor, Tensor)> {
         let out = self.module.forward_is(&[IValue::Tensor(x.shallow_clone())]).map_err(|e| {
-            anyhow!("{}: forward failed on input {:?}: {}", self.path.display(), x.size(), first_line(&e.to_string()))
+            anyhow!(
+                "{}: forward failed on input {:?}: {}",
+                self.path.display(),
+                x.size(),
+                torch_message(&e.to_string())
+            )
         })?;
         let mut parts = match out {
             IValue::Tuple(v) if v.len() == 2 => v,
@@ -334,7 +339,13 @@ impl GuidedGradCam {
         let t1 = std::time::Instant::now();
         // 2. Grad-CAM: standard gradients to the layer, graph kept.
         let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
-            self.contract_error(&format!("no gradient reaches the activation ({})", first_line(&e.to_string())))
+            let msg = e.to_string();
+            let msg = torch_message(&msg);
+            if out_of_memory(msg) {
+                anyhow!("{}: backward to the layer failed: {msg}", self.path.display())
+            } else {
+                self.contract_error(&format!("no gradient reaches the activation ({msg})"))
+            }
         })?;
         let ga = &grads[0];
         if !ga.defined() {
@@ -350,7 +361,7 @@ impl GuidedGradCam {
         let guided_nodes = shim::add_guided_hooks(&sel, self.opts.rectifiers.bits())
             .map_err(|e| anyhow!("adding guided hooks: {e}"))?;
         let gx = Tensor::f_run_backward(&[&sel], &[&x], false, false).map_err(|e| {
-            anyhow!("{}: backward to the input failed: {}", self.path.display(), first_line(&e.to_string()))
+            anyhow!("{}: backward to the input failed: {}", self.path.display(), torch_message(&e.to_string()))
         })?;
         let gx = &gx[0];
         if !gx.defined() {
@@ -407,4 +418,66 @@ pub fn check_finite(x: &Tensor, first_index: usize) -> Result<()> {
 
 fn first_line(s: &str) -> &str {
     s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}
+
+/// Whether a libtorch error message says that the device (or host) ran out of memory, so that a
+/// smaller batch would fit: CUDA's caching allocator, cuDNN and cuBLAS workspaces, libtorch's CPU
+/// allocator.
+pub fn out_of_memory(msg: &str) -> bool {
+    let msg = msg.to_ascii_lowercase();
+    ["out of memory", "alloc_failed", "can't allocate memory", "not enough memory"].iter().any(|m| msg.contains(m))
+}
+
+/// The line of a libtorch error that says what went wrong. An op that fails inside a TorchScript
+/// model's forward comes wrapped: the interpreter's banner, the model's traceback, and only then
+/// the op's own error (`RuntimeError: CUDA out of memory. Tried to allocate …`), so its first
+/// line names no cause; other errors start with theirs.
+pub fn torch_message(s: &str) -> &str {
+    if !s.contains("failed in the TorchScript interpreter") {
+        return first_line(s);
+    }
+    let is_error_line = |l: &&str| {
+        l.split_once(": ").is_some_and(|(name, _)| {
+            name.ends_with("Error") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        })
+    };
+    s.lines().rev().map(str::trim).find(is_error_line).unwrap_or_else(|| first_line(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{out_of_memory, torch_message};
+
+    #[test]
+    fn the_cause_of_a_failure_inside_torchscript_is_its_last_error_line() {
+        // The shape of libtorch 2.11's error for an op that fails in a TorchScript forward (as
+        // the interpreter words it; the CPU allocator's message, and CUDA's, as the op's error).
+        let wrapped = |cause: &str| {
+            format!(
+                "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript, \
+                 serialized code (most recent call last):\n  File \"code/__torch__.py\", line 8, in forward\n    \
+                 y = torch.upsample_nearest2d(x, None, [2000., 2000.])\n        ~~~~~~~~ <--- HERE\n\nTraceback of \
+                 TorchScript, original code (most recent call last):\n<stdin>(4): forward\n{cause}\n\nException \
+                 raised from handleError at interpreter.cpp:1(most recent call first):\nframe #0: c10::Error::Error()\n"
+            )
+        };
+        let cpu = "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate \
+                   memory: you tried to allocate 614400000000 bytes. Error code 12 (Cannot allocate memory)";
+        assert_eq!(torch_message(&wrapped(cpu)), cpu);
+        assert!(out_of_memory(torch_message(&wrapped(cpu))));
+        let cuda = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 9.19 GiB. GPU 0 has a total \
+                    capacity of 79.19 GiB of which 1.12 GiB is free.";
+        assert_eq!(torch_message(&wrapped(cuda)), cuda);
+        assert!(out_of_memory(torch_message(&wrapped(cuda))));
+        // The interpreter's banner names no cause.
+        assert!(!out_of_memory(first_line_of(&wrapped(cpu))));
+        // Other errors start with their cause.
+        let plain = "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]\nException raised from …";
+        assert_eq!(torch_message(plain), "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]");
+        assert!(!out_of_memory(torch_message(plain)));
+    }
+
+    fn first_line_of(s: &str) -> &str {
+        super::first_line(s)
+    }
 }

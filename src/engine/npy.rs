@@ -94,9 +94,10 @@ pub fn attribute_npy(
     while start < n {
         let len = bs.min(n - start);
         let xb = x.narrow(0, start, len);
-        let r = engine
-            .attribute(&xb, &targets[start as usize..(start + len) as usize])
-            .with_context(|| format!("batch of examples {start}..{}", start + len))?;
+        let r = engine.attribute(&xb, &targets[start as usize..(start + len) as usize]).map_err(|e| {
+            let hint = if super::out_of_memory(&format!("{e:#}")) { " (a smaller --batch-size may fit)" } else { "" };
+            e.context(format!("batch of examples {start}..{}{hint}", start + len))
+        })?;
         attrs.push(r.attribution.to_device(Device::Cpu));
         if cam_out.is_some() {
             cams.push(r.cam.to_device(Device::Cpu));

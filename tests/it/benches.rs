@@ -25,6 +25,8 @@ fn gpu_check_runs_on_the_cpu() {
             ("SIZE", "64"),
             ("ITERS", "1"),
             ("WARMUP", "1"),
+            // Not the default any more, but still there for a longer GPU session.
+            ("ENGINE_FLAGS", "--ablation --unfolded"),
         ])
         .env("PYTHON", python())
         .env("BIN", bin())

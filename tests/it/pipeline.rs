@@ -147,6 +147,36 @@ rows_per_part = 50
     p
 }
 
+/// A model that runs out of memory inside its TorchScript forward for batches over 2 (a 4 TiB
+/// allocation the CPU allocator refuses at once): libtorch reports that wrapped in the
+/// interpreter's traceback, and the run still takes it for running out of memory. Every sample
+/// is processed, the workers keep to batches of 2, and the rows equal a run of the plain model.
+#[test]
+fn out_of_memory_inside_a_torchscript_forward_shrinks_the_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 40);
+    let plain = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let st =
+        Command::new(bin()).args(["-q", "run"]).arg(&plain).arg("--output").arg(ds.dir.join("plain")).status().unwrap();
+    assert_eq!(st.code(), Some(1), "some samples of the dataset are bad on purpose");
+    let greedy = write_job(&ds.dir, &engine_cases().join("pipeline/model_oom_over_2.pt"), "");
+    let o = Command::new(bin()).args(["run"]).arg(&greedy).arg("--output").arg(ds.dir.join("greedy")).output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains("can't allocate memory") && !log.contains("TorchScript interpreter"), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ds.dir.join("greedy/_run-00000-of-00001.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["batch_size_after_out_of_memory"], 2, "{summary}");
+    let (want, got) = (rows_by_id(&ds.dir.join("plain")), rows_by_id(&ds.dir.join("greedy")));
+    assert_eq!(got.len(), ds.expected.len());
+    for (id, (status, map)) in &want {
+        assert_eq!(&got[id].0, status, "{id}");
+        assert_eq!(got[id].1.is_some(), map.is_some(), "{id}");
+    }
+    assert_eq!(got.values().filter(|(s, _)| s == "ok").count(), 40);
+}
+
 /// `run` over a few hundred images in many batches: one row per input sample, the right
 /// statuses, statistics in range, and maps that dequantise to agree with the engine run on the
 /// same preprocessed tensors (batches after the first included). A rerun resumes.
@@ -495,6 +525,21 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
     let (summary, sizes) = run(2, None);
     assert_eq!(sizes, [3, 1, 2, 2, 1]);
     assert_eq!(summary.batch_after_out_of_memory, Some(2));
+    // Memory taken for a while (by another worker on the device): even one image runs out of
+    // memory once, and gets a second try before anything else, which passes.
+    let (summary, sizes) = {
+        let tmp = tempfile::tempdir().unwrap();
+        let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+        cfg.batch_size = 3;
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let engine = FitsAtMost { max: 0, bad_red: None, sizes: sizes.clone(), until_call: 2 };
+        let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
+        assert_eq!(read_all(&tmp.path().join("out")).num_rows(), 6, "every sample has its row");
+        let sizes = sizes.lock().unwrap().clone();
+        (summary, sizes)
+    };
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
+    assert_eq!(sizes[..3], [3, 1, 1]);
     // Image 2 breaks the model: its batch is split down to it (and a health check of one image
     // follows), but the second batch still goes whole.
     let (summary, sizes) = run(8, Some(2));
