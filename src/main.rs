@@ -360,6 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.cluster.max_clusters = max_clusters;
             opts.cluster.max_samples = cluster_sample;
             let report = saliency_audit::report::build(&dir, &opts)?;
+            let (requests, bytes) = saliency_audit::store::remote_reads();
+            if requests > 0 {
+                tracing::info!("read {bytes} bytes from the object store in {requests} requests");
+            }
             print!("{}", saliency_audit::report::summary_text(&report));
             Ok(ExitCode::SUCCESS)
         }

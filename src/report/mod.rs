@@ -326,12 +326,12 @@ type Scanned = (Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>);
 /// failures counted by status, class mean maps, and a bounded subsample of clustering features
 /// per class. Memory grows with the number of rows by their scalar fields, and with the number
 /// of classes by a mean map and up to `max_samples` clustering features (`side²` floats) each.
-fn scan(dir: &Loc, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
+fn scan(parts: &mut sink::Parts, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
     let mut records = Vec::new();
     let mut failed = BTreeMap::new();
     let mut classes: BTreeMap<i64, ClassScan> = BTreeMap::new();
     let cap = p.max_samples.max(1);
-    sink::for_each_batch(dir, |b| {
+    parts.for_each_batch(|b| {
         let c = Cols::of(&b, region_names)?;
         for i in 0..b.num_rows() {
             if c.status.value(i) != "ok" {
@@ -518,7 +518,9 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let region_areas: Vec<f32> = regions.iter().map(|r| ((r.3 - r.1) * (r.4 - r.2)).clamp(0.0, 1.0)).collect();
     let p = &opts.cluster;
     let coverage = sink::coverage(dir)?;
-    let (mut records, failed, scans) = scan(dir, &region_names, p)?;
+    // Both passes read the same parts; from an object store, each is downloaded once.
+    let mut parts = sink::Parts::list(dir)?;
+    let (mut records, failed, scans) = scan(&mut parts, &region_names, p)?;
     let rows_read = records.len() as u64 + failed.values().sum::<usize>() as u64;
     let incomplete = incomplete_note(&coverage, rows_read);
     if let Some(note) = &incomplete {
@@ -600,7 +602,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let mut closest: BTreeMap<(i64, usize), Vec<(f32, usize)>> = BTreeMap::new();
     let mut kept_maps: std::collections::HashMap<usize, EncodedMaps> = Default::default();
     let mut pos = 0usize;
-    sink::for_each_batch(dir, |b| {
+    parts.for_each_batch(|b| {
         let c = Cols::of(&b, &region_names)?;
         for i in 0..b.num_rows() {
             if c.status.value(i) != "ok" {
@@ -643,6 +645,10 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         Ok(())
     })?;
     anyhow::ensure!(pos == records.len(), "the output changed while the report was read");
+    if parts.downloaded() > 0 {
+        tracing::debug!("{dir}: {} parts ({} bytes) downloaded once for both passes", parts.len(), parts.downloaded());
+    }
+    drop(parts);
     let closest = renumber_by_size(&mut records, &mut clusterings, closest);
 
     let mut classes = Vec::new();

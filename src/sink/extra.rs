@@ -42,7 +42,8 @@ pub fn read_metadata(dir: impl Into<Loc>) -> Result<BTreeMap<String, String>> {
     let first =
         names.iter().find(|n| parse_part_name(n).is_some()).with_context(|| format!("{dir} holds no part files"))?;
     let path = dir.join(first)?;
-    let file = super::read::open_part(&path)?;
+    // The footer only: from an object store, a few ranged reads instead of the whole part.
+    let file = super::read::open_part_ranged(&path)?;
     let reader = SerializedFileReader::new(file).with_context(|| format!("{path} is not Parquet"))?;
     let mut out = BTreeMap::new();
     if let Some(kv) = reader.metadata().file_metadata().key_value_metadata() {

@@ -40,7 +40,7 @@ mod extra;
 pub use columns::region_column;
 pub use extra::{read_metadata, write_file, write_table};
 pub use files::{part_name, LockWaitInterrupted};
-pub use read::{for_each_batch, read_rows};
+pub use read::{for_each_batch, read_rows, Parts};
 pub use summary::{coverage, finalize, write_summary, Coverage, DatasetSummary, ShardSummary, ShardsUnfinished};
 
 /// Version of the output table layout; bump when a column is added, removed or changes meaning.

@@ -170,10 +170,6 @@ pub(crate) fn open_part(loc: &Loc) -> anyhow::Result<PartFile> {
     })
 }
 
-fn open_builder(path: &Loc) -> anyhow::Result<ParquetRecordBatchReaderBuilder<PartFile>> {
-    builder_of(open_part(path)?, path)
-}
-
 /// Reads the footer of `file` (the part at `path`).
 fn builder_of(file: PartFile, path: &Loc) -> anyhow::Result<ParquetRecordBatchReaderBuilder<PartFile>> {
     ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{path} is not a readable Parquet file"))
@@ -243,17 +239,82 @@ pub fn read_rows(dir: impl Into<Loc>) -> anyhow::Result<Vec<RecordBatch>> {
 
 /// Streams every committed part in `dir`, in the order of [`read_rows`], one record batch at a
 /// time, so a reader of a large output holds one batch in memory.
-pub fn for_each_batch(dir: impl Into<Loc>, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let dir = dir.into();
-    for name in list_names(&dir)? {
-        if parse_part_name(&name).is_none() {
-            continue;
-        }
-        let path = dir.join(&name)?;
-        let reader = open_builder(&path)?.build().with_context(|| format!("cannot read {}", path))?;
-        for batch in reader {
-            f(batch.with_context(|| format!("cannot read rows of {}", path))?)?;
-        }
+pub fn for_each_batch(dir: impl Into<Loc>, f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    Parts::list(dir.into())?.for_each_batch(f)
+}
+
+/// The committed parts of an output folder, listed once, for a reader that goes over them more
+/// than once (the report's two passes) and must see the same parts each time. In an object store
+/// each part is downloaded once: the first pass keeps a copy in a local temporary folder (removed
+/// with the `Parts`), which later passes read, so a remote output costs one download, not one
+/// per pass.
+pub struct Parts {
+    dir: Loc,
+    names: Vec<String>,
+    /// Local copies of remote parts; `None` for a local folder.
+    spool: Option<tempfile::TempDir>,
+    /// Bytes downloaded into the spool.
+    downloaded: u64,
+}
+
+impl Parts {
+    /// Lists the committed parts of `dir` (temporary and set-aside files are skipped).
+    pub fn list(dir: impl Into<Loc>) -> anyhow::Result<Parts> {
+        let dir = dir.into();
+        let names: Vec<String> = list_names(&dir)?.into_iter().filter(|n| parse_part_name(n).is_some()).collect();
+        let spool = match &dir {
+            Loc::Local(_) => None,
+            Loc::Remote { .. } => Some(
+                tempfile::Builder::new()
+                    .prefix("saliency-audit-parts-")
+                    .tempdir()
+                    .context("cannot make a temporary folder for the parts read from the object store")?,
+            ),
+        };
+        Ok(Parts { dir, names, spool, downloaded: 0 })
     }
-    Ok(())
+
+    /// Number of parts.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Bytes downloaded from the object store so far (0 for a local folder).
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded
+    }
+
+    /// Reads every part, in file-name order (by shard, then by chunk), one record batch at a time.
+    pub fn for_each_batch(&mut self, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        for name in &self.names {
+            let path = self.dir.join(name)?;
+            let file = match &self.spool {
+                None => open_part(&path)?,
+                Some(spool) => {
+                    let copy = spool.path().join(name);
+                    if copy.exists() {
+                        PartFile::Local(File::open(&copy).with_context(|| format!("cannot open {}", copy.display()))?)
+                    } else {
+                        let bytes = store::read_all(&path)?;
+                        self.downloaded += bytes.len() as u64;
+                        let tmp = spool.path().join(format!(".tmp-{name}"));
+                        std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &copy)).with_context(
+                            || format!("cannot keep a local copy of {path} in {}", spool.path().display()),
+                        )?;
+                        PartFile::Remote(bytes)
+                    }
+                }
+            };
+            let reader = builder_of(file, &path)?.build().with_context(|| format!("cannot read {}", path))?;
+            for batch in reader {
+                f(batch.with_context(|| format!("cannot read rows of {}", path))?)?;
+            }
+        }
+        Ok(())
+    }
 }

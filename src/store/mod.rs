@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context};
@@ -261,6 +262,20 @@ fn too_large(len: u64, max: u64) -> io::Error {
     io::Error::new(io::ErrorKind::FileTooLarge, format!("{len} bytes or more, over the limit of {max} bytes"))
 }
 
+/// GET requests made to object stores by this process, and the bytes they returned.
+static REMOTE_READS: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
+
+fn count_read(bytes: &Bytes) {
+    REMOTE_READS.0.fetch_add(1, Ordering::Relaxed);
+    REMOTE_READS.1.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+}
+
+/// GET requests this process has made to object stores, and the bytes they returned (what a
+/// store bills as egress).
+pub fn remote_reads() -> (u64, u64) {
+    (REMOTE_READS.0.load(Ordering::Relaxed), REMOTE_READS.1.load(Ordering::Relaxed))
+}
+
 /// Reads a whole file. `max_bytes` refuses a larger file with [`io::ErrorKind::FileTooLarge`]
 /// before reading it (a local special file that reports length 0 and never ends is cut at
 /// `max_bytes + 1`). Not-found and permission errors keep their [`io::ErrorKind`].
@@ -283,12 +298,15 @@ pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
         }
         Loc::Remote { bucket, key } => {
             let (s, path) = object(bucket, key).map_err(setup_error)?;
+            tracing::trace!("GET {loc}");
             runtime().block_on(async {
                 let got = s.get(&path).await.map_err(|e| io_error(loc, e))?;
                 if let Some(max) = max_bytes.filter(|&m| got.meta.size > m) {
                     return Err(too_large(got.meta.size, max));
                 }
-                got.bytes().await.map_err(|e| io_error(loc, e))
+                let bytes = got.bytes().await.map_err(|e| io_error(loc, e))?;
+                count_read(&bytes);
+                Ok(bytes)
             })
         }
     }
@@ -314,7 +332,10 @@ pub fn read_remote_range(loc: &Loc, range: std::ops::Range<u64>) -> io::Result<B
         return Err(io::Error::other(format!("{loc} is not in an object store")));
     };
     let (s, path) = object(bucket, key).map_err(setup_error)?;
-    runtime().block_on(s.get_range(&path, range)).map_err(|e| io_error(loc, e))
+    tracing::trace!("GET {loc} bytes {}..{}", range.start, range.end);
+    let bytes = runtime().block_on(s.get_range(&path, range)).map_err(|e| io_error(loc, e))?;
+    count_read(&bytes);
+    Ok(bytes)
 }
 
 /// Whether a file exists (for a folder: whether it exists locally, or holds any object).

@@ -55,7 +55,12 @@ impl S3Server {
     }
 
     fn bin(&self, args: &[&str]) -> Output {
+        self.bin_with(args, &[])
+    }
+
+    fn bin_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut c = Command::new(bin());
+        c.envs(env.iter().copied());
         // Credentials of the machine running the tests must not leak into the requests.
         for k in ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] {
             c.env_remove(k);
@@ -221,10 +226,35 @@ fn s3_manifest_images_and_output_over_http() {
 
     // The report reads the output and the images from the bucket.
     let report_dir = tmp.path().join("report");
-    let r = s3.bin(&["report", "s3://audit/runs/r1", "--out", report_dir.to_str().unwrap()]);
+    let r = s3.bin_with(
+        &["report", "s3://audit/runs/r1", "--out", report_dir.to_str().unwrap()],
+        &[("RUST_LOG", "info,saliency_audit::store=trace")],
+    );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let html = std::fs::read_to_string(report_dir.join("index.html")).unwrap();
     assert!(html.contains("s3://audit/runs/r1"));
+    // Its two passes download each part once, and its metadata comes from a footer (the store's
+    // trace names every GET; ranged ones with their bytes); it says how much it read.
+    let log = String::from_utf8_lossy(&r.stderr);
+    assert!(!log.contains('\x1b'), "log lines off a terminal carry no colour codes:\n{log}");
+    let parts: Vec<String> = std::fs::read_dir(&fetched)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    assert!(parts.len() >= 2, "{parts:?}");
+    for part in &parts {
+        let whole = format!("GET s3://audit/runs/r1/{part}");
+        let n = log.lines().filter(|l| l.trim_end().ends_with(&whole)).count();
+        assert_eq!(n, 1, "{part} downloaded {n} times:\n{log}");
+    }
+    let read: u64 = log
+        .lines()
+        .find_map(|l| l.split(" bytes from the object store").next().filter(|h| h.len() < l.len()))
+        .and_then(|head| head.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no object-store line in the report's log:\n{log}"));
+    let part_bytes: u64 = parts.iter().map(|p| fetched.join(p).metadata().unwrap().len()).sum();
+    assert!(read > part_bytes, "read {read} bytes; the parts hold {part_bytes}");
     // Cards show the model-input crop only when the image could be read: as many pictures as
     // the local run's report, whose images are on disk.
     let local_report = tmp.path().join("local-report");
