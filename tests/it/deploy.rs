@@ -26,6 +26,7 @@ for name in ["indexed-job", "cronjob"]:
         "num_shards": int(env.get("NUM_SHARDS", "0")), "gpu_request": c["resources"]["requests"].get("nvidia.com/gpu"),
         "gpu_limit": c["resources"]["limits"].get("nvidia.com/gpu"), "backoff_per_index": spec.get("backoffLimitPerIndex"),
         "restart": spec["template"]["spec"]["restartPolicy"], "fail_on_2": fail2, "fail_on_1": retries_exit1,
+        "replacement": spec.get("podReplacementPolicy"),
         "runs": "run" in " ".join(c.get("args", []) + c.get("command", [])),
         "args": c.get("args", []), "command": c.get("command", []),
         "fail_on": sorted(v for r in rules if "onExitCodes" in r and r["action"] == "FailJob" for v in r["onExitCodes"]["values"]),
@@ -47,6 +48,9 @@ print(json.dumps(out))
         assert_eq!(m["gpu_limit"], 1, "{name}");
         assert!(m["backoff_per_index"].as_u64().unwrap() >= 1, "{name}: per-index retries");
         assert_eq!(m["restart"], "Never", "{name}: podFailurePolicy needs restartPolicy Never");
+        // A retried index's pod waits for the old one to stop: one writer per shard (buckets have
+        // no shard lock).
+        assert_eq!(m["replacement"], "Failed", "{name}");
         assert_eq!(m["fail_on_2"], true, "{name}: configuration errors are not retried");
         assert_eq!(m["fail_on_1"], false, "{name}: sample failures are not pod failures");
         assert_eq!(m["runs"], true, "{name}");
