@@ -91,6 +91,7 @@ fn row(index: u64, noise: &mut Noise) -> Row {
             label: Some((index % 1000) as i64),
             label_error: None,
             bbox: None,
+            box_error: None,
             mask: None,
         },
         status: if ok { Status::Ok } else { Status::DecodeError },

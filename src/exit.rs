@@ -51,7 +51,7 @@ pub fn retryable(err: &anyhow::Error) -> bool {
 /// I/O errors about the file asked for (missing, forbidden, malformed, too large, on a
 /// read-only mount) stay the same on a retry; the others (time-outs, lost connections, a store's server errors, a full
 /// or failing disk) may not.
-fn transient(kind: io::ErrorKind) -> bool {
+pub fn transient(kind: io::ErrorKind) -> bool {
     use io::ErrorKind::*;
     !matches!(
         kind,

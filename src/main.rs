@@ -73,11 +73,11 @@ enum Command {
         #[arg(long, default_value = "auto")]
         score: saliency_audit::report::ScoreKind,
         /// Largest number of strategy clusters per class.
-        #[arg(long, default_value_t = 6)]
+        #[arg(long, default_value_t = 6, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         max_clusters: usize,
         /// Samples per class the clustering runs on (a deterministic uniform subsample); the
         /// rest join their nearest cluster.
-        #[arg(long, default_value_t = 1500)]
+        #[arg(long, default_value_t = 1500, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         cluster_sample: usize,
         /// Where to write the report (default DIR/_report, which dataset readers skip).
         #[arg(long)]
@@ -101,7 +101,7 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
         /// int64 .npy of N classes, one integer for all, or `predicted`.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         target: TargetArg,
         /// Output float32 .npy of the input's shape.
         #[arg(long)]
@@ -292,7 +292,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = ctrlc::set_handler(move || {
                 if flag.swap(true, Ordering::SeqCst) {
                     eprintln!("interrupted again: exiting without committing");
-                    std::process::exit(130);
+                    // At once, without exit handlers: `exit` would run libtorch's static
+                    // destructors while its threads still work (a crash instead of 130).
+                    // SAFETY: `_exit` ends the process; nothing after it runs.
+                    unsafe { libc::_exit(130) };
                 }
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });

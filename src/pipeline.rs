@@ -94,6 +94,23 @@ impl RunSummary {
     }
 }
 
+/// Why a sample's results cannot be trusted: the model's probabilities, or the attribution (its
+/// map, as the engine returned it whole or resized, or its CAM), hold NaN or infinities. The
+/// statistics would count such values as 0 and look like a real, empty attribution.
+fn non_finite(m: &SampleMaps) -> Option<&'static str> {
+    if !(m.predicted_prob.is_finite() && m.target_prob.is_finite()) {
+        return Some("the model's output for this image is not finite (NaN or infinite logits)");
+    }
+    let map = match &m.map {
+        MapOut::Full(v) => v,
+        MapOut::Reduced { resized, .. } => resized,
+    };
+    if !map.iter().chain(&m.cam).all(|v| v.is_finite()) {
+        return Some("the attribution holds NaN or infinite values (the model's gradients overflow or are undefined for this image)");
+    }
+    None
+}
+
 /// A decoded sample waiting for the engine (its pixels, box and mask go in the batch).
 struct Ready {
     sample: Sample,
@@ -159,9 +176,10 @@ pub fn run(
     let (row_tx, row_rx) = bounded::<Vec<Row>>(4 * workers + 4);
     let times = StageTimes::default();
     let cfg = &cfg;
-    let device_failure = std::sync::Mutex::new(None::<anyhow::Error>);
+    // Why the run stopped early, when a stage stopped it: a failing device or store.
+    let run_failure: RunFailure = std::sync::Mutex::new(None);
     let smallest_cap = std::sync::atomic::AtomicUsize::new(cfg.batch_size);
-    let (pool, times, stop_ref, device_failure, smallest_cap) = (&pool, &times, &stop, &device_failure, &smallest_cap);
+    let (pool, times, stop_ref, run_failure, smallest_cap) = (&pool, &times, &stop, &run_failure, &smallest_cap);
 
     let write_result = std::thread::scope(|s| -> Result<()> {
         // Owned by this closure, so that a panic of the writer below drops the receiver and the
@@ -178,7 +196,7 @@ pub fn run(
         // Decode: a batch at a time on the pool; failures go straight to the writer as rows.
         {
             let row_tx = row_tx.clone();
-            s.spawn(move || decode_stage(cfg, size, pool, times, batch_rx, work_tx, row_tx));
+            s.spawn(move || decode_stage(cfg, size, pool, times, batch_rx, work_tx, row_tx, (stop_ref, run_failure)));
         }
         // One worker per model replica.
         for mut attributor in attributors {
@@ -214,9 +232,7 @@ pub fn run(
                         // The device is failing: this batch gets no rows (a rerun does it), the
                         // run stops as on Ctrl-C and then reports this error.
                         Err(e) => {
-                            tracing::error!("{e:#}");
-                            stop_ref.store(true, Ordering::Relaxed);
-                            device_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            fail_run(run_failure, stop_ref, e);
                             break;
                         }
                     }
@@ -268,7 +284,7 @@ pub fn run(
     summary.interrupted = interrupted;
     let cap = smallest_cap.load(Ordering::Relaxed);
     summary.batch_after_out_of_memory = (cap < cfg.batch_size).then_some(cap);
-    if let Some(e) = device_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(e) = run_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(RunFailed(e).into());
     }
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
@@ -298,6 +314,9 @@ fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleErr
     if let Some(e) = &s.label_error {
         return Err(SampleError::new(Status::BadLabel, e.clone()));
     }
+    if let Some(e) = &s.box_error {
+        return Err(SampleError::new(Status::BadBox, e.clone()));
+    }
     match mode {
         TargetMode::Predicted => Ok(None),
         TargetMode::Class(c) => Ok(Some(c)),
@@ -311,30 +330,48 @@ fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleErr
     }
 }
 
-/// A decoded sample and its pixels, or the row of its failure.
-type Prepared = Result<(Ready, Decoded), Box<Row>>;
+/// A decoded sample and its pixels, or the row of its failure (`transient`: a store's failure,
+/// see [`SampleError::transient`]).
+type Prepared = Result<(Ready, Decoded), (Box<Row>, bool)>;
 
 fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
     let target = match resolve_target(cfg.target, &s) {
         Ok(t) => t,
-        Err(e) => return Err(Box::new(failed_row(s, None, e))),
+        Err(e) => return Err((Box::new(failed_row(s, None, e)), false)),
     };
     let decoded = match decode::decode_file(&s.location, &cfg.preprocess) {
         Ok(d) => d,
-        Err(e) => return Err(Box::new(failed_row(s, target, e))),
+        Err(e) => {
+            let transient = e.transient;
+            return Err((Box::new(failed_row(s, target, e)), transient));
+        }
     };
     // A box wholly outside the crop keeps a share (0): the object is not in view.
     let bbox = s.bbox.map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
     let mask = match &s.mask {
         Some(p) => match decode::load_mask(p, &decoded.geometry) {
             Ok(m) => Some(m),
-            Err(e) => return Err(Box::new(failed_row(s, target, e))),
+            Err(e) => {
+                let transient = e.transient;
+                return Err((Box::new(failed_row(s, target, e)), transient));
+            }
         },
         None => None,
     };
     Ok((Ready { sample: s, target }, Decoded { rgb: decoded.rgb, bbox, mask }))
 }
 
+/// Where a stage that stops the run leaves its error (the first one wins).
+type RunFailure = std::sync::Mutex<Option<anyhow::Error>>;
+
+/// Records `e` as the reason the run stops, and stops it as Ctrl-C does.
+fn fail_run(failure: &RunFailure, stop: &AtomicBool, e: anyhow::Error) {
+    tracing::error!("{e:#}");
+    stop.store(true, Ordering::Relaxed);
+    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+}
+
+#[allow(clippy::too_many_arguments)]
 fn decode_stage(
     cfg: &PipelineConfig,
     (h, w): (u32, u32),
@@ -343,6 +380,7 @@ fn decode_stage(
     batch_rx: Receiver<Vec<Sample>>,
     work_tx: Sender<WorkBatch>,
     row_tx: Sender<Vec<Row>>,
+    (stop, failure): (&AtomicBool, &RunFailure),
 ) {
     let px = h as usize * w as usize * 3;
     let mut ready: Vec<Ready> = Vec::with_capacity(cfg.batch_size);
@@ -368,6 +406,7 @@ fn decode_stage(
         let results: Vec<Prepared> = pool.install(|| batch.into_par_iter().map(|s| prepare(cfg, s)).collect());
         add(&times.decode_ns, t);
         let mut failed = Vec::new();
+        let mut store_failed = false;
         for r in results {
             match r {
                 Ok((item, d)) => {
@@ -380,10 +419,29 @@ fn decode_stage(
                         return;
                     }
                 }
-                Err(row) => failed.push(*row),
+                // The store failed, not the file: no row (a rerun reads it); the run stops.
+                Err((row, true)) if store_failed => drop(row),
+                Err((row, true)) => {
+                    store_failed = true;
+                    let msg = row.error.unwrap_or_default();
+                    fail_run(
+                        failure,
+                        stop,
+                        anyhow::anyhow!(
+                            "sample {:?}: {msg}; stopping: the object store failed (committed parts are kept, \
+                             rerun to resume)",
+                            row.sample.id
+                        ),
+                    );
+                }
+                Err((row, false)) => failed.push(*row),
             }
         }
         if !failed.is_empty() && row_tx.send(failed).is_err() {
+            return;
+        }
+        if store_failed {
+            // The samples decoded since the last full batch are left for the rerun too.
             return;
         }
     }
@@ -521,6 +579,10 @@ fn attribute_batch(
             .enumerate()
             .map(|(i, (item, res))| match res {
                 Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
+                Ok(m) if non_finite(&m).is_some() => {
+                    let msg = non_finite(&m).unwrap_or_default();
+                    failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg))
+                }
                 Ok(m) => {
                     // The whole map is reduced here; a reduced one only needs finishing.
                     let host_sums;

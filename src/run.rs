@@ -45,16 +45,21 @@ impl std::fmt::Display for Plan {
         }
         let bad = self.samples.iter().filter(|s| s.label_error.is_some()).count();
         let labelled = self.samples.iter().filter(|s| s.label.is_some()).count();
+        let bad_boxes: Vec<&Sample> = self.samples.iter().filter(|s| s.box_error.is_some()).collect();
         writeln!(f, "samples: {} in the dataset", self.total_samples)?;
         writeln!(
             f,
-            "shard: {} of {} ({} samples, {} labelled, {} with a bad label)",
+            "shard: {} of {} ({} samples, {} labelled, {} with a bad label, {} with a bad box)",
             self.shard.index,
             self.shard.count,
             self.samples.len(),
             labelled,
-            bad
+            bad,
+            bad_boxes.len()
         )?;
+        if let Some(first) = bad_boxes.first().and_then(|s| s.box_error.as_deref()) {
+            writeln!(f, "first bad box: {first}")?;
+        }
         writeln!(f, "model classes: {}", self.num_classes)?;
         writeln!(f, "model sha256: {}", self.model_sha256)?;
         writeln!(f, "devices resolved: {:?}", self.devices)
@@ -66,10 +71,7 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
         Devices::All => {
             let n = engine::cuda_device_count();
             if n == 0 {
-                let env = |k: &str| std::env::var(k).ok();
-                let dev_nodes = std::fs::read_dir("/dev")
-                    .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(is_nvidia_gpu_node)));
-                if let Some(why) = gpu_assigned(&env, dev_nodes) {
+                if let Some(why) = gpu_assigned_here() {
                     return Err(RunFailed(anyhow::anyhow!(
                         "runtime.devices = \"all\": {why}, but libtorch sees no CUDA device (this build's \
                          torch 2.11.0+cu130 needs an NVIDIA driver for CUDA 13: 580 or newer); set \
@@ -85,6 +87,14 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
             list.iter().map(|s| engine::parse_device(s).with_context(|| "runtime.devices")).collect()
         }
     }
+}
+
+/// [`gpu_assigned`] for this process: its environment and this machine's /dev.
+fn gpu_assigned_here() -> Option<String> {
+    let env = |k: &str| std::env::var(k).ok();
+    let dev_nodes = std::fs::read_dir("/dev")
+        .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(is_nvidia_gpu_node)));
+    gpu_assigned(&env, dev_nodes)
 }
 
 /// Why this process looks as if it was given a GPU (Slurm's or the launcher's
@@ -171,6 +181,18 @@ pub fn plan_with(
     }
     let set = source::load_samples(&job.dataset, job.class_names.as_deref(), Some(classes))?;
     let total = set.samples.len();
+    if job.target == Target::Label
+        && total > 0
+        && set.samples.iter().all(|s| s.label.is_none() && s.label_error.is_none())
+    {
+        bail!(
+            "attribution.target = \"label\", but no sample of {} has a label (no `label` column, or every value \
+             empty): give the labels, or set attribution.target to \"predicted\" or a class index",
+            match &job.dataset {
+                job::DatasetSource::Manifest(l) | job::DatasetSource::ImageFolder(l) => l,
+            }
+        );
+    }
     let mut h = Sha256::new();
     for s in &set.samples {
         h.update(sample_key(s));
@@ -213,7 +235,12 @@ fn job_id(p: &Plan) -> String {
 }
 
 fn sample_key(s: &Sample) -> String {
-    format!("\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}", s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask)
+    let key = format!("\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}", s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask);
+    // Only where there is one, so that outputs written before box errors were rows keep their key.
+    match &s.box_error {
+        Some(e) => format!("{key}|{e}"),
+        None => key,
+    }
 }
 
 /// The model and every setting that changes what is written.

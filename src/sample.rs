@@ -19,6 +19,9 @@ pub struct Sample {
     pub label_error: Option<String>,
     /// Object box in the original image's pixels: x0, y0, x1, y1.
     pub bbox: Option<[f32; 4]>,
+    /// Why the row's box is not usable (a row with status `bad_box`): a value that is not a
+    /// number, an empty box, some box columns set and others not.
+    pub box_error: Option<String>,
     /// Object mask PNG (non-zero pixels are the object), resolved.
     pub mask: Option<Loc>,
 }
@@ -37,6 +40,8 @@ pub enum Status {
     TooLarge,
     /// The label is not one of the model's classes.
     BadLabel,
+    /// The manifest row's object box is not usable.
+    BadBox,
     /// The mask file is missing or unreadable or not an image.
     BadMask,
     /// The engine failed on this sample.
@@ -44,13 +49,14 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Ok,
         Status::Missing,
         Status::Unreadable,
         Status::DecodeError,
         Status::TooLarge,
         Status::BadLabel,
+        Status::BadBox,
         Status::BadMask,
         Status::AttributionError,
     ];
@@ -63,6 +69,7 @@ impl Status {
             Status::DecodeError => "decode_error",
             Status::TooLarge => "too_large",
             Status::BadLabel => "bad_label",
+            Status::BadBox => "bad_box",
             Status::BadMask => "bad_mask",
             Status::AttributionError => "attribution_error",
         }
@@ -84,11 +91,15 @@ impl std::fmt::Display for Status {
 pub struct SampleError {
     pub status: Status,
     pub message: String,
+    /// The failure is not the sample's: reading it from an object store failed for a reason a
+    /// rerun may get past (a time-out, a lost connection, the store's own error). Such a sample
+    /// gets no row; the run stops (exit 3) and a rerun resumes with it.
+    pub transient: bool,
 }
 
 impl SampleError {
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), transient: false }
     }
 }
 

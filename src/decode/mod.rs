@@ -270,7 +270,11 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
         }
         _ => Status::Unreadable,
     };
-    SampleError::new(status, format!("{path}: cannot read file: {e}"))
+    let mut err = SampleError::new(status, format!("{path}: cannot read file: {e}"));
+    // A store that times out or fails says nothing about the file (local read errors stay the
+    // sample's: a file that cannot be read in place).
+    err.transient = matches!(path, Loc::Remote { .. }) && crate::exit::transient(e.kind());
+    err
 }
 
 /// Allocation budget handed to the image decoders for a pixel limit: room for the largest

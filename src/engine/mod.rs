@@ -189,7 +189,8 @@ impl GuidedGradCam {
         let meta = read_meta(path)?.unwrap_or_default();
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
             anyhow!(
-                "{} is not a loadable TorchScript file ({}); {CONTRACT}",
+                "{} is not a loadable TorchScript file ({}); a state_dict or a torch.save checkpoint is not \
+                 TorchScript: export the model with scripts/export_model.py; {CONTRACT}",
                 path.display(),
                 torch_message(&e.to_string())
             )
@@ -233,7 +234,13 @@ impl GuidedGradCam {
         disable_graph_optimization();
         let x = Tensor::zeros([1, channels, h, w], (Kind::Float, self.device)).set_requires_grad(true);
         let (logits, act) = self.forward(&x, 1)?;
-        Ok((logits.size()[1], act.size()[1..].to_vec()))
+        let found = (logits.size()[1], act.size()[1..].to_vec());
+        drop((logits, act, x));
+        // The whole attribution once: a model whose gradients do not reach its activation or its
+        // input fails here (a `validate`, or a run before it starts), not on every batch.
+        let x = Tensor::zeros([1, channels, h, w], (Kind::Float, self.device));
+        self.attribute(&x, &[Some(0)])?;
+        Ok(found)
     }
 
     fn contract_error(&self, what: &str) -> anyhow::Error {
@@ -408,6 +415,9 @@ pub fn upsample(cam: &Tensor, h: i64, w: i64, mode: InterpolateMode) -> Tensor {
 /// Errors naming the first example (offset by `first_index`) that holds NaN or Inf.
 pub fn check_finite(x: &Tensor, first_index: usize) -> Result<()> {
     let n = x.size()[0];
+    if n == 0 || x.numel() == 0 {
+        return Ok(());
+    }
     let ok = x.isfinite().reshape([n, -1]).all_dim(1, false).to_device(Device::Cpu);
     let ok = Vec::<bool>::try_from(ok)?;
     if let Some(i) = ok.iter().position(|v| !v) {

@@ -64,6 +64,9 @@ pub fn attribute_npy(
         bail!("{}: shape {shape:?}, expected [N, C, H, W]", input.display());
     }
     let n = shape[0];
+    if shape.contains(&0) {
+        bail!("{}: shape {shape:?} holds no pixels to attribute", input.display());
+    }
     super::check_finite(&x, 0).with_context(|| format!("{}", input.display()))?;
     let targets: Vec<Option<i64>> = match target {
         TargetArg::Predicted => vec![None; n as usize],

@@ -302,7 +302,7 @@ impl<'a> Cols<'a> {
 }
 
 /// Per-class state of the first pass: the running mean map and a uniform, deterministic
-/// subsample (the `max_samples` smallest hashes of the sample index) of clustering features.
+/// subsample (the `max_samples` smallest hashes of the sample id) of clustering features.
 struct ClassScan {
     sum: Vec<f64>,
     side: usize,
@@ -310,6 +310,14 @@ struct ClassScan {
     /// (hash, record position) of the kept samples; the largest hash on top.
     kept: std::collections::BinaryHeap<(u64, usize)>,
     features: std::collections::HashMap<usize, Vec<f32>>,
+}
+
+/// A stable hash of a sample id: the subsample, and the order the clustering sees it in, depend
+/// on the ids only, so an output written in shards gives the clusters of one written whole.
+fn id_hash(id: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(id.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -354,7 +362,7 @@ fn scan(parts: &mut sink::Parts, region_names: &[String], p: &ClusterParams) -> 
             }
             e.count += 1;
             let pos = records.len();
-            let h = splitmix(rec.index ^ p.seed);
+            let h = splitmix(id_hash(&rec.id) ^ p.seed);
             if e.kept.len() < cap || e.kept.peek().is_some_and(|top| h < top.0) {
                 if e.kept.len() == cap {
                     let (_, out) = e.kept.pop().expect("full");
@@ -581,8 +589,10 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let clustered: Vec<(i64, Vec<usize>, Clustering)> = scans
         .par_iter()
         .map(|(class, sc)| {
-            let mut pos: Vec<usize> = sc.features.keys().copied().collect();
-            pos.sort_unstable();
+            // In hash order: the same samples in the same order however the rows were split.
+            let mut kept: Vec<(u64, usize)> = sc.kept.iter().copied().collect();
+            kept.sort_unstable();
+            let pos: Vec<usize> = kept.into_iter().map(|(_, q)| q).collect();
             let feats: Vec<&[f32]> = pos.iter().map(|q| sc.features[q].as_slice()).collect();
             let side = p.side.max(1);
             (*class, pos, cluster::spray(&feats, side, side, p))

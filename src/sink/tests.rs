@@ -40,6 +40,7 @@ fn row(index: u64) -> Row {
             label: Some(index as i64 % 3),
             label_error: None,
             bbox: None,
+            box_error: None,
             mask: None,
         },
         status,

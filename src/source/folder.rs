@@ -32,6 +32,16 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
         bail!("{root}: no class folders (an image folder holds one sub-folder of images per class)");
     }
     let by_name = classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
+    if let (false, Some(model_names)) = (by_name, classes.names()) {
+        let unknown: Vec<&str> =
+            class_dirs.iter().map(|(n, _)| n.as_str()).filter(|n| classes.id_of(n).is_none()).take(5).collect();
+        tracing::warn!(
+            "{root}: class folder(s) {} are not among the model's class names ({}…): labels are the folders' \
+             positions in name order (0, 1, 2, …), as torchvision's ImageFolder numbers them",
+            unknown.join(", "),
+            model_names.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     let names = if by_name {
         classes.names().map(<[String]>::to_vec)
     } else {
@@ -57,6 +67,7 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
                 label,
                 label_error: label_error.clone(),
                 bbox: None,
+                box_error: None,
                 mask: None,
             });
         }

@@ -31,6 +31,8 @@ struct RawRow {
     id: Option<String>,
     label: Option<RawLabel>,
     bbox: [Option<f64>; 4],
+    /// A box value that is not a number (the row's `bad_box`).
+    bbox_error: Option<String>,
     mask: Option<String>,
 }
 
@@ -57,28 +59,32 @@ fn to_samples(file: &Loc, base: &Loc, rows: Vec<RawRow>, classes: &Classes) -> a
     for row in rows {
         let at = &row.at;
         let path = row.path.ok_or_else(|| anyhow!("{f} {at}: no path (the `path` column is empty)"))?;
-        let bbox = match row.bbox {
-            [None, None, None, None] => None,
-            [Some(x0), Some(y0), Some(x1), Some(y1)] => {
+        // A box that cannot be used is the sample's `bad_box`, not the whole job's error.
+        let (bbox, box_error) = match (row.bbox_error, row.bbox) {
+            (Some(e), _) => (None, Some(format!("{f} {at}: {e}"))),
+            (None, [None, None, None, None]) => (None, None),
+            (None, [Some(x0), Some(y0), Some(x1), Some(y1)]) => {
                 if let Some(i) = [x0, y0, x1, y1].iter().position(|v| !v.is_finite()) {
-                    bail!("{f} {at}: {} is not a finite number", BBOX[i]);
-                }
-                if x0 >= x1 || y0 >= y1 {
-                    bail!(
-                        "{f} {at}: the box ({x0}, {y0})-({x1}, {y1}) is empty: bbox_x1 must be above bbox_x0 \
-                         and bbox_y1 above bbox_y0"
+                    (None, Some(format!("{f} {at}: {} is not a finite number", BBOX[i])))
+                } else if x0 >= x1 || y0 >= y1 {
+                    let e = format!(
+                        "{f} {at}: the box ({x0}, {y0})-({x1}, {y1}) is empty: bbox_x1 must be above bbox_x0 and \
+                         bbox_y1 above bbox_y0"
                     );
+                    (None, Some(e))
+                } else {
+                    (Some([x0 as f32, y0 as f32, x1 as f32, y1 as f32]), None)
                 }
-                Some([x0 as f32, y0 as f32, x1 as f32, y1 as f32])
             }
-            partial => {
+            (None, partial) => {
                 let missing: Vec<&str> =
                     BBOX.iter().zip(partial).filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
-                bail!(
+                let e = format!(
                     "{f} {at}: {} empty while other box columns are set: give all four of bbox_x0, bbox_y0, \
                      bbox_x1, bbox_y1, or none",
                     missing.join(", ")
                 );
+                (None, Some(e))
             }
         };
         let id = row.id.unwrap_or_else(|| path.clone());
@@ -99,6 +105,7 @@ fn to_samples(file: &Loc, base: &Loc, rows: Vec<RawRow>, classes: &Classes) -> a
             label,
             label_error,
             bbox,
+            box_error,
             mask: row.mask.map(|m| resolve_path(base, &m)).transpose().with_context(|| format!("{f} {at}"))?,
         });
     }
@@ -114,7 +121,7 @@ fn cell(text: &str) -> Option<String> {
 fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     let f = path;
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
-    let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
+    let headers = reader.headers().map_err(|e| csv_error(path, bytes, e))?.clone();
     let mut col: HashMap<&str, usize> = HashMap::new();
     for (i, h) in headers.iter().enumerate() {
         let h = h.trim();
@@ -129,14 +136,20 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     }
     let mut rows = Vec::new();
     for record in reader.records() {
-        let record = record.map_err(|e| csv_error(path, e))?;
-        let line = record.position().map_or(0, |p| p.line());
+        let record = record.map_err(|e| csv_error(path, bytes, e))?;
+        let line = record.position().map_or(0, |p| line_at(bytes, p));
         let get = |name: &str| col.get(name).and_then(|&i| record.get(i)).and_then(cell);
         let at = format!("line {line}");
         let mut bbox = [None; 4];
+        let mut bbox_error = None;
         for (k, name) in BBOX.iter().enumerate() {
             if let Some(v) = get(name) {
-                bbox[k] = Some(v.parse::<f64>().map_err(|_| anyhow!("{f} {at}: {name} \"{v}\" is not a number"))?);
+                match v.parse::<f64>() {
+                    Ok(x) => bbox[k] = Some(x),
+                    Err(_) => {
+                        bbox_error.get_or_insert(format!("{name} \"{v}\" is not a number"));
+                    }
+                }
             }
         }
         rows.push(RawRow {
@@ -144,6 +157,7 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
             id: get("id"),
             label: get("label").map(|l| RawLabel::from_text(&l)),
             bbox,
+            bbox_error,
             mask: get("mask"),
             at,
         });
@@ -151,10 +165,21 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     Ok(rows)
 }
 
-fn csv_error(path: &Loc, e: csv::Error) -> anyhow::Error {
+/// The file line a CSV record starts on, counted from its byte offset (the csv crate's own line
+/// count is one short in files with `\r\n` line ends, where a record's position can be the `\n`
+/// that ends the line before it).
+fn line_at(bytes: &[u8], p: &csv::Position) -> u64 {
+    let mut start = (p.byte() as usize).min(bytes.len());
+    while start < bytes.len() && matches!(bytes[start], b'\r' | b'\n') {
+        start += 1;
+    }
+    1 + bytes[..start].iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+fn csv_error(path: &Loc, bytes: &[u8], e: csv::Error) -> anyhow::Error {
     let f = path;
     match e.position() {
-        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", p.line()),
+        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", line_at(bytes, p)),
         None => anyhow!("{f}: cannot read the CSV manifest: {e}"),
     }
 }
@@ -189,11 +214,15 @@ fn read_jsonl(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
             Some(other) => Some(RawLabel::Other(other.to_string())),
         };
         let mut bbox = [None; 4];
+        let mut bbox_error = None;
         for (k, name) in BBOX.iter().enumerate() {
             bbox[k] = match obj.get(*name) {
                 None | Some(Value::Null) => None,
                 Some(Value::Number(n)) => n.as_f64(),
-                Some(other) => bail!("{f} {at}: {name} must be a number, not {other}"),
+                Some(other) => {
+                    bbox_error.get_or_insert(format!("{name} must be a number, not {other}"));
+                    None
+                }
             };
         }
         rows.push(RawRow {
@@ -201,6 +230,7 @@ fn read_jsonl(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
             id: text_of("id", true)?,
             label,
             bbox,
+            bbox_error,
             mask: text_of("mask", false)?,
             at,
         });
@@ -257,6 +287,7 @@ fn read_parquet(path: &Loc, bytes: bytes::Bytes) -> anyhow::Result<Vec<RawRow>> 
                 id: text(&id_col),
                 label: label_col.as_ref().and_then(|l| l.get(i)),
                 bbox,
+                bbox_error: None,
                 mask: text(&mask_col),
             });
         }

@@ -204,7 +204,7 @@ fn parquet_manifest() {
     assert_eq!(set.samples[0].label, Some(1));
     assert!(set.samples[1].label_error.as_deref().unwrap().contains("\"emu\""));
 
-    // A partial box names the row and the column.
+    // A partial box names the row and the column, as that sample's error.
     let m = d.path().join("partial.parquet");
     write_parquet(
         &m,
@@ -215,8 +215,10 @@ fn parquet_manifest() {
             ("bbox_x1", Arc::new(Float32Array::from(vec![None, Some(2.0)])) as ArrayRef),
         ],
     );
-    let e = err_of(manifest(&m, None, None));
+    let set = manifest(&m, None, None).unwrap();
+    let e = set.samples[1].box_error.as_deref().unwrap_or_default();
     assert!(e.contains("partial.parquet row 2") && e.contains("bbox_y1"), "{e}");
+    assert_eq!(set.samples[1].bbox, None);
 
     // No path column; a path column of the wrong type.
     let m = d.path().join("nopath.parquet");
@@ -245,20 +247,40 @@ fn structural_errors() {
     assert!(e.contains("dup.csv") && e.contains("duplicate id \"x\" at line 2 and line 4"), "{e}");
     let m = write(d.path(), "dup2.csv", "path\na.jpg\na.jpg\n");
     assert!(err_of(manifest(&m, None, None)).contains("duplicate id \"a.jpg\" at line 2 and line 3"));
+    // The same lines with Windows line ends.
+    let m = write(d.path(), "dup_crlf.csv", "path,id\r\na.jpg,x\r\nb.jpg,y\r\nc.jpg,x\r\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("duplicate id \"x\" at line 2 and line 4"), "{e}");
+    let m = write(d.path(), "ragged_crlf.csv", "path,label\r\na.jpg,1\r\nb.jpg,1,extra\r\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("ragged_crlf.csv line 3"), "{e}");
 
     let m = write(d.path(), "ragged.csv", "path,label\na.jpg,1\nb.jpg,1,extra\n");
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("ragged.csv line 3"), "{e}");
 
-    let m = write(d.path(), "partial.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,2,3,4\nb.jpg,1,,3,4\n");
-    let e = err_of(manifest(&m, None, None));
+    // A box that cannot be used is that sample's error (a `bad_box` row), not the job's.
+    let box_error = |name: &str, text: &str, id: &str| -> String {
+        let set = manifest(&write(d.path(), name, text), None, None).unwrap();
+        let s = set.samples.iter().find(|s| s.id == id).unwrap();
+        assert_eq!(s.bbox, None, "{name}");
+        s.box_error.clone().unwrap_or_else(|| panic!("{name}: no box error"))
+    };
+    let e = box_error("partial.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,2,3,4\nb.jpg,1,,3,4\n", "b.jpg");
     assert!(e.contains("partial.csv line 3") && e.contains("bbox_y0 empty"), "{e}");
-    let m = write(d.path(), "nan.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,two,3,4\n");
-    let e = err_of(manifest(&m, None, None));
+    let e = box_error("nan.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,1,two,3,4\n", "a.jpg");
     assert!(e.contains("nan.csv line 2") && e.contains("bbox_y0 \"two\" is not a number"), "{e}");
-    let m = write(d.path(), "empty_box.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,5,2,3,4\n");
-    let e = err_of(manifest(&m, None, None));
+    let e = box_error("empty_box.csv", "path,bbox_x0,bbox_y0,bbox_x1,bbox_y1\na.jpg,5,2,3,4\nb.jpg,1,2,3,4\n", "a.jpg");
     assert!(e.contains("empty_box.csv line 2") && e.contains("is empty"), "{e}");
+    let set = manifest(&d.path().join("empty_box.csv"), None, None).unwrap();
+    let good = set.samples.iter().find(|s| s.id == "b.jpg").unwrap();
+    assert_eq!((good.bbox, good.box_error.as_deref()), (Some([1.0, 2.0, 3.0, 4.0]), None));
+    let e = box_error(
+        "str.jsonl",
+        "{\"path\": \"a.jpg\", \"bbox_x0\": \"1\", \"bbox_y0\": 2, \"bbox_x1\": 3, \"bbox_y1\": 4}\n",
+        "a.jpg",
+    );
+    assert!(e.contains("str.jsonl line 1") && e.contains("bbox_x0 must be a number"), "{e}");
     let m = write(d.path(), "emptypath.csv", "path,label\n,1\n");
     assert!(err_of(manifest(&m, None, None)).contains("emptypath.csv line 2: no path"));
 
@@ -389,6 +411,7 @@ fn shards_partition_the_samples() {
             label: None,
             label_error: None,
             bbox: None,
+            box_error: None,
             mask: None,
         })
         .collect();

@@ -246,12 +246,18 @@ pub fn finish(sums: &MapSums, h: usize, w: usize, cam: &[f32], ch: usize, cw: us
     let gini = (2.0 * sums.rank_weighted - (nf + 1.0) * total) / (nf * total);
     s.attr_gini = Some(gini.max(0.0) as f32);
     s.attr_top5_share = Some((sums.top_sum / total) as f32);
-    s.bbox_mass_share = sums.bbox_mass.map(|m| (m / total) as f32);
-    for (share, m) in s.region_shares.iter_mut().zip(&sums.region_mass) {
-        *share = Some((m / total) as f32);
+    s.bbox_mass_share = sums.bbox_mass.map(|m| share(m, total));
+    for (sh, m) in s.region_shares.iter_mut().zip(&sums.region_mass) {
+        *sh = Some(share(*m, total));
     }
-    s.mask_mass_share = sums.mask_mass.map(|m| (m / total) as f32);
+    s.mask_mass_share = sums.mask_mass.map(|m| share(m, total));
     s
+}
+
+/// `part / total` as a share in 0..1: a mass from differences of sums (an integral image on the
+/// device) can come out a rounding error below 0 or above the total, or as −0.
+fn share(part: f64, total: f64) -> f32 {
+    (part / total).clamp(0.0, 1.0) as f32 + 0.0
 }
 
 /// One pass over a map: total, max, first argmax, Σ m ln m and the centre-of-mass numerators.

@@ -260,3 +260,13 @@ fn cam_f16_round_trip() {
     }
     assert_eq!(decode_cam_f16(&bytes[..3]).len(), 1, "odd trailing byte ignored");
 }
+
+#[test]
+fn shares_stay_in_0_1_without_negative_zero() {
+    // An all-black mask, and rounding of differences of sums, on either side of the range.
+    assert!(super::share(-0.0, 3.0).is_sign_positive());
+    assert_eq!(super::share(-0.0, 3.0), 0.0);
+    assert_eq!(super::share(-1e-17, 1.0), 0.0);
+    assert_eq!(super::share(1.0 + 1e-12, 1.0), 1.0);
+    assert_eq!(super::share(0.25, 1.0), 0.25);
+}

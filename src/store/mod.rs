@@ -200,28 +200,49 @@ fn store(bucket: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
         return Ok(s.clone());
     }
     let scheme = bucket.split("://").next().unwrap_or_default();
+    let retry = retry_config()?;
     let built: Arc<dyn ObjectStore> = match scheme {
         "s3" | "s3a" => Arc::new(
             object_store::aws::AmazonS3Builder::from_env()
                 .with_url(bucket)
+                .with_retry(retry)
                 .build()
                 .with_context(|| format!("cannot set up S3 access to {bucket}"))?,
         ),
         "gs" => Arc::new(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(bucket)
+                .with_retry(retry)
                 .build()
                 .with_context(|| format!("cannot set up Google Cloud Storage access to {bucket}"))?,
         ),
         _ => Arc::new(
             object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(bucket)
+                .with_retry(retry)
                 .build()
                 .with_context(|| format!("cannot set up Azure storage access to {bucket}"))?,
         ),
     };
     stores.insert(bucket.to_owned(), built.clone());
     Ok(built)
+}
+
+/// How often a failed store request (a time-out, a lost connection, a server error) is retried
+/// before the error counts: `SALIENCY_AUDIT_STORE_RETRIES` times (default 10, with exponential
+/// back-off from 100 ms to 15 s, within 3 minutes a request).
+pub const STORE_RETRIES_ENV: &str = "SALIENCY_AUDIT_STORE_RETRIES";
+
+fn retry_config() -> anyhow::Result<object_store::RetryConfig> {
+    let mut retry = object_store::RetryConfig::default();
+    if let Some(v) = std::env::var_os(STORE_RETRIES_ENV) {
+        let v = v.to_string_lossy();
+        retry.max_retries = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{STORE_RETRIES_ENV}={v:?}: expected a number of retries (0 or more)"))?;
+    }
+    Ok(retry)
 }
 
 /// The store and object path of a remote location.

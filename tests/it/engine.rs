@@ -180,6 +180,12 @@ fn contract_violations_are_named() {
         assert!(msg.contains(what), "{file}: {msg}");
         assert!(msg.contains("returns a tuple (logits [N, classes], activation"), "{file}: no contract in {msg}");
     }
+    // The start-up check (`validate`, and `run` before it starts) runs the whole attribution
+    // once, so a model whose activation is off the path to the logits fails there, not on
+    // every batch of a run (where it looked like a failing device).
+    let offpath = GuidedGradCam::load(&bad.join("offpath.pt"), Device::Cpu, EngineOptions::default()).unwrap();
+    let msg = format!("{:#}", offpath.probe(3, 8, 8).unwrap_err());
+    assert!(msg.contains("not on the autograd path to the logits"), "{msg}");
     let tmp = tempfile::tempdir().unwrap();
     let junk = tmp.path().join("junk.pt");
     std::fs::write(&junk, b"this is not a model").unwrap();

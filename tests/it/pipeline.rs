@@ -400,6 +400,7 @@ fn images(dir: &Path, reds: &[u8]) -> (Vec<Sample>, PipelineConfig) {
                 label: Some(0),
                 label_error: None,
                 bbox: None,
+                box_error: None,
                 mask: None,
             }
         })
@@ -468,6 +469,52 @@ fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
     let rows = read_all(&tmp.path().join("out"));
     let error = col::<StringArray>(&rows, "error");
     assert!(error.value(2).contains("this image breaks the model"), "{}", error.value(2));
+}
+
+/// A fake engine whose model gives NaN logits for red 2 and a NaN attribution (one map value,
+/// or one CAM value) for reds 3 and 4.
+struct NotFinite;
+
+impl Attributor for NotFinite {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+    fn attribute(&mut self, b: &U8Batch) -> anyhow::Result<Vec<SampleMaps>> {
+        let hw = b.h * b.w;
+        let mut maps = RedChannel.attribute(b)?;
+        for (i, m) in maps.iter_mut().enumerate() {
+            match b.data[i * hw * 3] {
+                2 => (m.predicted_prob, m.target_prob) = (f32::NAN, f32::NAN),
+                3 => match &mut m.map {
+                    MapOut::Full(v) => v[5] = f32::INFINITY,
+                    MapOut::Reduced { resized, .. } => resized[0] = f32::NAN,
+                },
+                4 => m.cam[0] = f32::NAN,
+                _ => {}
+            }
+        }
+        Ok(maps)
+    }
+}
+
+/// NaN or infinite logits or attributions are the sample's `attribution_error`, not an `ok` row
+/// whose statistics count the bad values as 0.
+#[test]
+fn non_finite_results_are_attribution_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+    let summary = run_six(samples, cfg, Box::new(NotFinite)).unwrap();
+    assert_eq!(summary.counts.get(&Status::AttributionError), Some(&3), "{:?}", summary.counts);
+    let rows = read_all(&tmp.path().join("out"));
+    let (status, error) = (col::<StringArray>(&rows, "status"), col::<StringArray>(&rows, "error"));
+    let got: Vec<(&str, &str)> =
+        (0..6).map(|i| (status.value(i), if error.is_valid(i) { error.value(i) } else { "" })).collect();
+    assert_eq!(got[0], ("ok", ""));
+    assert!(got[1].0 == "attribution_error" && got[1].1.contains("NaN or infinite logits"), "{got:?}");
+    for i in [2, 3] {
+        assert!(got[i].0 == "attribution_error" && got[i].1.contains("attribution holds NaN"), "{got:?}");
+    }
+    assert!(got[4..].iter().all(|g| g.0 == "ok"), "{got:?}");
 }
 
 /// A fake engine on a device that fits at most `max` images at once, recording the size of every
@@ -623,6 +670,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
             label: Some(0),
             label_error: None,
             bbox,
+            box_error: None,
             mask: mask.map(|m| tmp.path().join(m).into()),
         });
     }
@@ -879,6 +927,44 @@ fn interrupt_and_resume(signal: i32) {
         .filter(|n| n.starts_with(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// A second Ctrl-C quits at once with 130 (it crashed in libtorch's exit handlers before), and
+/// a rerun finishes the job with every sample once.
+#[test]
+fn a_second_ctrl_c_quits_with_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 400);
+    let job = write_job(&ds.dir, &engine_cases().join("resnet18_layer4/model.pt"), "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("[preprocess]\n", "[preprocess]\nresize = 112\ncrop = 112\n")
+        .replace("target = \"label\"", "target = \"predicted\"")
+        .replace("batch_size = 16", "batch_size = 4")
+        .replace("rows_per_part = 50", "rows_per_part = 20");
+    std::fs::write(&job, text).unwrap();
+    let out_dir = ds.dir.join("out");
+    let mut child =
+        Command::new(bin()).arg("-q").arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !std::fs::read_dir(&out_dir)
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("part-")))
+        .unwrap_or(false)
+    {
+        assert!(start.elapsed().as_secs() < 120, "no part committed in 2 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{:?}: {err}", out.status);
+    assert!(err.contains("interrupted again"), "{err}");
+    let again = Command::new(bin()).arg("-q").arg("run").arg(&job).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(read_all(&out_dir).num_rows(), ds.expected.len(), "every sample exactly once");
 }
 
 #[test]
@@ -1156,4 +1242,71 @@ fn a_libtorch_failure_is_the_batchs_error() {
     // masks warms up) goes through the device statistics' box and mask sums.
     a.warm_up(3, h, w, true, true).unwrap();
     assert!(!pipeline::is_out_of_memory(&anyhow::anyhow!("this image breaks the model")));
+}
+
+/// `target = "label"` over a manifest without labels is the job's error (exit 2, before any
+/// work), not a `bad_label` row for every sample.
+#[test]
+fn target_label_without_labels_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 6);
+    let csv = ds.dir.join("samples.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let paths: Vec<&str> =
+        text.lines().skip(1).filter(|l| l.starts_with("img/")).map(|l| l.split(',').next().unwrap()).collect();
+    std::fs::write(&csv, format!("path\n{}\n", paths.join("\n"))).unwrap();
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    for cmd in ["validate", "run"] {
+        let o = Command::new(bin()).arg(cmd).arg(&job).output().unwrap();
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {msg}");
+        assert!(
+            msg.contains("attribution.target") && msg.contains("samples.csv") && msg.contains("no sample"),
+            "{msg}"
+        );
+    }
+    assert!(!ds.dir.join("out").exists(), "nothing written");
+}
+
+/// A manifest row whose object box cannot be used is that sample's `bad_box` row; the job runs.
+#[test]
+fn a_bad_box_is_the_samples_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 6);
+    let csv = ds.dir.join("samples.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text.push_str("img/0001.png,square,x_box,9,3,4,20,\n");
+    std::fs::write(&csv, text).unwrap();
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let v = Command::new(bin()).arg("validate").arg(&job).output().unwrap();
+    let plan = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success() && plan.contains("1 with a bad box"), "{plan}");
+    let o = Command::new(bin()).arg("-q").arg("run").arg(&job).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_all(&ds.dir.join("out"));
+    let (ids, st, err) =
+        (col::<StringArray>(&rows, "id"), col::<StringArray>(&rows, "status"), col::<StringArray>(&rows, "error"));
+    let i = (0..rows.num_rows()).find(|&i| ids.value(i) == "x_box").unwrap();
+    assert_eq!(st.value(i), "bad_box");
+    assert!(err.value(i).contains("samples.csv line") && err.value(i).contains("is empty"), "{}", err.value(i));
+    assert_eq!(rows.num_rows(), ds.expected.len() + 1);
+    assert_eq!((0..rows.num_rows()).filter(|&i| st.value(i) == "ok").count(), 6);
+}
+
+/// A CUDA device named in the job on a machine without one is the job's error, naming the key.
+#[test]
+fn a_cuda_device_that_is_not_there_is_named() {
+    if tch::Cuda::is_available() {
+        return; // the machine has the device: nothing to refuse
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 3);
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let text =
+        std::fs::read_to_string(&job).unwrap().replace("batch_size = 16", "batch_size = 16\ndevices = [\"cuda:0\"]");
+    std::fs::write(&job, text).unwrap();
+    let o = Command::new(bin()).arg("validate").arg(&job).env_remove("CUDA_VISIBLE_DEVICES").output().unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains("runtime.devices") && msg.contains("\"cuda:0\" is not available"), "{msg}");
+    assert_eq!(o.status.code(), Some(2), "{msg}");
 }

@@ -294,3 +294,44 @@ fn s3_manifest_images_and_output_over_http() {
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unsupported URL scheme"));
 }
+
+/// An object store that fails while images are read (here: nothing listens at its endpoint)
+/// stops the run with exit 3 instead of giving the sample an `unreadable` row for good; the
+/// rerun, with the store back, reads it, and every sample has one row.
+#[test]
+fn a_store_failing_during_image_reads_stops_the_run_and_the_rerun_reads_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(&tmp.path().join("data"), 12);
+    let csv = ds.dir.join("samples.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text.push_str("s3://audit/remote/0001.png,square,s_remote,,,,,\n");
+    std::fs::write(&csv, text).unwrap();
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let out = tmp.path().join("out");
+
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = Command::new(bin());
+    c.args(["run", job.to_str().unwrap(), "--output", out.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("SALIENCY_AUDIT_STORE_RETRIES", "0");
+    let o = c.output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{log}");
+    assert!(log.contains("s_remote") && log.contains("object store failed"), "{log}");
+    let has_parts = out.exists()
+        && std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("part-"));
+    let rows_before = if has_parts { rows(&out) } else { Default::default() };
+    assert!(!rows_before.contains_key("s_remote"), "no row for a sample the store failed to give");
+
+    let s3 = S3Server::start();
+    s3.boto(UPLOAD, &["audit", ds.dir.join("img").to_str().unwrap(), "remote/"]);
+    let o = s3.bin(&["-q", "run", job.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "bad samples on purpose: {}", String::from_utf8_lossy(&o.stderr));
+    let after = rows(&out);
+    assert_eq!(after.len(), ds.expected.len() + 1, "every sample once");
+    assert_eq!(after["s_remote"].0, "ok");
+}
