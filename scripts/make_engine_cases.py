@@ -162,7 +162,7 @@ class _Greedy(nn.Module):
 
     def forward(self, x):
         if x.shape[0] > 2:
-            x = x + torch.zeros([1 << 40], device=x.device)[:1].sum()
+            x = x + torch.zeros([1 << 56], device=x.device)[:1].sum()
         return self.inner(x)
 
 
@@ -174,8 +174,9 @@ def pipeline_model(d):
     meta = {"architecture": "SmallNet", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "resize": 36,
             "class_names": ["circle", "square", "triangle"]}
     export(m, "conv3", False, torch.randn(2, 3, 32, 32), meta, os.path.join(d, "model.pt"))
-    # The same model, scripted around a forward that runs out of memory for batches over 2 (a
-    # 4 TiB allocation, which the allocator refuses at once, inside the TorchScript interpreter).
+    # The same model, scripted around a forward that runs out of memory for batches over 2 (an
+    # allocation of 256 PiB, beyond any address space, so refused at once even where memory is
+    # overcommitted, inside the TorchScript interpreter).
     extra = {META_FILE: ""}
     inner = torch.jit.load(os.path.join(d, "model.pt"), _extra_files=extra)
     greedy = torch.jit.script(_Greedy(inner))

@@ -441,7 +441,8 @@ fn decode_stage(
             return;
         }
         if store_failed {
-            // The samples decoded since the last full batch are left for the rerun too.
+            // The samples decoded before it still go to the engine; later ones wait for the rerun.
+            flush(&mut ready, &mut pixels);
             return;
         }
     }
@@ -577,12 +578,8 @@ fn attribute_batch(
             .into_par_iter()
             .zip(results)
             .enumerate()
-            .map(|(i, (item, res))| match res {
+            .map(|(i, (item, res))| match res.and_then(|m| non_finite(&m).map_or(Ok(m), |e| Err(e.to_owned()))) {
                 Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
-                Ok(m) if non_finite(&m).is_some() => {
-                    let msg = non_finite(&m).unwrap_or_default();
-                    failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg))
-                }
                 Ok(m) => {
                     // The whole map is reduced here; a reduced one only needs finishing.
                     let host_sums;

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
-use crate::store::Loc;
+use crate::store::{self, Loc};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,14 +156,22 @@ pub fn plan_with(
     if let Some(d) = devices {
         job.devices = Devices::List(d);
     }
+    store::check_settings()?;
     let opts = engine_options(&job)?;
     let devices = resolve_devices(&job.devices)?;
     let first = TorchAttributor::load(&job.model, devices[0], opts, &job.preprocess.mean, &job.preprocess.std)?;
     let (h, w) = job.preprocess.input_size();
-    let (classes, act) = first
-        .engine()
-        .probe(job.preprocess.channels() as i64, h as i64, w as i64)
-        .with_context(|| format!("checking model {} on a {h}×{w} input", job.model.display()))?;
+    // libtorch's failures inside are errors, not a crash; running out of device memory here is
+    // the machine's state (another process on the GPU), which a retry may not meet.
+    let (classes, act) = catch_libtorch(|| first.engine().probe(job.preprocess.channels() as i64, h as i64, w as i64))
+        .map_err(|e| {
+            let e = e.context(format!("checking model {} on a {h}×{w} input", job.model.display()));
+            if engine::out_of_memory(&format!("{e:#}")) {
+                RunFailed(e).into()
+            } else {
+                e
+            }
+        })?;
     tracing::debug!(classes, activation = ?act, "model contract checked");
     if let Some(names) = &job.class_names {
         if names.len() as i64 != classes {

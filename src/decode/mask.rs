@@ -18,7 +18,11 @@ use crate::sample::{SampleError, Status};
 /// not an image, wrong size) has status `bad_mask` and names the mask's path.
 pub fn load_mask(path: impl Into<Loc>, geometry: &Geometry) -> Result<Vec<u8>, SampleError> {
     let path = &path.into();
-    let bad = |e: SampleError| SampleError::new(Status::BadMask, format!("mask {}", e.message));
+    // A store's failure stays one (the run stops and a rerun reads the mask).
+    let bad = |e: SampleError| SampleError {
+        transient: e.transient,
+        ..SampleError::new(Status::BadMask, format!("mask {}", e.message))
+    };
     let max_pixels = geometry.orig_w as u64 * geometry.orig_h as u64;
     let bytes = read_file(path, alloc_limit(max_pixels)).map_err(bad)?;
     let name = path.to_string();

@@ -527,7 +527,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let p = &opts.cluster;
     let coverage = sink::coverage(dir)?;
     // Both passes read the same parts; from an object store, each is downloaded once.
-    let mut parts = sink::Parts::list(dir)?;
+    let mut parts = sink::Parts::list(dir, true)?;
     let (mut records, failed, scans) = scan(&mut parts, &region_names, p)?;
     let rows_read = records.len() as u64 + failed.values().sum::<usize>() as u64;
     let incomplete = incomplete_note(&coverage, rows_read);

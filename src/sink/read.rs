@@ -240,7 +240,7 @@ pub fn read_rows(dir: impl Into<Loc>) -> anyhow::Result<Vec<RecordBatch>> {
 /// Streams every committed part in `dir`, in the order of [`read_rows`], one record batch at a
 /// time, so a reader of a large output holds one batch in memory.
 pub fn for_each_batch(dir: impl Into<Loc>, f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    Parts::list(dir.into())?.for_each_batch(f)
+    Parts::list(dir.into(), false)?.for_each_batch(f)
 }
 
 /// The committed parts of an output folder, listed once, for a reader that goes over them more
@@ -258,18 +258,19 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// Lists the committed parts of `dir` (temporary and set-aside files are skipped).
-    pub fn list(dir: impl Into<Loc>) -> anyhow::Result<Parts> {
+    /// Lists the committed parts of `dir` (temporary and set-aside files are skipped). With
+    /// `keep_copies`, remote parts are kept in a local temporary folder for the next pass.
+    pub fn list(dir: impl Into<Loc>, keep_copies: bool) -> anyhow::Result<Parts> {
         let dir = dir.into();
         let names: Vec<String> = list_names(&dir)?.into_iter().filter(|n| parse_part_name(n).is_some()).collect();
         let spool = match &dir {
-            Loc::Local(_) => None,
-            Loc::Remote { .. } => Some(
+            Loc::Remote { .. } if keep_copies => Some(
                 tempfile::Builder::new()
                     .prefix("saliency-audit-parts-")
                     .tempdir()
                     .context("cannot make a temporary folder for the parts read from the object store")?,
             ),
+            _ => None,
         };
         Ok(Parts { dir, names, spool, downloaded: 0 })
     }
@@ -303,9 +304,11 @@ impl Parts {
                         let bytes = store::read_all(&path)?;
                         self.downloaded += bytes.len() as u64;
                         let tmp = spool.path().join(format!(".tmp-{name}"));
-                        std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &copy)).with_context(
-                            || format!("cannot keep a local copy of {path} in {}", spool.path().display()),
-                        )?;
+                        // Without a copy (a full disk, say) the next pass downloads the part again.
+                        if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &copy)) {
+                            let _ = std::fs::remove_file(&tmp);
+                            tracing::warn!("cannot keep a local copy of {path} in {}: {e}", spool.path().display());
+                        }
                         PartFile::Remote(bytes)
                     }
                 }

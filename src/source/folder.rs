@@ -35,9 +35,10 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
     if let (false, Some(model_names)) = (by_name, classes.names()) {
         let unknown: Vec<&str> =
             class_dirs.iter().map(|(n, _)| n.as_str()).filter(|n| classes.id_of(n).is_none()).take(5).collect();
+        let more = if model_names.len() > 5 { ", …" } else { "" };
         tracing::warn!(
-            "{root}: class folder(s) {} are not among the model's class names ({}…): labels are the folders' \
-             positions in name order (0, 1, 2, …), as torchvision's ImageFolder numbers them",
+            "{root}: class folder(s) {} are not among the model's class names ({}{more}): labels are the \
+             folders' positions in name order (0, 1, 2, …), as torchvision's ImageFolder numbers them",
             unknown.join(", "),
             model_names.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         );

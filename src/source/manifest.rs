@@ -135,9 +135,10 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
         bail!("{f} line 1: no `path` column in the header (found: {})", headers.iter().collect::<Vec<_>>().join(", "));
     }
     let mut rows = Vec::new();
+    let mut lines = Lines::default();
     for record in reader.records() {
         let record = record.map_err(|e| csv_error(path, bytes, e))?;
-        let line = record.position().map_or(0, |p| line_at(bytes, p));
+        let line = record.position().map_or(0, |p| lines.at(bytes, p));
         let get = |name: &str| col.get(name).and_then(|&i| record.get(i)).and_then(cell);
         let at = format!("line {line}");
         let mut bbox = [None; 4];
@@ -165,21 +166,35 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     Ok(rows)
 }
 
-/// The file line a CSV record starts on, counted from its byte offset (the csv crate's own line
-/// count is one short in files with `\r\n` line ends, where a record's position can be the `\n`
-/// that ends the line before it).
-fn line_at(bytes: &[u8], p: &csv::Position) -> u64 {
-    let mut start = (p.byte() as usize).min(bytes.len());
-    while start < bytes.len() && matches!(bytes[start], b'\r' | b'\n') {
-        start += 1;
+/// File lines of CSV records, counted from their byte offsets (the csv crate's own line count is
+/// one short in files with `\r\n` line ends, where a record's position can be the `\n` that
+/// ends the line before it). Records come in file order, so each count goes on from the last.
+#[derive(Default)]
+struct Lines {
+    byte: usize,
+    newlines: u64,
+}
+
+impl Lines {
+    /// The line a record at `p` starts on.
+    fn at(&mut self, bytes: &[u8], p: &csv::Position) -> u64 {
+        let mut start = (p.byte() as usize).min(bytes.len());
+        while start < bytes.len() && matches!(bytes[start], b'\r' | b'\n') {
+            start += 1;
+        }
+        if start < self.byte {
+            *self = Lines::default();
+        }
+        self.newlines += bytes[self.byte..start].iter().filter(|&&b| b == b'\n').count() as u64;
+        self.byte = start;
+        1 + self.newlines
     }
-    1 + bytes[..start].iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 fn csv_error(path: &Loc, bytes: &[u8], e: csv::Error) -> anyhow::Error {
     let f = path;
     match e.position() {
-        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", line_at(bytes, p)),
+        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", Lines::default().at(bytes, p)),
         None => anyhow!("{f}: cannot read the CSV manifest: {e}"),
     }
 }

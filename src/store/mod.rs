@@ -233,6 +233,12 @@ fn store(bucket: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
 /// back-off from 100 ms to 15 s, within 3 minutes a request).
 pub const STORE_RETRIES_ENV: &str = "SALIENCY_AUDIT_STORE_RETRIES";
 
+/// Checks the store settings taken from the environment ([`STORE_RETRIES_ENV`]), so that a bad
+/// value is the job's error before any work rather than every remote file's.
+pub fn check_settings() -> anyhow::Result<()> {
+    retry_config().map(drop)
+}
+
 fn retry_config() -> anyhow::Result<object_store::RetryConfig> {
     let mut retry = object_store::RetryConfig::default();
     if let Some(v) = std::env::var_os(STORE_RETRIES_ENV) {

@@ -946,6 +946,21 @@ fn a_second_ctrl_c_quits_with_130() {
     let out_dir = ds.dir.join("out");
     let mut child =
         Command::new(bin()).arg("-q").arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // The second signal goes as soon as the first is acknowledged, while the batches in flight
+    // are still being finished (several, at a fraction of a second each on a CPU).
+    let stderr = child.stderr.take().unwrap();
+    let (said_tx, said_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.starts_with("interrupted:") {
+                let _ = said_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
     let start = std::time::Instant::now();
     while !std::fs::read_dir(&out_dir)
         .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("part-")))
@@ -956,11 +971,11 @@ fn a_second_ctrl_c_quits_with_130() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    said_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the first Ctrl-C is acknowledged");
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{:?}: {err}", out.status);
+    let status = child.wait().unwrap();
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}: {err}");
     assert!(err.contains("interrupted again"), "{err}");
     let again = Command::new(bin()).arg("-q").arg("run").arg(&job).output().unwrap();
     assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));
