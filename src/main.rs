@@ -289,8 +289,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shard = shard.resolve()?;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
+            // The user's own signals, apart from `stop`, which a failing device or store sets
+            // too: the first Ctrl-C after such a stop is still the first.
+            let pressed = AtomicBool::new(false);
             let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
+                flag.store(true, Ordering::SeqCst);
+                if pressed.swap(true, Ordering::SeqCst) {
                     eprintln!("interrupted again: exiting without committing");
                     // At once, without exit handlers: `exit` would run libtorch's static
                     // destructors while its threads still work (a crash instead of 130).

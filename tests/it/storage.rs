@@ -295,17 +295,22 @@ fn s3_manifest_images_and_output_over_http() {
     assert!(String::from_utf8_lossy(&e.stderr).contains("unsupported URL scheme"));
 }
 
-/// An object store that fails while images are read (here: nothing listens at its endpoint)
-/// stops the run with exit 3 instead of giving the sample an `unreadable` row for good; the
-/// rerun, with the store back, reads it, and every sample has one row.
+/// An object store that fails while an image or a mask is read (here: nothing listens at its
+/// endpoint) stops the run with exit 3 instead of giving the sample an `unreadable` or
+/// `bad_mask` row for good; the rerun, with the store back, reads them, and every sample has one
+/// row.
 #[test]
-fn a_store_failing_during_image_reads_stops_the_run_and_the_rerun_reads_the_image() {
+fn a_store_failing_during_image_or_mask_reads_stops_the_run_and_the_rerun_reads_them() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = make_dataset(&tmp.path().join("data"), 12);
     let csv = ds.dir.join("samples.csv");
     let mut text = std::fs::read_to_string(&csv).unwrap();
     text.push_str("s3://audit/remote/0001.png,square,s_remote,,,,,\n");
+    // A local image (0002.bmp, 54×46) whose mask is in the store.
+    text.push_str("img/0002.bmp,triangle,s_mask,,,,,s3://audit/masks/m2.png\n");
     std::fs::write(&csv, text).unwrap();
+    std::fs::create_dir_all(ds.dir.join("masks")).unwrap();
+    image::GrayImage::from_pixel(54, 46, image::Luma([255])).save(ds.dir.join("masks/m2.png")).unwrap();
     let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
     let text = std::fs::read_to_string(&job).unwrap().replace("rows_per_part = 50", "rows_per_part = 2");
     std::fs::write(&job, text).unwrap();
@@ -326,19 +331,22 @@ fn a_store_failing_during_image_reads_stops_the_run_and_the_rerun_reads_the_imag
     let o = c.output().unwrap();
     let log = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{log}");
-    assert!(log.contains("s_remote") && log.contains("object store failed"), "{log}");
-    // Ids sort as s0000 … s0011, s_remote, x_…: the twelve before it were decoded first and
-    // their parts (two rows each) are committed; the part that needed s_remote is not.
+    assert!(log.contains("object store failed"), "{log}");
+    // Ids sort as s0000 … s0011, s_mask, s_remote, x_…: the twelve before them were decoded
+    // first and their parts (two rows each) are committed; the parts that needed the two are not.
     let before = rows(&out);
-    assert!(!before.contains_key("s_remote"), "no row for a sample the store failed to give");
+    for id in ["s_remote", "s_mask"] {
+        assert!(!before.contains_key(id), "no row for {id}, whose image or mask the store failed to give");
+    }
     let ok_before = before.iter().filter(|(id, (s, _))| id.starts_with("s00") && s == "ok").count();
     assert_eq!(ok_before, 12, "{:?}", before.keys().collect::<Vec<_>>());
 
     let s3 = S3Server::start();
     s3.boto(UPLOAD, &["audit", ds.dir.join("img").to_str().unwrap(), "remote/"]);
+    s3.boto(UPLOAD, &["audit", ds.dir.join("masks").to_str().unwrap(), "masks/"]);
     let o = s3.bin(&["-q", "run", job.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "bad samples on purpose: {}", String::from_utf8_lossy(&o.stderr));
     let after = rows(&out);
-    assert_eq!(after.len(), ds.expected.len() + 1, "every sample once");
-    assert_eq!(after["s_remote"].0, "ok");
+    assert_eq!(after.len(), ds.expected.len() + 2, "every sample once");
+    assert_eq!((after["s_remote"].0.as_str(), after["s_mask"].0.as_str()), ("ok", "ok"));
 }
