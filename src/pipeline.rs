@@ -335,26 +335,24 @@ fn resolve_target(mode: TargetMode, s: &Sample) -> Result<Option<i64>, SampleErr
 type Prepared = Result<(Ready, Decoded), (Box<Row>, bool)>;
 
 fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
+    let failure = |s, target, e: SampleError| {
+        let transient = e.transient;
+        Err((Box::new(failed_row(s, target, e)), transient))
+    };
     let target = match resolve_target(cfg.target, &s) {
         Ok(t) => t,
-        Err(e) => return Err((Box::new(failed_row(s, None, e)), false)),
+        Err(e) => return failure(s, None, e),
     };
     let decoded = match decode::decode_file(&s.location, &cfg.preprocess) {
         Ok(d) => d,
-        Err(e) => {
-            let transient = e.transient;
-            return Err((Box::new(failed_row(s, target, e)), transient));
-        }
+        Err(e) => return failure(s, target, e),
     };
     // A box wholly outside the crop keeps a share (0): the object is not in view.
     let bbox = s.bbox.map(|b| decoded.geometry.map_box(b).unwrap_or([0.0; 4]));
     let mask = match &s.mask {
         Some(p) => match decode::load_mask(p, &decoded.geometry) {
             Ok(m) => Some(m),
-            Err(e) => {
-                let transient = e.transient;
-                return Err((Box::new(failed_row(s, target, e)), transient));
-            }
+            Err(e) => return failure(s, target, e),
         },
         None => None,
     };

@@ -172,7 +172,7 @@ pub fn plan_with(
                 e
             }
         })?;
-    tracing::debug!(classes, activation = ?act, "model contract checked");
+    tracing::debug!(classes, layer_size = ?act, "model contract checked");
     if let Some(names) = &job.class_names {
         if names.len() as i64 != classes {
             bail!(

@@ -228,19 +228,14 @@ impl GuidedGradCam {
         self.opts
     }
 
-    /// Runs the model once on zeros of `[1, channels, h, w]` and checks the contract. Returns
-    /// (number of classes, activation shape without the batch dim).
+    /// Attributes zeros of `[1, channels, h, w]` once and so checks the contract: the forward's
+    /// outputs, and gradients that reach the activation and the input (a model that breaks it
+    /// fails here, in `validate` or before a run starts, not on every batch). Returns (number of
+    /// classes, the layer's spatial size).
     pub fn probe(&self, channels: i64, h: i64, w: i64) -> Result<(i64, Vec<i64>)> {
-        disable_graph_optimization();
-        let x = Tensor::zeros([1, channels, h, w], (Kind::Float, self.device)).set_requires_grad(true);
-        let (logits, act) = self.forward(&x, 1)?;
-        let found = (logits.size()[1], act.size()[1..].to_vec());
-        drop((logits, act, x));
-        // The whole attribution once: a model whose gradients do not reach its activation or its
-        // input fails here (a `validate`, or a run before it starts), not on every batch.
         let x = Tensor::zeros([1, channels, h, w], (Kind::Float, self.device));
-        self.attribute(&x, &[Some(0)])?;
-        Ok(found)
+        let a = self.attribute(&x, &[Some(0)])?;
+        Ok((a.logits.size()[1], a.cam.size()[2..].to_vec()))
     }
 
     fn contract_error(&self, what: &str) -> anyhow::Error {
@@ -456,7 +451,7 @@ pub fn torch_message(s: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{out_of_memory, torch_message};
+    use super::{first_line, out_of_memory, torch_message};
 
     #[test]
     fn the_cause_of_a_failure_inside_torchscript_is_its_last_error_line() {
@@ -480,14 +475,10 @@ mod tests {
         assert_eq!(torch_message(&wrapped(cuda)), cuda);
         assert!(out_of_memory(torch_message(&wrapped(cuda))));
         // The interpreter's banner names no cause.
-        assert!(!out_of_memory(first_line_of(&wrapped(cpu))));
+        assert!(!out_of_memory(first_line(&wrapped(cpu))));
         // Other errors start with their cause.
         let plain = "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]\nException raised from …";
         assert_eq!(torch_message(plain), "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]");
         assert!(!out_of_memory(torch_message(plain)));
-    }
-
-    fn first_line_of(s: &str) -> &str {
-        super::first_line(s)
     }
 }

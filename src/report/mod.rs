@@ -334,7 +334,7 @@ type Scanned = (Vec<Record>, BTreeMap<String, usize>, BTreeMap<i64, ClassScan>);
 /// failures counted by status, class mean maps, and a bounded subsample of clustering features
 /// per class. Memory grows with the number of rows by their scalar fields, and with the number
 /// of classes by a mean map and up to `max_samples` clustering features (`side²` floats) each.
-fn scan(parts: &mut sink::Parts, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
+fn scan(parts: &sink::Parts, region_names: &[String], p: &ClusterParams) -> Result<Scanned> {
     let mut records = Vec::new();
     let mut failed = BTreeMap::new();
     let mut classes: BTreeMap<i64, ClassScan> = BTreeMap::new();
@@ -527,8 +527,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let p = &opts.cluster;
     let coverage = sink::coverage(dir)?;
     // Both passes read the same parts; from an object store, each is downloaded once.
-    let mut parts = sink::Parts::list(dir, true)?;
-    let (mut records, failed, scans) = scan(&mut parts, &region_names, p)?;
+    let parts = sink::Parts::list(dir, true)?;
+    let (mut records, failed, scans) = scan(&parts, &region_names, p)?;
     let rows_read = records.len() as u64 + failed.values().sum::<usize>() as u64;
     let incomplete = incomplete_note(&coverage, rows_read);
     if let Some(note) = &incomplete {
@@ -655,10 +655,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         Ok(())
     })?;
     anyhow::ensure!(pos == records.len(), "the output changed while the report was read");
-    if parts.downloaded() > 0 {
-        tracing::debug!("{dir}: {} parts ({} bytes) downloaded once for both passes", parts.len(), parts.downloaded());
-    }
-    drop(parts);
+    drop(parts); // the local copies of remote parts go now
     let closest = renumber_by_size(&mut records, &mut clusterings, closest);
 
     let mut classes = Vec::new();

@@ -253,8 +253,6 @@ pub struct Parts {
     names: Vec<String>,
     /// Local copies of remote parts; `None` for a local folder.
     spool: Option<tempfile::TempDir>,
-    /// Bytes downloaded into the spool.
-    downloaded: u64,
 }
 
 impl Parts {
@@ -272,26 +270,11 @@ impl Parts {
             ),
             _ => None,
         };
-        Ok(Parts { dir, names, spool, downloaded: 0 })
-    }
-
-    /// Number of parts.
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
-    /// Bytes downloaded from the object store so far (0 for a local folder).
-    pub fn downloaded(&self) -> u64 {
-        self.downloaded
+        Ok(Parts { dir, names, spool })
     }
 
     /// Reads every part, in file-name order (by shard, then by chunk), one record batch at a time.
-    pub fn for_each_batch(&mut self, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    pub fn for_each_batch(&self, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
         for name in &self.names {
             let path = self.dir.join(name)?;
             let file = match &self.spool {
@@ -302,7 +285,6 @@ impl Parts {
                         PartFile::Local(File::open(&copy).with_context(|| format!("cannot open {}", copy.display()))?)
                     } else {
                         let bytes = store::read_all(&path)?;
-                        self.downloaded += bytes.len() as u64;
                         let tmp = spool.path().join(format!(".tmp-{name}"));
                         // Without a copy (a full disk, say) the next pass downloads the part again.
                         if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &copy)) {

@@ -813,15 +813,11 @@ fn bad_job_specs_fail_before_work() {
     }
 }
 
-/// Stops a run once its first part is committed (SIGINT: graceful; SIGKILL: at any moment),
-/// while a second run of the same command, started meanwhile, waits for the shard's lock; the
-/// second then resumes: every sample ends up exactly once, and nothing half-written is taken
-/// as complete.
-fn interrupt_and_resume(signal: i32) {
-    let tmp = tempfile::tempdir().unwrap();
-    let ds = make_dataset(tmp.path(), 600);
-    let model = engine_cases().join("resnet18_layer4/model.pt");
-    let job = write_job(&ds.dir, &model, "");
+/// `n` good images (and the planted bad ones) with a job that runs ResNet-18 at 112×112 in
+/// batches of 4 and parts of 20 rows: slow enough on a CPU to be interrupted part-way.
+fn slow_job(root: &Path, n: usize) -> (Dataset, PathBuf) {
+    let ds = make_dataset(root, n);
+    let job = write_job(&ds.dir, &engine_cases().join("resnet18_layer4/model.pt"), "");
     let text = std::fs::read_to_string(&job)
         .unwrap()
         .replace("[preprocess]\n", "[preprocess]\nresize = 112\ncrop = 112\n")
@@ -829,44 +825,70 @@ fn interrupt_and_resume(signal: i32) {
         .replace("batch_size = 16", "batch_size = 4")
         .replace("rows_per_part = 50", "rows_per_part = 20");
     std::fs::write(&job, text).unwrap();
-    let out_dir = ds.dir.join("out");
-    let parts = || -> Vec<String> {
-        std::fs::read_dir(&out_dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                    .filter(|n| n.starts_with("part-"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut child = Command::new(bin()).arg("-q").arg("run").arg(&job).spawn().unwrap();
+    (ds, job)
+}
+
+/// Names of the committed parts in `dir` (none when it does not exist yet).
+fn part_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .filter(|n| n.starts_with("part-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `child`'s run has committed its first part into `dir`, while it still runs.
+fn wait_for_first_part(child: &mut std::process::Child, dir: &Path) {
     let start = std::time::Instant::now();
-    while parts().is_empty() {
+    while part_names(dir).is_empty() {
         assert!(start.elapsed().as_secs() < 120, "no part committed in 2 minutes");
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// Spawns `cmd` with its stderr read on a thread, which sends on the receiver each time a line
+/// contains `marker` and returns the whole text when the process ends.
+fn spawn_watching(
+    cmd: &mut Command,
+    marker: &'static str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<String>) {
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains(marker) {
+                let _ = seen_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    (child, seen_rx, reader)
+}
+
+/// Stops a run once its first part is committed (SIGINT: graceful; SIGKILL: at any moment),
+/// while a second run of the same command, started meanwhile, waits for the shard's lock; the
+/// second then resumes: every sample ends up exactly once, and nothing half-written is taken
+/// as complete.
+fn interrupt_and_resume(signal: i32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, job) = slow_job(tmp.path(), 600);
+    let out_dir = ds.dir.join("out");
+    let parts = || part_names(&out_dir);
+    let mut child = Command::new(bin()).arg("-q").arg("run").arg(&job).spawn().unwrap();
+    wait_for_first_part(&mut child, &out_dir);
     // Frozen, the first run holds its shard's lock: a second run of the same job (a requeued
     // task, say) must wait for it rather than write the same files.
     unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
     // A run of the job whose stderr is read on a thread; the receiver hears when it waits.
-    let waiting_run = || {
-        let mut run = Command::new(bin()).arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
-        let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
-        let stderr = run.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-                if line.contains("is being written by another process") {
-                    let _ = waiting_tx.send(());
-                }
-                text.push_str(&line);
-                text.push('\n');
-            }
-            text
-        });
-        (run, waiting_rx, reader)
-    };
+    let waiting_run =
+        || spawn_watching(Command::new(bin()).arg("run").arg(&job), "is being written by another process");
     let (mut again, waiting_rx, reader) = waiting_run();
     let waited = waiting_rx.recv_timeout(std::time::Duration::from_secs(120));
     let committed = parts().len();
@@ -934,42 +956,13 @@ fn interrupt_and_resume(signal: i32) {
 #[test]
 fn a_second_ctrl_c_quits_with_130() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = make_dataset(tmp.path(), 400);
-    let job = write_job(&ds.dir, &engine_cases().join("resnet18_layer4/model.pt"), "");
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("[preprocess]\n", "[preprocess]\nresize = 112\ncrop = 112\n")
-        .replace("target = \"label\"", "target = \"predicted\"")
-        .replace("batch_size = 16", "batch_size = 4")
-        .replace("rows_per_part = 50", "rows_per_part = 20");
-    std::fs::write(&job, text).unwrap();
+    let (ds, job) = slow_job(tmp.path(), 400);
     let out_dir = ds.dir.join("out");
-    let mut child =
-        Command::new(bin()).arg("-q").arg("run").arg(&job).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // The second signal goes as soon as the first is acknowledged, while the batches in flight
     // are still being finished (several, at a fraction of a second each on a CPU).
-    let stderr = child.stderr.take().unwrap();
-    let (said_tx, said_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if line.starts_with("interrupted:") {
-                let _ = said_tx.send(());
-            }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    let start = std::time::Instant::now();
-    while !std::fs::read_dir(&out_dir)
-        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("part-")))
-        .unwrap_or(false)
-    {
-        assert!(start.elapsed().as_secs() < 120, "no part committed in 2 minutes");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (mut child, said_rx, reader) =
+        spawn_watching(Command::new(bin()).arg("-q").arg("run").arg(&job), "interrupted: finishing");
+    wait_for_first_part(&mut child, &out_dir);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     said_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the first Ctrl-C is acknowledged");
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
