@@ -11,7 +11,7 @@
 use std::io;
 
 use crate::job::JobError;
-use crate::sink::LockWaitInterrupted;
+use crate::sink::{LockWaitInterrupted, OutputConflict};
 
 pub const SAMPLES_FAILED: u8 = 1;
 pub const CANNOT_RUN: u8 = 2;
@@ -31,6 +31,9 @@ pub struct RunFailed(#[from] pub anyhow::Error);
 pub fn code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<LockWaitInterrupted>().is_some() {
         return INTERRUPTED;
+    }
+    if err.chain().any(|c| c.is::<OutputConflict>()) {
+        return CANNOT_RUN;
     }
     if retryable(err) {
         RUN_FAILED

@@ -5,6 +5,12 @@ use std::io::Write;
 use std::sync::Mutex;
 
 static BAR: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `-q`: only errors are logged, and no progress bar or run summary is shown.
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Shows (Some) or removes (None) the progress bar that log lines suspend.
 pub fn set_progress_bar(bar: Option<indicatif::ProgressBar>) {
@@ -36,6 +42,7 @@ pub enum LogFormat {
 
 /// Installs the tracing subscriber: `RUST_LOG` wins, else -v/-q pick the level.
 pub fn init(verbose: u8, quiet: bool, format: LogFormat) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
     let default = if quiet {
         "error"
     } else {

@@ -230,10 +230,13 @@ fn main() -> ExitCode {
 fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
     match saliency_audit::sink::finalize(dir) {
         Ok(total) => {
-            println!("finalized {dir}: all {} shards complete, {} rows", total.num_shards, total.rows);
+            if !logging::quiet() {
+                println!("finalized {dir}: all {} shards complete, {} rows", total.num_shards, total.rows);
+            }
             Ok(())
         }
         Err(e) => match e.downcast_ref::<saliency_audit::sink::ShardsUnfinished>() {
+            Some(_) if logging::quiet() => Ok(()),
             Some(u) => {
                 let missing: Vec<String> = u.missing.iter().map(u32::to_string).collect();
                 println!(
@@ -245,6 +248,35 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
             }
             None => Err(e.context(format!("this shard is complete, but finalizing {dir} failed"))),
         },
+    }
+}
+
+/// `run`'s closing lines (left out with `-q`).
+fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let counts: Vec<String> = run::status_counts(s).iter().map(|(st, n)| format!("{st} {n}")).collect();
+    println!(
+        "{} of {} samples processed in {:.1} s ({:.1} images/s){}: {}",
+        s.processed(),
+        s.pending,
+        secs,
+        s.processed() as f64 / secs,
+        if s.resumed_rows > 0 { format!(", {} kept from an earlier run", s.resumed_rows) } else { String::new() },
+        if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
+    );
+    println!(
+        "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",
+        s.decode_time.as_secs_f64(),
+        s.engine_time.as_secs_f64(),
+        s.stats_time.as_secs_f64(),
+        s.write_time.as_secs_f64()
+    );
+    if let Some(n) = s.batch_after_out_of_memory {
+        eprintln!(
+            "a batch of {} ran out of memory, so a worker went on with batches of {n}: \
+             runtime.batch_size = {n} (or \"auto\") avoids the failed tries",
+            s.batch_size
+        );
     }
 }
 
@@ -304,36 +336,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });
             let outcome = run::run(&job, shard, output.as_ref(), stop)?;
-            let s = &outcome.summary;
-            let secs = s.elapsed.as_secs_f64().max(1e-9);
-            let counts: Vec<String> = run::status_counts(s).iter().map(|(st, n)| format!("{st} {n}")).collect();
-            println!(
-                "{} of {} samples processed in {:.1} s ({:.1} images/s){}: {}",
-                s.processed(),
-                s.pending,
-                secs,
-                s.processed() as f64 / secs,
-                if s.resumed_rows > 0 {
-                    format!(", {} kept from an earlier run", s.resumed_rows)
-                } else {
-                    String::new()
-                },
-                if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
-            );
-            println!(
-                "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",
-                s.decode_time.as_secs_f64(),
-                s.engine_time.as_secs_f64(),
-                s.stats_time.as_secs_f64(),
-                s.write_time.as_secs_f64()
-            );
-            if let Some(n) = s.batch_after_out_of_memory {
-                eprintln!(
-                    "a batch of {} ran out of memory, so a worker went on with batches of {n}: \
-                     runtime.batch_size = {n} (or \"auto\") avoids the failed tries",
-                    s.batch_size
-                );
+            if !logging::quiet() {
+                print_run_summary(&outcome.summary);
             }
+            let s = &outcome.summary;
             let json = run::summary_json(&outcome, shard);
             // The parts and markers are committed: a summary that cannot be written does not
             // change how the run ended.

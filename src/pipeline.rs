@@ -278,7 +278,14 @@ pub fn run(
         }
         writer.abort().map_err(RunFailed)?
     } else {
-        writer.finish().map_err(RunFailed)?
+        // A folder that holds another job's files fails the same way on every retry.
+        writer.finish().map_err(|e| {
+            if e.chain().any(|c| c.is::<crate::sink::OutputConflict>()) {
+                e
+            } else {
+                RunFailed(e).into()
+            }
+        })?
     });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;

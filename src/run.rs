@@ -530,7 +530,12 @@ fn report_progress(start_rx: crossbeam_channel::Receiver<(u64, u64)>, progress: 
     let Ok((pending, _resumed)) = start_rx.recv() else {
         return;
     };
-    let bar = indicatif::ProgressBar::with_draw_target(Some(pending), indicatif::ProgressDrawTarget::stderr());
+    let target = if crate::logging::quiet() {
+        indicatif::ProgressDrawTarget::hidden()
+    } else {
+        indicatif::ProgressDrawTarget::stderr()
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(Some(pending), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",

@@ -347,13 +347,14 @@ impl SpecSource {
     fn new(text: &str, origin: &Path) -> Result<Self, JobError> {
         let table = toml::de::DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| line_at(text, s.start));
-            JobError {
-                file: origin.to_path_buf(),
-                key: None,
-                line,
-                message: e.message().trim().to_owned(),
-                retryable: false,
+            let mut message = e.message().trim().to_owned();
+            // The parser's "duplicate key" points at the key but does not name it.
+            let quoted =
+                e.span().and_then(|s| text.get(s)).map(str::trim).filter(|k| !k.is_empty() && !k.contains('\n'));
+            if let (true, Some(key)) = (message == "duplicate key", quoted) {
+                message = format!("duplicate key `{key}` (a key or table may be given once)");
             }
+            JobError { file: origin.to_path_buf(), key: None, line, message, retryable: false }
         })?;
         let mut keys = Vec::new();
         index_table("", table.get_ref(), &mut keys);

@@ -393,6 +393,10 @@ fn type_errors_name_key_and_line() {
     // Syntax errors give the line.
     let e = parse(&full_with("batch_size", "batch_size = = 3")).unwrap_err();
     assert_eq!(e.line, Some(12), "{e}");
+    // A key or table given twice: the line of the second, and its name.
+    let e = assert_err(&full_with("crop", "crop = 224\nresize = 300"), "duplicate key `resize`", 8);
+    assert_eq!(e.key, None, "{e}");
+    assert_err(&format!("{FULL}[runtime]\nbatch_size = 3\n"), "duplicate key `runtime`", 36);
 }
 
 #[test]

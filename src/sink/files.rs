@@ -111,6 +111,52 @@ pub struct LockWaitInterrupted {
     pub path: std::path::PathBuf,
 }
 
+/// The output folder holds files of another job, or of this job split another way, that no
+/// run or `finalize` can reconcile: the same command fails the same way (exit 2, not retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OutputConflict(pub String);
+
+/// The first shard file (part, job file, shard marker) of a shard count other than `count`:
+/// its name, shard and count.
+pub(crate) fn other_shard_count(names: &[String], count: u32) -> Option<(&str, u32, u32)> {
+    names.iter().find_map(|n| {
+        let (s, c) = parse_part_name(n)
+            .map(|(s, c, _)| (s, c))
+            .or_else(|| parse_shard_success_name(n))
+            .or_else(|| parse_job_name(n))?;
+        (c != count).then_some((n.as_str(), s, c))
+    })
+}
+
+/// Names in the output folder that the sink did not write but that folder readers (pyarrow,
+/// Spark) read as data: anything not hidden (`.`) or marked as metadata (`_`) that is not a
+/// committed part.
+pub(crate) fn foreign_names(names: &[String]) -> Vec<&str> {
+    names.iter().filter(|n| !n.starts_with(['.', '_']) && parse_part_name(n).is_none()).map(String::as_str).collect()
+}
+
+/// Warns, once per folder and process, about [`foreign_names`] in `dir`.
+pub(crate) fn warn_foreign(dir: &Loc, names: &[String]) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let foreign = foreign_names(names);
+    let Some(first) = foreign.first() else {
+        return;
+    };
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.contains(&dir.to_string()) {
+        return;
+    }
+    warned.push(dir.to_string());
+    tracing::warn!(
+        "output folder {dir} holds {} file(s) that saliency-audit did not write ({first}{}): runs, \
+         the report and finalize leave them out, but readers of the folder (pyarrow, Spark) take \
+         them for rows of the dataset; move them elsewhere",
+        foreign.len(),
+        if foreign.len() > 1 { ", …" } else { "" }
+    );
+}
+
 /// Parses `<5 digits>-of-<5 digits>` at the start of `s`; returns (shard, count, rest).
 fn parse_tag(s: &str) -> Option<(u32, u32, &str)> {
     let digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());

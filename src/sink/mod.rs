@@ -39,7 +39,7 @@ use columns::Column;
 mod extra;
 pub use columns::region_column;
 pub use extra::{read_metadata, write_file, write_table};
-pub use files::{part_name, LockWaitInterrupted};
+pub use files::{part_name, LockWaitInterrupted, OutputConflict};
 pub use read::{for_each_batch, read_rows, Parts};
 pub use summary::{coverage, finalize, write_summary, Coverage, DatasetSummary, ShardSummary, ShardsUnfinished};
 
@@ -243,20 +243,22 @@ impl PartWriter {
             files::remove_if_exists(&dir, name)?;
         }
 
+        files::warn_foreign(&dir, &names);
         // The other shards in the folder: split the same way, and of the same job.
+        if let Some((name, s, c)) = files::other_shard_count(&names, count) {
+            return Err(OutputConflict(format!(
+                "output folder {dir} holds shard {s} of {c} ({}), but this run is shard {shard} of \
+                 {count}: all shards of one output folder share one shard count (for a Slurm array, \
+                 set NUM_SHARDS); run with {c} shards or use another output folder",
+                dir.join(name)?
+            ))
+            .into());
+        }
         let mut checked = 0;
         for name in &names {
             let Some((s, c)) = files::parse_job_name(name) else {
                 continue;
             };
-            if c != count {
-                bail!(
-                    "output folder {dir} holds shard {s} of {c} ({}), but this run is shard {shard} of \
-                     {count}: all shards of one output folder share one shard count (for a Slurm array, \
-                     set NUM_SHARDS); run with {c} shards or use another output folder",
-                    dir.join(name)?
-                );
-            }
             if s == shard || checked == OTHER_SHARDS_CHECKED || cfg.job_id.is_empty() {
                 continue;
             }

@@ -260,7 +260,9 @@ impl Parts {
     /// `keep_copies`, remote parts are kept in a local temporary folder for the next pass.
     pub fn list(dir: impl Into<Loc>, keep_copies: bool) -> anyhow::Result<Parts> {
         let dir = dir.into();
-        let names: Vec<String> = list_names(&dir)?.into_iter().filter(|n| parse_part_name(n).is_some()).collect();
+        let mut names = list_names(&dir)?;
+        super::files::warn_foreign(&dir, &names);
+        names.retain(|n| parse_part_name(n).is_some());
         let spool = match &dir {
             Loc::Remote { .. } if keep_copies => Some(
                 tempfile::Builder::new()

@@ -7,7 +7,7 @@ use crate::store::Loc;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use super::files::{self, list_names, parse_job_name, parse_part_name, parse_shard_success_name};
+use super::files::{self, list_names, parse_job_name, parse_part_name, parse_shard_success_name, OutputConflict};
 use super::{zero_counts, SCHEMA_VERSION};
 
 /// What one shard has committed; the content of its `_SUCCESS-<shard>-of-<count>.json`.
@@ -71,6 +71,7 @@ pub struct ShardsUnfinished {
 pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     let dir = &dir.into();
     let names = list_names(dir)?;
+    files::warn_foreign(dir, &names);
     let num_shards = one_shard_count(dir, &names)?;
     let mut parts: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
     for (name, (shard, _, chunk)) in names.iter().filter_map(|n| parse_part_name(n).map(|p| (n, p))) {
@@ -135,7 +136,9 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
         }
     }
     if let Some((shard, _)) = parts.first_key_value() {
-        bail!("{} holds parts of shard {shard}, which is not one of 0..{num_shards}", dir);
+        return Err(
+            OutputConflict(format!("{dir} holds parts of shard {shard}, which is not one of 0..{num_shards}")).into()
+        );
     }
     files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
         .with_context(|| format!("cannot mark output in {} complete", dir))?;
@@ -157,12 +160,11 @@ fn one_shard_count(dir: &Loc, names: &[String]) -> anyhow::Result<u32> {
     match counts.len() {
         0 => bail!("{} holds no saliency-audit output", dir),
         1 => Ok(counts.first().copied().unwrap_or_default()),
-        _ => bail!(
-            "{} mixes output of jobs split into different shard counts ({}); \
-             use one output folder per job",
-            dir,
+        _ => Err(OutputConflict(format!(
+            "{dir} mixes output of jobs split into different shard counts ({}); use one output folder per job",
             counts.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-        ),
+        ))
+        .into()),
     }
 }
 
@@ -180,16 +182,13 @@ fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::J
     }
     let mut ids = job_ids.iter();
     if let (Some(a), Some(b)) = (ids.next(), ids.next()) {
-        bail!(
-            "{} mixes shards of different jobs: {} records job {}, {} records job {} (the model, a \
+        return Err(OutputConflict(format!(
+            "{dir} mixes shards of different jobs: {} records job {}, {} records job {} (the model, a \
              setting or the dataset's sample list changed between shards); rerun every shard into \
              another output folder",
-            dir,
-            a.1,
-            a.0,
-            b.1,
-            b.0
-        );
+            a.1, a.0, b.1, b.0
+        ))
+        .into());
     }
     Ok(jobs)
 }
@@ -211,6 +210,7 @@ pub struct Coverage {
 pub fn coverage(dir: impl Into<Loc>) -> anyhow::Result<Coverage> {
     let dir = &dir.into();
     let names = list_names(dir)?;
+    files::warn_foreign(dir, &names);
     let num_shards = one_shard_count(dir, &names)?;
     let jobs = one_job(dir, &names)?;
     let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();

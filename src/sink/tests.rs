@@ -468,17 +468,30 @@ fn finalize_refuses_mixed_shard_counts() {
     let tmp = tempfile::tempdir().unwrap();
     write_shard(tmp.path(), 0, 1, 2);
     // A shard of another count is refused at open, before any work...
-    let e = PartWriter::open(cfg(tmp.path(), 0, 2, 2, 3), "job-0").err().unwrap().to_string();
-    assert!(e.contains("holds shard 0 of 1") && e.contains("_job-00000-of-00001.json"), "{e}");
+    let e = PartWriter::open(cfg(tmp.path(), 0, 2, 2, 3), "job-0").err().unwrap();
+    assert_eq!(crate::exit::code(&e), crate::exit::CANNOT_RUN, "{e}");
+    let e = e.to_string();
+    assert!(e.contains("holds shard 0 of 1") && e.contains("-00000-of-00001"), "{e}");
     assert!(e.contains("shard 0 of 2") && e.contains("NUM_SHARDS"), "{e}");
-    // ...and a folder mixed by other means is refused by finalize.
+    // ...as is a part of another count without its job file (copied in by hand).
+    let lone = tempfile::tempdir().unwrap();
+    fs::copy(
+        tmp.path().join("part-00000-of-00001-000000.parquet"),
+        lone.path().join("part-00000-of-00001-000000.parquet"),
+    )
+    .unwrap();
+    let e = PartWriter::open(cfg(lone.path(), 1, 2, 2, 3), "job-1").err().unwrap();
+    assert!(e.is::<OutputConflict>() && e.to_string().contains("part-00000-of-00001-000000.parquet"), "{e}");
+    // ...and a folder mixed by other means is refused by finalize, also with exit 2: a
+    // single-shard run that finalizes at its end is not retried for it.
     let other = tempfile::tempdir().unwrap();
     write_shard(other.path(), 0, 2, 2);
     for name in names(other.path()) {
         fs::copy(other.path().join(&name), tmp.path().join(&name)).unwrap();
     }
-    let e = finalize(tmp.path()).unwrap_err().to_string();
-    assert!(e.contains("different shard counts (1, 2)"), "{e}");
+    let e = finalize(tmp.path()).unwrap_err();
+    assert_eq!(crate::exit::code(&e), crate::exit::CANNOT_RUN, "{e}");
+    assert!(e.to_string().contains("different shard counts (1, 2)"), "{e}");
 }
 
 /// Shards of one folder share a job id (model, settings, the whole dataset): a shard of another
@@ -522,6 +535,19 @@ fn file_names_parse() {
     assert_eq!(files::parse_shard_success_name("_SUCCESS"), None);
     assert!(files::is_shard_tmp(".tmp-_SUCCESS-00003-of-00004.json-12", 3, 4));
     assert!(!files::is_shard_tmp(".tmp-_SUCCESS-00003-of-00004.json-12", 2, 4));
+    // What folder readers would take for data that the sink did not write.
+    let listed = [
+        "part-00000-of-00001-000000.parquet",
+        "_SUCCESS",
+        "_job-00000-of-00001.json",
+        ".lock-00000-of-00001",
+        ".tmp-part-00000-of-00001-000001.parquet-7",
+        "_report",
+        "part-foreign.parquet",
+        "notes.txt",
+    ];
+    let listed: Vec<String> = listed.iter().map(|n| n.to_string()).collect();
+    assert_eq!(files::foreign_names(&listed), ["part-foreign.parquet", "notes.txt"]);
 }
 
 #[test]

@@ -199,6 +199,7 @@ fn run_end_to_end_with_bad_files() {
     assert_eq!(out.status.code(), Some(1), "some samples fail → exit 1\n{stderr}");
     let rows = read_all(&ds.dir.join("out"));
     assert_eq!(rows.num_rows(), ds.expected.len(), "one row per input sample");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("samples processed"), "the run's summary");
 
     let ids = col::<StringArray>(&rows, "id");
     let status = col::<StringArray>(&rows, "status");
@@ -305,6 +306,15 @@ fn run_end_to_end_with_bad_files() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("_run-00000-of-00001.json")).unwrap()).unwrap();
     assert_eq!(summary["resumed_rows"], 249);
+
+    // -q: another rerun prints no summary, no log line and no bar; the failed
+    // samples behind exit 1 are still named on stderr.
+    let quiet = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
+    let quiet_err = String::from_utf8_lossy(&quiet.stderr);
+    assert_eq!(quiet.status.code(), Some(1), "{quiet_err}");
+    assert_eq!(String::from_utf8_lossy(&quiet.stdout), "", "-q prints no summary");
+    assert_eq!(quiet_err.trim(), "9 sample(s) failed: their rows carry the status and error", "{quiet_err}");
+    assert_eq!(read_all(&ds.dir.join("out")).num_rows(), ds.expected.len());
 }
 
 /// A fake engine: the map is the image's red channel, the CAM its 2×2 block means. Shares of
