@@ -6,6 +6,7 @@ use std::env;
 use std::path::PathBuf;
 
 fn main() {
+    require_nasm();
     println!("cargo:rerun-if-changed=cpp/shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(
@@ -36,5 +37,24 @@ fn main() {
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
+/// On x86, mozjpeg-sys assembles libjpeg-turbo's SIMD code with nasm, and without nasm it only
+/// warns and builds a JPEG decoder half as fast: stop instead, saying what to do.
+fn require_nasm() {
+    println!("cargo:rerun-if-env-changed=PATH");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    if !matches!(arch.as_str(), "x86_64" | "x86") {
+        return;
+    }
+    let found = std::process::Command::new("nasm").arg("-v").output().is_ok_and(|o| o.status.success());
+    if !found {
+        panic!(
+            "nasm is not installed: it assembles the JPEG decoder's SIMD code (libjpeg-turbo). \
+             Install it (scripts/setup.sh does, as root; or apt install nasm, dnf install nasm, \
+             brew install nasm), then run `cargo clean -p mozjpeg-sys` so the decoder is built \
+             again with it"
+        );
     }
 }

@@ -91,6 +91,11 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_500x375_decode_only", |b| {
         b.iter(|| decode_bytes(black_box(&jpeg), "bench.jpg", &decode_only).unwrap())
     });
+    // Peers: the image crate's own decode of the same files (what decode_bytes used before
+    // libjpeg), without this project's checks (header, end marker, EXIF orientation, pixel limit).
+    g.bench_function("jpeg_500x375_image_crate_peer", |b| {
+        b.iter(|| image::load_from_memory_with_format(black_box(&jpeg), image::ImageFormat::Jpeg).unwrap().into_rgb8())
+    });
     let pil = pil_like_jpeg(500, 375);
     eprintln!("test JPEG: 500x375, quality 90, 4:2:0 baseline (as PIL saves), {} bytes", pil.len());
     g.bench_function("jpeg_500x375_420_resize256_crop224", |b| {
@@ -99,8 +104,6 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_500x375_420_decode_only", |b| {
         b.iter(|| decode_bytes(black_box(&pil), "bench.jpg", &decode_only).unwrap())
     });
-    // Peer: the image crate's own decode of the same file, without this project's checks
-    // (header, end marker, EXIF orientation, pixel limit).
     g.bench_function("jpeg_500x375_420_image_crate_peer", |b| {
         b.iter(|| image::load_from_memory_with_format(black_box(&pil), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
@@ -117,6 +120,9 @@ fn bench_decode(c: &mut Criterion) {
     });
     g.bench_function("jpeg_4000x3000_resize256_crop224_dct_scaling", |b| {
         b.iter(|| decode_bytes(black_box(&large), "large.jpg", &dct).unwrap())
+    });
+    g.bench_function("jpeg_4000x3000_image_crate_peer", |b| {
+        b.iter(|| image::load_from_memory_with_format(black_box(&large), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
     g.finish();
 }

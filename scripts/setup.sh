@@ -11,6 +11,19 @@ if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>
   exit 2
 fi
 command -v cargo >/dev/null || { echo "setup: need a Rust toolchain (cargo)" >&2; exit 2; }
+# On x86, nasm assembles libjpeg-turbo's SIMD code when cargo builds the JPEG decoder
+# (mozjpeg-sys; without nasm it would quietly build a decoder half as fast, so build.rs stops).
+case "$(uname -m)" in x86_64 | i?86) need_nasm=1 ;; *) need_nasm=0 ;; esac
+if [ "$need_nasm" = 1 ] && ! command -v nasm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's nasm (the JPEG decoder's SIMD code is assembled at build time)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null
+  else
+    echo "setup: need nasm to build the JPEG decoder's SIMD code (apt install nasm, dnf install nasm, brew install nasm)" >&2
+    exit 2
+  fi
+fi
 
 req=scripts/requirements.txt
 stamp=.venv/.requirements.sha256

@@ -32,7 +32,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<LockWaitInterrupted>().is_some() {
         return INTERRUPTED;
     }
-    if err.chain().any(|c| c.is::<OutputConflict>()) {
+    if in_chain::<OutputConflict>(err) {
         return CANNOT_RUN;
     }
     if retryable(err) {
@@ -40,6 +40,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
     } else {
         CANNOT_RUN
     }
+}
+
+/// Whether an error of type `T` is in `err`'s chain, or in the chain of a [`RunFailed`] there
+/// (which, being transparent, shows its inner error's causes but not that error itself).
+fn in_chain<T: std::error::Error + Send + Sync + 'static>(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| c.is::<T>() || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(|c| c.is::<T>())))
 }
 
 /// Whether a retry may get past `err` (see [`code`]).
@@ -103,5 +109,10 @@ mod tests {
         // Shown as what it wraps.
         assert_eq!(format!("{:#}", anyhow::Error::new(RunFailed(anyhow::anyhow!("x").context("y")))), "y: x");
         assert_eq!(code(&anyhow::anyhow!("the model returned a single tensor, not a tuple")), CANNOT_RUN);
+        // Another job's files in the output folder: not retried, however it is wrapped.
+        let conflict = || anyhow::Error::new(OutputConflict("out/ mixes shard counts (1, 2)".into()));
+        assert_eq!(code(&conflict().context("finishing shard 0")), CANNOT_RUN);
+        assert_eq!(code(&anyhow::Error::new(RunFailed(conflict()))), CANNOT_RUN);
+        assert_eq!(code(&anyhow::Error::new(RunFailed(conflict().context("finishing"))).context("run")), CANNOT_RUN);
     }
 }

@@ -4,19 +4,24 @@
 //! Pipeline per sample, mirroring torchvision's eval transform on a PIL image:
 //! 1. read the file (missing → `missing`, other I/O failure → `unreadable`);
 //! 2. sniff the format from the content and read the header; `width * height > max_pixels`
-//!    → `too_large` before any pixel is decoded (decompression-bomb guard, with image's
-//!    allocation limits set as a second guard);
+//!    → `too_large` before any pixel is decoded (decompression-bomb guard; for the formats
+//!    the image crate decodes, its allocation limits are a second guard);
 //! 3. decode (JPEG, PNG, WebP, BMP, TIFF, GIF first frame), convert to RGB8 (grey expanded,
 //!    alpha dropped as PIL's `convert("RGB")`, 16-bit reduced), apply the EXIF orientation;
 //! 4. resize with antialiased bilinear (PIL's bilinear filter, via fast_image_resize) and
 //!    centre-crop, computing only the pixels inside the crop window.
 //!
-//! With `jpeg_dct_scaling`, a JPEG much larger than the resize target is decoded by libjpeg
-//! (mozjpeg) at 1/8 … 7/8 of its size straight from the DCT coefficients, the smallest scale
-//! that still leaves the image at least as large as the resize target, and step 4 starts from
-//! that. Far less work for large photos; pixels differ slightly from the full decode (the DCT
-//! scaling is a box-like filter before the bilinear one). Geometry (boxes, masks) stays in the
-//! original image's frame.
+//! JPEGs are decoded by libjpeg-turbo (the MozJPEG build, with its SIMD code), the library PIL
+//! decodes them with, in PIL's settings (integer IDCT, fancy upsampling): the same pixels, bit
+//! for bit. A JPEG libjpeg cannot turn into RGB (CMYK) or warns about (corrupt data it would
+//! decode around, or an odd header) goes to the image crate's decoder instead, which decodes
+//! or refuses it.
+//!
+//! With `jpeg_dct_scaling`, a JPEG at least twice the resize target is decoded at 1/8 … 4/8
+//! of its size straight from the DCT coefficients, the smallest scale that still leaves the
+//! image at least as large as the resize target, and step 4 starts from that. Far less work for
+//! large photos; pixels differ slightly from the full decode (the DCT scaling is a box-like
+//! filter before the bilinear one). Geometry (boxes, masks) stays in the original image's frame.
 
 mod geometry;
 mod mask;
@@ -108,10 +113,8 @@ pub fn decode_file(path: impl Into<Loc>, pre: &Preprocess) -> Result<Decoded, Sa
 /// exceeds `pre.max_pixels` (checked before the pixels are decoded), when the decoder's
 /// allocation limit is hit, or when the output itself would exceed `max_pixels`.
 pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decoded, SampleError> {
-    if pre.jpeg_dct_scaling {
-        if let Some(d) = decode_jpeg_scaled(bytes, name, pre)? {
-            return Ok(d);
-        }
+    if let Some(d) = decode_jpeg(bytes, name, pre)? {
+        return Ok(d);
     }
     // Grey is expanded, alpha dropped (as PIL's convert("RGB")), 16-bit reduced to 8-bit;
     // an RGB8 image (the usual JPEG) passes through without a copy.
@@ -152,11 +155,11 @@ fn finish(
     Ok(Decoded { rgb, geometry })
 }
 
-/// The DCT-scaled path: `Ok(None)` when it does not apply (not a JPEG, no scale below 8/8
-/// keeps the image at least as large as the resize target, or libjpeg cannot convert this
-/// JPEG to RGB, CMYK say), and the caller decodes the whole image. A corrupt or too large
-/// JPEG gets the same error as on the full path.
-fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
+/// The libjpeg path (at a DCT scale with `jpeg_dct_scaling`): `Ok(None)` when it does not
+/// apply (not a JPEG, or one libjpeg cannot convert to RGB, CMYK say, or warns about), and the
+/// caller decodes with the image crate. A JPEG that is too large or truncated gets the same
+/// error as on that path.
+fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return Ok(None);
     }
@@ -180,24 +183,30 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
     } else {
         (geometry.resized_h, geometry.resized_w)
     };
-    // libjpeg's scaled size is ceil(side * k / 8). Only scales up to 4/8 are used, so that the
-    // scaled image is at least twice the target: at 5/8..7/8 the DCT's own resampling makes
+    // libjpeg's scaled size is ceil(side * k / 8). Only scales up to 4/8 are used, so only an
+    // image at least twice the target is scaled: at 5/8..7/8 the DCT's own resampling makes
     // the result differ visibly from a full decode's (and saves little time).
     let scaled = |side: u32, k: u32| (side as u64 * k as u64).div_ceil(8) as u32;
-    let Some(k) = (1..=4u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th) else {
-        return Ok(None);
+    let k = match pre.jpeg_dct_scaling {
+        true => (1..=4u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th).unwrap_or(8),
+        false => 8,
     };
+    LIBJPEG_WARNINGS.set(0);
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<(u32, u32, Vec<u8>)> {
-        let mut d = mozjpeg::Decompress::new_mem(bytes)?;
-        d.scale(k as u8);
+        let mut d = mozjpeg::Decompress::with_err(libjpeg_errors()).from_mem(bytes)?;
+        if k != 8 {
+            d.scale(k as u8);
+        }
         let mut started = d.rgb()?;
         let (sw, sh) = (started.width() as u32, started.height() as u32);
         let data = started.read_scanlines::<u8>()?;
         started.finish()?;
         Ok((sw, sh, data))
     });
-    let Ok(Ok((sw, sh, data))) = decoded else {
-        return Ok(None); // libjpeg refused it: the full path decides (and names the error)
+    let (Ok(Ok((sw, sh, data))), 0) = (decoded, LIBJPEG_WARNINGS.get()) else {
+        // libjpeg refused it or decoded around damage: the image crate decides (and names the
+        // error).
+        return Ok(None);
     };
     let Some(img) = image::RgbImage::from_raw(sw, sh, data) else {
         return Ok(None);
@@ -209,6 +218,33 @@ fn decode_jpeg_scaled(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Opti
     let mut img = DynamicImage::ImageRgb8(img);
     img.apply_orientation(orientation);
     finish(img.into_rgb8(), Some(region), geometry, name, pre).map(Some)
+}
+
+thread_local! {
+    /// Warnings libjpeg gave on this thread since the counter was last reset.
+    static LIBJPEG_WARNINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// libjpeg's error handling for [`decode_jpeg`]: a fatal error unwinds out of libjpeg (to the
+/// `catch_unwind` around it), a warning (corrupt data, which libjpeg decodes around) is counted
+/// in [`LIBJPEG_WARNINGS`], trace messages are dropped.
+fn libjpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
+    unsafe extern "C-unwind" fn fatal(_: &mut mozjpeg_sys::jpeg_common_struct) {
+        // Not `panic!`: no panic hook, no message; the caller falls back.
+        std::panic::resume_unwind(Box::new("libjpeg: fatal error"));
+    }
+    unsafe extern "C-unwind" fn message(_: &mut mozjpeg_sys::jpeg_common_struct, level: std::os::raw::c_int) {
+        if level < 0 {
+            LIBJPEG_WARNINGS.set(LIBJPEG_WARNINGS.get() + 1);
+        }
+    }
+    // SAFETY: jpeg_error_mgr is plain C data (numbers, pointers, optional fn pointers), for
+    // which all zeroes is valid; jpeg_std_error then fills in libjpeg's defaults.
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(fatal);
+    err.emit_message = Some(message);
+    err
 }
 
 /// The rectangle `[0, ew] × [0, eh]` of a `sw × sh` image, after `o` is applied to the image

@@ -524,3 +524,44 @@ fn jpeg_dct_scaling_keeps_errors_and_small_images() {
     let full = Preprocess { jpeg_dct_scaling: false, ..scaled };
     assert_eq!(decode_bytes(&small, "s", &scaled).unwrap(), decode_bytes(&small, "s", &full).unwrap());
 }
+
+/// JPEGs libjpeg cannot turn into RGB (CMYK), or warns about (damaged entropy-coded data that
+/// it would decode around), are not taken from libjpeg: the image crate decodes or refuses them.
+#[test]
+fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
+    let p = pre(Resize::ShorterSide(32), Some((32, 32)));
+    // CMYK, written by libjpeg itself.
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+    c.set_size(48, 40);
+    c.set_quality(90.0);
+    let mut started = c.start_compress(Vec::new()).unwrap();
+    let cmyk: Vec<u8> = (0..48 * 40).flat_map(|i| [(i % 200) as u8, 30, 60, 10]).collect();
+    started.write_scanlines(&cmyk).unwrap();
+    let cmyk_jpeg = started.finish().unwrap();
+    assert!(decode_jpeg(&cmyk_jpeg, "cmyk.jpg", &p).unwrap().is_none(), "libjpeg has no CMYK → RGB");
+    let d = decode_bytes(&cmyk_jpeg, "cmyk.jpg", &p).unwrap();
+    assert_eq!(d.rgb.len(), 32 * 32 * 3);
+
+    // Damaged scan data (no marker bytes written): libjpeg warns, and the image crate decides.
+    let mut damaged = jpeg(&photo(160, 120), 90);
+    let sos = damaged.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let start = sos + 2 + u16::from_be_bytes([damaged[sos + 2], damaged[sos + 3]]) as usize;
+    let end = damaged.len() - 2;
+    for i in (start + (end - start) / 3..end - 8).step_by(7) {
+        if damaged[i] != 0xFF && damaged[i - 1] != 0xFF {
+            damaged[i] = 0x5A;
+        }
+    }
+    assert!(decode_jpeg(&damaged, "damaged.jpg", &p).unwrap().is_none(), "libjpeg warned");
+    assert!(LIBJPEG_WARNINGS.get() > 0);
+    let via_image_crate = decode_oriented(&damaged, "damaged.jpg", p.max_pixels, "image", None).map(|_| ());
+    assert_eq!(
+        decode_bytes(&damaged, "damaged.jpg", &p).map(|_| ()).map_err(|e| e.status),
+        via_image_crate.map_err(|e| e.status)
+    );
+
+    // The undamaged file is libjpeg's, with no warning.
+    let clean = jpeg(&photo(160, 120), 90);
+    assert!(decode_jpeg(&clean, "clean.jpg", &p).unwrap().is_some());
+    assert_eq!(LIBJPEG_WARNINGS.get(), 0);
+}

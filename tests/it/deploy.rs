@@ -96,6 +96,10 @@ fn dockerfile_follows_the_setup() {
     assert!(setup.contains("ln -sfn \"$torch_dir\" .venv/libtorch"));
     assert!(text.contains("torch==2.11.0") && text.contains(".venv/libtorch"));
     assert!(text.contains("cargo build --release --bin saliency-audit"));
+    // The set-up's build tools are the image's: nasm assembles the JPEG decoder's SIMD code.
+    assert!(setup.contains("apt-get install -y -qq nasm"));
+    let apt = text.lines().find(|l| l.contains("apt-get install") && l.contains("python3-venv")).unwrap();
+    assert!(apt.split_whitespace().any(|w| w == "nasm"), "{apt}");
     assert!(text.contains("AS build") && text.contains("AS runtime"), "multi-stage");
     let user = text.lines().rfind(|l| l.starts_with("USER ")).unwrap();
     assert_ne!(user.trim(), "USER root");

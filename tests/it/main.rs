@@ -3,6 +3,7 @@
 mod audit;
 mod benches;
 mod common;
+mod decode;
 mod deploy;
 mod engine;
 mod pipeline;

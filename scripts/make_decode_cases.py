@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""JPEG test cases for the decode stage, with what PIL (and so torchvision) makes of them.
+
+Usage: python scripts/make_decode_cases.py OUT_DIR
+Writes OUT_DIR/<case>.jpg, OUT_DIR/<case>.rgb (PIL's decode after exif_transpose and
+convert("RGB"): raw RGB8, row-major), OUT_DIR/<case>.input.rgb (torchvision's eval transform on
+that image: Resize(RESIZE, bilinear, antialias) then CenterCrop(CROP), raw RGB8) and
+OUT_DIR/cases.json.
+"""
+import io
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE, CROP = 96, 80
+
+
+def photo(w, h, seed, grey=False):
+    """Smooth colour fields with sensor-like noise (sigma 12): a file of photo-like size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([128 + 60 * np.sin(x / 40.0), 128 + 60 * np.cos(y / 30.0), 128 + 40 * np.sin((x + y) / 50.0)], -1)
+    img = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(img)
+    return im.convert("L") if grey else im
+
+
+def with_orientation(im, value, **save):
+    exif = Image.Exif()
+    exif[0x0112] = value
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), **save)
+    return buf.getvalue()
+
+
+def encode(im, **save):
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    import torchvision.transforms.functional as TF
+
+    cases = {
+        "photo_420_q90": encode(photo(500, 375, 1), quality=90),
+        "photo_444_q95": encode(photo(500, 375, 2), quality=95, subsampling=0),
+        "photo_422_q85": encode(photo(480, 320, 3), quality=85, subsampling=1),
+        "odd_size_420": encode(photo(333, 251, 4), quality=90),
+        "grey": encode(photo(320, 240, 5, grey=True), quality=90),
+        "progressive": encode(photo(400, 300, 6), quality=85, progressive=True),
+        "optimized_huffman": encode(photo(400, 300, 7), quality=75, optimize=True),
+        "exif_orientation_6": with_orientation(photo(400, 300, 8), 6, quality=90),
+        "exif_orientation_3": with_orientation(photo(300, 200, 9), 3, quality=90),
+    }
+    index = []
+    for name, data in cases.items():
+        with open(os.path.join(out, name + ".jpg"), "wb") as f:
+            f.write(data)
+        im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        with open(os.path.join(out, name + ".rgb"), "wb") as f:
+            f.write(np.asarray(im).tobytes())
+        x = TF.center_crop(TF.resize(im, RESIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True), CROP)
+        with open(os.path.join(out, name + ".input.rgb"), "wb") as f:
+            f.write(np.asarray(x).tobytes())
+        index.append({"name": name, "w": im.width, "h": im.height})
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump({"resize": RESIZE, "crop": CROP, "cases": index}, f, indent=1)
+    print(f"{len(index)} decode cases in {out}")
+
+
+if __name__ == "__main__":
+    main()
