@@ -1,6 +1,7 @@
 //! Decode-stage throughput: 500×375 and 4000×3000 JPEGs (quality 90) → Resize(256) →
-//! CenterCrop(224), with the full decode and with DCT-domain scaling.
-//! Run: `cargo bench --bench decode`.
+//! CenterCrop(224), with the full decode and with DCT-domain scaling, and the image crate's
+//! decode as a peer. Run: `cargo bench --bench decode`; `DECODE_BENCH_FILE=F.jpg` adds that file
+//! (see benches/decode_vs_pil.py).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
@@ -124,6 +125,14 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_4000x3000_image_crate_peer", |b| {
         b.iter(|| image::load_from_memory_with_format(black_box(&large), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
+    // A file of the caller's (benches/decode_vs_pil.py times PIL on the same one).
+    if let Some(path) = std::env::var_os("DECODE_BENCH_FILE") {
+        let file = std::fs::read(&path).expect("DECODE_BENCH_FILE is readable");
+        g.sample_size(100);
+        g.bench_function("file_resize256_crop224", |b| {
+            b.iter(|| decode_bytes(black_box(&file), "bench.jpg", &imagenet).unwrap())
+        });
+    }
     g.finish();
 }
 

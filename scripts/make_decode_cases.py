@@ -2,10 +2,9 @@
 """JPEG test cases for the decode stage, with what PIL (and so torchvision) makes of them.
 
 Usage: python scripts/make_decode_cases.py OUT_DIR
-Writes OUT_DIR/<case>.jpg, OUT_DIR/<case>.rgb (PIL's decode after exif_transpose and
-convert("RGB"): raw RGB8, row-major), OUT_DIR/<case>.input.rgb (torchvision's eval transform on
-that image: Resize(RESIZE, bilinear, antialias) then CenterCrop(CROP), raw RGB8) and
-OUT_DIR/cases.json.
+Writes OUT_DIR/<case>.<jpg|png>, OUT_DIR/<case>.rgb (PIL's decode after exif_transpose and
+convert("RGB"): raw RGB8, row-major), and torchvision's transforms of that image, raw RGB8:
+<case>.<transform>.rgb for each of TRANSFORMS; and OUT_DIR/cases.json.
 """
 import io
 import json
@@ -15,7 +14,12 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE, CROP = 96, 80
+# name: (Resize's size: an int for the shorter side, or [h, w]; CenterCrop's size or None)
+TRANSFORMS = {
+    "input": (96, 80),  # the usual eval transform, scaled down
+    "exact": ([70, 90], None),  # Resize((h, w)): the aspect ratio changes
+    "padded": (64, 80),  # a crop larger than the resized image: zero padding
+}
 
 
 def photo(w, h, seed, grey=False):
@@ -36,9 +40,9 @@ def with_orientation(im, value, **save):
     return buf.getvalue()
 
 
-def encode(im, **save):
+def encode(im, fmt="JPEG", **save):
     buf = io.BytesIO()
-    im.save(buf, "JPEG", **save)
+    im.save(buf, fmt, **save)
     return buf.getvalue()
 
 
@@ -57,20 +61,29 @@ def main():
         "optimized_huffman": encode(photo(400, 300, 7), quality=75, optimize=True),
         "exif_orientation_6": with_orientation(photo(400, 300, 8), 6, quality=90),
         "exif_orientation_3": with_orientation(photo(300, 200, 9), 3, quality=90),
+        # Upscaled (smaller than every resize target) and strongly downscaled (many taps).
+        "small_upscaled": encode(photo(60, 45, 10), quality=90),
+        "large_downscaled": encode(photo(1600, 1200, 11), quality=90),
+        # Lossless, with alpha dropped by convert("RGB"): the resize alone.
+        "rgba_png": encode(photo(210, 170, 12).convert("RGBA"), "PNG"),
     }
     index = []
     for name, data in cases.items():
-        with open(os.path.join(out, name + ".jpg"), "wb") as f:
+        ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+        with open(os.path.join(out, f"{name}.{ext}"), "wb") as f:
             f.write(data)
         im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
         with open(os.path.join(out, name + ".rgb"), "wb") as f:
             f.write(np.asarray(im).tobytes())
-        x = TF.center_crop(TF.resize(im, RESIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True), CROP)
-        with open(os.path.join(out, name + ".input.rgb"), "wb") as f:
-            f.write(np.asarray(x).tobytes())
-        index.append({"name": name, "w": im.width, "h": im.height})
+        for t, (size, crop) in TRANSFORMS.items():
+            x = TF.resize(im, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            if crop is not None:
+                x = TF.center_crop(x, crop)
+            with open(os.path.join(out, f"{name}.{t}.rgb"), "wb") as f:
+                f.write(np.asarray(x).tobytes())
+        index.append({"name": name, "file": f"{name}.{ext}", "w": im.width, "h": im.height})
     with open(os.path.join(out, "cases.json"), "w") as f:
-        json.dump({"resize": RESIZE, "crop": CROP, "cases": index}, f, indent=1)
+        json.dump({"transforms": TRANSFORMS, "cases": index}, f, indent=1)
     print(f"{len(index)} decode cases in {out}")
 
 

@@ -8,7 +8,7 @@
 //!    the image crate decodes, its allocation limits are a second guard);
 //! 3. decode (JPEG, PNG, WebP, BMP, TIFF, GIF first frame), convert to RGB8 (grey expanded,
 //!    alpha dropped as PIL's `convert("RGB")`, 16-bit reduced), apply the EXIF orientation;
-//! 4. resize with antialiased bilinear (PIL's bilinear filter, via fast_image_resize) and
+//! 4. resize with antialiased bilinear as PIL computes it, bit for bit (`resample`), and
 //!    centre-crop, computing only the pixels inside the crop window.
 //!
 //! JPEGs are decoded by libjpeg-turbo (the MozJPEG build, with its SIMD code), the library PIL
@@ -25,16 +25,15 @@
 
 mod geometry;
 mod mask;
+mod resample;
 
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
 use std::io::Cursor;
 
 use crate::store::{self, Loc};
 
-use fast_image_resize as fr;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 
@@ -468,11 +467,6 @@ fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
     }
 }
 
-thread_local! {
-    /// One resizer per worker thread: it keeps its scratch buffers between images.
-    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
-}
-
 /// Resizes the RGB8 image `src` of `src_w × src_h` (the original image of `geo`, or a scaled
 /// decode of it) and cuts the output window described by `geo`, computing only the resized
 /// pixels that land inside the window. Pixels of the window outside the resized image are zero.
@@ -486,6 +480,9 @@ pub(crate) fn resize_crop(
     let Some((x0, y0, x1, y1)) = geo.visible_window() else {
         return Ok(vec![0; out_len]);
     };
+    if src.len() != src_w as usize * src_h as usize * 3 {
+        return Err(format!("decoded buffer of {} bytes does not match its size {src_w}x{src_h}", src.len()));
+    }
     let (iw, ih) = (x1 - x0, y1 - y0);
     let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
     let full_region = [rx, ry, rw, rh] == [0.0, 0.0, src_w as f64, src_h as f64];
@@ -493,22 +490,16 @@ pub(crate) fn resize_crop(
         // Nothing to resample.
         src
     } else {
-        let src_img = fr::images::ImageRef::new(src_w, src_h, &src, fr::PixelType::U8x3)
-            .map_err(|e| format!("decoded buffer does not match its size: {e}"))?;
-        let mut dst = fr::images::Image::new(iw, ih, fr::PixelType::U8x3);
-        // The visible window expressed in source pixels. The filter still reads source pixels
-        // outside this box (clipped at the image border), so the result equals resizing the
-        // whole image and cutting the window afterwards.
-        let sx = rw / geo.resized_w as f64;
-        let sy = rh / geo.resized_h as f64;
-        let mut opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
-        if !whole || !full_region {
-            opts = opts.crop(rx + x0 as f64 * sx, ry + y0 as f64 * sy, iw as f64 * sx, ih as f64 * sy);
-        }
-        RESIZER
-            .with(|r| r.borrow_mut().resize(&src_img, &mut dst, &opts))
-            .map_err(|e| format!("resize failed: {e}"))?;
-        dst.into_vec()
+        // The region of the source that holds the original image is the resize's box; only
+        // the visible window's outputs are computed.
+        resample::resize_window(
+            &src,
+            (src_w as usize, src_h as usize),
+            [rx, ry, rx + rw, ry + rh],
+            (geo.resized_w as usize, geo.resized_h as usize),
+            x0 as usize..x1 as usize,
+            y0 as usize..y1 as usize,
+        )
     };
     if iw == geo.out_w && ih == geo.out_h {
         return Ok(inner);
