@@ -36,7 +36,10 @@ impl Taps {
     /// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for the outputs `outputs` of a
     /// resize of the source span `[in0, in1)` (of a side of `in_size` pixels) to `out_size`.
     fn new(in_size: usize, (in0, in1): (f64, f64), out_size: usize, outputs: Range<usize>) -> Taps {
-        let scale = (in1 - in0) / out_size as f64;
+        // Pillow takes the box as C floats and subtracts them as floats.
+        let (in0, in1) = (in0 as f32, in1 as f32);
+        let scale = (in1 - in0) as f64 / out_size as f64;
+        let in0 = in0 as f64;
         let filterscale = scale.max(1.0);
         let support = filterscale; // the bilinear filter's support is 1
         let ksize = support.ceil() as usize * 2 + 1;
@@ -103,6 +106,9 @@ pub(crate) fn resize_window(
 ) -> Vec<u8> {
     const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let (ncols, nrows) = (cols.len(), rows.len());
+    if ncols == 0 || nrows == 0 {
+        return Vec::new();
+    }
     // Pillow skips a pass whose axis keeps its size and whole extent.
     let horizontal = out_w != src_w || x0 != 0.0 || x1 != src_w as f64;
     let vertical = out_h != src_h || y0 != 0.0 || y1 != src_h as f64;

@@ -565,3 +565,13 @@ fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
     assert!(decode_jpeg(&clean, "clean.jpg", &p).unwrap().is_some());
     assert_eq!(LIBJPEG_WARNINGS.get(), 0);
 }
+
+/// A window with no rows or no columns is empty, whether or not a pass is needed.
+#[test]
+fn resample_of_an_empty_window_is_empty() {
+    let src = vec![7u8; 4 * 3 * 3];
+    assert!(resample::resize_window(&src, (4, 3), [0.0, 0.0, 4.0, 3.0], (2, 2), 0..0, 0..2).is_empty());
+    assert!(resample::resize_window(&src, (4, 3), [0.0, 0.0, 4.0, 3.0], (4, 2), 0..4, 1..1).is_empty());
+    // The same call with rows and columns: a constant stays constant.
+    assert_eq!(resample::resize_window(&src, (4, 3), [0.0, 0.0, 4.0, 3.0], (2, 2), 0..2, 0..2), vec![7u8; 12]);
+}
