@@ -26,14 +26,11 @@ pub struct RunFailed(#[from] pub anyhow::Error);
 
 /// The exit code for a command that ended with `err`: [`RUN_FAILED`] when a retry may succeed
 /// (a [`RunFailed`], an I/O or storage error other than a missing or forbidden file, a
-/// storage error while checking the job's inputs), [`INTERRUPTED`] for a stopped lock wait,
-/// else [`CANNOT_RUN`].
+/// storage error while checking the job's inputs; never an [`OutputConflict`]),
+/// [`INTERRUPTED`] for a stopped lock wait, else [`CANNOT_RUN`].
 pub fn code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<LockWaitInterrupted>().is_some() {
         return INTERRUPTED;
-    }
-    if in_chain::<OutputConflict>(err) {
-        return CANNOT_RUN;
     }
     if retryable(err) {
         RUN_FAILED
@@ -48,8 +45,12 @@ fn in_chain<T: std::error::Error + Send + Sync + 'static>(err: &anyhow::Error) -
     err.chain().any(|c| c.is::<T>() || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(|c| c.is::<T>())))
 }
 
-/// Whether a retry may get past `err` (see [`code`]).
+/// Whether a retry may get past `err` (see [`code`]). Never for an output folder that holds
+/// another job's files ([`OutputConflict`]), however it is wrapped.
 pub fn retryable(err: &anyhow::Error) -> bool {
+    if in_chain::<OutputConflict>(err) {
+        return false;
+    }
     err.chain().any(|c| {
         c.is::<RunFailed>()
             || c.downcast_ref::<JobError>().is_some_and(|e| e.retryable)

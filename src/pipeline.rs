@@ -278,14 +278,8 @@ pub fn run(
         }
         writer.abort().map_err(RunFailed)?
     } else {
-        // A folder that holds another job's files fails the same way on every retry.
-        writer.finish().map_err(|e| {
-            if e.chain().any(|c| c.is::<crate::sink::OutputConflict>()) {
-                e
-            } else {
-                RunFailed(e).into()
-            }
-        })?
+        // A folder that holds another job's files stays exit 2 inside RunFailed (exit::retryable).
+        writer.finish().map_err(RunFailed)?
     });
     summary.write_time += t.elapsed();
     summary.interrupted = interrupted;
