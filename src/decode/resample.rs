@@ -7,6 +7,12 @@
 //!
 //! Only the outputs inside a window are computed (the centre crop); each output depends on its
 //! own taps alone, so they equal the same outputs of a whole resize.
+//!
+//! Both passes have AVX2 forms (the horizontal one also an SSE4.1 form) that take the same
+//! integer sums, so they give the same bytes; unit tests check them against the plain loops. A
+//! 22-bit coefficient does not fit the 16-bit multiply-adds that make resizing fast, so each is
+//! split into its high and low 11 bits, which do, and the two sums are put back together
+//! exactly.
 
 use std::ops::Range;
 
@@ -104,7 +110,6 @@ pub(crate) fn resize_window(
     cols: Range<usize>,
     rows: Range<usize>,
 ) -> Vec<u8> {
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let (ncols, nrows) = (cols.len(), rows.len());
     if ncols == 0 || nrows == 0 {
         return Vec::new();
@@ -133,15 +138,96 @@ pub(crate) fn resize_window(
         return tmp;
     };
 
-    // Vertical pass.
     let mut out = vec![0u8; ncols * nrows * 3];
-    let row_len = ncols * 3;
+    vertical_pass(&tmp, used.start, &v, ncols * 3, &mut out);
+    out
+}
+
+/// The vertical pass: row `j` of `out` (`row_len` bytes a row) from the rows of `tmp` (which
+/// starts at source row `first`) that `taps` names, with AVX2 where the CPU has it (the same
+/// integer arithmetic, so the same bytes).
+fn vertical_pass(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { vertical_pass_avx2(tmp, first, taps, row_len, out) };
+    }
+    vertical_pass_scalar(tmp, first, taps, row_len, out)
+}
+
+/// [`vertical_pass`] sixteen bytes and two taps at a time with 16-bit multiply-adds, exactly,
+/// splitting each coefficient into high and low parts as [`horizontal_pass_avx2`] does: the
+/// bytes of two source rows are interleaved, and `madd` multiplies and adds each byte's pair.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_pass_avx2(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    let row = |y: usize| &tmp[(y - first) * row_len..(y - first + 1) * row_len];
+    // Per pair of taps: its two rows (a lone last tap pairs with itself, weighted zero) and the
+    // high and low parts of its coefficients as 16-bit pairs.
+    let mut pairs: Vec<(&[u8], &[u8], __m256i, __m256i)> = Vec::new();
+    let split = |a: i32, b: i32| {
+        let pack = |a: i32, b: i32| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+        (_mm256_set1_epi32(pack(a >> 11, b >> 11)), _mm256_set1_epi32(pack(a & 0x7ff, b & 0x7ff)))
+    };
+    for (j, line) in out.chunks_exact_mut(row_len).enumerate() {
+        let (start, k) = taps.of(j);
+        pairs.clear();
+        for (p, w) in k.chunks(2).enumerate() {
+            let (a, b) = (w[0], w.get(1).copied().unwrap_or(0));
+            let (h, l) = split(a, b);
+            pairs.push((row(start + 2 * p), row(start + 2 * p + w.len() - 1), h, l));
+        }
+        let mut x = 0;
+        while x + 16 <= row_len {
+            let (mut h0, mut l0, mut h1, mut l1) =
+                (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+            for &(ra, rb, h, l) in &pairs {
+                // SAFETY: x + 16 <= row_len, the length of both rows.
+                let (a, b) =
+                    unsafe { (_mm_loadu_si128(ra.as_ptr().add(x).cast()), _mm_loadu_si128(rb.as_ptr().add(x).cast())) };
+                // Bytes 0..8 and 8..16 of the two rows as pairs of 16-bit values.
+                let v0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b));
+                let v1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b));
+                h0 = _mm256_add_epi32(h0, _mm256_madd_epi16(v0, h));
+                l0 = _mm256_add_epi32(l0, _mm256_madd_epi16(v0, l));
+                h1 = _mm256_add_epi32(h1, _mm256_madd_epi16(v1, h));
+                l1 = _mm256_add_epi32(l1, _mm256_madd_epi16(v1, l));
+            }
+            let half = _mm256_set1_epi32(HALF);
+            let s0 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm256_add_epi32(
+                _mm256_add_epi32(_mm256_slli_epi32::<11>(h0), l0),
+                half,
+            ));
+            let s1 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm256_add_epi32(
+                _mm256_add_epi32(_mm256_slli_epi32::<11>(h1), l1),
+                half,
+            ));
+            // clip8 in lanes (a negative sum packs to 0, one of 2^30 or more to 255), the
+            // in-lane packing put back in order.
+            let p = _mm256_permute4x64_epi64::<0xd8>(_mm256_packs_epi32(s0, s1));
+            let bytes = _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256::<1>(p));
+            // SAFETY: x + 16 <= row_len, the length of `line`.
+            unsafe { _mm_storeu_si128(line.as_mut_ptr().add(x).cast(), bytes) };
+            x += 16;
+        }
+        for (x, o) in line.iter_mut().enumerate().skip(x) {
+            let sum = k.iter().enumerate().map(|(y, &w)| row(start + y)[x] as i32 * w).sum::<i32>();
+            *o = clip8(HALF + sum);
+        }
+    }
+}
+
+/// [`vertical_pass`] in plain code (which the compiler vectorises for the baseline CPU).
+fn vertical_pass_scalar(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mut [u8]) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; row_len];
     for (j, line) in out.chunks_exact_mut(row_len).enumerate() {
-        let (start, k) = v.of(j);
+        let (start, k) = taps.of(j);
         acc.fill(HALF);
         for (y, &w) in k.iter().enumerate() {
-            let ty = start + y - used.start;
+            let ty = start + y - first;
             for (a, &p) in acc.iter_mut().zip(&tmp[ty * row_len..(ty + 1) * row_len]) {
                 *a += p as i32 * w;
             }
@@ -150,18 +236,170 @@ pub(crate) fn resize_window(
             *o = clip8(a);
         }
     }
-    out
 }
 
 /// The horizontal pass of the rows `rows` of `src` into `tmp` (a row of `taps` outputs each),
-/// with SSE4.1 where the CPU has it: the same integer arithmetic, so the same bytes.
+/// with AVX2 or SSE4.1 where the CPU has them: the same integer arithmetic, so the same bytes.
 fn horizontal_pass(src: &[u8], src_w: usize, rows: Range<usize>, taps: &Taps, tmp: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { horizontal_pass_avx2(src, src_w, rows, taps, tmp) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("sse4.1") {
         // SAFETY: the CPU has SSE4.1, checked just above.
         return unsafe { horizontal_pass_sse41(src, src_w, rows, taps, tmp) };
     }
     horizontal_pass_scalar(src, src_w, rows, taps, tmp)
+}
+
+/// [`horizontal_pass`] four taps at a time with 16-bit multiply-adds, exactly. A 22-bit
+/// coefficient `w` does not fit 16 bits, but `w = hi * 2^11 + lo` with both parts in 16 bits, so
+/// `sum(p * w) = sum(p * hi) * 2^11 + sum(p * lo)` in 32-bit integers, the same sum Pillow takes.
+/// One 16-byte load holds the RGB of a group's four pixels; a shuffle puts taps 0 and 1 in the
+/// low half of a register and taps 2 and 3 in the high half, each channel's two values side by
+/// side, and `madd` multiplies and adds a pair in one step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_pass_avx2(src: &[u8], src_w: usize, rows: Range<usize>, taps: &Taps, tmp: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let ncols = taps.bounds.len();
+    // Per output, its groups of four taps: the high and the low parts of their coefficients as
+    // 16-bit pairs, four copies of a pair in each half (unused taps zero).
+    let mut groups = Vec::with_capacity(ncols + 1);
+    let (mut hi, mut lo) = (Vec::<[i16; 16]>::new(), Vec::<[i16; 16]>::new());
+    let mut reach = 0;
+    for i in 0..ncols {
+        groups.push(hi.len());
+        let (start, k) = taps.of(i);
+        for g in k.chunks(4) {
+            let (mut h, mut l) = ([0i16; 16], [0i16; 16]);
+            for (t, &w) in g.iter().enumerate() {
+                for pair in 0..4 {
+                    let at = (t / 2) * 8 + pair * 2 + t % 2;
+                    (h[at], l[at]) = ((w >> 11) as i16, (w & 0x7ff) as i16);
+                }
+            }
+            hi.push(h);
+            lo.push(l);
+        }
+        // The end of the last 16-byte load of its taps.
+        reach = reach.max((start + k.len().div_ceil(4) * 4) * 3 + 4);
+    }
+    groups.push(hi.len());
+    // The three bytes of taps 0 and 1 (low half) and 2 and 3 (high half) as 16-bit values:
+    // R0 R1 G0 G1 B0 B1 0 0 | R2 R3 G2 G3 B2 B3 0 0 (-1: a zero).
+    let spread = _mm256_setr_epi8(
+        0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, //
+        6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
+    );
+    // One row at a time, with zeros after its last pixel for the loads of unused taps.
+    let mut line = vec![0u8; (src_w * 3).max(reach)];
+    for (ty, sy) in rows.enumerate() {
+        line[..src_w * 3].copy_from_slice(&src[sy * src_w * 3..(sy + 1) * src_w * 3]);
+        let out = &mut tmp[ty * ncols * 3..(ty + 1) * ncols * 3];
+        let sum = |i: usize| {
+            let (start, g) = (taps.bounds[i].0, groups[i]..groups[i + 1]);
+            // SAFETY (both): every load ends by `reach` (computed above), within `line`.
+            if g.len() == 1 {
+                // Four taps or fewer (every output of an upscale or of a downscale by up to 2):
+                // one group, without the loop.
+                let (h, l) = unsafe { group_avx2(&line, start, &hi[g.start], &lo[g.start], spread) };
+                _mm256_add_epi32(_mm256_slli_epi32::<11>(h), l)
+            } else {
+                unsafe { taps_sum_avx2(&line, start, &hi[g.clone()], &lo[g], spread) }
+            }
+        };
+        // Four outputs at a time, their sums finished together; then the last one to three.
+        let mut quads = out.chunks_exact_mut(12);
+        for (q, px) in (&mut quads).enumerate() {
+            let i = 4 * q;
+            px.copy_from_slice(&finish_four_avx2([sum(i), sum(i + 1), sum(i + 2), sum(i + 3)])[..12]);
+        }
+        let rest = quads.into_remainder();
+        let first = ncols - rest.len() / 3;
+        let sums = [0, 1, 2, 3].map(|o| if first + o < ncols { sum(first + o) } else { _mm256_setzero_si256() });
+        rest.copy_from_slice(&finish_four_avx2(sums)[..rest.len()]);
+    }
+}
+
+/// Four outputs of [`horizontal_pass_avx2`] from the sums of their taps: each sum's two halves
+/// added, rounded and clipped to bytes as `clip8` does, and the twelve bytes `RGB0 .. RGB3` (and
+/// four zeros).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn finish_four_avx2([c0, c1, c2, c3]: [std::arch::x86_64::__m256i; 4]) -> [u8; 16] {
+    use std::arch::x86_64::*;
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    // [sum 0 | sum 1] and [sum 2 | sum 3], each R G B and an unused lane.
+    let s01 = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(c0, c1), _mm256_permute2x128_si256::<0x31>(c0, c1));
+    let s23 = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(c2, c3), _mm256_permute2x128_si256::<0x31>(c2, c3));
+    let s01 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm256_add_epi32(s01, _mm256_set1_epi32(HALF)));
+    let s23 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm256_add_epi32(s23, _mm256_set1_epi32(HALF)));
+    // clip8 in lanes: a negative sum packs to 0, one of 2^30 or more to 255.
+    let b = _mm256_packus_epi16(_mm256_packs_epi32(s01, s23), _mm256_setzero_si256());
+    let rgbx = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+    let rgb = _mm_shuffle_epi8(rgbx, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+    let mut bytes = [0u8; 16];
+    // SAFETY: `bytes` has 16 bytes.
+    unsafe { _mm_storeu_si128(bytes.as_mut_ptr().cast(), rgb) };
+    bytes
+}
+
+/// The sum of one output's taps for [`horizontal_pass_avx2`]: the products with the high parts,
+/// shifted, plus those with the low parts, in two halves still to be added.
+///
+/// # Safety
+/// The CPU has AVX2, and `(start + 4 * hi.len()) * 3 + 4 <= line.len()` (the end of the last
+/// 16-byte load).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn taps_sum_avx2(
+    line: &[u8],
+    start: usize,
+    hi: &[[i16; 16]],
+    lo: &[[i16; 16]],
+    spread: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let (mut ah, mut al) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for (g, (h, l)) in hi.iter().zip(lo).enumerate() {
+        // SAFETY: within `line`, by this function's contract.
+        let (h, l) = unsafe { group_avx2(line, start + 4 * g, h, l, spread) };
+        (ah, al) = (_mm256_add_epi32(ah, h), _mm256_add_epi32(al, l));
+    }
+    _mm256_add_epi32(_mm256_slli_epi32::<11>(ah), al)
+}
+
+/// The products of the four taps from pixel `start` on with the high and the low parts of
+/// their coefficients, each channel's pairs added.
+///
+/// # Safety
+/// The CPU has AVX2, and `start * 3 + 16 <= line.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn group_avx2(
+    line: &[u8],
+    start: usize,
+    hi: &[i16; 16],
+    lo: &[i16; 16],
+    spread: std::arch::x86_64::__m256i,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    // SAFETY: within `line`, by this function's contract; `hi` and `lo` have 32 bytes each.
+    let (bytes, hi, lo) = unsafe {
+        (
+            _mm_loadu_si128(line.as_ptr().add(start * 3).cast()),
+            _mm256_loadu_si256(hi.as_ptr().cast()),
+            _mm256_loadu_si256(lo.as_ptr().cast()),
+        )
+    };
+    let v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), spread);
+    (_mm256_madd_epi16(v, hi), _mm256_madd_epi16(v, lo))
 }
 
 /// [`horizontal_pass`] with a pixel's three channels (and the next pixel's red, unused) in the
@@ -219,28 +457,76 @@ fn horizontal_pass_scalar(src: &[u8], src_w: usize, rows: Range<usize>, taps: &T
 mod tests {
     use super::*;
 
-    /// The SSE4.1 pass gives the scalar pass's bytes: down- and upscaling, a fractional box,
-    /// noise (every byte value), and outputs at both edges.
+    fn noise(n: usize, state: &mut u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                *state as u8
+            })
+            .collect()
+    }
+
+    /// Every vector form of the horizontal pass this CPU runs gives the scalar pass's bytes:
+    /// down- and upscaling, a fractional box, one to many groups of four taps, every count of
+    /// outputs modulo four, windows, noise (every byte value) and white (the largest sums).
     #[test]
-    fn the_vector_pass_equals_the_scalar_one() {
+    fn the_vector_horizontal_passes_equal_the_scalar_one() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
-        for (w, out_w, box_) in
-            [(500, 341, (0.0, 500.0)), (37, 91, (0.0, 37.0)), (1001, 77, (3.25, 997.5)), (2, 1, (0.0, 2.0))]
-        {
+        let cases = [
+            (500, 341, (0.0, 500.0), 0..341),
+            (500, 341, (0.0, 500.0), 58..282),
+            (37, 91, (0.0, 37.0), 0..91),
+            (1001, 77, (3.25, 997.5), 0..77),
+            (1001, 77, (3.25, 997.5), 70..77),
+            (64, 30, (0.0, 64.0), 0..30),
+            (2, 1, (0.0, 2.0), 0..1),
+        ];
+        for (w, out_w, box_, cols) in cases {
             let rows = 3;
-            let src: Vec<u8> = (0..w * rows * 3)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
-            let taps = Taps::new(w, box_, out_w, 0..out_w);
-            let (mut a, mut b) = (vec![0u8; out_w * rows * 3], vec![1u8; out_w * rows * 3]);
-            horizontal_pass_scalar(&src, w, 0..rows, &taps, &mut a);
-            horizontal_pass(&src, w, 0..rows, &taps, &mut b);
-            assert_eq!(a, b, "{w} -> {out_w}, box {box_:?}");
+            for src in [noise(w * rows * 3, &mut state), vec![255; w * rows * 3]] {
+                let taps = Taps::new(w, box_, out_w, cols.clone());
+                let len = cols.len() * rows * 3;
+                let mut expected = vec![0u8; len];
+                horizontal_pass_scalar(&src, w, 0..rows, &taps, &mut expected);
+                let mut got = vec![1u8; len];
+                horizontal_pass(&src, w, 0..rows, &taps, &mut got);
+                assert_eq!(got, expected, "{w} -> {out_w}, box {box_:?}, outputs {cols:?}");
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("sse4.1") {
+                        let mut got = vec![1u8; len];
+                        // SAFETY: the CPU has SSE4.1.
+                        unsafe { horizontal_pass_sse41(&src, w, 0..rows, &taps, &mut got) };
+                        assert_eq!(got, expected, "SSE4.1: {w} -> {out_w}, box {box_:?}, outputs {cols:?}");
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        let mut got = vec![1u8; len];
+                        // SAFETY: the CPU has AVX2.
+                        unsafe { horizontal_pass_avx2(&src, w, 0..rows, &taps, &mut got) };
+                        assert_eq!(got, expected, "AVX2: {w} -> {out_w}, box {box_:?}, outputs {cols:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vertical pass for AVX2 gives the plain one's bytes: down- and upscaling, odd and even
+    /// tap counts, rows of a whole number of 16 bytes and with a tail.
+    #[test]
+    fn the_vertical_pass_for_avx2_equals_the_plain_one() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let cases = [(375, 256, 16..240, 224 * 3), (37, 91, 0..91, 5 * 3), (1001, 77, 3..77, 17 * 3), (2, 1, 0..1, 16)];
+        for (h, out_h, rows, row_len) in cases {
+            let taps = Taps::new(h, (0.0, h as f64), out_h, rows.clone());
+            for tmp in [noise(h * row_len, &mut state), vec![255; h * row_len]] {
+                let mut expected = vec![0u8; rows.len() * row_len];
+                vertical_pass_scalar(&tmp, 0, &taps, row_len, &mut expected);
+                let mut got = vec![1u8; rows.len() * row_len];
+                vertical_pass(&tmp, 0, &taps, row_len, &mut got);
+                assert_eq!(got, expected, "{h} -> {out_h}, rows {rows:?}, {row_len} bytes a row");
+            }
         }
     }
 }
