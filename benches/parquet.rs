@@ -124,6 +124,7 @@ fn config(dir: PathBuf) -> SinkConfig {
         regions: REGIONS.iter().map(|r| r.to_string()).collect(),
         metadata: vec![("saliency_audit.schema_version".into(), sa::sink::SCHEMA_VERSION.to_string())],
         job_id: "job".into(),
+        retry_statuses: Default::default(),
     }
 }
 

@@ -4,8 +4,10 @@ use clap::{Parser, Subcommand};
 use saliency_audit::engine::{self, EngineOptions, InterpolateMode, Rectifiers, TargetArg};
 use saliency_audit::logging::{self, LogFormat};
 use saliency_audit::run;
+use saliency_audit::sample::Status;
 use saliency_audit::source::ShardSpec;
 use saliency_audit::store::Loc;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +52,11 @@ enum Command {
         /// writes the dataset's _SUCCESS (the others note which shards are still running).
         #[arg(long)]
         finalize: bool,
+        /// Attribute again the samples whose committed rows failed (every failure status, or
+        /// those listed, e.g. --retry-failed=missing,unreadable): each part holding one is
+        /// written again with the new rows, its other rows kept.
+        #[arg(long, value_name = "STATUS", num_args = 0.., value_delimiter = ',', require_equals = true)]
+        retry_failed: Option<Vec<String>>,
     },
     /// Validate a job spec and the model, and print the resolved plan; computes nothing.
     Validate {
@@ -251,6 +258,30 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
     }
 }
 
+/// The statuses `run --retry-failed[=…]` redoes: every failure status when none is listed.
+fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> {
+    let failures = || Status::ALL.iter().copied().filter(|&s| s != Status::Ok);
+    let Some(names) = names else {
+        return Ok(BTreeSet::new());
+    };
+    if names.is_empty() {
+        return Ok(failures().collect());
+    }
+    names
+        .iter()
+        .map(|n| match Status::parse(n.trim()) {
+            Some(s) if s != Status::Ok => Ok(s),
+            _ => {
+                let all: Vec<&str> = failures().map(Status::as_str).collect();
+                anyhow::bail!(
+                    "--retry-failed: {n:?} is not a failure status; the failure statuses are {}",
+                    all.join(", ")
+                )
+            }
+        })
+        .collect()
+}
+
 /// `run`'s closing lines (left out with `-q`).
 fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
@@ -261,7 +292,11 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
         s.pending,
         secs,
         s.processed() as f64 / secs,
-        if s.resumed_rows > 0 { format!(", {} kept from an earlier run", s.resumed_rows) } else { String::new() },
+        match (s.resumed_rows, s.redone_rows) {
+            (0, 0) => String::new(),
+            (kept, 0) => format!(", {kept} kept from an earlier run"),
+            (kept, redone) => format!(", {kept} kept from an earlier run, {redone} failed there and redone"),
+        },
         if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
     );
     println!(
@@ -294,8 +329,14 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let outcome =
-            run::run_with(job, ShardSpec::default(), Some(&Loc::Local(tmp.clone())), Some(names.clone()), stop)?;
+        let outcome = run::run_with(
+            job,
+            ShardSpec::default(),
+            Some(&Loc::Local(tmp.clone())),
+            Some(names.clone()),
+            Default::default(),
+            stop,
+        )?;
         let _ = std::fs::remove_dir_all(&tmp);
         let summary = run::summary_json(&outcome, ShardSpec::default());
         if !json {
@@ -317,8 +358,9 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { job, output, shard, failed_samples_ok, finalize } => {
+        Command::Run { job, output, shard, failed_samples_ok, finalize, retry_failed } => {
             let shard = shard.resolve()?;
+            let retry = retry_statuses(retry_failed.as_deref())?;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             // The user's own signals, apart from `stop`, which a failing device or store sets
@@ -335,7 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });
-            let outcome = run::run(&job, shard, output.as_ref(), stop)?;
+            let outcome = run::run(&job, shard, output.as_ref(), retry, stop)?;
             if !logging::quiet() {
                 print_run_summary(&outcome.summary);
             }

@@ -62,6 +62,8 @@ pub struct RunSummary {
     pub counts: BTreeMap<Status, u64>,
     /// Rows already committed by an earlier run of the same job (resume).
     pub resumed_rows: u64,
+    /// Of the pending samples, those whose committed failed rows are redone (`--retry-failed`).
+    pub redone_rows: u64,
     /// Samples this run had to process.
     pub pending: u64,
     pub elapsed: Duration,
@@ -161,8 +163,12 @@ pub fn run(
         .context("preprocessing needs a crop or an exact resize, so that every image of a batch has one size")?;
     let (mut writer, resume) = PartWriter::open_or_stop(cfg.sink.clone(), &cfg.fingerprint, &stop)?;
     let pending: Vec<Sample> = samples.into_iter().filter(|s| !resume.is_done(s.index)).collect();
-    let mut summary =
-        RunSummary { resumed_rows: resume.done_rows, pending: pending.len() as u64, ..Default::default() };
+    let mut summary = RunSummary {
+        resumed_rows: resume.done_rows,
+        redone_rows: resume.redone_rows,
+        pending: pending.len() as u64,
+        ..Default::default()
+    };
     on_start(pending.len() as u64, resume.done_rows);
 
     let pool = rayon::ThreadPoolBuilder::new()

@@ -13,6 +13,7 @@ use crate::source::{self, ShardSpec};
 use crate::stats::Region;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::store::{self, Loc};
@@ -287,9 +288,16 @@ impl Outcome {
     }
 }
 
-/// Runs a job: all replicas are loaded before any pipeline thread starts.
-pub fn run(job_file: &Path, shard: ShardSpec, output: Option<&Loc>, stop: Arc<AtomicBool>) -> Result<Outcome> {
-    run_with(job_file, shard, output, None, stop)
+/// Runs a job: all replicas are loaded before any pipeline thread starts. The committed rows of
+/// `retry` statuses are redone (see [`SinkConfig::retry_statuses`]).
+pub fn run(
+    job_file: &Path,
+    shard: ShardSpec,
+    output: Option<&Loc>,
+    retry: BTreeSet<Status>,
+    stop: Arc<AtomicBool>,
+) -> Result<Outcome> {
+    run_with(job_file, shard, output, None, retry, stop)
 }
 
 /// [`run`] with the job's devices replaced (for `bench --job`).
@@ -298,6 +306,7 @@ pub fn run_with(
     shard: ShardSpec,
     output: Option<&Loc>,
     devices: Option<Vec<String>>,
+    retry: BTreeSet<Status>,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome> {
     let (plan, first) = plan_with(job_file, shard, output, devices)?;
@@ -388,6 +397,7 @@ pub fn run_with(
         regions: regions.iter().map(|r| r.name.clone()).collect(),
         metadata,
         job_id: job_id(&plan),
+        retry_statuses: retry,
     };
     let cfg = PipelineConfig {
         preprocess: decode_preprocess(&job.preprocess),
@@ -575,6 +585,7 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "num_shards": shard.count,
         "samples": o.plan_samples,
         "resumed_rows": s.resumed_rows,
+        "redone_rows": s.redone_rows,
         "processed": s.processed(),
         "counts": counts,
         "failed": s.failed(),

@@ -27,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context};
+use arrow::array::{Array, BooleanArray, StringArray, UInt64Array};
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -112,6 +114,10 @@ pub struct SinkConfig {
     /// settings, shard count and the whole dataset's sample list): a shard of another job, or
     /// of this job over a dataset that has changed since, is refused. Empty: not checked.
     pub job_id: String,
+    /// Failure statuses whose committed rows are redone (`run --retry-failed`): their samples
+    /// are attributed again, and each part that holds one is written again with the new rows,
+    /// its other rows kept as they were. Empty: committed parts are kept whole.
+    pub retry_statuses: BTreeSet<Status>,
 }
 
 /// How many other shards' `_job` files an `open` reads to check the job id (a folder of
@@ -127,15 +133,23 @@ pub struct Resume {
     pub done_rows: u64,
     /// Rows in those parts per status name (every status listed, zeros included).
     pub done_status_counts: BTreeMap<String, u64>,
+    /// Rows of [`SinkConfig::retry_statuses`] in committed parts, whose samples are redone.
+    pub redone_rows: u64,
+    /// Per chunk whose part is written again: the indices redone (its other rows are kept and
+    /// counted in `done_rows`).
+    redo: HashMap<u64, BTreeSet<u64>>,
     rows_per_part: u64,
     total_rows: u64,
 }
 
 impl Resume {
-    /// Whether the sample with this index is already written (its chunk is committed); the
-    /// pipeline skips such samples, and [`PartWriter::push`] refuses their rows.
+    /// Whether the sample with this index is already written (its chunk is committed, and its
+    /// row is not one to redo); the pipeline skips such samples, and [`PartWriter::push`]
+    /// refuses their rows.
     pub fn is_done(&self, index: u64) -> bool {
-        index < self.total_rows && self.done_chunks.contains(&(index / self.rows_per_part))
+        let chunk = index / self.rows_per_part;
+        index < self.total_rows
+            && (self.done_chunks.contains(&chunk) || self.redo.get(&chunk).is_some_and(|r| !r.contains(&index)))
     }
 }
 
@@ -156,7 +170,36 @@ struct JobFile {
 /// A chunk whose rows are still arriving; slot i holds index `start + i`.
 struct Pending {
     slots: Vec<Option<Row>>,
+    /// Slots filled, kept rows included.
     filled: usize,
+    /// For a committed part whose failed rows are redone: the rows that stay.
+    kept: Option<Kept>,
+}
+
+impl Pending {
+    fn new(len: usize) -> Pending {
+        Pending { slots: (0..len).map(|_| None).collect(), filled: 0, kept: None }
+    }
+
+    /// Whether slot `i` has its row (new, or kept from the committed part).
+    fn has(&self, i: usize) -> bool {
+        self.slots[i].is_some() || self.kept.as_ref().is_some_and(|k| k.stays[i])
+    }
+
+    /// The new rows (not the kept ones).
+    fn new_rows(&self) -> impl Iterator<Item = &Row> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// The rows of a committed part that stay when its failed rows are redone.
+struct Kept {
+    /// Those rows as read, in index order.
+    batch: RecordBatch,
+    /// Per slot of the chunk: whether its row stays.
+    stays: Vec<bool>,
+    /// Their counts per status name.
+    counts: BTreeMap<String, u64>,
 }
 
 /// Writes one shard's rows as part files; see the module docs.
@@ -351,6 +394,7 @@ impl PartWriter {
         };
 
         let mut invalid = Vec::new();
+        let mut redo_parts = Vec::new();
         for name in &names {
             let Some((s, c, chunk)) = files::parse_part_name(name) else {
                 continue;
@@ -361,6 +405,11 @@ impl PartWriter {
             // A part that cannot be read (a store's time-out, EIO) stops the run: only a part
             // whose content is wrong is set aside and written again.
             match writer.check_part(name, chunk)? {
+                Ok(counts)
+                    if writer.cfg.retry_statuses.iter().any(|s| counts.get(s.as_str()).is_some_and(|&n| n > 0)) =>
+                {
+                    redo_parts.push((name, chunk));
+                }
                 Ok(counts) => {
                     writer.done.insert(chunk);
                     writer.rows += writer.chunk_len(chunk);
@@ -398,14 +447,74 @@ impl PartWriter {
             );
         }
 
-        let resume = Resume {
+        let mut resume = Resume {
             done_chunks: writer.done.clone(),
             done_rows: writer.rows,
             done_status_counts: writer.status_counts.clone(),
+            redone_rows: 0,
+            redo: HashMap::new(),
             rows_per_part: writer.cfg.rows_per_part,
             total_rows: writer.cfg.total_rows,
         };
+        for (name, chunk) in redo_parts {
+            let (kept, redo) = writer.reopen_part(name, chunk)?;
+            resume.done_rows += kept.batch.num_rows() as u64;
+            for (k, v) in &kept.counts {
+                *resume.done_status_counts.entry(k.clone()).or_default() += v;
+            }
+            resume.redone_rows += redo.len() as u64;
+            resume.redo.insert(chunk, redo);
+            let mut pending = Pending::new(writer.chunk_len(chunk) as usize);
+            pending.filled = kept.batch.num_rows();
+            pending.kept = Some(kept);
+            writer.pending.insert(chunk, pending);
+        }
+        if resume.redone_rows > 0 {
+            let statuses: Vec<&str> = writer.cfg.retry_statuses.iter().map(|s| s.as_str()).collect();
+            tracing::info!(
+                "redoing {} sample(s) whose rows are {} in {} part(s); each part is written again \
+                 once its samples are done, its other rows kept",
+                resume.redone_rows,
+                statuses.join(" or "),
+                resume.redo.len()
+            );
+        }
         Ok((writer, resume))
+    }
+
+    /// Reads committed part `name` of `chunk` whole, for its rows of
+    /// [`SinkConfig::retry_statuses`] to be redone: the rows that stay, and the indices redone.
+    /// The part stays where it is until the new one replaces it.
+    fn reopen_part(&self, name: &str, chunk: u64) -> anyhow::Result<(Kept, BTreeSet<u64>)> {
+        let path = self.cfg.dir.join(name)?;
+        let batch = read::read_part(&path, &self.schema).with_context(|| {
+            format!("cannot read committed part {path} to redo its failed rows (nothing was moved or removed)")
+        })?;
+        let (Some(index), Some(status)) = (
+            batch.column_by_name("index").and_then(|c| c.as_any().downcast_ref::<UInt64Array>()),
+            batch.column_by_name("status").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+        ) else {
+            bail!("{path} has unexpected `index`/`status` columns");
+        };
+        let retry: BTreeSet<&str> = self.cfg.retry_statuses.iter().map(|s| s.as_str()).collect();
+        let (start, _) = self.chunk_range(chunk);
+        let mut stays = vec![false; self.chunk_len(chunk) as usize];
+        let (mut counts, mut redo) = (BTreeMap::new(), BTreeSet::new());
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        // check_part found the indices to be the chunk's, in order.
+        for (i, st) in index.values().iter().zip(status.iter()) {
+            let st = st.unwrap_or_default();
+            let again = retry.contains(st);
+            keep.push(!again);
+            if again {
+                redo.insert(*i);
+            } else {
+                stays[(i - start) as usize] = true;
+                *counts.entry(st.to_owned()).or_default() += 1;
+            }
+        }
+        let batch = arrow::compute::filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        Ok((Kept { batch, stays, counts }, redo))
     }
 
     /// Validates a committed part of `chunk`: `Err` when it cannot be read at all (I/O, the
@@ -513,8 +622,10 @@ impl PartWriter {
         let (start, end) = self.chunk_range(chunk);
         let len = (end - start) as usize;
         let part = self.part_path(chunk);
-        let pending =
-            self.pending.entry(chunk).or_insert_with(|| Pending { slots: (0..len).map(|_| None).collect(), filled: 0 });
+        let pending = self.pending.entry(chunk).or_insert_with(|| Pending::new(len));
+        if pending.kept.as_ref().is_some_and(|k| k.stays[(index - start) as usize]) {
+            bail!("row index {index} (id {:?}) is already written to {part}, and kept", row.sample.id);
+        }
         let slot = &mut pending.slots[(index - start) as usize];
         if let Some(first) = slot {
             bail!(
@@ -537,30 +648,56 @@ impl PartWriter {
         let Some(pending) = self.pending.remove(&chunk) else {
             return Ok(());
         };
-        let rows: Vec<Row> = pending.slots.into_iter().flatten().collect();
-        let result = self.write_part(chunk, &rows);
+        let (start, _) = self.chunk_range(chunk);
+        let Pending { slots, filled, kept } = pending;
+        let rows: Vec<Row> = slots.into_iter().flatten().collect();
+        let result = self.write_part(chunk, &rows, kept.as_ref());
         match result {
             Ok(()) => {
                 self.done.insert(chunk);
-                self.rows += rows.len() as u64;
+                self.rows += self.chunk_len(chunk);
                 for r in &rows {
                     *self.status_counts.entry(r.status.as_str().to_owned()).or_default() += 1;
+                }
+                for (k, v) in kept.iter().flat_map(|k| &k.counts) {
+                    *self.status_counts.entry(k.clone()).or_default() += v;
                 }
                 Ok(())
             }
             Err(e) => {
-                let filled = rows.len();
-                self.pending.insert(chunk, Pending { slots: rows.into_iter().map(Some).collect(), filled });
+                let mut slots: Vec<Option<Row>> = (0..self.chunk_len(chunk)).map(|_| None).collect();
+                for r in rows {
+                    let i = (r.sample.index - start) as usize;
+                    slots[i] = Some(r);
+                }
+                self.pending.insert(chunk, Pending { slots, filled, kept });
                 Err(e)
             }
         }
     }
 
-    fn write_part(&self, chunk: u64, rows: &[Row]) -> anyhow::Result<()> {
-        if rows.len() as u64 != self.chunk_len(chunk) {
-            bail!("internal: chunk {chunk} has {} rows, expected {}", rows.len(), self.chunk_len(chunk));
+    /// Writes chunk `chunk`'s part from its new rows and, for a part whose failed rows were
+    /// redone, the rows kept from it, merged in index order.
+    fn write_part(&self, chunk: u64, rows: &[Row], kept: Option<&Kept>) -> anyhow::Result<()> {
+        let have = rows.len() + kept.map_or(0, |k| k.batch.num_rows());
+        if have as u64 != self.chunk_len(chunk) {
+            bail!("internal: chunk {chunk} has {have} rows, expected {}", self.chunk_len(chunk));
         }
-        let batch = columns::batch(&self.columns, &self.schema, rows)?;
+        let mut batch = columns::batch(&self.columns, &self.schema, rows)?;
+        if let Some(k) = kept {
+            // Slot by slot, the next kept row or the next new one (both in index order).
+            let (mut old, mut new) = (0, 0);
+            let order: Vec<(usize, usize)> = k
+                .stays
+                .iter()
+                .map(|&stays| {
+                    let (source, row) = if stays { (0, &mut old) } else { (1, &mut new) };
+                    *row += 1;
+                    (source, *row - 1)
+                })
+                .collect();
+            batch = arrow::compute::interleave_record_batch(&[&k.batch, &batch], &order)?;
+        }
         let name = part_name(self.cfg.shard, self.cfg.num_shards, chunk);
         files::write_atomic(&self.cfg.dir, &name, |out| {
             let mut w = ArrowWriter::try_new(&mut *out, self.schema.clone(), Some(self.props.clone()))?;
@@ -576,9 +713,9 @@ impl PartWriter {
         let mut first = Vec::new();
         for chunk in (0..self.num_chunks).filter(|c| !self.done.contains(c)) {
             let (start, end) = self.chunk_range(chunk);
-            let slots = self.pending.get(&chunk).map(|p| p.slots.as_slice());
+            let pending = self.pending.get(&chunk);
             for index in start..end {
-                let have = slots.is_some_and(|s| s[(index - start) as usize].is_some());
+                let have = pending.is_some_and(|p| p.has((index - start) as usize));
                 if !have {
                     count += 1;
                     if first.len() < MISSING_SHOWN {
@@ -640,7 +777,7 @@ impl PartWriter {
     /// would drop).
     pub fn buffered_status_counts(&self) -> BTreeMap<Status, u64> {
         let mut counts = BTreeMap::new();
-        for row in self.pending.values().flat_map(|p| p.slots.iter().flatten()) {
+        for row in self.pending.values().flat_map(Pending::new_rows) {
             *counts.entry(row.status).or_insert(0) += 1;
         }
         counts
@@ -651,7 +788,7 @@ impl PartWriter {
     /// No `_SUCCESS` file is written. Returns what is committed.
     pub fn abort(mut self) -> anyhow::Result<ShardSummary> {
         self.closed = true;
-        let dropped: usize = self.pending.values().map(|p| p.filled).sum();
+        let dropped: usize = self.pending.values().map(|p| p.new_rows().count()).sum();
         self.pending.clear();
         if dropped > 0 {
             tracing::info!(
@@ -674,7 +811,7 @@ impl PartWriter {
 impl Drop for PartWriter {
     fn drop(&mut self) {
         if !self.closed {
-            let buffered: usize = self.pending.values().map(|p| p.filled).sum();
+            let buffered: usize = self.pending.values().map(|p| p.new_rows().count()).sum();
             if buffered > 0 {
                 tracing::warn!(
                     "output writer for shard {} of {} in {} dropped without finish or abort; \

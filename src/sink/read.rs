@@ -182,6 +182,21 @@ pub(crate) fn part_row_count(path: &Loc) -> anyhow::Result<u64> {
     u64::try_from(n).with_context(|| format!("{} has a negative row count", path))
 }
 
+/// Reads a whole committed part as one batch of the schema `expected` (a part whose failed rows
+/// are redone: the rest of it is written again with the new rows).
+pub(crate) fn read_part(path: &Loc, expected: &SchemaRef) -> anyhow::Result<RecordBatch> {
+    let reader = builder_of(open_part(path)?, path)?.build().with_context(|| format!("cannot read {path}"))?;
+    let mut batches = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read rows of {path}"))?;
+        batches.push(
+            RecordBatch::try_new(expected.clone(), batch.columns().to_vec())
+                .with_context(|| format!("{path} has a different column layout than this job writes"))?,
+        );
+    }
+    Ok(arrow::compute::concat_batches(expected, &batches)?)
+}
+
 /// Reads a part's `index` and `status` columns, after checking that its schema is `expected`.
 pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRef) -> anyhow::Result<PartContents> {
     let builder = builder_of(file, path)?;

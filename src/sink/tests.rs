@@ -25,6 +25,7 @@ fn cfg(dir: &Path, shard: u32, num_shards: u32, total_rows: u64, rows_per_part: 
             ("saliency_audit.model_sha256".into(), "abc123".into()),
         ],
         job_id: "job".into(),
+        retry_statuses: Default::default(),
     }
 }
 
@@ -561,4 +562,64 @@ fn run_summary_is_written_atomically() {
     assert_eq!(names(tmp.path()), ["_run-00001-of-00004.json"]);
     let e = write_summary(&Loc::from(tmp.path().join("nope")), 1, 4, &v).unwrap_err();
     assert!(format!("{e:#}").contains("nope"), "{e:#}");
+}
+
+/// Row `index` as a success, recognisable by its `attr_total` (100 + index).
+fn ok_row(index: u64) -> Row {
+    let mut r = row(if index % 5 == 4 { index - 1 } else { index });
+    r.sample = row(index).sample;
+    r.stats.as_mut().unwrap().attr_total = 100.0 + index as f32;
+    r
+}
+
+/// With `retry_statuses`, the samples of failed rows are redone: a part holding one is written
+/// again once they are in, its other rows kept as they were and the new ones merged in index
+/// order; a part without one is not touched. A stop before that leaves the old part, and a
+/// plain reopen keeps failed rows.
+#[test]
+fn failed_rows_are_redone_and_their_parts_written_again_with_the_rest_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let c = cfg(&dir, 0, 1, 10, 4); // chunks [0,4) [4,8) [8,10); rows 4 and 9 failed
+    let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
+    (0..10).for_each(|i| w.push(row(i)).unwrap());
+    w.finish().unwrap();
+    let part = |k: u64| dir.join(part_name(0, 1, k));
+    let before: Vec<Vec<u8>> = (0..3).map(|k| fs::read(part(k)).unwrap()).collect();
+    let read = |k: u64| read::read_part(&Loc::from(part(k)), &schema(&regions())).unwrap();
+    let (old1, old2) = (read(1), read(2));
+
+    let (w, resume) = PartWriter::open(c.clone(), "job").unwrap();
+    assert_eq!((resume.done_chunks.len(), resume.redone_rows), (3, 0), "a plain reopen keeps failed rows");
+    w.abort().unwrap();
+
+    let mut retry = c.clone();
+    retry.retry_statuses = [Status::DecodeError, Status::Missing].into();
+    let (w, resume) = PartWriter::open(retry.clone(), "job").unwrap();
+    assert_eq!(resume.done_chunks.iter().copied().collect::<Vec<_>>(), [0]);
+    assert_eq!((resume.done_rows, resume.redone_rows), (8, 2));
+    assert_eq!((resume.done_status_counts["ok"], resume.done_status_counts["decode_error"]), (8, 0));
+    assert_eq!((0..11).filter(|&i| !resume.is_done(i)).collect::<Vec<_>>(), [4, 9, 10]);
+    assert!(!dir.join("_SUCCESS").exists(), "not complete while failed rows are redone");
+    w.abort().unwrap();
+    for k in 0..3 {
+        assert_eq!(fs::read(part(k)).unwrap(), before[k as usize], "a stopped retry leaves part {k}");
+    }
+
+    let (mut w, _) = PartWriter::open(retry, "job").unwrap();
+    let e = w.push(ok_row(5)).unwrap_err().to_string();
+    assert!(e.contains("already written") && e.contains("kept"), "{e}");
+    w.push(ok_row(4)).unwrap(); // part 1 complete: written again
+    w.push(row(9)).unwrap(); // fails again
+    let s = w.finish().unwrap();
+    assert_eq!((s.rows, s.parts, s.status_counts["ok"], s.status_counts["decode_error"]), (10, 3, 9, 1));
+    assert!(dir.join("_SUCCESS").exists());
+    assert_eq!(fs::read(part(0)).unwrap(), before[0], "a part without failed rows is not written again");
+    let (new1, new2) = (read(1), read(2));
+    assert_eq!(indices_of(&part(1)), [4, 5, 6, 7]);
+    assert_eq!(new1.slice(1, 3), old1.slice(1, 3), "rows 5..8 kept as they were");
+    let total = new1.column_by_name("attr_total").unwrap().as_any().downcast_ref::<Float32Array>().unwrap();
+    let status = new1.column_by_name("status").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    assert_eq!((status.value(0), total.value(0)), ("ok", 104.0));
+    assert_eq!(new2, old2, "row 9 failed the same way again; row 8 kept");
 }

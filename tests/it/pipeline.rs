@@ -436,6 +436,7 @@ fn images(dir: &Path, reds: &[u8]) -> (Vec<Sample>, PipelineConfig) {
             regions: vec![],
             metadata: vec![],
             job_id: "job".into(),
+            retry_statuses: Default::default(),
         },
         fingerprint: "six".into(),
     };
@@ -457,6 +458,65 @@ fn run_six(samples: Vec<Sample>, cfg: PipelineConfig, engine: Box<dyn Attributor
 /// parts already complete are committed; the failing batches get no rows, so a rerun does them,
 /// instead of every remaining sample getting an `attribution_error` row. One image that fails
 /// on a healthy device still gets its error row.
+/// `run --retry-failed[=STATUS,…]` after the files are fixed: the failed samples of those
+/// statuses are attributed again and their rows replaced, each sample keeps one row, ok rows and
+/// parts without a failed row stay as they were, and a status name that is not a failure is
+/// refused (exit 2).
+#[test]
+fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 12);
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let text = std::fs::read_to_string(&job).unwrap().replace("rows_per_part = 50", "rows_per_part = 5");
+    std::fs::write(&job, text).unwrap();
+    let out = ds.dir.join("out");
+    let run = |extra: &[&str]| Command::new(bin()).arg("run").arg(&job).args(extra).output().unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = rows_by_id(&out);
+    // The twelve good samples come first: parts 0 and 1 hold only ok rows.
+    let clean: Vec<Vec<u8>> =
+        (0..2).map(|k| std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap()).collect();
+
+    for bad in ["ok", "no_such_status"] {
+        let o = run(&[&format!("--retry-failed={bad}")]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("{bad:?} is not a failure status")) && err.contains("decode_error"), "{err}");
+    }
+
+    // The missing file appears and the empty one gets its picture.
+    let good = std::fs::read(ds.dir.join("bad/good.jpg")).unwrap();
+    std::fs::write(ds.dir.join("bad/missing.jpg"), &good).unwrap();
+    std::fs::write(ds.dir.join("bad/zero.jpg"), &good).unwrap();
+    let o = run(&["--retry-failed=missing"]);
+    assert_eq!(o.status.code(), Some(1), "the other bad samples still fail: {}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("1 of 1 samples processed") && stdout.contains("1 failed there and redone"), "{stdout}");
+    let second = rows_by_id(&out);
+    assert_eq!(second["x_missing"].0, "ok");
+    assert_eq!(second["x_zero"].0, "decode_error", "only the statuses named are redone");
+
+    let o = run(&["--retry-failed"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let third = rows_by_id(&out);
+    assert_eq!(third.len(), ds.expected.len(), "one row per sample");
+    assert_eq!(third["x_zero"].0, "ok");
+    for (id, want) in &ds.expected {
+        if !["x_missing", "x_zero"].contains(&id.as_str()) {
+            assert_eq!(third[id].0, want.as_str(), "{id} failed again the same way");
+        }
+        if *want == Status::Ok {
+            assert_eq!(third[id], first[id], "{id}: an ok row is kept as it was");
+        }
+    }
+    for (k, bytes) in clean.iter().enumerate() {
+        let now = std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap();
+        assert!(&now == bytes, "part {k} has no failed row and is not written again");
+    }
+    assert!(out.join("_SUCCESS").exists(), "the single shard finalizes again");
+}
+
 #[test]
 fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
     let tmp = tempfile::tempdir().unwrap();
@@ -711,6 +771,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
             regions: regions.iter().map(|r| r.name.clone()).collect(),
             metadata: vec![],
             job_id: "job".into(),
+            retry_statuses: Default::default(),
         },
         fingerprint: "constructed".into(),
     };
