@@ -57,6 +57,12 @@ enum Command {
         /// written again with the new rows, its other rows kept.
         #[arg(long, value_name = "STATUS", num_args = 0.., value_delimiter = ',', require_equals = true)]
         retry_failed: Option<Vec<String>>,
+        /// Give a sample whose image or mask the object store fails to read (after its retries)
+        /// an `unreadable` or `bad_mask` row, instead of stopping the run with exit 3 for a rerun
+        /// to read it: for a store that keeps failing on a few objects (`--retry-failed` redoes
+        /// them later).
+        #[arg(long)]
+        store_failures_as_rows: bool,
     },
     /// Validate a job spec and the model, and print the resolved plan; computes nothing.
     Validate {
@@ -329,14 +335,8 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let outcome = run::run_with(
-            job,
-            ShardSpec::default(),
-            Some(&Loc::Local(tmp.clone())),
-            Some(names.clone()),
-            Default::default(),
-            stop,
-        )?;
+        let opts = run::RunOptions { output: Some(Loc::Local(tmp.clone())), ..Default::default() };
+        let outcome = run::run_with(job, ShardSpec::default(), opts, Some(names.clone()), stop)?;
         let _ = std::fs::remove_dir_all(&tmp);
         let summary = run::summary_json(&outcome, ShardSpec::default());
         if !json {
@@ -358,9 +358,13 @@ fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyh
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { job, output, shard, failed_samples_ok, finalize, retry_failed } => {
+        Command::Run { job, output, shard, failed_samples_ok, finalize, retry_failed, store_failures_as_rows } => {
             let shard = shard.resolve()?;
-            let retry = retry_statuses(retry_failed.as_deref())?;
+            let opts = run::RunOptions {
+                output,
+                retry_statuses: retry_statuses(retry_failed.as_deref())?,
+                store_failures_as_rows,
+            };
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             // The user's own signals, apart from `stop`, which a failing device or store sets
@@ -377,7 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
             });
-            let outcome = run::run(&job, shard, output.as_ref(), retry, stop)?;
+            let outcome = run::run(&job, shard, opts, stop)?;
             if !logging::quiet() {
                 print_run_summary(&outcome.summary);
             }

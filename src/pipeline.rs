@@ -46,6 +46,9 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     /// Identifies the job's output (job, model, samples); a folder holding another job's parts is refused.
     pub fingerprint: String,
+    /// A sample whose image or mask the object store fails to give (after its retries) gets its
+    /// failed row (`unreadable`, `bad_mask`) instead of stopping the run for a rerun to read it.
+    pub store_failures_as_rows: bool,
 }
 
 /// Live counters, for the progress bar and the summary.
@@ -424,7 +427,9 @@ fn decode_stage(
                         return;
                     }
                 }
-                // The store failed, not the file: no row (a rerun reads it); the run stops.
+                // The store failed, not the file: no row (a rerun reads it); the run stops. Unless
+                // asked to give such samples their rows (a store that keeps failing on them).
+                Err((row, true)) if cfg.store_failures_as_rows => failed.push(*row),
                 Err((row, true)) if store_failed => drop(row),
                 Err((row, true)) => {
                     store_failed = true;

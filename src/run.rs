@@ -288,28 +288,32 @@ impl Outcome {
     }
 }
 
-/// Runs a job: all replicas are loaded before any pipeline thread starts. The committed rows of
-/// `retry` statuses are redone (see [`SinkConfig::retry_statuses`]).
-pub fn run(
-    job_file: &Path,
-    shard: ShardSpec,
-    output: Option<&Loc>,
-    retry: BTreeSet<Status>,
-    stop: Arc<AtomicBool>,
-) -> Result<Outcome> {
-    run_with(job_file, shard, output, None, retry, stop)
+/// What `run` changes for one run, apart from the job spec.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Write here instead of the spec's `output.path`.
+    pub output: Option<Loc>,
+    /// Failure statuses whose committed rows are redone ([`SinkConfig::retry_statuses`]).
+    pub retry_statuses: BTreeSet<Status>,
+    /// A sample whose image or mask the object store fails to give (after its retries) gets a
+    /// failed row (`unreadable`, `bad_mask`) instead of stopping the run.
+    pub store_failures_as_rows: bool,
+}
+
+/// Runs a job: all replicas are loaded before any pipeline thread starts.
+pub fn run(job_file: &Path, shard: ShardSpec, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    run_with(job_file, shard, opts, None, stop)
 }
 
 /// [`run`] with the job's devices replaced (for `bench --job`).
 pub fn run_with(
     job_file: &Path,
     shard: ShardSpec,
-    output: Option<&Loc>,
+    run_opts: RunOptions,
     devices: Option<Vec<String>>,
-    retry: BTreeSet<Status>,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome> {
-    let (plan, first) = plan_with(job_file, shard, output, devices)?;
+    let (plan, first) = plan_with(job_file, shard, run_opts.output.as_ref(), devices)?;
     let job = &plan.job;
     tracing::info!(
         samples = plan.samples.len(),
@@ -397,7 +401,7 @@ pub fn run_with(
         regions: regions.iter().map(|r| r.name.clone()).collect(),
         metadata,
         job_id: job_id(&plan),
-        retry_statuses: retry,
+        retry_statuses: run_opts.retry_statuses,
     };
     let cfg = PipelineConfig {
         preprocess: decode_preprocess(&job.preprocess),
@@ -412,6 +416,7 @@ pub fn run_with(
         regions,
         sink,
         fingerprint: fingerprint(&plan),
+        store_failures_as_rows: run_opts.store_failures_as_rows,
     };
     let progress = Arc::new(Progress::default());
     let total = plan.samples.len();

@@ -439,6 +439,7 @@ fn images(dir: &Path, reds: &[u8]) -> (Vec<Sample>, PipelineConfig) {
             retry_statuses: Default::default(),
         },
         fingerprint: "six".into(),
+        store_failures_as_rows: false,
     };
     (samples, cfg)
 }
@@ -774,6 +775,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
             retry_statuses: Default::default(),
         },
         fingerprint: "constructed".into(),
+        store_failures_as_rows: false,
     };
     let summary = pipeline::run(
         cfg,

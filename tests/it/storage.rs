@@ -297,8 +297,8 @@ fn s3_manifest_images_and_output_over_http() {
 
 /// An object store that fails while an image or a mask is read (here: nothing listens at its
 /// endpoint) stops the run with exit 3 instead of giving the sample an `unreadable` or
-/// `bad_mask` row for good; the rerun, with the store back, reads them, and every sample has one
-/// row.
+/// `bad_mask` row for good. With `--store-failures-as-rows` the run gives them those rows and
+/// finishes; once the store is back, `--retry-failed` reads them, and every sample has one row.
 #[test]
 fn a_store_failing_during_image_or_mask_reads_stops_the_run_and_the_rerun_reads_them() {
     let tmp = tempfile::tempdir().unwrap();
@@ -317,18 +317,22 @@ fn a_store_failing_during_image_or_mask_reads_stops_the_run_and_the_rerun_reads_
     let out = tmp.path().join("out");
 
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut c = Command::new(bin());
-    for k in ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] {
-        c.env_remove(k);
-    }
-    c.args(["run", job.to_str().unwrap(), "--output", out.to_str().unwrap()])
-        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"))
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("SALIENCY_AUDIT_STORE_RETRIES", "0");
-    let o = c.output().unwrap();
+    let against_closed_store = |extra: &[&str]| {
+        let mut c = Command::new(bin());
+        for k in ["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] {
+            c.env_remove(k);
+        }
+        c.args(["run", job.to_str().unwrap(), "--output", out.to_str().unwrap()])
+            .args(extra)
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"))
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("SALIENCY_AUDIT_STORE_RETRIES", "0");
+        c.output().unwrap()
+    };
+    let o = against_closed_store(&[]);
     let log = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{log}");
     assert!(log.contains("object store failed"), "{log}");
@@ -341,10 +345,17 @@ fn a_store_failing_during_image_or_mask_reads_stops_the_run_and_the_rerun_reads_
     let ok_before = before.iter().filter(|(id, (s, _))| id.starts_with("s00") && s == "ok").count();
     assert_eq!(ok_before, 12, "{:?}", before.keys().collect::<Vec<_>>());
 
+    // A store that keeps failing on them: their rows say so, and the run finishes.
+    let o = against_closed_store(&["--store-failures-as-rows"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let given_up = rows(&out);
+    assert_eq!(given_up.len(), ds.expected.len() + 2, "every sample once");
+    assert_eq!((given_up["s_remote"].0.as_str(), given_up["s_mask"].0.as_str()), ("unreadable", "bad_mask"));
+
     let s3 = S3Server::start();
     s3.boto(UPLOAD, &["audit", ds.dir.join("img").to_str().unwrap(), "remote/"]);
     s3.boto(UPLOAD, &["audit", ds.dir.join("masks").to_str().unwrap(), "masks/"]);
-    let o = s3.bin(&["-q", "run", job.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let o = s3.bin(&["-q", "run", job.to_str().unwrap(), "--output", out.to_str().unwrap(), "--retry-failed"]);
     assert_eq!(o.status.code(), Some(1), "bad samples on purpose: {}", String::from_utf8_lossy(&o.stderr));
     let after = rows(&out);
     assert_eq!(after.len(), ds.expected.len() + 2, "every sample once");
