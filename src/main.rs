@@ -52,9 +52,10 @@ enum Command {
         /// writes the dataset's _SUCCESS (the others note which shards are still running).
         #[arg(long)]
         finalize: bool,
-        /// Attribute again the samples whose committed rows failed (every failure status, or
-        /// those listed, e.g. --retry-failed=missing,unreadable): each part holding one is
-        /// written again with the new rows, its other rows kept.
+        /// Attribute again the samples whose committed rows failed (every failure status but
+        /// bad_label and bad_box, which only the manifest decides, or those listed, e.g.
+        /// --retry-failed=missing,unreadable): each part holding one is written again with the
+        /// new rows, its other rows kept.
         #[arg(long, value_name = "STATUS", num_args = 0.., value_delimiter = ',', require_equals = true)]
         retry_failed: Option<Vec<String>>,
         /// Give a sample whose image or mask the object store fails to read (after its retries)
@@ -264,14 +265,16 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
     }
 }
 
-/// The statuses `run --retry-failed[=…]` redoes: every failure status when none is listed.
+/// The statuses `run --retry-failed[=…]` redoes. With none listed, every failure status but
+/// `bad_label` and `bad_box`: those come from the manifest, which cannot change under one output
+/// folder (the job id covers it), so their samples would only fail again.
 fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> {
     let failures = || Status::ALL.iter().copied().filter(|&s| s != Status::Ok);
     let Some(names) = names else {
         return Ok(BTreeSet::new());
     };
     if names.is_empty() {
-        return Ok(failures().collect());
+        return Ok(failures().filter(|s| !matches!(s, Status::BadLabel | Status::BadBox)).collect());
     }
     names
         .iter()
@@ -301,6 +304,7 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
         match (s.resumed_rows, s.redone_rows) {
             (0, 0) => String::new(),
             (kept, 0) => format!(", {kept} kept from an earlier run"),
+            (0, redone) => format!(", {redone} failed in an earlier run and redone"),
             (kept, redone) => format!(", {kept} kept from an earlier run, {redone} failed there and redone"),
         },
         if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }

@@ -514,7 +514,10 @@ fn renumber_by_size(
 /// assigns every other sample to its nearest cluster and keeps the maps of the samples shown.
 pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let dir = &dir.into();
-    let metadata = sink::read_metadata(dir)?;
+    // One listing for the metadata, the shards' coverage and both passes over the parts: from
+    // an object store, each part is downloaded once.
+    let parts = sink::Parts::list(dir, true)?;
+    let metadata = parts.metadata()?;
     let class_names: Option<Vec<String>> = metadata
         .get("saliency_audit.class_names")
         .and_then(|s| serde_json::from_str::<Option<Vec<String>>>(s).ok())
@@ -525,9 +528,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     // What an even spread of attribution puts into each region.
     let region_areas: Vec<f32> = regions.iter().map(|r| ((r.3 - r.1) * (r.4 - r.2)).clamp(0.0, 1.0)).collect();
     let p = &opts.cluster;
-    let coverage = sink::coverage(dir)?;
-    // Both passes read the same parts; from an object store, each is downloaded once.
-    let parts = sink::Parts::list(dir, true)?;
+    let coverage = parts.coverage()?;
     let (mut records, failed, scans) = scan(&parts, &region_names, p)?;
     let rows_read = records.len() as u64 + failed.values().sum::<usize>() as u64;
     let incomplete = incomplete_note(&coverage, rows_read);

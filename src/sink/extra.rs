@@ -38,7 +38,11 @@ pub fn write_table(dir: &Loc, name: &str, batch: &RecordBatch, metadata: &[(Stri
 /// The key-value metadata of the first committed part in `dir` (job spec, class names, …).
 pub fn read_metadata(dir: impl Into<Loc>) -> Result<BTreeMap<String, String>> {
     let dir = dir.into();
-    let names = list_names(&dir)?;
+    metadata_of(&dir, &list_names(&dir)?)
+}
+
+/// [`read_metadata`] of the folder `dir` whose files are `names`.
+pub(crate) fn metadata_of(dir: &Loc, names: &[String]) -> Result<BTreeMap<String, String>> {
     let first =
         names.iter().find(|n| parse_part_name(n).is_some()).with_context(|| format!("{dir} holds no part files"))?;
     let path = dir.join(first)?;

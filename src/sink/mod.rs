@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context};
-use arrow::array::{Array, BooleanArray, StringArray, UInt64Array};
+use arrow::array::{Array, BooleanArray, UInt64Array};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -192,14 +192,18 @@ impl Pending {
     }
 }
 
-/// The rows of a committed part that stay when its failed rows are redone.
+/// A committed part whose failed rows are redone: which of its rows stay. The rows themselves
+/// are read from it only when the new part is written (the shard's lock keeps it as it is), so
+/// a retry over many parts holds one part's maps at a time.
 struct Kept {
-    /// Those rows as read, in index order.
-    batch: RecordBatch,
     /// Per slot of the chunk: whether its row stays.
     stays: Vec<bool>,
+    /// Rows that stay.
+    rows: usize,
     /// Their counts per status name.
     counts: BTreeMap<String, u64>,
+    /// The counts of the whole committed part (what stays committed if the run stops).
+    part_counts: BTreeMap<String, u64>,
 }
 
 /// Writes one shard's rows as part files; see the module docs.
@@ -405,15 +409,13 @@ impl PartWriter {
             // A part that cannot be read (a store's time-out, EIO) stops the run: only a part
             // whose content is wrong is set aside and written again.
             match writer.check_part(name, chunk)? {
-                Ok(counts)
-                    if writer.cfg.retry_statuses.iter().any(|s| counts.get(s.as_str()).is_some_and(|&n| n > 0)) =>
-                {
-                    redo_parts.push((name, chunk));
+                Ok(contents) if contents.statuses.iter().any(|s| writer.cfg.retry_statuses.contains(s)) => {
+                    redo_parts.push((chunk, contents));
                 }
-                Ok(counts) => {
+                Ok(contents) => {
                     writer.done.insert(chunk);
                     writer.rows += writer.chunk_len(chunk);
-                    for (k, v) in counts {
+                    for (k, v) in contents.status_counts {
                         *writer.status_counts.entry(k).or_default() += v;
                     }
                 }
@@ -456,16 +458,33 @@ impl PartWriter {
             rows_per_part: writer.cfg.rows_per_part,
             total_rows: writer.cfg.total_rows,
         };
-        for (name, chunk) in redo_parts {
-            let (kept, redo) = writer.reopen_part(name, chunk)?;
-            resume.done_rows += kept.batch.num_rows() as u64;
+        for (chunk, contents) in redo_parts {
+            let (start, _) = writer.chunk_range(chunk);
+            let mut kept = Kept {
+                stays: vec![false; writer.chunk_len(chunk) as usize],
+                rows: 0,
+                counts: BTreeMap::new(),
+                part_counts: contents.status_counts,
+            };
+            let mut redo = BTreeSet::new();
+            // check_part found the indices to be the chunk's, in order.
+            for (&index, status) in contents.indices.iter().zip(contents.statuses) {
+                if writer.cfg.retry_statuses.contains(&status) {
+                    redo.insert(index);
+                } else {
+                    kept.stays[(index - start) as usize] = true;
+                    kept.rows += 1;
+                    *kept.counts.entry(status.as_str().to_owned()).or_default() += 1;
+                }
+            }
+            resume.done_rows += kept.rows as u64;
             for (k, v) in &kept.counts {
                 *resume.done_status_counts.entry(k.clone()).or_default() += v;
             }
             resume.redone_rows += redo.len() as u64;
             resume.redo.insert(chunk, redo);
             let mut pending = Pending::new(writer.chunk_len(chunk) as usize);
-            pending.filled = kept.batch.num_rows();
+            pending.filled = kept.rows;
             pending.kept = Some(kept);
             writer.pending.insert(chunk, pending);
         }
@@ -482,45 +501,9 @@ impl PartWriter {
         Ok((writer, resume))
     }
 
-    /// Reads committed part `name` of `chunk` whole, for its rows of
-    /// [`SinkConfig::retry_statuses`] to be redone: the rows that stay, and the indices redone.
-    /// The part stays where it is until the new one replaces it.
-    fn reopen_part(&self, name: &str, chunk: u64) -> anyhow::Result<(Kept, BTreeSet<u64>)> {
-        let path = self.cfg.dir.join(name)?;
-        let batch = read::read_part(&path, &self.schema).with_context(|| {
-            format!("cannot read committed part {path} to redo its failed rows (nothing was moved or removed)")
-        })?;
-        let (Some(index), Some(status)) = (
-            batch.column_by_name("index").and_then(|c| c.as_any().downcast_ref::<UInt64Array>()),
-            batch.column_by_name("status").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
-        ) else {
-            bail!("{path} has unexpected `index`/`status` columns");
-        };
-        let retry: BTreeSet<&str> = self.cfg.retry_statuses.iter().map(|s| s.as_str()).collect();
-        let (start, _) = self.chunk_range(chunk);
-        let mut stays = vec![false; self.chunk_len(chunk) as usize];
-        let (mut counts, mut redo) = (BTreeMap::new(), BTreeSet::new());
-        let mut keep = Vec::with_capacity(batch.num_rows());
-        // check_part found the indices to be the chunk's, in order.
-        for (i, st) in index.values().iter().zip(status.iter()) {
-            let st = st.unwrap_or_default();
-            let again = retry.contains(st);
-            keep.push(!again);
-            if again {
-                redo.insert(*i);
-            } else {
-                stays[(i - start) as usize] = true;
-                *counts.entry(st.to_owned()).or_default() += 1;
-            }
-        }
-        let batch = arrow::compute::filter_record_batch(&batch, &BooleanArray::from(keep))?;
-        Ok((Kept { batch, stays, counts }, redo))
-    }
-
     /// Validates a committed part of `chunk`: `Err` when it cannot be read at all (I/O, the
-    /// store), `Ok(Err)` when its content is not that chunk's, else its status counts.
-    #[allow(clippy::type_complexity)]
-    fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<BTreeMap<String, u64>>> {
+    /// store), `Ok(Err)` when its content is not that chunk's, else its indices and statuses.
+    fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<read::PartContents>> {
         let path = self.cfg.dir.join(name)?;
         let unreadable =
             || format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)");
@@ -539,7 +522,7 @@ impl PartWriter {
             if !contents.indices.iter().copied().eq(start..end) {
                 bail!("its indices are not {start}..{end} in order");
             }
-            Ok(contents.status_counts)
+            Ok(contents)
         })();
         // A store's error in the middle (a ranged read): the part may be fine, so stop.
         if let Some(r) = ranged {
@@ -679,12 +662,13 @@ impl PartWriter {
     /// Writes chunk `chunk`'s part from its new rows and, for a part whose failed rows were
     /// redone, the rows kept from it, merged in index order.
     fn write_part(&self, chunk: u64, rows: &[Row], kept: Option<&Kept>) -> anyhow::Result<()> {
-        let have = rows.len() + kept.map_or(0, |k| k.batch.num_rows());
+        let have = rows.len() + kept.map_or(0, |k| k.rows);
         if have as u64 != self.chunk_len(chunk) {
             bail!("internal: chunk {chunk} has {have} rows, expected {}", self.chunk_len(chunk));
         }
         let mut batch = columns::batch(&self.columns, &self.schema, rows)?;
         if let Some(k) = kept {
+            let kept_batch = self.kept_rows(chunk, k)?;
             // Slot by slot, the next kept row or the next new one (both in index order).
             let (mut old, mut new) = (0, 0);
             let order: Vec<(usize, usize)> = k
@@ -696,7 +680,7 @@ impl PartWriter {
                     (source, *row - 1)
                 })
                 .collect();
-            batch = arrow::compute::interleave_record_batch(&[&k.batch, &batch], &order)?;
+            batch = arrow::compute::interleave_record_batch(&[&kept_batch, &batch], &order)?;
         }
         let name = part_name(self.cfg.shard, self.cfg.num_shards, chunk);
         files::write_atomic(&self.cfg.dir, &name, |out| {
@@ -705,6 +689,24 @@ impl PartWriter {
             w.close()?;
             Ok(())
         })
+    }
+
+    /// The rows of `chunk`'s committed part that `kept` keeps, read from it, in index order.
+    fn kept_rows(&self, chunk: u64, kept: &Kept) -> anyhow::Result<RecordBatch> {
+        let path = self.cfg.dir.join(&part_name(self.cfg.shard, self.cfg.num_shards, chunk))?;
+        let batch = read::read_part(&path, &self.schema).with_context(|| {
+            format!("cannot read committed part {path} to write it again with its failed rows redone")
+        })?;
+        let index = batch
+            .column_by_name("index")
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .with_context(|| format!("{path} has no `index` column of row indices"))?;
+        let (start, _) = self.chunk_range(chunk);
+        if !index.values().iter().copied().eq(start..start + kept.stays.len() as u64) {
+            bail!("{path} no longer holds the rows of chunk {chunk} it held when the run started");
+        }
+        let keep: BooleanArray = kept.stays.iter().map(|&s| Some(s)).collect();
+        Ok(arrow::compute::filter_record_batch(&batch, &keep)?)
     }
 
     /// Rows still missing, as (count, first few indices).
@@ -789,13 +791,25 @@ impl PartWriter {
     pub fn abort(mut self) -> anyhow::Result<ShardSummary> {
         self.closed = true;
         let dropped: usize = self.pending.values().map(|p| p.new_rows().count()).sum();
+        let redoing = self.pending.values().any(|p| p.kept.is_some());
+        // Parts whose failed rows were being redone stay committed as they were.
+        let kept_parts: Vec<(u64, BTreeMap<String, u64>)> =
+            self.pending.iter().filter_map(|(&c, p)| p.kept.as_ref().map(|k| (c, k.part_counts.clone()))).collect();
+        for (chunk, counts) in kept_parts {
+            self.done.insert(chunk);
+            self.rows += self.chunk_len(chunk);
+            for (s, n) in counts {
+                *self.status_counts.entry(s).or_default() += n;
+            }
+        }
         self.pending.clear();
         if dropped > 0 {
             tracing::info!(
                 "stopping shard {} of {}: {dropped} buffered rows of unfinished parts dropped; \
-                 a rerun writes them",
+                 a rerun writes them{}",
                 self.cfg.shard,
-                self.cfg.num_shards
+                self.cfg.num_shards,
+                if redoing { " (with --retry-failed again, for failed rows that were being redone)" } else { "" }
             );
         }
         let suffix = format!("-{}", files::process_token());

@@ -27,6 +27,8 @@ pub(crate) struct PartContents {
     pub indices: Vec<u64>,
     /// Row counts per status name.
     pub status_counts: BTreeMap<String, u64>,
+    /// Row statuses in file order.
+    pub statuses: Vec<Status>,
 }
 
 /// A committed part's bytes: a local file read in place, a remote object fetched whole (to read
@@ -212,7 +214,7 @@ pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRe
     let footer_rows = builder.metadata().file_metadata().num_rows();
     let mask = ProjectionMask::columns(builder.parquet_schema(), ["index", "status"]);
     let reader = builder.with_projection(mask).build().with_context(|| format!("cannot read {}", path))?;
-    let mut contents = PartContents { indices: Vec::new(), status_counts: BTreeMap::new() };
+    let mut contents = PartContents { indices: Vec::new(), status_counts: BTreeMap::new(), statuses: Vec::new() };
     for batch in reader {
         let batch = batch.with_context(|| format!("cannot read rows of {}", path))?;
         let column =
@@ -229,9 +231,10 @@ pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRe
         }
         contents.indices.extend(index.values().iter().copied());
         for s in status.iter().flatten() {
-            if Status::parse(s).is_none() {
+            let Some(parsed) = Status::parse(s) else {
                 bail!("{} has an unknown status {s:?}", path);
-            }
+            };
+            contents.statuses.push(parsed);
             *contents.status_counts.entry(s.to_owned()).or_default() += 1;
         }
     }
@@ -265,6 +268,8 @@ pub fn for_each_batch(dir: impl Into<Loc>, f: impl FnMut(RecordBatch) -> anyhow:
 /// per pass.
 pub struct Parts {
     dir: Loc,
+    /// Every file the folder held when listed.
+    listed: Vec<String>,
     names: Vec<String>,
     /// Local copies of remote parts; `None` for a local folder.
     spool: Option<tempfile::TempDir>,
@@ -275,9 +280,9 @@ impl Parts {
     /// `keep_copies`, remote parts are kept in a local temporary folder for the next pass.
     pub fn list(dir: impl Into<Loc>, keep_copies: bool) -> anyhow::Result<Parts> {
         let dir = dir.into();
-        let mut names = list_names(&dir)?;
-        super::files::warn_foreign(&dir, &names);
-        names.retain(|n| parse_part_name(n).is_some());
+        let listed = list_names(&dir)?;
+        super::files::warn_foreign(&dir, &listed);
+        let names = listed.iter().filter(|n| parse_part_name(n).is_some()).cloned().collect();
         let spool = match &dir {
             Loc::Remote { .. } if keep_copies => Some(
                 tempfile::Builder::new()
@@ -287,7 +292,18 @@ impl Parts {
             ),
             _ => None,
         };
-        Ok(Parts { dir, names, spool })
+        Ok(Parts { dir, listed, names, spool })
+    }
+
+    /// The key-value metadata of the first part ([`super::read_metadata`]), from this listing.
+    pub fn metadata(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        super::extra::metadata_of(&self.dir, &self.listed)
+    }
+
+    /// Which shards are complete ([`super::coverage`]), from this listing: the same files the
+    /// passes over the parts read.
+    pub fn coverage(&self) -> anyhow::Result<super::Coverage> {
+        super::summary::coverage_of(&self.dir, &self.listed)
     }
 
     /// Reads every part, in file-name order (by shard, then by chunk), one record batch at a time.

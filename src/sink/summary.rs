@@ -211,6 +211,12 @@ pub fn coverage(dir: impl Into<Loc>) -> anyhow::Result<Coverage> {
     let dir = &dir.into();
     let names = list_names(dir)?;
     files::warn_foreign(dir, &names);
+    coverage_of(dir, &names)
+}
+
+/// [`coverage`] of the folder `dir` whose files are `names`.
+pub(crate) fn coverage_of(dir: &Loc, names: &[String]) -> anyhow::Result<Coverage> {
+    let names = names.to_vec();
     let num_shards = one_shard_count(dir, &names)?;
     let jobs = one_job(dir, &names)?;
     let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();

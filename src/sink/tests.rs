@@ -601,7 +601,8 @@ fn failed_rows_are_redone_and_their_parts_written_again_with_the_rest_kept() {
     assert_eq!((resume.done_status_counts["ok"], resume.done_status_counts["decode_error"]), (8, 0));
     assert_eq!((0..11).filter(|&i| !resume.is_done(i)).collect::<Vec<_>>(), [4, 9, 10]);
     assert!(!dir.join("_SUCCESS").exists(), "not complete while failed rows are redone");
-    w.abort().unwrap();
+    let s = w.abort().unwrap();
+    assert_eq!((s.rows, s.parts, s.status_counts["decode_error"]), (10, 3, 2), "the old parts stay committed");
     for k in 0..3 {
         assert_eq!(fs::read(part(k)).unwrap(), before[k as usize], "a stopped retry leaves part {k}");
     }

@@ -455,10 +455,6 @@ fn run_six(samples: Vec<Sample>, cfg: PipelineConfig, engine: Box<dyn Attributor
     )
 }
 
-/// A device that fails for good stops the run with its error (exit 3 from the CLI) after the
-/// parts already complete are committed; the failing batches get no rows, so a rerun does them,
-/// instead of every remaining sample getting an `attribution_error` row. One image that fails
-/// on a healthy device still gets its error row.
 /// `run --retry-failed[=STATUS,…]` after the files are fixed: the failed samples of those
 /// statuses are attributed again and their rows replaced, each sample keeps one row, ok rows and
 /// parts without a failed row stay as they were, and a status name that is not a failure is
@@ -500,6 +496,10 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
 
     let o = run(&["--retry-failed"]);
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    // Three decode errors, unreadable, too_large and bad_mask; not the two bad labels, which
+    // only the manifest decides.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("6 of 6 samples processed"), "{stdout}");
     let third = rows_by_id(&out);
     assert_eq!(third.len(), ds.expected.len(), "one row per sample");
     assert_eq!(third["x_zero"].0, "ok");
@@ -518,6 +518,10 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     assert!(out.join("_SUCCESS").exists(), "the single shard finalizes again");
 }
 
+/// A device that fails for good stops the run with its error (exit 3 from the CLI) after the
+/// parts already complete are committed; the failing batches get no rows, so a rerun does them,
+/// instead of every remaining sample getting an `attribution_error` row. One image that fails
+/// on a healthy device still gets its error row.
 #[test]
 fn a_failing_device_stops_the_run_instead_of_failing_every_sample() {
     let tmp = tempfile::tempdir().unwrap();
