@@ -173,6 +173,13 @@ fn s3_manifest_images_and_output_over_http() {
     let said = String::from_utf8_lossy(&again.stdout);
     assert!(said.starts_with("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
 
+    // --retry-failed over the bucket: the parts holding failed rows are read whole and written
+    // again (the files are as they were, so the rows come out the same; compared below).
+    let retry = s3.bin(&["run", job_arg, "--shard-index", "1", "--num-shards", "2", "--retry-failed"]);
+    ok_or_failed(&retry, "S3 retry of failed rows");
+    let said = String::from_utf8_lossy(&retry.stdout);
+    assert!(said.contains("failed there and redone") || said.contains("failed in an earlier run and redone"), "{said}");
+
     // A damaged part in the bucket is moved aside and its chunk written again.
     s3.boto(CORRUPT, &["audit", "runs/r1/part-00000-of-00002-000000.parquet"]);
     let redo = s3.bin(&["run", job_arg, "--shard-index", "0", "--num-shards", "2"]);
