@@ -65,7 +65,8 @@ enum Command {
         #[arg(long)]
         store_failures_as_rows: bool,
     },
-    /// Validate a job spec and the model, and print the resolved plan; computes nothing.
+    /// Validate a job spec and the model, and print the resolved plan and what the output folder
+    /// already holds for the shard (what a run would keep, redo or refuse); computes nothing.
     Validate {
         /// The job spec (TOML).
         job: PathBuf,
@@ -265,16 +266,14 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
     }
 }
 
-/// The statuses `run --retry-failed[=…]` redoes. With none listed, every failure status but
-/// `bad_label` and `bad_box`: those come from the manifest, which cannot change under one output
-/// folder (the job id covers it), so their samples would only fail again.
+/// The statuses `run --retry-failed[=…]` redoes: those named, else [`run::default_retry_statuses`].
 fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> {
     let failures = || Status::ALL.iter().copied().filter(|&s| s != Status::Ok);
     let Some(names) = names else {
         return Ok(BTreeSet::new());
     };
     if names.is_empty() {
-        return Ok(failures().filter(|s| !matches!(s, Status::BadLabel | Status::BadBox)).collect());
+        return Ok(run::default_retry_statuses());
     }
     names
         .iter()
@@ -416,6 +415,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { job, output, shard } => {
             let (plan, _) = run::plan(&job, shard.resolve()?, output.as_ref())?;
             print!("{plan}");
+            // The folder may not be reachable from here (a bucket without credentials): the
+            // plan still stands.
+            match run::describe_output(&plan) {
+                Ok(text) => print!("{text}"),
+                Err(e) => println!("output state: cannot read the output folder: {e:#}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { dir, top, score, max_clusters, cluster_sample, out, max_classes } => {

@@ -67,6 +67,70 @@ impl std::fmt::Display for Plan {
     }
 }
 
+/// The failure statuses `run --retry-failed` redoes when none is named: all but `bad_label` and
+/// `bad_box`, which come from the manifest, which cannot change under one output folder (the
+/// job id covers it), so their samples would only fail again.
+pub fn default_retry_statuses() -> BTreeSet<Status> {
+    Status::ALL.iter().copied().filter(|s| !matches!(s, Status::Ok | Status::BadLabel | Status::BadBox)).collect()
+}
+
+/// What `validate` says of the output folder: what this shard's committed parts hold and what a
+/// run would do with them. Reads only.
+pub fn describe_output(plan: &Plan) -> Result<String> {
+    let job = &plan.job;
+    let cfg = SinkConfig {
+        dir: job.output.clone(),
+        shard: plan.shard.index,
+        num_shards: plan.shard.count,
+        total_rows: plan.samples.len() as u64,
+        rows_per_part: job.rows_per_part as u64,
+        regions: job.regions.iter().map(|r| r.0.clone()).collect(),
+        metadata: Vec::new(),
+        job_id: String::new(),
+        retry_statuses: BTreeSet::new(),
+    };
+    let st = crate::sink::shard_state(&cfg, &fingerprint(plan))?;
+    if let Some(why) = st.refused {
+        return Ok(format!("output state: a run would refuse this folder (exit 2): {why}\n"));
+    }
+    let mut text = String::new();
+    if st.parts == 0 {
+        text.push_str("output state: nothing committed for this shard yet\n");
+    } else {
+        let failed: Vec<String> = st
+            .status_counts
+            .iter()
+            .filter(|(s, n)| **s != Status::Ok && **n > 0)
+            .map(|(s, n)| format!("{} {n}", s.as_str()))
+            .collect();
+        let ok = st.status_counts.get(&Status::Ok).copied().unwrap_or(0);
+        text.push_str(&format!(
+            "output state: {} of {} parts of this shard committed, {} rows ({ok} ok{}); ",
+            st.parts,
+            st.num_parts,
+            st.rows,
+            if failed.is_empty() { String::new() } else { format!(", failed: {}", failed.join(", ")) }
+        ));
+        let rest = cfg.total_rows.saturating_sub(st.rows);
+        text.push_str(&if rest == 0 {
+            "the shard is complete\n".to_owned()
+        } else {
+            format!("a run attributes the other {rest} samples\n")
+        });
+        let retried: u64 = default_retry_statuses().iter().filter_map(|s| st.status_counts.get(s)).sum();
+        if retried > 0 {
+            text.push_str(&format!("  run --retry-failed would redo {retried} of the failed samples\n"));
+        }
+    }
+    if let Some(first) = st.invalid.first() {
+        text.push_str(&format!(
+            "  {} part(s) not valid, which a run sets aside and writes again; the first: {first}\n",
+            st.invalid.len()
+        ));
+    }
+    Ok(text)
+}
+
 fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
     match d {
         Devices::All => {

@@ -120,6 +120,123 @@ pub struct SinkConfig {
     pub retry_statuses: BTreeSet<Status>,
 }
 
+impl SinkConfig {
+    /// The indices `[start, end)` of chunk `chunk`.
+    fn chunk_range(&self, chunk: u64) -> (u64, u64) {
+        let start = chunk.saturating_mul(self.rows_per_part).min(self.total_rows);
+        let end = start.saturating_add(self.rows_per_part).min(self.total_rows);
+        (start, end)
+    }
+}
+
+/// [`PartWriter::check_part`] for the shard `cfg` with the table `schema`, and for a remote part
+/// the bytes read of the bytes it holds.
+#[allow(clippy::type_complexity)]
+fn check_committed(
+    cfg: &SinkConfig,
+    schema: &SchemaRef,
+    name: &str,
+    chunk: u64,
+) -> anyhow::Result<(anyhow::Result<read::PartContents>, Option<(u64, u64)>)> {
+    let path = cfg.dir.join(name)?;
+    let unreadable =
+        || format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)");
+    let file = read::open_part_ranged(&path).with_context(unreadable)?;
+    let ranged = file.ranged();
+    let checked = (|| {
+        let num_chunks = cfg.total_rows.div_ceil(cfg.rows_per_part);
+        if chunk >= num_chunks {
+            bail!("chunk {chunk} is past this shard's {num_chunks} chunks");
+        }
+        let contents = read::read_part_contents(file, &path, schema)?;
+        let (start, end) = cfg.chunk_range(chunk);
+        let expected = end - start;
+        if contents.indices.len() as u64 != expected {
+            bail!("it holds {} rows, chunk {chunk} has {expected}", contents.indices.len());
+        }
+        if !contents.indices.iter().copied().eq(start..end) {
+            bail!("its indices are not {start}..{end} in order");
+        }
+        Ok(contents)
+    })();
+    // A store's error in the middle (a ranged read): the part may be fine, so stop.
+    let mut bytes = None;
+    if let Some(r) = ranged {
+        if let Some(e) = r.failure() {
+            return Err(anyhow::anyhow!(e)).with_context(unreadable);
+        }
+        let (len, read) = r.bytes();
+        bytes = Some((read, len));
+    }
+    Ok((checked, bytes))
+}
+
+/// What an output folder holds for one shard, read without changing anything (`validate`):
+/// what a run of the same job would keep, and what it would do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardState {
+    /// Why a run would refuse the folder (it holds another job's output for this shard).
+    pub refused: Option<String>,
+    /// Parts of this shard a run would keep.
+    pub parts: u64,
+    /// Parts the shard has in all.
+    pub num_parts: u64,
+    /// Rows in the parts kept.
+    pub rows: u64,
+    /// Those rows per status.
+    pub status_counts: BTreeMap<Status, u64>,
+    /// Parts a run would set aside and write again, with why.
+    pub invalid: Vec<String>,
+}
+
+/// Reads [`ShardState`] of shard `cfg.shard` in `cfg.dir` for the job `fingerprint`, without
+/// locking, creating, moving or removing anything. A folder that does not exist yet holds
+/// nothing.
+pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardState> {
+    check_config(cfg)?;
+    let mut state = ShardState { num_parts: cfg.total_rows.div_ceil(cfg.rows_per_part), ..Default::default() };
+    if let Loc::Local(p) = &cfg.dir {
+        if !p.exists() {
+            return Ok(state);
+        }
+    }
+    let names = files::list_names(&cfg.dir)?;
+    let (shard, count) = (cfg.shard, cfg.num_shards);
+    if let Some((name, s, c)) = files::other_shard_count(&names, count) {
+        state.refused = Some(format!("it holds shard {s} of {c} ({name}), and this run is shard {shard} of {count}"));
+        return Ok(state);
+    }
+    let job_name = files::job_name(shard, count);
+    if names.contains(&job_name) {
+        let old: JobFile = files::read_json(&cfg.dir.join(&job_name)?)?;
+        if old.fingerprint != fingerprint {
+            state.refused =
+                Some(format!("{job_name} records another job ({}; this one is {fingerprint})", old.fingerprint));
+            return Ok(state);
+        }
+    }
+    let schema = schema(&cfg.regions);
+    for name in &names {
+        let Some((s, c, chunk)) = files::parse_part_name(name) else {
+            continue;
+        };
+        if (s, c) != (shard, count) {
+            continue;
+        }
+        match check_committed(cfg, &schema, name, chunk)?.0 {
+            Ok(contents) => {
+                state.parts += 1;
+                state.rows += contents.indices.len() as u64;
+                for st in contents.statuses {
+                    *state.status_counts.entry(st).or_default() += 1;
+                }
+            }
+            Err(e) => state.invalid.push(format!("{name}: {e:#}")),
+        }
+    }
+    Ok(state)
+}
+
 /// How many other shards' `_job` files an `open` reads to check the job id (a folder of
 /// another job shows in every one of them); `finalize` reads them all.
 const OTHER_SHARDS_CHECKED: usize = 16;
@@ -504,32 +621,8 @@ impl PartWriter {
     /// Validates a committed part of `chunk`: `Err` when it cannot be read at all (I/O, the
     /// store), `Ok(Err)` when its content is not that chunk's, else its indices and statuses.
     fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<read::PartContents>> {
-        let path = self.cfg.dir.join(name)?;
-        let unreadable =
-            || format!("cannot read committed part {path} to check it before resuming (nothing was moved or removed)");
-        let file = read::open_part_ranged(&path).with_context(unreadable)?;
-        let ranged = file.ranged();
-        let checked = (|| {
-            if chunk >= self.num_chunks {
-                bail!("chunk {chunk} is past this shard's {} chunks", self.num_chunks);
-            }
-            let contents = read::read_part_contents(file, &path, &self.schema)?;
-            let (start, end) = self.chunk_range(chunk);
-            let expected = end - start;
-            if contents.indices.len() as u64 != expected {
-                bail!("it holds {} rows, chunk {chunk} has {expected}", contents.indices.len());
-            }
-            if !contents.indices.iter().copied().eq(start..end) {
-                bail!("its indices are not {start}..{end} in order");
-            }
-            Ok(contents)
-        })();
-        // A store's error in the middle (a ranged read): the part may be fine, so stop.
-        if let Some(r) = ranged {
-            if let Some(e) = r.failure() {
-                return Err(anyhow::anyhow!(e)).with_context(unreadable);
-            }
-            let (len, read) = r.bytes();
+        let (checked, bytes) = check_committed(&self.cfg, &self.schema, name, chunk)?;
+        if let Some((read, len)) = bytes {
             let mut c = self.remote_check_bytes.lock().unwrap_or_else(|p| p.into_inner());
             c.0 += read;
             c.1 += len;
@@ -538,9 +631,7 @@ impl PartWriter {
     }
 
     fn chunk_range(&self, chunk: u64) -> (u64, u64) {
-        let start = chunk.saturating_mul(self.cfg.rows_per_part).min(self.cfg.total_rows);
-        let end = start.saturating_add(self.cfg.rows_per_part).min(self.cfg.total_rows);
-        (start, end)
+        self.cfg.chunk_range(chunk)
     }
 
     fn chunk_len(&self, chunk: u64) -> u64 {

@@ -624,3 +624,30 @@ fn failed_rows_are_redone_and_their_parts_written_again_with_the_rest_kept() {
     assert_eq!((status.value(0), total.value(0)), ("ok", 104.0));
     assert_eq!(new2, old2, "row 9 failed the same way again; row 8 kept");
 }
+
+/// `shard_state` (what `validate` says) reads committed parts, a torn one and the job file
+/// without creating, moving or removing anything.
+#[test]
+fn shard_state_reads_the_folder_without_changing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let c = cfg(&dir, 0, 1, 10, 4);
+    assert_eq!(shard_state(&c, "job").unwrap(), ShardState { num_parts: 3, ..Default::default() });
+    assert!(!dir.exists(), "no folder made");
+    let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
+    (0..8).for_each(|i| w.push(row(i)).unwrap()); // chunks 0 and 1 committed
+    w.abort().unwrap();
+    fs::write(dir.join(part_name(0, 1, 2)), b"PAR1 torn").unwrap();
+    let before = names(&dir);
+    let st = shard_state(&c, "job").unwrap();
+    assert_eq!((st.parts, st.num_parts, st.rows, st.refused.as_deref()), (2, 3, 8, None));
+    assert_eq!((st.status_counts[&Status::Ok], st.status_counts[&Status::DecodeError]), (7, 1));
+    assert!(
+        st.invalid.len() == 1 && st.invalid[0].starts_with("part-00000-of-00001-000002.parquet"),
+        "{:?}",
+        st.invalid
+    );
+    let other = shard_state(&c, "another-job").unwrap();
+    assert!(other.refused.as_deref().is_some_and(|r| r.contains("another job")), "{other:?}");
+    assert_eq!(names(&dir), before, "nothing made, moved or removed");
+}

@@ -471,6 +471,17 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     let o = run(&[]);
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     let first = rows_by_id(&out);
+    // `validate` reads what the folder holds and says what a retry would do: seven failed rows
+    // (not the two bad labels).
+    let v = Command::new(bin()).arg("validate").arg(&job).output().unwrap();
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        said.contains(
+            "5 of 5 parts of this shard committed, 21 rows (12 ok, failed: missing 1, unreadable 1, decode_error 3"
+        ) && said.contains("the shard is complete")
+            && said.contains("run --retry-failed would redo 7 of the failed samples"),
+        "{said}"
+    );
     // The twelve good samples come first: parts 0 and 1 hold only ok rows.
     let clean: Vec<Vec<u8>> =
         (0..2).map(|k| std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap()).collect();
