@@ -77,18 +77,7 @@ pub fn default_retry_statuses() -> BTreeSet<Status> {
 /// What `validate` says of the output folder: what this shard's committed parts hold and what a
 /// run would do with them. Reads only.
 pub fn describe_output(plan: &Plan) -> Result<String> {
-    let job = &plan.job;
-    let cfg = SinkConfig {
-        dir: job.output.clone(),
-        shard: plan.shard.index,
-        num_shards: plan.shard.count,
-        total_rows: plan.samples.len() as u64,
-        rows_per_part: job.rows_per_part as u64,
-        regions: job.regions.iter().map(|r| r.0.clone()).collect(),
-        metadata: Vec::new(),
-        job_id: String::new(),
-        retry_statuses: BTreeSet::new(),
-    };
+    let cfg = sink_config(plan, Vec::new(), BTreeSet::new());
     let st = crate::sink::shard_state(&cfg, &fingerprint(plan))?;
     if let Some(why) = st.refused {
         return Ok(format!("output state: a run would refuse this folder (exit 2): {why}\n"));
@@ -129,6 +118,22 @@ pub fn describe_output(plan: &Plan) -> Result<String> {
         ));
     }
     Ok(text)
+}
+
+/// The output stage's settings for this plan's shard.
+fn sink_config(plan: &Plan, metadata: Vec<(String, String)>, retry_statuses: BTreeSet<Status>) -> SinkConfig {
+    let job = &plan.job;
+    SinkConfig {
+        dir: job.output.clone(),
+        shard: plan.shard.index,
+        num_shards: plan.shard.count,
+        total_rows: plan.samples.len() as u64,
+        rows_per_part: job.rows_per_part as u64,
+        regions: job.regions.iter().map(|r| r.0.clone()).collect(),
+        metadata,
+        job_id: job_id(plan),
+        retry_statuses,
+    }
 }
 
 fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
@@ -456,17 +461,7 @@ pub fn run_with(
         ("saliency_audit.preprocess".to_owned(), preprocess_json(&job.preprocess).to_string()),
         ("saliency_audit.regions".to_owned(), serde_json::to_string(&job.regions)?),
     ];
-    let sink = SinkConfig {
-        dir: job.output.clone(),
-        shard: plan.shard.index,
-        num_shards: plan.shard.count,
-        total_rows: plan.samples.len() as u64,
-        rows_per_part: job.rows_per_part as u64,
-        regions: regions.iter().map(|r| r.name.clone()).collect(),
-        metadata,
-        job_id: job_id(&plan),
-        retry_statuses: run_opts.retry_statuses,
-    };
+    let sink = sink_config(&plan, metadata, run_opts.retry_statuses);
     let cfg = PipelineConfig {
         preprocess: decode_preprocess(&job.preprocess),
         target: match job.target {
