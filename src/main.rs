@@ -419,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // plan still stands.
             match run::describe_output(&plan) {
                 Ok(text) => print!("{text}"),
-                Err(e) => println!("output state: cannot read the output folder: {e:#}"),
+                Err(e) => println!("output state: not known: {e:#}"),
             }
             Ok(ExitCode::SUCCESS)
         }

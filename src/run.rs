@@ -83,7 +83,7 @@ pub fn describe_output(plan: &Plan) -> Result<String> {
         return Ok(format!("output state: a run would refuse this folder (exit 2): {why}\n"));
     }
     let mut text = String::new();
-    if st.parts == 0 {
+    if st.parts == 0 && st.invalid.is_empty() {
         text.push_str("output state: nothing committed for this shard yet\n");
     } else {
         let failed: Vec<String> = st

@@ -202,18 +202,9 @@ pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardS
     }
     let names = files::list_names(&cfg.dir)?;
     let (shard, count) = (cfg.shard, cfg.num_shards);
-    if let Some((name, s, c)) = files::other_shard_count(&names, count) {
-        state.refused = Some(format!("it holds shard {s} of {c} ({name}), and this run is shard {shard} of {count}"));
+    if let Some(refused) = folder_refusal(cfg, fingerprint, &names)? {
+        state.refused = Some(format!("{refused:#}"));
         return Ok(state);
-    }
-    let job_name = files::job_name(shard, count);
-    if names.contains(&job_name) {
-        let old: JobFile = files::read_json(&cfg.dir.join(&job_name)?)?;
-        if old.fingerprint != fingerprint {
-            state.refused =
-                Some(format!("{job_name} records another job ({}; this one is {fingerprint})", old.fingerprint));
-            return Ok(state);
-        }
     }
     let schema = schema(&cfg.regions);
     for name in &names {
@@ -235,6 +226,99 @@ pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardS
         }
     }
     Ok(state)
+}
+
+/// The job file shard `cfg.shard` of the job `fingerprint` records.
+fn job_file(cfg: &SinkConfig, fingerprint: &str) -> JobFile {
+    JobFile {
+        fingerprint: fingerprint.to_owned(),
+        job_id: cfg.job_id.clone(),
+        shard: cfg.shard,
+        num_shards: cfg.num_shards,
+        total_rows: cfg.total_rows,
+        rows_per_part: cfg.rows_per_part,
+        schema_version: SCHEMA_VERSION,
+    }
+}
+
+/// Why shard `cfg.shard` of the job `fingerprint` may not write into the folder `cfg.dir`,
+/// whose files are `names`: it holds files of another shard count ([`OutputConflict`]), another
+/// job's output for this shard, or other shards of another job (`Some`, exit 2 from the CLI).
+/// `Err`: a job file that cannot be read. Reads only, so `validate` says what `run` would do.
+fn folder_refusal(cfg: &SinkConfig, fingerprint: &str, names: &[String]) -> anyhow::Result<Option<anyhow::Error>> {
+    let (dir, shard, count) = (&cfg.dir, cfg.shard, cfg.num_shards);
+    let refuse = |message: String| Ok(Some(anyhow::anyhow!(message)));
+    // The other shards in the folder: split the same way, and of the same job.
+    if let Some((name, s, c)) = files::other_shard_count(names, count) {
+        return Ok(Some(
+            OutputConflict(format!(
+                "output folder {dir} holds shard {s} of {c} ({}), but this run is shard {shard} of \
+                 {count}: all shards of one output folder share one shard count (for a Slurm array, \
+                 set NUM_SHARDS); run with {c} shards or use another output folder",
+                dir.join(name)?
+            ))
+            .into(),
+        ));
+    }
+    let mut checked = 0;
+    for name in names {
+        let Some((s, c)) = files::parse_job_name(name) else {
+            continue;
+        };
+        if s == shard || checked == OTHER_SHARDS_CHECKED || cfg.job_id.is_empty() {
+            continue;
+        }
+        checked += 1;
+        let path = dir.join(name)?;
+        let other: JobFile = files::read_json(&path)?;
+        if !other.job_id.is_empty() && other.job_id != cfg.job_id {
+            return refuse(format!(
+                "output folder {dir} holds shard {s} of {c} of another job ({path} records job {}, \
+                 this run is job {}): the model, a setting or the dataset's sample list differs \
+                 from when that shard ran; run every shard with one job spec over one dataset, or \
+                 use another output folder",
+                other.job_id, cfg.job_id
+            ));
+        }
+    }
+    let job = job_file(cfg, fingerprint);
+    let job_name = files::job_name(shard, count);
+    let job_path = dir.join(&job_name)?;
+    if names.contains(&job_name) {
+        let old: JobFile = files::read_json(&job_path)?;
+        if old.fingerprint != job.fingerprint {
+            return refuse(format!(
+                "output folder {} holds another job's output for shard {shard} of {count} \
+                 ({} records job {}, this job is {}); use another output folder",
+                dir, job_path, old.fingerprint, job.fingerprint
+            ));
+        }
+        if !old.job_id.is_empty() && !job.job_id.is_empty() && old.job_id != job.job_id {
+            return refuse(format!(
+                "output folder {} holds this shard's output, but the dataset's sample list has \
+                 changed since ({} records job {}, this run is job {}): the other shards no longer \
+                 match; rerun every shard into another output folder",
+                dir, job_path, old.job_id, job.job_id
+            ));
+        }
+        if (old.shard, old.num_shards, old.total_rows, old.rows_per_part, old.schema_version)
+            != (job.shard, job.num_shards, job.total_rows, job.rows_per_part, job.schema_version)
+        {
+            return refuse(format!(
+                "output folder {} holds this job's shard {shard} of {count} written with a \
+                 different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
+                 parts of {}, schema {}); use another output folder",
+                dir,
+                old.total_rows,
+                old.rows_per_part,
+                old.schema_version,
+                job.total_rows,
+                job.rows_per_part,
+                job.schema_version
+            ));
+        }
+    }
+    Ok(None)
 }
 
 /// How many other shards' `_job` files an `open` reads to check the job id (a folder of
@@ -408,91 +492,12 @@ impl PartWriter {
         }
 
         files::warn_foreign(&dir, &names);
-        // The other shards in the folder: split the same way, and of the same job.
-        if let Some((name, s, c)) = files::other_shard_count(&names, count) {
-            return Err(OutputConflict(format!(
-                "output folder {dir} holds shard {s} of {c} ({}), but this run is shard {shard} of \
-                 {count}: all shards of one output folder share one shard count (for a Slurm array, \
-                 set NUM_SHARDS); run with {c} shards or use another output folder",
-                dir.join(name)?
-            ))
-            .into());
-        }
-        let mut checked = 0;
-        for name in &names {
-            let Some((s, c)) = files::parse_job_name(name) else {
-                continue;
-            };
-            if s == shard || checked == OTHER_SHARDS_CHECKED || cfg.job_id.is_empty() {
-                continue;
+        match folder_refusal(&cfg, fingerprint, &names)? {
+            Some(refused) => return Err(refused),
+            None if !names.contains(&files::job_name(shard, count)) => {
+                files::write_json_atomic(&dir, &files::job_name(shard, count), &job_file(&cfg, fingerprint))?;
             }
-            checked += 1;
-            let path = dir.join(name)?;
-            let other: JobFile = files::read_json(&path)?;
-            if !other.job_id.is_empty() && other.job_id != cfg.job_id {
-                bail!(
-                    "output folder {dir} holds shard {s} of {c} of another job ({path} records job {}, \
-                     this run is job {}): the model, a setting or the dataset's sample list differs \
-                     from when that shard ran; run every shard with one job spec over one dataset, or \
-                     use another output folder",
-                    other.job_id,
-                    cfg.job_id
-                );
-            }
-        }
-
-        let job = JobFile {
-            fingerprint: fingerprint.to_owned(),
-            job_id: cfg.job_id.clone(),
-            shard,
-            num_shards: count,
-            total_rows: cfg.total_rows,
-            rows_per_part: cfg.rows_per_part,
-            schema_version: SCHEMA_VERSION,
-        };
-        let job_name = files::job_name(shard, count);
-        let job_path = dir.join(&job_name)?;
-        if store::exists(&job_path)? {
-            let old: JobFile = files::read_json(&job_path)?;
-            if old.fingerprint != job.fingerprint {
-                bail!(
-                    "output folder {} holds another job's output for shard {shard} of {count} \
-                     ({} records job {}, this job is {}); use another output folder",
-                    dir,
-                    job_path,
-                    old.fingerprint,
-                    job.fingerprint
-                );
-            }
-            if !old.job_id.is_empty() && !job.job_id.is_empty() && old.job_id != job.job_id {
-                bail!(
-                    "output folder {} holds this shard's output, but the dataset's sample list has \
-                     changed since ({} records job {}, this run is job {}): the other shards no longer \
-                     match; rerun every shard into another output folder",
-                    dir,
-                    job_path,
-                    old.job_id,
-                    job.job_id
-                );
-            }
-            if (old.shard, old.num_shards, old.total_rows, old.rows_per_part, old.schema_version)
-                != (job.shard, job.num_shards, job.total_rows, job.rows_per_part, job.schema_version)
-            {
-                bail!(
-                    "output folder {} holds this job's shard {shard} of {count} written with a \
-                     different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
-                     parts of {}, schema {}); use another output folder",
-                    dir,
-                    old.total_rows,
-                    old.rows_per_part,
-                    old.schema_version,
-                    job.total_rows,
-                    job.rows_per_part,
-                    job.schema_version
-                );
-            }
-        } else {
-            files::write_json_atomic(&dir, &job_name, &job)?;
+            None => {}
         }
 
         let columns = columns::columns(&cfg.regions);

@@ -625,29 +625,67 @@ fn failed_rows_are_redone_and_their_parts_written_again_with_the_rest_kept() {
     assert_eq!(new2, old2, "row 9 failed the same way again; row 8 kept");
 }
 
-/// `shard_state` (what `validate` says) reads committed parts, a torn one and the job file
-/// without creating, moving or removing anything.
+/// Every file of `dir` with its bytes and modification time.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
+    names(dir)
+        .into_iter()
+        .map(|n| {
+            let p = dir.join(&n);
+            let bytes = fs::read(&p).unwrap();
+            (n, bytes, fs::metadata(&p).unwrap().modified().unwrap())
+        })
+        .collect()
+}
+
+/// `shard_state` (what `validate` says) reads committed parts (the short last one included), a
+/// torn one and the job files, and refuses what `open` refuses, without creating, locking,
+/// changing or removing anything (a stale temporary file and the shard's marker stay).
 #[test]
 fn shard_state_reads_the_folder_without_changing_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("out");
-    let c = cfg(&dir, 0, 1, 10, 4);
+    let c = cfg(&dir, 0, 2, 10, 4); // chunks [0,4) [4,8) [8,10); rows 4 and 9 failed
     assert_eq!(shard_state(&c, "job").unwrap(), ShardState { num_parts: 3, ..Default::default() });
     assert!(!dir.exists(), "no folder made");
     let (mut w, _) = PartWriter::open(c.clone(), "job").unwrap();
-    (0..8).for_each(|i| w.push(row(i)).unwrap()); // chunks 0 and 1 committed
-    w.abort().unwrap();
-    fs::write(dir.join(part_name(0, 1, 2)), b"PAR1 torn").unwrap();
-    let before = names(&dir);
+    (0..10).for_each(|i| w.push(row(i)).unwrap());
+    w.finish().unwrap();
+    fs::remove_file(dir.join(".lock-00000-of-00002")).unwrap();
+    fs::write(dir.join(".tmp-part-00000-of-00002-000001.parquet-99999"), b"PAR1 half").unwrap();
+
+    let before = snapshot(&dir);
     let st = shard_state(&c, "job").unwrap();
-    assert_eq!((st.parts, st.num_parts, st.rows, st.refused.as_deref()), (2, 3, 8, None));
-    assert_eq!((st.status_counts[&Status::Ok], st.status_counts[&Status::DecodeError]), (7, 1));
+    assert_eq!((st.parts, st.num_parts, st.rows, st.refused.as_deref()), (3, 3, 10, None));
+    assert_eq!((st.status_counts[&Status::Ok], st.status_counts[&Status::DecodeError]), (8, 2));
+    assert!(st.invalid.is_empty(), "{:?}", st.invalid);
+
+    fs::write(dir.join(part_name(0, 2, 1)), b"PAR1 torn").unwrap();
+    let st = shard_state(&c, "job").unwrap();
+    assert_eq!((st.parts, st.rows, st.status_counts[&Status::DecodeError]), (2, 6, 1));
     assert!(
-        st.invalid.len() == 1 && st.invalid[0].starts_with("part-00000-of-00001-000002.parquet"),
+        st.invalid.len() == 1 && st.invalid[0].starts_with("part-00000-of-00002-000001.parquet"),
         "{:?}",
         st.invalid
     );
-    let other = shard_state(&c, "another-job").unwrap();
-    assert!(other.refused.as_deref().is_some_and(|r| r.contains("another job")), "{other:?}");
-    assert_eq!(names(&dir), before, "nothing made, moved or removed");
+
+    // What open refuses: another job's fingerprint for this shard, this shard's output of a
+    // dataset that changed since (its job id), another shard count.
+    let refused = |c: &SinkConfig, fingerprint: &str| shard_state(c, fingerprint).unwrap().refused.unwrap_or_default();
+    assert!(refused(&c, "another-job").contains("another job's output for shard 0 of 2"));
+    let changed = SinkConfig { job_id: "changed".into(), ..c.clone() };
+    assert!(refused(&changed, "job").contains("sample list has changed"));
+    assert!(refused(&cfg(&dir, 0, 3, 10, 4), "job").contains("share one shard count"));
+    let mut after = snapshot(&dir);
+    after.retain(|f| f.0 != part_name(0, 2, 1));
+    let mut expected = before.clone();
+    expected.retain(|f| f.0 != part_name(0, 2, 1));
+    assert_eq!(after, expected, "nothing made, locked, changed or removed");
+
+    // Another job's shard 1 in the folder (written elsewhere: open refuses to write it here).
+    let elsewhere = tmp.path().join("elsewhere");
+    let other = SinkConfig { job_id: "other".into(), ..cfg(&elsewhere, 1, 2, 10, 4) };
+    PartWriter::open(other, "job-1").unwrap().0.abort().unwrap();
+    fs::copy(elsewhere.join("_job-00001-of-00002.json"), dir.join("_job-00001-of-00002.json")).unwrap();
+    assert!(refused(&c, "job").contains("holds shard 1 of 2 of another job"));
+    assert!(PartWriter::open(c, "job").is_err(), "and open refuses it too");
 }
