@@ -328,11 +328,12 @@ const OTHER_SHARDS_CHECKED: usize = 16;
 /// What an earlier run of the same job already committed for this shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
-    /// Chunks whose part is committed and valid.
+    /// Chunks whose part is committed and valid (and holds no row to redo).
     pub done_chunks: BTreeSet<u64>,
-    /// Rows in those parts.
+    /// Rows in those parts, and the rows kept from parts whose failed rows are redone: the rows
+    /// a run does not produce again.
     pub done_rows: u64,
-    /// Rows in those parts per status name (every status listed, zeros included).
+    /// Those rows per status name (every status listed, zeros included).
     pub done_status_counts: BTreeMap<String, u64>,
     /// Rows of [`SinkConfig::retry_statuses`] in committed parts, whose samples are redone.
     pub redone_rows: u64,
