@@ -19,6 +19,17 @@ use std::ops::Range;
 /// Fractional bits of the fixed-point coefficients: Pillow's `PRECISION_BITS` for 8-bit images.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// The rounding half added to every fixed-point sum before it is cut to a byte.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// A coefficient as the 16-bit parts the vector passes multiply by: `w = hi * 2^11 + lo`, with
+/// `lo` in 0..2048 and `hi` at most 2048 (a coefficient is at most 2^22), so
+/// `sum(p * w) = sum(p * hi) * 2^11 + sum(p * lo)` exactly.
+#[cfg(target_arch = "x86_64")]
+fn split(w: i32) -> (i16, i16) {
+    ((w >> 11) as i16, (w & 0x7ff) as i16)
+}
+
 /// Pillow's bilinear (triangle) filter, support 1.
 fn bilinear(x: f64) -> f64 {
     let x = x.abs();
@@ -162,21 +173,21 @@ fn vertical_pass(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mu
 #[target_feature(enable = "avx2")]
 unsafe fn vertical_pass_avx2(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mut [u8]) {
     use std::arch::x86_64::*;
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let row = |y: usize| &tmp[(y - first) * row_len..(y - first + 1) * row_len];
     // Per pair of taps: its two rows (a lone last tap pairs with itself, weighted zero) and the
     // high and low parts of its coefficients as 16-bit pairs.
     let mut pairs: Vec<(&[u8], &[u8], __m256i, __m256i)> = Vec::new();
-    let split = |a: i32, b: i32| {
-        let pack = |a: i32, b: i32| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
-        (_mm256_set1_epi32(pack(a >> 11, b >> 11)), _mm256_set1_epi32(pack(a & 0x7ff, b & 0x7ff)))
+    let split_pair = |a: i32, b: i32| {
+        let ((ah, al), (bh, bl)) = (split(a), split(b));
+        let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+        (_mm256_set1_epi32(pack(ah, bh)), _mm256_set1_epi32(pack(al, bl)))
     };
     for (j, line) in out.chunks_exact_mut(row_len).enumerate() {
         let (start, k) = taps.of(j);
         pairs.clear();
         for (p, w) in k.chunks(2).enumerate() {
             let (a, b) = (w[0], w.get(1).copied().unwrap_or(0));
-            let (h, l) = split(a, b);
+            let (h, l) = split_pair(a, b);
             pairs.push((row(start + 2 * p), row(start + 2 * p + w.len() - 1), h, l));
         }
         let mut x = 0;
@@ -221,7 +232,6 @@ unsafe fn vertical_pass_avx2(tmp: &[u8], first: usize, taps: &Taps, row_len: usi
 
 /// [`vertical_pass`] in plain code (which the compiler vectorises for the baseline CPU).
 fn vertical_pass_scalar(tmp: &[u8], first: usize, taps: &Taps, row_len: usize, out: &mut [u8]) {
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; row_len];
     for (j, line) in out.chunks_exact_mut(row_len).enumerate() {
         let (start, k) = taps.of(j);
@@ -278,7 +288,7 @@ unsafe fn horizontal_pass_avx2(src: &[u8], src_w: usize, rows: Range<usize>, tap
             for (t, &w) in g.iter().enumerate() {
                 for pair in 0..4 {
                     let at = (t / 2) * 8 + pair * 2 + t % 2;
-                    (h[at], l[at]) = ((w >> 11) as i16, (w & 0x7ff) as i16);
+                    (h[at], l[at]) = split(w);
                 }
             }
             hi.push(h);
@@ -332,7 +342,6 @@ unsafe fn horizontal_pass_avx2(src: &[u8], src_w: usize, rows: Range<usize>, tap
 #[target_feature(enable = "avx2")]
 fn finish_four_avx2([c0, c1, c2, c3]: [std::arch::x86_64::__m256i; 4]) -> [u8; 16] {
     use std::arch::x86_64::*;
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     // [sum 0 | sum 1] and [sum 2 | sum 3], each R G B and an unused lane.
     let s01 = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(c0, c1), _mm256_permute2x128_si256::<0x31>(c0, c1));
     let s23 = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(c2, c3), _mm256_permute2x128_si256::<0x31>(c2, c3));
@@ -410,7 +419,6 @@ unsafe fn group_avx2(
 #[target_feature(enable = "sse4.1")]
 unsafe fn horizontal_pass_sse41(src: &[u8], src_w: usize, rows: Range<usize>, taps: &Taps, tmp: &mut [u8]) {
     use std::arch::x86_64::*;
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let ncols = taps.bounds.len();
     // One row at a time, with a byte to spare after its last pixel for the four-byte loads.
     let mut line = vec![0u8; src_w * 3 + 1];
@@ -436,7 +444,6 @@ unsafe fn horizontal_pass_sse41(src: &[u8], src_w: usize, rows: Range<usize>, ta
 
 /// [`horizontal_pass`] in plain scalar code.
 fn horizontal_pass_scalar(src: &[u8], src_w: usize, rows: Range<usize>, taps: &Taps, tmp: &mut [u8]) {
-    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     let ncols = taps.bounds.len();
     for (ty, sy) in rows.enumerate() {
         let line = &src[sy * src_w * 3..(sy + 1) * src_w * 3];

@@ -1,7 +1,7 @@
 //! Output files besides the part files: the report's HTML and tables, and reading back a
 //! run's file metadata. Still the sink's job: every file is written atomically.
 
-use super::files::{list_names, parse_part_name, write_atomic};
+use super::files::{parse_part_name, write_atomic};
 use crate::store::{self, Loc};
 use anyhow::{Context, Result};
 use arrow::record_batch::RecordBatch;
@@ -35,13 +35,8 @@ pub fn write_table(dir: &Loc, name: &str, batch: &RecordBatch, metadata: &[(Stri
     dir.join(name)
 }
 
-/// The key-value metadata of the first committed part in `dir` (job spec, class names, …).
-pub fn read_metadata(dir: impl Into<Loc>) -> Result<BTreeMap<String, String>> {
-    let dir = dir.into();
-    metadata_of(&dir, &list_names(&dir)?)
-}
-
-/// [`read_metadata`] of the folder `dir` whose files are `names`.
+/// The key-value metadata (job spec, class names, …) of the first committed part of the folder
+/// `dir`, whose files are `names`.
 pub(crate) fn metadata_of(dir: &Loc, names: &[String]) -> Result<BTreeMap<String, String>> {
     let first =
         names.iter().find(|n| parse_part_name(n).is_some()).with_context(|| format!("{dir} holds no part files"))?;

@@ -40,10 +40,10 @@ use columns::Column;
 
 mod extra;
 pub use columns::region_column;
-pub use extra::{read_metadata, write_file, write_table};
+pub use extra::{write_file, write_table};
 pub use files::{part_name, LockWaitInterrupted, OutputConflict};
 pub use read::{for_each_batch, read_rows, Parts};
-pub use summary::{coverage, finalize, write_summary, Coverage, DatasetSummary, ShardSummary, ShardsUnfinished};
+pub use summary::{finalize, write_summary, Coverage, DatasetSummary, ShardSummary, ShardsUnfinished};
 
 /// Version of the output table layout; bump when a column is added, removed or changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -493,12 +493,12 @@ impl PartWriter {
         }
 
         files::warn_foreign(&dir, &names);
-        match folder_refusal(&cfg, fingerprint, &names)? {
-            Some(refused) => return Err(refused),
-            None if !names.contains(&files::job_name(shard, count)) => {
-                files::write_json_atomic(&dir, &files::job_name(shard, count), &job_file(&cfg, fingerprint))?;
-            }
-            None => {}
+        if let Some(refused) = folder_refusal(&cfg, fingerprint, &names)? {
+            return Err(refused);
+        }
+        let job_name = files::job_name(shard, count);
+        if !names.contains(&job_name) {
+            files::write_json_atomic(&dir, &job_name, &job_file(&cfg, fingerprint))?;
         }
 
         let columns = columns::columns(&cfg.regions);

@@ -295,13 +295,13 @@ impl Parts {
         Ok(Parts { dir, listed, names, spool })
     }
 
-    /// The key-value metadata of the first part ([`super::read_metadata`]), from this listing.
+    /// The key-value metadata of the first part (job spec, class names, …), from this listing.
     pub fn metadata(&self) -> anyhow::Result<BTreeMap<String, String>> {
         super::extra::metadata_of(&self.dir, &self.listed)
     }
 
-    /// Which shards are complete ([`super::coverage`]), from this listing: the same files the
-    /// passes over the parts read.
+    /// Which shards are complete, from this listing: the same files the passes over the parts
+    /// read.
     pub fn coverage(&self) -> anyhow::Result<super::Coverage> {
         super::summary::coverage_of(&self.dir, &self.listed)
     }

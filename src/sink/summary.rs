@@ -205,22 +205,13 @@ pub struct Coverage {
     pub unfinished: Vec<u32>,
 }
 
-/// Reads `dir`'s markers into a [`Coverage`]. Errors as [`finalize`]'s for a folder that mixes
-/// jobs (its rows would be counted twice).
-pub fn coverage(dir: impl Into<Loc>) -> anyhow::Result<Coverage> {
-    let dir = &dir.into();
-    let names = list_names(dir)?;
-    files::warn_foreign(dir, &names);
-    coverage_of(dir, &names)
-}
-
-/// [`coverage`] of the folder `dir` whose files are `names`.
+/// Reads the markers of the folder `dir`, whose files are `names`, into a [`Coverage`]. Errors
+/// as [`finalize`]'s for a folder that mixes jobs (its rows would be counted twice).
 pub(crate) fn coverage_of(dir: &Loc, names: &[String]) -> anyhow::Result<Coverage> {
-    let names = names.to_vec();
-    let num_shards = one_shard_count(dir, &names)?;
-    let jobs = one_job(dir, &names)?;
+    let num_shards = one_shard_count(dir, names)?;
+    let jobs = one_job(dir, names)?;
     let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();
-    Ok(Coverage { num_shards, expected_rows, unfinished: unfinished_shards(&names, num_shards) })
+    Ok(Coverage { num_shards, expected_rows, unfinished: unfinished_shards(names, num_shards) })
 }
 
 /// The shards of `0..num_shards` without their `_SUCCESS-<shard>-of-<count>.json` in `names`.
