@@ -171,4 +171,8 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
+/// The binary's allocator (src/main.rs), so that the times are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 criterion_main!(benches);

@@ -64,4 +64,8 @@ fn bench_stats(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_stats);
+/// The binary's allocator (src/main.rs), so that the times are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 criterion_main!(benches);

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 # name: (Resize's size: an int for the shorter side, or [h, w]; CenterCrop's size or None)
 TRANSFORMS = {
     "input": (96, 80),  # the usual eval transform, scaled down
+    "imagenet": (256, 224),  # the usual eval transform
     "exact": ([70, 90], None),  # Resize((h, w)): the aspect ratio changes
     "padded": (64, 80),  # a crop larger than the resized image: zero padding
 }
@@ -61,6 +62,12 @@ def main():
         "optimized_huffman": encode(photo(400, 300, 7), quality=75, optimize=True),
         "exif_orientation_6": with_orientation(photo(400, 300, 8), 6, quality=90),
         "exif_orientation_3": with_orientation(photo(300, 200, 9), 3, quality=90),
+        "exif_orientation_8": with_orientation(photo(400, 300, 13), 8, quality=90),
+        "exif_orientation_5": with_orientation(photo(310, 270, 14), 5, quality=90),
+        # Portrait: the crop cuts rows, which the decode skips above and stops before below.
+        "portrait_420": encode(photo(375, 500, 15), quality=90),
+        "restart_markers": encode(photo(420, 300, 16), quality=90, restart_marker_rows=1),
+        "chroma_411": encode(photo(400, 300, 17), quality=90, subsampling="4:1:1"),
         # Upscaled (smaller than every resize target) and strongly downscaled (many taps).
         "small_upscaled": encode(photo(60, 45, 10), quality=90),
         "large_downscaled": encode(photo(1600, 1200, 11), quality=90),

@@ -17,6 +17,11 @@
 //! decode around, or an odd header) goes to the image crate's decoder instead, which decodes
 //! or refuses it.
 //!
+//! libjpeg decodes only the pixels step 4 reads (`jpeg.rs`): the resize's taps are planned
+//! first, and their source rectangle, mapped back through the EXIF orientation, is all that
+//! is colour-converted; the rows below it are not even entropy-decoded. So damage in those
+//! rows, which PIL would decode around, is not seen, and the crop is PIL's all the same.
+//!
 //! With `jpeg_dct_scaling`, a JPEG at least twice the resize target is decoded at 1/8 … 4/8
 //! of its size straight from the DCT coefficients, the smallest scale that still leaves the
 //! image at least as large as the resize target, and step 4 starts from that. Far less work for
@@ -24,6 +29,7 @@
 //! filter before the bilinear one). Geometry (boxes, masks) stays in the original image's frame.
 
 mod geometry;
+mod jpeg;
 mod mask;
 mod resample;
 
@@ -121,22 +127,23 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
-    finish(img, None, geometry, name, pre)
+    check_output(&geometry, name, pre)?;
+    let region = [0.0, 0.0, w as f64, h as f64];
+    let plan = plan_resize((w, h), region, &geometry);
+    let pixels = Pixels { rgb: img.into_raw(), size: (w, h), held: [0, 0, w, h] };
+    finish(pixels, plan.as_ref(), region, geometry, name)
 }
 
-/// Steps 4 and after: the output-size check, then resize and crop `img` (the original image, or
-/// a DCT-scaled one) into `geometry`'s window.
-///
-/// `region` is the rectangle of `img` (x0, y0, width, height, in its pixels) that holds the
-/// whole original image: all of it, except for a DCT-scaled decode, whose last row and column
-/// of pixels cover less than a whole scaled pixel of the original.
-fn finish(
-    img: image::RgbImage,
-    region: Option<[f64; 4]>,
-    geometry: Geometry,
-    name: &str,
-    pre: &Preprocess,
-) -> Result<Decoded, SampleError> {
+/// Decoded pixels: `rgb` holds the `w × h` pixels from `(x, y)` on (`held = [x, y, w, h]`)
+/// of an image of `size` (the original image, or a DCT-scaled one).
+struct Pixels {
+    rgb: Vec<u8>,
+    size: (u32, u32),
+    held: [u32; 4],
+}
+
+/// The step-4 check, before any pixel is decoded: the model input itself within `max_pixels`.
+fn check_output(geometry: &Geometry, name: &str, pre: &Preprocess) -> Result<(), SampleError> {
     let out_pixels = geometry.out_w as u64 * geometry.out_h as u64;
     if out_pixels > pre.max_pixels {
         return Err(SampleError::new(
@@ -147,9 +154,31 @@ fn finish(
             ),
         ));
     }
-    let src_size = img.dimensions();
-    let region = region.unwrap_or([0.0, 0.0, src_size.0 as f64, src_size.1 as f64]);
-    let rgb = resize_crop(img.into_raw(), src_size, region, &geometry)
+    Ok(())
+}
+
+/// The resize of step 4 for an image of `size` into `geometry`'s window, where `region`
+/// (x0, y0, width, height, in its pixels) is the rectangle of the image that holds the whole
+/// original image: all of it, except for a DCT-scaled decode, whose last row and column of
+/// pixels cover less than a whole scaled pixel of the original. `None` when no resized pixel
+/// lands in the window.
+fn plan_resize((w, h): (u32, u32), [rx, ry, rw, rh]: [f64; 4], geometry: &Geometry) -> Option<resample::Plan> {
+    let (x0, y0, x1, y1) = geometry.visible_window()?;
+    let out = (geometry.resized_w as usize, geometry.resized_h as usize);
+    let (cols, rows) = (x0 as usize..x1 as usize, y0 as usize..y1 as usize);
+    Some(resample::Plan::new((w as usize, h as usize), [rx, ry, rx + rw, ry + rh], out, cols, rows))
+}
+
+/// Step 4 and after: resize and crop `pixels` into `geometry`'s window by `plan` (from
+/// [`plan_resize`] with the same `region`).
+fn finish(
+    pixels: Pixels,
+    plan: Option<&resample::Plan>,
+    region: [f64; 4],
+    geometry: Geometry,
+    name: &str,
+) -> Result<Decoded, SampleError> {
+    let rgb = resize_crop(pixels, plan, region, &geometry)
         .map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
     Ok(Decoded { rgb, geometry })
 }
@@ -190,65 +219,57 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
         true => (1..=4u32).find(|&k| scaled(w, k) >= tw && scaled(h, k) >= th).unwrap_or(8),
         false => 8,
     };
-    LIBJPEG_WARNINGS.set(0);
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<(u32, u32, Vec<u8>)> {
-        let mut d = mozjpeg::Decompress::with_err(libjpeg_errors()).from_mem(bytes)?;
-        if k != 8 {
-            d.scale(k as u8);
-        }
-        let mut started = d.rgb()?;
-        let (sw, sh) = (started.width() as u32, started.height() as u32);
-        let data = started.read_scanlines::<u8>()?;
-        started.finish()?;
-        Ok((sw, sh, data))
+    check_output(&geometry, name, pre)?;
+    // The scaled image (libjpeg's size: ceil(side * k / 8)), in the stored and the oriented
+    // frame. The original image covers side * k / 8 scaled pixels of it, from the top-left
+    // corner of the stored frame; where that corner lands once the orientation is applied.
+    let size = (scaled(w, k), scaled(h, k));
+    let oriented = oriented_size(size.0, size.1, orientation);
+    let extent = [0.0, 0.0, w as f64 * k as f64 / 8.0, h as f64 * k as f64 / 8.0];
+    let [x0, y0, x1, y1] = map_rect(orientation, size, extent);
+    let region = [x0, y0, x1 - x0, y1 - y0];
+    let plan = plan_resize(oriented, region, &geometry);
+    // The pixels the resize reads, in the stored frame: libjpeg decodes only those.
+    let want = plan.as_ref().map(|p| {
+        let (cols, rows) = p.source();
+        let r = [cols.start, rows.start, cols.end, rows.end].map(|v| v as f64);
+        let [x0, y0, x1, y1] = map_rect(inverse(orientation), oriented, r).map(|v| v as u32);
+        (x0..x1, y0..y1)
     });
-    let (Ok(Ok((sw, sh, data))), 0) = (decoded, LIBJPEG_WARNINGS.get()) else {
+    jpeg::LIBJPEG_WARNINGS.set(0);
+    let decoded =
+        std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |got| if got == size { want } else { None }));
+    let (Ok(Ok(part)), 0) = (decoded, jpeg::LIBJPEG_WARNINGS.get()) else {
         // libjpeg refused it or decoded around damage: the image crate decides (and names the
         // error).
         return Ok(None);
     };
-    let Some(img) = image::RgbImage::from_raw(sw, sh, data) else {
+    let [hx, hy, hw, hh] = part.held;
+    let Some(img) = image::RgbImage::from_raw(hw, hh, part.rgb).filter(|_| part.size == size) else {
         return Ok(None);
     };
-    // The original image covers side * k / 8 scaled pixels, from the top-left corner of the
-    // stored frame; where that corner lands once the orientation is applied.
-    let extent = (w as f64 * k as f64 / 8.0, h as f64 * k as f64 / 8.0);
-    let region = oriented_region(orientation, (sw as f64, sh as f64), extent);
     let mut img = DynamicImage::ImageRgb8(img);
     img.apply_orientation(orientation);
-    finish(img.into_rgb8(), Some(region), geometry, name, pre).map(Some)
+    let held = [hx, hy, hx + hw, hy + hh].map(|v| v as f64);
+    let [x0, y0, x1, y1] = map_rect(orientation, size, held).map(|v| v as u32);
+    let pixels = Pixels { rgb: img.into_rgb8().into_raw(), size: oriented, held: [x0, y0, x1 - x0, y1 - y0] };
+    finish(pixels, plan.as_ref(), region, geometry, name).map(Some)
 }
 
-thread_local! {
-    /// Warnings libjpeg gave on this thread since the counter was last reset.
-    static LIBJPEG_WARNINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// libjpeg's error handling for [`decode_jpeg`]: a fatal error unwinds out of libjpeg (to the
-/// `catch_unwind` around it), a warning (corrupt data, which libjpeg decodes around) is counted
-/// in [`LIBJPEG_WARNINGS`], trace messages are dropped.
-fn libjpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
-    unsafe extern "C-unwind" fn fatal(_: &mut mozjpeg_sys::jpeg_common_struct) {
-        // Not `panic!`: no panic hook, no message; the caller falls back.
-        std::panic::resume_unwind(Box::new("libjpeg: fatal error"));
+/// The orientation that undoes `o`.
+fn inverse(o: Orientation) -> Orientation {
+    match o {
+        Orientation::Rotate90 => Orientation::Rotate270,
+        Orientation::Rotate270 => Orientation::Rotate90,
+        // Flips, the half turn and the two transposes undo themselves.
+        o => o,
     }
-    unsafe extern "C-unwind" fn message(_: &mut mozjpeg_sys::jpeg_common_struct, level: std::os::raw::c_int) {
-        if level < 0 {
-            LIBJPEG_WARNINGS.set(LIBJPEG_WARNINGS.get() + 1);
-        }
-    }
-    // SAFETY: jpeg_error_mgr is plain C data (numbers, pointers, optional fn pointers), for
-    // which all zeroes is valid; jpeg_std_error then fills in libjpeg's defaults.
-    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
-    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
-    err.error_exit = Some(fatal);
-    err.emit_message = Some(message);
-    err
 }
 
-/// The rectangle `[0, ew] × [0, eh]` of a `sw × sh` image, after `o` is applied to the image
-/// (as [`DynamicImage::apply_orientation`] does), as (x0, y0, width, height).
-fn oriented_region(o: Orientation, (sw, sh): (f64, f64), (ew, eh): (f64, f64)) -> [f64; 4] {
+/// The rectangle `[x0, x1] × [y0, y1]` of a `sw × sh` image, after `o` is applied to the
+/// image (as [`DynamicImage::apply_orientation`] does), as `[x0, y0, x1, y1]`. Pixel edges map
+/// to pixel edges, so whole numbers stay whole.
+fn map_rect(o: Orientation, (sw, sh): (u32, u32), [x0, y0, x1, y1]: [f64; 4]) -> [f64; 4] {
     #[derive(Clone, Copy)]
     enum Step {
         Rot90,
@@ -268,7 +289,7 @@ fn oriented_region(o: Orientation, (sw, sh): (f64, f64), (ew, eh): (f64, f64)) -
         Orientation::Rotate90FlipH => &[Rot90, FlipH],
         Orientation::Rotate270FlipH => &[Rot270, FlipH],
     };
-    let (mut size, mut corners) = ((sw, sh), [(0.0, 0.0), (ew, eh)]);
+    let (mut size, mut corners) = ((sw as f64, sh as f64), [(x0, y0), (x1, y1)]);
     for &step in steps {
         let (w, h) = size;
         for c in &mut corners {
@@ -287,7 +308,7 @@ fn oriented_region(o: Orientation, (sw, sh): (f64, f64), (ew, eh): (f64, f64)) -
         }
     }
     let [(ax, ay), (bx, by)] = corners;
-    [ax.min(bx), ay.min(by), (ax - bx).abs(), (ay - by).abs()]
+    [ax.min(bx), ay.min(by), ax.max(bx), ay.max(by)]
 }
 
 /// Reads a whole file (local or in an object store), mapping failures to `missing` /
@@ -467,39 +488,33 @@ fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
     }
 }
 
-/// Resizes the RGB8 image `src` of `src_w × src_h` (the original image of `geo`, or a scaled
-/// decode of it) and cuts the output window described by `geo`, computing only the resized
-/// pixels that land inside the window. Pixels of the window outside the resized image are zero.
-pub(crate) fn resize_crop(
-    src: Vec<u8>,
-    (src_w, src_h): (u32, u32),
-    [rx, ry, rw, rh]: [f64; 4],
+/// Resizes `pixels` (of the original image of `geo`, or of a scaled decode of it) by `plan`
+/// (from [`plan_resize`] with the same `region`) and cuts the output window described by
+/// `geo`: only the resized pixels that land inside the window are computed. Pixels of the
+/// window outside the resized image are zero.
+fn resize_crop(
+    Pixels { rgb: src, size: (src_w, src_h), held }: Pixels,
+    plan: Option<&resample::Plan>,
+    region: [f64; 4],
     geo: &Geometry,
 ) -> Result<Vec<u8>, String> {
     let out_len = geo.out_w as usize * geo.out_h as usize * 3;
-    let Some((x0, y0, x1, y1)) = geo.visible_window() else {
+    let (Some((x0, y0, x1, y1)), Some(plan)) = (geo.visible_window(), plan) else {
         return Ok(vec![0; out_len]);
     };
-    if src.len() != src_w as usize * src_h as usize * 3 {
-        return Err(format!("decoded buffer of {} bytes does not match its size {src_w}x{src_h}", src.len()));
+    let [_, _, hw, hh] = held;
+    if src.len() != hw as usize * hh as usize * 3 {
+        return Err(format!("decoded buffer of {} bytes does not match its size {hw}x{hh}", src.len()));
     }
     let (iw, ih) = (x1 - x0, y1 - y0);
     let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
-    let full_region = [rx, ry, rw, rh] == [0.0, 0.0, src_w as f64, src_h as f64];
-    let inner = if whole && full_region && geo.resized_w == src_w && geo.resized_h == src_h {
+    let all_held = held == [0, 0, src_w, src_h];
+    let full_region = region == [0.0, 0.0, src_w as f64, src_h as f64];
+    let inner = if whole && all_held && full_region && geo.resized_w == src_w && geo.resized_h == src_h {
         // Nothing to resample.
         src
     } else {
-        // The region of the source that holds the original image is the resize's box; only
-        // the visible window's outputs are computed.
-        resample::resize_window(
-            &src,
-            (src_w as usize, src_h as usize),
-            [rx, ry, rx + rw, ry + rh],
-            (geo.resized_w as usize, geo.resized_h as usize),
-            x0 as usize..x1 as usize,
-            y0 as usize..y1 as usize,
-        )
+        plan.run(&src, held.map(|v| v as usize))
     };
     if iw == geo.out_w && ih == geo.out_h {
         return Ok(inner);

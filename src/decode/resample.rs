@@ -90,6 +90,13 @@ impl Taps {
         (start, &self.coeffs[i * self.ksize..i * self.ksize + n])
     }
 
+    /// The same taps, read from a source that starts `by` pixels later (every tap's index is
+    /// at least `by`).
+    fn shifted(&self, by: usize) -> Taps {
+        let bounds = self.bounds.iter().map(|&(start, n)| (start - by, n)).collect();
+        Taps { bounds, coeffs: self.coeffs.clone(), ksize: self.ksize }
+    }
+
     /// The source indices any of these outputs reads.
     fn span(&self) -> Range<usize> {
         let first = self.bounds.iter().map(|b| b.0).min().unwrap_or(0);
@@ -113,45 +120,95 @@ fn clip8(sum: i32) -> u8 {
 /// Resizes the part `[x0, x1) × [y0, y1)` of the source (`src_w × src_h` RGB8) to
 /// `out_w × out_h` (Pillow's `resize(size, BILINEAR, box)`), and returns the outputs
 /// `cols × rows` of that resize, row-major RGB8.
+#[cfg(test)]
 pub(crate) fn resize_window(
     src: &[u8],
     (src_w, src_h): (usize, usize),
-    [x0, y0, x1, y1]: [f64; 4],
-    (out_w, out_h): (usize, usize),
+    bx: [f64; 4],
+    out: (usize, usize),
     cols: Range<usize>,
     rows: Range<usize>,
 ) -> Vec<u8> {
-    let (ncols, nrows) = (cols.len(), rows.len());
-    if ncols == 0 || nrows == 0 {
-        return Vec::new();
+    Plan::new((src_w, src_h), bx, out, cols, rows).run(src, [0, 0, src_w, src_h])
+}
+
+/// A resize of the part `[x0, x1) × [y0, y1)` of a `src_w × src_h` source to `out_w × out_h`
+/// (Pillow's `resize(size, BILINEAR, box)`), of which only the outputs `cols × rows` are made:
+/// the taps of both passes, and so the source pixels those outputs read ([`Plan::source`]),
+/// known before the source is decoded.
+pub(crate) struct Plan {
+    /// The horizontal taps, `None` where Pillow skips the pass (same size, whole extent).
+    h: Option<Taps>,
+    /// The vertical taps, likewise.
+    v: Option<Taps>,
+    cols: Range<usize>,
+    rows: Range<usize>,
+}
+
+impl Plan {
+    pub(crate) fn new(
+        (src_w, src_h): (usize, usize),
+        [x0, y0, x1, y1]: [f64; 4],
+        (out_w, out_h): (usize, usize),
+        cols: Range<usize>,
+        rows: Range<usize>,
+    ) -> Plan {
+        // Pillow skips a pass whose axis keeps its size and whole extent.
+        let horizontal = out_w != src_w || x0 != 0.0 || x1 != src_w as f64;
+        let vertical = out_h != src_h || y0 != 0.0 || y1 != src_h as f64;
+        let h = (horizontal && !cols.is_empty()).then(|| Taps::new(src_w, (x0, x1), out_w, cols.clone()));
+        let v = (vertical && !rows.is_empty()).then(|| Taps::new(src_h, (y0, y1), out_h, rows.clone()));
+        Plan { h, v, cols, rows }
     }
-    // Pillow skips a pass whose axis keeps its size and whole extent.
-    let horizontal = out_w != src_w || x0 != 0.0 || x1 != src_w as f64;
-    let vertical = out_h != src_h || y0 != 0.0 || y1 != src_h as f64;
-    let vtaps = vertical.then(|| Taps::new(src_h, (y0, y1), out_h, rows.clone()));
-    // The source rows the vertical pass reads (or the output rows themselves).
-    let used = vtaps.as_ref().map_or(rows.clone(), Taps::span);
 
-    // Horizontal pass over the used rows, rounded to bytes: `tmp` is `ncols × used.len()`.
-    let tmp: Vec<u8> = if horizontal {
-        let h = Taps::new(src_w, (x0, x1), out_w, cols.clone());
-        let mut tmp = vec![0u8; ncols * used.len() * 3];
-        horizontal_pass(src, src_w, used.clone(), &h, &mut tmp);
-        tmp
-    } else {
-        let mut tmp = Vec::with_capacity(ncols * used.len() * 3);
-        for sy in used.clone() {
-            tmp.extend_from_slice(&src[(sy * src_w + cols.start) * 3..(sy * src_w + cols.end) * 3]);
+    /// The source columns and rows the outputs read (empty when there are no outputs).
+    pub(crate) fn source(&self) -> (Range<usize>, Range<usize>) {
+        if self.cols.is_empty() || self.rows.is_empty() {
+            return (0..0, 0..0);
         }
-        tmp
-    };
-    let Some(v) = vtaps else {
-        return tmp;
-    };
+        (self.h.as_ref().map_or(self.cols.clone(), Taps::span), self.v.as_ref().map_or(self.rows.clone(), Taps::span))
+    }
 
-    let mut out = vec![0u8; ncols * nrows * 3];
-    vertical_pass(&tmp, used.start, &v, ncols * 3, &mut out);
-    out
+    /// Makes the outputs from `src`, which holds the `w × h` pixels of the source from
+    /// `(x, y)` on (`held = [x, y, w, h]`); they must include [`Plan::source`]. The outputs
+    /// equal those of a resize of the whole source: the taps are the whole source's.
+    pub(crate) fn run(&self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Vec<u8> {
+        let (ncols, nrows) = (self.cols.len(), self.rows.len());
+        if ncols == 0 || nrows == 0 {
+            return Vec::new();
+        }
+        let (need_x, need_y) = self.source();
+        assert!(
+            hx <= need_x.start && need_x.end <= hx + hw && hy <= need_y.start && need_y.end <= hy + hh,
+            "the held pixels {hx}+{hw} x {hy}+{hh} miss some the resize reads ({need_x:?} x {need_y:?})"
+        );
+        assert_eq!(src.len(), hw * hh * 3, "the held buffer does not match its size {hw}x{hh}");
+        let h = self.h.as_ref().map(|t| t.shifted(hx));
+        let v = self.v.as_ref().map(|t| t.shifted(hy));
+        // The held rows the vertical pass reads (or the output rows themselves).
+        let used = need_y.start - hy..need_y.end - hy;
+
+        // Horizontal pass over the used rows, rounded to bytes: `tmp` is `ncols × used.len()`.
+        let tmp: Vec<u8> = if let Some(h) = h {
+            let mut tmp = vec![0u8; ncols * used.len() * 3];
+            horizontal_pass(src, hw, used.clone(), &h, &mut tmp);
+            tmp
+        } else {
+            let cols = self.cols.start - hx..self.cols.end - hx;
+            let mut tmp = Vec::with_capacity(ncols * used.len() * 3);
+            for sy in used.clone() {
+                tmp.extend_from_slice(&src[(sy * hw + cols.start) * 3..(sy * hw + cols.end) * 3]);
+            }
+            tmp
+        };
+        let Some(v) = v else {
+            return tmp;
+        };
+
+        let mut out = vec![0u8; ncols * nrows * 3];
+        vertical_pass(&tmp, used.start, &v, ncols * 3, &mut out);
+        out
+    }
 }
 
 /// The vertical pass: row `j` of `out` (`row_len` bytes a row) from the rows of `tmp` (which

@@ -118,7 +118,11 @@ fn gif_first_frame_is_used() {
 
 /// A JPEG with an APP1 EXIF segment (big-endian TIFF, one IFD entry: Orientation = `value`).
 fn jpeg_with_orientation(img: &RgbImage, value: u16) -> Vec<u8> {
-    let plain = jpeg(img, 95);
+    with_orientation(&jpeg(img, 95), value)
+}
+
+/// The JPEG `plain` with an APP1 EXIF segment (Orientation = `value`) after its start marker.
+fn with_orientation(plain: &[u8], value: u16) -> Vec<u8> {
     assert_eq!(&plain[..2], &[0xff, 0xd8]);
     let mut tiff = Vec::new();
     tiff.extend_from_slice(b"MM\x00\x2a\x00\x00\x00\x08"); // header, IFD at offset 8
@@ -553,7 +557,7 @@ fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
         }
     }
     assert!(decode_jpeg(&damaged, "damaged.jpg", &p).unwrap().is_none(), "libjpeg warned");
-    assert!(LIBJPEG_WARNINGS.get() > 0);
+    assert!(jpeg::LIBJPEG_WARNINGS.get() > 0);
     let via_image_crate = decode_oriented(&damaged, "damaged.jpg", p.max_pixels, "image", None).map(|_| ());
     assert_eq!(
         decode_bytes(&damaged, "damaged.jpg", &p).map(|_| ()).map_err(|e| e.status),
@@ -563,7 +567,7 @@ fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
     // The undamaged file is libjpeg's, with no warning.
     let clean = jpeg(&photo(160, 120), 90);
     assert!(decode_jpeg(&clean, "clean.jpg", &p).unwrap().is_some());
-    assert_eq!(LIBJPEG_WARNINGS.get(), 0);
+    assert_eq!(jpeg::LIBJPEG_WARNINGS.get(), 0);
 }
 
 /// A window with no rows or no columns is empty, whether or not a pass is needed.
@@ -574,4 +578,154 @@ fn resample_of_an_empty_window_is_empty() {
     assert!(resample::resize_window(&src, (4, 3), [0.0, 0.0, 4.0, 3.0], (4, 2), 0..4, 1..1).is_empty());
     // The same call with rows and columns: a constant stays constant.
     assert_eq!(resample::resize_window(&src, (4, 3), [0.0, 0.0, 4.0, 3.0], (2, 2), 0..2, 0..2), vec![7u8; 12]);
+}
+
+/// A `w × h` JPEG of noisy colour, written by libjpeg with chroma sampled `chroma` (pixels per
+/// sample across and down; `None`: grey), optionally progressive.
+fn noisy_jpeg(w: usize, h: usize, chroma: Option<(u8, u8)>, progressive: bool) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let space = if chroma.is_some() { mozjpeg::ColorSpace::JCS_RGB } else { mozjpeg::ColorSpace::JCS_GRAYSCALE };
+    let channels = if chroma.is_some() { 3 } else { 1 };
+    let pixels: Vec<u8> =
+        (0..w * h * channels).map(|i| (((i / channels) % w * 255 / w) as u64 / 2 + next() % 128) as u8).collect();
+    let mut c = mozjpeg::Compress::new(space);
+    c.set_size(w, h);
+    c.set_quality(85.0);
+    if let Some(s) = chroma {
+        c.set_chroma_sampling_pixel_sizes(s, s);
+    }
+    if progressive {
+        c.set_progressive_mode();
+    }
+    let mut started = c.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&pixels).unwrap();
+    started.finish().unwrap()
+}
+
+/// The part of a JPEG libjpeg decodes for a rectangle (columns cropped, rows above skipped,
+/// rows below left out) holds the same pixels as the whole decode there, for every chroma
+/// sampling, grey, progressive files, DCT scales 1/8 … 8/8 and rectangles at every edge.
+#[test]
+fn a_decoded_part_equals_the_whole_decode_there() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = |n: u32| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as u32
+    };
+    let mut cropped = 0;
+    for (chroma, progressive) in [
+        (Some((2, 2)), false),
+        (Some((2, 1)), false),
+        (Some((1, 2)), false),
+        (Some((1, 1)), false),
+        (Some((4, 1)), false),
+        (Some((2, 2)), true),
+        (None, false),
+    ] {
+        let bytes = noisy_jpeg(203, 157, chroma, progressive);
+        for k in [1u8, 2, 3, 4, 8] {
+            let whole = jpeg::decode(&bytes, k, |_| None).unwrap();
+            let (sw, sh) = whole.size;
+            assert_eq!(whole.held, [0, 0, sw, sh]);
+            for _ in 0..12 {
+                let (x0, y0) = (rand(sw), rand(sh));
+                let (x1, y1) = (x0 + 1 + rand(sw - x0), y0 + 1 + rand(sh - y0));
+                let part = jpeg::decode(&bytes, k, |size| {
+                    assert_eq!(size, (sw, sh));
+                    Some((x0..x1, y0..y1))
+                })
+                .unwrap();
+                let [hx, hy, hw, hh] = part.held;
+                let case = format!(
+                    "{chroma:?} progressive {progressive}, {k}/8, wanted {x0}..{x1} x {y0}..{y1}, held {:?}",
+                    part.held
+                );
+                assert!(hx <= x0 && x1 <= hx + hw && hy <= y0 && y1 <= hy + hh, "{case}");
+                assert!(hx + hw <= sw && hy + hh <= sh, "{case}");
+                cropped += usize::from(hw < sw) + usize::from(hh < sh);
+                for y in y0..y1 {
+                    let (a, b) = (y * sw + x0, (y - hy) * hw + x0 - hx);
+                    let (len, (a, b)) = ((x1 - x0) as usize * 3, (a as usize * 3, b as usize * 3));
+                    assert_eq!(&part.rgb[b..b + len], &whole.rgb[a..a + len], "{case}: row {y}");
+                }
+            }
+        }
+    }
+    assert!(cropped > 600, "too few cases cut the image: {cropped}");
+}
+
+/// In every EXIF orientation, the model input made from the part of a JPEG libjpeg decodes
+/// equals the same outputs of a resize of the whole decode (PIL's pixels, oriented).
+#[test]
+fn a_partly_decoded_jpeg_resizes_as_the_whole_one_in_every_orientation() {
+    let plain = noisy_jpeg(203, 157, Some((2, 2)), false);
+    for value in 1..=8u16 {
+        let (bytes, name) = (with_orientation(&plain, value), format!("orientation {value}"));
+        let (ow, oh) = if value >= 5 { (157, 203) } else { (203, 157) };
+        // An exact resize to its own oriented size keeps the pixels: the whole decode.
+        let whole = decode_bytes(&bytes, &name, &identity(ow, oh)).unwrap();
+        assert_eq!((whole.geometry.out_w, whole.geometry.out_h), (ow, oh));
+        for p in [
+            pre(Resize::ShorterSide(96), Some((80, 80))),
+            pre(Resize::ShorterSide(64), Some((64, 40))),
+            pre(Resize::Exact { h: 50, w: 120 }, Some((30, 100))),
+        ] {
+            let got = decode_bytes(&bytes, &name, &p).unwrap();
+            let g = got.geometry;
+            let (x0, y0, x1, y1) = g.visible_window().unwrap();
+            assert_eq!((x1 - x0, y1 - y0), (g.out_w, g.out_h), "the crop fits: no padding");
+            let expected = resample::resize_window(
+                &whole.rgb,
+                (ow as usize, oh as usize),
+                [0.0, 0.0, ow as f64, oh as f64],
+                (g.resized_w as usize, g.resized_h as usize),
+                x0 as usize..x1 as usize,
+                y0 as usize..y1 as usize,
+            );
+            assert!(got.rgb == expected, "{name}, {p:?}: differs from the whole decode's resize");
+        }
+    }
+}
+
+/// `map_rect` maps a rectangle as `apply_orientation` moves the pixels, and `inverse` undoes
+/// it: in every orientation, the pixels of a rectangle of the oriented image are exactly those
+/// of its image under the inverse in the stored one.
+#[test]
+fn rectangles_follow_the_pixels_through_every_orientation() {
+    use image::metadata::Orientation::*;
+    let (w, h) = (7u32, 5u32);
+    // Each pixel holds its own stored coordinates.
+    let stored = RgbImage::from_fn(w, h, |x, y| Rgb([x as u8, y as u8, 1]));
+    for o in [NoTransforms, Rotate90, Rotate180, Rotate270, FlipHorizontal, FlipVertical, Rotate90FlipH, Rotate270FlipH]
+    {
+        let mut img = DynamicImage::ImageRgb8(stored.clone());
+        img.apply_orientation(o);
+        let img = img.into_rgb8();
+        let (ow, oh) = img.dimensions();
+        assert_eq!((ow, oh), oriented_size(w, h, o));
+        for r in [[0, 0, ow, oh], [1, 2, 3, 4], [0, 1, ow, 2], [ow - 1, oh - 1, ow, oh]] {
+            let [sx0, sy0, sx1, sy1] = map_rect(inverse(o), (ow, oh), r.map(|v| v as f64)).map(|v| v as u32);
+            assert_eq!(map_rect(o, (w, h), [sx0, sy0, sx1, sy1].map(|v| v as f64)), r.map(|v| v as f64), "{o:?} {r:?}");
+            let [x0, y0, x1, y1] = r;
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    let [px, py, _] = img.get_pixel(x, y).0;
+                    let inside = (sx0..sx1).contains(&(px as u32)) && (sy0..sy1).contains(&(py as u32));
+                    assert!(
+                        inside,
+                        "{o:?}: oriented ({x}, {y}) is stored ({px}, {py}), outside {sx0}..{sx1} x {sy0}..{sy1}"
+                    );
+                }
+            }
+            assert_eq!((x1 - x0) * (y1 - y0), (sx1 - sx0) * (sy1 - sy0), "{o:?} {r:?}: the same area");
+        }
+    }
 }

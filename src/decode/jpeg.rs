@@ -1,0 +1,130 @@
+//! The decode stage's libjpeg driver: a JPEG to RGB8 in PIL's settings (integer IDCT, fancy
+//! upsampling), at a DCT scale of k/8, and only the part of the image the resize reads.
+//!
+//! libjpeg-turbo can leave out most of the work outside a rectangle: `jpeg_crop_scanline`
+//! runs the inverse DCT, upsampling and colour conversion only on the columns asked for,
+//! `jpeg_skip_scanlines` does the same for rows above them, and the rows below them are not
+//! even entropy-decoded. The Huffman decoding of the rows above and beside still runs (it
+//! cannot be skipped), so the saving is the rest of the decode, outside the rectangle.
+//!
+//! The pixels inside equal the whole decode's: fancy upsampling of subsampled chroma reads
+//! one chroma sample past each output pixel, and at the edge of a cropped or skipped region
+//! libjpeg repeats the edge sample instead, so [`MARGIN`] more pixels are decoded on each side
+//! (and libjpeg moves the left edge further, to a block boundary). Unit tests compare every
+//! subsampling, progressive and restart-marker files, DCT scales and random rectangles with the
+//! whole decode.
+
+use std::ops::Range;
+
+use mozjpeg_sys as ffi;
+
+/// Pixels decoded past each side of the wanted rectangle (see the module documentation; one
+/// is enough for 2× subsampled chroma, the tests show).
+const MARGIN: u32 = 2;
+
+/// Pixels of a JPEG decoded by [`decode`]: `rgb` holds the `w × h` pixels from `(x, y)` on
+/// (`held = [x, y, w, h]`) of the image decoded at the asked scale, which is `size` large.
+pub(super) struct Part {
+    pub rgb: Vec<u8>,
+    pub size: (u32, u32),
+    pub held: [u32; 4],
+}
+
+/// Decodes `bytes` at `k`/8 of its size (`k` in 1..=8) into RGB8, only the columns and rows
+/// that `want` names (given the scaled size; `None`: all of it) and a margin.
+///
+/// A fatal libjpeg error unwinds out of here (the caller catches it); warnings are counted in
+/// [`LIBJPEG_WARNINGS`]. `Err` where libjpeg stops short without an error.
+pub(super) fn decode(
+    bytes: &[u8],
+    k: u8,
+    want: impl FnOnce((u32, u32)) -> Option<(Range<u32>, Range<u32>)>,
+) -> Result<Part, &'static str> {
+    /// Frees libjpeg's state however `decode` ends, unwinding included.
+    struct Session(Box<ffi::jpeg_decompress_struct>);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            // SAFETY: created by jpeg_create_decompress below and destroyed only here.
+            unsafe { ffi::jpeg_destroy_decompress(&mut self.0) };
+        }
+    }
+    // Declared before the session, so dropped after it: libjpeg holds a pointer to it.
+    let mut err = Box::new(libjpeg_errors());
+    // SAFETY (this block and the calls below): jpeg_decompress_struct is plain C data, valid
+    // zeroed before jpeg_create_decompress fills it; the error manager and the input bytes
+    // outlive the session; each call comes in the order libjpeg's API requires, and every row
+    // pointer handed to jpeg_read_scanlines points at `output_width * 3` writable bytes.
+    let mut s = Session(Box::new(unsafe { std::mem::zeroed() }));
+    s.0.common.err = &mut *err;
+    unsafe { ffi::jpeg_create_decompress(&mut *s.0) };
+    let c = &mut *s.0;
+    unsafe { ffi::jpeg_mem_src(c, bytes.as_ptr(), bytes.len() as _) };
+    if unsafe { ffi::jpeg_read_header(c, 1) } != 1 {
+        return Err("no image in the JPEG data");
+    }
+    c.out_color_space = ffi::J_COLOR_SPACE::JCS_RGB;
+    if k != 8 {
+        c.scale_num = k.into();
+        c.scale_denom = 8;
+    }
+    if unsafe { ffi::jpeg_start_decompress(c) } == 0 || c.output_components != 3 {
+        return Err("libjpeg did not start an RGB decode");
+    }
+    let size = (c.output_width, c.output_height);
+    let (cols, rows) = want(size)
+        .filter(|(x, y)| !x.is_empty() && !y.is_empty() && x.end <= size.0 && y.end <= size.1)
+        .unwrap_or((0..size.0, 0..size.1));
+    let mut x = cols.start.saturating_sub(MARGIN);
+    let mut w = (cols.end + MARGIN).min(size.0) - x;
+    if w < size.0 {
+        // Moves `x` left to a block boundary and widens `w` to match.
+        unsafe { ffi::jpeg_crop_scanline(c, &mut x, &mut w) };
+    }
+    let (y0, y1) = (rows.start.saturating_sub(MARGIN), (rows.end + MARGIN).min(size.1));
+    if y0 > 0 && unsafe { ffi::jpeg_skip_scanlines(c, y0) } != y0 {
+        return Err("libjpeg skipped fewer rows than asked");
+    }
+    let row_len = c.output_width as usize * 3;
+    let mut rgb = vec![0u8; row_len * (y1 - y0) as usize];
+    for row in rgb.chunks_exact_mut(row_len) {
+        let mut ptr = row.as_mut_ptr();
+        if unsafe { ffi::jpeg_read_scanlines(c, &mut ptr, 1) } != 1 {
+            return Err("libjpeg returned no row");
+        }
+    }
+    // The rows below are not decoded at all.
+    if y1 < size.1 {
+        unsafe { ffi::jpeg_skip_scanlines(c, size.1 - y1) };
+    }
+    if unsafe { ffi::jpeg_finish_decompress(c) } == 0 {
+        return Err("libjpeg did not finish");
+    }
+    Ok(Part { rgb, size, held: [x, y0, c.output_width, y1 - y0] })
+}
+
+thread_local! {
+    /// Warnings libjpeg gave on this thread since the counter was last reset.
+    pub(super) static LIBJPEG_WARNINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// libjpeg's error handling for [`decode`]: a fatal error unwinds out of libjpeg (to the
+/// `catch_unwind` around it), a warning (corrupt data, which libjpeg decodes around) is counted
+/// in [`LIBJPEG_WARNINGS`], trace messages are dropped.
+fn libjpeg_errors() -> ffi::jpeg_error_mgr {
+    unsafe extern "C-unwind" fn fatal(_: &mut ffi::jpeg_common_struct) {
+        // Not `panic!`: no panic hook, no message; the caller falls back.
+        std::panic::resume_unwind(Box::new("libjpeg: fatal error"));
+    }
+    unsafe extern "C-unwind" fn message(_: &mut ffi::jpeg_common_struct, level: std::os::raw::c_int) {
+        if level < 0 {
+            LIBJPEG_WARNINGS.set(LIBJPEG_WARNINGS.get() + 1);
+        }
+    }
+    // SAFETY: jpeg_error_mgr is plain C data (numbers, pointers, optional fn pointers), for
+    // which all zeroes is valid; jpeg_std_error then fills in libjpeg's defaults.
+    let mut err: ffi::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { ffi::jpeg_std_error(&mut err) };
+    err.error_exit = Some(fatal);
+    err.emit_message = Some(message);
+    err
+}
