@@ -3,15 +3,17 @@
 //!
 //! libjpeg-turbo can leave out most of the work outside a rectangle: `jpeg_crop_scanline`
 //! runs the inverse DCT, upsampling and colour conversion only on the columns asked for,
-//! `jpeg_skip_scanlines` does the same for rows above them, and the rows below them are not
-//! even entropy-decoded. The Huffman decoding of the rows above and beside still runs (it
-//! cannot be skipped), so the saving is the rest of the decode, outside the rectangle.
+//! `jpeg_skip_scanlines` does the same for rows above them, and the rows below them of a
+//! baseline file are not even entropy-decoded. The Huffman decoding of the rows above and
+//! beside still runs (it cannot be skipped), so the saving is the rest of the decode, outside
+//! the rectangle. A progressive file is entropy-decoded whole when the decode starts, and its
+//! columns are not cropped (block smoothing, see [`decode`]).
 //!
 //! The pixels inside equal the whole decode's: fancy upsampling of subsampled chroma reads
 //! one chroma sample past each output pixel, and at the edge of a cropped or skipped region
 //! libjpeg repeats the edge sample instead, so [`MARGIN`] more pixels are decoded on each side
 //! (and libjpeg moves the left edge further, to a block boundary). Unit tests compare every
-//! subsampling, progressive and restart-marker files, DCT scales and random rectangles with the
+//! subsampling, baseline and progressive files (one cut short after some scans), DCT scales and random rectangles with the
 //! whole decode.
 
 use std::ops::Range;
@@ -76,9 +78,14 @@ pub(super) fn decode(
         .unwrap_or((0..size.0, 0..size.1));
     let mut x = cols.start.saturating_sub(MARGIN);
     let mut w = (cols.end + MARGIN).min(size.0) - x;
-    if w < size.0 {
+    // Not for a progressive file: where its coefficients are not fully refined, libjpeg's
+    // block smoothing reads the blocks left of a crop as copies of its first one, which changes
+    // the pixels there. (Such a file is entropy-decoded whole at the start anyway.)
+    if w < size.0 && !progressive(bytes) {
         // Moves `x` left to a block boundary and widens `w` to match.
         unsafe { ffi::jpeg_crop_scanline(c, &mut x, &mut w) };
+    } else {
+        x = 0; // every column
     }
     let (y0, y1) = (rows.start.saturating_sub(MARGIN), (rows.end + MARGIN).min(size.1));
     if y0 > 0 && unsafe { ffi::jpeg_skip_scanlines(c, y0) } != y0 {
@@ -100,6 +107,14 @@ pub(super) fn decode(
         return Err("libjpeg did not finish");
     }
     Ok(Part { rgb, size, held: [x, y0, c.output_width, y1 - y0] })
+}
+
+/// Whether a progressive frame marker (SOF2, SOF6, SOF10, SOF14) comes before the first scan.
+/// The bytes are searched, not parsed, so a marker-like pair in a header segment (an EXIF
+/// thumbnail) answers yes, which only costs the crop.
+fn progressive(bytes: &[u8]) -> bool {
+    let header = bytes.windows(2).position(|p| p == [0xFF, 0xDA]).map_or(bytes, |end| &bytes[..end]);
+    header.windows(2).any(|p| p[0] == 0xFF && matches!(p[1], 0xC2 | 0xC6 | 0xCA | 0xCE))
 }
 
 thread_local! {

@@ -19,8 +19,9 @@
 //!
 //! libjpeg decodes only the pixels step 4 reads (`jpeg.rs`): the resize's taps are planned
 //! first, and their source rectangle, mapped back through the EXIF orientation, is all that
-//! is colour-converted; the rows below it are not even entropy-decoded. So damage in those
-//! rows, which PIL would decode around, is not seen, and the crop is PIL's all the same.
+//! is colour-converted; the rows below it of a baseline file are not even entropy-decoded. So
+//! damage in those rows, which PIL would decode around, is not seen, and the crop is PIL's all
+//! the same.
 //!
 //! With `jpeg_dct_scaling`, a JPEG at least twice the resize target is decoded at 1/8 … 4/8
 //! of its size straight from the DCT coefficients, the smallest scale that still leaves the
@@ -514,7 +515,7 @@ fn resize_crop(
         // Nothing to resample.
         src
     } else {
-        plan.run(&src, held.map(|v| v as usize))
+        plan.run(&src, held.map(|v| v as usize))?
     };
     if iw == geo.out_w && ih == geo.out_h {
         return Ok(inner);

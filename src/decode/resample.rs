@@ -129,7 +129,7 @@ pub(crate) fn resize_window(
     cols: Range<usize>,
     rows: Range<usize>,
 ) -> Vec<u8> {
-    Plan::new((src_w, src_h), bx, out, cols, rows).run(src, [0, 0, src_w, src_h])
+    Plan::new((src_w, src_h), bx, out, cols, rows).run(src, [0, 0, src_w, src_h]).unwrap()
 }
 
 /// A resize of the part `[x0, x1) × [y0, y1)` of a `src_w × src_h` source to `out_w × out_h`
@@ -170,19 +170,22 @@ impl Plan {
     }
 
     /// Makes the outputs from `src`, which holds the `w × h` pixels of the source from
-    /// `(x, y)` on (`held = [x, y, w, h]`); they must include [`Plan::source`]. The outputs
+    /// `(x, y)` on (`held = [x, y, w, h]`); `Err` where they miss any [`Plan::source`] names. The outputs
     /// equal those of a resize of the whole source: the taps are the whole source's.
-    pub(crate) fn run(&self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Vec<u8> {
+    pub(crate) fn run(&self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Result<Vec<u8>, String> {
         let (ncols, nrows) = (self.cols.len(), self.rows.len());
         if ncols == 0 || nrows == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let (need_x, need_y) = self.source();
-        assert!(
-            hx <= need_x.start && need_x.end <= hx + hw && hy <= need_y.start && need_y.end <= hy + hh,
-            "the held pixels {hx}+{hw} x {hy}+{hh} miss some the resize reads ({need_x:?} x {need_y:?})"
-        );
-        assert_eq!(src.len(), hw * hh * 3, "the held buffer does not match its size {hw}x{hh}");
+        if !(hx <= need_x.start && need_x.end <= hx + hw && hy <= need_y.start && need_y.end <= hy + hh) {
+            return Err(format!(
+                "the decoded pixels {hx}+{hw} x {hy}+{hh} miss some the resize reads ({need_x:?} x {need_y:?})"
+            ));
+        }
+        if src.len() != hw * hh * 3 {
+            return Err(format!("decoded buffer of {} bytes does not match its size {hw}x{hh}", src.len()));
+        }
         let h = self.h.as_ref().map(|t| t.shifted(hx));
         let v = self.v.as_ref().map(|t| t.shifted(hy));
         // The held rows the vertical pass reads (or the output rows themselves).
@@ -202,12 +205,12 @@ impl Plan {
             tmp
         };
         let Some(v) = v else {
-            return tmp;
+            return Ok(tmp);
         };
 
         let mut out = vec![0u8; ncols * nrows * 3];
         vertical_pass(&tmp, used.start, &v, ncols * 3, &mut out);
-        out
+        Ok(out)
     }
 }
 

@@ -595,6 +595,8 @@ fn noisy_jpeg(w: usize, h: usize, chroma: Option<(u8, u8)>, progressive: bool) -
     let pixels: Vec<u8> =
         (0..w * h * channels).map(|i| (((i / channels) % w * 255 / w) as u64 / 2 + next() % 128) as u8).collect();
     let mut c = mozjpeg::Compress::new(space);
+    // MozJPEG's own defaults write progressive files; these are baseline, as libjpeg-turbo's.
+    c.set_fastest_defaults();
     c.set_size(w, h);
     c.set_quality(85.0);
     if let Some(s) = chroma {
@@ -726,6 +728,30 @@ fn rectangles_follow_the_pixels_through_every_orientation() {
                 }
             }
             assert_eq!((x1 - x0) * (y1 - y0), (sx1 - sx0) * (sy1 - sy0), "{o:?} {r:?}: the same area");
+        }
+    }
+}
+
+/// A progressive JPEG cut short after some scans (legal: the missing refinement is zero) is
+/// decoded with libjpeg's block smoothing; its part equals the whole decode there too.
+#[test]
+fn a_part_of_a_progressive_jpeg_without_its_last_scans_equals_the_whole_decode() {
+    let full = noisy_jpeg(203, 157, Some((2, 2)), true);
+    let scans: Vec<usize> = full.windows(2).enumerate().filter(|(_, w)| *w == [0xFF, 0xDA]).map(|(i, _)| i).collect();
+    assert!(scans.len() > 4, "{} scans", scans.len());
+    let mut cut = full[..scans[scans.len() - 3]].to_vec();
+    cut.extend_from_slice(&[0xFF, 0xD9]);
+    jpeg::LIBJPEG_WARNINGS.set(0);
+    let whole = jpeg::decode(&cut, 8, |_| None).unwrap();
+    assert_eq!(jpeg::LIBJPEG_WARNINGS.get(), 0, "libjpeg takes the cut file without a warning");
+    for (x0, x1) in [(37, 150), (60, 203), (17, 90)] {
+        let part = jpeg::decode(&cut, 8, |_| Some((x0..x1, 20..120))).unwrap();
+        let [hx, hy, hw, _] = part.held;
+        for y in 20..120u32 {
+            let a = ((y * 203 + x0) * 3) as usize;
+            let b = (((y - hy) * hw + x0 - hx) * 3) as usize;
+            let len = ((x1 - x0) * 3) as usize;
+            assert_eq!(&part.rgb[b..b + len], &whole.rgb[a..a + len], "columns {x0}..{x1}, row {y}");
         }
     }
 }
