@@ -13,8 +13,8 @@
 //! one chroma sample past each output pixel, and at the edge of a cropped or skipped region
 //! libjpeg repeats the edge sample instead, so [`MARGIN`] more pixels are decoded on each side
 //! (and libjpeg moves the left edge further, to a block boundary). Unit tests compare every
-//! subsampling, baseline and progressive files (one cut short after some scans), DCT scales and random rectangles with the
-//! whole decode.
+//! subsampling, baseline and progressive files (one cut short after some scans), DCT scales
+//! and random rectangles with the whole decode.
 
 use std::ops::Range;
 
