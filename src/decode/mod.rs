@@ -132,7 +132,7 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     let region = [0.0, 0.0, w as f64, h as f64];
     let plan = plan_resize((w, h), region, &geometry);
     let pixels = Pixels { rgb: img.into_raw(), size: (w, h), held: [0, 0, w, h] };
-    finish(pixels, plan.as_ref(), region, geometry, name)
+    finish(pixels, plan, region, geometry, name)
 }
 
 /// Decoded pixels: `rgb` holds the `w × h` pixels from `(x, y)` on (`held = [x, y, w, h]`)
@@ -174,7 +174,7 @@ fn plan_resize((w, h): (u32, u32), [rx, ry, rw, rh]: [f64; 4], geometry: &Geomet
 /// [`plan_resize`] with the same `region`).
 fn finish(
     pixels: Pixels,
-    plan: Option<&resample::Plan>,
+    plan: Option<resample::Plan>,
     region: [f64; 4],
     geometry: Geometry,
     name: &str,
@@ -254,7 +254,7 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     let held = [hx, hy, hx + hw, hy + hh].map(|v| v as f64);
     let [x0, y0, x1, y1] = map_rect(orientation, size, held).map(|v| v as u32);
     let pixels = Pixels { rgb: img.into_rgb8().into_raw(), size: oriented, held: [x0, y0, x1 - x0, y1 - y0] };
-    finish(pixels, plan.as_ref(), region, geometry, name).map(Some)
+    finish(pixels, plan, region, geometry, name).map(Some)
 }
 
 /// The orientation that undoes `o`.
@@ -495,7 +495,7 @@ fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
 /// window outside the resized image are zero.
 fn resize_crop(
     Pixels { rgb: src, size: (src_w, src_h), held }: Pixels,
-    plan: Option<&resample::Plan>,
+    plan: Option<resample::Plan>,
     region: [f64; 4],
     geo: &Geometry,
 ) -> Result<Vec<u8>, String> {

@@ -92,9 +92,9 @@ impl Taps {
 
     /// The same taps, read from a source that starts `by` pixels later (every tap's index is
     /// at least `by`).
-    fn shifted(&self, by: usize) -> Taps {
-        let bounds = self.bounds.iter().map(|&(start, n)| (start - by, n)).collect();
-        Taps { bounds, coeffs: self.coeffs.clone(), ksize: self.ksize }
+    fn shifted(mut self, by: usize) -> Taps {
+        self.bounds.iter_mut().for_each(|b| b.0 -= by);
+        self
     }
 
     /// The source indices any of these outputs reads.
@@ -172,7 +172,7 @@ impl Plan {
     /// Makes the outputs from `src`, which holds the `w × h` pixels of the source from
     /// `(x, y)` on (`held = [x, y, w, h]`); `Err` where they miss any [`Plan::source`] names. The outputs
     /// equal those of a resize of the whole source: the taps are the whole source's.
-    pub(crate) fn run(&self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Result<Vec<u8>, String> {
+    pub(crate) fn run(self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Result<Vec<u8>, String> {
         let (ncols, nrows) = (self.cols.len(), self.rows.len());
         if ncols == 0 || nrows == 0 {
             return Ok(Vec::new());
@@ -186,8 +186,8 @@ impl Plan {
         if src.len() != hw * hh * 3 {
             return Err(format!("decoded buffer of {} bytes does not match its size {hw}x{hh}", src.len()));
         }
-        let h = self.h.as_ref().map(|t| t.shifted(hx));
-        let v = self.v.as_ref().map(|t| t.shifted(hy));
+        let h = self.h.map(|t| t.shifted(hx));
+        let v = self.v.map(|t| t.shifted(hy));
         // The held rows the vertical pass reads (or the output rows themselves).
         let used = need_y.start - hy..need_y.end - hy;
 
