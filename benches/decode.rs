@@ -1,9 +1,11 @@
 //! Decode-stage throughput: 500×375 and 4000×3000 JPEGs (quality 90) → Resize(256) →
-//! CenterCrop(224), with the full decode and with DCT-domain scaling, and the image crate's
-//! decode as a peer. Run: `cargo bench --bench decode`; `DECODE_BENCH_FILE=F.jpg` adds that file
+//! CenterCrop(224), with the full decode and with DCT-domain scaling. Peers: the image crate's
+//! decode alone, and the image crate's decode followed by fast_image_resize's resize of the
+//! crop's source box (the anchor's way of doing the same). Run: `cargo bench --bench decode`; `DECODE_BENCH_FILE=F.jpg` adds that file
 //! (see benches/decode_vs_pil.py).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fast_image_resize as fir;
 use std::hint::black_box;
 
 use sa::decode::{decode_bytes, Preprocess, Resize};
@@ -68,10 +70,52 @@ fn pil_like_jpeg(w: usize, h: usize) -> Vec<u8> {
     started.finish().unwrap()
 }
 
+/// The peer for decode + Resize(256) + CenterCrop(224): the image crate's decode, then
+/// fast_image_resize's bilinear convolution (antialiased, as torchvision's Resize) of the
+/// source box under the centre crop straight into 224×224, so no pixel outside the crop is
+/// resized. Not Pillow's bytes (its rounding differs), and without this project's checks.
+fn image_fir_peer(bytes: &[u8], resizer: &mut fir::Resizer) -> fir::images::Image<'static> {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).unwrap().into_rgb8();
+    let (w, h) = img.dimensions();
+    // torchvision's sizes: the longer side int(256 · long / short), the crop's offset
+    // round((resized − 224) / 2) (half to even), mapped back to source pixels.
+    let (short, long) = (w.min(h) as f64, w.max(h) as f64);
+    let resized_long = (256.0 * long / short).floor();
+    let (rw, rh) = if w >= h { (resized_long, 256.0) } else { (256.0, resized_long) };
+    let (sx, sy) = (w as f64 / rw, h as f64 / rh);
+    let (left, top) = (((rw - 224.0) / 2.0).round_ties_even(), ((rh - 224.0) / 2.0).round_ties_even());
+    let options = fir::ResizeOptions::new().resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear)).crop(
+        left * sx,
+        top * sy,
+        224.0 * sx,
+        224.0 * sy,
+    );
+    let mut out = fir::images::Image::new(224, 224, fir::PixelType::U8x3);
+    resizer.resize(&img, &mut out, &options).unwrap();
+    out
+}
+
+/// The peer does the same work: its crop is much closer to this project's (which equals
+/// PIL's) than that crop is to itself moved by one pixel, right or down.
+fn check_peer(bytes: &[u8], pre: &Preprocess, resizer: &mut fir::Resizer) {
+    let ours = decode_bytes(bytes, "bench.jpg", pre).unwrap().rgb;
+    let peer = image_fir_peer(bytes, resizer).into_vec();
+    assert_eq!(ours.len(), peer.len());
+    let mean_diff =
+        |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(&x, &y)| x.abs_diff(y) as f64).sum::<f64>() / a.len() as f64;
+    let (pixel, row) = (3, 224 * 3);
+    let moved =
+        mean_diff(&ours[pixel..], &ours[..ours.len() - pixel]).min(mean_diff(&ours[row..], &ours[..ours.len() - row]));
+    let mean = mean_diff(&ours, &peer);
+    eprintln!("peer vs this project: mean absolute difference {mean:.3} levels (moved by a pixel: {moved:.3})");
+    assert!(mean < moved / 4.0, "the peer's crop differs from ours by {mean} levels on average");
+}
+
 fn bench_decode(c: &mut Criterion) {
     let jpeg = test_jpeg(500, 375);
     eprintln!("test JPEG: 500x375, quality 90, 4:4:4, {} bytes", jpeg.len());
     let mut g = c.benchmark_group("decode");
+    let mut resizer = fir::Resizer::new();
     g.throughput(Throughput::Elements(1));
     let imagenet = Preprocess {
         resize: Resize::ShorterSide(256),
@@ -97,6 +141,8 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_500x375_image_crate_peer", |b| {
         b.iter(|| image::load_from_memory_with_format(black_box(&jpeg), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
+    check_peer(&jpeg, &imagenet, &mut resizer);
+    g.bench_function("jpeg_500x375_image_fir_peer", |b| b.iter(|| image_fir_peer(black_box(&jpeg), &mut resizer)));
     let pil = pil_like_jpeg(500, 375);
     eprintln!("test JPEG: 500x375, quality 90, 4:2:0 baseline (as PIL saves), {} bytes", pil.len());
     g.bench_function("jpeg_500x375_420_resize256_crop224", |b| {
@@ -108,6 +154,8 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_500x375_420_image_crate_peer", |b| {
         b.iter(|| image::load_from_memory_with_format(black_box(&pil), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
+    check_peer(&pil, &imagenet, &mut resizer);
+    g.bench_function("jpeg_500x375_420_image_fir_peer", |b| b.iter(|| image_fir_peer(black_box(&pil), &mut resizer)));
     // Portrait: the centre crop cuts rows, so the decode skips the rows above and stops before
     // the rows below.
     let portrait = pil_like_jpeg(375, 500);
@@ -118,6 +166,10 @@ fn bench_decode(c: &mut Criterion) {
         b.iter(|| {
             image::load_from_memory_with_format(black_box(&portrait), image::ImageFormat::Jpeg).unwrap().into_rgb8()
         })
+    });
+    check_peer(&portrait, &imagenet, &mut resizer);
+    g.bench_function("jpeg_375x500_420_image_fir_peer", |b| {
+        b.iter(|| image_fir_peer(black_box(&portrait), &mut resizer))
     });
     let dct = Preprocess { jpeg_dct_scaling: true, ..imagenet };
     g.bench_function("jpeg_500x375_resize256_crop224_dct_scaling", |b| {
@@ -136,6 +188,8 @@ fn bench_decode(c: &mut Criterion) {
     g.bench_function("jpeg_4000x3000_image_crate_peer", |b| {
         b.iter(|| image::load_from_memory_with_format(black_box(&large), image::ImageFormat::Jpeg).unwrap().into_rgb8())
     });
+    check_peer(&large, &imagenet, &mut resizer);
+    g.bench_function("jpeg_4000x3000_image_fir_peer", |b| b.iter(|| image_fir_peer(black_box(&large), &mut resizer)));
     // A file of the caller's (benches/decode_vs_pil.py times PIL on the same one).
     if let Some(path) = std::env::var_os("DECODE_BENCH_FILE") {
         let file = std::fs::read(&path).expect("DECODE_BENCH_FILE is readable");

@@ -80,8 +80,11 @@ pub(super) fn decode(
     let mut w = (cols.end + MARGIN).min(size.0) - x;
     // Not for a progressive file: where its coefficients are not fully refined, libjpeg's
     // block smoothing reads the blocks left of a crop as copies of its first one, which changes
-    // the pixels there. (Such a file is entropy-decoded whole at the start anyway.)
-    if w < size.0 && !progressive(bytes) {
+    // the pixels there. (Such a file is entropy-decoded whole at the start anyway.) libjpeg's
+    // own record says which it is: its progression table `coef_bits`, which
+    // jpeg_start_decompress allocates for a progressive file only and block smoothing needs.
+    let progressive = !c.coef_bits.is_null();
+    if w < size.0 && !progressive {
         // Moves `x` left to a block boundary and widens `w` to match.
         unsafe { ffi::jpeg_crop_scanline(c, &mut x, &mut w) };
     } else {
@@ -107,14 +110,6 @@ pub(super) fn decode(
         return Err("libjpeg did not finish");
     }
     Ok(Part { rgb, size, held: [x, y0, c.output_width, y1 - y0] })
-}
-
-/// Whether a progressive frame marker (SOF2, SOF6, SOF10, SOF14) comes before the first scan.
-/// The bytes are searched, not parsed, so a marker-like pair in a header segment (an EXIF
-/// thumbnail) answers yes, which only costs the crop.
-fn progressive(bytes: &[u8]) -> bool {
-    let header = bytes.windows(2).position(|p| p == [0xFF, 0xDA]).map_or(bytes, |end| &bytes[..end]);
-    header.windows(2).any(|p| p[0] == 0xFF && matches!(p[1], 0xC2 | 0xC6 | 0xCA | 0xCE))
 }
 
 thread_local! {

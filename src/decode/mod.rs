@@ -131,16 +131,16 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     check_output(&geometry, name, pre)?;
     let region = [0.0, 0.0, w as f64, h as f64];
     let plan = plan_resize((w, h), region, &geometry);
-    let pixels = Pixels { rgb: img.into_raw(), size: (w, h), held: [0, 0, w, h] };
+    let pixels = Pixels { rgb: img, size: (w, h), origin: (0, 0) };
     finish(pixels, plan, region, geometry, name)
 }
 
-/// Decoded pixels: `rgb` holds the `w × h` pixels from `(x, y)` on (`held = [x, y, w, h]`)
-/// of an image of `size` (the original image, or a DCT-scaled one).
+/// Decoded pixels: `rgb` holds the pixels from `origin` on of an image of `size` (the
+/// original image, or a DCT-scaled one).
 struct Pixels {
-    rgb: Vec<u8>,
+    rgb: image::RgbImage,
     size: (u32, u32),
-    held: [u32; 4],
+    origin: (u32, u32),
 }
 
 /// The step-4 check, before any pixel is decoded: the model input itself within `max_pixels`.
@@ -253,7 +253,9 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     img.apply_orientation(orientation);
     let held = [hx, hy, hx + hw, hy + hh].map(|v| v as f64);
     let [x0, y0, x1, y1] = map_rect(orientation, size, held).map(|v| v as u32);
-    let pixels = Pixels { rgb: img.into_rgb8().into_raw(), size: oriented, held: [x0, y0, x1 - x0, y1 - y0] };
+    let img = img.into_rgb8();
+    debug_assert_eq!(img.dimensions(), (x1 - x0, y1 - y0));
+    let pixels = Pixels { rgb: img, size: oriented, origin: (x0, y0) };
     finish(pixels, plan, region, geometry, name).map(Some)
 }
 
@@ -494,7 +496,7 @@ fn oriented_size(w: u32, h: u32, o: Orientation) -> (u32, u32) {
 /// `geo`: only the resized pixels that land inside the window are computed. Pixels of the
 /// window outside the resized image are zero.
 fn resize_crop(
-    Pixels { rgb: src, size: (src_w, src_h), held }: Pixels,
+    Pixels { rgb: src, size: (src_w, src_h), origin }: Pixels,
     plan: Option<resample::Plan>,
     region: [f64; 4],
     geo: &Geometry,
@@ -503,19 +505,15 @@ fn resize_crop(
     let (Some((x0, y0, x1, y1)), Some(plan)) = (geo.visible_window(), plan) else {
         return Ok(vec![0; out_len]);
     };
-    let [_, _, hw, hh] = held;
-    if src.len() != hw as usize * hh as usize * 3 {
-        return Err(format!("decoded buffer of {} bytes does not match its size {hw}x{hh}", src.len()));
-    }
     let (iw, ih) = (x1 - x0, y1 - y0);
     let whole = x0 == 0 && y0 == 0 && iw == geo.resized_w && ih == geo.resized_h;
-    let all_held = held == [0, 0, src_w, src_h];
+    let all_held = origin == (0, 0) && src.dimensions() == (src_w, src_h);
     let full_region = region == [0.0, 0.0, src_w as f64, src_h as f64];
     let inner = if whole && all_held && full_region && geo.resized_w == src_w && geo.resized_h == src_h {
         // Nothing to resample.
-        src
+        src.into_raw()
     } else {
-        plan.run(&src, held.map(|v| v as usize))?
+        plan.run(&src, (origin.0 as usize, origin.1 as usize))?
     };
     if iw == geo.out_w && ih == geo.out_h {
         return Ok(inner);

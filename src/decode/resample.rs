@@ -129,7 +129,8 @@ pub(crate) fn resize_window(
     cols: Range<usize>,
     rows: Range<usize>,
 ) -> Vec<u8> {
-    Plan::new((src_w, src_h), bx, out, cols, rows).run(src, [0, 0, src_w, src_h]).unwrap()
+    let src = image::RgbImage::from_raw(src_w as u32, src_h as u32, src.to_vec()).expect("src_w × src_h RGB8");
+    Plan::new((src_w, src_h), bx, out, cols, rows).run(&src, (0, 0)).unwrap()
 }
 
 /// A resize of the part `[x0, x1) × [y0, y1)` of a `src_w × src_h` source to `out_w × out_h`
@@ -169,10 +170,11 @@ impl Plan {
         (self.h.as_ref().map_or(self.cols.clone(), Taps::span), self.v.as_ref().map_or(self.rows.clone(), Taps::span))
     }
 
-    /// Makes the outputs from `src`, which holds the `w × h` pixels of the source from
-    /// `(x, y)` on (`held = [x, y, w, h]`); `Err` where they miss any [`Plan::source`] names. The outputs
-    /// equal those of a resize of the whole source: the taps are the whole source's.
-    pub(crate) fn run(self, src: &[u8], [hx, hy, hw, hh]: [usize; 4]) -> Result<Vec<u8>, String> {
+    /// Makes the outputs from `src`, the pixels of the source from column `hx` and row `hy` on;
+    /// `Err` where they miss any [`Plan::source`] names. The outputs equal those of a resize of the
+    /// whole source: the taps are the whole source's.
+    pub(crate) fn run(self, src: &image::RgbImage, (hx, hy): (usize, usize)) -> Result<Vec<u8>, String> {
+        let (hw, hh) = (src.width() as usize, src.height() as usize);
         let (ncols, nrows) = (self.cols.len(), self.rows.len());
         if ncols == 0 || nrows == 0 {
             return Ok(Vec::new());
@@ -183,9 +185,7 @@ impl Plan {
                 "the decoded pixels {hx}+{hw} x {hy}+{hh} miss some the resize reads ({need_x:?} x {need_y:?})"
             ));
         }
-        if src.len() != hw * hh * 3 {
-            return Err(format!("decoded buffer of {} bytes does not match its size {hw}x{hh}", src.len()));
-        }
+        let src: &[u8] = src.as_raw();
         let h = self.h.map(|t| t.shifted(hx));
         let v = self.v.map(|t| t.shifted(hy));
         // The held rows the vertical pass reads (or the output rows themselves).

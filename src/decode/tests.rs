@@ -622,7 +622,7 @@ fn a_decoded_part_equals_the_whole_decode_there() {
         state ^= state << 17;
         (state % n as u64) as u32
     };
-    let mut cropped = 0;
+    let (mut cropped, mut baseline_columns_cropped) = (0, 0);
     for (chroma, progressive) in [
         (Some((2, 2)), false),
         (Some((2, 1)), false),
@@ -653,6 +653,9 @@ fn a_decoded_part_equals_the_whole_decode_there() {
                 assert!(hx <= x0 && x1 <= hx + hw && hy <= y0 && y1 <= hy + hh, "{case}");
                 assert!(hx + hw <= sw && hy + hh <= sh, "{case}");
                 cropped += usize::from(hw < sw) + usize::from(hh < sh);
+                // Columns are cropped in baseline files only (see jpeg::decode).
+                assert!(!progressive || hw == sw, "{case}: a progressive file's columns were cropped");
+                baseline_columns_cropped += usize::from(!progressive && hw < sw);
                 for y in y0..y1 {
                     let (a, b) = (y * sw + x0, (y - hy) * hw + x0 - hx);
                     let (len, (a, b)) = ((x1 - x0) as usize * 3, (a as usize * 3, b as usize * 3));
@@ -662,6 +665,7 @@ fn a_decoded_part_equals_the_whole_decode_there() {
         }
     }
     assert!(cropped > 600, "too few cases cut the image: {cropped}");
+    assert!(baseline_columns_cropped > 200, "too few baseline cases cut columns: {baseline_columns_cropped}");
 }
 
 /// In every EXIF orientation, the model input made from the part of a JPEG libjpeg decodes
