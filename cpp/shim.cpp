@@ -7,13 +7,17 @@
 //  - the channels-last memory format for a tensor;
 //  - CUDA streams from libtorch's pool, set per thread (through c10's device-generic interface,
 //    so the shim needs no CUDA headers and builds against CPU-only libtorch too);
-//  - page-locked (pinned) host tensors for fast, asynchronous copies to and from the GPU.
+//  - page-locked (pinned) host tensors for fast, asynchronous copies to and from the GPU;
+//  - the cuDNN flags that a traced model froze into its convolution calls, set to the job's.
 // Every function catches C++ exceptions and reports them through a message buffer.
 
 #include <torch/torch.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 #include <c10/core/Stream.h>
@@ -77,6 +81,35 @@ at::Tensor convolution_autocast_cpu(const at::Tensor& input, const at::Tensor& w
                                  at::autocast::cached_cast(dt, bias, cpu), stride, padding, dilation, transposed,
                                  output_padding, std::move(groups), benchmark, deterministic, cudnn_enabled,
                                  allow_tf32);
+}
+
+// The `aten::_convolution` calls in `block` and the blocks nested in it, each once.
+void convolutions(torch::jit::Block* block, std::vector<torch::jit::Node*>& out) {
+  static const auto kind = c10::Symbol::fromQualString("aten::_convolution");
+  for (auto* node : block->nodes()) {
+    for (auto* inner : node->blocks()) convolutions(inner, out);
+    // 13 inputs: (…, groups, benchmark, deterministic, cudnn_enabled, allow_tf32); the old
+    // overload's 12 lack allow_tf32.
+    if (node->kind() == kind && node->inputs().size() >= 12) out.push_back(node);
+  }
+}
+
+// Every `aten::_convolution` call in the methods of `module` and its submodules, each graph once
+// (submodules of one type share their methods' graphs).
+std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> module_convolutions(
+    const torch::jit::Module& module) {
+  std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> out;
+  std::unordered_set<torch::jit::Graph*> seen;
+  for (const auto& m : module.modules()) {
+    for (const auto& method : m.get_methods()) {
+      auto graph = method.graph();
+      if (!seen.insert(graph.get()).second) continue;
+      std::vector<torch::jit::Node*> nodes;
+      convolutions(graph->block(), nodes);
+      for (auto* n : nodes) out.emplace_back(graph, n);
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -225,6 +258,36 @@ torch::Tensor* sa_to_host_f32(const torch::Tensor* t, int pinned, char* err, siz
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return nullptr;
+  }
+}
+
+// A traced model records each convolution as `aten::_convolution` with cuDNN's `benchmark` and
+// `allow_tf32` flags as constants, frozen at export time; the op uses those, not the
+// process-wide settings (which only its backward reads). With `set`, this sets them to
+// `benchmark` and `allow_tf32` in every such call of `module` (a torch::jit::Module, as
+// torch-sys holds it), so the forward obeys the job's settings as the backward does; call it
+// before the first forward (the graph executor keeps its own copy from then on). Returns the
+// number of calls set; without `set`, the number of calls that have those constant flags (a
+// call of the old overload, without `allow_tf32`, counts if its `benchmark` matches). -1 on error.
+int sa_convolution_flags(void* module, int benchmark, int allow_tf32, int set, char* err, size_t err_len) {
+  try {
+    int n = 0;
+    for (auto& [graph, node] : module_convolutions(*static_cast<torch::jit::Module*>(module))) {
+      const bool full = node->inputs().size() == 13;
+      if (set) {
+        torch::jit::WithInsertPoint at(node);
+        node->replaceInput(9, graph->insertConstant(benchmark != 0));
+        if (full) node->replaceInput(12, graph->insertConstant(allow_tf32 != 0));
+        n++;
+        continue;
+      }
+      auto is = [&](size_t i, int v) { return torch::jit::constant_as<bool>(node->input(i)) == std::optional(v != 0); };
+      if (is(9, benchmark) && (!full || is(12, allow_tf32))) n++;
+    }
+    return n;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
   }
 }
 

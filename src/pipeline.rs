@@ -502,7 +502,14 @@ fn attribute_split(
             } else {
                 e
             };
-            if let Err(health) = attr.check_health(batch.h, batch.w) {
+            let mut health = attr.check_health(batch.h, batch.w);
+            if health.as_ref().is_err_and(is_out_of_memory) {
+                // Out of memory even for the check: another worker's batch may still hold the
+                // memory, so a longer pause and one more check before the device counts as failing.
+                std::thread::sleep(OUT_OF_MEMORY_PAUSE * 5);
+                health = attr.check_health(batch.h, batch.w);
+            }
+            if let Err(health) = health {
                 return Err(health.context(format!(
                     "worker {}: sample {first} of a batch failed ({e:#}), and so did a health check on a \
                      mid-grey image: the device is failing; stopping (committed parts are kept, rerun to \

@@ -139,10 +139,12 @@ pub struct EngineOptions {
     /// `None`: on for CUDA devices and in bf16 mode, off for fp32 on the CPU (where it is slower).
     pub channels_last: Option<bool>,
     /// cuDNN benchmark mode on CUDA devices: picks the fastest convolution algorithms per shape.
+    /// Process-wide (the backward reads it), and written into a traced model's convolution
+    /// calls (its forward reads those).
     pub cudnn_benchmark: bool,
     /// Convolutions in full IEEE float32 on CUDA. Off (the default, as in PyTorch): cuDNN may use
     /// TF32 tensor cores for float32 convolutions, as Captum does under PyTorch's defaults.
-    /// The setting is process-wide.
+    /// Process-wide and in the model's convolution calls, as `cudnn_benchmark`.
     pub ieee_fp32: bool,
 }
 
@@ -196,6 +198,17 @@ impl GuidedGradCam {
             )
         })?;
         module.set_eval();
+        // A traced model's convolutions carry the cuDNN flags of the exporting process; they
+        // get the job's, so the forward follows them as the backward does (on the CPU they
+        // change nothing, but the graph is the same on every device).
+        let convolutions = shim::set_convolution_flags(&mut module, opts.cudnn_benchmark, !opts.ieee_fp32)
+            .map_err(|e| anyhow!("{}: setting the convolutions' cuDNN flags: {e}", path.display()))?;
+        tracing::debug!(
+            "{}: {convolutions} traced convolution calls set to benchmark = {}, allow_tf32 = {}",
+            path.display(),
+            opts.cudnn_benchmark,
+            !opts.ieee_fp32
+        );
         let opts = EngineOptions { channels_last: Some(opts.channels_last_on(device)), ..opts };
         for (name, mut p) in module.named_parameters().context("listing the model's parameters")? {
             // No weight gradients are ever computed.
@@ -221,6 +234,12 @@ impl GuidedGradCam {
 
     pub fn meta(&self) -> &ModelMeta {
         &self.meta
+    }
+
+    /// How many of the model's traced convolution calls carry cuDNN's `benchmark` and
+    /// `allow_tf32` flags with these values (see [`EngineOptions::cudnn_benchmark`]).
+    pub fn convolutions_with_flags(&self, benchmark: bool, allow_tf32: bool) -> Result<usize> {
+        shim::count_convolution_flags(&self.module, benchmark, allow_tf32).map_err(|e| anyhow!(e))
     }
 
     /// The options, with `channels_last` resolved for this device.
@@ -308,8 +327,17 @@ impl GuidedGradCam {
         };
         let x = x.set_requires_grad(true);
 
+        // The trace's step times: on CUDA each step's kernels are waited for (only when traced),
+        // else a step's time would be its launches only.
+        let traced = tracing::enabled!(tracing::Level::TRACE);
+        let now = || {
+            if let (true, Device::Cuda(d)) = (traced, self.device) {
+                tch::Cuda::synchronize(d as i64);
+            }
+            std::time::Instant::now()
+        };
         // 1. One forward (under bfloat16 autocast in fast mode).
-        let t0 = std::time::Instant::now();
+        let t0 = now();
         let (logits, act) = {
             let _autocast = if self.opts.bf16 {
                 Some(shim::Bf16Autocast::enter(self.device).map_err(|e| anyhow!("bfloat16 autocast: {e}"))?)
@@ -338,15 +366,18 @@ impl GuidedGradCam {
         let tgt = Tensor::from_slice(&resolved).to_device(self.device).view([-1, 1]);
         let sel = logits.gather(1, &tgt, false).sum(Kind::Float);
 
-        let t1 = std::time::Instant::now();
+        let t1 = now();
         // 2. Grad-CAM: standard gradients to the layer, graph kept.
         let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
             let msg = e.to_string();
             let msg = torch_message(&msg);
-            if out_of_memory(msg) {
-                anyhow!("{}: backward to the layer failed: {msg}", self.path.display())
-            } else {
+            // Autograd's own words for an activation off the path to the logits; anything else
+            // (out of memory, a CUDA error) is a failure of this batch, not of the model.
+            let unused = ["not have been used in the graph", "does not require grad"];
+            if unused.iter().any(|m| msg.contains(m)) {
                 self.contract_error(&format!("no gradient reaches the activation ({msg})"))
+            } else {
+                anyhow!("{}: backward to the layer failed: {msg}", self.path.display())
             }
         })?;
         let ga = &grads[0];
@@ -358,7 +389,7 @@ impl GuidedGradCam {
             (w * act.detach().to_kind(Kind::Float)).sum_dim_intlist(&[1i64][..], true, Kind::Float).relu()
         });
 
-        let t2 = std::time::Instant::now();
+        let t2 = now();
         // 3. Guided backprop through the same graph.
         let guided_nodes = shim::add_guided_hooks(&sel, self.opts.rectifiers.bits())
             .map_err(|e| anyhow!("adding guided hooks: {e}"))?;
@@ -370,7 +401,7 @@ impl GuidedGradCam {
             return Err(self.contract_error("the logits do not depend on the input"));
         }
 
-        let t3 = std::time::Instant::now();
+        let t3 = now();
         // 4. Guided gradient × upsampled CAM.
         let attribution = no_grad(|| {
             let up = upsample(&cam, size[2], size[3], self.opts.interpolate);
@@ -381,7 +412,7 @@ impl GuidedGradCam {
             forward_ms = (t1 - t0).as_secs_f64() * 1e3,
             layer_backward_ms = (t2 - t1).as_secs_f64() * 1e3,
             guided_backward_ms = (t3 - t2).as_secs_f64() * 1e3,
-            combine_ms = t3.elapsed().as_secs_f64() * 1e3,
+            combine_ms = (now() - t3).as_secs_f64() * 1e3,
             "attributed a batch"
         );
         let logits_kind = logits.kind();
@@ -427,10 +458,23 @@ fn first_line(s: &str) -> &str {
 
 /// Whether a libtorch error message says that the device (or host) ran out of memory, so that a
 /// smaller batch would fit: CUDA's caching allocator, cuDNN and cuBLAS workspaces, libtorch's CPU
-/// allocator.
+/// allocator. PyTorch's cuDNN convolutions try their algorithms in turn, skipping any whose
+/// workspace does not fit, and when none is left say only that none was found ("FIND was
+/// unable to find an engine …", "Unable to find a valid cuDNN algorithm …"): counted too, since
+/// a smaller batch needs smaller workspaces (a shape no algorithm supports fails at any size,
+/// and its images get error rows).
 pub fn out_of_memory(msg: &str) -> bool {
     let msg = msg.to_ascii_lowercase();
-    ["out of memory", "alloc_failed", "can't allocate memory", "not enough memory"].iter().any(|m| msg.contains(m))
+    [
+        "out of memory",
+        "alloc_failed",
+        "can't allocate memory",
+        "not enough memory",
+        "unable to find an engine",
+        "unable to find a valid cudnn algorithm",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 /// The line of a libtorch error that says what went wrong. An op that fails inside a TorchScript
@@ -480,5 +524,8 @@ mod tests {
         let plain = "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]\nException raised from …";
         assert_eq!(torch_message(plain), "Expected 4-dimensional input for 4-dimensional weight [8, 3, 3, 3]");
         assert!(!out_of_memory(torch_message(plain)));
+        // cuDNN with no algorithm whose workspace fits (PyTorch's v8 and v7 paths).
+        assert!(out_of_memory("RuntimeError: FIND was unable to find an engine to execute this computation"));
+        assert!(out_of_memory("Unable to find a valid cuDNN algorithm to run convolution"));
     }
 }

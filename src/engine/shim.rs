@@ -1,7 +1,7 @@
 //! Safe wrappers over the C++ shim (`cpp/shim.cpp`).
 
-use std::ffi::{c_char, c_int, CStr};
-use tch::Tensor;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use tch::{CModule, Tensor};
 
 extern "C" {
     fn sa_set_graph_executor_optimize(on: c_int);
@@ -12,6 +12,14 @@ extern "C" {
     fn sa_cuda_pool_stream(device: c_int, id: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_cuda_set_stream(device: c_int, id: i64, previous: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_set_cudnn_tf32(allow: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_convolution_flags(
+        module: *mut c_void,
+        benchmark: c_int,
+        allow_tf32: c_int,
+        set: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn sa_empty_pinned_u8(numel: i64, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
     fn sa_to_host_f32(
         t: *const torch_sys::C_tensor,
@@ -142,6 +150,37 @@ impl Drop for StreamGuard {
 /// process-wide.
 pub fn set_cudnn_tf32(allow: bool) -> Result<(), String> {
     call(|e, n| unsafe { sa_set_cudnn_tf32(c_int::from(allow), e, n) })
+}
+
+/// The `torch::jit::Module*` that a [`CModule`] holds. tch keeps it private; it is the
+/// struct's only field, which the size check below pins to offset 0.
+fn module_ptr(module: &CModule) -> *mut c_void {
+    const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut c_void>());
+    // SAFETY: CModule's one field is that pointer, and the struct is no larger than it.
+    unsafe { *(module as *const CModule as *const *mut c_void) }
+}
+
+/// Sets cuDNN's `benchmark` and `allow_tf32` flags in every convolution call of a traced
+/// model, where export froze them (see `sa_convolution_flags` in cpp/shim.cpp): without this
+/// its forward ignores the process-wide settings. Before the first forward. Returns how many
+/// calls it set.
+pub fn set_convolution_flags(module: &mut CModule, benchmark: bool, allow_tf32: bool) -> Result<usize, String> {
+    convolution_flags(module, benchmark, allow_tf32, true)
+}
+
+/// How many convolution calls of a traced model carry exactly these flags (for tests).
+pub fn count_convolution_flags(module: &CModule, benchmark: bool, allow_tf32: bool) -> Result<usize, String> {
+    convolution_flags(module, benchmark, allow_tf32, false)
+}
+
+fn convolution_flags(module: &CModule, benchmark: bool, allow_tf32: bool, set: bool) -> Result<usize, String> {
+    let (ptr, mut count) = (module_ptr(module), 0);
+    let flags = [benchmark, allow_tf32, set].map(c_int::from);
+    call(|e, n| {
+        count = unsafe { sa_convolution_flags(ptr, flags[0], flags[1], flags[2], e, n) };
+        count
+    })?;
+    Ok(count as usize)
 }
 
 /// A new contiguous uint8 host tensor of `numel` elements in page-locked memory (needs CUDA).

@@ -327,3 +327,30 @@ fn fast_modes_bf16_and_channels_last() {
         assert!(rel_l2(&again_attr, &exact_attr) <= 1e-6);
     }
 }
+
+/// A traced model froze the exporting process's cuDNN flags into its convolution calls
+/// (benchmark off, TF32 allowed: PyTorch's defaults); loading sets them to the job's, in every
+/// convolution (ResNet-18 has 20, VGG-11 8), without changing the attribution.
+#[test]
+fn the_jobs_cudnn_flags_reach_a_traced_models_convolutions() {
+    for (case, convolutions) in [("resnet18_layer4", 20), ("vgg11_conv", 8)] {
+        let d = engine_cases().join(case);
+        let x = Tensor::read_npy(d.join("x.npy")).unwrap();
+        let t: Vec<Option<i64>> =
+            Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap().into_iter().map(Some).collect();
+        let mut attributions = Vec::new();
+        for (benchmark, ieee_fp32) in [(false, false), (true, true), (true, false)] {
+            let o = EngineOptions { cudnn_benchmark: benchmark, ieee_fp32, ..Default::default() };
+            let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, o).unwrap();
+            let allow_tf32 = !ieee_fp32;
+            assert_eq!(engine.convolutions_with_flags(benchmark, allow_tf32).unwrap(), convolutions, "{case}");
+            for other in [(!benchmark, allow_tf32), (benchmark, !allow_tf32)] {
+                assert_eq!(engine.convolutions_with_flags(other.0, other.1).unwrap(), 0, "{case}: {other:?}");
+            }
+            let r = engine.attribute(&x, &t).unwrap();
+            attributions.push(Vec::<f32>::try_from(r.attribution.contiguous().flatten(0, -1)).unwrap());
+        }
+        // On the CPU the flags change nothing: the same numbers, bit for bit.
+        assert!(attributions.windows(2).all(|w| w[0] == w[1]), "{case}");
+    }
+}

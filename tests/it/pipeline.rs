@@ -673,6 +673,19 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
     };
     assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
     assert_eq!(sizes[..3], [3, 1, 1]);
+    // Taken a little longer: the image fails twice and the health check once; the check gets a
+    // second try after a longer pause, passes, and the run goes on (the image has an error row,
+    // for `--retry-failed`).
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
+    cfg.batch_size = 3;
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let engine = FitsAtMost { max: 0, bad_red: None, sizes: sizes.clone(), until_call: 4 };
+    let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
+    assert_eq!(read_all(&tmp.path().join("out")).num_rows(), 6, "every sample has its row");
+    assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
+    assert_eq!(summary.counts.get(&Status::Ok), Some(&5), "{:?}", summary.counts);
+    assert_eq!(sizes.lock().unwrap()[..5], [3, 1, 1, 1, 1]);
     // Image 2 breaks the model: its batch is split down to it (and a health check of one image
     // follows), but the second batch still goes whole.
     let (summary, sizes) = run(8, Some(2));
