@@ -95,7 +95,8 @@ void convolutions(torch::jit::Block* block, std::vector<torch::jit::Node*>& out)
 }
 
 // Every `aten::_convolution` call in the methods of `module` and its submodules, each graph once
-// (submodules of one type share their methods' graphs).
+// (submodules of one type share their methods' graphs). Not in free functions a method calls
+// (`prim::CallFunction`), which tracing does not make.
 std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> module_convolutions(
     const torch::jit::Module& module) {
   std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> out;

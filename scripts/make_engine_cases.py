@@ -136,6 +136,8 @@ class _Bad(nn.Module):
             return logits
         if self.kind == "detached":
             return logits, a.detach()
+        if self.kind == "detached_logits":
+            return logits.detach(), a
         if self.kind == "offpath":
             return logits, self.conv(x * 2.0)
         if self.kind == "flat":
@@ -147,7 +149,7 @@ def bad_models(d):
     """TorchScript files that break the model contract, one way each."""
     os.makedirs(d, exist_ok=True)
     x = torch.randn(2, 3, 8, 8)
-    for kind in ["single", "detached", "offpath", "flat", "triple"]:
+    for kind in ["single", "detached", "detached_logits", "offpath", "flat", "triple"]:
         m = _Bad(kind).eval()
         for p in m.parameters():
             p.requires_grad_(False)

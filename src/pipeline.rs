@@ -467,9 +467,10 @@ fn decode_stage(
 /// failing and being split again (a failure for any other reason leaves it as it is; the
 /// worker tries the full size again after [`RETRY_FULL_BATCHES_AFTER`] batches).
 ///
-/// A single sample that fails is followed by a health check of the replica; if that fails too,
-/// the device is failing (a sticky CUDA error, memory taken by another process), and the error
-/// ends the run (`Err`) instead of filling every remaining sample's row with it.
+/// A single sample that fails is followed by a health check of the replica (out of memory: a
+/// second one after a longer pause); if that fails too, the device is failing (a sticky CUDA
+/// error, memory taken by another process), and the error ends the run (`Err`) instead of
+/// filling every remaining sample's row with it.
 fn attribute_split(
     attr: &mut dyn Attributor,
     batch: &U8Batch,

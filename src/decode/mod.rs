@@ -254,7 +254,9 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     let held = [hx, hy, hx + hw, hy + hh].map(|v| v as f64);
     let [x0, y0, x1, y1] = map_rect(orientation, size, held).map(|v| v as u32);
     let img = img.into_rgb8();
-    debug_assert_eq!(img.dimensions(), (x1 - x0, y1 - y0));
+    if img.dimensions() != (x1 - x0, y1 - y0) {
+        return Ok(None); // cannot happen; if it did, the image crate's whole decode is right
+    }
     let pixels = Pixels { rgb: img, size: oriented, origin: (x0, y0) };
     finish(pixels, plan, region, geometry, name).map(Some)
 }

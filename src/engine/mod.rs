@@ -300,6 +300,10 @@ impl GuidedGradCam {
         if !act.requires_grad() {
             return Err(self.contract_error("the activation is not on the autograd path from the input"));
         }
+        if !logits.requires_grad() {
+            // (libtorch's backward from a tensor without a grad_fn would not even fail cleanly.)
+            return Err(self.contract_error("the logits are not on the autograd path from the input"));
+        }
         Ok((logits, act))
     }
 
@@ -327,7 +331,8 @@ impl GuidedGradCam {
         };
         let x = x.set_requires_grad(true);
 
-        // The trace's step times: on CUDA each step's kernels are waited for (only when traced),
+        // The trace's step times: on CUDA each step's kernels are waited for (only when traced;
+        // it waits for the whole device, so with two workers a step also holds the other's),
         // else a step's time would be its launches only.
         let traced = tracing::enabled!(tracing::Level::TRACE);
         let now = || {
@@ -371,14 +376,10 @@ impl GuidedGradCam {
         let grads = Tensor::f_run_backward(&[&sel], &[&act], true, false).map_err(|e| {
             let msg = e.to_string();
             let msg = torch_message(&msg);
-            // Autograd's own words for an activation off the path to the logits; anything else
-            // (out of memory, a CUDA error) is a failure of this batch, not of the model.
-            let unused = ["not have been used in the graph", "does not require grad"];
-            if unused.iter().any(|m| msg.contains(m)) {
-                self.contract_error(&format!("no gradient reaches the activation ({msg})"))
-            } else {
-                anyhow!("{}: backward to the layer failed: {msg}", self.path.display())
-            }
+            // The contract's cases are checked before and after (a missing gradient comes back
+            // undefined, not as an error): this is a failure of the batch (out of memory, a CUDA
+            // error). One that every batch would hit fails the start-up check instead.
+            anyhow!("{}: backward to the layer failed: {msg}", self.path.display())
         })?;
         let ga = &grads[0];
         if !ga.defined() {
@@ -461,8 +462,8 @@ fn first_line(s: &str) -> &str {
 /// allocator. PyTorch's cuDNN convolutions try their algorithms in turn, skipping any whose
 /// workspace does not fit, and when none is left say only that none was found ("FIND was
 /// unable to find an engine …", "Unable to find a valid cuDNN algorithm …"): counted too, since
-/// a smaller batch needs smaller workspaces (a shape no algorithm supports fails at any size,
-/// and its images get error rows).
+/// a smaller batch needs smaller workspaces. (A shape no algorithm supports fails at any size:
+/// the start-up check, which runs the job's input size, stops the run before it starts.)
 pub fn out_of_memory(msg: &str) -> bool {
     let msg = msg.to_ascii_lowercase();
     [

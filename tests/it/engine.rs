@@ -172,6 +172,7 @@ fn contract_violations_are_named() {
         ("single.pt", "single tensor, not a tuple"),
         ("triple.pt", "tuple of 3 values"),
         ("detached.pt", "not on the autograd path"),
+        ("detached_logits.pt", "the logits are not on the autograd path"),
         ("offpath.pt", "not on the autograd path to the logits"),
         ("flat.pt", "Grad-CAM needs spatial dimensions"),
     ];
