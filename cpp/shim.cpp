@@ -226,6 +226,19 @@ int sa_cuda_set_stream(int device, int64_t id, int64_t* previous, char* err, siz
   }
 }
 
+// Waits until the calling thread's current stream on CUDA device `device` has finished its
+// work (other streams, another worker's, go on).
+int sa_cuda_sync_current_stream(int device, char* err, size_t err_len) {
+  try {
+    const auto impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    impl->synchronizeStream(impl->getStream(c10::Device(c10::DeviceType::CUDA, device)));
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return -1;
+  }
+}
+
 // Lets cuDNN use TF32 tensor cores for float32 convolutions (PyTorch's default) or not.
 int sa_set_cudnn_tf32(int allow, char* err, size_t err_len) {
   try {

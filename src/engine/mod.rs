@@ -331,13 +331,14 @@ impl GuidedGradCam {
         };
         let x = x.set_requires_grad(true);
 
-        // The trace's step times: on CUDA each step's kernels are waited for (only when traced;
-        // it waits for the whole device, so with two workers a step also holds the other's),
-        // else a step's time would be its launches only.
+        // The trace's step times: on CUDA each step's kernels (on this thread's stream) are
+        // waited for, only when traced; else a step's time would be its launches only.
         let traced = tracing::enabled!(tracing::Level::TRACE);
         let now = || {
             if let (true, Device::Cuda(d)) = (traced, self.device) {
-                tch::Cuda::synchronize(d as i64);
+                if let Err(e) = shim::sync_current_stream(d) {
+                    tracing::trace!("waiting for the CUDA stream: {e}");
+                }
             }
             std::time::Instant::now()
         };

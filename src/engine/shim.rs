@@ -12,6 +12,7 @@ extern "C" {
     fn sa_cuda_pool_stream(device: c_int, id: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_cuda_set_stream(device: c_int, id: i64, previous: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_set_cudnn_tf32(allow: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn sa_cuda_sync_current_stream(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn sa_convolution_flags(
         module: *mut c_void,
         benchmark: c_int,
@@ -129,6 +130,12 @@ impl CudaStream {
         call(|e, n| unsafe { sa_cuda_set_stream(self.device, self.id, &mut previous, e, n) })?;
         Ok(StreamGuard { device: self.device, previous })
     }
+}
+
+/// Waits until the calling thread's current stream on CUDA device `device` has done its work;
+/// other streams (another worker's) go on.
+pub fn sync_current_stream(device: usize) -> Result<(), String> {
+    call(|e, n| unsafe { sa_cuda_sync_current_stream(device as c_int, e, n) })
 }
 
 /// Restores the thread's previous current stream when dropped.
