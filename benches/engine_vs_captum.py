@@ -8,7 +8,8 @@ with images/s, peak memory above the loaded model (host memory on the CPU; the c
 allocator's peak for the Python peers on CUDA), and the ratios. The export folds batch norm into
 the convolutions (see export_model.py); the peers run the model as torchvision builds it, as a
 Captum user would. --unfolded adds the engine without that folding; --ablation the other fp32
-memory layout and, on CUDA, full IEEE float32 (no TF32) with its error against Captum's.
+memory layout and, on CUDA, full IEEE float32 (no TF32) with its error against Captum's, and
+cuDNN benchmark mode off.
 
 Usage: .venv/bin/python benches/engine_vs_captum.py [--model resnet18] [--batch 8] [--size 224]
        [--threads 2] [--iters 6] [--device cpu] [--bin target/release/saliency-audit] [--fast]
@@ -200,6 +201,7 @@ def main():
                        else ("engine fp32 channels-last", ["--channels-last"], pt))
         if cuda:
             engines.append(("engine fp32 IEEE (no TF32)", ["--ieee-fp32"], pt))
+            engines.append(("engine fp32, cuDNN benchmark off", ["--no-cudnn-benchmark"], pt))
     if a.unfolded and meta_of(pt).get("folded_batchnorm"):
         unfolded = os.path.join(tmp, f"{a.model}-bn.pt")
         export(build(a), LAYERS[a.model], False, torch.randn(2, 3, a.size, a.size), {"architecture": a.model},

@@ -16,9 +16,9 @@
 #
 # Knobs (environment): MODELS (default "resnet50 vgg16"), PIPELINE_MODEL (resnet50), JPEGS
 # (8192), BATCH (128), SIZE (224, engine step), ITERS (10), WARMUP (3), DEVICE (cuda:0),
-# ENGINE_FLAGS (default none; "--ablation --unfolded" adds the NCHW, IEEE-fp32 and unfolded
-# engine variants, measured in the third session: then give the steps more than BUDGET_S's
-# default), PIPELINE_FLAGS (default "--variants"),
+# ENGINE_FLAGS (default none; "--ablation --unfolded" adds the NCHW, IEEE-fp32, cuDNN
+# benchmark off and unfolded engine variants, measured in the third session except benchmark
+# off: then give the steps more than BUDGET_S's default), PIPELINE_FLAGS (default "--variants"),
 # BUDGET_S (450), PYTHON (python3), BIN (.gpu/saliency-audit, else target/release's).
 # The test suite runs this script on the CPU with small values (tests/it/benches.rs).
 set -uo pipefail

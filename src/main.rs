@@ -184,6 +184,10 @@ struct SpeedArgs {
     /// Float32 convolutions in full IEEE precision on CUDA (no TF32 tensor cores; slower).
     #[arg(long)]
     ieee_fp32: bool,
+    /// cuDNN benchmark mode off on CUDA (cuDNN's heuristics pick the convolution algorithms
+    /// instead of timing them per shape); a job sets it with `runtime.cudnn_benchmark = false`.
+    #[arg(long)]
+    no_cudnn_benchmark: bool,
 }
 
 impl SpeedArgs {
@@ -193,7 +197,7 @@ impl SpeedArgs {
             rectifiers,
             bf16: self.precision == "bf16",
             channels_last: self.channels_last,
-            cudnn_benchmark: true,
+            cudnn_benchmark: !self.no_cudnn_benchmark,
             ieee_fp32: self.ieee_fp32,
         }
     }
