@@ -636,12 +636,12 @@ impl Attributor for FitsAtMost {
 /// failure for another reason (one bad image) does not shrink later batches.
 #[test]
 fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
-    let run = |max: usize, bad_red: Option<u8>| {
+    let run = |max: usize, bad_red: Option<u8>, until_call: usize| {
         let tmp = tempfile::tempdir().unwrap();
         let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
         cfg.batch_size = 3;
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let engine = FitsAtMost { max, bad_red, sizes: sizes.clone(), until_call: usize::MAX };
+        let engine = FitsAtMost { max, bad_red, sizes: sizes.clone(), until_call };
         let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
         let rows = read_all(&tmp.path().join("out"));
         assert_eq!(rows.num_rows(), 6, "every sample has its row");
@@ -650,45 +650,29 @@ fn out_of_memory_shrinks_later_batches_and_a_bad_image_does_not() {
     };
     // 3 fails; its halves 1 and 2: 2 fails too, so 1 and 1. The second batch of 3 goes as 1, 1, 1
     // straight away (before, it failed as 3, then as 2, as the first did).
-    let (summary, sizes) = run(1, None);
+    let (summary, sizes) = run(1, None, usize::MAX);
     assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
     assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 1, 1]);
     assert_eq!(summary.batch_after_out_of_memory, Some(1));
     // Fits 2: the first batch is split into 1 and 2, and the second goes as 2 and 1.
-    let (summary, sizes) = run(2, None);
+    let (summary, sizes) = run(2, None, usize::MAX);
     assert_eq!(sizes, [3, 1, 2, 2, 1]);
     assert_eq!(summary.batch_after_out_of_memory, Some(2));
     // Memory taken for a while (by another worker on the device): even one image runs out of
     // memory once, and gets a second try before anything else, which passes.
-    let (summary, sizes) = {
-        let tmp = tempfile::tempdir().unwrap();
-        let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
-        cfg.batch_size = 3;
-        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let engine = FitsAtMost { max: 0, bad_red: None, sizes: sizes.clone(), until_call: 2 };
-        let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
-        assert_eq!(read_all(&tmp.path().join("out")).num_rows(), 6, "every sample has its row");
-        let sizes = sizes.lock().unwrap().clone();
-        (summary, sizes)
-    };
+    let (summary, sizes) = run(0, None, 2);
     assert_eq!(summary.counts.get(&Status::Ok), Some(&6), "{:?}", summary.counts);
     assert_eq!(sizes[..3], [3, 1, 1]);
     // Taken a little longer: the image fails twice and the health check once; the check gets a
     // second try after a longer pause, passes, and the run goes on (the image has an error row,
     // for `--retry-failed`).
-    let tmp = tempfile::tempdir().unwrap();
-    let (samples, mut cfg) = six_images(tmp.path(), [1, 2, 3, 4, 5, 6]);
-    cfg.batch_size = 3;
-    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let engine = FitsAtMost { max: 0, bad_red: None, sizes: sizes.clone(), until_call: 4 };
-    let summary = run_six(samples, cfg, Box::new(engine)).unwrap();
-    assert_eq!(read_all(&tmp.path().join("out")).num_rows(), 6, "every sample has its row");
+    let (summary, sizes) = run(0, None, 4);
     assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
     assert_eq!(summary.counts.get(&Status::Ok), Some(&5), "{:?}", summary.counts);
-    assert_eq!(sizes.lock().unwrap()[..5], [3, 1, 1, 1, 1]);
+    assert_eq!(sizes[..5], [3, 1, 1, 1, 1]);
     // Image 2 breaks the model: its batch is split down to it (and a health check of one image
     // follows), but the second batch still goes whole.
-    let (summary, sizes) = run(8, Some(2));
+    let (summary, sizes) = run(8, Some(2), usize::MAX);
     assert_eq!(summary.counts.get(&Status::AttributionError), Some(&1), "{:?}", summary.counts);
     assert_eq!(sizes, [3, 1, 2, 1, 1, 1, 3]);
     assert_eq!(summary.batch_after_out_of_memory, None);
