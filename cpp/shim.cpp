@@ -18,6 +18,7 @@
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/api/function_impl.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 #include <c10/core/Stream.h>
@@ -95,15 +96,17 @@ void convolutions(torch::jit::Block* block, std::vector<torch::jit::Node*>& out)
 }
 
 // Every `aten::_convolution` call in the methods of `module` and its submodules, each graph once
-// (submodules of one type share their methods' graphs). Not in free functions a method calls
-// (`prim::CallFunction`), which tracing does not make.
+// (submodules of one type share their methods' graphs): in the methods' own graphs, or, with
+// `optimized`, in their optimised graphs (each method's copy, made on its first call and kept,
+// from which its graph executor's plans are copied; made now if there is none yet). Not in free
+// functions a method calls (`prim::CallFunction`), which tracing does not make.
 std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> module_convolutions(
-    const torch::jit::Module& module) {
+    const torch::jit::Module& module, bool optimized = false) {
   std::vector<std::pair<std::shared_ptr<torch::jit::Graph>, torch::jit::Node*>> out;
   std::unordered_set<torch::jit::Graph*> seen;
   for (const auto& m : module.modules()) {
     for (const auto& method : m.get_methods()) {
-      auto graph = method.graph();
+      auto graph = optimized ? torch::jit::toGraphFunction(method.function()).optimized_graph() : method.graph();
       if (!seen.insert(graph.get()).second) continue;
       std::vector<torch::jit::Node*> nodes;
       convolutions(graph->block(), nodes);
@@ -277,26 +280,39 @@ torch::Tensor* sa_to_host_f32(const torch::Tensor* t, int pinned, char* err, siz
 
 // A traced model records each convolution as `aten::_convolution` with cuDNN's `benchmark` and
 // `allow_tf32` flags as constants, frozen at export time; the op uses those, not the
-// process-wide settings (which only its backward reads). With `set`, this sets them to
-// `benchmark` and `allow_tf32` in every such call of `module` (a torch::jit::Module, as
-// torch-sys holds it), so the forward obeys the job's settings as the backward does; call it
-// before the first forward (the graph executor keeps its own copy from then on). Returns the
-// number of calls set; without `set`, the number of calls that have those constant flags (a
-// call of the old overload, without `allow_tf32`, counts if its `benchmark` matches). -1 on error.
-int sa_convolution_flags(void* module, int benchmark, int allow_tf32, int set, char* err, size_t err_len) {
+// process-wide settings (which only its backward reads). `mode`:
+//  - FLAGS_SET: sets them to `benchmark` and `allow_tf32` in every such call of `module` (a
+//    torch::jit::Module, as torch-sys holds it), so the forward obeys the job's settings as the
+//    backward does; call it before the first forward (the graph executor keeps its own copy of
+//    the graph from then on). Returns the number of calls set.
+//  - FLAGS_COUNT_STORED: the number of calls in the module's method graphs that have those
+//    constant flags (a call of the old overload, without `allow_tf32`, counts if its
+//    `benchmark` matches);
+//  - FLAGS_COUNT_EXECUTED: the same count in the methods' optimised graphs, the copies that
+//    their graph executors run (see `module_convolutions`; for the calling thread's autocast
+//    state).
+// -1 on error.
+constexpr int FLAGS_COUNT_STORED = 0;
+constexpr int FLAGS_SET = 1;
+constexpr int FLAGS_COUNT_EXECUTED = 2;
+
+int sa_convolution_flags(void* module, int benchmark, int allow_tf32, int mode, char* err, size_t err_len) {
   try {
+    auto& m = *static_cast<torch::jit::Module*>(module);
+    auto matches = [&](torch::jit::Node* node) {
+      auto is = [&](size_t i, int v) { return torch::jit::constant_as<bool>(node->input(i)) == std::optional(v != 0); };
+      return is(9, benchmark) && (node->inputs().size() < 13 || is(12, allow_tf32));
+    };
     int n = 0;
-    for (auto& [graph, node] : module_convolutions(*static_cast<torch::jit::Module*>(module))) {
-      const bool full = node->inputs().size() == 13;
-      if (set) {
+    for (auto& [graph, node] : module_convolutions(m, mode == FLAGS_COUNT_EXECUTED)) {
+      if (mode == FLAGS_SET) {
         torch::jit::WithInsertPoint at(node);
         node->replaceInput(9, graph->insertConstant(benchmark != 0));
-        if (full) node->replaceInput(12, graph->insertConstant(allow_tf32 != 0));
+        if (node->inputs().size() == 13) node->replaceInput(12, graph->insertConstant(allow_tf32 != 0));
         n++;
-        continue;
+      } else if (matches(node)) {
+        n++;
       }
-      auto is = [&](size_t i, int v) { return torch::jit::constant_as<bool>(node->input(i)) == std::optional(v != 0); };
-      if (is(9, benchmark) && (!full || is(12, allow_tf32))) n++;
     }
     return n;
   } catch (const std::exception& e) {

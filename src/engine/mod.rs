@@ -20,7 +20,7 @@ mod shim;
 
 pub use meta::{read_meta, ModelMeta, META_FILE};
 pub use npy::{attribute_npy, NpyRun, TargetArg};
-pub use shim::{disable_graph_optimization, graph_optimization_enabled};
+pub use shim::{disable_graph_optimization, graph_optimization_enabled, FlagsMode};
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -237,9 +237,10 @@ impl GuidedGradCam {
     }
 
     /// How many of the model's traced convolution calls carry cuDNN's `benchmark` and
-    /// `allow_tf32` flags with these values (see [`EngineOptions::cudnn_benchmark`]).
-    pub fn convolutions_with_flags(&self, benchmark: bool, allow_tf32: bool) -> Result<usize> {
-        shim::count_convolution_flags(&self.module, benchmark, allow_tf32).map_err(|e| anyhow!(e))
+    /// `allow_tf32` flags with these values (see [`EngineOptions::cudnn_benchmark`]), in its
+    /// stored graphs or in the graph its forward runs (after the first call).
+    pub fn convolutions_with_flags(&self, benchmark: bool, allow_tf32: bool, mode: FlagsMode) -> Result<usize> {
+        shim::count_convolution_flags(&self.module, benchmark, allow_tf32, mode).map_err(|e| anyhow!(e))
     }
 
     /// The options, with `channels_last` resolved for this device.

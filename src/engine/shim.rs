@@ -17,7 +17,7 @@ extern "C" {
         module: *mut c_void,
         benchmark: c_int,
         allow_tf32: c_int,
-        set: c_int,
+        mode: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -172,19 +172,38 @@ fn module_ptr(module: &CModule) -> *mut c_void {
 /// its forward ignores the process-wide settings. Before the first forward. Returns how many
 /// calls it set.
 pub fn set_convolution_flags(module: &mut CModule, benchmark: bool, allow_tf32: bool) -> Result<usize, String> {
-    convolution_flags(module, benchmark, allow_tf32, true)
+    convolution_flags(module, benchmark, allow_tf32, FlagsMode::Set)
 }
 
-/// How many convolution calls of a traced model carry exactly these flags (for tests).
-pub fn count_convolution_flags(module: &CModule, benchmark: bool, allow_tf32: bool) -> Result<usize, String> {
-    convolution_flags(module, benchmark, allow_tf32, false)
+/// Where [`count_convolution_flags`] looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagsMode {
+    /// The module's stored method graphs.
+    Stored = 0,
+    /// Writes the flags (only through [`set_convolution_flags`]).
+    Set = 1,
+    /// The methods' optimised graphs: each method's copy of its graph, made on its first call
+    /// and kept, from which its graph executor's plans are copied (made now if there is none).
+    Executed = 2,
 }
 
-fn convolution_flags(module: &CModule, benchmark: bool, allow_tf32: bool, set: bool) -> Result<usize, String> {
+/// How many convolution calls of a traced model carry exactly these flags, in its stored
+/// graphs or in the graph its `forward` runs (for tests).
+pub fn count_convolution_flags(
+    module: &CModule,
+    benchmark: bool,
+    allow_tf32: bool,
+    mode: FlagsMode,
+) -> Result<usize, String> {
+    assert_ne!(mode, FlagsMode::Set, "count_convolution_flags only counts");
+    convolution_flags(module, benchmark, allow_tf32, mode)
+}
+
+fn convolution_flags(module: &CModule, benchmark: bool, allow_tf32: bool, mode: FlagsMode) -> Result<usize, String> {
     let (ptr, mut count) = (module_ptr(module), 0);
-    let flags = [benchmark, allow_tf32, set].map(c_int::from);
+    let flags = [benchmark, allow_tf32].map(c_int::from);
     call(|e, n| {
-        count = unsafe { sa_convolution_flags(ptr, flags[0], flags[1], flags[2], e, n) };
+        count = unsafe { sa_convolution_flags(ptr, flags[0], flags[1], mode as c_int, e, n) };
         count
     })?;
     Ok(count as usize)

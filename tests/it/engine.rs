@@ -1,7 +1,9 @@
 //! The attribution engine against Captum: its own test cases and reference runs in the .venv.
 
 use crate::common::{bin, engine_cases, rel_l2};
-use saliency_audit::engine::{attribute_npy, read_meta, EngineOptions, GuidedGradCam, Rectifiers, TargetArg};
+use saliency_audit::engine::{
+    attribute_npy, read_meta, EngineOptions, FlagsMode, GuidedGradCam, Rectifiers, TargetArg,
+};
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -344,11 +346,16 @@ fn the_jobs_cudnn_flags_reach_a_traced_models_convolutions() {
             let o = EngineOptions { cudnn_benchmark: benchmark, ieee_fp32, ..Default::default() };
             let engine = GuidedGradCam::load(&d.join("model.pt"), Device::Cpu, o).unwrap();
             let allow_tf32 = !ieee_fp32;
-            assert_eq!(engine.convolutions_with_flags(benchmark, allow_tf32).unwrap(), convolutions, "{case}");
-            for other in [(!benchmark, allow_tf32), (benchmark, !allow_tf32)] {
-                assert_eq!(engine.convolutions_with_flags(other.0, other.1).unwrap(), 0, "{case}: {other:?}");
-            }
+            let count = |mode, (b, tf32)| engine.convolutions_with_flags(b, tf32, mode);
             let r = engine.attribute(&x, &t).unwrap();
+            // The stored graphs, and the copies the graph executors made at the first call and
+            // run: every call carries the job's flags, none another's.
+            for mode in [FlagsMode::Stored, FlagsMode::Executed] {
+                assert_eq!(count(mode, (benchmark, allow_tf32)).unwrap(), convolutions, "{case} {mode:?}");
+                for other in [(!benchmark, allow_tf32), (benchmark, !allow_tf32)] {
+                    assert_eq!(count(mode, other).unwrap(), 0, "{case} {mode:?}: {other:?}");
+                }
+            }
             attributions.push(Vec::<f32>::try_from(r.attribution.contiguous().flatten(0, -1)).unwrap());
         }
         // On the CPU the flags change nothing: the same numbers, bit for bit.
