@@ -619,8 +619,14 @@ impl JobSpec {
                             format!("\"{d}\" is not a device: use \"cpu\", \"cuda\" or \"cuda:N\" (N = 0, 1, ...)"),
                         ));
                     }
-                    if !seen.insert(d.as_str()) {
-                        return Err(s.error(&key, format!("\"{d}\" is listed twice")));
+                    // "cuda" is "cuda:0": one device listed twice would get two sets of replicas.
+                    let device = match d.strip_prefix("cuda:").and_then(|n| n.parse::<u32>().ok()) {
+                        Some(n) => format!("cuda:{n}"),
+                        None if d == "cuda" => "cuda:0".to_owned(),
+                        None => d.clone(),
+                    };
+                    if !seen.insert(device.clone()) {
+                        return Err(s.error(&key, format!("\"{d}\" is listed twice (as {device})")));
                     }
                 }
             }

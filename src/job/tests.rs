@@ -359,6 +359,8 @@ fn semantic_errors_name_key_and_line() {
     assert_err(&full_with("devices", "devices = [\"cuda:x\"]"), "runtime.devices[0]", 13);
     assert_err(&full_with("devices", "devices = \"cuda:0\""), "runtime.devices", 13);
     assert_err(&full_with("devices", "devices = []"), "runtime.devices", 13);
+    assert_err(&full_with("devices", "devices = [\"cuda\", \"cuda:0\"]"), "runtime.devices[1]", 13);
+    assert_err(&full_with("devices", "devices = [\"cuda:1\", \"cuda:01\"]"), "runtime.devices[1]", 13);
     assert_err(&full_with("target", "target = \"cat\""), "attribution.target", 16);
     assert_err(&full_with("target", "target = -1"), "attribution.target", 16);
     assert_err(&full_with("target", "target = 1.5"), "attribution.target", 16);

@@ -4,9 +4,9 @@
 //! model's metadata has class names and every class folder is named after one of them, the
 //! labels are the model's ids of those names instead, so a folder holding a subset of the
 //! classes, or naming them in another order, still gets the model's ids. Hidden entries (names
-//! starting with `.`) are skipped; symbolic links are followed, each folder once.
+//! starting with `.`) are skipped; symbolic links are followed, except one back to a folder above
+//! it (a loop).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::store::{self, Loc};
@@ -73,6 +73,18 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
             });
         }
     }
+    // Two names that are not UTF-8 can read the same; ids must tell samples apart.
+    let mut seen = std::collections::HashMap::new();
+    for s in &samples {
+        if let Some(first) = seen.insert(s.id.as_str(), &s.location) {
+            bail!(
+                "{root}: files {first} and {} have the same id \"{}\" (their names are not valid UTF-8 and \
+                 read the same); rename one of them",
+                s.location,
+                s.id
+            );
+        }
+    }
     Ok((samples, names))
 }
 
@@ -88,11 +100,10 @@ fn list_local(root: &Path) -> anyhow::Result<Vec<(String, ClassFiles)>> {
         }
     }
     class_dirs.sort();
-    let mut visited = HashSet::new();
     let mut out = Vec::new();
     for (class, dir) in class_dirs {
         let mut files = Vec::new();
-        walk(&dir, &class, &mut visited, &mut files)?;
+        walk(&dir, &class, &mut Vec::new(), &mut files)?;
         out.push((class, files.into_iter().map(|(rel, p)| (rel, Loc::Local(p))).collect()));
     }
     Ok(out)
@@ -135,12 +146,16 @@ fn read_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
 }
 
 /// Collects image files under `dir`, as (id relative to the image folder with `/`, path).
-fn walk(dir: &Path, rel: &str, visited: &mut HashSet<PathBuf>, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
-    // A folder reached twice through links is read once.
+/// `above` holds the real paths of the folders above `dir` on this walk: a link back to one of
+/// them (a loop) is not followed. Other links are, wherever they point: a folder linked into two
+/// classes gives its images to both, under two ids, as torchvision's `ImageFolder` does.
+fn walk(dir: &Path, rel: &str, above: &mut Vec<PathBuf>, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
     let real = std::fs::canonicalize(dir).with_context(|| format!("cannot open folder {}", dir.display()))?;
-    if !visited.insert(real) {
+    if above.contains(&real) {
+        tracing::warn!("{}: a link back to a folder above it (a loop); not followed", dir.display());
         return Ok(());
     }
+    above.push(real);
     for (name, path) in read_dir(dir)? {
         if name.starts_with('.') {
             continue;
@@ -151,11 +166,12 @@ fn walk(dir: &Path, rel: &str, visited: &mut HashSet<PathBuf>, out: &mut Vec<(St
             continue;
         };
         if meta.is_dir() {
-            walk(&path, &child, visited, out)?;
+            walk(&path, &child, above, out)?;
         } else if is_image(&name) {
             out.push((child, path));
         }
     }
+    above.pop();
     Ok(())
 }
 

@@ -7,23 +7,17 @@ use std::collections::HashMap;
 pub(super) enum RawLabel {
     /// An integer: a class id.
     Id(i64),
-    /// A string that is not an integer: a class name.
-    Name(String),
+    /// Text, kept as written: a class name, or an integer (or an integral decimal such as
+    /// `3.0`, as pandas writes an integer column that has gaps) that is a class id.
+    Text(String),
     /// Anything else (a fractional number, a boolean), shown as written.
     Other(String),
 }
 
 impl RawLabel {
-    /// A label written as text: an integer (or an integral decimal such as `3.0`, as pandas
-    /// writes an integer column that has gaps) is a class id, anything else a class name.
+    /// A label written as text (see [`Classes::resolve`] for what it means).
     pub(super) fn from_text(text: &str) -> RawLabel {
-        if let Ok(id) = text.parse::<i64>() {
-            return RawLabel::Id(id);
-        }
-        if let Some(id) = text.parse::<f64>().ok().and_then(integral) {
-            return RawLabel::Id(id);
-        }
-        RawLabel::Name(text.to_owned())
+        RawLabel::Text(text.to_owned())
     }
 
     /// A label written as a float: an integral value is a class id.
@@ -64,41 +58,58 @@ impl<'a> Classes<'a> {
         self.by_name.get(name).copied()
     }
 
-    /// The class id of `label`, or why it is not a class of the model.
+    /// Whether `id` can be a class id of the model.
+    fn in_range(&self, id: i64) -> bool {
+        id >= 0 && self.count.is_none_or(|n| id < n)
+    }
+
+    /// The class id of `label`, or why it is not a class of the model. A number is a class id.
+    /// Text written exactly as one of the class names is that class, unless it is also the
+    /// plain spelling of another class's id (`7`, where class 7 is not the one named "7"):
+    /// then it is ambiguous. Other text that is an integer (`3`, `3.0`, `03`) is a class id,
+    /// and anything else a class name.
     pub(super) fn resolve(&self, label: &RawLabel) -> Result<i64, String> {
         match label {
-            RawLabel::Id(id) => {
-                if *id < 0 {
-                    return Err(format!("label {id} is not a class of the model (class ids start at 0)"));
-                }
-                if let Some(n) = self.count.filter(|n| id >= n) {
-                    return Err(format!(
-                        "label {id} is not a class of the model (it has {n} classes: ids 0..{})",
-                        n - 1
-                    ));
-                }
-                // Class names that are numbers in another order (an ImageFolder of folders 1..102
-                // sorts as "1", "10", "100", …): the label could mean either class.
-                match (self.id_of(&id.to_string()), self.names) {
-                    (Some(named), Some(names)) if named != *id => Err(format!(
-                        "label {id} is ambiguous: class id {id} is named \"{}\", but the class named \"{id}\" \
-                         has id {named}, and a manifest cannot say which it means; give the model class names \
-                         that are not numbers in another order (in its export's metadata)",
-                        names.get(*id as usize).map(String::as_str).unwrap_or("?")
-                    )),
-                    _ => Ok(*id),
+            RawLabel::Id(id) => self.resolve_id(*id, &id.to_string()),
+            RawLabel::Text(text) => {
+                let as_id = text.parse::<i64>().ok().or_else(|| text.parse::<f64>().ok().and_then(integral));
+                match (self.id_of(text), as_id) {
+                    (Some(_), Some(id)) if *text == id.to_string() && self.in_range(id) => self.resolve_id(id, text),
+                    (Some(named), _) => Ok(named),
+                    (None, Some(id)) => self.resolve_id(id, text),
+                    (None, None) => match self.names {
+                        Some(names) => Err(format!(
+                            "label \"{text}\" is not a class of the model (its classes: {})",
+                            preview(names)
+                        )),
+                        None => Err(format!(
+                            "label \"{text}\" is not a class id, and the model's metadata has no class names"
+                        )),
+                    },
                 }
             }
-            RawLabel::Name(name) => match (self.id_of(name), self.names) {
-                (Some(id), _) => Ok(id),
-                (None, Some(names)) => {
-                    Err(format!("label \"{name}\" is not a class of the model (its classes: {})", preview(names)))
-                }
-                (None, None) => {
-                    Err(format!("label \"{name}\" is not a class id, and the model's metadata has no class names"))
-                }
-            },
             RawLabel::Other(v) => Err(format!("label {v} is neither a class id nor a class name")),
+        }
+    }
+
+    /// The class id `id`, written as `shown`, or why it is not a class of the model.
+    fn resolve_id(&self, id: i64, shown: &str) -> Result<i64, String> {
+        if id < 0 {
+            return Err(format!("label {shown} is not a class of the model (class ids start at 0)"));
+        }
+        if let Some(n) = self.count.filter(|n| id >= *n) {
+            return Err(format!("label {shown} is not a class of the model (it has {n} classes: ids 0..{})", n - 1));
+        }
+        // Class names that are numbers in another order (an ImageFolder of folders 1..102
+        // sorts as "1", "10", "100", …): the label could mean either class.
+        match (self.id_of(&id.to_string()), self.names) {
+            (Some(named), Some(names)) if named != id => Err(format!(
+                "label {shown} is ambiguous: class id {id} is named \"{}\", but the class named \"{id}\" \
+                 has id {named}, and a manifest cannot say which it means; give the model class names \
+                 that are not numbers in another order (in its export's metadata)",
+                names.get(id as usize).map(String::as_str).unwrap_or("?")
+            )),
+            _ => Ok(id),
         }
     }
 }

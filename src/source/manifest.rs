@@ -5,7 +5,6 @@
 
 use crate::store::{self, Loc};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use arrow::array::{Array, ArrayRef, AsArray};
@@ -310,15 +309,21 @@ fn read_parquet(path: &Loc, bytes: bytes::Bytes) -> anyhow::Result<Vec<RawRow>> 
     Ok(rows)
 }
 
-fn is_string(t: &DataType) -> bool {
+/// The type of a column's values: a dictionary-encoded column (pandas' `category`, pyarrow's
+/// `dictionary_encode`) holds its dictionary's type.
+fn value_type(t: &DataType) -> &DataType {
     match t {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
-        DataType::Dictionary(_, v) => is_string(v),
-        _ => false,
+        DataType::Dictionary(_, v) => value_type(v),
+        t => t,
     }
 }
 
+fn is_string(t: &DataType) -> bool {
+    matches!(value_type(t), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
 fn is_number(t: &DataType) -> bool {
+    let t = value_type(t);
     t.is_integer() || t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
 }
 
@@ -326,7 +331,7 @@ fn is_number(t: &DataType) -> bool {
 fn strings(file: &Loc, name: &str, col: Option<ArrayRef>, integers_too: bool) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     let t = col.data_type();
-    if !(is_string(t) || (integers_too && t.is_integer())) {
+    if !(is_string(t) || (integers_too && value_type(t).is_integer())) {
         let want = if integers_too { "strings or integers" } else { "strings" };
         bail!("{}: column `{name}` has type {t}; it must hold {want}", file);
     }
@@ -377,7 +382,7 @@ impl LabelColumn {
 
 fn labels(file: &Loc, col: Option<ArrayRef>) -> anyhow::Result<Option<LabelColumn>> {
     let Some(col) = col else { return Ok(None) };
-    let t = col.data_type().clone();
+    let t = value_type(col.data_type()).clone();
     let out = if t.is_integer() {
         LabelColumn::Ids(cast(file, "label", &col, &DataType::Int64)?)
     } else if t.is_floating() {
@@ -385,7 +390,7 @@ fn labels(file: &Loc, col: Option<ArrayRef>) -> anyhow::Result<Option<LabelColum
     } else if is_string(&t) {
         LabelColumn::Text(cast(file, "label", &col, &DataType::Utf8)?)
     } else {
-        LabelColumn::Other(Arc::clone(&col))
+        LabelColumn::Other(cast(file, "label", &col, &t)?)
     };
     Ok(Some(out))
 }

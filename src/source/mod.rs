@@ -4,8 +4,8 @@
 //! Samples are sorted by id, so the order, and each sample's shard, do not depend on the order
 //! of the manifest's rows or of the file listing. Row-level problems (a label that is not a
 //! class of the model) stay with the sample as `label_error`; structural problems (a missing
-//! file or column, an unparsable line, a duplicate id, a partial box) fail the whole run with a
-//! message naming the file and the line or row.
+//! file or column, an unparsable line, a duplicate id, a partial box, no samples at all) fail the
+//! whole run with a message naming the file and the line or row.
 
 mod folder;
 mod labels;
@@ -48,6 +48,16 @@ pub fn load_samples(
         }
         DatasetSource::ImageFolder(root) => folder::read_image_folder(root, &classes)?,
     };
+    // An empty dataset is a mistake in the job (the wrong file or folder), not a finished run.
+    if samples.is_empty() {
+        match src {
+            DatasetSource::Manifest(path) => anyhow::bail!("{path}: the manifest has no rows"),
+            DatasetSource::ImageFolder(root) => anyhow::bail!(
+                "{root}: no image files in its class folders (names ending in {})",
+                IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+            ),
+        }
+    }
     order(&mut samples);
     Ok(SampleSet { samples, class_names: names })
 }

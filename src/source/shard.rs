@@ -54,12 +54,12 @@ impl ShardSpec {
     ///
     /// Environments, first match wins:
     /// - Kubernetes Indexed Job: `JOB_COMPLETION_INDEX`, with `NUM_SHARDS` set in the pod spec;
-    /// - Slurm job array: with `NUM_SHARDS` set, index = `SLURM_ARRAY_TASK_ID` (the array's
-    ///   indices are the shards', so one task resubmitted alone keeps its shard); else index =
-    ///   (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`) / `SLURM_ARRAY_TASK_STEP` (default 1),
-    ///   count = `SLURM_ARRAY_TASK_COUNT`, which holds only for the array as first submitted;
-    /// - AWS Batch array job: `AWS_BATCH_JOB_ARRAY_INDEX`, with `AWS_BATCH_JOB_ARRAY_SIZE` set in
-    ///   the job definition.
+    /// - Slurm job array with `NUM_SHARDS` set: index = `SLURM_ARRAY_TASK_ID` (the array's
+    ///   indices are the shards', so one task resubmitted alone keeps its shard, and an array
+    ///   whose `SLURM_ARRAY_TASK_MAX` is not below `NUM_SHARDS` is refused); an array task
+    ///   without `NUM_SHARDS` is not sharded;
+    /// - AWS Batch array job: `AWS_BATCH_JOB_ARRAY_INDEX` and `AWS_BATCH_JOB_ARRAY_SIZE`, both
+    ///   set by AWS Batch.
     pub fn from_env_or_args(
         index: Option<u32>,
         count: Option<u32>,
@@ -113,27 +113,29 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
         let count = require("NUM_SHARDS", "JOB_COMPLETION_INDEX")?;
         return shard(index, count, "JOB_COMPLETION_INDEX and NUM_SHARDS");
     }
-    // Slurm job array.
+    // Slurm job array, when NUM_SHARDS says it is sharded: arrays serve other ends too (one
+    // job file per task), so an array task without it runs the whole dataset.
     if let Some(id) = get("SLURM_ARRAY_TASK_ID")? {
-        // With NUM_SHARDS the array index is the shard index, so a task resubmitted alone
-        // (`--array=3`, where Slurm's MIN and COUNT describe only that one task) still runs
-        // shard 3 of NUM_SHARDS.
-        if let Some(count) = get("NUM_SHARDS")? {
-            return shard(id, count, "SLURM_ARRAY_TASK_ID and NUM_SHARDS");
-        }
-        let min = require("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_ID")?;
-        let count = require("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID")?;
-        let step = get("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
-        if step == 0 {
-            bail!("environment variable SLURM_ARRAY_TASK_STEP is 0");
-        }
-        if id < min || (id - min) % step != 0 {
+        let Some(count) = get("NUM_SHARDS")? else {
+            tracing::info!(
+                "SLURM_ARRAY_TASK_ID={id} but NUM_SHARDS is not set: the whole dataset, not a shard \
+                 (set NUM_SHARDS to shard a job by the array's index)"
+            );
+            return Ok(ShardSpec::default());
+        };
+        // The array index is the shard index, so a task resubmitted alone (`--array=3`) still
+        // runs shard 3 of NUM_SHARDS; an array whose indices go past the shards (1-based,
+        // `--array=1-8`) is refused in every task, not only in its last.
+        let spec = shard(id, count, "SLURM_ARRAY_TASK_ID and NUM_SHARDS")?;
+        if let Some(max) = get("SLURM_ARRAY_TASK_MAX")?.filter(|max| *max >= count) {
             bail!(
-                "SLURM_ARRAY_TASK_ID={id} is not SLURM_ARRAY_TASK_MIN={min} plus a multiple of \
-                 SLURM_ARRAY_TASK_STEP={step}: use an evenly stepped array such as --array=0-9"
+                "SLURM_ARRAY_TASK_MAX={max} is not below NUM_SHARDS={count}: the array's indices are the \
+                 shards', 0 to {}; submit it with --array=0-{}",
+                count - 1,
+                count - 1
             );
         }
-        return shard((id - min) / step, count, "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT");
+        return Ok(spec);
     }
     if get("NUM_SHARDS")?.is_some() {
         bail!("environment variable NUM_SHARDS is set but neither JOB_COMPLETION_INDEX nor SLURM_ARRAY_TASK_ID is");

@@ -3,8 +3,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float32Array, Int32Array, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{ArrayRef, DictionaryArray, Float32Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int8Type, Schema};
 use parquet::arrow::ArrowWriter;
 
 use super::*;
@@ -117,6 +117,33 @@ fn numeric_class_names_in_another_order_make_labels_ambiguous() {
     assert_eq!(labels, [Some(10), Some(0), Some(1)]);
 }
 
+/// A label written exactly as a class name is that class, even when it also reads as a
+/// number: zero-padded names ("01", "02", …) are not the ids 1, 2, …, and a name such as "5"
+/// is a class of a model with three classes.
+#[test]
+fn labels_written_as_class_names_that_read_as_numbers_are_those_classes() {
+    let d = tempfile::tempdir().unwrap();
+    let m = write(d.path(), "m.csv", "path,label\na.jpg,01\nb.jpg,02\nc.jpg,03\nd.jpg,1\ne.jpg,04\n");
+    let set = manifest(&m, Some(&names(&["01", "02", "03"])), None).unwrap();
+    let s = &set.samples;
+    let labels: Vec<Option<i64>> = s.iter().map(|s| s.label).collect();
+    // "1" is not a class name: it is class id 1 (named "02"); "04" is neither a name nor an id.
+    assert_eq!(labels, [Some(0), Some(1), Some(2), Some(1), None]);
+    let e = s[4].label_error.as_deref().unwrap();
+    assert!(e.starts_with("label 04 is not a class of the model (it has 3 classes"), "{e}");
+    let m = write(d.path(), "n.csv", "path,label\na.jpg,5\nb.jpg,7\nc.jpg,1\nd.jpg,8\n");
+    let set = manifest(&m, Some(&names(&["5", "6", "7"])), None).unwrap();
+    let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [Some(0), Some(2), Some(1), None]);
+    // A JSON number is an id, never a name.
+    let j =
+        write(d.path(), "m.jsonl", "{\"path\": \"a.jpg\", \"label\": 5}\n{\"path\": \"b.jpg\", \"label\": \"5\"}\n");
+    let set = manifest(&j, Some(&names(&["5", "6", "7"])), None).unwrap();
+    assert_eq!(set.samples[0].label, None);
+    assert!(set.samples[0].label_error.as_deref().unwrap().contains("label 5 is not a class of the model"));
+    assert_eq!(set.samples[1].label, Some(0));
+}
+
 #[test]
 fn jsonl_manifest() {
     let d = tempfile::tempdir().unwrap();
@@ -203,6 +230,30 @@ fn parquet_manifest() {
     let set = manifest(&m, Some(&classes), None).unwrap();
     assert_eq!(set.samples[0].label, Some(1));
     assert!(set.samples[1].label_error.as_deref().unwrap().contains("\"emu\""));
+
+    // Dictionary-encoded columns (pandas' `category`, pyarrow's `dictionary_encode`) hold their
+    // dictionary's type: paths are strings, integer labels ids, float boxes boxes.
+    let m = d.path().join("dictionary.parquet");
+    let dict = |keys: Vec<i8>, values: ArrayRef| {
+        Arc::new(DictionaryArray::<Int8Type>::try_new(keys.into(), values).unwrap()) as ArrayRef
+    };
+    let coords = |v: f32| dict(vec![0, 1], Arc::new(Float32Array::from(vec![v, v + 1.0])));
+    write_parquet(
+        &m,
+        vec![
+            ("path", dict(vec![0, 1], Arc::new(StringArray::from(vec!["a.jpg", "b.jpg"])))),
+            ("label", dict(vec![1, 0], Arc::new(Int32Array::from(vec![0, 1])))),
+            ("bbox_x0", coords(1.0)),
+            ("bbox_y0", coords(1.0)),
+            ("bbox_x1", coords(3.0)),
+            ("bbox_y1", coords(3.0)),
+        ],
+    );
+    let set = manifest(&m, Some(&classes), None).unwrap();
+    let s = &set.samples;
+    assert_eq!((s[0].label, s[1].label), (Some(1), Some(0)));
+    assert_eq!((s[0].bbox, s[1].bbox), (Some([1.0, 1.0, 3.0, 3.0]), Some([2.0, 2.0, 4.0, 4.0])));
+    assert_eq!((s[0].label_error.as_deref(), s[0].box_error.as_deref()), (None, None));
 
     // A partial box names the row and the column, as that sample's error.
     let m = d.path().join("partial.parquet");
@@ -381,6 +432,48 @@ fn image_folder_keeps_names_that_are_not_utf8() {
     assert_eq!(set.samples[1].location, Loc::from(root.join("cat").join(latin1)));
 }
 
+/// Two names that are not UTF-8 and read the same would give two samples one id: refused,
+/// naming both files.
+#[test]
+fn image_folder_refuses_names_that_read_the_same() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("train");
+    touch(&root, "cat/a.jpg");
+    for name in [&b"caf\xe9.jpg"[..], b"caf\xe8.jpg"] {
+        std::fs::write(root.join("cat").join(std::ffi::OsStr::from_bytes(name)), b"").unwrap();
+    }
+    let e = err_of(load_samples(&DatasetSource::ImageFolder(Loc::from(&root)), None, None));
+    assert!(e.contains("have the same id \"cat/caf\u{fffd}.jpg\"") && e.contains("rename one"), "{e}");
+}
+
+/// Links are followed wherever they point, each class folder's tree whole; only a link back to
+/// a folder above (a loop) is not.
+#[test]
+fn image_folder_follows_links_into_other_classes_but_not_loops() {
+    use std::os::unix::fs::symlink;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("train");
+    touch(&root, "circle/1.jpg");
+    touch(&root, "triangle/2.jpg");
+    symlink(root.join("triangle"), root.join("circle").join("more")).unwrap();
+    symlink(root.join("circle"), root.join("square")).unwrap();
+    symlink(root.join("triangle"), root.join("triangle").join("loop")).unwrap();
+    let set = load_samples(&DatasetSource::ImageFolder(Loc::from(&root)), None, None).unwrap();
+    assert_eq!(set.class_names, Some(names(&["circle", "square", "triangle"])));
+    let got: Vec<(&str, Option<i64>)> = set.samples.iter().map(|s| (s.id.as_str(), s.label)).collect();
+    assert_eq!(
+        got,
+        [
+            ("circle/1.jpg", Some(0)),
+            ("circle/more/2.jpg", Some(0)),
+            ("square/1.jpg", Some(1)),
+            ("square/more/2.jpg", Some(1)),
+            ("triangle/2.jpg", Some(2)),
+        ]
+    );
+}
+
 #[test]
 fn image_folder_errors() {
     let d = tempfile::tempdir().unwrap();
@@ -395,6 +488,15 @@ fn image_folder_errors() {
         load_samples(&DatasetSource::ImageFolder(Loc::from(d.path().join("flat"))), None, None).unwrap_err()
     );
     assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
+    // Class folders with no images, and a manifest with no rows: an empty dataset is refused.
+    touch(d.path(), "texts/cat/notes.txt");
+    let e = err_of(load_samples(&DatasetSource::ImageFolder(Loc::from(d.path().join("texts"))), None, None));
+    assert!(e.contains("texts: no image files in its class folders (names ending in .jpg, .jpeg"), "{e}");
+    for (name, text) in [("empty.csv", "path,label\n"), ("empty.jsonl", "")] {
+        let m = write(d.path(), name, text);
+        let e = err_of(manifest(&m, None, None));
+        assert!(e.contains(name) && e.contains("the manifest has no rows"), "{e}");
+    }
 }
 
 #[test]
@@ -476,26 +578,9 @@ fn shard_spec_from_args_and_env() {
     let e = shard_env(None, None, &[("JOB_COMPLETION_INDEX", "0"), ("NUM_SHARDS", "0")]).unwrap_err().to_string();
     assert!(e.contains("at least 1"), "{e}");
 
-    // Slurm job array: --array=10-40:10 gives ids 10, 20, 30, 40.
-    let slurm = |id: &'static str| {
-        vec![
-            ("SLURM_ARRAY_TASK_ID", id),
-            ("SLURM_ARRAY_TASK_MIN", "10"),
-            ("SLURM_ARRAY_TASK_STEP", "10"),
-            ("SLURM_ARRAY_TASK_COUNT", "4"),
-        ]
-    };
-    assert_eq!(shard_env(None, None, &slurm("30")).unwrap(), spec(2, 4));
-    assert!(shard_env(None, None, &slurm("25")).unwrap_err().to_string().contains("SLURM_ARRAY_TASK_STEP"));
-    let no_step = [("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_COUNT", "5")];
-    assert_eq!(shard_env(None, None, &no_step).unwrap(), spec(2, 5));
-    let e =
-        shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1")]).unwrap_err().to_string();
-    assert!(e.contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
-    let e = shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "1")])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("SLURM_ARRAY_TASK_MIN"), "{e}");
+    // A Slurm array task without NUM_SHARDS (a sweep of jobs, one per task) is not sharded.
+    let sweep = [("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_MIN", "5"), ("SLURM_ARRAY_TASK_COUNT", "3")];
+    assert_eq!(shard_env(None, None, &sweep).unwrap(), spec(0, 1));
 
     // With NUM_SHARDS, the array index is the shard: task 3 resubmitted alone (--array=3,
     // where Slurm says MIN 3, COUNT 1) is still shard 3 of 8.
@@ -508,6 +593,12 @@ fn shard_spec_from_args_and_env() {
     assert_eq!(shard_env(None, None, &alone).unwrap(), spec(3, 8));
     let e = shard_env(None, None, &[("SLURM_ARRAY_TASK_ID", "8"), ("NUM_SHARDS", "8")]).unwrap_err().to_string();
     assert!(e.contains("not below") && e.contains("NUM_SHARDS"), "{e}");
+    // A 1-based array (--array=1-8 for 8 shards) is refused in every task, not only the last.
+    let one_based = [("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_MAX", "8"), ("NUM_SHARDS", "8")];
+    let e = shard_env(None, None, &one_based).unwrap_err().to_string();
+    assert!(e.contains("SLURM_ARRAY_TASK_MAX=8 is not below NUM_SHARDS=8") && e.contains("--array=0-7"), "{e}");
+    let last = [("SLURM_ARRAY_TASK_ID", "7"), ("SLURM_ARRAY_TASK_MAX", "7"), ("NUM_SHARDS", "8")];
+    assert_eq!(shard_env(None, None, &last).unwrap(), spec(7, 8));
 
     // AWS Batch array job.
     let aws = [("AWS_BATCH_JOB_ARRAY_INDEX", "7"), ("AWS_BATCH_JOB_ARRAY_SIZE", "8")];
