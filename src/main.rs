@@ -426,10 +426,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The folder may not be reachable from here (a bucket without credentials): the
             // plan still stands.
             match run::describe_output(&plan) {
-                Ok(text) => print!("{text}"),
-                Err(e) => println!("output state: not known: {e:#}"),
+                // A pre-submit check fails where the run would.
+                Ok(state) if state.refused => {
+                    print!("{}", state.text);
+                    Ok(ExitCode::from(saliency_audit::exit::CANNOT_RUN))
+                }
+                Ok(state) => {
+                    print!("{}", state.text);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("output state: not known: {e:#}");
+                    Ok(ExitCode::SUCCESS)
+                }
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Report { dir, top, score, max_clusters, cluster_sample, out, max_classes } => {
             let mut opts = saliency_audit::report::ReportOptions { top, score, out, max_classes, ..Default::default() };

@@ -74,13 +74,22 @@ pub fn default_retry_statuses() -> BTreeSet<Status> {
     Status::ALL.iter().copied().filter(|s| !matches!(s, Status::Ok | Status::BadLabel | Status::BadBox)).collect()
 }
 
+/// What `validate` says of the output folder.
+pub struct OutputState {
+    /// What this shard's committed parts hold and what a run would do with them, in lines.
+    pub text: String,
+    /// Whether a run would refuse the folder (exit 2, as `validate` then exits too).
+    pub refused: bool,
+}
+
 /// What `validate` says of the output folder: what this shard's committed parts hold and what a
 /// run would do with them. Reads only.
-pub fn describe_output(plan: &Plan) -> Result<String> {
+pub fn describe_output(plan: &Plan) -> Result<OutputState> {
     let cfg = sink_config(plan, Vec::new(), BTreeSet::new());
     let st = crate::sink::shard_state(&cfg, &fingerprint(plan))?;
     if let Some(why) = st.refused {
-        return Ok(format!("output state: a run would refuse this folder (exit 2): {why}\n"));
+        let text = format!("output state: a run would refuse this folder (exit 2): {why}\n");
+        return Ok(OutputState { text, refused: true });
     }
     let mut text = String::new();
     if st.parts == 0 && st.invalid.is_empty() {
@@ -117,7 +126,7 @@ pub fn describe_output(plan: &Plan) -> Result<String> {
             st.invalid.len()
         ));
     }
-    Ok(text)
+    Ok(OutputState { text, refused: false })
 }
 
 /// The output stage's settings for this plan's shard.
@@ -153,9 +162,25 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
             }
             Ok((0..n).map(tch::Device::Cuda).collect())
         }
-        Devices::List(list) => {
-            list.iter().map(|s| engine::parse_device(s).with_context(|| "runtime.devices")).collect()
-        }
+        Devices::List(list) => list
+            .iter()
+            .map(|s| {
+                engine::parse_device(s).map_err(|e| {
+                    let e = e.context("runtime.devices");
+                    // A node that was given a GPU and cannot use it (a driver fault) fails this
+                    // run, which a retry elsewhere may get past; elsewhere the job asks for a
+                    // device this machine does not have.
+                    match (s.starts_with("cuda"), gpu_assigned_here()) {
+                        (true, Some(why)) => RunFailed(anyhow::anyhow!(
+                            "{e:#}, although {why}: this node's GPU cannot be used (this build's torch \
+                             2.11.0+cu130 needs an NVIDIA driver for CUDA 13: 580 or newer)"
+                        ))
+                        .into(),
+                        _ => e,
+                    }
+                })
+            })
+            .collect(),
     }
 }
 

@@ -93,6 +93,12 @@ pub fn reduce(
                 let bbox = bboxes.get(i).copied().flatten().unwrap_or([0.0; 4]);
                 for b in std::iter::once(bbox).chain(r.regions.iter().map(Region::bounds)) {
                     let (xs, ys) = (axis_range(wu, b[0], b[2]), axis_range(hu, b[1], b[3]));
+                    if xs.is_empty() || ys.is_empty() {
+                        // I[0, 0] four times: exactly 0, as on the host, whatever order a
+                        // device adds the four terms in.
+                        corners.extend([at(0, 0); 4]);
+                        continue;
+                    }
                     corners.extend([
                         at(ys.end, xs.end),
                         at(ys.start, xs.end),
@@ -102,8 +108,8 @@ pub fn reduce(
                 }
             }
             let corners = Tensor::from_slice(&corners).view([n, (boxes * 4) as i64]).to_device(dev);
-            let signs = Tensor::from_slice(&[1.0f64, -1.0, -1.0, 1.0]).to_device(dev);
-            integral.gather(1, &corners, false).view([n, boxes as i64, 4]).matmul(&signs)
+            let g = integral.gather(1, &corners, false).view([n, boxes as i64, 4]);
+            g.select(2, 0) - g.select(2, 1) - g.select(2, 2) + g.select(2, 3)
         };
 
         let mut cols = vec![

@@ -37,7 +37,11 @@ where
     let text = std::fs::read_to_string(job_file)
         .map_err(|e| JobError::file(job_file, format!("cannot read the job file: {e}")))?;
     let spec = parse_spec(&text, job_file)?;
-    let job_dir = job_file.parent().unwrap_or(Path::new(""));
+    // Paths in the job are relative to its folder, taken as its real path: however the job file
+    // is named (`job.toml` from its folder, `ds/job.toml`, through a link), the resolved paths
+    // are the same, and so is the output's fingerprint, which covers the masks' locations.
+    let parent = job_file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let job_dir = &std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
     let model = model_file(&spec, job_dir)?;
     let meta = read_meta(&model)
         .map_err(|e| spec.error("model.path", format!("cannot read the metadata of {}: {e:#}", model.display())))?;

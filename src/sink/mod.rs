@@ -163,7 +163,7 @@ fn check_committed(
     let mut bytes = None;
     if let Some(r) = ranged {
         if let Some(e) = r.failure() {
-            return Err(anyhow::anyhow!(e)).with_context(unreadable);
+            return Err(anyhow::Error::new(e)).with_context(unreadable);
         }
         let (len, read) = r.bytes();
         bytes = Some((read, len));

@@ -46,8 +46,9 @@ pub(crate) enum PartFile {
 pub(crate) struct RangedObject {
     loc: Loc,
     len: u64,
-    /// The first failed request's error.
-    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The first failed request's error: its kind (which says whether a retry may get past it)
+    /// and message.
+    failed: std::sync::Arc<std::sync::Mutex<Option<(std::io::ErrorKind, String)>>>,
     /// Bytes fetched so far.
     fetched: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -56,15 +57,17 @@ impl RangedObject {
     fn get(&self, range: std::ops::Range<u64>) -> parquet::errors::Result<Bytes> {
         self.fetched.fetch_add(range.end - range.start, std::sync::atomic::Ordering::Relaxed);
         store::read_remote_range(&self.loc, range).map_err(|e| {
-            let msg = e.to_string();
-            self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
+            let first = (e.kind(), e.to_string());
+            self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(first);
             parquet::errors::ParquetError::External(Box::new(e))
         })
     }
 
-    /// The store's error, when a ranged read failed (the file itself may be fine).
-    pub(crate) fn failure(&self) -> Option<String> {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The store's error, when a ranged read failed (the file itself may be fine), of the kind
+    /// the store gave, so that one a retry may get past exits as such.
+    pub(crate) fn failure(&self) -> Option<std::io::Error> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.as_ref().map(|(kind, msg)| std::io::Error::new(*kind, msg.clone()))
     }
 
     /// The object's size, and the bytes fetched from it so far.

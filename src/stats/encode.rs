@@ -7,12 +7,14 @@ use image::{ColorType, ExtendedColorType, ImageDecoder, ImageEncoder};
 
 use super::{clean, EncodedMap};
 
-/// Encodes values as IEEE float16, little-endian, 2 bytes each (rounded to nearest; values
-/// beyond the f16 range become ±infinity).
+/// Encodes values as IEEE float16, little-endian, 2 bytes each (rounded to nearest; finite
+/// values beyond the f16 range saturate at ±65504, so a finite CAM, which is what an `ok` row
+/// holds, stays finite).
 pub fn encode_cam_f16(cam: &[f32]) -> Vec<u8> {
+    let max = half::f16::MAX.to_f32();
     let mut out = Vec::with_capacity(cam.len() * 2);
     for &v in cam {
-        out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        out.extend_from_slice(&half::f16::from_f32(v.clamp(-max, max)).to_le_bytes());
     }
     out
 }
@@ -34,7 +36,8 @@ fn window(i: usize, input: usize, output: usize) -> (usize, usize) {
 /// Resizes an `h × w` row-major map to `size × size` by area averaging, exactly as PyTorch's
 /// `F.interpolate(mode="area")` / `adaptive_avg_pool2d`: output pixel (i, j) is the plain mean
 /// of input rows `floor(i·h/size) .. ceil((i+1)·h/size)` × the same for columns (windows may
-/// overlap when the ratio is not an integer). Upsampling repeats pixels.
+/// overlap when the ratio is not an integer). Upsampling by an integer factor repeats pixels;
+/// by another factor, some output pixels average two neighbouring input pixels.
 ///
 /// Values are averaged as given (no clamping). Returns `size * size` zeros when the map is
 /// empty or its length is not `h * w`.

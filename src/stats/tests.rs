@@ -259,6 +259,9 @@ fn cam_f16_round_trip() {
         assert!((a - b).abs() <= a.abs() / 2048.0, "{a} vs {b}");
     }
     assert_eq!(decode_cam_f16(&bytes[..3]).len(), 1, "odd trailing byte ignored");
+    // Finite values past float16's range saturate: a finite CAM stays finite.
+    let back = decode_cam_f16(&encode_cam_f16(&[1e6, -7e4, 65519.0, 65520.0]));
+    assert_eq!(back, [65504.0, -65504.0, 65504.0, 65504.0]);
 }
 
 #[test]

@@ -482,6 +482,16 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
             && said.contains("run --retry-failed would redo 7 of the failed samples"),
         "{said}"
     );
+    assert_eq!(v.status.code(), Some(0));
+    // Another job over the same folder: `validate` fails where `run` would (exit 2).
+    let other = ds.dir.join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&job).unwrap().replace("rows_per_part = 5", "rows_per_part = 4"))
+        .unwrap();
+    let v = Command::new(bin()).arg("validate").arg(&other).output().unwrap();
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(said.contains("a run would refuse this folder (exit 2)"), "{said}");
+    assert_eq!(v.status.code(), Some(2), "{said}");
+    assert_eq!(Command::new(bin()).arg("run").arg(&other).output().unwrap().status.code(), Some(2));
     // The twelve good samples come first: parts 0 and 1 hold only ok rows.
     let clean: Vec<Vec<u8>> =
         (0..2).map(|k| std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap()).collect();
@@ -1091,10 +1101,10 @@ fn shards_union_equals_the_unsharded_run() {
         (&[("JOB_COMPLETION_INDEX", "1"), ("NUM_SHARDS", "3")], &[]),
         (
             &[
-                ("SLURM_ARRAY_TASK_ID", "12"),
-                ("SLURM_ARRAY_TASK_MIN", "10"),
-                ("SLURM_ARRAY_TASK_STEP", "1"),
-                ("SLURM_ARRAY_TASK_COUNT", "3"),
+                ("SLURM_ARRAY_TASK_ID", "2"),
+                ("SLURM_ARRAY_TASK_MIN", "0"),
+                ("SLURM_ARRAY_TASK_MAX", "2"),
+                ("NUM_SHARDS", "3"),
             ],
             &[],
         ),
@@ -1384,6 +1394,22 @@ fn a_bad_box_is_the_samples_row() {
     assert!(err.value(i).contains("samples.csv line") && err.value(i).contains("is empty"), "{}", err.value(i));
     assert_eq!(rows.num_rows(), ds.expected.len() + 1);
     assert_eq!((0..rows.num_rows()).filter(|&i| st.value(i) == "ok").count(), 6);
+
+    // The same job named another way (from its folder, through `.`, through a link) is the
+    // same job: the rerun keeps every row, although the box error quotes the manifest's path and
+    // a mask is keyed by its location.
+    let name = job.file_name().unwrap();
+    std::os::unix::fs::symlink(&ds.dir, tmp.path().join("link")).unwrap();
+    for (cwd, arg) in [
+        (ds.dir.clone(), PathBuf::from(name)),
+        (tmp.path().to_path_buf(), ds.dir.join(".").join(name)),
+        (tmp.path().to_path_buf(), PathBuf::from("link").join(name)),
+    ] {
+        let o = Command::new(bin()).current_dir(&cwd).arg("run").arg(&arg).output().unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{arg:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(said.contains("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
+    }
 }
 
 /// A CUDA device named in the job on a machine without one is the job's error, naming the key.
@@ -1402,4 +1428,10 @@ fn a_cuda_device_that_is_not_there_is_named() {
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(msg.contains("runtime.devices") && msg.contains("\"cuda:0\" is not available"), "{msg}");
     assert_eq!(o.status.code(), Some(2), "{msg}");
+    // On a node that was given a GPU it cannot use (a driver fault), the run failed, and a retry
+    // elsewhere may get past it (exit 3), as with devices = "all".
+    let o = Command::new(bin()).arg("validate").arg(&job).env("CUDA_VISIBLE_DEVICES", "0").output().unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains("\"cuda:0\" is not available") && msg.contains("CUDA_VISIBLE_DEVICES is \"0\""), "{msg}");
+    assert_eq!(o.status.code(), Some(3), "{msg}");
 }
