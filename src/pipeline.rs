@@ -13,7 +13,7 @@ use crate::decode::{self, Preprocess};
 use crate::engine::batch::{panic_message, Attributor, MapOut, SampleMaps, U8Batch};
 use crate::exit::RunFailed;
 use crate::sample::{Sample, SampleError, Status};
-use crate::sink::{CamMap, PartWriter, Row, ShardSummary, SinkConfig};
+use crate::sink::{CamMap, PartWriter, Row, ShardLock, ShardSummary, SinkConfig};
 use crate::stats::{self, Region};
 use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -49,6 +49,9 @@ pub struct PipelineConfig {
     /// A sample whose image or mask the object store fails to give (after its retries) gets its
     /// failed row (`unreadable`, `bad_mask`) instead of stopping the run for a rerun to read it.
     pub store_failures_as_rows: bool,
+    /// The shard's lock when the caller took it already (before loading the models); else the
+    /// writer takes it.
+    pub shard_lock: Option<Arc<ShardLock>>,
 }
 
 /// Live counters, for the progress bar and the summary.
@@ -164,7 +167,10 @@ pub fn run(
         .preprocess
         .output_size()
         .context("preprocessing needs a crop or an exact resize, so that every image of a batch has one size")?;
-    let (mut writer, resume) = PartWriter::open_or_stop(cfg.sink.clone(), &cfg.fingerprint, &stop)?;
+    let (mut writer, resume) = match cfg.shard_lock.clone() {
+        Some(lock) => PartWriter::open_locked(cfg.sink.clone(), &cfg.fingerprint, lock)?,
+        None => PartWriter::open_or_stop(cfg.sink.clone(), &cfg.fingerprint, &stop)?,
+    };
     let pending: Vec<Sample> = samples.into_iter().filter(|s| !resume.is_done(s.index)).collect();
     let mut summary = RunSummary {
         resumed_rows: resume.done_rows,

@@ -279,7 +279,8 @@ pub fn plan_with(
     }
     if let Target::Class(c) = job.target {
         if c < 0 || c >= classes {
-            bail!("attribution.target = {c} is not a class of the model (0..{})", classes - 1);
+            let why = format!("class {c} is not a class of the model (it has {classes} classes: 0..{})", classes - 1);
+            return Err(job.error("attribution.target", why).into());
         }
     }
     let set = source::load_samples(&job.dataset, job.class_names.as_deref(), Some(classes))?;
@@ -370,6 +371,9 @@ pub struct Outcome {
     pub summary: RunSummary,
     pub plan_samples: usize,
     pub output_dir: Loc,
+    /// The shard's lock, held until the caller has written the run's summary (and finalized)
+    /// and drops this: a process waiting for the shard does not start while those are written.
+    pub shard_lock: Arc<crate::sink::ShardLock>,
 }
 
 impl Outcome {
@@ -415,6 +419,14 @@ pub fn run_with(
         devices = ?plan.devices,
         "job planned"
     );
+    // The shard's lock before the models: a second process of this shard (started twice, or
+    // requeued while the first still runs) waits here, before it takes any device memory, and
+    // an output folder of another job is refused before any loading.
+    let output = sink_config(&plan, Vec::new(), BTreeSet::new());
+    let shard_lock = Arc::new(crate::sink::lock_shard(&output, &stop)?);
+    if let Some(refused) = crate::sink::refusal(&output, &fingerprint(&plan))? {
+        return Err(refused);
+    }
     let opts = engine_options(job)?;
     // Every replica is loaded (and warmed up) before any pipeline thread starts.
     let mut loaded = vec![first];
@@ -501,6 +513,7 @@ pub fn run_with(
         sink,
         fingerprint: fingerprint(&plan),
         store_failures_as_rows: run_opts.store_failures_as_rows,
+        shard_lock: Some(shard_lock.clone()),
     };
     let progress = Arc::new(Progress::default());
     let total = plan.samples.len();
@@ -527,7 +540,7 @@ pub fn run_with(
         r
     })?;
     let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, stats_on_device, ..summary };
-    Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone() })
+    Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone(), shard_lock })
 }
 
 /// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's

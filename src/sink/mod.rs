@@ -25,6 +25,7 @@ mod tests;
 use crate::store::{self, Loc};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use arrow::array::{Array, BooleanArray, UInt64Array};
@@ -47,6 +48,10 @@ pub use summary::{finalize, write_summary, Coverage, DatasetSummary, ShardSummar
 
 /// Version of the output table layout; bump when a column is added, removed or changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The footer key of a part that records the fingerprint of the job (and shard) that wrote it,
+/// so that a part is matched to its job without the folder's `_job` file.
+pub const FINGERPRINT_KEY: &str = "saliency_audit.fingerprint";
 
 /// How many missing indices an error message lists before summarising the rest.
 const MISSING_SHOWN: usize = 10;
@@ -135,6 +140,7 @@ impl SinkConfig {
 fn check_committed(
     cfg: &SinkConfig,
     schema: &SchemaRef,
+    fingerprint: &str,
     name: &str,
     chunk: u64,
 ) -> anyhow::Result<(anyhow::Result<read::PartContents>, Option<(u64, u64)>)> {
@@ -167,6 +173,16 @@ fn check_committed(
         }
         let (len, read) = r.bytes();
         bytes = Some((read, len));
+    }
+    // Another job's part (the folder's job file removed, or parts copied in): not this job's
+    // output to resume or to set aside.
+    if let Some(other) = checked.as_ref().ok().and_then(|c| c.fingerprint.as_deref()).filter(|f| *f != fingerprint) {
+        return Err(OutputConflict(format!(
+            "committed part {path} was written by another job (its footer records job {other}, this \
+             job is {fingerprint}), although the folder's job file does not say so; use another \
+             output folder"
+        ))
+        .into());
     }
     Ok((checked, bytes))
 }
@@ -214,7 +230,14 @@ pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardS
         if (s, c) != (shard, count) {
             continue;
         }
-        match check_committed(cfg, &schema, name, chunk)?.0 {
+        let checked = match check_committed(cfg, &schema, fingerprint, name, chunk) {
+            Err(e) if e.is::<OutputConflict>() => {
+                state.refused = Some(format!("{e:#}"));
+                return Ok(state);
+            }
+            r => r?.0,
+        };
+        match checked {
             Ok(contents) => {
                 state.parts += 1;
                 state.rows += contents.indices.len() as u64;
@@ -286,6 +309,24 @@ fn folder_refusal(cfg: &SinkConfig, fingerprint: &str, names: &[String]) -> anyh
     let job_path = dir.join(&job_name)?;
     if names.contains(&job_name) {
         let old: JobFile = files::read_json(&job_path)?;
+        // The layout first: it says what differs, where the fingerprint (which covers it too)
+        // only says that something does.
+        if (old.shard, old.num_shards, old.total_rows, old.rows_per_part, old.schema_version)
+            != (job.shard, job.num_shards, job.total_rows, job.rows_per_part, job.schema_version)
+        {
+            return refuse(format!(
+                "output folder {} holds shard {shard} of {count} written with another \
+                 layout ({} rows in parts of {} rows, schema {}; now {} rows in \
+                 parts of {}, schema {}); use another output folder",
+                dir,
+                old.total_rows,
+                old.rows_per_part,
+                old.schema_version,
+                job.total_rows,
+                job.rows_per_part,
+                job.schema_version
+            ));
+        }
         if old.fingerprint != job.fingerprint {
             return refuse(format!(
                 "output folder {} holds another job's output for shard {shard} of {count} \
@@ -299,22 +340,6 @@ fn folder_refusal(cfg: &SinkConfig, fingerprint: &str, names: &[String]) -> anyh
                  changed since ({} records job {}, this run is job {}): the other shards no longer \
                  match; rerun every shard into another output folder",
                 dir, job_path, old.job_id, job.job_id
-            ));
-        }
-        if (old.shard, old.num_shards, old.total_rows, old.rows_per_part, old.schema_version)
-            != (job.shard, job.num_shards, job.total_rows, job.rows_per_part, job.schema_version)
-        {
-            return refuse(format!(
-                "output folder {} holds this job's shard {shard} of {count} written with a \
-                 different layout ({} rows in parts of {} rows, schema {}; now {} rows in \
-                 parts of {}, schema {}); use another output folder",
-                dir,
-                old.total_rows,
-                old.rows_per_part,
-                old.schema_version,
-                job.total_rows,
-                job.rows_per_part,
-                job.schema_version
             ));
         }
     }
@@ -420,8 +445,10 @@ pub struct PartWriter {
     rows: u64,
     status_counts: BTreeMap<String, u64>,
     closed: bool,
-    /// This shard's lock (local folders), held for the writer's life.
-    _lock: Option<std::fs::File>,
+    /// This shard's lock (local folders), held at least for the writer's life.
+    _lock: Arc<ShardLock>,
+    /// The job's fingerprint, written into every part's footer and checked in those committed.
+    fingerprint: String,
     /// Bytes read and bytes held by the remote parts checked at open (ranged reads).
     remote_check_bytes: std::sync::Mutex<(u64, u64)>,
 }
@@ -462,6 +489,41 @@ fn check_config(cfg: &SinkConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A shard's lock on a local output folder (`.lock-<shard>-of-<count>`; nothing for an object
+/// store), taken with [`lock_shard`] before a run loads its models, so that a second process of
+/// the same shard waits before it takes any device memory, and held by the writer and the run
+/// until the run's summary is written. Released when the last holder drops it.
+#[derive(Debug)]
+pub struct ShardLock {
+    dir: Loc,
+    shard: u32,
+    num_shards: u32,
+    _file: Option<std::fs::File>,
+}
+
+/// Takes shard `cfg.shard`'s lock in `cfg.dir` (created if missing), waiting while another
+/// process holds it; [`LockWaitInterrupted`] once `stop` is set while waiting.
+pub fn lock_shard(cfg: &SinkConfig, stop: &AtomicBool) -> anyhow::Result<ShardLock> {
+    check_config(cfg)?;
+    let dir = cfg.dir.clone();
+    store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
+    let file = files::lock_shard(&dir, cfg.shard, cfg.num_shards, stop)?;
+    Ok(ShardLock { dir, shard: cfg.shard, num_shards: cfg.num_shards, _file: file })
+}
+
+/// Why a run of the job `fingerprint` would refuse shard `cfg.shard` of `cfg.dir`, from its job
+/// files alone (a part's footer can refuse it too, when the writer opens): `None` when it would
+/// not. Reads only; a folder that does not exist yet refuses nothing.
+pub fn refusal(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<Option<anyhow::Error>> {
+    check_config(cfg)?;
+    if let Loc::Local(p) = &cfg.dir {
+        if !p.exists() {
+            return Ok(None);
+        }
+    }
+    folder_refusal(cfg, fingerprint, &files::list_names(&cfg.dir)?)
+}
+
 impl PartWriter {
     /// Opens (or resumes) shard `cfg.shard`'s output in `cfg.dir`.
     ///
@@ -479,13 +541,27 @@ impl PartWriter {
     /// [`PartWriter::open`], except that waiting for another process's lock on the shard ends
     /// with [`LockWaitInterrupted`] once `stop` is set (Ctrl-C while waiting).
     pub fn open_or_stop(cfg: SinkConfig, fingerprint: &str, stop: &AtomicBool) -> anyhow::Result<(PartWriter, Resume)> {
+        // Before anything is removed or checked: no other process writes this shard meanwhile.
+        let lock = Arc::new(lock_shard(&cfg, stop)?);
+        Self::open_locked(cfg, fingerprint, lock)
+    }
+
+    /// [`PartWriter::open`] with the shard's lock already held (see [`ShardLock`]).
+    pub fn open_locked(
+        cfg: SinkConfig,
+        fingerprint: &str,
+        lock: Arc<ShardLock>,
+    ) -> anyhow::Result<(PartWriter, Resume)> {
         check_config(&cfg)?;
         let dir = cfg.dir.clone();
-        store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
-
         let (shard, count) = (cfg.shard, cfg.num_shards);
-        // Before anything is removed or checked: no other process writes this shard meanwhile.
-        let lock = files::lock_shard(&dir, shard, count, stop)?;
+        anyhow::ensure!(
+            (&lock.dir, lock.shard, lock.num_shards) == (&dir, shard, count),
+            "the lock held is shard {} of {} in {}, not shard {shard} of {count} in {dir}",
+            lock.shard,
+            lock.num_shards,
+            lock.dir
+        );
         let names = files::list_names(&dir)?;
         for name in names.iter().filter(|n| files::is_shard_tmp(n, shard, count)) {
             tracing::info!("removing leftover temporary file {}", dir.join(name)?);
@@ -496,15 +572,12 @@ impl PartWriter {
         if let Some(refused) = folder_refusal(&cfg, fingerprint, &names)? {
             return Err(refused);
         }
-        let job_name = files::job_name(shard, count);
-        if !names.contains(&job_name) {
-            files::write_json_atomic(&dir, &job_name, &job_file(&cfg, fingerprint))?;
-        }
-
         let columns = columns::columns(&cfg.regions);
         let schema = columns::schema_of(&columns);
         let group_rows = usize::try_from(cfg.rows_per_part).unwrap_or(usize::MAX);
-        let props = columns::writer_properties(&columns, group_rows, &cfg.metadata)?;
+        let mut metadata = cfg.metadata.clone();
+        metadata.push((FINGERPRINT_KEY.to_owned(), fingerprint.to_owned()));
+        let props = columns::writer_properties(&columns, group_rows, &metadata)?;
         let mut writer = PartWriter {
             num_chunks: cfg.total_rows.div_ceil(cfg.rows_per_part),
             cfg,
@@ -518,6 +591,7 @@ impl PartWriter {
             closed: false,
             _lock: lock,
             remote_check_bytes: Default::default(),
+            fingerprint: fingerprint.to_owned(),
         };
 
         let mut invalid = Vec::new();
@@ -552,6 +626,13 @@ impl PartWriter {
                 "checked the committed parts in {dir} with ranged reads: {read} of their {held} bytes \
                  (footers, index and status columns)"
             );
+        }
+
+        // The job file, once the parts have been found to be this job's (a part of another job
+        // stops the run above, leaving the folder as it was), and before anything is changed.
+        let job_name = files::job_name(shard, count);
+        if !names.contains(&job_name) {
+            files::write_json_atomic(&dir, &job_name, &job_file(&writer.cfg, fingerprint))?;
         }
 
         if (writer.done.len() as u64) < writer.num_chunks {
@@ -627,7 +708,7 @@ impl PartWriter {
     /// Validates a committed part of `chunk`: `Err` when it cannot be read at all (I/O, the
     /// store), `Ok(Err)` when its content is not that chunk's, else its indices and statuses.
     fn check_part(&self, name: &str, chunk: u64) -> anyhow::Result<anyhow::Result<read::PartContents>> {
-        let (checked, bytes) = check_committed(&self.cfg, &self.schema, name, chunk)?;
+        let (checked, bytes) = check_committed(&self.cfg, &self.schema, &self.fingerprint, name, chunk)?;
         if let Some((read, len)) = bytes {
             let mut c = self.remote_check_bytes.lock().unwrap_or_else(|p| p.into_inner());
             c.0 += read;

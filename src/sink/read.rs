@@ -29,6 +29,9 @@ pub(crate) struct PartContents {
     pub status_counts: BTreeMap<String, u64>,
     /// Row statuses in file order.
     pub statuses: Vec<Status>,
+    /// The fingerprint of the job that wrote the part, from its footer (parts written before
+    /// it was recorded have none).
+    pub fingerprint: Option<String>,
 }
 
 /// A committed part's bytes: a local file read in place, a remote object fetched whole (to read
@@ -215,9 +218,16 @@ pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRe
         bail!("{} has a different column layout than this job writes", path);
     }
     let footer_rows = builder.metadata().file_metadata().num_rows();
+    let fingerprint = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == super::FINGERPRINT_KEY))
+        .and_then(|k| k.value.clone());
     let mask = ProjectionMask::columns(builder.parquet_schema(), ["index", "status"]);
     let reader = builder.with_projection(mask).build().with_context(|| format!("cannot read {}", path))?;
-    let mut contents = PartContents { indices: Vec::new(), status_counts: BTreeMap::new(), statuses: Vec::new() };
+    let mut contents =
+        PartContents { indices: Vec::new(), status_counts: BTreeMap::new(), statuses: Vec::new(), fingerprint };
     for batch in reader {
         let batch = batch.with_context(|| format!("cannot read rows of {}", path))?;
         let column =

@@ -440,6 +440,7 @@ fn images(dir: &Path, reds: &[u8]) -> (Vec<Sample>, PipelineConfig) {
         },
         fingerprint: "six".into(),
         store_failures_as_rows: false,
+        shard_lock: None,
     };
     (samples, cfg)
 }
@@ -537,6 +538,41 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
         assert!(&now == bytes, "part {k} has no failed row and is not written again");
     }
     assert!(out.join("_SUCCESS").exists(), "the single shard finalizes again");
+}
+
+/// Each part's footer records the job that wrote it: with the folder's job file gone, another
+/// job's run is still refused (exit 2) rather than taking the parts as its own, and `validate`
+/// says so; the same job resumes from them.
+#[test]
+fn parts_of_another_job_are_refused_without_the_job_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 4);
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let out = ds.dir.join("out");
+    let run = |job: &Path| Command::new(bin()).arg("run").arg(job).output().unwrap();
+    assert_eq!(run(&job).status.code(), Some(1));
+    let remove_job_files = || {
+        for e in std::fs::read_dir(&out).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("_job-") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    };
+    remove_job_files();
+    let other = ds.dir.join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&job).unwrap().replace("map_size = 16", "map_size = 8")).unwrap();
+    let before = rows_by_id(&out);
+    for cmd in ["validate", "run"] {
+        let o = Command::new(bin()).arg(cmd).arg(&other).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {said}");
+        assert!(said.contains("was written by another job") && said.contains("part-00000-of-00001-000000"), "{said}");
+    }
+    assert_eq!(rows_by_id(&out), before, "nothing changed");
+    let o = run(&job);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(said.contains("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
 }
 
 /// A device that fails for good stops the run with its error (exit 3 from the CLI) after the
@@ -798,6 +834,7 @@ fn region_bbox_and_mask_shares_on_constructed_cases() {
         },
         fingerprint: "constructed".into(),
         store_failures_as_rows: false,
+        shard_lock: None,
     };
     let summary = pipeline::run(
         cfg,
@@ -870,6 +907,20 @@ fn bad_job_specs_fail_before_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("single tensor, not a tuple"), "{err}");
+    // With JSON logs, the error is one JSON object, its causes included.
+    let out = Command::new(bin()).args(["--log-format", "json", "run"]).arg(&job).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), err.lines().count()), (Some(2), 1), "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["level"], "ERROR");
+    assert!(v["message"].as_str().unwrap().contains("single tensor, not a tuple"), "{v}");
+    // A target class the model does not have: named with the job file's line, as a spec error.
+    let job5 = write_job(&ds.dir, &model, "");
+    std::fs::write(&job5, std::fs::read_to_string(&job5).unwrap().replace("target = \"label\"", "target = 5")).unwrap();
+    let out = Command::new(bin()).arg("validate").arg(&job5).output().unwrap();
+    let err5 = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err5}");
+    assert!(err5.contains("line 11: attribution.target: ") && err5.contains("5 is not a class of the model"), "{err5}");
 
     // An output store that cannot be reached (nothing listens on the port): exit 3, retried by
     // the cluster manifests, where a bad spec is 2.
@@ -1144,9 +1195,16 @@ fn shards_union_equals_the_unsharded_run() {
         if i == 2 {
             assert!(stdout.contains("finalized") && stdout.contains("all 3 shards complete"), "{stdout}");
         }
-        let first = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_owned();
-        let v: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
-        assert_eq!(v["level"], "INFO");
+        // Every line on stderr is a JSON object: log lines, and the command's own messages
+        // (the count of failed samples).
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines[0]["level"], "INFO");
+        assert!(lines
+            .iter()
+            .any(|v| v["level"] == "ERROR" && v["message"].as_str().unwrap().contains("sample(s) failed")));
         assert!(ds.dir.join(format!("sharded/_run-0000{i}-of-00003.json")).exists());
     }
     let f = Command::new(bin()).arg("finalize").arg(&sharded).output().unwrap();
