@@ -6,10 +6,27 @@ use std::sync::Mutex;
 
 static BAR: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `-q`: only errors are logged, and no progress bar or run summary is shown.
 pub fn quiet() -> bool {
     QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A message of the command itself on stderr (its error and causes, the count of failed
+/// samples, an interruption): as it is, or with `--log-format json` as a log event of `level`,
+/// so that every line on stderr is a JSON object. ERROR events pass `-q`.
+pub fn say(level: tracing::Level, message: &str) {
+    if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut err = BarAwareStderr;
+        let _ = writeln!(err, "{message}");
+        return;
+    }
+    match level {
+        tracing::Level::ERROR => tracing::error!("{message}"),
+        tracing::Level::WARN => tracing::warn!("{message}"),
+        _ => tracing::info!("{message}"),
+    }
 }
 
 /// Shows (Some) or removes (None) the progress bar that log lines suspend.
@@ -43,6 +60,7 @@ pub enum LogFormat {
 /// Installs the tracing subscriber: `RUST_LOG` wins, else -v/-q pick the level.
 pub fn init(verbose: u8, quiet: bool, format: LogFormat) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+    JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let default = if quiet {
         "error"
     } else {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tracing::Level;
 
 /// See Cargo.toml: large decode buffers are reused instead of returned to the system.
 #[global_allocator]
@@ -230,19 +231,18 @@ fn main() -> ExitCode {
         Err(err) => {
             let code = saliency_audit::exit::code(&err);
             if code == saliency_audit::exit::INTERRUPTED {
-                eprintln!("stopped: {err}");
+                logging::say(Level::WARN, &format!("stopped: {err}"));
                 return ExitCode::from(code);
             }
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            let mut lines = vec![format!("error: {err}")];
+            lines.extend(err.chain().skip(1).map(|cause| format!("  caused by: {cause}")));
             if code == saliency_audit::exit::RUN_FAILED {
-                eprintln!(
+                lines.push(format!(
                     "(exit {code}: a failure outside the job: the device, storage or network; a retry may pass it, \
                      and a rerun of `run` resumes from the committed parts)"
-                );
+                ));
             }
+            logging::say(Level::ERROR, &lines.join("\n"));
             ExitCode::from(code)
         }
     }
@@ -324,10 +324,13 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
         s.write_time.as_secs_f64()
     );
     if let Some(n) = s.batch_after_out_of_memory {
-        eprintln!(
-            "a batch of {} ran out of memory, so a worker went on with batches of {n}: \
-             runtime.batch_size = {n} (or \"auto\") avoids the failed tries",
-            s.batch_size
+        logging::say(
+            Level::WARN,
+            &format!(
+                "a batch of {} ran out of memory, so a worker went on with batches of {n}: \
+                 runtime.batch_size = {n} (or \"auto\") avoids the failed tries",
+                s.batch_size
+            ),
         );
     }
 }
@@ -384,13 +387,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = ctrlc::set_handler(move || {
                 flag.store(true, Ordering::SeqCst);
                 if pressed.swap(true, Ordering::SeqCst) {
-                    eprintln!("interrupted again: exiting without committing");
+                    logging::say(Level::WARN, "interrupted again: exiting without committing");
                     // At once, without exit handlers: `exit` would run libtorch's static
                     // destructors while its threads still work (a crash instead of 130).
                     // SAFETY: `_exit` ends the process; nothing after it runs.
                     unsafe { libc::_exit(130) };
                 }
-                eprintln!("interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to quit now)");
+                logging::say(
+                    Level::WARN,
+                    "interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to \
+                     quit now)",
+                );
             });
             let outcome = run::run(&job, shard, opts, stop)?;
             if !logging::quiet() {
@@ -404,7 +411,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::warn!("cannot write the run summary into {}: {e:#}", outcome.output_dir);
             }
             if s.interrupted {
-                eprintln!("stopped early: rerun the same command to finish (committed parts are kept)");
+                logging::say(Level::WARN, "stopped early: rerun the same command to finish (committed parts are kept)");
                 return Ok(ExitCode::from(130));
             }
             if finalize {
@@ -412,7 +419,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let failed = outcome.shard_failed();
             if failed > 0 {
-                eprintln!("{failed} sample(s) failed: their rows carry the status and error");
+                logging::say(
+                    Level::ERROR,
+                    &format!("{failed} sample(s) failed: their rows carry the status and error"),
+                );
             }
             Ok(if failed > 0 && !failed_samples_ok {
                 ExitCode::from(saliency_audit::exit::SAMPLES_FAILED)

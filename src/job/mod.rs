@@ -245,6 +245,17 @@ fn list(values: &[f32]) -> String {
     format!("[{}]", v.join(", "))
 }
 
+impl Job {
+    /// An error about the key at `path` found after validation (against the model or the
+    /// dataset), naming the job file and the key's line, as the spec's own errors do.
+    pub fn error(&self, path: &str, message: impl Into<String>) -> JobError {
+        match spec::SpecSource::new(&self.spec_text, &self.job_file) {
+            Ok(source) => source.error(path, message),
+            Err(_) => JobError { key: Some(path.to_owned()), ..JobError::file(&self.job_file, message) },
+        }
+    }
+}
+
 /// The resolved plan, as `saliency-audit validate` prints it (one `name: value` line each).
 impl fmt::Display for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -60,7 +60,8 @@ fn model_file(spec: &JobSpec, job_dir: &Path) -> Result<PathBuf, JobError> {
 /// A path or URL from the spec: a URL as it is, a local path resolved against `job_dir`.
 fn location(spec: &JobSpec, key: &str, value: &Path, job_dir: &Path) -> Result<Loc, JobError> {
     match Loc::parse(&value.to_string_lossy()) {
-        Ok(Loc::Local(_)) => Ok(Loc::Local(job_dir.join(value))),
+        // A `file://` URL's path, or the path as written; absolute ones stay as they are.
+        Ok(Loc::Local(path)) => Ok(Loc::Local(job_dir.join(path))),
         Ok(remote) => Ok(remote),
         Err(e) => Err(spec.error(key, format!("{e:#}"))),
     }
@@ -280,37 +281,32 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
             return Err(spec.error("model.path", format!("the model's metadata has an invalid channels {c}")));
         }
     }
+    // Each value with where it came from, for the messages (the spec's own: nothing to add).
     let pick = |key: &str, given: &Option<Vec<f32>>, from_meta: &Option<Vec<f32>>, imagenet: &[f32; 3]| {
         if let Some(v) = given {
-            return Ok((v.clone(), true));
+            return Ok((v.clone(), ""));
         }
         if let Some(v) = from_meta {
-            return Ok((v.clone(), false));
+            return Ok((v.clone(), " (from the model's metadata)"));
         }
         match channels {
-            None | Some(3) => Ok((imagenet.to_vec(), false)),
+            None | Some(3) => {
+                Ok((imagenet.to_vec(), " (ImageNet's, as neither the job nor the model's metadata sets it)"))
+            }
             Some(c) => Err(spec.error(
                 key,
                 format!("not set, and the model has {c} input channels and no {key} in its metadata: set {key}"),
             )),
         }
     };
-    let (mean, mean_given) = pick("preprocess.mean", &p.mean, &meta.mean, &IMAGENET_MEAN)?;
-    let (std, std_given) = pick("preprocess.std", &p.std, &meta.std, &IMAGENET_STD)?;
-    let origin = |given: bool| {
-        if given {
-            ""
-        } else {
-            " (from the model's metadata)"
-        }
-    };
+    let (mean, mean_origin) = pick("preprocess.mean", &p.mean, &meta.mean, &IMAGENET_MEAN)?;
+    let (std, std_origin) = pick("preprocess.std", &p.std, &meta.std, &IMAGENET_STD)?;
     if let Some(c) = channels {
-        for (key, v, given) in [("preprocess.mean", &mean, mean_given), ("preprocess.std", &std, std_given)] {
+        for (key, v, origin) in [("preprocess.mean", &mean, mean_origin), ("preprocess.std", &std, std_origin)] {
             if v.len() as i64 != c {
-                return Err(spec.error(
-                    key,
-                    format!("has {} values{} but the model has {c} input channels", v.len(), origin(given)),
-                ));
+                return Err(
+                    spec.error(key, format!("has {} values{origin} but the model has {c} input channels", v.len()))
+                );
             }
         }
     }
@@ -320,36 +316,44 @@ fn preprocess(spec: &JobSpec, meta: &ModelMeta) -> Result<Preprocess, JobError> 
             format!(
                 "has {} values{} but preprocess.mean has {}{}: one each per input channel",
                 std.len(),
-                origin(std_given),
+                std_origin,
                 mean.len(),
-                origin(mean_given)
+                mean_origin
             ),
         ));
     }
     if let Some(x) = std.iter().find(|&&x| !(x > 0.0 && x.is_finite())) {
-        return Err(spec.error("preprocess.std", format!("{x}{} is not above 0", origin(std_given))));
+        return Err(spec.error("preprocess.std", format!("{x}{std_origin} is not above 0")));
     }
     if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
-        return Err(spec.error("preprocess.mean", format!("{x}{} is not a finite number", origin(mean_given))));
+        return Err(spec.error("preprocess.mean", format!("{x}{mean_origin} is not a finite number")));
     }
     // Pixels are scaled to 0..1 before (x − mean) / std, as torchvision's ToTensor does; values
     // on the 0..255 scale (mmcv's convention) would make every input about −2 without an error.
-    for (key, v, given, bad) in [
-        ("preprocess.mean", &mean, mean_given, mean.iter().any(|&x| x > 1.0)),
-        ("preprocess.std", &std, std_given, std.iter().any(|&x| x > 1.0)),
-    ] {
-        if bad {
+    // A mean above 1 cannot be one of 0..1 pixels; a std above 1 only shrinks the input, so
+    // only one wholly above 1 is taken for the 0..255 scale.
+    let on_255_scale = |v: &[f32]| v.iter().all(|&x| x > 1.0);
+    for (key, v, origin) in [("preprocess.mean", &mean, mean_origin), ("preprocess.std", &std, std_origin)] {
+        if on_255_scale(v) {
             let scaled: Vec<String> = v.iter().map(|x| format!("{:.4}", x / 255.0)).collect();
             return Err(spec.error(
                 key,
                 format!(
-                    "{v:?}{} is on the 0..255 pixel scale, but pixels are scaled to 0..1 before normalising \
-                     (as torchvision's ToTensor does): divide by 255, i.e. [{}]",
-                    origin(given),
+                    "{v:?}{origin} is on the 0..255 pixel scale, but pixels are scaled to 0..1 before \
+                     normalising (as torchvision's ToTensor does): divide by 255, i.e. [{}]",
                     scaled.join(", ")
                 ),
             ));
         }
+    }
+    if let Some(x) = mean.iter().find(|&&x| x > 1.0) {
+        return Err(spec.error(
+            "preprocess.mean",
+            format!(
+                "{x}{mean_origin} is above 1, which no mean of pixels scaled to 0..1 (as torchvision's \
+                 ToTensor does) can be"
+            ),
+        ));
     }
     Ok(Preprocess {
         resize,

@@ -344,7 +344,7 @@ pub(crate) struct SpecSource {
 }
 
 impl SpecSource {
-    fn new(text: &str, origin: &Path) -> Result<Self, JobError> {
+    pub(crate) fn new(text: &str, origin: &Path) -> Result<Self, JobError> {
         let table = toml::de::DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| line_at(text, s.start));
             let mut message = e.message().trim().to_owned();

@@ -252,6 +252,15 @@ fn mean_std_on_the_0_255_scale_are_refused() {
     let meta = ModelMeta { std: Some(vec![58.395, 57.12, 57.375]), input_size: Some([224, 224]), ..Default::default() };
     let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
     assert!(err.contains("preprocess.std") && err.contains("from the model's metadata"), "{err}");
+    // A std partly above 1 only shrinks the input: not the 0..255 scale. A mean above 1 cannot be
+    // a mean of 0..1 pixels. ImageNet's defaults are named as such when they do not fit.
+    resolve(parse(&full_with("std", "std = [0.2, 2.0, 0.2]")).unwrap(), d.path(), None).unwrap();
+    let err =
+        resolve(parse(&full_with("mean", "mean = [0.5, 1.5, 0.5]")).unwrap(), d.path(), None).unwrap_err().to_string();
+    assert!(err.contains("preprocess.mean") && err.contains("1.5 is above 1") && !err.contains("divide"), "{err}");
+    let meta = ModelMeta { mean: Some(vec![0.5]), input_size: Some([224, 224]), ..Default::default() };
+    let err = resolve(parse(MINIMAL).unwrap(), d.path(), Some(&meta)).unwrap_err().to_string();
+    assert!(err.contains("preprocess.std: has 3 values (ImageNet's, as neither"), "{err}");
     // 0..1 values pass.
     resolve(parse(FULL).unwrap(), d.path(), None).unwrap();
 }

@@ -71,12 +71,16 @@ impl Loc {
         Ok(Loc::Remote { bucket: format!("{scheme_lc}://{bucket}"), key })
     }
 
-    /// `rel` resolved against this folder: a URL or an absolute local path stays as it is;
-    /// a relative one is appended (`.` and `..` segments resolved for keys).
+    /// `rel` resolved against this folder: a URL or an absolute local path stays as it is (a
+    /// `file://` URL is its path); a relative one is appended (`.` and `..` segments resolved
+    /// for keys). A URL of a scheme no store serves (`http://`) is an error that names it.
     pub fn join(&self, rel: &str) -> anyhow::Result<Loc> {
         if rel.contains("://") {
-            if let Ok(loc @ Loc::Remote { .. }) = Loc::parse(rel) {
-                return Ok(loc);
+            match Loc::parse(rel)? {
+                loc @ Loc::Remote { .. } => return Ok(loc),
+                Loc::Local(path) if path.as_os_str() != rel => return Ok(Loc::Local(path)),
+                // A local path that contains "://".
+                Loc::Local(_) => {}
             }
         }
         match self {

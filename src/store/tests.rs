@@ -38,6 +38,13 @@ fn joins_and_parents() {
     let local = Loc::parse("/d/m.csv").unwrap();
     assert_eq!(local.parent().join("x.jpg").unwrap(), Loc::Local(PathBuf::from("/d/x.jpg")));
     assert_eq!(local.parent().join("/abs.jpg").unwrap(), Loc::Local(PathBuf::from("/abs.jpg")));
+    // A file:// URL is its path; a scheme no store serves is an error naming it, not a
+    // relative path that is then missing; a local name that contains "://" stays a name.
+    assert_eq!(local.parent().join("file:///e/y.jpg").unwrap(), Loc::Local(PathBuf::from("/e/y.jpg")));
+    assert_eq!(dir.join("file:///e/y.jpg").unwrap(), Loc::Local(PathBuf::from("/e/y.jpg")));
+    let e = format!("{:#}", local.parent().join("http://example.com/a.jpg").unwrap_err());
+    assert!(e.contains("unsupported URL scheme `http://`"), "{e}");
+    assert_eq!(local.parent().join("a ://b.jpg").unwrap(), Loc::Local(PathBuf::from("/d/a ://b.jpg")));
 }
 
 #[test]
