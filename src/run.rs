@@ -419,11 +419,13 @@ pub fn run_with(
         devices = ?plan.devices,
         "job planned"
     );
-    // The shard's lock before the models: a second process of this shard (started twice, or
-    // requeued while the first still runs) waits here, before it takes any device memory, and
-    // an output folder of another job is refused before any loading.
+    // The shard's lock once the job has proved runnable (the plan, which loaded one replica to
+    // check the model, writes nothing) and before the other replicas load and warm up (the
+    // probe behind batch_size = "auto" takes most of a GPU): a second process of this shard
+    // (started twice, or requeued while the first still runs) waits here. An output folder of
+    // another job is refused before any of that.
     let output = sink_config(&plan, Vec::new(), BTreeSet::new());
-    let shard_lock = Arc::new(crate::sink::lock_shard(&output, &stop)?);
+    let shard_lock = Arc::new(crate::sink::lock_shard(&output.dir, output.shard, output.num_shards, &stop)?);
     if let Some(refused) = crate::sink::refusal(&output, &fingerprint(&plan))? {
         return Err(refused);
     }

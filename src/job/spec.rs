@@ -132,7 +132,7 @@ pub struct RuntimeSpec {
     /// CUDA devices, 1 on the CPU.
     #[serde(default)]
     pub workers_per_device: Option<u32>,
-    /// Image decoding threads; 0 (the default) means one per core.
+    /// Image decoding threads, 0 to 1024; 0 (the default) means one per core.
     #[serde(default)]
     pub decode_threads: Option<u32>,
     /// Model parameters and input in the channels-last memory format; default on for CUDA
@@ -644,6 +644,9 @@ impl JobSpec {
         }
         if matches!(r.workers_per_device, Some(n) if !(1..=8).contains(&n)) {
             return Err(s.error("runtime.workers_per_device", "must be 1 to 8"));
+        }
+        if matches!(r.decode_threads, Some(n) if n > 1024) {
+            return Err(s.error("runtime.decode_threads", "must be 0 (one per core) to 1024"));
         }
         // [output]
         if self.output.path.as_os_str().is_empty() {

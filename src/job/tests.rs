@@ -368,6 +368,7 @@ fn semantic_errors_name_key_and_line() {
     assert_err(&full_with("devices", "devices = [\"cuda:x\"]"), "runtime.devices[0]", 13);
     assert_err(&full_with("devices", "devices = \"cuda:0\""), "runtime.devices", 13);
     assert_err(&full_with("devices", "devices = []"), "runtime.devices", 13);
+    assert_err(&full_with("decode_threads", "decode_threads = 100000"), "runtime.decode_threads", 14);
     assert_err(&full_with("devices", "devices = [\"cuda\", \"cuda:0\"]"), "runtime.devices[1]", 13);
     assert_err(&full_with("devices", "devices = [\"cuda:1\", \"cuda:01\"]"), "runtime.devices[1]", 13);
     assert_err(&full_with("target", "target = \"cat\""), "attribution.target", 16);

@@ -490,9 +490,10 @@ fn check_config(cfg: &SinkConfig) -> anyhow::Result<()> {
 }
 
 /// A shard's lock on a local output folder (`.lock-<shard>-of-<count>`; nothing for an object
-/// store), taken with [`lock_shard`] before a run loads its models, so that a second process of
-/// the same shard waits before it takes any device memory, and held by the writer and the run
-/// until the run's summary is written. Released when the last holder drops it.
+/// store), taken with [`lock_shard`] before a run loads its model replicas and warms them up, so
+/// that a second process of the same shard waits without taking the device's memory for them,
+/// and held by the writer and the run until the run's summary is written. Released when the last
+/// holder drops it.
 #[derive(Debug)]
 pub struct ShardLock {
     dir: Loc,
@@ -501,14 +502,12 @@ pub struct ShardLock {
     _file: Option<std::fs::File>,
 }
 
-/// Takes shard `cfg.shard`'s lock in `cfg.dir` (created if missing), waiting while another
-/// process holds it; [`LockWaitInterrupted`] once `stop` is set while waiting.
-pub fn lock_shard(cfg: &SinkConfig, stop: &AtomicBool) -> anyhow::Result<ShardLock> {
-    check_config(cfg)?;
-    let dir = cfg.dir.clone();
-    store::create_dir_all(&dir).with_context(|| format!("cannot create output folder {dir}"))?;
-    let file = files::lock_shard(&dir, cfg.shard, cfg.num_shards, stop)?;
-    Ok(ShardLock { dir, shard: cfg.shard, num_shards: cfg.num_shards, _file: file })
+/// Takes the lock of shard `shard` of `num_shards` in `dir` (created if missing), waiting while
+/// another process holds it; [`LockWaitInterrupted`] once `stop` is set while waiting.
+pub fn lock_shard(dir: &Loc, shard: u32, num_shards: u32, stop: &AtomicBool) -> anyhow::Result<ShardLock> {
+    store::create_dir_all(dir).with_context(|| format!("cannot create output folder {dir}"))?;
+    let file = files::lock_shard(dir, shard, num_shards, stop)?;
+    Ok(ShardLock { dir: dir.clone(), shard, num_shards, _file: file })
 }
 
 /// Why a run of the job `fingerprint` would refuse shard `cfg.shard` of `cfg.dir`, from its job
@@ -542,7 +541,8 @@ impl PartWriter {
     /// with [`LockWaitInterrupted`] once `stop` is set (Ctrl-C while waiting).
     pub fn open_or_stop(cfg: SinkConfig, fingerprint: &str, stop: &AtomicBool) -> anyhow::Result<(PartWriter, Resume)> {
         // Before anything is removed or checked: no other process writes this shard meanwhile.
-        let lock = Arc::new(lock_shard(&cfg, stop)?);
+        check_config(&cfg)?;
+        let lock = Arc::new(lock_shard(&cfg.dir, cfg.shard, cfg.num_shards, stop)?);
         Self::open_locked(cfg, fingerprint, lock)
     }
 

@@ -94,7 +94,7 @@ fn to_samples(file: &Loc, base: &Loc, rows: Vec<RawRow>, classes: &Classes) -> a
         let (label, label_error) = match row.label.as_ref().map(|l| classes.resolve(l)) {
             None => (None, None),
             Some(Ok(id)) => (Some(id), None),
-            Some(Err(e)) => (None, Some(e)),
+            Some(Err(e)) => (None, Some(format!("{f} {at}: {e}"))),
         };
         samples.push(Sample {
             index: 0,
@@ -192,9 +192,18 @@ impl Lines {
 
 fn csv_error(path: &Loc, bytes: &[u8], e: csv::Error) -> anyhow::Error {
     let f = path;
+    // The csv crate's own message carries its record and line numbers, which count differently
+    // (one short with `\r\n` line ends): only what is wrong, at the line counted here.
+    let what = match e.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+            format!("it has {len} fields, where the lines before it have {expected_len}")
+        }
+        csv::ErrorKind::Utf8 { err, .. } => format!("field {} is not UTF-8 text", err.field() + 1),
+        _ => e.to_string(),
+    };
     match e.position() {
-        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {e}", Lines::default().at(bytes, p)),
-        None => anyhow!("{f}: cannot read the CSV manifest: {e}"),
+        Some(p) => anyhow!("{f} line {}: cannot parse the CSV record: {what}", Lines::default().at(bytes, p)),
+        None => anyhow!("{f}: cannot read the CSV manifest: {what}"),
     }
 }
 
@@ -202,6 +211,8 @@ fn read_jsonl(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     use serde_json::Value;
     let f = path;
     let text = std::str::from_utf8(bytes).with_context(|| format!("manifest {f} is not UTF-8 text"))?;
+    // A byte-order mark, as some Windows editors write.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -85,7 +85,11 @@ fn bad_label_names_become_row_errors() {
     assert_eq!(s[0].label, Some(0));
     assert_eq!(s[1].label, None);
     let e = s[1].label_error.as_deref().unwrap();
-    assert!(e.starts_with("label \"horse\" is not a class of the model (its classes: \"cat\", \"dog\""), "{e}");
+    // Named with the manifest's file and line, as a box error is.
+    assert!(
+        e.contains("m.csv line 3: label \"horse\" is not a class of the model (its classes: \"cat\", \"dog\""),
+        "{e}"
+    );
     assert!(e.contains("2 more"), "{e}");
     // An integral decimal (as pandas writes integer columns with gaps) is a class id.
     assert_eq!(s[2].label, Some(3));
@@ -130,7 +134,7 @@ fn labels_written_as_class_names_that_read_as_numbers_are_those_classes() {
     // "1" is not a class name: it is class id 1 (named "02"); "04" is neither a name nor an id.
     assert_eq!(labels, [Some(0), Some(1), Some(2), Some(1), None]);
     let e = s[4].label_error.as_deref().unwrap();
-    assert!(e.starts_with("label 04 is not a class of the model (it has 3 classes"), "{e}");
+    assert!(e.contains("line 6: label 04 is not a class of the model (it has 3 classes"), "{e}");
     let m = write(d.path(), "n.csv", "path,label\na.jpg,5\nb.jpg,7\nc.jpg,1\nd.jpg,8\n");
     let set = manifest(&m, Some(&names(&["5", "6", "7"])), None).unwrap();
     let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
@@ -167,7 +171,9 @@ fn jsonl_manifest() {
     assert!(by["e.jpg"].label_error.as_deref().unwrap().contains("label true"));
     // .ndjson is the same format.
     let m2 = write(d.path(), "m.ndjson", text);
-    assert_eq!(manifest(&m2, Some(&classes), None).unwrap(), set);
+    // (Label errors name the file.)
+    let read = format!("{:?}", manifest(&m2, Some(&classes), None).unwrap());
+    assert_eq!(read.replace("m.ndjson line", "m.jsonl line"), format!("{set:?}"));
 
     let bad = write(d.path(), "bad.jsonl", "{\"path\": \"a.jpg\"}\n{\"path\": \"b.jpg\",}\n");
     let e = err_of(manifest(&bad, None, None));
@@ -175,6 +181,9 @@ fn jsonl_manifest() {
     let bad = write(d.path(), "bad2.jsonl", "{\"label\": 1}\n");
     let e = err_of(manifest(&bad, None, None));
     assert!(e.contains("bad2.jsonl line 1") && e.contains("no path"), "{e}");
+    // A byte-order mark before the first line is not an error.
+    let bom = write(d.path(), "bom.jsonl", "\u{feff}{\"path\": \"a.jpg\"}\n");
+    assert_eq!(manifest(&bom, None, None).unwrap().samples[0].path, "a.jpg");
     let bad = write(d.path(), "bad3.jsonl", "[1, 2]\n");
     assert!(err_of(manifest(&bad, None, None)).contains("line 1: not a JSON object"));
     let bad = write(d.path(), "bad4.jsonl", "{\"path\": 5}\n");
@@ -304,7 +313,14 @@ fn structural_errors() {
     assert!(e.contains("duplicate id \"x\" at line 2 and line 4"), "{e}");
     let m = write(d.path(), "ragged_crlf.csv", "path,label\r\na.jpg,1\r\nb.jpg,1,extra\r\n");
     let e = err_of(manifest(&m, None, None));
-    assert!(e.contains("ragged_crlf.csv line 3"), "{e}");
+    // One line number, the file's: not the csv crate's record count besides it.
+    assert!(
+        e.contains(
+            "ragged_crlf.csv line 3: cannot parse the CSV record: it has 3 fields, where the lines before it have 2"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("record 2"), "{e}");
 
     let m = write(d.path(), "ragged.csv", "path,label\na.jpg,1\nb.jpg,1,extra\n");
     let e = err_of(manifest(&m, None, None));
