@@ -19,17 +19,23 @@
 //!    `A_ij = 1` when `i ∈ kNN(j)` or `j ∈ kNN(i)`, else 0 (distance ties broken by index).
 //!    Normalised Laplacian `L = I − D^{-1/2} A D^{-1/2}`; a node of degree 0 gets `L_ii = 0`
 //!    (it forms its own connected component).
-//! 4. **Number of clusters by eigengap.** `L` is fully eigen-decomposed (nalgebra
-//!    `SymmetricEigen`), eigenvalues sorted ascending `λ_1 ≤ λ_2 ≤ …`. Let
-//!    `K = min(max_clusters, n − 1)` and `c` the number of connected components of the kNN graph
-//!    (`λ_1 = … = λ_c = 0`; each component holds at least `k_neighbors + 1` maps). If `c ≥ K`,
-//!    `k = K` (whole components are then grouped by k-means). Otherwise, so that `k ≥ c`,
-//!    `k = argmax_{i = c..K} (λ_{i+1} − λ_i)` (smallest `i` on ties), the classic largest-eigengap
-//!    rule. For a connected graph (`c = 1`) this gives `k = 1` when the gap after `λ_1` is the
-//!    largest (no clearer split than "one group") or when every gap is below [`MIN_EIGENGAP`]
-//!    (flat spectrum). All-identical feature maps give `k = 1` without a spectral step.
-//!    Note: a group of at most `k_neighbors` maps cannot form its own component and is only
-//!    separated if its few bridging edges are outweighed.
+//! 4. **Number of clusters.** `L` is fully eigen-decomposed (nalgebra `SymmetricEigen`),
+//!    eigenvalues sorted ascending `λ_1 ≤ λ_2 ≤ …`. Let `K = min(max_clusters, n − 1)` and `c`
+//!    the number of connected components (pieces) of the kNN graph (`λ_1 = … = λ_c = 0`; each
+//!    piece holds at least `k_neighbors + 1` maps).
+//!    - `c ≥ K`: `k = K`, and k-means (step 5) groups whole pieces.
+//!    - `2 ≤ c < K`: every piece is its own cluster, never merged with part of another (k-means
+//!      could split a large piece rather than keep a small, distinct one apart: the Clever-Hans
+//!      group this is for); a piece of more than two maps is analysed again on its own maps, with
+//!      what is left of the `K` clusters, larger pieces first.
+//!    - `c = 1`: of the `i` in `2..=K` whose first `i` eigenvalues sit clearly below the next
+//!      (`λ_i / λ_{i+1} ≤` [`MAX_EIGEN_RATIO`] and `λ_{i+1} − λ_i ≥` [`MIN_EIGENGAP`]), the one
+//!      with the smallest ratio; else `k = 1`. Maps that vary smoothly around one place (a
+//!      jittered blob) have steadily growing eigenvalues in small steps that grow too, which the
+//!      plain largest-gap rule took for the most clusters allowed. All-identical feature maps
+//!      give `k = 1` without a spectral step.
+//!    - Note: a group of at most `k_neighbors` maps cannot form its own piece and is only
+//!      separated if its few bridging edges leave a clear gap in the spectrum.
 //! 5. **Labels.** Spectral embedding from the `k` eigenvectors of the smallest eigenvalues, rows
 //!    normalised to unit length (Ng–Jordan–Weiss), then k-means (k-means++ seeding with the
 //!    seeded PRNG, 10 restarts × at most 100 Lloyd iterations, lowest inertia kept). Clusters are
@@ -43,8 +49,12 @@
 
 use nalgebra::{DMatrix, SymmetricEigen};
 
-/// Largest eigengap below which the spectrum is considered flat and a single cluster is returned.
-pub const MIN_EIGENGAP: f64 = 1e-3;
+/// Largest ratio `λ_k / λ_{k+1}` at which a connected kNN graph is split into `k` clusters (see
+/// [`eigengap_k`]).
+pub const MAX_EIGEN_RATIO: f64 = 0.5;
+/// Smallest eigengap `λ_{k+1} − λ_k` at which a connected kNN graph is split into `k` clusters
+/// (normalised Laplacian eigenvalues lie in 0..2; see [`eigengap_k`]).
+pub const MIN_EIGENGAP: f64 = 0.05;
 
 /// k-means restarts (each with its own k-means++ seeding).
 const KMEANS_RESTARTS: usize = 10;
@@ -327,7 +337,7 @@ fn spectral(feats: &[f64], dim: usize, idx: &[usize], p: &ClusterParams) -> (Vec
             0.0
         }
     });
-    let comps = components(&adj, n);
+    let (comp_of, comps) = components(&adj, n);
     drop(adj);
 
     // 4. Eigen-decomposition, ascending order, eigengap.
@@ -336,24 +346,11 @@ fn spectral(feats: &[f64], dim: usize, idx: &[usize], p: &ClusterParams) -> (Vec
     order.sort_by(|&a, &b| eig.eigenvalues[a].total_cmp(&eig.eigenvalues[b]).then(a.cmp(&b)));
     let lam: Vec<f64> = order.iter().map(|&i| eig.eigenvalues[i]).collect();
     let kmax = p.max_clusters.max(1).min(n - 1);
-    let k = if comps >= kmax {
-        kmax
-    } else {
-        let mut k = comps;
-        let mut best_gap = f64::NEG_INFINITY;
-        for i in comps..=kmax {
-            let gap = lam[i] - lam[i - 1];
-            if gap > best_gap {
-                best_gap = gap;
-                k = i;
-            }
-        }
-        if comps == 1 && best_gap < MIN_EIGENGAP {
-            k = 1;
-        }
-        k
-    };
     let eigenvalues = lam[..(kmax + 1).min(n)].to_vec();
+    if (2..kmax).contains(&comps) {
+        return (pieces(feats, dim, idx, &comp_of, comps, kmax, p), eigenvalues);
+    }
+    let k = if comps >= kmax { kmax } else { eigengap_k(&lam, kmax) };
     if k == 1 {
         return (vec![0; n], eigenvalues);
     }
@@ -374,28 +371,90 @@ fn spectral(feats: &[f64], dim: usize, idx: &[usize], p: &ClusterParams) -> (Vec
     (kmeans(&emb, k, k, &mut rng), eigenvalues)
 }
 
-/// Number of connected components of the graph with dense adjacency `adj` (`n × n`).
-fn components(adj: &[bool], n: usize) -> usize {
-    let mut seen = vec![false; n];
+/// The number of clusters of a connected graph from its normalised Laplacian's eigenvalues
+/// `lam` (ascending, `lam[0] = 0`): of the `k` in `2..=kmax` whose first `k` eigenvalues sit
+/// clearly below the next one (1-based `λ_k / λ_{k+1}` at most [`MAX_EIGEN_RATIO`] and
+/// `λ_{k+1} − λ_k` at least [`MIN_EIGENGAP`]), the one with the smallest ratio (smallest `k` on
+/// ties); 1 when there is none. Maps that vary smoothly around one place (a jittered blob) have
+/// eigenvalues that grow steadily, in small steps that grow too: the plain largest-gap rule took
+/// them for the most clusters allowed; both conditions refuse them.
+fn eigengap_k(lam: &[f64], kmax: usize) -> usize {
+    let mut best = (f64::INFINITY, 1);
+    for k in 2..=kmax.min(lam.len() - 1) {
+        let (below, next) = (lam[k - 1].max(0.0), lam[k]);
+        let ratio = if next > 0.0 { below / next } else { 1.0 };
+        if ratio <= MAX_EIGEN_RATIO && next - below >= MIN_EIGENGAP && ratio < best.0 {
+            best = (ratio, k);
+        }
+    }
+    best.1
+}
+
+/// Labels for maps `idx` whose kNN graph falls into `comps` (2 ≤ `comps` < `kmax`) separate
+/// pieces (`comp_of`): every piece is its own group, never merged with a part of another (k-means
+/// on the spectral embedding could split a large piece rather than keep a small one apart); a
+/// piece of more than two maps is split further by the same analysis on its own maps, within
+/// what is left of the `kmax` clusters (larger pieces first).
+fn pieces(
+    feats: &[f64],
+    dim: usize,
+    idx: &[usize],
+    comp_of: &[usize],
+    comps: usize,
+    kmax: usize,
+    p: &ClusterParams,
+) -> Vec<usize> {
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); comps];
+    for (a, &c) in comp_of.iter().enumerate() {
+        members[c].push(a);
+    }
+    // Larger pieces first; `components` numbers pieces by their lowest member, so ties keep that.
+    members.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    let mut labels = vec![0usize; idx.len()];
+    let (mut next, mut spare) = (0, kmax - comps);
+    for piece in members {
+        let sub = if piece.len() > 2 && spare > 0 {
+            let sub_idx: Vec<usize> = piece.iter().map(|&a| idx[a]).collect();
+            spectral(feats, dim, &sub_idx, &ClusterParams { max_clusters: spare + 1, ..p.clone() }).0
+        } else {
+            vec![0; piece.len()]
+        };
+        // The piece's labels as 0..parts (k-means may leave one unused).
+        let mut used: Vec<usize> = sub.clone();
+        used.sort_unstable();
+        used.dedup();
+        for (&a, l) in piece.iter().zip(&sub) {
+            labels[a] = next + used.binary_search(l).unwrap_or(0);
+        }
+        next += used.len();
+        spare -= used.len() - 1;
+    }
+    labels
+}
+
+/// The connected components of the graph with dense adjacency `adj` (`n × n`): each node's
+/// component, numbered in order of their lowest node, and their number.
+fn components(adj: &[bool], n: usize) -> (Vec<usize>, usize) {
+    let mut comp = vec![usize::MAX; n];
     let mut stack = Vec::new();
     let mut count = 0;
     for s in 0..n {
-        if seen[s] {
+        if comp[s] != usize::MAX {
             continue;
         }
-        count += 1;
-        seen[s] = true;
+        comp[s] = count;
         stack.push(s);
         while let Some(a) = stack.pop() {
             for (b, &e) in adj[a * n..(a + 1) * n].iter().enumerate() {
-                if e && !seen[b] {
-                    seen[b] = true;
+                if e && comp[b] == usize::MAX {
+                    comp[b] = count;
                     stack.push(b);
                 }
             }
         }
+        count += 1;
     }
-    count
+    (comp, count)
 }
 
 /// k-means on `pts` (`n × dim`, flattened) with k-means++ seeding; best of [`KMEANS_RESTARTS`].
@@ -618,6 +677,39 @@ mod tests {
             let ls: Vec<usize> = (0..75).filter(|&i| truth[i] == g).map(|i| c.labels[i]).collect();
             assert!(ls.iter().all(|&l| l == ls[0]), "group {g} split");
         }
+    }
+
+    /// One blob whose position and scale vary a little from map to map: one strategy, not the
+    /// six the largest absolute eigengap found in such a spectrum.
+    #[test]
+    fn a_jittered_blob_is_one_cluster() {
+        let mut rng = SplitMix64::new(21);
+        let maps: Vec<Vec<f32>> = (0..300)
+            .map(|_| {
+                let (dy, dx) = (4.0 * rng.unit() - 2.0, 4.0 * rng.unit() - 2.0);
+                planted(&mut rng, (7.5 + dy, 7.5 + dx), 1.5, 0.05)
+            })
+            .collect();
+        let c = spray(&maps, S, S, &ClusterParams::default());
+        check_consistent(&c, 300);
+        assert_eq!(c.k, 1, "eigenvalues {:?}", c.eigenvalues);
+    }
+
+    /// A small group apart from a large, jittered one (a shortcut a few percent of a class use)
+    /// is its own cluster, whole, and the large one is not split.
+    #[test]
+    fn a_small_distinct_group_beside_a_large_one_is_its_own_cluster() {
+        let mut rng = SplitMix64::new(22);
+        let mut maps = Vec::new();
+        for i in 0..420 {
+            let (dy, dx) = (4.0 * rng.unit() - 2.0, 4.0 * rng.unit() - 2.0);
+            let centre = if i % 21 == 0 { (13.5 + dy / 4.0, 1.5 + dx / 4.0) } else { (7.5 + dy, 7.5 + dx) };
+            maps.push(planted(&mut rng, centre, 1.5, 0.05));
+        }
+        let c = spray(&maps, S, S, &ClusterParams::default());
+        check_consistent(&c, 420);
+        assert_eq!(c.sizes, vec![400, 20], "eigenvalues {:?}", c.eigenvalues);
+        assert!((0..420).all(|i| (c.labels[i] == 1) == (i % 21 == 0)), "the corner maps are cluster 1, alone");
     }
 
     #[test]

@@ -378,13 +378,16 @@ fn scan(parts: &sink::Parts, region_names: &[String], p: &ClusterParams) -> Resu
     Ok((records, failed, classes))
 }
 
-/// Normalised to sum 1 (a zero map stays zero).
+/// Normalised to sum 1, with negative and non-finite values (a map of a file not written by
+/// this tool, a NaN `map_scale`) taken as 0, as the clustering takes them, so that one such map
+/// cannot spoil a class's mean map; a zero map stays zero.
 fn normalised(m: &[f32]) -> Vec<f32> {
-    let s: f64 = m.iter().map(|v| *v as f64).sum();
+    let clean = |v: f32| if v.is_finite() && v > 0.0 { v as f64 } else { 0.0 };
+    let s: f64 = m.iter().map(|&v| clean(v)).sum();
     if s > 0.0 {
-        m.iter().map(|v| (*v as f64 / s) as f32).collect()
+        m.iter().map(|&v| (clean(v) / s) as f32).collect()
     } else {
-        m.to_vec()
+        vec![0.0; m.len()]
     }
 }
 
@@ -434,7 +437,15 @@ pub fn unranked_note(r: &Report) -> Option<String> {
 fn incomplete_note(c: &sink::Coverage, rows_read: u64) -> Option<String> {
     let unfinished = || c.unfinished.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     match c.expected_rows {
-        Some(expected) if rows_read >= expected => None,
+        Some(expected) if rows_read == expected => None,
+        Some(expected) if rows_read > expected => Some(format!(
+            "the output holds {rows_read} rows, more than the dataset's {expected}: parts that are not this \
+             job's were added to the folder; the numbers cover them all"
+        )),
+        Some(expected) if c.unfinished.is_empty() => Some(format!(
+            "incomplete output: {rows_read} of the dataset's {expected} rows, although every shard finished: \
+             parts are missing from the folder; the numbers cover only those rows"
+        )),
         Some(expected) => Some(format!(
             "incomplete output: {rows_read} of the dataset's {expected} rows (shard(s) {} of {} not finished); \
              the numbers cover only those rows",
@@ -577,7 +588,14 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let mut wanted = std::collections::HashSet::new();
     for (class, members) in &by_class {
         let mut ranked: Vec<usize> = members.iter().copied().filter(|&i| records[i].score.is_some()).collect();
-        ranked.sort_by(|&a, &b| records[b].score.unwrap().total_cmp(&records[a].score.unwrap()).then(a.cmp(&b)));
+        // Equal scores in id order, which does not depend on how the output was sharded.
+        ranked.sort_by(|&a, &b| {
+            records[b]
+                .score
+                .unwrap()
+                .total_cmp(&records[a].score.unwrap())
+                .then_with(|| records[a].id.cmp(&records[b].id))
+        });
         for (rank, &i) in ranked.iter().enumerate() {
             records[i].rank = Some(rank + 1);
         }
@@ -945,6 +963,14 @@ mod tests {
         let note = incomplete_note(&cov(None, vec![2]), 60).unwrap();
         assert!(note.contains("60 rows") && note.contains("shard(s) 2 of 3"), "{note}");
         assert_eq!(incomplete_note(&cov(None, vec![]), 60), None);
+        // A NaN or negative value counts as 0 in a normalised map.
+        assert_eq!(normalised(&[1.0, f32::NAN, -1.0, 3.0]), [0.25, 0.0, 0.0, 0.75]);
+        assert_eq!(normalised(&[f32::NAN, f32::INFINITY]), [0.0, 0.0]);
+        // Every shard finished but rows are missing, or there are more rows than the dataset.
+        let note = incomplete_note(&cov(Some(90), vec![]), 60).unwrap();
+        assert!(note.contains("60 of the dataset's 90 rows, although every shard finished"), "{note}");
+        let note = incomplete_note(&cov(Some(90), vec![]), 120).unwrap();
+        assert!(note.contains("120 rows, more than the dataset's 90"), "{note}");
     }
 
     #[test]

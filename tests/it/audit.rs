@@ -319,4 +319,20 @@ fn report_of_a_partial_or_mixed_output() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("different shard counts"), "{err}");
+
+    // A part of another job (its footer's fingerprint differs) copied in as one more chunk of the
+    // shard: refused, not counted among the shard's rows.
+    std::fs::remove_file(part.join(parts[1].replace("-of-00001", "-of-00002"))).unwrap();
+    let foreign = part.join(parts[1].replace(&parts[1][parts[1].len() - 14..], "000099.parquet"));
+    let script = "import sys, pyarrow.parquet as pq\n\
+                  t = pq.read_table(sys.argv[1])\n\
+                  m = {k: v for k, v in pq.read_metadata(sys.argv[1]).metadata.items() if k != b'ARROW:schema'}\n\
+                  assert b'saliency_audit.fingerprint' in m, sorted(m)\n\
+                  m[b'saliency_audit.fingerprint'] = b'another-job'\n\
+                  pq.write_table(t.replace_schema_metadata(m), sys.argv[2])\n";
+    run_ok(Command::new(python()).arg("-c").arg(script).arg(out.join(&parts[1])).arg(&foreign), "rewrite a footer");
+    let o = Command::new(bin()).args(["-q", "report"]).arg(&part).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("000099.parquet was written by another job than") && err.contains("another-job"), "{err}");
 }
