@@ -15,18 +15,23 @@ pub fn quiet() -> bool {
 
 /// A message of the command itself on stderr (its error and causes, the count of failed
 /// samples, an interruption): as it is, or with `--log-format json` as a log event of `level`,
-/// so that every line on stderr is a JSON object. ERROR events pass `-q`.
+/// so that every line on stderr is a JSON object (whatever `-q` or RUST_LOG filter).
 pub fn say(level: tracing::Level, message: &str) {
     if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
         let mut err = BarAwareStderr;
         let _ = writeln!(err, "{message}");
         return;
     }
-    match level {
-        tracing::Level::ERROR => tracing::error!("{message}"),
-        tracing::Level::WARN => tracing::warn!("{message}"),
-        _ => tracing::info!("{message}"),
-    }
+    // Written directly, in the log lines' shape, so that no RUST_LOG filter can hide the
+    // command's own error.
+    let line = serde_json::json!({
+        "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        "level": level.as_str(),
+        "message": message,
+        "target": "saliency_audit",
+    });
+    let mut err = BarAwareStderr;
+    let _ = writeln!(err, "{line}");
 }
 
 /// Shows (Some) or removes (None) the progress bar that log lines suspend.

@@ -5,7 +5,7 @@ use crate::engine::batch::{catch_libtorch, Attributor, TorchAttributor};
 use crate::engine::reduce::{self, Reduction};
 use crate::engine::{self, EngineOptions, Rectifiers};
 use crate::exit::RunFailed;
-use crate::job::{self, BatchSize, Devices, Job, Precision, Target};
+use crate::job::{self, BatchSize, DatasetSource, Devices, Job, Precision, Target};
 use crate::pipeline::{self, PipelineConfig, Progress, RunSummary, TargetMode};
 use crate::sample::{Sample, Status};
 use crate::sink::{SinkConfig, SCHEMA_VERSION};
@@ -14,7 +14,7 @@ use crate::stats::Region;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::store::{self, Loc};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,7 +170,10 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
                     // A node that was given a GPU and cannot use it (a driver fault) fails this
                     // run, which a retry elsewhere may get past; elsewhere the job asks for a
                     // device this machine does not have.
-                    match (s.starts_with("cuda"), gpu_assigned_here()) {
+                    // Only when libtorch sees no GPU at all: an index past those it sees is the
+                    // job's mistake on any node.
+                    let none_seen = s.starts_with("cuda") && engine::cuda_device_count() == 0;
+                    match (none_seen, gpu_assigned_here()) {
                         (true, Some(why)) => RunFailed(anyhow::anyhow!(
                             "{e:#}, although {why}: this node's GPU cannot be used (this build's torch \
                              2.11.0+cu130 needs an NVIDIA driver for CUDA 13: 580 or newer)"
@@ -298,8 +301,9 @@ pub fn plan_with(
         );
     }
     let mut h = Sha256::new();
+    let base = KeyBase::of(&job);
     for s in &set.samples {
-        h.update(sample_key(s));
+        h.update(sample_key(s, &base));
     }
     let dataset_sha256 = hex::encode(h.finalize());
     let samples = source::select_shard(set.samples, shard.index, shard.count);
@@ -323,8 +327,9 @@ pub fn plan_with(
 fn fingerprint(p: &Plan) -> String {
     let mut h = Sha256::new();
     h.update(format!("{}|{}/{}", settings_key(p), p.shard.index, p.shard.count));
+    let base = KeyBase::of(&p.job);
     for s in &p.samples {
-        h.update(sample_key(s));
+        h.update(sample_key(s, &base));
     }
     hex::encode(h.finalize())
 }
@@ -338,11 +343,47 @@ fn job_id(p: &Plan) -> String {
     hex::encode(h.finalize())
 }
 
-fn sample_key(s: &Sample) -> String {
-    let key = format!("\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}", s.index, s.id, s.path, s.label, s.label_error, s.bbox, s.mask);
+/// Where a job's files are, for [`sample_key`]: keys name them relative to the job's folder, as
+/// a run from that folder always did, so that the output's identity does not depend on where the
+/// dataset and the output folder are (moved, or mounted elsewhere on another node).
+struct KeyBase {
+    /// The job's folder, as paths in the job resolve against it, with a trailing `/`.
+    job_dir: String,
+    /// The manifest, as label errors name it before their line.
+    manifest: Option<String>,
+}
+
+impl KeyBase {
+    fn of(job: &job::Job) -> KeyBase {
+        let dir = job::job_dir(&job.job_file);
+        let manifest = match &job.dataset {
+            DatasetSource::Manifest(m) => Some(m.to_string()),
+            DatasetSource::ImageFolder(_) => None,
+        };
+        KeyBase { job_dir: format!("{}/", dir.display()), manifest }
+    }
+
+    /// `text` with the job's folder left out where it starts with it.
+    fn relative<'a>(&self, text: &'a str) -> &'a str {
+        text.strip_prefix(self.job_dir.as_str()).unwrap_or(text)
+    }
+}
+
+fn sample_key(s: &Sample, base: &KeyBase) -> String {
+    // A label error as the label resolution words it, without the manifest's file and line
+    // that its row's message starts with (as keys were before rows carried them).
+    let label_error = s.label_error.as_deref().map(|e| match &base.manifest {
+        Some(m) => e.strip_prefix(m.as_str()).and_then(|rest| rest.split_once(": ")).map_or(e, |(_, msg)| msg),
+        None => e,
+    });
+    let mask = s.mask.as_ref().map(|m| match m {
+        Loc::Local(p) => Loc::Local(PathBuf::from(base.relative(&p.to_string_lossy()))),
+        remote => remote.clone(),
+    });
+    let key = format!("\n{}|{}|{}|{:?}|{:?}|{:?}|{:?}", s.index, s.id, s.path, s.label, label_error, s.bbox, mask);
     // Only where there is one, so that outputs written before box errors were rows keep their key.
     match &s.box_error {
-        Some(e) => format!("{key}|{e}"),
+        Some(e) => format!("{key}|{}", base.relative(e)),
         None => key,
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use crate::store::Loc;
 
 pub use error::JobError;
-pub use resolve::{load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
+pub use resolve::{job_dir, load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 pub use spec::{
     parse_spec, valid_device, AttributionSpec, BatchSizeSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec, OutputSpec,
     PreprocessSpec, RegionSpec, RuntimeSpec, SizeSpec, TargetSpec, INTERPOLATE_MODES, MANIFEST_EXTENSIONS, PRECISIONS,

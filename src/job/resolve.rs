@@ -40,12 +40,17 @@ where
     // Paths in the job are relative to its folder, taken as its real path: however the job file
     // is named (`job.toml` from its folder, `ds/job.toml`, through a link), the resolved paths
     // are the same, and so is the output's fingerprint, which covers the masks' locations.
-    let parent = job_file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let job_dir = &std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+    let job_dir = &job_dir(job_file);
     let model = model_file(&spec, job_dir)?;
     let meta = read_meta(&model)
         .map_err(|e| spec.error("model.path", format!("cannot read the metadata of {}: {e:#}", model.display())))?;
     resolve(spec, job_dir, meta.as_ref())
+}
+
+/// The folder a job file's paths resolve against: the real path of the folder holding it.
+pub fn job_dir(job_file: &Path) -> PathBuf {
+    let parent = job_file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf())
 }
 
 /// The model path resolved against `job_dir`, checked to be a file.

@@ -10,9 +10,11 @@
 //! chunks are skipped; anything else is redone. A shard that has all its rows gets a
 //! `_SUCCESS-<shard>-of-<count>.json`; [`finalize`] checks all shards and writes `_SUCCESS`.
 //!
-//! In a local folder the writer holds an exclusive lock on `.lock-<shard>-of-<count>` for its
-//! life; a second process opening the same shard waits for it (see `files::lock_shard`), so
-//! the clean-up of leftover temporary files and the resume check never race another writer.
+//! In a local folder the writer holds an exclusive lock on `.lock-<shard>-of-<count>` (a
+//! [`ShardLock`], which `run` takes before it loads its replicas and keeps until its summary is
+//! written) at least for its life; a second process opening the same shard waits for it (see
+//! `files::lock_shard`), so the clean-up of leftover temporary files and the resume check never
+//! race another writer.
 
 mod columns;
 mod files;
@@ -154,7 +156,7 @@ fn check_committed(
         if chunk >= num_chunks {
             bail!("chunk {chunk} is past this shard's {num_chunks} chunks");
         }
-        let contents = read::read_part_contents(file, &path, schema)?;
+        let contents = read::read_part_contents(file, &path, schema, Some(fingerprint))?;
         let (start, end) = cfg.chunk_range(chunk);
         let expected = end - start;
         if contents.indices.len() as u64 != expected {
@@ -174,16 +176,12 @@ fn check_committed(
         let (len, read) = r.bytes();
         bytes = Some((read, len));
     }
-    // Another job's part (the folder's job file removed, or parts copied in): not this job's
-    // output to resume or to set aside.
-    if let Some(other) = checked.as_ref().ok().and_then(|c| c.fingerprint.as_deref()).filter(|f| *f != fingerprint) {
-        return Err(OutputConflict(format!(
-            "committed part {path} was written by another job (its footer records job {other}, this \
-             job is {fingerprint}), although the folder's job file does not say so; use another \
-             output folder"
-        ))
-        .into());
-    }
+    // Another job's part (the folder's job file removed, or parts copied in), whatever its
+    // layout: not this job's output to resume or to set aside.
+    let checked = match checked {
+        Err(e) if e.is::<OutputConflict>() => return Err(e),
+        checked => checked,
+    };
     Ok((checked, bytes))
 }
 

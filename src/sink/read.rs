@@ -29,9 +29,6 @@ pub(crate) struct PartContents {
     pub status_counts: BTreeMap<String, u64>,
     /// Row statuses in file order.
     pub statuses: Vec<Status>,
-    /// The fingerprint of the job that wrote the part, from its footer (parts written before
-    /// it was recorded have none).
-    pub fingerprint: Option<String>,
 }
 
 /// A committed part's bytes: a local file read in place, a remote object fetched whole (to read
@@ -183,6 +180,13 @@ fn builder_of(file: PartFile, path: &Loc) -> anyhow::Result<ParquetRecordBatchRe
     ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{path} is not a readable Parquet file"))
 }
 
+/// The fingerprint of the job that wrote a part, from its footer (none in parts written before
+/// it was recorded).
+fn footer_fingerprint(meta: &parquet::file::metadata::ParquetMetaData) -> Option<String> {
+    let kv = meta.file_metadata().key_value_metadata()?;
+    kv.iter().find(|k| k.key == super::FINGERPRINT_KEY).and_then(|k| k.value.clone())
+}
+
 /// Number of rows in a part, from its footer.
 pub(crate) fn part_row_count(path: &Loc) -> anyhow::Result<u64> {
     let builder = builder_of(open_part_ranged(path)?, path)?;
@@ -206,8 +210,24 @@ pub(crate) fn read_part(path: &Loc, expected: &SchemaRef) -> anyhow::Result<Reco
 }
 
 /// Reads a part's `index` and `status` columns, after checking that its schema is `expected`.
-pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRef) -> anyhow::Result<PartContents> {
+/// Refused first, before anything about its content, when its footer records another
+/// job than `fingerprint` ([`OutputConflict`](super::OutputConflict)).
+pub(crate) fn read_part_contents(
+    file: PartFile,
+    path: &Loc,
+    expected: &SchemaRef,
+    fingerprint: Option<&str>,
+) -> anyhow::Result<PartContents> {
     let builder = builder_of(file, path)?;
+    if let (Some(want), Some(found)) = (fingerprint, footer_fingerprint(builder.metadata())) {
+        if want != found {
+            return Err(super::OutputConflict(format!(
+                "committed part {path} was written by another job (its footer records job {found}, this \
+                 job is {want}), although the folder's job file does not say so; use another output folder"
+            ))
+            .into());
+        }
+    }
     let found = builder.schema();
     let same =
         found.fields().len() == expected.fields().len()
@@ -218,16 +238,9 @@ pub(crate) fn read_part_contents(file: PartFile, path: &Loc, expected: &SchemaRe
         bail!("{} has a different column layout than this job writes", path);
     }
     let footer_rows = builder.metadata().file_metadata().num_rows();
-    let fingerprint = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == super::FINGERPRINT_KEY))
-        .and_then(|k| k.value.clone());
     let mask = ProjectionMask::columns(builder.parquet_schema(), ["index", "status"]);
     let reader = builder.with_projection(mask).build().with_context(|| format!("cannot read {}", path))?;
-    let mut contents =
-        PartContents { indices: Vec::new(), status_counts: BTreeMap::new(), statuses: Vec::new(), fingerprint };
+    let mut contents = PartContents { indices: Vec::new(), status_counts: BTreeMap::new(), statuses: Vec::new() };
     for batch in reader {
         let batch = batch.with_context(|| format!("cannot read rows of {}", path))?;
         let column =
@@ -320,7 +333,10 @@ impl Parts {
     }
 
     /// Reads every part, in file-name order (by shard, then by chunk), one record batch at a time.
+    /// The parts of one shard must have been written by one job (their footers' fingerprints):
+    /// a part copied in from another job's output is an [`OutputConflict`](super::OutputConflict).
     pub fn for_each_batch(&self, mut f: impl FnMut(RecordBatch) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let mut jobs: BTreeMap<(u32, u32), (String, &str)> = BTreeMap::new();
         for name in &self.names {
             let path = self.dir.join(name)?;
             let file = match &self.spool {
@@ -341,7 +357,25 @@ impl Parts {
                     }
                 }
             };
-            let reader = builder_of(file, &path)?.build().with_context(|| format!("cannot read {}", path))?;
+            let builder = builder_of(file, &path)?;
+            if let (Some(fp), Some((shard, count, _))) = (footer_fingerprint(builder.metadata()), parse_part_name(name))
+            {
+                match jobs.get(&(shard, count)) {
+                    Some((first_fp, first)) if *first_fp != fp => {
+                        return Err(super::OutputConflict(format!(
+                            "{path} was written by another job than {} (their footers record jobs {fp} and \
+                             {first_fp}): the folder mixes two jobs' parts of shard {shard} of {count}",
+                            self.dir.join(first)?
+                        ))
+                        .into());
+                    }
+                    Some(_) => {}
+                    None => {
+                        jobs.insert((shard, count), (fp, name));
+                    }
+                }
+            }
+            let reader = builder.build().with_context(|| format!("cannot read {}", path))?;
             for batch in reader {
                 f(batch.with_context(|| format!("cannot read rows of {}", path))?)?;
             }

@@ -124,7 +124,18 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
         }
         let mut rows = 0u64;
         for (_, name) in &shard_parts {
-            rows += super::read::part_row_count(&dir.join(name)?)?;
+            rows += match super::read::part_row_count(&dir.join(name)?) {
+                Ok(n) => n,
+                // Set aside since the listing, by a rerun of that shard: unfinished again.
+                Err(e)
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    }) =>
+                {
+                    return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
+                }
+                Err(e) => return Err(e),
+            };
         }
         if rows != s.rows {
             bail!("shard {shard} of {num_shards} in {}: parts hold {rows} rows, {} says {}", dir, path, s.rows);
@@ -142,6 +153,14 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     }
     files::write_json_atomic(dir, files::DATASET_SUCCESS, &total)
         .with_context(|| format!("cannot mark output in {} complete", dir))?;
+    // A shard that reopened since the listing removes its marker before it changes anything, and
+    // `_SUCCESS` after that: looking at the markers again now that `_SUCCESS` is written, the
+    // folder never stays marked complete while a shard is not.
+    let missing = unfinished_shards(&list_names(dir)?, num_shards);
+    if !missing.is_empty() {
+        files::remove_if_exists(dir, files::DATASET_SUCCESS)?;
+        return Err(ShardsUnfinished { dir: dir.clone(), missing, num_shards }.into());
+    }
     Ok(total)
 }
 

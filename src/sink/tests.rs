@@ -75,7 +75,7 @@ fn names(dir: &Path) -> Vec<String> {
 
 fn indices_of(path: &Path) -> Vec<u64> {
     let loc = Loc::from(path);
-    read::read_part_contents(read::open_part(&loc).unwrap(), &loc, &schema(&regions())).unwrap().indices
+    read::read_part_contents(read::open_part(&loc).unwrap(), &loc, &schema(&regions()), None).unwrap().indices
 }
 
 #[test]

@@ -117,7 +117,7 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ShardSpec> {
     // job file per task), so an array task without it runs the whole dataset.
     if let Some(id) = get("SLURM_ARRAY_TASK_ID")? {
         let Some(count) = get("NUM_SHARDS")? else {
-            tracing::info!(
+            tracing::warn!(
                 "SLURM_ARRAY_TASK_ID={id} but NUM_SHARDS is not set: the whole dataset, not a shard \
                  (set NUM_SHARDS to shard a job by the array's index)"
             );

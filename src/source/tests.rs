@@ -123,7 +123,8 @@ fn numeric_class_names_in_another_order_make_labels_ambiguous() {
 
 /// A label written exactly as a class name is that class, even when it also reads as a
 /// number: zero-padded names ("01", "02", …) are not the ids 1, 2, …, and a name such as "5"
-/// is a class of a model with three classes.
+/// is a class of a model with three classes; a plain integer that such a name reads as is
+/// ambiguous.
 #[test]
 fn labels_written_as_class_names_that_read_as_numbers_are_those_classes() {
     let d = tempfile::tempdir().unwrap();
@@ -131,8 +132,11 @@ fn labels_written_as_class_names_that_read_as_numbers_are_those_classes() {
     let set = manifest(&m, Some(&names(&["01", "02", "03"])), None).unwrap();
     let s = &set.samples;
     let labels: Vec<Option<i64>> = s.iter().map(|s| s.label).collect();
-    // "1" is not a class name: it is class id 1 (named "02"); "04" is neither a name nor an id.
-    assert_eq!(labels, [Some(0), Some(1), Some(2), Some(1), None]);
+    // "1" is not a class name, and reads as the number of the class named "01", whose id is
+    // 0, not 1: ambiguous. "04" is neither a name nor an id.
+    assert_eq!(labels, [Some(0), Some(1), Some(2), None, None]);
+    let e = s[3].label_error.as_deref().unwrap();
+    assert!(e.contains("label 1 is ambiguous: class id 1 is named \"02\", but the class named \"01\" has id 0"), "{e}");
     let e = s[4].label_error.as_deref().unwrap();
     assert!(e.contains("line 6: label 04 is not a class of the model (it has 3 classes"), "{e}");
     let m = write(d.path(), "n.csv", "path,label\na.jpg,5\nb.jpg,7\nc.jpg,1\nd.jpg,8\n");

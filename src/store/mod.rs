@@ -78,7 +78,9 @@ impl Loc {
         if rel.contains("://") {
             match Loc::parse(rel)? {
                 loc @ Loc::Remote { .. } => return Ok(loc),
-                Loc::Local(path) if path.as_os_str() != rel => return Ok(Loc::Local(path)),
+                // A file:// URL: its path, a relative one against this folder as any path.
+                Loc::Local(path) if path.as_os_str() != rel && path.is_absolute() => return Ok(Loc::Local(path)),
+                Loc::Local(path) if path.as_os_str() != rel => return self.join(&path.to_string_lossy()),
                 // A local path that contains "://".
                 Loc::Local(_) => {}
             }

@@ -42,6 +42,7 @@ fn joins_and_parents() {
     // relative path that is then missing; a local name that contains "://" stays a name.
     assert_eq!(local.parent().join("file:///e/y.jpg").unwrap(), Loc::Local(PathBuf::from("/e/y.jpg")));
     assert_eq!(dir.join("file:///e/y.jpg").unwrap(), Loc::Local(PathBuf::from("/e/y.jpg")));
+    assert_eq!(local.parent().join("file://rel/y.jpg").unwrap(), Loc::Local(PathBuf::from("/d/rel/y.jpg")));
     let e = format!("{:#}", local.parent().join("http://example.com/a.jpg").unwrap_err());
     assert!(e.contains("unsupported URL scheme `http://`"), "{e}");
     assert_eq!(local.parent().join("a ://b.jpg").unwrap(), Loc::Local(PathBuf::from("/d/a ://b.jpg")));

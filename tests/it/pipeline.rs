@@ -559,14 +559,20 @@ fn parts_of_another_job_are_refused_without_the_job_file() {
         }
     };
     remove_job_files();
-    let other = ds.dir.join("other.toml");
-    std::fs::write(&other, std::fs::read_to_string(&job).unwrap().replace("map_size = 16", "map_size = 8")).unwrap();
     let before = rows_by_id(&out);
-    for cmd in ["validate", "run"] {
-        let o = Command::new(bin()).arg(cmd).arg(&other).output().unwrap();
-        let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert_eq!(o.status.code(), Some(2), "{cmd}: {said}");
-        assert!(said.contains("was written by another job") && said.contains("part-00000-of-00001-000000"), "{said}");
+    // Another setting, or another layout too (which the part's rows do not fit either).
+    for (from, to) in [("map_size = 16", "map_size = 8"), ("rows_per_part = 50", "rows_per_part = 5")] {
+        let other = ds.dir.join("other.toml");
+        std::fs::write(&other, std::fs::read_to_string(&job).unwrap().replace(from, to)).unwrap();
+        for cmd in ["validate", "run"] {
+            let o = Command::new(bin()).arg(cmd).arg(&other).output().unwrap();
+            let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            assert_eq!(o.status.code(), Some(2), "{to}, {cmd}: {said}");
+            assert!(
+                said.contains("was written by another job") && said.contains("part-00000-of-00001-000000"),
+                "{to}, {cmd}: {said}"
+            );
+        }
     }
     assert_eq!(rows_by_id(&out), before, "nothing changed");
     let o = run(&job);
@@ -908,7 +914,9 @@ fn bad_job_specs_fail_before_work() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("single tensor, not a tuple"), "{err}");
     // With JSON logs, the error is one JSON object, its causes included.
-    let out = Command::new(bin()).args(["--log-format", "json", "run"]).arg(&job).output().unwrap();
+    // (Whatever RUST_LOG filters out.)
+    let out =
+        Command::new(bin()).args(["--log-format", "json", "run"]).arg(&job).env("RUST_LOG", "off").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!((out.status.code(), err.lines().count()), (Some(2), 1), "{err}");
     let v: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
@@ -1468,6 +1476,14 @@ fn a_bad_box_is_the_samples_row() {
         assert_eq!(o.status.code(), Some(1), "{arg:?}: {}", String::from_utf8_lossy(&o.stderr));
         assert!(said.contains("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
     }
+    // And moved elsewhere, output folder and all (or mounted at another path on another node).
+    let moved = tempfile::tempdir().unwrap();
+    let st = Command::new("cp").arg("-a").arg(&ds.dir).arg(moved.path().join("ds")).status().unwrap();
+    assert!(st.success());
+    let o = Command::new(bin()).arg("run").arg(moved.path().join("ds").join(name)).output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "moved: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("0 of 0 samples processed") && said.contains("kept from an earlier run"), "{said}");
 }
 
 /// A CUDA device named in the job on a machine without one is the job's error, naming the key.
