@@ -16,6 +16,9 @@ fn colormap(v: f32) -> [u8; 3] {
     [0, 1, 2].map(|k| (a[k] + (b[k] - a[k]) * t).round() as u8)
 }
 
+/// Side of the clusters' member thumbnails, in pixels (shown at 40 px, 48 for sharp screens).
+const THUMB: u32 = 48;
+
 fn png_uri(img: &image::RgbImage) -> String {
     let mut buf = std::io::Cursor::new(Vec::new());
     if img.write_to(&mut buf, image::ImageFormat::Png).is_err() {
@@ -52,7 +55,7 @@ fn overlay(rgb: &[u8], w: u32, h: u32, map: &[f32], side: usize) -> image::RgbIm
 
 /// Images of the samples the page shows, made once each.
 pub struct SampleImages {
-    cache: HashMap<usize, [String; 3]>,
+    cache: HashMap<usize, [String; 4]>,
 }
 
 impl SampleImages {
@@ -70,23 +73,27 @@ impl SampleImages {
         Self { cache }
     }
 
-    fn make(r: &Report, rec: &Record) -> [String; 3] {
+    /// The model input, the map over it, the CAM, and a small copy of the second for the
+    /// clusters' member thumbnails (shown at 40 px: full-size copies made most of a page's bytes).
+    fn make(r: &Report, rec: &Record) -> [String; 4] {
         let display = 128u32;
-        let Some(m) = &rec.maps else { return [String::new(), String::new(), String::new()] };
+        let Some(m) = &rec.maps else { return Default::default() };
         let cam = png_uri(&heat(&m.cam, m.cam_h, m.cam_w, display, display));
+        let thumb = |img: &image::RgbImage| png_uri(&image::imageops::thumbnail(img, THUMB, THUMB));
         match model_input(r, rec) {
             Some((rgb, w, h)) => {
                 let img = image::RgbImage::from_raw(w, h, rgb.clone()).unwrap_or_default();
-                [png_uri(&img), png_uri(&overlay(&rgb, w, h, &m.map, m.map_side)), cam]
+                let ov = overlay(&rgb, w, h, &m.map, m.map_side);
+                [png_uri(&img), png_uri(&ov), cam, thumb(&ov)]
             }
             None => {
-                let map = png_uri(&heat(&m.map, m.map_side, m.map_side, display, display));
-                [String::new(), map, cam]
+                let map = heat(&m.map, m.map_side, m.map_side, display, display);
+                [String::new(), png_uri(&map), cam, thumb(&map)]
             }
         }
     }
 
-    fn get(&self, i: usize) -> Option<&[String; 3]> {
+    fn get(&self, i: usize) -> Option<&[String; 4]> {
         self.cache.get(&i)
     }
 }
@@ -101,7 +108,7 @@ fn fmt_opt(v: Option<f32>) -> String {
 
 fn card(out: &mut String, r: &Report, imgs: &SampleImages, i: usize, name_of: &dyn Fn(i64) -> String) {
     let rec = &r.records[i];
-    let Some([img, ov, cam]) = imgs.get(i) else { return };
+    let Some([img, ov, cam, _]) = imgs.get(i) else { return };
     let flag = if rec.flagged { " flagged" } else { "" };
     let _ = write!(out, r#"<div class="card{flag}" data-id="{}">"#, esc(&rec.id));
     out.push_str(r#"<div class="imgs">"#);
@@ -149,8 +156,8 @@ fn class_section(out: &mut String, r: &Report, c: &ClassSummary, imgs: &SampleIm
             fmt_opt(k.mean_max_region),
         );
         for &m in &k.top_members {
-            if let Some([_, ov, _]) = imgs.get(m) {
-                let _ = write!(out, r#"<img class="thumb" src="{ov}" title="{}">"#, esc(&r.records[m].id));
+            if let Some([_, _, _, thumb]) = imgs.get(m) {
+                let _ = write!(out, r#"<img class="thumb" src="{thumb}" title="{}">"#, esc(&r.records[m].id));
             }
         }
         out.push_str("</div></figure>");

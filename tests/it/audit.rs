@@ -191,6 +191,13 @@ fn report_renders_in_chromium() {
     let text = String::from_utf8_lossy(&dom.stdout);
     let cards = text.matches(" data-id=\"").count();
     assert_eq!(cards, 60, "sample cards in the rendered page");
+    // Cluster member thumbnails are small images, not the full-size overlays scaled down by
+    // the browser (which made most of a page's bytes).
+    let page = std::fs::read_to_string(&html).unwrap();
+    let thumbs: Vec<usize> =
+        page.split("<img class=\"thumb\" src=\"").skip(1).map(|rest| rest.split('"').next().unwrap().len()).collect();
+    assert!(!thumbs.is_empty(), "the clusters show their members");
+    assert!(thumbs.iter().all(|&n| n < 12_000), "thumbnail data URIs of {thumbs:?} bytes");
     assert!(text.contains("Clever-Hans candidate"));
     let log = String::from_utf8_lossy(&dom.stderr);
     let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") || l.contains("Uncaught")).collect();
