@@ -355,12 +355,11 @@ struct KeyBase {
 
 impl KeyBase {
     fn of(job: &job::Job) -> KeyBase {
-        let dir = job::job_dir(&job.job_file);
         let manifest = match &job.dataset {
             DatasetSource::Manifest(m) => Some(m.to_string()),
             DatasetSource::ImageFolder(_) => None,
         };
-        KeyBase { job_dir: format!("{}/", dir.display()), manifest }
+        KeyBase { job_dir: format!("{}/", job.job_dir.display()), manifest }
     }
 
     /// `text` with the job's folder left out where it starts with it.

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use crate::store::Loc;
 
 pub use error::JobError;
-pub use resolve::{job_dir, load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
+pub use resolve::{load, load_with, resolve, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 pub use spec::{
     parse_spec, valid_device, AttributionSpec, BatchSizeSpec, DatasetSpec, DevicesSpec, JobSpec, ModelSpec, OutputSpec,
     PreprocessSpec, RegionSpec, RuntimeSpec, SizeSpec, TargetSpec, INTERPOLATE_MODES, MANIFEST_EXTENSIONS, PRECISIONS,
@@ -29,6 +29,8 @@ pub use spec::{
 pub struct Job {
     /// The job file, as given.
     pub job_file: PathBuf,
+    /// The folder its paths resolved against: the job file's folder, as its real path.
+    pub job_dir: PathBuf,
     /// Where the samples come from.
     pub dataset: DatasetSource,
     /// The TorchScript model file.

@@ -48,7 +48,7 @@ where
 }
 
 /// The folder a job file's paths resolve against: the real path of the folder holding it.
-pub fn job_dir(job_file: &Path) -> PathBuf {
+fn job_dir(job_file: &Path) -> PathBuf {
     let parent = job_file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf())
 }
@@ -196,6 +196,7 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
     }
     Ok(Job {
         job_file: spec.origin().to_path_buf(),
+        job_dir: job_dir.to_path_buf(),
         dataset,
         model,
         preprocess,

@@ -382,10 +382,9 @@ fn scan(parts: &sink::Parts, region_names: &[String], p: &ClusterParams) -> Resu
 /// this tool, a NaN `map_scale`) taken as 0, as the clustering takes them, so that one such map
 /// cannot spoil a class's mean map; a zero map stays zero.
 fn normalised(m: &[f32]) -> Vec<f32> {
-    let clean = |v: f32| if v.is_finite() && v > 0.0 { v as f64 } else { 0.0 };
-    let s: f64 = m.iter().map(|&v| clean(v)).sum();
+    let s: f64 = m.iter().map(|&v| crate::stats::clean(v) as f64).sum();
     if s > 0.0 {
-        m.iter().map(|&v| (clean(v) / s) as f32).collect()
+        m.iter().map(|&v| (crate::stats::clean(v) as f64 / s) as f32).collect()
     } else {
         vec![0.0; m.len()]
     }

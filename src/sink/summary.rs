@@ -92,7 +92,7 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
             Ok(s) => s,
             // Gone since the listing: a rerun of that shard has started (it removes its marker
             // before it changes anything), so the shard is unfinished again.
-            Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+            Err(e) if is_not_found(&e) => {
                 return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
             }
             Err(e) => return Err(e),
@@ -127,11 +127,7 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
             rows += match super::read::part_row_count(&dir.join(name)?) {
                 Ok(n) => n,
                 // Set aside since the listing, by a rerun of that shard: unfinished again.
-                Err(e)
-                    if e.chain().any(|c| {
-                        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-                    }) =>
-                {
+                Err(e) if is_not_found(&e) => {
                     return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
                 }
                 Err(e) => return Err(e),
@@ -162,6 +158,11 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
         return Err(ShardsUnfinished { dir: dir.clone(), missing, num_shards }.into());
     }
     Ok(total)
+}
+
+/// Whether `e` is a file's absence (a shard marker or part gone since the listing).
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// The shard count of the job whose files `names` (of folder `dir`) are; an error when there

@@ -89,7 +89,7 @@ pub struct EncodedMap {
 
 /// An attribution value as used by the statistics: negatives, NaN and infinities count as 0.
 #[inline]
-fn clean(v: f32) -> f32 {
+pub(crate) fn clean(v: f32) -> f32 {
     if v.is_finite() && v > 0.0 {
         v
     } else {
