@@ -178,6 +178,24 @@ def main():
     common = ["--model", a.model, "--batch", str(a.batch), "--size", str(a.size), "--threads", str(a.threads),
               "--iters", str(a.iters), "--warmup", str(a.warmup), "--device", a.device]
     rows = []
+    dev = torch.device(a.device)
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"{a.model}, batch {a.batch}, {a.size}x{a.size}, {a.threads} threads, {dev_name}, torch {torch.__version__}")
+    print("Captum and the lean peers: eager torchvision model (batch norm not folded), NCHW, PyTorch's cuDNN "
+          "defaults; the engine: its export (batch norm folded), channels-last on CUDA, cuDNN benchmark on")
+    print(f"{'variant':28s} {'ms/batch':>10s} {'images/s':>10s} {'vs Captum':>10s} {'peak MiB':>10s}")
+
+    def add_row(name, r):
+        # Each row as soon as it is measured: a step cut short by its time limit keeps them.
+        if r is None:
+            print(f"{name:28s} {'failed':>10s}")
+            return
+        t, peak = r["s_per_batch"], r["peak_rss_delta_bytes"]
+        rows.append((name, t, peak))
+        mib = f"{peak / 1048576:.0f}" if peak is not None else "-"
+        vs = f"{rows[0][1] / t:9.2f}x" if rows[0][0] == "captum GuidedGradCam" else f"{'-':>10s}"
+        print(f"{name:28s} {t * 1e3:10.1f} {a.batch / t:10.2f} {vs} {mib:>10s}", flush=True)
+
     # Every variant in a fresh process, timed and measured the same way: median time per batch
     # after warm-up; peak resident memory above the process's memory after loading the model.
     variants = [("captum GuidedGradCam", "captum")]
@@ -186,10 +204,9 @@ def main():
         if a.fast:
             variants.append(("lean bf16 channels-last", "lean_fast"))
     for name, variant in variants:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
-                             check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
+        out = run_cmd(name, [sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
+                      env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        add_row(name, out and json.loads(out.strip().splitlines()[-1]))
     cuda = a.device.startswith("cuda")
     unfolded = None
     engines = [("saliency-audit engine", [], pt)]
@@ -209,29 +226,36 @@ def main():
         engines.append(("engine fp32, BN not folded", [], unfolded))
         engines.append(("engine bf16, BN not folded", ["--precision", "bf16"], unfolded))
     for name, extra, model_file in engines:
-        out = subprocess.run([a.bin, "-q", "bench", "--model", model_file, "--batch-size", str(a.batch), "--iters",
-                              str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
-                              str(a.threads), "--json"] + extra, check=True, capture_output=True, text=True)
-        r = json.loads(out.stdout)
-        rows.append((name, r["s_per_batch"], r["peak_rss_delta_bytes"]))
+        out = run_cmd(name, [a.bin, "-q", "bench", "--model", model_file, "--batch-size", str(a.batch), "--iters",
+                             str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
+                             str(a.threads), "--json"] + extra)
+        add_row(name, out and json.loads(out))
     errors = accuracy(a, pt, tmp, ieee=a.ablation and cuda, unfolded=unfolded) if a.fast else {}
-    captum = rows[0][1]
-    dev = torch.device(a.device)
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    print(f"{a.model}, batch {a.batch}, {a.size}x{a.size}, {a.threads} threads, {dev_name}, torch {torch.__version__}")
-    print(f"{'variant':28s} {'ms/batch':>10s} {'images/s':>10s} {'vs Captum':>10s} {'peak MiB':>10s}")
-    res = []
-    for name, t, peak in rows:
-        mib = f"{peak / 1048576:.0f}" if peak is not None else "-"
-        print(f"{name:28s} {t * 1e3:10.1f} {a.batch / t:10.2f} {captum / t:9.2f}x {mib:>10s}")
-        res.append({"variant": name, "s_per_batch": t, "images_per_s": a.batch / t, "vs_captum": captum / t,
-                    "peak_rss_delta_bytes": peak})
+    captum = rows[0][1] if rows and rows[0][0] == "captum GuidedGradCam" else None
+    res = [{"variant": name, "s_per_batch": t, "images_per_s": a.batch / t,
+            "vs_captum": captum / t if captum else None, "peak_rss_delta_bytes": peak} for name, t, peak in rows]
     for what, err in errors.items():
         print(f"relative L2 error, {what}: {err:.2e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "batch": a.batch, "size": a.size, "threads": a.threads, "device": dev_name,
-                       "rows": res, "rel_l2_errors": errors}, f, indent=1)
+                       "rows": res, "rel_l2_errors": errors, "failed": FAILED}, f, indent=1)
+    if FAILED:
+        sys.exit(1)
+
+
+FAILED = []
+
+
+def run_cmd(name, cmd, env=None):
+    """Runs cmd; its stdout, or None after printing why it failed (its stderr's end), so that
+    one failing variant does not take the others' rows with it."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        print(f"{name}: exit {r.returncode}: {r.stderr.strip()[-1500:]}", flush=True)
+        FAILED.append(name)
+        return None
+    return r.stdout
 
 
 def captum_attr(a, x, t, ieee):
@@ -267,9 +291,10 @@ def accuracy(a, pt, tmp, ieee, unfolded=None, n=16):
     eng = {}
     for mode, extra, model_file in modes:
         o = os.path.join(tmp, f"attr_{mode}.npy")
-        subprocess.run([a.bin, "-q", "attribute", "--model", model_file, "--input", os.path.join(tmp, "x.npy"), "--target",
-                        os.path.join(tmp, "t.npy"), "--out", o, "--device", a.device, "--batch-size", "8"] + extra,
-                       check=True, capture_output=True, text=True)
+        if run_cmd(f"attribute ({mode})", [a.bin, "-q", "attribute", "--model", model_file, "--input",
+                                            os.path.join(tmp, "x.npy"), "--target", os.path.join(tmp, "t.npy"),
+                                            "--out", o, "--device", a.device, "--batch-size", "8"] + extra) is None:
+            return {}
         eng[mode] = np.load(o).astype(np.float64)
 
     def rel(u, v):

@@ -10,16 +10,16 @@
 # Here:   cargo build --release --bin saliency-audit
 #         mkdir -p .gpu && cp target/release/saliency-audit .gpu/ && strip .gpu/saliency-audit
 #         python3 -m pip download --no-deps --only-binary=:all: -d .whl captum==0.9.0
-#         (.gpu and .whl are in .git/info/exclude; the stripped binary is ~35 MB, under the
+#         (.gpu and .whl are ignored (.gitignore); the stripped binary is ~32 MB, under the
 #         device tool's 64 MiB limit, the unstripped one is not)
-# There:  carry .gpu and .whl; run: bash benches/gpu-check.sh
+# There:  carry .gpu and .whl; run: bash benches/gpu-check.sh (the log is also in $OUT)
 #
 # Knobs (environment): MODELS (default "resnet50 vgg16"), PIPELINE_MODEL (resnet50), JPEGS
 # (8192), BATCH (128), SIZE (224, engine step), ITERS (10), WARMUP (3), DEVICE (cuda:0),
 # ENGINE_FLAGS (default none; "--ablation --unfolded" adds the NCHW, IEEE-fp32, cuDNN
 # benchmark off and unfolded engine variants, measured in the third session except benchmark
 # off: then give the steps more than BUDGET_S's default), PIPELINE_FLAGS (default "--variants"),
-# BUDGET_S (450), PYTHON (python3), BIN (.gpu/saliency-audit, else target/release's).
+# BUDGET_S (450), PYTHON (python3), BIN (.gpu/saliency-audit).
 # The test suite runs this script on the CPU with small values (tests/it/benches.rs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,20 +28,28 @@ export PYTHONUNBUFFERED=1
 device=${DEVICE:-cuda:0}
 batch=${BATCH:-128}
 budget=${BUDGET_S:-450}
+out=${OUT:-/tmp}
+# Everything also into a log that comes back whole, however long the output.
+exec > >(tee "$out/gpu-check.log") 2>&1
+t0=$SECONDS
 if [ -d .whl ] && ! "$PY" -c 'import captum' 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  site=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl && export PYTHONPATH=$site
 fi
+# Before any step: what every step needs. A missing piece stops here, with its reason.
+"$PY" -c 'import captum.attr, numpy, PIL, pyarrow, torch, torchvision; print("python:", torch.__version__)' \
+  || { echo "gpu-check: the python above lacks a package the steps import"; exit 2; }
 # The binary's rpath names this project's .venv; on the GPU machine libtorch is the system torch's.
-torch_lib=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+torch_lib=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') \
+  || { echo "gpu-check: cannot find torch's libraries"; exit 2; }
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+bin=${BIN:-.gpu/saliency-audit}
+"$bin" --version || { echo "gpu-check: $bin does not run (carry .gpu, see the top of this file)"; exit 2; }
+sha256sum "$bin" 2>/dev/null | cut -c1-16 | sed 's/^/binary sha256: /'
 case $device in
   cuda*) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true ;;
 esac
 echo "cpu cores: $(nproc)"
-bin=${BIN:-.gpu/saliency-audit}
-[ -x "$bin" ] || bin=target/release/saliency-audit
-out=${OUT:-/tmp}
-t0=$SECONDS
 failed=0
 # step CAP_S NAME COMMAND...: runs COMMAND with a timeout of CAP_S or what is left of the budget.
 step() {
@@ -54,15 +62,21 @@ step() {
     failed=1
     return
   fi
-  timeout "$limit" "$@" || { echo "$name failed or timed out ($?, limit $limit s)"; failed=1; }
+  # A run stopped at its limit finishes its batches in flight on SIGTERM: killed 10 s later,
+  # so that it does not overlap the next step's timings.
+  timeout -k 10 "$limit" "$@" || { echo "$name failed or timed out ($?, limit $limit s)"; failed=1; }
   echo "[$((SECONDS - t0)) s]"
 }
-# Caps: 230 + 110 per model = 450 s with the default two models.
+# Caps: 230 + 110 per model = 450 s with the default two models; the last model also gets what
+# the steps before it left.
 step 230 "pipeline_vs_engine ${PIPELINE_MODEL:-resnet50}" \
   "$PY" benches/pipeline_vs_engine.py --model "${PIPELINE_MODEL:-resnet50}" --batch "$batch" --n "${JPEGS:-8192}" \
   --device "$device" ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_${PIPELINE_MODEL:-resnet50}.json"
-for m in ${MODELS:-resnet50 vgg16}; do
-  step 110 "engine_vs_captum $m" \
+models=(${MODELS:-resnet50 vgg16})
+for m in "${models[@]}"; do
+  cap=110
+  [ "$m" = "${models[-1]}" ] && cap=$budget
+  step "$cap" "engine_vs_captum $m" \
     "$PY" benches/engine_vs_captum.py --model "$m" --batch "$batch" --size "${SIZE:-224}" --device "$device" \
     --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" --fast ${ENGINE_FLAGS-} --bin "$bin" \
     --json "$out/engine_$m.json"

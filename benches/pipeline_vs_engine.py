@@ -106,49 +106,80 @@ def main():
         f.write("path,label\n")
         for i in range(a.n):
             f.write(f"{jpegs}/{i:06d}.jpg,{i % 1000}\n")
+    cuda = a.device.startswith("cuda")
+    dev = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)"
+    print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}", flush=True)
+    failed = []
     eng = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", "6",
-                          "--devices", a.device, "--json"], check=True, capture_output=True, text=True)
-    engine = json.loads(eng.stdout)
-    runs = [("pipeline (defaults)", {})]
-    if a.variants:
-        runs += [("one worker per device", {"workers_per_device": 1}), ("batch_size = auto", {"batch_size": '"auto"'})]
-        if a.device.startswith("cuda"):
-            runs.append(("statistics on the host", {"stats_on_device": "false"}))
-            # A batch far too large for the device: every batch runs out of memory, is split,
-            # and the workers keep to the size that fitted ("OOM cap"); no sample is lost.
-            runs.append(("batch 2048: out of memory, split", {"batch_size": 2048}))
-        else:
-            runs.append(("statistics in libtorch (CPU)", {"stats_on_device": "true"}))
-    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}")
-    print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s")
+                          "--devices", a.device, "--json"], capture_output=True, text=True)
+    if eng.returncode == 0:
+        engine = json.loads(eng.stdout)
+        print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s", flush=True)
+    else:
+        # The pipeline's rows do not need it: they are still measured, without the ratio.
+        engine = None
+        print(f"engine alone: bench failed ({eng.returncode}): {eng.stderr.strip()[-1500:]}", flush=True)
+        failed.append("engine alone")
+    # Each variant: (name, runtime settings, check of its summary on CUDA: None or why it failed).
+    runs = [("pipeline (defaults)", {}, lambda r: None if r.get("workers_with_stats_on_device") == r.get("workers")
+             else "the statistics should be on the device for every worker (see its warnings)")]
+    if a.variants and cuda:
+        # The new questions first: statistics on the host against the device's, and the split.
+        runs.append(("statistics on the host", {"stats_on_device": "false"},
+                     lambda r: None if r.get("workers_with_stats_on_device") == 0 else "statistics not on the host"))
+        # A batch far too large for the device (ResNet-50 keeps about 40 MiB an image for the
+        # backward: 4096 do not fit 80 or 141 GB), one worker so that only the batch's own size
+        # counts: it runs out of memory, is split, and the worker keeps to the size that fitted
+        # ("OOM cap"); no sample is lost.
+        runs.append(("batch 4096: out of memory, split", {"batch_size": 4096, "workers_per_device": 1},
+                     lambda r: None if r.get("batch_size_after_out_of_memory") else "no batch ran out of memory"))
+        runs += [("one worker per device", {"workers_per_device": 1}, None),
+                 ("batch_size = auto", {"batch_size": '"auto"'}, None)]
+    elif a.variants:
+        runs += [("one worker per device", {"workers_per_device": 1}, None),
+                 ("batch_size = auto", {"batch_size": '"auto"'}, None),
+                 ("statistics in libtorch (CPU)", {"stats_on_device": "true"}, None)]
+    ratio = (lambda rate: f"{rate / engine['images_per_s']:9.1%}") if engine else (lambda rate: f"{'-':>9s}")
     print(f"{'whole pipeline, JPEG -> Parquet':32s} {'images/s':>9s} {'of engine':>9s} {'batch':>6s} {'workers':>7s} "
-          f"{'warm-up s':>9s} {'incl. warm-up':>13s} {'stats on device':>15s} {'OOM cap':>7s}")
-    results, failed = [], []
-    for i, (name, extra) in enumerate(runs):
+          f"{'warm-up s':>9s} {'incl. warm-up':>9s} {'stats on device':>15s} {'OOM cap':>7s}", flush=True)
+    results = []
+    for i, (name, extra, check) in enumerate(runs):
         runtime = {"devices": f'["{a.device}"]', "batch_size": str(a.batch), **{k: str(v) for k, v in extra.items()}}
         job = os.path.join(work, f"job{i}.toml")
         with open(job, "w") as f:
             f.write('[dataset]\nmanifest = "samples.csv"\n[model]\npath = "model.pt"\n[runtime]\n'
                     + "".join(f"{k} = {v}\n" for k, v in runtime.items()) + f'[output]\npath = "out{i}"\n')
-        r = subprocess.run([a.bin, "-q", "run", job], capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{name}: run failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+        # Warnings (a device whose statistics disagree with the host's, a batch out of memory)
+        # and the start-up's own lines are shown; -q alone would hide them.
+        env = dict(os.environ, RUST_LOG="warn,saliency_audit::run=info")
+        r = subprocess.run([a.bin, "-q", "run", job], capture_output=True, text=True, env=env)
+        said = [line for line in r.stderr.splitlines()
+                if any(k in line for k in ("WARN", "ERROR", "statistics", "warmed up", "out of memory"))]
+        summary_file = os.path.join(work, f"out{i}", "_run-00000-of-00001.json")
+        # Exit 1 is a complete run with failed samples: its summary still stands.
+        if r.returncode not in (0, 1) or not os.path.exists(summary_file):
+            print(f"{name}: run failed ({r.returncode}): {r.stderr.strip()[-2000:]}", flush=True)
             failed.append(name)
             continue
-        with open(os.path.join(work, f"out{i}", "_run-00000-of-00001.json")) as f:
+        with open(summary_file) as f:
             run = json.load(f)
         rate = run["images_per_s"]
         with_warm = run["processed"] / (run["elapsed_s"] + run.get("warmup_s", 0.0))
-        print(f"{name:32s} {rate:9.2f} {rate / engine['images_per_s']:9.1%} {run.get('batch_size', a.batch):6d} "
-              f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {with_warm / engine['images_per_s']:13.1%} "
+        print(f"{name:32s} {rate:9.2f} {ratio(rate)} {run.get('batch_size', a.batch):6d} "
+              f"{run.get('workers', 1):7d} {run.get('warmup_s', 0.0):9.2f} {ratio(with_warm)} "
               f"{str(run.get('workers_with_stats_on_device', 0)) + ' of ' + str(run.get('workers', 1)):>15s} "
-              f"{str(run.get('batch_size_after_out_of_memory') or '-'):>7s}")
-        if run["processed"] + run["resumed_rows"] != a.n:
-            print(f"{name}: {run['processed']} of {a.n} samples processed")
+              f"{str(run.get('batch_size_after_out_of_memory') or '-'):>7s}", flush=True)
+        if run["processed"] + run["resumed_rows"] != a.n or r.returncode != 0:
+            print(f"{name}: {run['processed']} of {a.n} samples processed, statuses {json.dumps(run.get('counts'))}")
             failed.append(name)
-        print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]))
-        results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}")})
+        why = check(run) if check and cuda else None
+        if why:
+            print(f"CHECK FAILED: {name}: {why}")
+            failed.append(name)
+        for line in said[:8]:
+            print("  log:", line[-400:])
+        print("  stage busy time (s, summed over threads):", json.dumps(run["stage_busy_s"]), flush=True)
+        results.append({"variant": name, "run": run, "out": os.path.join(work, f"out{i}"), "log": said[:20]})
     agree = agreement(results) if len(results) > 1 else []
     if a.json:
         with open(a.json, "w") as f:
