@@ -13,11 +13,27 @@ pub fn quiet() -> bool {
     QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether log lines are JSON objects (`--log-format json`).
+pub fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One of the command's result lines (the run's summary, finalize's outcome): on stdout, or with
+/// `--log-format json` as an info event among the log lines, so that a log collector reads every
+/// line as JSON.
+pub fn result_line(line: &str) {
+    if json() {
+        say(tracing::Level::INFO, line)
+    } else {
+        println!("{line}")
+    }
+}
+
 /// A message of the command itself on stderr (its error and causes, the count of failed
 /// samples, an interruption): as it is, or with `--log-format json` as a log event of `level`,
 /// so that every line on stderr is a JSON object (whatever `-q` or RUST_LOG filter).
 pub fn say(level: tracing::Level, message: &str) {
-    if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
+    if !json() {
         let mut err = BarAwareStderr;
         let _ = writeln!(err, "{message}");
         return;

@@ -1,6 +1,7 @@
 //! The `saliency-audit` command line. Parsing and printing only: the work is in the library.
 
 use clap::{Parser, Subcommand};
+use saliency_audit::engine::batch::catch_libtorch;
 use saliency_audit::engine::{self, EngineOptions, InterpolateMode, Rectifiers, TargetArg};
 use saliency_audit::logging::{self, LogFormat};
 use saliency_audit::run;
@@ -149,19 +150,24 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Devices, comma separated (cpu, cuda:N) or `all`; the scaling table uses the first 1..N.
-        #[arg(long, default_value = "cpu", value_delimiter = ',')]
-        devices: Vec<String>,
-        #[arg(long, default_value_t = 8)]
-        batch_size: i64,
-        #[arg(long, default_value_t = 6)]
-        iters: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
+        /// Default: cpu with --model, the job's runtime.devices (one row) with --job.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+        /// Examples a batch (--model only; a job has runtime.batch_size). Default 8.
+        #[arg(long)]
+        batch_size: Option<i64>,
+        /// Timed batches (--model only). Default 6.
+        #[arg(long)]
+        iters: Option<usize>,
+        /// Untimed batches first (--model only). Default 2.
+        #[arg(long)]
+        warmup: Option<usize>,
         /// Intra-op threads (0 = libtorch's default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
         /// Real data: run this job (decode → engine → statistics → Parquet into a temporary
-        /// folder) on the first 1..N devices and report images/s and busy time per stage.
+        /// folder) and report images/s and busy time per stage; with --devices, on the first
+        /// 1..N of them. The engine's settings (batch size, precision, layout) are the job's.
         #[arg(long)]
         job: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -175,9 +181,9 @@ enum Command {
 /// Precision and memory layout of the engine (a job sets them in its spec).
 #[derive(clap::Args)]
 struct SpeedArgs {
-    /// fp32 (exact, equal to Captum) or bf16 (forward under bfloat16 autocast).
-    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-    precision: String,
+    /// fp32 (exact, equal to Captum; the default) or bf16 (forward under bfloat16 autocast).
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    precision: Option<String>,
     /// Parameters and input in the channels-last memory format: `--channels-last` or
     /// `--channels-last false`; default on for CUDA devices and with bf16, off for fp32 on the CPU.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
@@ -196,11 +202,24 @@ impl SpeedArgs {
         EngineOptions {
             interpolate,
             rectifiers,
-            bf16: self.precision == "bf16",
+            bf16: self.precision.as_deref() == Some("bf16"),
             channels_last: self.channels_last,
             cudnn_benchmark: !self.no_cudnn_benchmark,
             ieee_fp32: self.ieee_fp32,
         }
+    }
+
+    /// The flags given on the command line.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("--precision", self.precision.is_some()),
+            ("--channels-last", self.channels_last.is_some()),
+            ("--ieee-fp32", self.ieee_fp32),
+            ("--no-cudnn-benchmark", self.no_cudnn_benchmark),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
     }
 }
 
@@ -254,7 +273,10 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
     match saliency_audit::sink::finalize(dir) {
         Ok(total) => {
             if !logging::quiet() {
-                println!("finalized {dir}: all {} shards complete, {} rows", total.num_shards, total.rows);
+                logging::result_line(&format!(
+                    "finalized {dir}: all {} shards complete, {} rows",
+                    total.num_shards, total.rows
+                ));
             }
             Ok(())
         }
@@ -262,11 +284,11 @@ fn finalize_after_shard(dir: &Loc) -> anyhow::Result<()> {
             Some(_) if logging::quiet() => Ok(()),
             Some(u) => {
                 let missing: Vec<String> = u.missing.iter().map(u32::to_string).collect();
-                println!(
+                logging::result_line(&format!(
                     "not finalized yet: shard(s) {} of {} still to finish (the last one finalizes)",
                     missing.join(", "),
                     u.num_shards
-                );
+                ));
                 Ok(())
             }
             None => Err(e.context(format!("this shard is complete, but finalizing {dir} failed"))),
@@ -302,27 +324,28 @@ fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> 
 fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
     let counts: Vec<String> = run::status_counts(s).iter().map(|(st, n)| format!("{st} {n}")).collect();
-    println!(
+    logging::result_line(&format!(
         "{} of {} samples processed in {:.1} s ({:.1} images/s){}: {}",
         s.processed(),
         s.pending,
         secs,
         s.processed() as f64 / secs,
-        match (s.resumed_rows, s.redone_rows) {
-            (0, 0) => String::new(),
-            (kept, 0) => format!(", {kept} kept from an earlier run"),
-            (0, redone) => format!(", {redone} failed in an earlier run and redone"),
-            (kept, redone) => format!(", {kept} kept from an earlier run, {redone} failed there and redone"),
+        // Stopped early, not every failed row to redo was redone.
+        match (s.resumed_rows, s.redone_rows, if s.interrupted { "to redo" } else { "redone" }) {
+            (0, 0, _) => String::new(),
+            (kept, 0, _) => format!(", {kept} kept from an earlier run"),
+            (0, redone, what) => format!(", {redone} failed in an earlier run and {what}"),
+            (kept, redone, what) => format!(", {kept} kept from an earlier run, {redone} failed there and {what}"),
         },
         if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
-    );
-    println!(
+    ));
+    logging::result_line(&format!(
         "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",
         s.decode_time.as_secs_f64(),
         s.engine_time.as_secs_f64(),
         s.stats_time.as_secs_f64(),
         s.write_time.as_secs_f64()
-    );
+    ));
     if let Some(n) = s.batch_after_out_of_memory {
         logging::say(
             Level::WARN,
@@ -335,23 +358,27 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
     }
 }
 
-/// `bench --job`: the whole pipeline on real files, on the first 1..N devices.
-fn bench_job(job: &std::path::Path, devices: &[tch::Device], json: bool) -> anyhow::Result<ExitCode> {
+/// `bench --job`: the job run into a temporary folder, on its own devices (`devices` None) or on
+/// the first 1..N of `devices`.
+fn bench_job(job: &std::path::Path, devices: Option<&[tch::Device]>, json: bool) -> anyhow::Result<ExitCode> {
+    let name = |d: &tch::Device| match d {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_owned(),
+    };
+    let device_sets: Vec<Option<Vec<String>>> = match devices {
+        None => vec![None],
+        Some(d) => (1..=d.len()).map(|k| Some(d[..k].iter().map(name).collect())).collect(),
+    };
     let mut rows = Vec::new();
-    for k in 1..=devices.len() {
+    for (k, names) in device_sets.into_iter().enumerate() {
         let tmp = std::env::temp_dir().join(format!("saliency-audit-bench-{}-{k}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let names: Vec<String> = devices[..k]
-            .iter()
-            .map(|d| match d {
-                tch::Device::Cuda(n) => format!("cuda:{n}"),
-                _ => "cpu".to_owned(),
-            })
-            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let opts = run::RunOptions { output: Some(Loc::Local(tmp.clone())), ..Default::default() };
-        let outcome = run::run_with(job, ShardSpec::default(), opts, Some(names.clone()), stop)?;
+        let outcome = run::run_with(job, ShardSpec::default(), opts, names.clone(), stop);
         let _ = std::fs::remove_dir_all(&tmp);
+        let outcome = outcome?;
+        let names = names.unwrap_or_else(|| outcome.devices.iter().map(name).collect());
         let summary = run::summary_json(&outcome, ShardSpec::default());
         if !json {
             println!(
@@ -395,8 +422,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 logging::say(
                     Level::WARN,
-                    "interrupted: finishing the batches in flight and committing complete parts (Ctrl-C again to \
-                     quit now)",
+                    "interrupted: finishing the batches in flight and committing complete parts (interrupt \
+                     again, Ctrl-C or SIGTERM, to quit now)",
                 );
             });
             let outcome = run::run(&job, shard, opts, stop)?;
@@ -465,7 +492,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Finalize { dir } => {
             let summary = saliency_audit::sink::finalize(&dir)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            if logging::json() {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Attribute {
@@ -483,7 +514,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let device = engine::parse_device(&device)?;
             let rectifiers = Rectifiers::from_names(&guided_rectifiers).map_err(anyhow::Error::msg)?;
             let opts = speed.options(interpolate_mode, rectifiers);
-            let r = engine::attribute_npy(&model, &input, &target, &out, cam_out.as_deref(), batch_size, device, opts)?;
+            let r = catch_libtorch(|| {
+                engine::attribute_npy(&model, &input, &target, &out, cam_out.as_deref(), batch_size, device, opts)
+            })?;
             tracing::info!(examples = r.examples, batches = r.batches, out = %out.display(), "attribution written");
             Ok(ExitCode::SUCCESS)
         }
@@ -492,27 +525,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            let devices: Vec<tch::Device> = if devices.iter().any(|d| d == "all") {
-                let n = engine::cuda_device_count();
-                if n == 0 {
-                    vec![tch::Device::Cpu]
-                } else {
-                    (0..n).map(tch::Device::Cuda).collect()
-                }
-            } else {
-                devices.iter().map(|d| engine::parse_device(d)).collect::<anyhow::Result<_>>()?
+            let devices: Option<Vec<tch::Device>> = match devices {
+                None => None,
+                Some(d) if d.iter().any(|d| d == "all") => Some(match engine::cuda_device_count() {
+                    0 => vec![tch::Device::Cpu],
+                    n => (0..n).map(tch::Device::Cuda).collect(),
+                }),
+                Some(d) => Some(d.iter().map(|d| engine::parse_device(d)).collect::<anyhow::Result<_>>()?),
             };
             if let Some(job) = job {
-                return bench_job(&job, &devices, json);
+                let mut given = speed.given();
+                for (name, g) in [
+                    ("--batch-size", batch_size.is_some()),
+                    ("--iters", iters.is_some()),
+                    ("--warmup", warmup.is_some()),
+                ] {
+                    if g {
+                        given.push(name)
+                    }
+                }
+                if !given.is_empty() {
+                    anyhow::bail!(
+                        "bench --job runs the job as its spec says (runtime.batch_size, attribution.precision, \
+                         runtime.channels_last, …): {} set the engine of bench --model only",
+                        given.join(", ")
+                    );
+                }
+                return bench_job(&job, devices.as_deref(), json);
             }
+            let devices = devices.unwrap_or(vec![tch::Device::Cpu]);
+            let (batch_size, iters, warmup) = (batch_size.unwrap_or(8), iters.unwrap_or(6), warmup.unwrap_or(2));
             let model =
                 model.ok_or_else(|| anyhow::anyhow!("bench needs --model (synthetic input) or --job (real data)"))?;
             let mut singles = Vec::new();
             for d in &devices {
-                singles.push(engine::bench::synthetic(&model, *d, opts, batch_size, iters, warmup)?);
+                singles.push(catch_libtorch(|| engine::bench::synthetic(&model, *d, opts, batch_size, iters, warmup))?);
             }
             let scaling = if devices.len() > 1 {
-                engine::bench::synthetic_scaling(&model, &devices, opts, batch_size as usize, iters, warmup, None)?
+                catch_libtorch(|| {
+                    engine::bench::synthetic_scaling(&model, &devices, opts, batch_size as usize, iters, warmup, None)
+                })?
             } else {
                 Vec::new()
             };

@@ -221,13 +221,23 @@ pub fn run(
                 // after RETRY_FULL_BATCHES_AFTER batches at a lowered size, the full size is
                 // tried again (the memory may have been another worker's passing peak).
                 let mut cap = cfg.batch_size;
-                let (mut lowest, mut at_cap) = (cap, 0usize);
+                let (mut lowest, mut at_cap, mut panics_in_a_row) = (cap, 0usize, 0usize);
                 for batch in work_rx {
                     let before = cap;
                     let items = batch.items.iter().map(|r| (r.sample.clone(), r.target)).collect();
-                    let rows = rows_or_internal_error(items, || {
+                    let (rows, panicked) = rows_or_internal_error(items, || {
                         attribute_batch(cfg, pool, times, attributor.as_mut(), &mut cap, batch)
                     });
+                    panics_in_a_row = if panicked { panics_in_a_row + 1 } else { 0 };
+                    let rows = match rows {
+                        // The same bug on every batch: stop rather than fill every row with it.
+                        Ok(_) if panics_in_a_row >= PANICS_BEFORE_STOP => Err(anyhow::anyhow!(
+                            "internal error on {panics_in_a_row} batches in a row on {} (a bug; please report \
+                             it): stopping; their samples get no rows, a rerun does them",
+                            attributor.name()
+                        )),
+                        rows => rows,
+                    };
                     lowest = lowest.min(cap);
                     if cap < before {
                         at_cap = 0;
@@ -281,7 +291,12 @@ pub fn run(
         }
         result
     });
-    write_result?;
+    if let Err(e) = write_result {
+        // The part being written is given up (its rows are redone by a rerun); the error is
+        // the write's, not the abort's.
+        let _ = writer.abort();
+        return Err(e);
+    }
     let interrupted = stop.load(Ordering::Relaxed) && summary.processed() < summary.pending;
     let t = Instant::now();
     summary.shard = Some(if interrupted {
@@ -375,6 +390,35 @@ fn prepare(cfg: &PipelineConfig, s: Sample) -> Prepared {
     Ok((Ready { sample: s, target }, Decoded { rgb: decoded.rgb, bbox, mask }))
 }
 
+/// [`prepare`]'s result for `s`, checked: a panic in it (a bug: the image decoders' own panics
+/// are caught in `decode`) or pixels or a mask of another size than the model input's (`h × w`)
+/// give the sample a `decode_error` row ("internal error") instead of ending the run or
+/// shifting the batch's other images.
+fn prepare_checked(
+    s: Sample,
+    target: TargetMode,
+    (h, w): (usize, usize),
+    prep: impl FnOnce(Sample) -> Prepared,
+) -> Prepared {
+    let keep = s.clone();
+    let internal = |why: String| {
+        tracing::error!("internal error on sample {:?} (a bug; please report it): {why}", keep.id);
+        let target = resolve_target(target, &keep).ok().flatten();
+        let err = SampleError::new(Status::DecodeError, format!("internal error: {why}"));
+        Err((Box::new(failed_row(keep.clone(), target, err)), false))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep(s))) {
+        Err(p) => internal(panic_message(p.as_ref()).to_owned()),
+        Ok(Ok((_, d))) if d.rgb.len() != h * w * 3 => {
+            internal(format!("decoded {} bytes for a {h}×{w} RGB input ({} bytes)", d.rgb.len(), h * w * 3))
+        }
+        Ok(Ok((_, d))) if d.mask.as_ref().is_some_and(|m| m.len() != h * w) => {
+            internal(format!("a mask of {} values for a {h}×{w} input", d.mask.map_or(0, |m| m.len())))
+        }
+        Ok(r) => r,
+    }
+}
+
 /// Where a stage that stops the run leaves its error (the first one wins).
 type RunFailure = std::sync::Mutex<Option<anyhow::Error>>;
 
@@ -417,14 +461,16 @@ fn decode_stage(
     };
     for batch in batch_rx {
         let t = Instant::now();
-        let results: Vec<Prepared> = pool.install(|| batch.into_par_iter().map(|s| prepare(cfg, s)).collect());
+        let results: Vec<Prepared> = pool.install(|| {
+            let size = (h as usize, w as usize);
+            batch.into_par_iter().map(|s| prepare_checked(s, cfg.target, size, |s| prepare(cfg, s))).collect()
+        });
         add(&times.decode_ns, t);
         let mut failed = Vec::new();
         let mut store_failed = false;
         for r in results {
             match r {
                 Ok((item, d)) => {
-                    debug_assert_eq!(d.rgb.len(), px);
                     pixels.data.extend_from_slice(&d.rgb);
                     pixels.boxes.push(d.bbox);
                     pixels.masks.push(d.mask);
@@ -559,25 +605,30 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
     crate::engine::out_of_memory(&format!("{e:#}"))
 }
 
+/// Batches in a row on one worker that panic before the run stops ([`rows_or_internal_error`]).
+const PANICS_BEFORE_STOP: usize = 3;
+
 /// `attribute()`'s rows, with a panic in it (a bug: libtorch's own failures are caught in the
 /// engine) turned into an `attribution_error` row for each of `items` (the batch's samples and
-/// targets), so that no sample goes missing and the other batches go on.
+/// targets), so that no sample goes missing and the other batches go on; and whether it
+/// panicked (a bug that every batch meets stops the run after [`PANICS_BEFORE_STOP`]).
 fn rows_or_internal_error(
     items: Vec<(Sample, Option<i64>)>,
     attribute: impl FnOnce() -> Result<Vec<Row>>,
-) -> Result<Vec<Row>> {
+) -> (Result<Vec<Row>>, bool) {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(attribute)) {
-        Ok(rows) => rows,
+        Ok(rows) => (rows, false),
         Err(p) => {
             let msg = panic_message(p.as_ref());
             tracing::error!("internal error on a batch of {} samples (a bug; please report it): {msg}", items.len());
-            Ok(items
+            let rows = items
                 .into_iter()
                 .map(|(sample, target)| {
                     let err = SampleError::new(Status::AttributionError, format!("internal error: {msg}"));
                     failed_row(sample, target, err)
                 })
-                .collect())
+                .collect();
+            (Ok(rows), true)
         }
     }
 }
@@ -639,4 +690,53 @@ fn attribute_batch(
     });
     add(&times.stats_ns, t);
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Loc;
+
+    fn sample() -> Sample {
+        Sample {
+            index: 3,
+            id: "a.jpg".into(),
+            path: "a.jpg".into(),
+            location: Loc::from(std::path::PathBuf::from("a.jpg")),
+            label: Some(2),
+            label_error: None,
+            bbox: None,
+            box_error: None,
+            mask: None,
+        }
+    }
+
+    fn decoded(s: Sample, rgb: usize, mask: Option<usize>) -> Prepared {
+        let d = Decoded { rgb: vec![0; rgb], bbox: None, mask: mask.map(|n| vec![1; n]) };
+        Ok((Ready { sample: s, target: Some(2) }, d))
+    }
+
+    /// A bug in the decode stage's own code (a panic, pixels or a mask of the wrong size) gives
+    /// the sample a `decode_error` row; it neither ends the run nor shifts the batch's pixels.
+    #[test]
+    fn a_failing_prepare_gives_the_sample_a_row() {
+        let size = (4, 5);
+        let ok = prepare_checked(sample(), TargetMode::Label, size, |s| decoded(s, 60, Some(20)));
+        assert!(ok.is_ok_and(|(r, d)| r.sample.id == "a.jpg" && d.rgb.len() == 60));
+        type Prep = Box<dyn FnOnce(Sample) -> Prepared>;
+        let cases: [(&str, Prep); 3] = [
+            ("boom", Box::new(|_| panic!("boom"))),
+            ("decoded 61 bytes for a 4×5 RGB input", Box::new(|s| decoded(s, 61, None))),
+            ("a mask of 19 values", Box::new(|s| decoded(s, 60, Some(19)))),
+        ];
+        for (why, prep) in cases {
+            let Err((row, transient)) = prepare_checked(sample(), TargetMode::Label, size, prep) else {
+                panic!("{why}: no failed row")
+            };
+            assert!(!transient);
+            assert_eq!((row.sample.index, row.status, row.target), (3, Status::DecodeError, Some(2)));
+            let msg = row.error.unwrap();
+            assert!(msg.starts_with("internal error: ") && msg.contains(why), "{msg}");
+        }
+    }
 }

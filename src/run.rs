@@ -146,6 +146,19 @@ fn sink_config(plan: &Plan, metadata: Vec<(String, String)>, retry_statuses: BTr
 }
 
 fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
+    let devices = resolve_device_list(d)?;
+    if devices.iter().all(|d| !d.is_cuda()) {
+        if let (Devices::List(_), Some(why)) = (d, gpu_assigned_here()) {
+            tracing::warn!(
+                "runtime.devices names only the CPU, although {why}: this run does not use the GPU \
+                 (runtime.devices = \"all\" uses every GPU the node gives)"
+            );
+        }
+    }
+    Ok(devices)
+}
+
+fn resolve_device_list(d: &Devices) -> Result<Vec<tch::Device>> {
     match d {
         Devices::All => {
             let n = engine::cuda_device_count();
@@ -154,7 +167,7 @@ fn resolve_devices(d: &Devices) -> Result<Vec<tch::Device>> {
                     return Err(RunFailed(anyhow::anyhow!(
                         "runtime.devices = \"all\": {why}, but libtorch sees no CUDA device (this build's \
                          torch 2.11.0+cu130 needs an NVIDIA driver for CUDA 13: 580 or newer); set \
-                         runtime.devices = \"cpu\" to run on the CPU"
+                         runtime.devices = [\"cpu\"] to run on the CPU"
                     ))
                     .into());
                 }
@@ -248,8 +261,9 @@ pub fn plan_with(
     for w in &job.warnings {
         tracing::warn!("{}: {w}", job_file.display());
     }
-    if let Some(o) = output {
-        job.output = o.clone();
+    match output {
+        Some(o) => job.set_output(o.clone())?,
+        None => job.check_output()?,
     }
     if let Some(d) = devices {
         job.devices = Devices::List(d);
@@ -411,6 +425,8 @@ pub struct Outcome {
     pub summary: RunSummary,
     pub plan_samples: usize,
     pub output_dir: Loc,
+    /// The devices the run used.
+    pub devices: Vec<tch::Device>,
     /// The shard's lock, held until the caller has written the run's summary (and finalized)
     /// and drops this: a process waiting for the shard does not start while those are written.
     pub shard_lock: Arc<crate::sink::ShardLock>,
@@ -451,7 +467,7 @@ pub fn run_with(
     devices: Option<Vec<String>>,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome> {
-    let (plan, first) = plan_with(job_file, shard, run_opts.output.as_ref(), devices)?;
+    let (mut plan, first) = plan_with(job_file, shard, run_opts.output.as_ref(), devices)?;
     let job = &plan.job;
     tracing::info!(
         samples = plan.samples.len(),
@@ -468,6 +484,9 @@ pub fn run_with(
     let shard_lock = Arc::new(crate::sink::lock_shard(&output.dir, output.shard, output.num_shards, &stop)?);
     if let Some(refused) = crate::sink::refusal(&output, &fingerprint(&plan))? {
         return Err(refused);
+    }
+    if let Err(e) = crate::sink::remove_summary(&output.dir, output.shard, output.num_shards) {
+        tracing::warn!("cannot remove the report of an earlier run: {e:#}");
     }
     let opts = engine_options(job)?;
     // Every replica is loaded (and warmed up) before any pipeline thread starts.
@@ -507,11 +526,16 @@ pub fn run_with(
                             "statistics on the device match the host's on the test maps"
                         );
                     }
-                    if let Err(e) = &check {
-                        tracing::warn!(
+                    match &check {
+                        Err(e) if e.is::<reduce::Disagreement>() => tracing::warn!(
                             "statistics computed on {device:?} do not match the host's ({e:#}); \
                              the workers on {device:?} compute them on the host"
-                        );
+                        ),
+                        Err(e) => tracing::warn!(
+                            "statistics could not be computed on {device:?} ({e:#}); \
+                             the workers on {device:?} compute them on the host"
+                        ),
+                        Ok(()) => {}
                     }
                     checked.push((device, check.is_ok()));
                     check.is_ok()
@@ -559,6 +583,9 @@ pub fn run_with(
     };
     let progress = Arc::new(Progress::default());
     let total = plan.samples.len();
+    let (output_dir, devices) = (job.output.clone(), plan.devices.clone());
+    // The pipeline takes the list (one copy of a shard's samples in memory, not two).
+    let samples = std::mem::take(&mut plan.samples);
     let done = Arc::new(AtomicBool::new(false));
     let summary = std::thread::scope(|s| {
         // Set on the way out, panics included, so that the progress thread ends and the scope
@@ -573,7 +600,7 @@ pub fn run_with(
         let (progress2, done2) = (progress.clone(), done.clone());
         let (pending_tx, pending_rx) = crossbeam_channel::bounded::<(u64, u64)>(1);
         s.spawn(move || report_progress(pending_rx, &progress2, &done2));
-        let r = pipeline::run(cfg, plan.samples.clone(), replicas, stop, progress.clone(), |pending, resumed| {
+        let r = pipeline::run(cfg, samples, replicas, stop, progress.clone(), |pending, resumed| {
             if resumed > 0 {
                 tracing::info!(resumed, pending, "resuming: committed parts are kept");
             }
@@ -582,14 +609,15 @@ pub fn run_with(
         r
     })?;
     let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, stats_on_device, ..summary };
-    Ok(Outcome { summary, plan_samples: total, output_dir: job.output.clone(), shard_lock })
+    Ok(Outcome { summary, plan_samples: total, output_dir, devices, shard_lock })
 }
 
 /// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's
 /// algorithm search and the allocator's growth happen before the clock and the progress bar
 /// start, and returns the batch size (with an object box and mask per image where the job's
 /// samples have them). With `auto`, tries 256, 128, … down to 1 and takes the
-/// first that every CUDA replica runs at once (32 without a CUDA device). A fixed size that fails
+/// first that every CUDA replica runs at once (32 without a CUDA device); an error other than
+/// running out of memory ends the search. A fixed size that fails
 /// here only warns: the pipeline splits failing batches and retries them.
 fn warm_up(
     batch: BatchSize,
@@ -631,6 +659,14 @@ fn warm_up(
         if let BatchSize::Fixed(_) = batch {
             tracing::warn!("warm-up with a batch of {n} failed ({err}); failing batches will be split and retried");
             return Ok(n);
+        }
+        if !engine::out_of_memory(&err) {
+            // Not a size that does not fit: a smaller one would fail the same way, after a
+            // cuDNN search each; say so now.
+            return Err(RunFailed(anyhow::anyhow!(
+                "batch_size = \"auto\": the warm-up with a batch of {n} failed, not for lack of memory: {err}"
+            ))
+            .into());
         }
         tracing::info!("a batch of {n} does not run on every worker at once: {err}");
         last_error = err;
@@ -711,7 +747,8 @@ fn report_progress(start_rx: crossbeam_channel::Receiver<(u64, u64)>, progress: 
         if !tty && last_log.elapsed() >= Duration::from_secs(10) {
             last_log = Instant::now();
             let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(done = rows, of = pending, failed, images_per_s = format!("{rate:.1}"), "progress");
+            let images_per_s = (rate * 10.0).round() / 10.0;
+            tracing::info!(done = rows, of = pending, failed, images_per_s, "progress");
         }
     }
     crate::logging::set_progress_bar(None);

@@ -116,16 +116,24 @@ impl TorchAttributor {
         }
         let engine = GuidedGradCam::load(model, device, opts)?;
         let c = mean.len() as i64;
-        let mean = Tensor::from_slice(mean).view([1, c, 1, 1]).to_device(device);
-        let std = Tensor::from_slice(std).view([1, c, 1, 1]).to_device(device);
-        let stream = match device {
-            Device::Cuda(i) => {
-                // The pool's streams do not wait for the default stream the model was loaded on.
-                tch::Cuda::synchronize(i as i64);
-                Some(shim::CudaStream::from_pool(i).map_err(|e| anyhow::anyhow!("CUDA stream for {device:?}: {e}"))?)
-            }
-            _ => None,
-        };
+        // libtorch's failures here (the calls do not return errors) are the device's.
+        let (mean, std, stream) = catch_libtorch(|| {
+            let mean = Tensor::from_slice(mean).view([1, c, 1, 1]).to_device(device);
+            let std = Tensor::from_slice(std).view([1, c, 1, 1]).to_device(device);
+            let stream = match device {
+                Device::Cuda(i) => {
+                    // The pool's streams do not wait for the default stream the model was loaded on.
+                    tch::Cuda::synchronize(i as i64);
+                    Some(
+                        shim::CudaStream::from_pool(i)
+                            .map_err(|e| anyhow::anyhow!("CUDA stream for {device:?}: {e}"))?,
+                    )
+                }
+                _ => None,
+            };
+            Ok((mean, std, stream))
+        })
+        .map_err(|e| crate::exit::RunFailed(e.context(format!("setting up a replica on {device:?}"))))?;
         Ok(Self { engine, mean, std, channels: c, stream, reduction: None })
     }
 

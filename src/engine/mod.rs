@@ -22,7 +22,9 @@ pub use meta::{read_meta, ModelMeta, META_FILE};
 pub use npy::{attribute_npy, NpyRun, TargetArg};
 pub use shim::{disable_graph_optimization, graph_optimization_enabled, FlagsMode};
 
+use crate::exit::RunFailed;
 use anyhow::{anyhow, bail, Context, Result};
+use batch::catch_libtorch;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tch::{CModule, Device, IValue, Kind, Tensor};
@@ -190,18 +192,37 @@ impl GuidedGradCam {
         }
         let meta = read_meta(path)?.unwrap_or_default();
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            let msg = torch_message(&e.to_string()).to_owned();
+            if device.is_cuda() && device_failure(&msg) {
+                // The file was read; the device could not take it (out of memory, a CUDA error).
+                return RunFailed(anyhow!("loading {} onto {device:?}: {msg}", path.display())).into();
+            }
             anyhow!(
-                "{} is not a loadable TorchScript file ({}); a state_dict or a torch.save checkpoint is not \
+                "{} is not a loadable TorchScript file ({msg}); a state_dict or a torch.save checkpoint is not \
                  TorchScript: export the model with scripts/export_model.py; {CONTRACT}",
                 path.display(),
-                torch_message(&e.to_string())
             )
         })?;
+        // libtorch's failures in the calls below (which do not return errors) are the device's.
+        catch_libtorch(|| Self::prepare(&mut module, path, device, opts)).map_err(|e| {
+            if device.is_cuda() {
+                RunFailed(e.context(format!("preparing {} on {device:?}", path.display()))).into()
+            } else {
+                e
+            }
+        })?;
+        let opts = EngineOptions { channels_last: Some(opts.channels_last_on(device)), ..opts };
+        Ok(Self { module, device, opts, path: path.to_path_buf(), meta })
+    }
+
+    /// Sets a loaded module up for attribution: eval mode, the job's cuDNN flags in a traced
+    /// model's convolutions, frozen parameters (channels-last where asked), cuDNN's settings.
+    fn prepare(module: &mut CModule, path: &Path, device: Device, opts: EngineOptions) -> Result<()> {
         module.set_eval();
         // A traced model's convolutions carry the cuDNN flags of the exporting process; they
         // get the job's, so the forward follows them as the backward does (on the CPU they
         // change nothing, but the graph is the same on every device).
-        let convolutions = shim::set_convolution_flags(&mut module, opts.cudnn_benchmark, !opts.ieee_fp32)
+        let convolutions = shim::set_convolution_flags(module, opts.cudnn_benchmark, !opts.ieee_fp32)
             .map_err(|e| anyhow!("{}: setting the convolutions' cuDNN flags: {e}", path.display()))?;
         tracing::debug!(
             "{}: {convolutions} traced convolution calls set to benchmark = {}, allow_tf32 = {}",
@@ -209,11 +230,11 @@ impl GuidedGradCam {
             opts.cudnn_benchmark,
             !opts.ieee_fp32
         );
-        let opts = EngineOptions { channels_last: Some(opts.channels_last_on(device)), ..opts };
+        let channels_last = opts.channels_last_on(device);
         for (name, mut p) in module.named_parameters().context("listing the model's parameters")? {
             // No weight gradients are ever computed.
             let _ = p.set_requires_grad(false);
-            if opts.channels_last == Some(true) && p.dim() == 4 {
+            if channels_last && p.dim() == 4 {
                 // The handle shares the module's tensor: set_data changes the parameter itself.
                 let cl = shim::channels_last(&p).map_err(|e| anyhow!("{}: parameter {name}: {e}", path.display()))?;
                 no_grad(|| p.set_data(&cl));
@@ -225,7 +246,7 @@ impl GuidedGradCam {
             }
             shim::set_cudnn_tf32(!opts.ieee_fp32).map_err(|e| anyhow!("setting cuDNN's float32 precision: {e}"))?;
         }
-        Ok(Self { module, device, opts, path: path.to_path_buf(), meta })
+        Ok(())
     }
 
     pub fn device(&self) -> Device {
@@ -471,6 +492,10 @@ pub fn out_of_memory(msg: &str) -> bool {
     [
         "out of memory",
         "alloc_failed",
+        // cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED (and HOST_).
+        "allocation_failed",
+        // cuBLAS creating a handle without the memory for it.
+        "cublas_status_not_initialized",
         "can't allocate memory",
         "not enough memory",
         "unable to find an engine",
@@ -478,6 +503,13 @@ pub fn out_of_memory(msg: &str) -> bool {
     ]
     .iter()
     .any(|m| msg.contains(m))
+}
+
+/// Whether a libtorch error says the device failed (out of memory, a CUDA, cuDNN or cuBLAS
+/// error) rather than the input or the model.
+pub fn device_failure(msg: &str) -> bool {
+    let lower = msg.to_ascii_lowercase();
+    out_of_memory(msg) || ["cuda error", "cuda driver", "cudnn error", "cublas"].iter().any(|m| lower.contains(m))
 }
 
 /// The line of a libtorch error that says what went wrong. An op that fails inside a TorchScript
@@ -530,5 +562,9 @@ mod tests {
         // cuDNN with no algorithm whose workspace fits (PyTorch's v8 and v7 paths).
         assert!(out_of_memory("RuntimeError: FIND was unable to find an engine to execute this computation"));
         assert!(out_of_memory("Unable to find a valid cuDNN algorithm to run convolution"));
+        // cuDNN 9's allocation statuses and cuBLAS's handle creation.
+        assert!(out_of_memory("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"));
+        assert!(out_of_memory("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"));
+        assert!(!out_of_memory("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"));
     }
 }

@@ -1,5 +1,6 @@
 //! The `attribute` command's work: .npy in, .npy out, in batches.
 
+use super::batch::catch_libtorch;
 use super::{EngineOptions, GuidedGradCam};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -97,15 +98,20 @@ pub fn attribute_npy(
     while start < n {
         let len = bs.min(n - start);
         let xb = x.narrow(0, start, len);
-        let r = engine.attribute(&xb, &targets[start as usize..(start + len) as usize]).map_err(|e| {
+        // libtorch's failures in the ops that do not return errors (the map's upsampling, the
+        // copies back) are errors too, with the same hint.
+        let (attr, cam, batch_targets) = catch_libtorch(|| {
+            let r = engine.attribute(&xb, &targets[start as usize..(start + len) as usize])?;
+            let cam = cam_out.is_some().then(|| r.cam.to_device(Device::Cpu));
+            Ok((r.attribution.to_device(Device::Cpu), cam, r.targets))
+        })
+        .map_err(|e| {
             let hint = if super::out_of_memory(&format!("{e:#}")) { " (a smaller --batch-size may fit)" } else { "" };
             e.context(format!("batch of examples {start}..{}{hint}", start + len))
         })?;
-        attrs.push(r.attribution.to_device(Device::Cpu));
-        if cam_out.is_some() {
-            cams.push(r.cam.to_device(Device::Cpu));
-        }
-        resolved.extend(r.targets);
+        attrs.push(attr);
+        cams.extend(cam);
+        resolved.extend(batch_targets);
         batches += 1;
         start += len;
     }

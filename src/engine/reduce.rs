@@ -5,7 +5,7 @@
 
 use super::no_grad;
 use crate::stats::{axis_range, finish, map_sums, resize_map, MapStats, MapSums, Region};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 /// What every map of a batch is reduced to on the device.
@@ -172,7 +172,8 @@ impl DeviceReduction {
 /// bump, sparse hot pixels, NaN, infinities and negatives, an all-zero map), with object boxes,
 /// masks and `r`'s regions, are reduced on the device and on the host; the statistics must
 /// agree within [`CHECK_TOLERANCE`] and the resized maps within it relative to their values.
-/// The error names the first disagreement.
+/// The error names the first disagreement (a [`Disagreement`]), or why the reduction could not
+/// run.
 pub fn self_check(device: Device, r: &Reduction, h: usize, w: usize) -> Result<()> {
     let n = 4;
     let v = check_maps(n, h, w);
@@ -195,17 +196,23 @@ pub fn self_check(device: Device, r: &Reduction, h: usize, w: usize) -> Result<(
         let map = &v[i * h * w..(i + 1) * h * w];
         let host = map_sums(map, h, w, boxes[i], masks[i].as_deref(), &r.regions);
         let (a, b) = (finish(&host, h, w, &[], 0, 0), finish(&sums[i], h, w, &[], 0, 0));
-        compare_stats(&a, &b, CHECK_TOLERANCE).with_context(|| format!("test map {i} of {h}×{w}"))?;
+        compare_stats(&a, &b, CHECK_TOLERANCE).map_err(|e| Disagreement(format!("test map {i} of {h}×{w}: {e}")))?;
         let want = resize_map(map, h, w, r.map_size);
         for (p, (a, b)) in want.iter().zip(&resized[i * s2..(i + 1) * s2]).enumerate() {
             let both_finite = a.is_finite() && b.is_finite();
             if (both_finite && (a - b).abs() > CHECK_TOLERANCE * a.abs().max(1.0)) || (a.is_finite() != b.is_finite()) {
-                bail!("test map {i} of {h}×{w}: resized pixel {p} is {b} on the device, {a} on the host");
+                let why = format!("test map {i} of {h}×{w}: resized pixel {p} is {b} on the device, {a} on the host");
+                return Err(Disagreement(why).into());
             }
         }
     }
     Ok(())
 }
+
+/// A device's reduction that ran and gave other numbers than the host's ([`self_check`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Disagreement(pub String);
 
 /// How far the device's statistics may be from the host's in [`self_check`]: both sum in
 /// float64, so they differ by rounding alone (about 1e-7; the host takes logarithms in f32).
@@ -423,8 +430,9 @@ mod tests {
         let regions = MapStats { region_shares: vec![Some(0.5)], ..host.clone() };
         assert!(compare_stats(&host, &regions, CHECK_TOLERANCE).unwrap_err().to_string().contains("region"));
 
+        // A reduction that cannot run is not a disagreement.
         let e = self_check(Device::Cpu, &Reduction { map_size: 0, regions: Vec::new() }, 8, 8).unwrap_err();
-        assert!(e.to_string().contains("map size"), "{e}");
+        assert!(e.to_string().contains("map size") && !e.is::<Disagreement>(), "{e}");
     }
 
     #[test]

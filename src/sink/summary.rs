@@ -248,3 +248,10 @@ pub fn write_summary(dir: &Loc, shard: u32, num_shards: u32, summary: &serde_jso
     files::write_json_atomic(dir, &name, summary)?;
     dir.join(&name)
 }
+
+/// Removes the shard's report of an earlier run, as a run starts: a run that then fails leaves
+/// no report, rather than one of another run.
+pub fn remove_summary(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Result<()> {
+    crate::store::remove_if_exists(&dir.join(&files::run_summary_name(shard, num_shards))?)?;
+    Ok(())
+}

@@ -775,6 +775,59 @@ fn a_panicking_batch_fails_its_samples_and_the_run_goes_on() {
     }
 }
 
+/// A run whose writes fail (here: a file size limit, as a full disk would) exits 3 and leaves
+/// no report of an earlier run in the folder, and no temporary files; a rerun without the limit
+/// completes.
+#[test]
+fn a_failing_disk_stops_the_run_with_exit_3() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 20);
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model.pt"), "");
+    let out = ds.dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let report = out.join("_run-00000-of-00001.json");
+    std::fs::write(&report, "{\"processed\": 250}").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["-q", "run"]).arg(&job);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit { rlim_cur: 2048, rlim_max: 2048 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("File too large"), "{err}");
+    assert!(!report.exists(), "the earlier run's report is gone");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp") || n.ends_with(".parquet"))
+        .collect();
+    assert!(left.iter().all(|n| !n.contains(".tmp")), "temporary files left: {left:?}");
+    let o = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rows_by_id(&out).len(), ds.expected.len());
+}
+
+/// A bug that every batch meets stops the run after three batches in a row (exit 3) instead
+/// of filling every remaining row with it.
+#[test]
+fn a_panic_on_every_batch_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (samples, cfg) = six_images(tmp.path(), [7; 6]);
+    let e = run_six(samples, cfg, Box::new(PanicsOnSeven)).expect_err("the run stops");
+    assert!(format!("{e:#}").contains("internal error on 3 batches in a row on panics"), "{e:#}");
+    assert_eq!(saliency_audit::exit::code(&e), 3);
+}
+
 /// Constructed cases: an 80×60 image, red in its top-right quarter only, resized (shorter side
 /// 36 → 48×36) and centre-cropped to 32 (left 8, top 2): the red lands in the crop's top-right
 /// quarter. Box [40,0,80,30] and a mask of the same area map onto that quarter.
@@ -962,7 +1015,7 @@ fn bad_job_specs_fail_before_work() {
         let out = Command::new(bin()).arg("run").arg(&job).env("CUDA_VISIBLE_DEVICES", "0").output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{err}");
-        assert!(err.contains("CUDA_VISIBLE_DEVICES is \"0\"") && err.contains("runtime.devices = \"cpu\""), "{err}");
+        assert!(err.contains("CUDA_VISIBLE_DEVICES is \"0\"") && err.contains("runtime.devices = [\"cpu\"]"), "{err}");
         assert!(!ds.dir.join("out").exists(), "no work");
     }
 }
@@ -1196,19 +1249,23 @@ fn shards_union_equals_the_unsharded_run() {
             String::from_utf8_lossy(&out.stderr).contains("sample(s) failed"),
             "shard {i}: the failures are reported"
         );
-        if i == 1 {
-            assert!(stdout.contains("not finalized yet: shard(s) 2 of 3 still to finish"), "{stdout}");
-        }
-        assert_eq!(sharded.join("_SUCCESS").exists(), i == 2, "after shard {i}: {stdout}");
-        if i == 2 {
-            assert!(stdout.contains("finalized") && stdout.contains("all 3 shards complete"), "{stdout}");
-        }
         // Every line on stderr is a JSON object: log lines, and the command's own messages
-        // (the count of failed samples).
+        // (the run's summary, finalize's outcome, the count of failed samples); nothing is
+        // left on stdout.
+        assert_eq!(stdout, "", "shard {i}");
         let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect();
+        let messages: Vec<&str> = lines.iter().map(|v| v["message"].as_str().unwrap_or_default()).collect();
+        assert!(messages.iter().any(|m| m.contains("samples processed in")), "{messages:?}");
+        if i == 1 {
+            assert!(messages.iter().any(|m| m.contains("not finalized yet: shard(s) 2 of 3 still to finish")));
+        }
+        assert_eq!(sharded.join("_SUCCESS").exists(), i == 2, "after shard {i}: {messages:?}");
+        if i == 2 {
+            assert!(messages.iter().any(|m| m.starts_with("finalized") && m.contains("all 3 shards complete")));
+        }
         assert_eq!(lines[0]["level"], "INFO");
         assert!(lines
             .iter()
@@ -1264,6 +1321,22 @@ fn bench_command_reports_scaling_and_real_data() {
     assert_eq!(v[0]["summary"]["processed"], 29);
     assert!(v[0]["summary"]["stage_busy_s"]["engine"].as_f64().unwrap() > 0.0);
     assert!(!ds.dir.join("out").exists(), "bench writes into a temporary folder, not the job's output");
+    // Without --devices, the job's own devices (one row); the engine's settings are the job's.
+    let out = Command::new(bin()).args(["-q", "bench", "--job"]).arg(&job).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["devices"], serde_json::json!(["cpu"]));
+    assert_eq!(v[0]["summary"]["batch_size"], 16, "the job's batch size");
+    let out = Command::new(bin())
+        .args(["-q", "bench", "--job"])
+        .arg(&job)
+        .args(["--batch-size", "4", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--batch-size") && err.contains("--precision") && err.contains("runtime.batch_size"), "{err}");
 }
 
 /// Two workers on one device (two model replicas pulling from one queue) and
