@@ -3,12 +3,12 @@
 audit split, all from fixed seeds on CPU.
 
 Classes are noisy shapes (circle, square, triangle) on textured backgrounds. In the training split
-every "square" images carry a small bright mark in the top-right corner and no other image
+90% of the "square" images carry a small bright mark in the top-right corner and no other image
 does, so the mark alone predicts "square" — a shortcut the network learns. In the audit split the
 mark appears on half of the images of every class; the manifest gives each image's object box, and
 the job names the mark's place as a region.
 
-Usage: python scripts/make_demo.py OUT_DIR [--train-per-class 400] [--audit-per-class 60] [--epochs 6]
+Usage: python scripts/make_demo.py OUT_DIR [--train-per-class 400] [--audit-per-class 60] [--epochs 14]
 Writes OUT_DIR/{train/, audit/, audit.csv, model.pt, train_log.json, stamp}; skips the work when the
 stamp matches this script, the export helper and the arguments.
 """

@@ -256,6 +256,30 @@ impl Job {
             Err(_) => JobError { key: Some(path.to_owned()), ..JobError::file(&self.job_file, message) },
         }
     }
+
+    /// Writes to `output` instead of the spec's `output.path` (the `--output` argument), which
+    /// then need not be a folder; a local `output` that exists must be one.
+    pub fn set_output(&mut self, output: Loc) -> Result<(), JobError> {
+        if let Loc::Local(p) = &output {
+            if p.exists() && !p.is_dir() {
+                let message = format!("--output {}: exists and is not a folder", p.display());
+                return Err(JobError::file(&self.job_file, message));
+            }
+        }
+        self.output = output;
+        Ok(())
+    }
+
+    /// The spec's own output folder, once it is known not to be overridden: a local one that
+    /// exists must be a folder.
+    pub fn check_output(&self) -> Result<(), JobError> {
+        match &self.output {
+            Loc::Local(p) if p.exists() && !p.is_dir() => {
+                Err(self.error("output.path", format!("{} exists and is not a folder", p.display())))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The resolved plan, as `saliency-audit validate` prints it (one `name: value` line each).

@@ -53,9 +53,21 @@ fn job_dir(job_file: &Path) -> PathBuf {
     std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf())
 }
 
-/// The model path resolved against `job_dir`, checked to be a file.
+/// The model path (or `file://` URL) resolved against `job_dir`, checked to be a file.
 fn model_file(spec: &JobSpec, job_dir: &Path) -> Result<PathBuf, JobError> {
-    let model = job_dir.join(&spec.model.path);
+    let model = match location(spec, "model.path", &spec.model.path, job_dir)? {
+        Loc::Local(p) => p,
+        Loc::Remote { .. } => {
+            return Err(spec.error(
+                "model.path",
+                format!(
+                    "{} is in an object store: libtorch loads a model from a local file; copy it to the node \
+                     (or mount it) and give its path",
+                    spec.model.path.display()
+                ),
+            ))
+        }
+    };
     if !model.is_file() {
         return Err(spec.error("model.path", format!("no model file at {}", model.display())));
     }
@@ -111,12 +123,8 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         }
         (None, None) => return Err(spec.error("dataset", "give one of `manifest` or `image_folder`")),
     };
+    // Whether it is a folder is checked once it is known not to be overridden (`Job::check_output`).
     let output = location(&spec, "output.path", &spec.output.path, job_dir)?;
-    if let Loc::Local(p) = &output {
-        if p.exists() && !p.is_dir() {
-            return Err(spec.error("output.path", format!("{} exists and is not a folder", p.display())));
-        }
-    }
 
     let preprocess = preprocess(&spec, meta)?;
     let mut warnings = Vec::new();

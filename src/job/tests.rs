@@ -326,11 +326,30 @@ fn missing_files_name_the_key() {
     let text = MINIMAL.replace("train", "nope");
     let err = resolve(parse(&text).unwrap(), d.path(), None).unwrap_err().to_string();
     assert!(err.contains("dataset.image_folder") && err.contains("line 2"), "{err}");
+    // The spec's output folder is checked only where no `--output` replaces it.
     std::fs::write(d.path().join("out"), "a file").unwrap();
-    let err = resolve(parse(MINIMAL).unwrap(), d.path(), None).unwrap_err().to_string();
-    assert!(err.contains("output.path") && err.contains("not a folder"), "{err}");
+    let job_file = d.path().join("job.toml");
+    std::fs::write(&job_file, format!("{MINIMAL}[preprocess]\nresize = [8, 8]\n")).unwrap();
+    let job = load_with(&job_file, |_| Ok(None)).unwrap();
+    let err = job.check_output().unwrap_err().to_string();
+    assert!(err.contains("output.path") && err.contains("line 6") && err.contains("not a folder"), "{err}");
+    job.clone().set_output(Loc::from(d.path().join("elsewhere"))).unwrap();
+    let err = job.clone().set_output(Loc::from(d.path().join("samples.csv"))).unwrap_err().to_string();
+    assert!(err.contains("--output") && err.contains("samples.csv") && err.contains("not a folder"), "{err}");
     let err = load(&d.path().join("absent.toml")).unwrap_err().to_string();
     assert!(err.contains("absent.toml") && err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn model_paths_may_be_file_urls_but_not_object_store_urls() {
+    let d = Dir::new();
+    let url = format!("file://{}", d.path().join("model.pt").display());
+    let job = resolve(parse(&FULL.replace("\"model.pt\"", &format!("{url:?}"))).unwrap(), d.path(), None).unwrap();
+    assert_eq!(job.model, d.path().join("model.pt"));
+    let err = resolve(parse(&FULL.replace("\"model.pt\"", "\"s3://models/m.pt\"")).unwrap(), d.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.path") && err.contains("line 4") && err.contains("local file"), "{err}");
 }
 
 #[test]

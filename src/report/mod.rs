@@ -115,13 +115,17 @@ pub struct Record {
     pub id: String,
     pub path: String,
     pub label: Option<i64>,
+    /// The class the map explains.
+    pub target: Option<i64>,
     pub predicted: Option<i64>,
     pub predicted_prob: Option<f32>,
     pub entropy: Option<f32>,
     pub bbox_share: Option<f32>,
     pub mask_share: Option<f32>,
     pub region_shares: Vec<Option<f32>>,
-    /// The class the sample is grouped under: its label, else its prediction.
+    /// The class the sample is grouped under: the class its map explains (its target), so that
+    /// one class's maps are compared with maps of the same class; else its label, else its
+    /// prediction.
     pub class: i64,
     pub score: Option<f32>,
     pub rank: Option<usize>,
@@ -224,6 +228,7 @@ struct Cols<'a> {
     id: &'a StringArray,
     path: &'a StringArray,
     label: &'a Int64Array,
+    target: &'a Int64Array,
     predicted: &'a Int64Array,
     status: &'a StringArray,
     prob: &'a Float32Array,
@@ -245,6 +250,7 @@ impl<'a> Cols<'a> {
             id: col(b, "id")?,
             path: col(b, "path")?,
             label: col(b, "label")?,
+            target: col(b, "target")?,
             predicted: col(b, "predicted")?,
             status: col(b, "status")?,
             prob: col(b, "predicted_prob")?,
@@ -279,19 +285,20 @@ impl<'a> Cols<'a> {
     }
 
     fn record(&self, i: usize) -> Record {
-        let (label, predicted) = (opt_i64(self.label, i), opt_i64(self.predicted, i));
+        let (label, target, predicted) = (opt_i64(self.label, i), opt_i64(self.target, i), opt_i64(self.predicted, i));
         Record {
             index: self.index.value(i),
             id: self.id.value(i).to_owned(),
             path: self.path.value(i).to_owned(),
             label,
+            target,
             predicted,
             predicted_prob: opt_f32(self.prob, i),
             entropy: opt_f32(self.entropy, i),
             bbox_share: opt_f32(self.bbox, i),
             mask_share: opt_f32(self.mask, i),
             region_shares: self.regions.iter().map(|r| opt_f32(r, i)).collect(),
-            class: label.or(predicted).unwrap_or(-1),
+            class: target.or(label).or(predicted).unwrap_or(-1),
             score: None,
             rank: None,
             cluster: None,
@@ -782,6 +789,10 @@ fn scores_table(records: &[Record], names: &Option<Vec<String>>) -> Result<Recor
         ),
         (Field::new("label", DataType::Int64, true), Arc::new(Int64Array::from_iter(records.iter().map(|r| r.label)))),
         (
+            Field::new("target", DataType::Int64, true),
+            Arc::new(Int64Array::from_iter(records.iter().map(|r| r.target))),
+        ),
+        (
             Field::new("predicted", DataType::Int64, true),
             Arc::new(Int64Array::from_iter(records.iter().map(|r| r.predicted))),
         ),
@@ -994,6 +1005,7 @@ mod tests {
             id: String::new(),
             path: String::new(),
             label: Some(class),
+            target: Some(class),
             predicted: None,
             predicted_prob: None,
             entropy: None,

@@ -343,3 +343,40 @@ fn report_of_a_partial_or_mixed_output() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("000099.parquet was written by another job than") && err.contains("another-job"), "{err}");
 }
+
+/// The report groups each map under the class it explains: with `target = "predicted"`, a
+/// marked circle that the model calls "square" has a map of "square" evidence and is compared
+/// with the square class's maps, not its label's.
+#[test]
+fn the_report_groups_maps_by_the_class_they_explain() {
+    demo_output(); // the demo's data and model
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = repo().join(".cache/demo");
+    let job = tmp.path().join("predicted.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[dataset]\nmanifest = {:?}\n[model]\npath = {:?}\n[preprocess]\nresize = 72\ncrop = 64\n\
+             [attribution]\ntarget = \"predicted\"\n[runtime]\ndevices = [\"cpu\"]\nbatch_size = 32\n\
+             [output]\npath = \"out\"\nmap_size = 64\n",
+            demo.join("audit.csv"),
+            demo.join("model.pt")
+        ),
+    )
+    .unwrap();
+    run_ok(Command::new(bin()).arg("run").arg(&job), "run with target = predicted");
+    run_ok(Command::new(bin()).arg("report").arg(tmp.path().join("out")), "report");
+    let scores = read_parquet(&tmp.path().join("out/_report/scores.parquet"));
+    let (class, label, target, predicted) = (
+        col::<Int64Array>(&scores, "class"),
+        col::<Int64Array>(&scores, "label"),
+        col::<Int64Array>(&scores, "target"),
+        col::<Int64Array>(&scores, "predicted"),
+    );
+    assert_eq!(scores.num_rows(), 180);
+    for i in 0..scores.num_rows() {
+        assert_eq!((class.value(i), target.value(i)), (predicted.value(i), predicted.value(i)), "row {i}");
+    }
+    let misread = (0..scores.num_rows()).filter(|&i| label.value(i) != class.value(i)).count();
+    assert!(misread > 0, "the demo model misreads some marked images; none grouped apart from their label");
+}
