@@ -47,6 +47,19 @@ def encode(im, fmt="JPEG", **save):
     return buf.getvalue()
 
 
+def damaged(data):
+    """The JPEG with every 7th byte of the last two thirds of its scan overwritten (no marker
+    bytes made): libjpeg warns of corrupt data and decodes around it, and PIL keeps that."""
+    b = bytearray(data)
+    sos = b.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+    end = len(b) - 2
+    for i in range(start + (end - start) // 3, end - 8, 7):
+        if b[i] != 0xFF and b[i - 1] != 0xFF:
+            b[i] = 0x5A
+    return bytes(b)
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -73,6 +86,12 @@ def main():
         "large_downscaled": encode(photo(1600, 1200, 11), quality=90),
         # Lossless, with alpha dropped by convert("RGB"): the resize alone.
         "rgba_png": encode(photo(210, 170, 12).convert("RGBA"), "PNG"),
+        # Much taller than wide (a phone screenshot): Pillow 13 resizes these vertically
+        # first; and one whose width grows while its height shrinks.
+        "tall_phone_420": encode(photo(540, 1200, 18), quality=90),
+        "tall_narrow_png": encode(photo(130, 700, 19), "PNG"),
+        "narrow_upscaled_width": encode(photo(60, 300, 20), "PNG"),
+        "damaged_scan": damaged(encode(photo(320, 240, 21), quality=90)),
     }
     index = []
     for name, data in cases.items():

@@ -50,15 +50,18 @@ pub(super) fn decode(
             unsafe { ffi::jpeg_destroy_decompress(&mut self.0) };
         }
     }
-    // Declared before the session, so dropped after it: libjpeg holds a pointer to it.
+    // Declared before the session, so dropped after it: libjpeg holds pointers to them.
     let mut err = Box::new(libjpeg_errors());
     // SAFETY (this block and the calls below): jpeg_decompress_struct is plain C data, valid
     // zeroed before jpeg_create_decompress fills it; the error manager and the input bytes
     // outlive the session; each call comes in the order libjpeg's API requires, and every row
     // pointer handed to jpeg_read_scanlines points at `output_width * 3` writable bytes.
+    let mut progress = Box::new(scan_limit());
     let mut s = Session(Box::new(unsafe { std::mem::zeroed() }));
     s.0.common.err = &mut *err;
     unsafe { ffi::jpeg_create_decompress(&mut *s.0) };
+    // After the create, which clears every field but the error manager.
+    s.0.common.progress = &mut *progress;
     let c = &mut *s.0;
     unsafe { ffi::jpeg_mem_src(c, bytes.as_ptr(), bytes.len() as _) };
     if unsafe { ffi::jpeg_read_header(c, 1) } != 1 {
@@ -115,6 +118,31 @@ pub(super) fn decode(
 thread_local! {
     /// Warnings libjpeg gave on this thread since the counter was last reset.
     pub(super) static LIBJPEG_WARNINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Scans a JPEG may have before libjpeg gives up on it (as libjpeg-turbo's `djpeg -maxscans`
+/// does; the image crate's decoder, the fallback, refuses more than 100 too). A progressive
+/// file of thousands of tiny scans is small on disk but entropy-decodes the whole image once a
+/// scan: seconds to minutes of a decode thread.
+const MAX_SCANS: i32 = 100;
+
+/// libjpeg's progress monitor for [`decode`]: stops the decode (as a fatal error) past
+/// [`MAX_SCANS`] scans.
+fn scan_limit() -> ffi::jpeg_progress_mgr {
+    unsafe extern "C-unwind" fn monitor(common: &mut ffi::jpeg_common_struct) {
+        if common.is_decompressor == 0 {
+            return;
+        }
+        // SAFETY: a decompressor's common fields are the first of its jpeg_decompress_struct.
+        let d = unsafe { &*(common as *mut ffi::jpeg_common_struct).cast::<ffi::jpeg_decompress_struct>() };
+        if d.input_scan_number > MAX_SCANS {
+            std::panic::resume_unwind(Box::new("libjpeg: too many scans"));
+        }
+    }
+    // SAFETY: plain C data, valid zeroed; libjpeg sets the counters.
+    let mut p: ffi::jpeg_progress_mgr = unsafe { std::mem::zeroed() };
+    p.progress_monitor = Some(monitor);
+    p
 }
 
 /// libjpeg's error handling for [`decode`]: a fatal error unwinds out of libjpeg (to the

@@ -185,8 +185,9 @@ fn finish(
 }
 
 /// The libjpeg path (at a DCT scale with `jpeg_dct_scaling`): `Ok(None)` when it does not
-/// apply (not a JPEG, or one libjpeg cannot convert to RGB, CMYK say, or warns about), and the
-/// caller decodes with the image crate. A JPEG that is too large or truncated gets the same
+/// apply (not a JPEG, or one libjpeg cannot convert to RGB, CMYK say, or refuses), and the
+/// caller decodes with the image crate. Damaged data libjpeg decodes around (with warnings) is
+/// kept, as PIL keeps it. A JPEG that is too large or truncated gets the same
 /// error as on that path.
 fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
@@ -240,11 +241,15 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     jpeg::LIBJPEG_WARNINGS.set(0);
     let decoded =
         std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |got| if got == size { want } else { None }));
-    let (Ok(Ok(part)), 0) = (decoded, jpeg::LIBJPEG_WARNINGS.get()) else {
-        // libjpeg refused it or decoded around damage: the image crate decides (and names the
-        // error).
+    let Ok(Ok(part)) = decoded else {
+        // libjpeg refused it: the image crate decides (and names the error).
         return Ok(None);
     };
+    let warnings = jpeg::LIBJPEG_WARNINGS.get();
+    if warnings > 0 {
+        // Damaged data that libjpeg decoded around, as PIL takes it (its pixels are PIL's).
+        tracing::warn!("{name}: libjpeg found corrupt data ({warnings} warning(s)) and decoded around it, as PIL does");
+    }
     let [hx, hy, hw, hh] = part.held;
     let Some(img) = image::RgbImage::from_raw(hw, hh, part.rgb).filter(|_| part.size == size) else {
         return Ok(None);
@@ -338,6 +343,43 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
     err
 }
 
+/// A PNG's bytes without its iCCP chunks (an embedded colour profile), which nothing here
+/// uses and which the PNG decoder would inflate whole before any pixel, up to the allocation
+/// limit: a few kilobytes of compressed zeros would cost gigabytes (PIL refuses such a
+/// profile). Other files, and PNGs without the chunk, are returned as they are; so is a PNG
+/// whose chunks do not parse, for the decoder to refuse.
+pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if !bytes.starts_with(SIGNATURE) {
+        return bytes.into();
+    }
+    // The chunks before the image data: (start, end, is iCCP). The profile must come before it.
+    let mut chunks = Vec::new();
+    let mut at = SIGNATURE.len();
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let kind = &head[4..8];
+        if kind == b"IDAT" || kind == b"IEND" {
+            break;
+        }
+        let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= bytes.len()) else {
+            return bytes.into();
+        };
+        chunks.push((at, end, kind == b"iCCP"));
+        at = end;
+    }
+    if !chunks.iter().any(|c| c.2) {
+        return bytes.into();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(SIGNATURE);
+    for &(start, end, _) in chunks.iter().filter(|c| !c.2) {
+        out.extend_from_slice(&bytes[start..end]);
+    }
+    out.extend_from_slice(&bytes[at..]);
+    out.into()
+}
+
 /// Allocation budget handed to the image decoders for a pixel limit: room for the largest
 /// in-memory layout (RGBA f32, 16 bytes a pixel) plus decoder working memory.
 pub(crate) fn alloc_limit(max_pixels: u64) -> u64 {
@@ -368,6 +410,8 @@ pub(crate) fn decode_oriented(
     if bytes.is_empty() {
         return Err(err(Status::DecodeError, format!("empty file (0 bytes), not an {what}")));
     }
+    let stripped = png_without_iccp(bytes);
+    let bytes = &*stripped;
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(Status::DecodeError, format!("cannot sniff the {what} format: {e}")))?;

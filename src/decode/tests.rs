@@ -529,8 +529,9 @@ fn jpeg_dct_scaling_keeps_errors_and_small_images() {
     assert_eq!(decode_bytes(&small, "s", &scaled).unwrap(), decode_bytes(&small, "s", &full).unwrap());
 }
 
-/// JPEGs libjpeg cannot turn into RGB (CMYK), or warns about (damaged entropy-coded data that
-/// it would decode around), are not taken from libjpeg: the image crate decodes or refuses them.
+/// JPEGs libjpeg cannot turn into RGB (CMYK) go to the image crate, which decodes or refuses
+/// them; damaged entropy-coded data that libjpeg decodes around (with warnings) stays
+/// libjpeg's, as PIL keeps it (`tests/it/decode.rs` compares such a file with PIL).
 #[test]
 fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
     let p = pre(Resize::ShorterSide(32), Some((32, 32)));
@@ -546,7 +547,7 @@ fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
     let d = decode_bytes(&cmyk_jpeg, "cmyk.jpg", &p).unwrap();
     assert_eq!(d.rgb.len(), 32 * 32 * 3);
 
-    // Damaged scan data (no marker bytes written): libjpeg warns, and the image crate decides.
+    // Damaged scan data (no marker bytes written): libjpeg warns, and its pixels are kept.
     let mut damaged = jpeg(&photo(160, 120), 90);
     let sos = damaged.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
     let start = sos + 2 + u16::from_be_bytes([damaged[sos + 2], damaged[sos + 3]]) as usize;
@@ -556,13 +557,9 @@ fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
             damaged[i] = 0x5A;
         }
     }
-    assert!(decode_jpeg(&damaged, "damaged.jpg", &p).unwrap().is_none(), "libjpeg warned");
-    assert!(jpeg::LIBJPEG_WARNINGS.get() > 0);
-    let via_image_crate = decode_oriented(&damaged, "damaged.jpg", p.max_pixels, "image", None).map(|_| ());
-    assert_eq!(
-        decode_bytes(&damaged, "damaged.jpg", &p).map(|_| ()).map_err(|e| e.status),
-        via_image_crate.map_err(|e| e.status)
-    );
+    let kept = decode_jpeg(&damaged, "damaged.jpg", &p).unwrap().expect("libjpeg's decode");
+    assert!(jpeg::LIBJPEG_WARNINGS.get() > 0, "libjpeg warned");
+    assert_eq!(decode_bytes(&damaged, "damaged.jpg", &p).unwrap(), kept);
 
     // The undamaged file is libjpeg's, with no warning.
     let clean = jpeg(&photo(160, 120), 90);
@@ -758,4 +755,82 @@ fn a_part_of_a_progressive_jpeg_without_its_last_scans_equals_the_whole_decode()
             assert_eq!(&part.rgb[b..b + len], &whole.rgb[a..a + len], "columns {x0}..{x1}, row {y}");
         }
     }
+}
+
+/// A PNG whose colour profile (iCCP) inflates to 300 MiB of zeros from a few hundred KB (the
+/// decoder would inflate it whole, up to the allocation limit: 1.5 GB under the default
+/// `max_pixels`): the chunk is dropped unread, and the image decodes to the pixels of the same
+/// PNG without it.
+#[test]
+fn a_png_colour_profile_is_never_inflated() {
+    let plain = encode(&DynamicImage::ImageRgb8(gradient(64, 48)), ImageFormat::Png);
+    let mut profile = b"bomb\0\0".to_vec();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..300 {
+        z.write_all(&zeros).unwrap();
+    }
+    profile.extend(z.finish().unwrap());
+    assert!(profile.len() < 2 << 20, "{} bytes", profile.len());
+    let mut chunk = (profile.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"iCCP");
+    chunk.extend_from_slice(&profile);
+    chunk.extend_from_slice(&crc32fast::hash(&chunk[4..]).to_be_bytes());
+    // After the signature (8 bytes) and IHDR (25).
+    let bomb = [&plain[..33], &chunk[..], &plain[33..]].concat();
+    assert_eq!(&png_without_iccp(&bomb)[..], &plain[..]);
+    let small = Preprocess { max_pixels: 10_000, ..identity(64, 48) };
+    let got = decode_bytes(&bomb, "bomb.png", &small).unwrap();
+    assert_eq!(got.rgb, decode_bytes(&plain, "plain.png", &small).unwrap().rgb);
+    // Not a PNG, or a PNG whose chunks do not parse: as it is.
+    assert_eq!(&png_without_iccp(b"GIF89a")[..], b"GIF89a");
+    assert_eq!(&png_without_iccp(&bomb[..40])[..], &bomb[..40]);
+}
+
+/// A pipe or a device named like an image is `unreadable` at once: opening a pipe would wait
+/// for a writer for ever, and /dev/zero never ends.
+#[test]
+fn a_pipe_or_device_is_unreadable_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.jpg");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    for path in [fifo, std::path::PathBuf::from("/dev/zero")] {
+        let e = read_file(&Loc::from(path.clone()), 1 << 20).unwrap_err();
+        assert_eq!(e.status, Status::Unreadable, "{path:?}: {}", e.message);
+        assert!(e.message.contains("not a regular file"), "{}", e.message);
+    }
+}
+
+/// A progressive JPEG of 150 tiny scans (the same DC scan again and again: a few bytes each,
+/// a pass over the whole image each): libjpeg stops past its 100th scan instead of decoding
+/// them all, and the sample is a `decode_error`; a file of a few scans still decodes.
+#[test]
+fn a_jpeg_of_too_many_scans_is_stopped() {
+    fn scans(n: usize) -> Vec<u8> {
+        let seg = |m: u8, d: &[u8]| [&[0xff, m][..], &((d.len() + 2) as u16).to_be_bytes(), d].concat();
+        let dqt = seg(0xdb, &[[0u8].as_slice(), &[1u8; 64]].concat());
+        let sof = seg(0xc2, &[8, 0, 64, 0, 64, 1, 1, 0x11, 0]);
+        let mut bits = vec![0u8, 1];
+        bits.extend([0u8; 15]);
+        bits.push(0);
+        let dht = seg(0xc4, &bits);
+        let sos = seg(0xda, &[1, 1, 0, 0, 0, 0]);
+        let mut out = vec![0xff, 0xd8];
+        out.extend([dqt, sof, dht].concat());
+        for _ in 0..n {
+            out.extend(&sos);
+            out.extend([0u8; 16]);
+        }
+        out.extend([0xff, 0xd9]);
+        out
+    }
+    let few = std::panic::catch_unwind(|| super::jpeg::decode(&scans(3), 8, |_| None));
+    assert!(matches!(few, Ok(Ok(_))), "a file of three scans decodes");
+    let many = std::panic::catch_unwind(|| super::jpeg::decode(&scans(150), 8, |_| None));
+    let msg = many.err().map(|p| super::super::engine::batch::panic_message(p.as_ref()).to_owned());
+    assert_eq!(msg.as_deref(), Some("libjpeg: too many scans"));
+    let e = decode_bytes(&scans(150), "scans.jpg", &pre(Resize::ShorterSide(32), Some((32, 32)))).unwrap_err();
+    assert_eq!(e.status, Status::DecodeError, "{}", e.message);
 }

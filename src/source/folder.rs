@@ -167,7 +167,8 @@ fn walk(dir: &Path, rel: &str, above: &mut Vec<PathBuf>, out: &mut Vec<(String, 
         };
         if meta.is_dir() {
             walk(&path, &child, above, out)?;
-        } else if is_image(&name) {
+        } else if meta.is_file() && is_image(&name) {
+            // Not a pipe or device named like an image: reading one could wait for ever.
             out.push((child, path));
         }
     }

@@ -310,12 +310,21 @@ pub fn remote_reads() -> (u64, u64) {
 }
 
 /// Reads a whole file. `max_bytes` refuses a larger file with [`io::ErrorKind::FileTooLarge`]
-/// before reading it (a local special file that reports length 0 and never ends is cut at
-/// `max_bytes + 1`). Not-found and permission errors keep their [`io::ErrorKind`].
+/// before reading it. A local path that is not a regular file (a pipe, whose open waits for a
+/// writer; a device such as /dev/zero, which never ends) is refused with
+/// [`io::ErrorKind::InvalidInput`] before it is opened. Not-found and permission errors keep
+/// their [`io::ErrorKind`].
 pub fn read(loc: &Loc, max_bytes: Option<u64>) -> io::Result<Bytes> {
     match loc {
         Loc::Local(p) => {
             use std::io::Read;
+            let meta = std::fs::metadata(p)?;
+            if !meta.is_file() && !meta.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file (a pipe, socket or device: reading it could wait or never end)",
+                ));
+            }
             let file = std::fs::File::open(p)?;
             let len = file.metadata()?.len();
             let max = max_bytes.unwrap_or(u64::MAX);
