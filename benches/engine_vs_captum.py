@@ -206,7 +206,7 @@ def main():
     for name, variant in variants:
         out = run_cmd(name, [sys.executable, os.path.abspath(__file__), "--variant", variant] + common,
                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
-        add_row(name, out and json.loads(out.strip().splitlines()[-1]))
+        add_row(name, json.loads(out.strip().splitlines()[-1]) if out else None)
     cuda = a.device.startswith("cuda")
     unfolded = None
     engines = [("saliency-audit engine", [], pt)]
@@ -229,7 +229,7 @@ def main():
         out = run_cmd(name, [a.bin, "-q", "bench", "--model", model_file, "--batch-size", str(a.batch), "--iters",
                              str(a.iters), "--warmup", str(a.warmup), "--devices", a.device, "--threads",
                              str(a.threads), "--json"] + extra)
-        add_row(name, out and json.loads(out))
+        add_row(name, json.loads(out) if out else None)
     errors = accuracy(a, pt, tmp, ieee=a.ablation and cuda, unfolded=unfolded) if a.fast else {}
     captum = rows[0][1] if rows and rows[0][0] == "captum GuidedGradCam" else None
     res = [{"variant": name, "s_per_batch": t, "images_per_s": a.batch / t,

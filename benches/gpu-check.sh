@@ -29,16 +29,20 @@ device=${DEVICE:-cuda:0}
 batch=${BATCH:-128}
 budget=${BUDGET_S:-450}
 out=${OUT:-/tmp}
-# Everything also into a log that comes back whole, however long the output.
+# Everything also into a log that comes back whole, however long the output (waited for at
+# the end, so that its last lines are in the file).
 exec > >(tee "$out/gpu-check.log") 2>&1
+tee_pid=$!
 t0=$SECONDS
 if [ -d .whl ] && ! "$PY" -c 'import captum' 2>/dev/null; then
   site=$(mktemp -d)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl && export PYTHONPATH=$site
 fi
-# Before any step: what every step needs. A missing piece stops here, with its reason.
-"$PY" -c 'import captum.attr, numpy, PIL, pyarrow, torch, torchvision; print("python:", torch.__version__)' \
+# Before any step: what every step needs. A missing piece stops here, with its reason; Captum
+# only the engine step's peer needs (its rows say so if it fails).
+"$PY" -c 'import numpy, PIL, pyarrow, torch, torchvision; print("python:", torch.__version__)' \
   || { echo "gpu-check: the python above lacks a package the steps import"; exit 2; }
+"$PY" -c 'import captum.attr' || echo "gpu-check: captum does not import: the engine step's Captum rows will fail" 
 # The binary's rpath names this project's .venv; on the GPU machine libtorch is the system torch's.
 torch_lib=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') \
   || { echo "gpu-check: cannot find torch's libraries"; exit 2; }
@@ -82,4 +86,6 @@ for m in "${models[@]}"; do
     --json "$out/engine_$m.json"
 done
 echo "gpu-check: $((SECONDS - t0)) s in all"
+exec >&- 2>&-
+wait "$tee_pid"
 exit $failed

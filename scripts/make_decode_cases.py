@@ -47,6 +47,19 @@ def encode(im, fmt="JPEG", **save):
     return buf.getvalue()
 
 
+def two_exif(data, second):
+    """The JPEG with a second EXIF segment (orientation `second`) after its first: PIL reads
+    the first."""
+    exif = Image.Exif()
+    exif[0x0112] = second
+    payload = exif.tobytes()
+    if not payload.startswith(b"Exif"):
+        payload = b"Exif\x00\x00" + payload
+    app1 = data.index(b"\xff\xe1")
+    end = app1 + 2 + int.from_bytes(data[app1 + 2:app1 + 4], "big")
+    return data[:end] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[end:]
+
+
 def damaged(data):
     """The JPEG with every 7th byte of the last two thirds of its scan overwritten (no marker
     bytes made): libjpeg warns of corrupt data and decodes around it, and PIL keeps that."""
@@ -92,6 +105,7 @@ def main():
         "tall_narrow_png": encode(photo(130, 700, 19), "PNG"),
         "narrow_upscaled_width": encode(photo(60, 300, 20), "PNG"),
         "damaged_scan": damaged(encode(photo(320, 240, 21), quality=90)),
+        "exif_first_of_two": two_exif(with_orientation(photo(330, 250, 22), 6, quality=90), 3),
     }
     index = []
     for name, data in cases.items():

@@ -233,7 +233,8 @@ pub fn run(
                         // The same bug on every batch: stop rather than fill every row with it.
                         Ok(_) if panics_in_a_row >= PANICS_BEFORE_STOP => Err(anyhow::anyhow!(
                             "internal error on {panics_in_a_row} batches in a row on {} (a bug; please report \
-                             it): stopping; their samples get no rows, a rerun does them",
+                             it): stopping; the last batch's samples get no rows (a rerun does them), the \
+                             earlier ones' rows say `internal error` (`run --retry-failed` redoes them)",
                             attributor.name()
                         )),
                         rows => rows,

@@ -278,7 +278,8 @@ pub fn plan_with(
     let (classes, act) = catch_libtorch(|| first.engine().probe(job.preprocess.channels() as i64, h as i64, w as i64))
         .map_err(|e| {
             let e = e.context(format!("checking model {} on a {h}×{w} input", job.model.display()));
-            if engine::out_of_memory(&format!("{e:#}")) {
+            let msg = format!("{e:#}");
+            if engine::out_of_memory(&msg) || (first.engine().device().is_cuda() && engine::device_failure(&msg)) {
                 RunFailed(e).into()
             } else {
                 e
@@ -639,6 +640,9 @@ fn warm_up(
         return Ok(candidates[0]);
     }
     let mut last_error = String::new();
+    // Whether a batch of 1 ran: then an error other than out of memory at a larger size is
+    // that size's (a cuDNN limit on large tensors, say), and the search goes on.
+    let mut one_runs = false;
     for &n in &candidates {
         let t = Instant::now();
         let errors: Vec<String> = std::thread::scope(|s| {
@@ -660,13 +664,18 @@ fn warm_up(
             tracing::warn!("warm-up with a batch of {n} failed ({err}); failing batches will be split and retried");
             return Ok(n);
         }
-        if !engine::out_of_memory(&err) {
-            // Not a size that does not fit: a smaller one would fail the same way, after a
-            // cuDNN search each; say so now.
-            return Err(RunFailed(anyhow::anyhow!(
-                "batch_size = \"auto\": the warm-up with a batch of {n} failed, not for lack of memory: {err}"
-            ))
-            .into());
+        if !engine::out_of_memory(&err) && !one_runs {
+            // Not a size that does not fit? A batch of 1 tells: if it fails too, every size
+            // would, after a cuDNN search each; say so now.
+            let one = n > 1 && cuda.iter_mut().all(|r| r.warm_up(1, h, w, boxes, masks).is_ok());
+            if !one {
+                return Err(RunFailed(anyhow::anyhow!(
+                    "batch_size = \"auto\": the warm-up with a batch of {n} failed, not for lack of memory, \
+                     and so does a batch of 1: {err}"
+                ))
+                .into());
+            }
+            one_runs = true;
         }
         tracing::info!("a batch of {n} does not run on every worker at once: {err}");
         last_error = err;

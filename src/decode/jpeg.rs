@@ -42,14 +42,6 @@ pub(super) fn decode(
     k: u8,
     want: impl FnOnce((u32, u32)) -> Option<(Range<u32>, Range<u32>)>,
 ) -> Result<Part, &'static str> {
-    /// Frees libjpeg's state however `decode` ends, unwinding included.
-    struct Session(Box<ffi::jpeg_decompress_struct>);
-    impl Drop for Session {
-        fn drop(&mut self) {
-            // SAFETY: created by jpeg_create_decompress below and destroyed only here.
-            unsafe { ffi::jpeg_destroy_decompress(&mut self.0) };
-        }
-    }
     // Declared before the session, so dropped after it: libjpeg holds pointers to them.
     let mut err = Box::new(libjpeg_errors());
     // SAFETY (this block and the calls below): jpeg_decompress_struct is plain C data, valid
@@ -115,6 +107,49 @@ pub(super) fn decode(
     Ok(Part { rgb, size, held: [x, y0, c.output_width, y1 - y0] })
 }
 
+/// Frees libjpeg's state however a decode ends, unwinding included.
+struct Session(Box<ffi::jpeg_decompress_struct>);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: created by jpeg_create_decompress and destroyed only here.
+        unsafe { ffi::jpeg_destroy_decompress(&mut self.0) };
+    }
+}
+
+/// A JPEG's header as libjpeg reads it: its size and its EXIF data (the TIFF structure after
+/// `Exif\0\0` in the first APP1 segment that holds one, as PIL takes it). `None` where there
+/// is no image; a fatal libjpeg error (a header it cannot decode) unwinds, as in [`decode`].
+pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>)> {
+    let mut err = Box::new(libjpeg_errors());
+    // SAFETY: as in `decode`; the marker list is libjpeg's, valid until the session ends, and
+    // each marker's `data` holds `data_length` bytes.
+    let mut s = Session(Box::new(unsafe { std::mem::zeroed() }));
+    s.0.common.err = &mut *err;
+    unsafe { ffi::jpeg_create_decompress(&mut *s.0) };
+    let c = &mut *s.0;
+    unsafe { ffi::jpeg_mem_src(c, bytes.as_ptr(), bytes.len() as _) };
+    unsafe { ffi::jpeg_save_markers(c, 0xE1, 0xFFFF) };
+    if unsafe { ffi::jpeg_read_header(c, 1) } != 1 {
+        return None;
+    }
+    let mut exif = None;
+    let mut m = c.marker_list;
+    while !m.is_null() {
+        let marker = unsafe { &*m };
+        let data: &[u8] = match marker.data.is_null() {
+            true => &[],
+            false => unsafe { std::slice::from_raw_parts(marker.data, marker.data_length as usize) },
+        };
+        if marker.marker == 0xE1 && data.starts_with(b"Exif\0\0") {
+            exif = Some(data[6..].to_vec());
+            break;
+        }
+        m = marker.next;
+    }
+    Some((c.image_width, c.image_height, exif))
+}
+
 thread_local! {
     /// Warnings libjpeg gave on this thread since the counter was last reset.
     pub(super) static LIBJPEG_WARNINGS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -133,9 +168,10 @@ fn scan_limit() -> ffi::jpeg_progress_mgr {
         if common.is_decompressor == 0 {
             return;
         }
-        // SAFETY: a decompressor's common fields are the first of its jpeg_decompress_struct.
-        let d = unsafe { &*(common as *mut ffi::jpeg_common_struct).cast::<ffi::jpeg_decompress_struct>() };
-        if d.input_scan_number > MAX_SCANS {
+        // SAFETY: a decompressor's common fields are the first of its jpeg_decompress_struct;
+        // the field is read through the pointer to the whole struct.
+        let d = (common as *mut ffi::jpeg_common_struct).cast::<ffi::jpeg_decompress_struct>();
+        if unsafe { std::ptr::addr_of!((*d).input_scan_number).read() } > MAX_SCANS {
             std::panic::resume_unwind(Box::new("libjpeg: too many scans"));
         }
     }

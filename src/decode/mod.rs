@@ -13,9 +13,8 @@
 //!
 //! JPEGs are decoded by libjpeg-turbo (the MozJPEG build, with its SIMD code), the library PIL
 //! decodes them with, in PIL's settings (integer IDCT, fancy upsampling): the same pixels, bit
-//! for bit. A JPEG libjpeg cannot turn into RGB (CMYK) or warns about (corrupt data it would
-//! decode around, or an odd header) goes to the image crate's decoder instead, which decodes
-//! or refuses it.
+//! for bit; corrupt data is decoded around, as PIL keeps it. A JPEG libjpeg refuses or cannot
+//! turn into RGB (CMYK) goes to the image crate's decoder instead, which decodes or refuses it.
 //!
 //! libjpeg decodes only the pixels step 4 reads (`jpeg.rs`): the resize's taps are planned
 //! first, and their source rectangle, mapped back through the EXIF orientation, is all that
@@ -193,15 +192,13 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return Ok(None);
     }
-    let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
-    // The header, the EXIF orientation and the header checks, as on the full path.
-    let (w, h, orientation) = std::panic::catch_unwind(|| -> Result<_, SampleError> {
-        let mut decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
-            .map_err(|e| err(image_error_status(&e), format!("cannot read the Jpeg image header: {e}")))?;
-        let (w, h) = decoder.dimensions();
-        Ok((w, h, decoder.orientation().unwrap_or(Orientation::NoTransforms)))
-    })
-    .map_err(|_| err(Status::DecodeError, "the Jpeg decoder panicked on this image".into()))??;
+    // The header and the EXIF orientation as libjpeg (and so PIL) reads them; a header libjpeg
+    // refuses goes to the image crate, which decides and names the error.
+    let Ok(Some((w, h, exif))) = std::panic::catch_unwind(|| jpeg::header(bytes)) else {
+        return Ok(None);
+    };
+    // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
+    let orientation = exif.as_deref().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
     check_header(bytes, ImageFormat::Jpeg, (w, h), pre.max_pixels, "image", name)?;
     let (ow, oh) = oriented_size(w, h, orientation);
     let Ok(geometry) = Geometry::plan(ow, oh, pre) else {
@@ -346,8 +343,8 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
 /// A PNG's bytes without its iCCP chunks (an embedded colour profile), which nothing here
 /// uses and which the PNG decoder would inflate whole before any pixel, up to the allocation
 /// limit: a few kilobytes of compressed zeros would cost gigabytes (PIL refuses such a
-/// profile). Other files, and PNGs without the chunk, are returned as they are; so is a PNG
-/// whose chunks do not parse, for the decoder to refuse.
+/// profile). Other files, and PNGs without the chunk, are returned as they are; from a chunk
+/// that runs past the end on, the bytes are kept as they are, for the decoder to refuse.
 pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     if !bytes.starts_with(SIGNATURE) {
@@ -363,7 +360,9 @@ pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
             break;
         }
         let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= bytes.len()) else {
-            return bytes.into();
+            // A chunk that runs past the end: the decoder refuses it, but would inflate a
+            // profile before it first; the profiles found so far are still dropped.
+            break;
         };
         chunks.push((at, end, kind == b"iCCP"));
         at = end;

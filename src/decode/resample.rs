@@ -1,7 +1,7 @@
 //! Antialiased bilinear resampling of RGB8 images, computed as Pillow computes it
 //! (`Resample.c`, 8 bits a channel): the same filter taps, the same 22-bit fixed-point
 //! coefficients and rounding, the horizontal pass first with its result rounded to 8 bits, then
-//! the vertical pass. A model input made here equals torchvision's `Resize` on a PIL image bit
+//! the vertical pass (or, where Pillow 13 does so, the vertical pass first). A model input made here equals torchvision's `Resize` on a PIL image bit
 //! for bit, which a general-purpose resizer (16-bit coefficients) does not: it differed by one
 //! grey level on about one value in six.
 //!

@@ -533,7 +533,7 @@ fn jpeg_dct_scaling_keeps_errors_and_small_images() {
 /// them; damaged entropy-coded data that libjpeg decodes around (with warnings) stays
 /// libjpeg's, as PIL keeps it (`tests/it/decode.rs` compares such a file with PIL).
 #[test]
-fn jpegs_libjpeg_does_not_take_go_to_the_image_crate() {
+fn cmyk_jpegs_go_to_the_image_crate_and_damaged_ones_stay_libjpegs() {
     let p = pre(Resize::ShorterSide(32), Some((32, 32)));
     // CMYK, written by libjpeg itself.
     let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
@@ -782,9 +782,13 @@ fn a_png_colour_profile_is_never_inflated() {
     let small = Preprocess { max_pixels: 10_000, ..identity(64, 48) };
     let got = decode_bytes(&bomb, "bomb.png", &small).unwrap();
     assert_eq!(got.rgb, decode_bytes(&plain, "plain.png", &small).unwrap().rgb);
-    // Not a PNG, or a PNG whose chunks do not parse: as it is.
+    // Not a PNG, or one cut inside its first chunk: as it is.
     assert_eq!(&png_without_iccp(b"GIF89a")[..], b"GIF89a");
     assert_eq!(&png_without_iccp(&bomb[..40])[..], &bomb[..40]);
+    // A profile followed by a chunk that runs past the end: the profile is still dropped.
+    let mut broken = bomb[..33 + chunk.len()].to_vec();
+    broken.extend_from_slice(&[0, 0, 0x10, 0, b't', b'E', b'X', b't', 1, 2]);
+    assert_eq!(&png_without_iccp(&broken)[..], [&plain[..33], &broken[33 + chunk.len()..]].concat());
 }
 
 /// A pipe or a device named like an image is `unreadable` at once: opening a pipe would wait

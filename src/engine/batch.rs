@@ -215,9 +215,11 @@ impl Attributor for TorchAttributor {
 /// an error that carries libtorch's message; such panics stay out of stderr
 /// ([`install_panic_hook`]).
 pub fn catch_libtorch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    CATCHING.with(|c| c.set(true));
+    // Calls nest (a replica's load inside `bench`'s): the outer one still catches after the
+    // inner one returns.
+    let outer = CATCHING.with(|c| c.replace(true));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    CATCHING.with(|c| c.set(false));
+    CATCHING.with(|c| c.set(outer));
     caught.unwrap_or_else(|p| Err(anyhow::anyhow!("libtorch: {}", libtorch_message(panic_message(p.as_ref())))))
 }
 

@@ -203,10 +203,12 @@ impl GuidedGradCam {
                 path.display(),
             )
         })?;
-        // libtorch's failures in the calls below (which do not return errors) are the device's.
+        // libtorch's failures in the calls below (some of which do not return errors) are
+        // errors; those that say the device failed are the device's (exit 3), not the file's.
         catch_libtorch(|| Self::prepare(&mut module, path, device, opts)).map_err(|e| {
-            if device.is_cuda() {
-                RunFailed(e.context(format!("preparing {} on {device:?}", path.display()))).into()
+            let e = e.context(format!("preparing {} on {device:?}", path.display()));
+            if device.is_cuda() && device_failure(&format!("{e:#}")) {
+                RunFailed(e).into()
             } else {
                 e
             }
