@@ -550,7 +550,7 @@ pub fn run_with(
     let warm = Instant::now();
     let boxes = plan.samples.iter().any(|s| s.bbox.is_some());
     let masks = plan.samples.iter().any(|s| s.mask.is_some());
-    let batch_size = warm_up(job.batch_size, &mut loaded, [h as usize, w as usize], boxes, masks)?;
+    let batch_size = warm_up(job.batch_size, &mut loaded, [h as usize, w as usize], boxes, masks, plan.samples.len())?;
     let warmup_time = warm.elapsed();
     let replicas_len = loaded.len();
     let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
@@ -613,12 +613,20 @@ pub fn run_with(
     Ok(Outcome { summary, plan_samples: total, output_dir, devices, shard_lock })
 }
 
+/// The batch sizes `batch_size = "auto"` tries, largest first: 256, 128, … 1, no larger than
+/// the power of two that holds the shard's `samples` (a shard of 10 starts at 16).
+fn auto_candidates(samples: usize) -> Vec<usize> {
+    let largest = samples.max(1).next_power_of_two().min(256);
+    (0..=8).map(|k| 256 >> k).filter(|&n| n <= largest).collect()
+}
+
 /// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's
 /// algorithm search and the allocator's growth happen before the clock and the progress bar
 /// start, and returns the batch size (with an object box and mask per image where the job's
-/// samples have them). With `auto`, tries 256, 128, … down to 1 and takes the
-/// first that every CUDA replica runs at once (32 without a CUDA device); an error other than
-/// running out of memory ends the search. A fixed size that fails
+/// samples have them). With `auto`, tries 256, 128, … down to 1 (from the power of two that
+/// holds the shard's `samples`) and takes the first that every CUDA replica runs at once (32
+/// without a CUDA device); an error other than running out of memory that a batch of 1 meets
+/// too ends the search. A fixed size that fails
 /// here only warns: the pipeline splits failing batches and retries them.
 fn warm_up(
     batch: BatchSize,
@@ -626,11 +634,12 @@ fn warm_up(
     [h, w]: [usize; 2],
     boxes: bool,
     masks: bool,
+    samples: usize,
 ) -> Result<usize> {
     let mut cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
     let candidates: Vec<usize> = match batch {
         BatchSize::Fixed(n) => vec![n as usize],
-        BatchSize::Auto if !cuda.is_empty() => (0..=8).map(|k| 256 >> k).collect(),
+        BatchSize::Auto if !cuda.is_empty() => auto_candidates(samples),
         BatchSize::Auto => {
             tracing::info!(batch_size = BatchSize::DEFAULT, "batch_size = \"auto\" without a CUDA device");
             vec![BatchSize::DEFAULT as usize]
@@ -817,5 +826,15 @@ mod tests {
         assert!(gpu_assigned(&env(&[]), true).unwrap().contains("/dev"));
         assert!(is_nvidia_gpu_node("nvidia0") && is_nvidia_gpu_node("nvidia12"));
         assert!(!is_nvidia_gpu_node("nvidiactl") && !is_nvidia_gpu_node("nvidia-uvm") && !is_nvidia_gpu_node("nvidia"));
+    }
+
+    #[test]
+    fn the_auto_batch_search_starts_no_larger_than_the_shard() {
+        assert_eq!(auto_candidates(100_000), [256, 128, 64, 32, 16, 8, 4, 2, 1]);
+        assert_eq!(auto_candidates(256), [256, 128, 64, 32, 16, 8, 4, 2, 1]);
+        assert_eq!(auto_candidates(10), [16, 8, 4, 2, 1]);
+        assert_eq!(auto_candidates(16), [16, 8, 4, 2, 1]);
+        assert_eq!(auto_candidates(1), [1]);
+        assert_eq!(auto_candidates(0), [1]);
     }
 }

@@ -98,8 +98,12 @@ pub struct SampleError {
 }
 
 impl SampleError {
+    /// A failure of `status`; the message loses trailing white space (some decoders end
+    /// theirs with a newline, which would end up in the row).
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), transient: false }
+        let mut message = message.into();
+        message.truncate(message.trim_end().len());
+        Self { status, message, transient: false }
     }
 }
 
@@ -110,3 +114,15 @@ impl std::fmt::Display for SampleError {
 }
 
 impl std::error::Error for SampleError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_loses_its_trailing_newline() {
+        let e = SampleError::new(Status::DecodeError, "Corrupt JPEG data: premature end of data segment\n");
+        assert_eq!(e.message, "Corrupt JPEG data: premature end of data segment");
+        assert_eq!(SampleError::new(Status::Missing, "  kept at the start").message, "  kept at the start");
+    }
+}

@@ -182,13 +182,9 @@ impl TorchAttributor {
             pinned.view([n, h, w, 3]).to_device_(dev, Kind::Uint8, true, false)
         };
         let x = no_grad(|| {
-            let x = u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
             let x = match self.channels {
-                3 => x,
-                1 => {
-                    let wts = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]).to_device(dev);
-                    (x * wts).sum_dim_intlist(&[1i64][..], true, Kind::Float)
-                }
+                3 => u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0,
+                1 => luminance(&u8s.permute([0, 3, 1, 2]).to_kind(Kind::Float)) / 255.0,
                 c => return Err(anyhow::anyhow!("the model takes {c} channels; images give 3 (RGB) or 1 (luminance)")),
             };
             Ok((x - &self.mean) / &self.std)
@@ -197,6 +193,16 @@ impl TorchAttributor {
         // keep that layout: in channels-last mode the engine takes it as it is, without a copy.
         Ok(if self.engine.options().channels_last == Some(true) { x } else { x.contiguous() })
     }
+}
+
+/// PIL's `convert("L")` of `n × 3 × h × w` RGB values 0..=255 (float), as `n × 1 × h × w` grey
+/// levels 0..=255: Pillow's own integer arithmetic (weights 19595, 38470, 7471 of 2^16, plus
+/// 2^15, shifted right by 16), so a 1-channel model's input equals torchvision's `Grayscale` of
+/// the resized, cropped image. Exact in float32: every product and sum stays below 2^24.
+pub fn luminance(rgb: &Tensor) -> Tensor {
+    let wts = Tensor::from_slice(&[19595f32, 38470., 7471.]).view([1, 3, 1, 1]).to_device(rgb.device());
+    let sum = (rgb * wts).sum_dim_intlist(&[1i64][..], true, Kind::Float);
+    ((sum + 32768.0) / 65536.0).floor()
 }
 
 impl Attributor for TorchAttributor {

@@ -362,3 +362,38 @@ fn the_jobs_cudnn_flags_reach_a_traced_models_convolutions() {
         assert!(attributions.windows(2).all(|w| w[0] == w[1]), "{case}");
     }
 }
+
+/// A 1-channel model's input is PIL's `convert("L")` (what torchvision's `Grayscale` does to
+/// the resized, cropped image), for every one of the 2^24 RGB colours.
+#[test]
+fn luminance_equals_pils_convert_l_for_every_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rgb_path, l_path) = (dir.path().join("rgb.bin"), dir.path().join("l.bin"));
+    let script = "import sys, numpy as np\nfrom PIL import Image\n\
+        v = np.arange(1 << 24, dtype=np.uint32)\n\
+        rgb = np.stack([v >> 16, (v >> 8) & 255, v & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)\n\
+        open(sys.argv[1], 'wb').write(rgb.tobytes())\n\
+        open(sys.argv[2], 'wb').write(np.asarray(Image.fromarray(rgb).convert('L')).tobytes())\n";
+    let status = std::process::Command::new(crate::common::python())
+        .args(["-c", script])
+        .args([&rgb_path, &l_path])
+        .status()
+        .unwrap();
+    assert!(status.success(), "python failed");
+    let rgb = std::fs::read(&rgb_path).unwrap();
+    let pil = std::fs::read(&l_path).unwrap();
+    assert_eq!(pil.len(), 1 << 24);
+    let x = Tensor::from_slice(&rgb).view([1, 4096, 4096, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+    let ours = saliency_audit::engine::batch::luminance(&x);
+    assert_eq!(ours.size(), [1, 1, 4096, 4096]);
+    let ours = Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap();
+    let differ: Vec<(usize, f32, u8)> = ours
+        .iter()
+        .zip(&pil)
+        .enumerate()
+        .filter(|(_, (a, b))| **a != **b as f32)
+        .map(|(i, (a, b))| (i, *a, *b))
+        .take(5)
+        .collect();
+    assert!(differ.is_empty(), "(colour 0xRRGGBB, ours, PIL's) where they differ: {differ:?}");
+}

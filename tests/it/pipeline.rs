@@ -1385,6 +1385,29 @@ fn two_workers_per_device_and_auto_batch_size() {
     assert!(compared >= 40, "only {compared} ok rows compared");
 }
 
+/// A model with one input channel runs on the images' luminance: every sample gets its
+/// expected row, and the good ones a finite, non-zero attribution.
+#[test]
+fn a_one_channel_model_runs_on_luminance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = make_dataset(tmp.path(), 12);
+    let job = write_job(&ds.dir, &engine_cases().join("pipeline/model_gray.pt"), "");
+    let out = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "some samples are bad on purpose\n{stderr}");
+    let rows = read_all(&ds.dir.join("out"));
+    let (ids, status) = (col::<StringArray>(&rows, "id"), col::<StringArray>(&rows, "status"));
+    let total = col::<Float32Array>(&rows, "attr_total");
+    assert_eq!(rows.num_rows(), ds.expected.len());
+    for i in 0..rows.num_rows() {
+        let want = ds.expected[ids.value(i)];
+        assert_eq!(status.value(i), want.as_str(), "{}", ids.value(i));
+        if want == Status::Ok {
+            assert!(total.value(i).is_finite() && total.value(i) > 0.0, "{}: {}", ids.value(i), total.value(i));
+        }
+    }
+}
+
 /// `runtime.stats_on_device = true` (statistics and map resize in libtorch, where the maps are;
 /// the default on CUDA) gives the rows the host computes (`false`, the default on the CPU):
 /// every statistic within float rounding, every map within one quantisation level, with boxes,
