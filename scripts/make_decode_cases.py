@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""JPEG test cases for the decode stage, with what PIL (and so torchvision) makes of them.
+"""Image test cases for the decode stage (JPEG mostly; PNG, GIF, BMP, TIFF, WebP, PPM), with what
+PIL (and so torchvision) makes of them.
 
 Usage: python scripts/make_decode_cases.py OUT_DIR
-Writes OUT_DIR/<case>.<jpg|png>, OUT_DIR/<case>.rgb (PIL's decode after exif_transpose and
+Writes OUT_DIR/<case>.<ext>, OUT_DIR/<case>.rgb (PIL's decode after exif_transpose and
 convert("RGB"): raw RGB8, row-major), and torchvision's transforms of that image, raw RGB8:
 <case>.<transform>.rgb for each of TRANSFORMS; and OUT_DIR/cases.json.
 """
@@ -45,6 +46,47 @@ def encode(im, fmt="JPEG", **save):
     buf = io.BytesIO()
     im.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+def palette_with_transparency(im):
+    """A palette image whose first entry is transparent (a tRNS chunk)."""
+    p = im.quantize(32)
+    p.info["transparency"] = 0
+    return p
+
+
+def gif_offset(data, screen, at):
+    """The GIF with its logical screen made `screen` (w, h) and its first frame placed at `at`
+    (x, y): PIL fills the screen outside the frame."""
+    b = bytearray(data)
+    b[6:10] = screen[0].to_bytes(2, "little") + screen[1].to_bytes(2, "little")
+    i = 13 + (3 << ((b[10] & 7) + 1) if b[10] & 0x80 else 0)
+    while b[i] == 0x21:  # extension blocks: label, then sub-blocks up to an empty one
+        i += 2
+        while b[i]:
+            i += b[i] + 1
+        i += 1
+    assert b[i] == 0x2C, "image descriptor"
+    b[i + 1:i + 5] = at[0].to_bytes(2, "little") + at[1].to_bytes(2, "little")
+    return bytes(b)
+
+
+def png16(im, seed):
+    """A 16-bit RGB PNG (PIL does not write one): the 8-bit image times 257 plus noise in the
+    low byte, written chunk by chunk."""
+    import struct
+    import zlib
+
+    a = np.asarray(im).astype(np.uint16) * 257
+    a = a ^ np.random.default_rng(seed).integers(0, 256, a.shape, dtype=np.uint16)
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def two_exif(data, second):
@@ -106,10 +148,32 @@ def main():
         "narrow_upscaled_width": encode(photo(60, 300, 20), "PNG"),
         "damaged_scan": damaged(encode(photo(320, 240, 21), quality=90)),
         "exif_first_of_two": two_exif(with_orientation(photo(330, 250, 22), 6, quality=90), 3),
+        # CMYK as PIL writes it (Adobe's inverted values); read back and converted as PIL does.
+        "cmyk": encode(photo(300, 220, 23).convert("CMYK"), quality=90),
+        # Other formats and modes, each through PIL's convert("RGB").
+        "palette_png": encode(photo(200, 150, 24).quantize(64), "PNG"),
+        "palette_trns_png": encode(palette_with_transparency(photo(200, 150, 25)), "PNG"),
+        "grey_alpha_png": encode(photo(180, 140, 26).convert("LA"), "PNG"),
+        "bilevel_png": encode(photo(180, 140, 27).convert("1"), "PNG"),
+        "rgb16_png": png16(photo(160, 120, 28), seed=28),
+        "gif": encode(photo(200, 150, 29).quantize(128), "GIF"),
+        "gif_transparent": encode(photo(200, 150, 36).quantize(32), "GIF", transparency=3),
+        "gif_offset": gif_offset(encode(photo(120, 80, 37).quantize(32), "GIF", transparency=3, background=5),
+                                 (200, 150), (31, 17)),
+        "gif_offset_opaque": gif_offset(encode(photo(120, 80, 38).quantize(32), "GIF"), (160, 130), (9, 40)),
+        "gif_past_screen": gif_offset(encode(photo(120, 80, 39).quantize(32), "GIF"), (100, 90), (20, 30)),
+        "bmp": encode(photo(203, 150, 30), "BMP"),
+        "tiff": encode(photo(200, 151, 31), "TIFF"),
+        "tiff_lzw": encode(photo(200, 150, 32), "TIFF", compression="tiff_lzw"),
+        "webp_lossless": encode(photo(200, 150, 33), "WEBP", lossless=True),
+        "webp_lossy": encode(photo(200, 150, 34), "WEBP", quality=80),
+        "ppm": encode(photo(120, 90, 35), "PPM"),
     }
     index = []
     for name, data in cases.items():
-        ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+        magic = {b"\x89PNG": "png", b"GIF8": "gif", b"BM": "bmp", b"II*\x00": "tif", b"MM\x00*": "tif",
+                 b"RIFF": "webp", b"P6": "ppm"}
+        ext = next((e for m, e in magic.items() if data.startswith(m)), "jpg")
         with open(os.path.join(out, f"{name}.{ext}"), "wb") as f:
             f.write(data)
         im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")

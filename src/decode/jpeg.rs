@@ -1,5 +1,6 @@
 //! The decode stage's libjpeg driver: a JPEG to RGB8 in PIL's settings (integer IDCT, fancy
-//! upsampling), at a DCT scale of k/8, and only the part of the image the resize reads.
+//! upsampling; CMYK converted as PIL converts it), at a DCT scale of k/8, and only the part of
+//! the image the resize reads.
 //!
 //! libjpeg-turbo can leave out most of the work outside a rectangle: `jpeg_crop_scanline`
 //! runs the inverse DCT, upsampling and colour conversion only on the columns asked for,
@@ -59,13 +60,17 @@ pub(super) fn decode(
     if unsafe { ffi::jpeg_read_header(c, 1) } != 1 {
         return Err("no image in the JPEG data");
     }
-    c.out_color_space = ffi::J_COLOR_SPACE::JCS_RGB;
+    // A 4-channel file (CMYK, or YCCK, which libjpeg turns into CMYK) is read as CMYK and
+    // converted as PIL does; everything else libjpeg turns into RGB itself.
+    let cmyk = matches!(c.jpeg_color_space, ffi::J_COLOR_SPACE::JCS_CMYK | ffi::J_COLOR_SPACE::JCS_YCCK);
+    let channels = if cmyk { 4 } else { 3 };
+    c.out_color_space = if cmyk { ffi::J_COLOR_SPACE::JCS_CMYK } else { ffi::J_COLOR_SPACE::JCS_RGB };
     if k != 8 {
         c.scale_num = k.into();
         c.scale_denom = 8;
     }
-    if unsafe { ffi::jpeg_start_decompress(c) } == 0 || c.output_components != 3 {
-        return Err("libjpeg did not start an RGB decode");
+    if unsafe { ffi::jpeg_start_decompress(c) } == 0 || c.output_components != channels {
+        return Err("libjpeg did not start an RGB or CMYK decode");
     }
     let size = (c.output_width, c.output_height);
     let (cols, rows) = want(size)
@@ -91,10 +96,14 @@ pub(super) fn decode(
     }
     let row_len = c.output_width as usize * 3;
     let mut rgb = vec![0u8; row_len * (y1 - y0) as usize];
+    let mut cmyk_row = vec![0u8; if cmyk { c.output_width as usize * 4 } else { 0 }];
     for row in rgb.chunks_exact_mut(row_len) {
-        let mut ptr = row.as_mut_ptr();
+        let mut ptr = if cmyk { cmyk_row.as_mut_ptr() } else { row.as_mut_ptr() };
         if unsafe { ffi::jpeg_read_scanlines(c, &mut ptr, 1) } != 1 {
             return Err("libjpeg returned no row");
+        }
+        if cmyk {
+            cmyk_to_rgb(&cmyk_row, row);
         }
     }
     // The rows below are not decoded at all.
@@ -105,6 +114,21 @@ pub(super) fn decode(
         return Err("libjpeg did not finish");
     }
     Ok(Part { rgb, size, held: [x, y0, c.output_width, y1 - y0] })
+}
+
+/// PIL's RGB of a row of CMYK as libjpeg returns it (`cmyk`, 4 bytes a pixel) into `rgb` (3 a
+/// pixel). PIL reads every CMYK JPEG as Adobe writes them, inverted (its raw mode `CMYK;I`),
+/// and its `convert("RGB")` takes `nk − c·nk/255`, rounded its own way, with `nk = 255 − k`.
+/// In the stored (inverted) values `nk` is the stored K and `c` is `255 −` the stored C.
+pub(super) fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
+    for (p, out) in cmyk.chunks_exact(4).zip(rgb.chunks_exact_mut(3)) {
+        let nk = p[3] as u32;
+        for (o, &v) in out.iter_mut().zip(&p[..3]) {
+            // Pillow's MULDIV255(a, b): (t + (t >> 8)) >> 8 with t = a * b + 128.
+            let t = (255 - v as u32) * nk + 128;
+            *o = (nk - ((t + (t >> 8)) >> 8)) as u8;
+        }
+    }
 }
 
 /// Frees libjpeg's state however a decode ends, unwinding included.

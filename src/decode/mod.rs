@@ -7,14 +7,16 @@
 //!    → `too_large` before any pixel is decoded (decompression-bomb guard; for the formats
 //!    the image crate decodes, its allocation limits are a second guard);
 //! 3. decode (JPEG, PNG, WebP, BMP, TIFF, GIF first frame), convert to RGB8 (grey expanded,
-//!    alpha dropped as PIL's `convert("RGB")`, 16-bit reduced), apply the EXIF orientation;
+//!    alpha dropped as PIL's `convert("RGB")`, 16-bit colour by its high byte as PIL reads it),
+//!    apply the EXIF orientation;
 //! 4. resize with antialiased bilinear as PIL computes it, bit for bit (`resample`), and
 //!    centre-crop, computing only the pixels inside the crop window.
 //!
 //! JPEGs are decoded by libjpeg-turbo (the MozJPEG build, with its SIMD code), the library PIL
 //! decodes them with, in PIL's settings (integer IDCT, fancy upsampling): the same pixels, bit
-//! for bit; corrupt data is decoded around, as PIL keeps it. A JPEG libjpeg refuses or cannot
-//! turn into RGB (CMYK) goes to the image crate's decoder instead, which decodes or refuses it.
+//! for bit; corrupt data is decoded around, as PIL keeps it; CMYK (and YCCK) files are read as
+//! CMYK and converted to RGB in PIL's arithmetic. A JPEG libjpeg refuses goes to the image
+//! crate's decoder instead, which decodes or refuses it.
 //!
 //! libjpeg decodes only the pixels step 4 reads (`jpeg.rs`): the resize's taps are planned
 //! first, and their source rectangle, mapped back through the EXIF orientation, is all that
@@ -121,9 +123,7 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     if let Some(d) = decode_jpeg(bytes, name, pre)? {
         return Ok(d);
     }
-    // Grey is expanded, alpha dropped (as PIL's convert("RGB")), 16-bit reduced to 8-bit;
-    // an RGB8 image (the usual JPEG) passes through without a copy.
-    let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?.into_rgb8();
+    let img = into_rgb8(decode_oriented(bytes, name, pre.max_pixels, "image", None)?);
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
@@ -132,6 +132,28 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     let plan = plan_resize((w, h), region, &geometry);
     let pixels = Pixels { rgb: img, size: (w, h), origin: (0, 0) };
     finish(pixels, plan, region, geometry, name)
+}
+
+/// PIL's `convert("RGB")`: grey expanded, alpha dropped; 16-bit colour (with or without alpha,
+/// grey with alpha too) by its high byte, as PIL's raw modes (`RGB;16B` …) read it. 16-bit
+/// grey alone is scaled, rounding: PIL opens it as 32-bit integers and clips them at 255,
+/// which turns nearly every pixel white. An RGB8 image (the usual one) passes without a copy.
+fn into_rgb8(img: DynamicImage) -> image::RgbImage {
+    fn high_bytes(w: u32, h: u32, raw: &[u16], channels: usize, grey: bool) -> image::RgbImage {
+        let rgb = raw
+            .chunks_exact(channels)
+            .flat_map(|p| if grey { [p[0]; 3] } else { [p[0], p[1], p[2]] })
+            .map(|v| (v >> 8) as u8)
+            .collect();
+        image::RgbImage::from_raw(w, h, rgb).expect("w × h pixels")
+    }
+    let (w, h) = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageRgb16(i) => high_bytes(w, h, i.as_raw(), 3, false),
+        DynamicImage::ImageRgba16(i) => high_bytes(w, h, i.as_raw(), 4, false),
+        DynamicImage::ImageLumaA16(i) => high_bytes(w, h, i.as_raw(), 2, true),
+        other => other.into_rgb8(),
+    }
 }
 
 /// Decoded pixels: `rgb` holds the pixels from `origin` on of an image of `size` (the
@@ -184,8 +206,7 @@ fn finish(
 }
 
 /// The libjpeg path (at a DCT scale with `jpeg_dct_scaling`): `Ok(None)` when it does not
-/// apply (not a JPEG, or one libjpeg cannot convert to RGB, CMYK say, or refuses), and the
-/// caller decodes with the image crate. Damaged data libjpeg decodes around (with warnings) is
+/// apply (not a JPEG, or one libjpeg refuses), and the caller decodes with the image crate. Damaged data libjpeg decodes around (with warnings) is
 /// kept, as PIL keeps it. A JPEG that is too large or truncated gets the same
 /// error as on that path.
 fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
@@ -442,6 +463,10 @@ pub(crate) fn decode_oriented(
             }
         }
         check_header(bytes, format, (w, h), max_pixels, what, name)?;
+        if format == ImageFormat::Gif {
+            return gif_first_frame(bytes, max_pixels)
+                .map_err(|(status, m)| err(status, format!("cannot decode the Gif {what}: {m}")));
+        }
         let mut img = DynamicImage::from_decoder(decoder)
             .map_err(|e| err(image_error_status(&e), format!("cannot decode the {format:?} {what}: {e}")))?;
         img.apply_orientation(orientation);
@@ -451,6 +476,50 @@ pub(crate) fn decode_oriented(
         Ok(r) => r,
         Err(_) => Err(err(Status::DecodeError, format!("the {format:?} decoder panicked on this {what}"))),
     }
+}
+
+/// A GIF's first frame as PIL loads it (then `convert("RGB")`): the frame at its offset on the
+/// logical screen, grown to hold the frame where it reaches past the screen; the screen outside
+/// the frame filled with the frame's transparent colour index, or index 0 where it has none;
+/// each index looked up in the frame's own palette, else the global one (transparent pixels
+/// keep their palette colour). The image crate fills the screen with black instead. A GIF with
+/// no palette at all is refused (PIL reads its indices as grey levels).
+fn gif_first_frame(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, (Status, String)> {
+    let decoding = |e: gif::DecodingError| match e {
+        gif::DecodingError::MemoryLimit | gif::DecodingError::OutOfMemory => (Status::TooLarge, e.to_string()),
+        e => (Status::DecodeError, e.to_string()),
+    };
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::Indexed);
+    // The frame's indices, a byte a pixel.
+    opts.set_memory_limit(gif::MemoryLimit::Bytes(std::num::NonZeroU64::new(max_pixels.max(1)).expect("not zero")));
+    let mut decoder = opts.read_info(Cursor::new(bytes)).map_err(decoding)?;
+    let screen = (decoder.width() as u64, decoder.height() as u64);
+    let global = decoder.global_palette().map(<[u8]>::to_vec);
+    let frame =
+        decoder.read_next_frame().map_err(decoding)?.ok_or((Status::DecodeError, "no image in the file".to_owned()))?;
+    let (x0, y0, fw, fh) = (frame.left as u64, frame.top as u64, frame.width as u64, frame.height as u64);
+    let (w, h) = (screen.0.max(x0 + fw), screen.1.max(y0 + fh));
+    if w * h > max_pixels {
+        return Err((
+            Status::TooLarge,
+            format!("its first frame reaches {w}x{h} pixels, over the limit of {max_pixels} pixels"),
+        ));
+    }
+    let palette = frame.palette.as_deref().or(global.as_deref()).unwrap_or(&[]);
+    let mut index = vec![frame.transparent.unwrap_or(0); (w * h) as usize];
+    if fw > 0 {
+        for (row, line) in frame.buffer.chunks_exact(fw as usize).enumerate().take(fh as usize) {
+            let at = ((y0 + row as u64) * w + x0) as usize;
+            index[at..at + fw as usize].copy_from_slice(line);
+        }
+    }
+    // An index past the palette's end is black.
+    let rgb = index
+        .iter()
+        .flat_map(|&i| palette.get(3 * i as usize..3 * i as usize + 3).map_or([0; 3], |c| [c[0], c[1], c[2]]))
+        .collect();
+    Ok(DynamicImage::ImageRgb8(image::RgbImage::from_raw(w as u32, h as u32, rgb).expect("w × h pixels")))
 }
 
 /// What every decode checks from the header before any pixel is decoded: `width * height`

@@ -176,13 +176,22 @@ fn grey_alpha_and_16_bit_become_rgb8() {
     let d = decode_bytes(&encode(&la, ImageFormat::Png), "la.png", &identity(4, 3)).unwrap();
     assert!(d.rgb.iter().all(|&v| v == 7));
 
-    let rgb16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(4, 3, Rgb([65535u16, 0, 32896])));
+    // 16-bit colour by its high byte, as PIL reads it (0x01FF: 1, not 511/257 rounded, 2).
+    let rgb16 = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(4, 3, Rgb([65535u16, 0x01FF, 32896])));
     let d = decode_bytes(&encode(&rgb16, ImageFormat::Png), "c16.png", &identity(4, 3)).unwrap();
-    assert!(d.rgb.chunks(3).all(|p| p == [255, 0, 128]), "{:?}", &d.rgb[..3]);
+    assert!(d.rgb.chunks(3).all(|p| p == [255, 1, 128]), "{:?}", &d.rgb[..3]);
+    let rgba16 =
+        DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(4, 3, image::Rgba([0x01FFu16, 7, 0xFF00, 0])));
+    let d = decode_bytes(&encode(&rgba16, ImageFormat::Png), "a16.png", &identity(4, 3)).unwrap();
+    assert!(d.rgb.chunks(3).all(|p| p == [1, 0, 255]), "{:?}", &d.rgb[..3]);
+    let la16 = DynamicImage::ImageLumaA16(image::ImageBuffer::from_pixel(4, 3, image::LumaA([0x01FFu16, 9])));
+    let d = decode_bytes(&encode(&la16, ImageFormat::Png), "la16.png", &identity(4, 3)).unwrap();
+    assert!(d.rgb.iter().all(|&v| v == 1), "{:?}", &d.rgb[..3]);
 
-    let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(4, 3, image::Luma([65535u16])));
+    // 16-bit grey alone is scaled, rounding (PIL would clip 0x01FF to 255).
+    let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(4, 3, image::Luma([0x01FFu16])));
     let d = decode_bytes(&encode(&grey16, ImageFormat::Png), "g16.png", &identity(4, 3)).unwrap();
-    assert!(d.rgb.iter().all(|&v| v == 255));
+    assert!(d.rgb.iter().all(|&v| v == 2), "{:?}", &d.rgb[..3]);
 }
 
 #[test]
@@ -529,23 +538,34 @@ fn jpeg_dct_scaling_keeps_errors_and_small_images() {
     assert_eq!(decode_bytes(&small, "s", &scaled).unwrap(), decode_bytes(&small, "s", &full).unwrap());
 }
 
-/// JPEGs libjpeg cannot turn into RGB (CMYK) go to the image crate, which decodes or refuses
-/// them; damaged entropy-coded data that libjpeg decodes around (with warnings) stays
-/// libjpeg's, as PIL keeps it (`tests/it/decode.rs` compares such a file with PIL).
+/// CMYK and YCCK JPEGs are libjpeg's, converted as PIL converts them (`tests/it/decode.rs`
+/// compares both with PIL); damaged entropy-coded data that libjpeg decodes around (with
+/// warnings) stays libjpeg's, as PIL keeps it (`tests/it/decode.rs` compares such a file with
+/// PIL).
 #[test]
-fn cmyk_jpegs_go_to_the_image_crate_and_damaged_ones_stay_libjpegs() {
+fn cmyk_jpegs_and_damaged_ones_are_libjpegs() {
     let p = pre(Resize::ShorterSide(32), Some((32, 32)));
-    // CMYK, written by libjpeg itself.
-    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
-    c.set_size(48, 40);
-    c.set_quality(90.0);
-    let mut started = c.start_compress(Vec::new()).unwrap();
-    let cmyk: Vec<u8> = (0..48 * 40).flat_map(|i| [(i % 200) as u8, 30, 60, 10]).collect();
-    started.write_scanlines(&cmyk).unwrap();
-    let cmyk_jpeg = started.finish().unwrap();
-    assert!(decode_jpeg(&cmyk_jpeg, "cmyk.jpg", &p).unwrap().is_none(), "libjpeg has no CMYK → RGB");
-    let d = decode_bytes(&cmyk_jpeg, "cmyk.jpg", &p).unwrap();
-    assert_eq!(d.rgb.len(), 32 * 32 * 3);
+    // CMYK and YCCK, written by libjpeg itself; a part decoded equals the whole decode's.
+    for space in [mozjpeg::ColorSpace::JCS_CMYK, mozjpeg::ColorSpace::JCS_YCCK] {
+        let file = cmyk_jpeg(96, 80, space);
+        let d = decode_jpeg(&file, "cmyk.jpg", &p).unwrap().expect("libjpeg's decode");
+        assert_eq!(d.rgb.len(), 32 * 32 * 3);
+        let whole = jpeg::decode(&file, 8, |_| None).unwrap();
+        assert_eq!((whole.size, whole.held), ((96, 80), [0, 0, 96, 80]));
+        let part = jpeg::decode(&file, 8, |_| Some((40..60, 30..50))).unwrap();
+        let [x, y, w, h] = part.held;
+        assert!(x <= 40 && y <= 30 && x + w >= 60 && y + h >= 50, "{:?}", part.held);
+        for r in 0..h as usize {
+            let at = |img: &[u8], stride: usize, col: usize, row: usize| {
+                img[row * stride * 3 + col * 3..][..w as usize * 3].to_vec()
+            };
+            assert_eq!(
+                at(&part.rgb, w as usize, 0, r),
+                at(&whole.rgb, 96, x as usize, y as usize + r),
+                "{space:?} row {r}"
+            );
+        }
+    }
 
     // Damaged scan data (no marker bytes written): libjpeg warns, and its pixels are kept.
     let mut damaged = jpeg(&photo(160, 120), 90);
@@ -565,6 +585,41 @@ fn cmyk_jpegs_go_to_the_image_crate_and_damaged_ones_stay_libjpegs() {
     let clean = jpeg(&photo(160, 120), 90);
     assert!(decode_jpeg(&clean, "clean.jpg", &p).unwrap().is_some());
     assert_eq!(jpeg::LIBJPEG_WARNINGS.get(), 0);
+}
+
+/// A `w × h` JPEG of varied CMYK written by libjpeg in `space` (CMYK or YCCK; with Adobe's
+/// marker, as libjpeg writes both).
+pub(crate) fn cmyk_jpeg(w: usize, h: usize, space: mozjpeg::ColorSpace) -> Vec<u8> {
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+    c.set_color_space(space);
+    c.set_size(w, h);
+    c.set_quality(90.0);
+    let mut started = c.start_compress(Vec::new()).unwrap();
+    let cmyk: Vec<u8> = (0..w * h)
+        .flat_map(|i| [(i % w * 255 / w) as u8, (i / w * 255 / h) as u8, (i % 97) as u8, (i % 31 * 8) as u8])
+        .collect();
+    started.write_scanlines(&cmyk).unwrap();
+    started.finish().unwrap()
+}
+
+/// PIL's CMYK → RGB on values as libjpeg returns them (Adobe's inverted CMYK), on values
+/// Pillow 13 converted (`Image.fromarray(255 - raw, "CMYK").convert("RGB")`).
+#[test]
+fn cmyk_converts_as_pil() {
+    // (stored C, M, Y, K) → PIL's RGB.
+    let cases: [([u8; 4], [u8; 3]); 6] = [
+        ([255, 255, 255, 255], [255, 255, 255]),
+        ([0, 0, 0, 0], [0, 0, 0]),
+        ([0, 128, 255, 255], [0, 128, 255]),
+        ([200, 100, 50, 128], [100, 50, 25]),
+        ([1, 2, 3, 254], [1, 2, 3]),
+        ([77, 140, 201, 17], [5, 9, 13]),
+    ];
+    let raw: Vec<u8> = cases.iter().flat_map(|(c, _)| *c).collect();
+    let mut rgb = vec![0u8; cases.len() * 3];
+    jpeg::cmyk_to_rgb(&raw, &mut rgb);
+    let want: Vec<u8> = cases.iter().flat_map(|(_, r)| *r).collect();
+    assert_eq!(rgb, want);
 }
 
 /// A window with no rows or no columns is empty, whether or not a pass is needed.
