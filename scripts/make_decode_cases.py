@@ -23,6 +23,10 @@ TRANSFORMS = {
     "padded": (64, 80),  # a crop larger than the resized image: zero padding
 }
 
+# Cases known to differ from PIL, by at most this many grey levels: a TIFF's JPEG-compressed
+# strips are decoded by the image crate, which rounds some pixels differently from libjpeg.
+KNOWN_DIFFERENCES = {"tiff_jpeg": 1}
+
 
 def photo(w, h, seed, grey=False):
     """Smooth colour fields with sensor-like noise (sigma 12): a file of photo-like size."""
@@ -32,6 +36,12 @@ def photo(w, h, seed, grey=False):
     img = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
     im = Image.fromarray(img)
     return im.convert("L") if grey else im
+
+
+def orientation_exif(value):
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
 
 
 def with_orientation(im, value, **save):
@@ -71,22 +81,39 @@ def gif_offset(data, screen, at):
     return bytes(b)
 
 
-def png16(im, seed):
-    """A 16-bit RGB PNG (PIL does not write one): the 8-bit image times 257 plus noise in the
-    low byte, written chunk by chunk."""
+def raw_png(w, h, depth, interlace, raw):
+    """A colour (RGB) PNG of filtered scanlines `raw`, chunk by chunk (for what PIL does not
+    write)."""
     import struct
     import zlib
-
-    a = np.asarray(im).astype(np.uint16) * 257
-    a = a ^ np.random.default_rng(seed).integers(0, 256, a.shape, dtype=np.uint16)
-    h, w, _ = a.shape
-    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a)
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, interlace)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def png16(im, seed):
+    """A 16-bit RGB PNG (PIL does not write one): the 8-bit image times 257 plus noise in the
+    low byte."""
+    a = np.asarray(im).astype(np.uint16) * 257
+    a = a ^ np.random.default_rng(seed).integers(0, 256, a.shape, dtype=np.uint16)
+    h, w, _ = a.shape
+    return raw_png(w, h, 16, 0, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a))
+
+
+def interlaced_png(im):
+    """An Adam7-interlaced RGB PNG (PIL does not write one): the seven passes' sub-images."""
+    a = np.asarray(im)
+    h, w, _ = a.shape
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        sub = a[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    return raw_png(w, h, 8, 1, raw)
 
 
 def two_exif(data, second):
@@ -168,6 +195,20 @@ def main():
         "webp_lossless": encode(photo(200, 150, 33), "WEBP", lossless=True),
         "webp_lossy": encode(photo(200, 150, 34), "WEBP", quality=80),
         "ppm": encode(photo(120, 90, 35), "PPM"),
+        "png_interlaced": interlaced_png(photo(150, 110, 43)),
+        "png_palette_4bit": encode(photo(150, 110, 44).quantize(16), "PNG", bits=4),
+        "png_grey_trns": encode(photo(150, 110, 45).convert("L"), "PNG", transparency=100),
+        "bmp_rgba": encode(photo(150, 110, 46).convert("RGBA"), "BMP"),
+        "bmp_palette": encode(photo(150, 110, 47).quantize(200), "BMP"),
+        "tiff_lzw_predictor": encode(photo(150, 110, 48), "TIFF", compression="tiff_lzw", predictor=2),
+        "tiff_jpeg": encode(photo(160, 112, 49), "TIFF", compression="jpeg", quality=90),
+        "tiff_cmyk": encode(photo(150, 110, 50).convert("CMYK"), "TIFF"),
+        "tiff_deflate": encode(photo(150, 110, 51), "TIFF", compression="tiff_adobe_deflate"),
+        "webp_alpha": encode(photo(150, 110, 52).convert("RGBA"), "WEBP", quality=80),
+        # EXIF orientation outside JPEG: a PNG's eXIf chunk, a WebP's EXIF chunk, a TIFF tag.
+        "png_exif_6": encode(photo(150, 110, 40), "PNG", exif=orientation_exif(6)),
+        "webp_exif_8": encode(photo(150, 110, 41), "WEBP", lossless=True, exif=orientation_exif(8)),
+        "tiff_orientation_3": encode(photo(150, 110, 42), "TIFF", tiffinfo={0x0112: 3}),
     }
     index = []
     for name, data in cases.items():
@@ -185,7 +226,8 @@ def main():
                 x = TF.center_crop(x, crop)
             with open(os.path.join(out, f"{name}.{t}.rgb"), "wb") as f:
                 f.write(np.asarray(x).tobytes())
-        index.append({"name": name, "file": f"{name}.{ext}", "w": im.width, "h": im.height})
+        index.append({"name": name, "file": f"{name}.{ext}", "w": im.width, "h": im.height,
+                      "tolerance": KNOWN_DIFFERENCES.get(name, 0)})
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump({"transforms": TRANSFORMS, "cases": index}, f, indent=1)
     print(f"{len(index)} decode cases in {out}")

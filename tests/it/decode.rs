@@ -32,10 +32,11 @@ fn preprocess((size, crop): (&Value, &Value)) -> Preprocess {
     Preprocess { resize, crop, max_pixels: 1 << 28, jpeg_dct_scaling: false }
 }
 
-/// JPEGs (4:2:0, 4:2:2, 4:4:4, odd sizes, grey, progressive, optimised Huffman tables, EXIF
-/// orientations) decode to PIL's pixels bit for bit; the model inputs made from them and from
-/// a PNG (Resize by the shorter side or to an exact size, up or down, then CenterCrop, padded
-/// where the crop is larger) equal torchvision's on PIL's image bit for bit.
+/// Every case of `scripts/make_decode_cases.py` (JPEGs of every kind, PNG, GIF, BMP, TIFF,
+/// WebP and PPM files in their usual modes) decodes to PIL's pixels bit for bit, and the model
+/// inputs made from them (Resize by the shorter side or to an exact size, up or down, then
+/// CenterCrop, padded where the crop is larger) equal torchvision's on PIL's image bit for bit;
+/// except the script's known differences, within their tolerance.
 #[test]
 fn images_decode_as_pil_and_preprocess_as_torchvision() {
     let dir = cases();
@@ -48,6 +49,8 @@ fn images_decode_as_pil_and_preprocess_as_torchvision() {
     for case in cases {
         let (name, file) = (case["name"].as_str().unwrap(), case["file"].as_str().unwrap());
         let (w, h) = (case["w"].as_u64().unwrap() as u32, case["h"].as_u64().unwrap() as u32);
+        // 0 (equal) but for the script's KNOWN_DIFFERENCES.
+        let tolerance = case["tolerance"].as_u64().unwrap() as u8;
         let bytes = std::fs::read(dir.join(file)).unwrap();
         // Decode only: an exact resize to the image's own (oriented) size keeps the pixels.
         let pre =
@@ -61,7 +64,7 @@ fn images_decode_as_pil_and_preprocess_as_torchvision() {
         };
         let pil = std::fs::read(dir.join(format!("{name}.rgb"))).unwrap();
         let (max, mean, _) = diffs(&decoded.rgb, &pil);
-        if max != 0 {
+        if max > tolerance {
             failed.push(format!("{file}: pixels differ from PIL's (largest {max}, mean |diff| {mean:.4})"));
         }
         for (t, spec) in transforms {
@@ -69,7 +72,7 @@ fn images_decode_as_pil_and_preprocess_as_torchvision() {
             let input = decode_bytes(&bytes, file, &pre).unwrap().rgb;
             let torchvision = std::fs::read(dir.join(format!("{name}.{t}.rgb"))).unwrap();
             let (max, mean, signed) = diffs(&input, &torchvision);
-            if max != 0 {
+            if max > tolerance {
                 failed.push(format!(
                     "{file}, {t} {spec}: differs from torchvision's: largest {max}, mean {mean:.4}, signed {signed:+.4}"
                 ));
