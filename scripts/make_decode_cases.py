@@ -81,6 +81,23 @@ def gif_offset(data, screen, at):
     return bytes(b)
 
 
+def animated_webp(first, second):
+    """A two-frame animated WebP whose frames have transparent parts: the first frame is what
+    PIL reads."""
+    frames = []
+    for k, im in enumerate([first, second]):
+        a = np.asarray(im.convert("RGBA")).copy()
+        a[(k * 20):(k * 20 + 30), 10:60, 3] = 0
+        frames.append(Image.fromarray(a, "RGBA"))
+    return encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=100)
+
+
+def animated_gif(first, second):
+    """A two-frame animated GIF: the first frame is what PIL reads."""
+    frames = [im.quantize(64) for im in (first, second)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
 def raw_png(w, h, depth, interlace, raw):
     """A colour (RGB) PNG of filtered scanlines `raw`, chunk by chunk (for what PIL does not
     write)."""
@@ -205,6 +222,8 @@ def main():
         "tiff_cmyk": encode(photo(150, 110, 50).convert("CMYK"), "TIFF"),
         "tiff_deflate": encode(photo(150, 110, 51), "TIFF", compression="tiff_adobe_deflate"),
         "webp_alpha": encode(photo(150, 110, 52).convert("RGBA"), "WEBP", quality=80),
+        "webp_animated": animated_webp(photo(150, 110, 54), photo(150, 110, 55)),
+        "gif_animated": animated_gif(photo(150, 110, 56), photo(150, 110, 57)),
         # EXIF orientation outside JPEG: a PNG's eXIf chunk, a WebP's EXIF chunk, a TIFF tag.
         "png_exif_6": encode(photo(150, 110, 40), "PNG", exif=orientation_exif(6)),
         "webp_exif_8": encode(photo(150, 110, 41), "WEBP", lossless=True, exif=orientation_exif(8)),
