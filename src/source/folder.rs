@@ -4,8 +4,9 @@
 //! model's metadata has class names and every class folder is named after one of them, the
 //! labels are the model's ids of those names instead, so a folder holding a subset of the
 //! classes, or naming them in another order, still gets the model's ids. Hidden entries (names
-//! starting with `.`) are skipped; symbolic links are followed, except one back to a folder above
-//! it (a loop).
+//! starting with `.`) and the folders an unzipped archive or a file system leaves (`__MACOSX`,
+//! `lost+found`) are skipped; a folder without images does not stop the match by name;
+//! symbolic links are followed, except one back to a folder above it (a loop).
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,9 @@ use crate::sample::Sample;
 /// Image file extensions, lower case (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: [&str; 10] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif"];
 
+/// Folders that are never classes: what macOS's archiver and a file system's root leave.
+const NOT_CLASSES: [&str; 2] = ["__MACOSX", "lost+found"];
+
 /// Image files of one class folder: (id relative to the image folder with `/`, location).
 type ClassFiles = Vec<(String, Loc)>;
 
@@ -31,7 +35,21 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
     if class_dirs.is_empty() {
         bail!("{root}: no class folders (an image folder holds one sub-folder of images per class)");
     }
-    let by_name = classes.names().is_some() && class_dirs.iter().all(|(n, _)| classes.id_of(n).is_some());
+    // A folder without images gives no sample: it does not decide whether folders are matched
+    // by name. Numbered by position it still counts, as in torchvision's ImageFolder with
+    // `allow_empty=True` (empty class folders keep the numbering of a subset), with a warning:
+    // torchvision's default refuses it.
+    let empty: Vec<&str> = class_dirs.iter().filter(|(_, f)| f.is_empty()).map(|(n, _)| n.as_str()).collect();
+    let by_name = classes.names().is_some()
+        && class_dirs.iter().filter(|(_, f)| !f.is_empty()).all(|(n, _)| classes.id_of(n).is_some());
+    if !empty.is_empty() && !by_name {
+        tracing::warn!(
+            "{root}: folder(s) {}{} hold no image files but are counted as classes in the folders' \
+             name order, as torchvision's ImageFolder(allow_empty=True) counts them (its default refuses them)",
+            empty.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+            if empty.len() > 5 { ", …" } else { "" }
+        );
+    }
     if let (false, Some(model_names)) = (by_name, classes.names()) {
         let unknown: Vec<&str> =
             class_dirs.iter().map(|(n, _)| n.as_str()).filter(|n| classes.id_of(n).is_none()).take(5).collect();
@@ -92,7 +110,7 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
 fn list_local(root: &Path) -> anyhow::Result<Vec<(String, ClassFiles)>> {
     let mut class_dirs = Vec::new();
     for (name, path) in read_dir(root)? {
-        if name.starts_with('.') {
+        if name.starts_with('.') || NOT_CLASSES.contains(&name.as_str()) {
             continue;
         }
         if std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
@@ -115,7 +133,11 @@ fn list_remote(root: &Loc) -> anyhow::Result<Vec<(String, ClassFiles)>> {
     let mut by_class: std::collections::BTreeMap<String, ClassFiles> = Default::default();
     for rel in store::walk_remote(root)? {
         let segments: Vec<&str> = rel.split('/').collect();
-        if segments.len() < 2 || segments.iter().any(|s| s.starts_with('.')) || !is_image(&rel) {
+        if segments.len() < 2
+            || segments.iter().any(|s| s.starts_with('.'))
+            || NOT_CLASSES.contains(&segments[0])
+            || !is_image(&rel)
+        {
             continue;
         }
         let location = root.join(&rel)?;

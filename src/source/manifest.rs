@@ -111,6 +111,16 @@ fn to_samples(file: &Loc, base: &Loc, rows: Vec<RawRow>, classes: &Classes) -> a
     Ok(samples)
 }
 
+/// Refuses a column (or JSON key) named as one of [`COLUMNS`] in other letter case (`ID`,
+/// `Label`): read as written it would be silently ignored (ids falling back to paths, boxes
+/// incomplete, labels missing).
+fn check_case(name: &str) -> anyhow::Result<()> {
+    match COLUMNS.iter().find(|c| c.eq_ignore_ascii_case(name) && **c != name) {
+        Some(c) => bail!("column `{name}`: column names are lower case; name it `{c}`"),
+        None => Ok(()),
+    }
+}
+
 /// A cell's text, `None` when empty.
 fn cell(text: &str) -> Option<String> {
     let t = text.trim();
@@ -124,6 +134,7 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     let mut col: HashMap<&str, usize> = HashMap::new();
     for (i, h) in headers.iter().enumerate() {
         let h = h.trim();
+        check_case(h).map_err(|e| anyhow!("{f} line 1: {e}"))?;
         if let Some(name) = COLUMNS.iter().find(|c| **c == h) {
             if col.insert(name, i).is_some() {
                 bail!("{f} line 1: column `{name}` appears twice in the header");
@@ -137,6 +148,10 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     let mut lines = Lines::default();
     for record in reader.records() {
         let record = record.map_err(|e| csv_error(path, bytes, e))?;
+        // A record of empty cells only (`,,,`: spreadsheets leave them at the end) is not a row.
+        if record.iter().all(|c| c.trim().is_empty()) {
+            continue;
+        }
         let line = record.position().map_or(0, |p| lines.at(bytes, p));
         let get = |name: &str| col.get(name).and_then(|&i| record.get(i)).and_then(cell);
         let at = format!("line {line}");
@@ -221,6 +236,9 @@ fn read_jsonl(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
         let at = format!("line {}", i + 1);
         let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("{f} {at}: not valid JSON: {e}"))?;
         let Value::Object(obj) = value else { bail!("{f} {at}: not a JSON object") };
+        for key in obj.keys() {
+            check_case(key).map_err(|e| anyhow!("{f} {at}: {e}"))?;
+        }
         let text_of = |key: &str, numbers_too: bool| -> anyhow::Result<Option<String>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -276,6 +294,9 @@ fn read_parquet(path: &Loc, bytes: bytes::Bytes) -> anyhow::Result<Vec<RawRow>> 
         .filter(|(_, field)| COLUMNS.contains(&field.name()))
         .map(|(i, _)| i)
         .collect();
+    for field in builder.parquet_schema().root_schema().get_fields() {
+        check_case(field.name()).map_err(|e| anyhow!("{f}: {e}"))?;
+    }
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let schema = builder.schema().clone();
     if schema.column_with_name("path").is_none() {

@@ -293,6 +293,17 @@ fn parquet_manifest() {
     write_parquet(&m, vec![("path", Arc::new(Int32Array::from(vec![1])) as ArrayRef)]);
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("column `path` has type Int32"), "{e}");
+    // A known column in other letter case: refused, naming it.
+    let m = d.path().join("case.parquet");
+    write_parquet(
+        &m,
+        vec![
+            ("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef),
+            ("Mask", Arc::new(StringArray::from(vec!["m.png"])) as ArrayRef),
+        ],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("case.parquet: column `Mask`") && e.contains("name it `mask`"), "{e}");
     // Not Parquet at all.
     let m = write(d.path(), "junk.parquet", "not parquet");
     assert!(err_of(manifest(&m, None, None)).contains("junk.parquet"));
@@ -354,6 +365,18 @@ fn structural_errors() {
     assert!(e.contains("str.jsonl line 1") && e.contains("bbox_x0 must be a number"), "{e}");
     let m = write(d.path(), "emptypath.csv", "path,label\n,1\n");
     assert!(err_of(manifest(&m, None, None)).contains("emptypath.csv line 2: no path"));
+    // Records of empty cells only (what spreadsheets leave at the end) are not rows.
+    let m = write(d.path(), "trailing.csv", "path,label\r\na.jpg,1\r\n,\r\n , \r\n");
+    let set = manifest(&m, None, None).unwrap();
+    assert_eq!(set.samples.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["a.jpg"]);
+
+    // A known column in other letter case would be ignored: refused, naming it.
+    let m = write(d.path(), "case.csv", "path,label,ID\na.jpg,1,x\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("case.csv line 1: column `ID`: column names are lower case; name it `id`"), "{e}");
+    let m = write(d.path(), "case.jsonl", "{\"path\": \"a.jpg\"}\n{\"path\": \"b.jpg\", \"Label\": 1}\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("case.jsonl line 2: column `Label`") && e.contains("name it `label`"), "{e}");
 
     let e = err_of(manifest(&d.path().join("absent.csv"), None, None));
     assert!(e.contains("absent.csv"), "{e}");
@@ -393,6 +416,9 @@ fn image_folder_labels_and_ids() {
     let root = d.path().join("train");
     for f in
         ["dog/b.JPG", "dog/sub/c.png", "cat/a.jpeg", "cat/notes.txt", "cat/.hidden.jpg", "zebra/x.webp", "loose.jpg"]
+            .into_iter()
+            // What unzipping a macOS archive and a volume's root leave: never classes.
+            .chain(["__MACOSX/cat/._a.jpeg", "__MACOSX/cat/a.jpeg", "lost+found/x.png"])
     {
         touch(&root, f);
     }
@@ -428,7 +454,14 @@ fn image_folder_labels_and_ids() {
     assert_eq!(labels, [Some(3), Some(2), Some(2), Some(0)]);
     assert_eq!(set.class_names, Some(model));
 
-    // Otherwise the sorted folder order, as torchvision.
+    // A folder without images does not stop the match by name.
+    let model = names(&["zebra", "dog", "cat"]);
+    let set = load_samples(&src, Some(&model), None).unwrap();
+    let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [Some(2), Some(1), Some(1), Some(0)]);
+
+    // Otherwise the sorted folder order, as torchvision (the empty folder counted, as with its
+    // allow_empty=True).
     let model = names(&["n1", "n2", "n3", "n4"]);
     let set = load_samples(&src, Some(&model), None).unwrap();
     let labels: Vec<Option<i64>> = set.samples.iter().map(|s| s.label).collect();

@@ -46,7 +46,8 @@ pub enum Loc {
 
 impl Loc {
     /// Parses a path or URL: `s3://bucket/key` and the other [`REMOTE_SCHEMES`] are remote,
-    /// `file:///path` and anything without a scheme are local. Other schemes are refused.
+    /// `file:///path` (percent-decoded; `file://localhost/path` too) and anything without a
+    /// scheme are local. Other schemes are refused.
     pub fn parse(text: &str) -> anyhow::Result<Loc> {
         let Some((scheme, rest)) = text.split_once("://") else {
             return Ok(Loc::Local(PathBuf::from(text)));
@@ -58,7 +59,14 @@ impl Loc {
             return Ok(Loc::Local(PathBuf::from(text)));
         }
         if scheme_lc == "file" {
-            return Ok(Loc::Local(PathBuf::from(rest)));
+            // `file:///path` or `file://localhost/path`, percent-encoded bytes decoded (as
+            // Python's `Path.as_uri()` writes spaces and non-ASCII names); anything else after
+            // `file://` is taken as a path, relative where it does not start with `/`.
+            let rest = rest.strip_prefix("localhost").filter(|r| r.starts_with('/')).unwrap_or(rest);
+            let bytes: Vec<u8> = percent_encoding::percent_decode_str(rest).collect();
+            return Ok(Loc::Local(PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                bytes,
+            ))));
         }
         if !REMOTE_SCHEMES.contains(&scheme_lc.as_str()) {
             bail!("{text}: unsupported URL scheme `{scheme}://` (use a local path or one of {})", schemes_list());

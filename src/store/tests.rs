@@ -11,6 +11,12 @@ fn parses_urls_and_paths() {
     assert_eq!(Loc::parse("gs://b").unwrap(), remote("gs://b", ""));
     assert_eq!(Loc::parse("data/x.csv").unwrap(), Loc::Local(PathBuf::from("data/x.csv")));
     assert_eq!(Loc::parse("file:///tmp/x").unwrap(), Loc::Local(PathBuf::from("/tmp/x")));
+    // As Python's Path.as_uri() writes them: percent-encoded, and the localhost form.
+    assert_eq!(
+        Loc::parse("file:///tmp/my%20dir/%C3%A9%20a.png").unwrap(),
+        Loc::Local(PathBuf::from("/tmp/my dir/é a.png"))
+    );
+    assert_eq!(Loc::parse("file://localhost/tmp/x%23").unwrap(), Loc::Local(PathBuf::from("/tmp/x#")));
     let err = Loc::parse("ftp://host/x").unwrap_err().to_string();
     assert!(err.contains("ftp://host/x") && err.contains("unsupported URL scheme"), "{err}");
     assert!(Loc::parse("s3:///key").unwrap_err().to_string().contains("no bucket"));
