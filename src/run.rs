@@ -784,10 +784,18 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "num_shards": shard.count,
         "samples": o.plan_samples,
         "resumed_rows": s.resumed_rows,
-        "redone_rows": s.redone_rows,
+        // Failed rows this run set out to redo; how many it did is known only when it finished.
+        "to_redo_rows": s.redone_rows,
+        "redone_rows": (!s.interrupted).then_some(s.redone_rows),
         "processed": s.processed(),
         "counts": counts,
         "failed": s.failed(),
+        // The whole shard's committed rows (this run's and earlier runs'): what the exit code
+        // counts. Absent where the run stopped before the shard's parts were read.
+        "shard_counts": s.shard.as_ref().map(|sh| {
+            sh.status_counts.iter().filter(|(_, n)| **n > 0).map(|(k, n)| (k.clone(), (*n).into())).collect::<serde_json::Map<_, _>>()
+        }),
+        "shard_failed": s.shard.as_ref().map(|_| o.shard_failed()),
         "interrupted": s.interrupted,
         "elapsed_s": secs,
         "images_per_s": s.processed() as f64 / secs,

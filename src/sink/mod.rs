@@ -915,6 +915,7 @@ impl PartWriter {
             parts: self.done.len() as u64,
             status_counts: self.status_counts.clone(),
             schema_version: SCHEMA_VERSION,
+            job_id: self.cfg.job_id.clone(),
         }
     }
 

@@ -29,6 +29,11 @@ pub struct ShardSummary {
     pub status_counts: BTreeMap<String, u64>,
     /// [`SCHEMA_VERSION`] of the parts.
     pub schema_version: u32,
+    /// The job that wrote the shard ([`super::SinkConfig::job_id`]; absent in markers written
+    /// before it was recorded): `finalize` and the report refuse a folder whose shards
+    /// record different jobs, even where a shard's `_job` file was not copied with its parts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
 }
 
 /// The whole dataset's counts; the content of `_SUCCESS`.
@@ -188,7 +193,8 @@ fn one_shard_count(dir: &Loc, names: &[String]) -> anyhow::Result<u32> {
     }
 }
 
-/// The shards' `_job-*.json` files, by shard; an error when they record different jobs.
+/// The shards' `_job-*.json` files, by shard; an error when they, or the shards' completion
+/// markers, record different jobs.
 fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::JobFile>> {
     let mut jobs = BTreeMap::new();
     let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
@@ -199,6 +205,18 @@ fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::J
             job_ids.entry(job.job_id.clone()).or_insert(path);
         }
         jobs.insert(shard, job);
+    }
+    for name in names.iter().filter(|n| parse_shard_success_name(n).is_some()) {
+        let path = dir.join(name)?;
+        let marker: ShardSummary = match files::read_json(&path) {
+            Ok(m) => m,
+            // Gone since the listing: a rerun of that shard has started.
+            Err(e) if is_not_found(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if !marker.job_id.is_empty() {
+            job_ids.entry(marker.job_id).or_insert(path);
+        }
     }
     let mut ids = job_ids.iter();
     if let (Some(a), Some(b)) = (ids.next(), ids.next()) {

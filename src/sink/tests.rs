@@ -525,6 +525,16 @@ fn shards_of_another_job_are_refused() {
     }
     let e = finalize(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("mixes shards of different jobs") && e.contains("records job other"), "{e}");
+    // Copied without its `_job` file, the other job's shard is still told apart by its marker,
+    // by finalize and by the report's reading of the folder.
+    fs::remove_file(tmp.path().join("_job-00001-of-00002.json")).unwrap();
+    let e = finalize(tmp.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("mixes shards of different jobs") && e.contains("_SUCCESS-00001-of-00002.json records job other"),
+        "{e}"
+    );
+    let e = summary::coverage_of(&Loc::from(tmp.path()), &names(tmp.path())).unwrap_err().to_string();
+    assert!(e.contains("mixes shards of different jobs"), "{e}");
 }
 
 #[test]

@@ -306,6 +306,10 @@ fn run_end_to_end_with_bad_files() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("_run-00000-of-00001.json")).unwrap()).unwrap();
     assert_eq!(summary["resumed_rows"], 249);
+    // This run failed nothing; the shard's failed rows (what exit 1 counts) are there too.
+    assert_eq!((summary["failed"].as_u64(), summary["shard_failed"].as_u64()), (Some(0), Some(9)), "{summary}");
+    assert_eq!(summary["shard_counts"]["decode_error"], 3, "{summary}");
+    assert_eq!(summary["shard_counts"]["ok"], 240, "{summary}");
 
     // -q: another rerun prints no summary, no log line and no bar; the failed
     // samples behind exit 1 are still named on stderr.
@@ -512,6 +516,9 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     assert_eq!(o.status.code(), Some(1), "the other bad samples still fail: {}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("1 of 1 samples processed") && stdout.contains("1 failed there and redone"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("_run-00000-of-00001.json")).unwrap()).unwrap();
+    assert_eq!((summary["to_redo_rows"].as_u64(), summary["redone_rows"].as_u64()), (Some(1), Some(1)), "{summary}");
     let second = rows_by_id(&out);
     assert_eq!(second["x_missing"].0, "ok");
     assert_eq!(second["x_zero"].0, "decode_error", "only the statuses named are redone");
