@@ -363,6 +363,17 @@ fn is_number(t: &DataType) -> bool {
 fn strings(file: &Loc, name: &str, col: Option<ArrayRef>, integers_too: bool) -> anyhow::Result<Option<ArrayRef>> {
     let Some(col) = col else { return Ok(None) };
     let t = col.data_type();
+    if integers_too && value_type(t).is_floating() {
+        // pandas writes an integer column with a missing value as floats: whole numbers are
+        // the integers they were.
+        let f = cast(file, name, &col, &DataType::Float64)?;
+        let f = f.as_primitive::<Float64Type>();
+        if let Some(v) = f.iter().flatten().find(|v| !v.is_finite() || v.fract() != 0.0) {
+            bail!("{file}: column `{name}` has type {t} and holds {v}, not a whole number; it must hold strings or integers");
+        }
+        let whole = cast(file, name, &col, &DataType::Int64)?;
+        return cast(file, name, &whole, &DataType::Utf8).map(Some);
+    }
     if !(is_string(t) || (integers_too && value_type(t).is_integer())) {
         let want = if integers_too { "strings or integers" } else { "strings" };
         bail!("{}: column `{name}` has type {t}; it must hold {want}", file);

@@ -3,7 +3,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, DictionaryArray, Float32Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::array::{
+    ArrayRef, DictionaryArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+};
 use arrow::datatypes::{DataType, Field, Int8Type, Schema};
 use parquet::arrow::ArrowWriter;
 
@@ -293,6 +295,30 @@ fn parquet_manifest() {
     write_parquet(&m, vec![("path", Arc::new(Int32Array::from(vec![1])) as ArrayRef)]);
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("column `path` has type Int32"), "{e}");
+    // Ids as pandas writes an integer column with a missing value: floats, whole numbers the
+    // integers they were (the missing one falls back to the path); a fraction is refused.
+    let m = d.path().join("float_ids.parquet");
+    write_parquet(
+        &m,
+        vec![
+            ("path", Arc::new(StringArray::from(vec!["a.jpg", "b.jpg", "c.jpg"])) as ArrayRef),
+            ("id", Arc::new(Float64Array::from(vec![Some(3.0), None, Some(-12.0)])) as ArrayRef),
+        ],
+    );
+    let set = manifest(&m, None, None).unwrap();
+    let mut ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["-12", "3", "b.jpg"]);
+    let m = d.path().join("fraction_ids.parquet");
+    write_parquet(
+        &m,
+        vec![
+            ("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef),
+            ("id", Arc::new(Float64Array::from(vec![2.5])) as ArrayRef),
+        ],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("column `id` has type Float64 and holds 2.5, not a whole number"), "{e}");
     // A known column in other letter case: refused, naming it.
     let m = d.path().join("case.parquet");
     write_parquet(
