@@ -176,6 +176,8 @@ def pipeline_model(d):
     meta = {"architecture": "SmallNet", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "resize": 36,
             "class_names": ["circle", "square", "triangle"]}
     export(m, "conv3", False, torch.randn(2, 3, 32, 32), meta, os.path.join(d, "model.pt"))
+    # Its eager weights, for the end-to-end reference (scripts/captum_reference.py).
+    torch.save(m.state_dict(), os.path.join(d, "model_eager.pth"))
     # The same model, scripted around a forward that runs out of memory for batches over 2 (an
     # allocation of 256 PiB, beyond any address space, so refused at once even where memory is
     # overcommitted, inside the TorchScript interpreter).

@@ -147,6 +147,75 @@ rows_per_part = 50
     p
 }
 
+/// The product's promise end to end: a run over image files gives, for every sample, the
+/// statistics of Captum's GuidedGradCam (and LayerGradCam) on the input torchvision's eval
+/// transform makes of PIL's image, with the eager model (`scripts/captum_reference.py`);
+/// statistics computed on the host and on the device alike.
+#[test]
+fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut lines = vec!["path,label,id".to_owned()];
+    for i in 0..12u32 {
+        let (ext, fmt) = FORMATS[i as usize % FORMATS.len()];
+        let (w, h) = (40 + i * 9 % 37, 33 + i * 13 % 41);
+        let rel = format!("img/{i:02}.{ext}");
+        pattern(w, h, 100 + i).save_with_format(dir.join(&rel), fmt).unwrap();
+        lines.push(format!("{rel},{},s{i:02}", i % 3));
+    }
+    std::fs::write(dir.join("samples.csv"), lines.join("\n") + "\n").unwrap();
+    let cases = engine_cases().join("pipeline");
+    let reference = dir.join("reference.json");
+    let st = Command::new(crate::common::python())
+        .arg(crate::common::repo().join("scripts/captum_reference.py"))
+        .args([dir.join("samples.csv"), cases.join("model_eager.pth"), reference.clone()])
+        .env("PYTHONWARNINGS", "ignore")
+        .status()
+        .unwrap();
+    assert!(st.success(), "captum_reference.py failed");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+
+    let job = write_job(dir, &cases.join("model.pt"), "");
+    let text = std::fs::read_to_string(&job).unwrap();
+    for (name, stats_on_device) in [("host", false), ("device", true)] {
+        let variant = dir.join(format!("{name}.toml"));
+        let runtime = format!("batch_size = 5\nstats_on_device = {stats_on_device}");
+        std::fs::write(&variant, text.replace("batch_size = 16", &runtime)).unwrap();
+        let out = dir.join(name);
+        let o = Command::new(bin()).args(["-q", "run"]).arg(&variant).arg("--output").arg(&out).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        let rows = read_all(&out);
+        assert_eq!(rows.num_rows(), 12);
+        let ids = col::<StringArray>(&rows, "id");
+        let status = col::<StringArray>(&rows, "status");
+        let predicted = col::<Int64Array>(&rows, "predicted");
+        for i in 0..rows.num_rows() {
+            let id = ids.value(i);
+            let want = &reference[id];
+            assert_eq!(status.value(i), "ok", "{name} {id}");
+            assert_eq!(predicted.value(i), want["predicted"].as_i64().unwrap(), "{name} {id}: predicted");
+            // Relative to the value for totals and maxima, absolute for shares and centres.
+            let checks = [
+                ("target_prob", 1e-5, false),
+                ("attr_total", 1e-4, true),
+                ("attr_max", 1e-4, true),
+                ("cam_max", 1e-4, true),
+                ("attr_entropy", 1e-5, false),
+                ("attr_gini", 1e-5, false),
+                ("attr_com_x", 1e-5, false),
+                ("attr_com_y", 1e-5, false),
+            ];
+            for (k, tol, relative) in checks {
+                let got = col::<Float32Array>(&rows, k).value(i) as f64;
+                let want = want[k].as_f64().unwrap_or_else(|| panic!("{id}: reference has no {k}"));
+                let scale = if relative { want.abs().max(1e-12) } else { 1.0 };
+                assert!((got - want).abs() <= tol * scale, "{name} {id}: {k} {got} vs Captum's {want}");
+            }
+        }
+    }
+}
+
 /// A model that runs out of memory inside its TorchScript forward for batches over 2 (a 4 TiB
 /// allocation the CPU allocator refuses at once): libtorch reports that wrapped in the
 /// interpreter's traceback, and the run still takes it for running out of memory. Every sample
