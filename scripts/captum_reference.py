@@ -6,8 +6,9 @@ model: SmallNet, Grad-CAM layer conv3, metadata mean/std, resize 36, input 32).
 Usage: python scripts/captum_reference.py MANIFEST.csv MODEL_EAGER.pth OUT.json
 For each row (path, label, id): the image as torchvision's eval transform makes it
 (exif_transpose, convert("RGB"), Resize(36) bilinear antialiased, CenterCrop(32), ToTensor,
-Normalize), Captum's GuidedGradCam and LayerGradCam (relu_attributions) for the label, and the
-statistics saliency-audit defines on them (README, "Output"), written as JSON keyed by id.
+Normalize), Captum's GuidedGradCam and LayerGradCam (relu_attributions) for the label, the
+statistics saliency-audit defines on them (README, "Output"), the map area-averaged to 16x16 and
+the CAM, written as JSON keyed by id.
 """
 import csv
 import json
@@ -64,6 +65,9 @@ def main():
             cam = LayerGradCam(model, model.conv3).attribute(x, target=target, relu_attributions=True)
             m = attr.detach().abs().sum(1)[0].double().numpy()
             r = stats(m, cam.detach()[0, 0].double().numpy())
+            # The stored map: area-averaged to the test job's map_size (16: 2x2 means), and the CAM.
+            r["map16"] = torch.nn.functional.avg_pool2d(attr.detach().abs().sum(1, keepdim=True), 2)[0, 0].flatten().tolist()
+            r["cam"] = cam.detach()[0, 0].flatten().tolist()
             r["predicted"] = int(probs.argmax())
             r["target_prob"] = float(probs[target])
             result[row["id"]] = r

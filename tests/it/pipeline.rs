@@ -149,8 +149,8 @@ rows_per_part = 50
 
 /// The product's promise end to end: a run over image files gives, for every sample, the
 /// statistics of Captum's GuidedGradCam (and LayerGradCam) on the input torchvision's eval
-/// transform makes of PIL's image, with the eager model (`scripts/captum_reference.py`);
-/// statistics computed on the host and on the device alike.
+/// transform makes of PIL's image, with the eager model (`scripts/captum_reference.py`), and
+/// its stored map and CAM; statistics computed on the host and on the device alike.
 #[test]
 fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
     let tmp = tempfile::tempdir().unwrap();
@@ -211,6 +211,25 @@ fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
                 let want = want[k].as_f64().unwrap_or_else(|| panic!("{id}: reference has no {k}"));
                 let scale = if relative { want.abs().max(1e-12) } else { 1.0 };
                 assert!((got - want).abs() <= tol * scale, "{name} {id}: {k} {got} vs Captum's {want}");
+            }
+            // The stored maps: the PNG within one of its 255 levels, the float16 CAM within its
+            // rounding.
+            let floats = |k: &str| -> Vec<f32> {
+                want[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+            };
+            let (map, cam) = (floats("map16"), floats("cam"));
+            let scale = col::<Float32Array>(&rows, "map_scale").value(i);
+            let (got, _, _) = stats::decode_map_png(col::<BinaryArray>(&rows, "map_png").value(i), scale).unwrap();
+            let max = map.iter().cloned().fold(0f32, f32::max);
+            assert_eq!(got.len(), map.len(), "{name} {id}: map size");
+            for (a, b) in got.iter().zip(&map) {
+                assert!((a - b).abs() <= max / 255.0 + 1e-4 * max, "{name} {id}: map {a} vs Captum's {b} (max {max})");
+            }
+            let got = stats::decode_cam_f16(col::<BinaryArray>(&rows, "cam").value(i));
+            let cmax = cam.iter().cloned().fold(0f32, f32::max);
+            assert_eq!(got.len(), cam.len(), "{name} {id}: CAM size");
+            for (a, b) in got.iter().zip(&cam) {
+                assert!((a - b).abs() <= 1e-3 * cmax.max(1e-12) + 1e-7, "{name} {id}: CAM {a} vs Captum's {b}");
             }
         }
     }
