@@ -27,6 +27,30 @@ fn png_uri(img: &image::RgbImage) -> String {
     format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(buf.into_inner()))
 }
 
+/// Card images are shown at this side (CSS pixels): larger model inputs are scaled down to it
+/// before they go into the page (at 224 px, full-size PNGs made a card 230 KB).
+const DISPLAY: u32 = 128;
+
+/// `img` no larger than [`DISPLAY`] on either side (aspect kept) as a JPEG data URI: the model
+/// input and the overlay are photos, which PNG stores at several times the size.
+fn shown_uri(img: &image::RgbImage) -> String {
+    let (w, h) = img.dimensions();
+    let small;
+    let img = if w.max(h) > DISPLAY {
+        let s = DISPLAY as f64 / w.max(h) as f64;
+        let (sw, sh) = (((w as f64 * s).round() as u32).max(1), ((h as f64 * s).round() as u32).max(1));
+        small = image::imageops::resize(img, sw, sh, image::imageops::FilterType::Triangle);
+        &small
+    } else {
+        img
+    };
+    let mut buf = Vec::new();
+    if image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85).encode_image(img).is_err() {
+        return String::new();
+    }
+    format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
 /// A map (h × w, any scale) as a colour image of `out_w × out_h`, scaled to its maximum.
 fn heat(map: &[f32], h: usize, w: usize, out_w: u32, out_h: u32) -> image::RgbImage {
     let max = map.iter().cloned().fold(0f32, f32::max);
@@ -76,19 +100,18 @@ impl SampleImages {
     /// The model input, the map over it, the CAM, and a small copy of the second for the
     /// clusters' member thumbnails (shown at 40 px: full-size copies made most of a page's bytes).
     fn make(r: &Report, rec: &Record) -> [String; 4] {
-        let display = 128u32;
         let Some(m) = &rec.maps else { return Default::default() };
-        let cam = png_uri(&heat(&m.cam, m.cam_h, m.cam_w, display, display));
+        let cam = shown_uri(&heat(&m.cam, m.cam_h, m.cam_w, DISPLAY, DISPLAY));
         let thumb = |img: &image::RgbImage| png_uri(&image::imageops::thumbnail(img, THUMB, THUMB));
         match model_input(r, rec) {
             Some((rgb, w, h)) => {
                 let img = image::RgbImage::from_raw(w, h, rgb.clone()).unwrap_or_default();
                 let ov = overlay(&rgb, w, h, &m.map, m.map_side);
-                [png_uri(&img), png_uri(&ov), cam, thumb(&ov)]
+                [shown_uri(&img), shown_uri(&ov), cam, thumb(&ov)]
             }
             None => {
-                let map = heat(&m.map, m.map_side, m.map_side, display, display);
-                [String::new(), png_uri(&map), cam, thumb(&map)]
+                let map = heat(&m.map, m.map_side, m.map_side, DISPLAY, DISPLAY);
+                [String::new(), shown_uri(&map), cam, thumb(&map)]
             }
         }
     }
@@ -135,14 +158,14 @@ fn card(out: &mut String, r: &Report, imgs: &SampleImages, i: usize, name_of: &d
 
 fn class_section(out: &mut String, r: &Report, c: &ClassSummary, imgs: &SampleImages, name_of: &dyn Fn(i64) -> String) {
     let _ = write!(out, r#"<section class="class" id="class-{}"><h2>{}</h2>"#, c.class, esc(&c.name));
-    let mean = png_uri(&heat(&c.mean_map, c.map_side, c.map_side, 128, 128));
+    let mean = shown_uri(&heat(&c.mean_map, c.map_side, c.map_side, DISPLAY, DISPLAY));
     let _ = write!(
         out,
         r#"<div class="row"><figure><img src="{mean}" alt="class mean map"><figcaption>class mean map</figcaption></figure>"#
     );
     out.push_str(r#"<div class="clusters">"#);
     for k in &c.clusters {
-        let uri = png_uri(&heat(&k.mean_map, k.side, k.side, 96, 96));
+        let uri = shown_uri(&heat(&k.mean_map, k.side, k.side, 96, 96));
         let flag = if k.flagged { " flagged" } else { "" };
         let _ = write!(
             out,
@@ -164,8 +187,12 @@ fn class_section(out: &mut String, r: &Report, c: &ClassSummary, imgs: &SampleIm
     }
     out.push_str("</div></div>");
     if c.ranked.is_empty() {
-        let _ =
-            write!(out, "<h3>No ranking</h3><p>No sample of this class has a {}.</p></section>", esc(&r.score_label));
+        let scored = r.records.iter().any(|x| x.class == c.class && x.score.is_some());
+        let why = match scored {
+            true => "none asked for (--top 0)".to_owned(),
+            false => format!("no sample of this class has a {}", esc(&r.score_label)),
+        };
+        let _ = write!(out, "<h3>No ranking</h3><p>No ranking: {why}.</p></section>");
         return;
     }
     let _ = write!(out, "<h3>Top {} by spurious score</h3><div class=\"cards\">", c.ranked.len());
@@ -186,9 +213,9 @@ td:first-child,th:first-child{text-align:left}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;width:410px}
 .card.flagged{border-color:#c33}.imgs{display:flex;gap:4px}.imgs img,.missing{width:128px;height:128px;image-rendering:pixelated}
 .missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#888;font-size:12px}
-.cap{font-size:12px;margin-top:4px}.row{display:flex;gap:16px;align-items:flex-start}.clusters{display:flex;flex-wrap:wrap;gap:12px}
+.cap{font-size:12px;margin-top:4px;overflow-wrap:anywhere}.row{display:flex;gap:16px;align-items:flex-start}.clusters{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}figure.flagged{border:2px solid #c33}
-figcaption{font-size:12px;max-width:260px}.warning{color:#a00}.thumb{width:40px;height:40px;margin:1px}.members{margin-top:4px}
+figcaption{font-size:12px;max-width:260px;overflow-wrap:anywhere}.warning{color:#a00}.thumb{width:40px;height:40px;margin:1px}.members{margin-top:4px}
 </style></head><body>"#,
     );
     let _ = write!(
@@ -207,6 +234,9 @@ figcaption{font-size:12px;max-width:260px}.warning{color:#a00}.thumb{width:40px;
     }
     if let Some(note) = super::unranked_note(r) {
         let _ = write!(out, "<p><b>Note:</b> {}.</p>", esc(&note));
+    }
+    if let Some(note) = super::coarse_maps_note(r) {
+        let _ = write!(out, r#"<p class="warning"><b>Warning:</b> {}.</p>"#, esc(&note));
     }
     if !r.failed.is_empty() {
         let f: Vec<String> = r.failed.iter().map(|(k, v)| format!("{} {v}", esc(k))).collect();

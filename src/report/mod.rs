@@ -9,7 +9,7 @@ use crate::decode;
 use crate::sink;
 use crate::stats;
 use crate::store::Loc;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Int64Array, StringArray, UInt32Array, UInt64Array,
 };
@@ -429,12 +429,32 @@ fn flag(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]
 /// Set when no sample has a score, which happens when the output has no object boxes or masks
 /// and the job names no regions: says so, since every ranking is then empty.
 pub fn unranked_note(r: &Report) -> Option<String> {
+    if r.records.is_empty() {
+        return Some("no row succeeded, so there is nothing to rank or cluster".to_owned());
+    }
     (!r.records.iter().any(|x| x.score.is_some())).then(|| {
         format!(
             "no sample has a {} (the output has no object boxes or masks{}), so none is ranked; the \
              clusters still show each class's strategies",
             r.score_label,
             if r.region_names.is_empty() { ", and the job names no regions" } else { "" }
+        )
+    })
+}
+
+/// Maps smaller than this side (the job's `output.map_size`) are too coarse for the clusters
+/// and for the concentration test that flags Clever-Hans candidates.
+pub const MIN_MAP_SIDE: usize = 8;
+
+/// Set when the stored maps are smaller than [`MIN_MAP_SIDE`]: says that clusters and flags
+/// cannot be trusted (a 1×1 map is uniform; no cluster is ever concentrated).
+pub fn coarse_maps_note(r: &Report) -> Option<String> {
+    let side = r.records.iter().find_map(|x| x.maps.as_ref().map(|m| m.map_side))?;
+    (side < MIN_MAP_SIDE).then(|| {
+        format!(
+            "the maps are stored at {side}x{side} (output.map_size): too coarse to tell strategies apart, so \
+             clusters and Clever-Hans flags mean little (they need a map_size of {MIN_MAP_SIDE} or more); the \
+             scores from boxes, masks and regions are computed at full size and stand"
         )
     })
 }
@@ -526,11 +546,54 @@ fn renumber_by_size(
     closest.into_iter().map(|((class, c), list)| ((class, renumber(class, c)), list)).collect()
 }
 
+/// Refuses a report folder `out` that would put its files among the output's parts: the folder
+/// itself, or one inside it whose name does not start with `_` or `.` (which folder readers such
+/// as pyarrow skip; the default is `_report`).
+fn check_out(dir: &Loc, out: &Loc) -> Result<()> {
+    let inside: Option<Vec<String>> = match (dir, out) {
+        (Loc::Local(d), Loc::Local(o)) => {
+            let (d, o) = (std::path::absolute(d)?, std::path::absolute(o)?);
+            let norm = |p: &std::path::Path| -> Vec<String> {
+                let mut v: Vec<String> = Vec::new();
+                for c in p.components() {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            v.pop();
+                        }
+                        std::path::Component::Normal(n) => v.push(n.to_string_lossy().into_owned()),
+                        _ => {}
+                    }
+                }
+                v
+            };
+            let (d, o) = (norm(&d), norm(&o));
+            o.starts_with(&d).then(|| o[d.len()..].to_vec())
+        }
+        (Loc::Remote { bucket: b1, key: k1 }, Loc::Remote { bucket: b2, key: k2 }) if b1 == b2 => {
+            let (d, o): (Vec<&str>, Vec<&str>) =
+                (k1.split('/').filter(|s| !s.is_empty()).collect(), k2.split('/').filter(|s| !s.is_empty()).collect());
+            o.starts_with(&d).then(|| o[d.len()..].iter().map(|s| s.to_string()).collect())
+        }
+        _ => None,
+    };
+    match inside.as_deref() {
+        Some([]) => bail!("--out {out} is the output folder itself: the report's files would be read as its parts"),
+        Some([first, ..]) if !first.starts_with('_') && !first.starts_with('.') => bail!(
+            "--out {out} is inside the output folder under a name that folder readers take for data (`{first}`): \
+             give it a name starting with `_` (the default is `_report`) or put it elsewhere"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Builds the report for an output folder in two streaming passes: the first collects every
 /// row's scalars, class mean maps and a bounded subsample per class for clustering; the second
 /// assigns every other sample to its nearest cluster and keeps the maps of the samples shown.
 pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     let dir = &dir.into();
+    if let Some(out) = &opts.out {
+        check_out(dir, out)?;
+    }
     // One listing for the metadata, the shards' coverage and both passes over the parts: from
     // an object store, each part is downloaded once.
     let parts = sink::Parts::list(dir, true)?;
@@ -866,6 +929,9 @@ pub fn summary_text(r: &Report) -> String {
     if let Some(note) = unranked_note(r) {
         s.push_str(&format!("{note}\n"));
     }
+    if let Some(note) = coarse_maps_note(r) {
+        s.push_str(&format!("warning: {note}\n"));
+    }
     if !r.failed.is_empty() {
         let f: Vec<String> = r.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!("failed rows (not in the report): {}\n", f.join(", ")));
@@ -918,6 +984,25 @@ pub(crate) fn model_input(report: &Report, rec: &Record) -> Option<(Vec<u8>, u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_folder_among_the_parts_is_refused() {
+        let local = |p: &str| Loc::Local(std::path::PathBuf::from(p));
+        let dir = local("/data/out");
+        assert!(check_out(&dir, &local("/data/out/_report")).is_ok());
+        assert!(check_out(&dir, &local("/data/out/.r")).is_ok());
+        assert!(check_out(&dir, &local("/data/report")).is_ok());
+        assert!(check_out(&dir, &local("/data/outside")).is_ok(), "a sibling whose name starts alike");
+        let e = check_out(&dir, &local("/data/out/")).unwrap_err().to_string();
+        assert!(e.contains("the output folder itself"), "{e}");
+        let e = check_out(&dir, &local("/data/x/../out/html")).unwrap_err().to_string();
+        assert!(e.contains("`html`"), "{e}");
+        let remote = |k: &str| Loc::Remote { bucket: "s3://b".into(), key: k.into() };
+        assert!(check_out(&remote("runs/a"), &remote("runs/a/_report")).is_ok());
+        assert!(check_out(&remote("runs/a"), &remote("runs/a")).is_err());
+        assert!(check_out(&remote("runs/a"), &remote("runs/a/report")).is_err());
+        assert!(check_out(&remote("runs/a"), &remote("runs/ab")).is_ok());
+    }
 
     fn cluster(size: usize, concentration: f32, outside: Option<f32>, region: Option<f32>) -> ClusterInfo {
         ClusterInfo {

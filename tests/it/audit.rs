@@ -198,6 +198,13 @@ fn report_renders_in_chromium() {
         page.split("<img class=\"thumb\" src=\"").skip(1).map(|rest| rest.split('"').next().unwrap().len()).collect();
     assert!(!thumbs.is_empty(), "the clusters show their members");
     assert!(thumbs.iter().all(|&n| n < 12_000), "thumbnail data URIs of {thumbs:?} bytes");
+    // Card and mean-map images are JPEGs of at most 128 px a side, whatever the model input's
+    // size.
+    let cards: Vec<usize> =
+        page.split("<img src=\"data:image/").skip(1).map(|rest| rest.split('"').next().unwrap().len()).collect();
+    assert!(cards.len() >= 3 * 60, "{} card images", cards.len());
+    assert!(!page.contains("<img src=\"data:image/png"), "card and mean-map images are JPEGs");
+    assert!(cards.iter().all(|&n| n < 16_000), "card image data URIs up to {:?} bytes", cards.iter().max());
     assert!(text.contains("Clever-Hans candidate"));
     let log = String::from_utf8_lossy(&dom.stderr);
     let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE") || l.contains("Uncaught")).collect();
@@ -379,4 +386,41 @@ fn the_report_groups_maps_by_the_class_they_explain() {
     }
     let misread = (0..scores.num_rows()).filter(|&i| label.value(i) != class.value(i)).count();
     assert!(misread > 0, "the demo model misreads some marked images; none grouped apart from their label");
+}
+
+/// The report's notes and refusals: maps too coarse to cluster (`map_size` below 8) are named
+/// on the page and in the summary; an output of failed rows only says that no row succeeded;
+/// `--out` among the parts is refused.
+#[test]
+fn report_notes_and_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = crate::pipeline::make_dataset(tmp.path(), 6);
+    let model = crate::common::engine_cases().join("pipeline/model.pt");
+    let job = crate::pipeline::write_job(&ds.dir, &model, "");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("map_size = 16", "map_size = 4")).unwrap();
+    let run = |job: &Path| Command::new(bin()).args(["-q", "run"]).arg(job).output().unwrap();
+    assert_eq!(run(&job).status.code(), Some(1), "some samples are bad on purpose");
+    let out = ds.dir.join("out");
+    let said = run_ok(Command::new(bin()).arg("report").arg(&out), "report");
+    assert!(said.contains("warning: the maps are stored at 4x4") && said.contains("too coarse"), "{said}");
+    let html = std::fs::read_to_string(out.join("_report/index.html")).unwrap();
+    assert!(html.contains("the maps are stored at 4x4"), "the page says so too");
+
+    for inside in [out.clone(), out.join("html")] {
+        let o = Command::new(bin()).arg("report").arg(&out).arg("--out").arg(&inside).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("the output folder itself") || err.contains("folder readers take for data"), "{err}");
+    }
+    assert!(!out.join("html").exists() && !out.join("index.html").exists());
+
+    std::fs::write(ds.dir.join("bad_only.csv"), "path,label,id\nbad/missing.jpg,circle,a\nbad/zero.jpg,circle,b\n")
+        .unwrap();
+    let bad_job = ds.dir.join("bad_only.toml");
+    let text = text.replace("samples.csv", "bad_only.csv").replace("path = \"out\"", "path = \"out_bad\"");
+    std::fs::write(&bad_job, text).unwrap();
+    assert_eq!(run(&bad_job).status.code(), Some(1));
+    let said = run_ok(Command::new(bin()).arg("report").arg(ds.dir.join("out_bad")), "report of failed rows");
+    assert!(said.contains("no row succeeded"), "{said}");
 }
