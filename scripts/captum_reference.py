@@ -3,10 +3,10 @@
 each sample of a CSV manifest, for the pipeline test model (make_engine_cases.py's pipeline
 model: SmallNet, Grad-CAM layer conv3, metadata mean/std, resize 36, input 32).
 
-Usage: python scripts/captum_reference.py MANIFEST.csv MODEL_EAGER.pth OUT.json
+Usage: python scripts/captum_reference.py MANIFEST.csv MODEL_EAGER.pth OUT.json [--gray]
 For each row (path, label, id): the image as torchvision's eval transform makes it
-(exif_transpose, convert("RGB"), Resize(36) bilinear antialiased, CenterCrop(32), ToTensor,
-Normalize), Captum's GuidedGradCam and LayerGradCam (relu_attributions) for the label, the
+(exif_transpose, convert("RGB"), Resize(36) bilinear antialiased, CenterCrop(32), with --gray
+Grayscale for the 1-channel twin of the model, ToTensor, Normalize), Captum's GuidedGradCam and LayerGradCam (relu_attributions) for the label, the
 statistics saliency-audit defines on them (README, "Output"), the map area-averaged to 16x16 and
 the CAM, written as JSON keyed by id.
 """
@@ -47,9 +47,11 @@ def stats(m, cam):
 
 def main():
     manifest, weights, out = sys.argv[1:4]
+    gray = "--gray" in sys.argv[4:]
+    mean, std = ([0.5], [0.25]) if gray else (MEAN, STD)
     from captum.attr import GuidedGradCam, LayerGradCam
 
-    model = SmallNet(channels=3, classes=3).eval()
+    model = SmallNet(channels=1 if gray else 3, classes=3).eval()
     model.load_state_dict(torch.load(weights))
     base = os.path.dirname(os.path.abspath(manifest))
     result = {}
@@ -57,7 +59,10 @@ def main():
         for row in csv.DictReader(f):
             im = ImageOps.exif_transpose(Image.open(os.path.join(base, row["path"]))).convert("RGB")
             x = TF.resize(im, RESIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-            x = TF.normalize(TF.to_tensor(TF.center_crop(x, CROP)), MEAN, STD)[None]
+            x = TF.center_crop(x, CROP)
+            if gray:
+                x = TF.to_grayscale(x)
+            x = TF.normalize(TF.to_tensor(x), mean, std)[None]
             target = int(row["label"])
             with torch.no_grad():
                 probs = torch.softmax(model(x), 1)[0]

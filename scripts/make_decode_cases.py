@@ -120,6 +120,16 @@ def png16(im, seed):
     return raw_png(w, h, 16, 0, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a))
 
 
+def ppm_wide(im, maxval, seed):
+    """A binary PPM of more than 8 bits (maxval 256..65535, 16-bit samples): the 8-bit image
+    scaled to maxval, plus noise."""
+    a = np.asarray(im).astype(np.float64) * maxval / 255
+    a = a + np.random.default_rng(seed).uniform(-0.5, 0.5, a.shape) * maxval / 255
+    a = np.clip(np.round(a), 0, maxval).astype(">u2")
+    h, w, _ = a.shape
+    return f"P6\n{w} {h}\n{maxval}\n".encode() + a.tobytes()
+
+
 def interlaced_png(im):
     """An Adam7-interlaced RGB PNG (PIL does not write one): the seven passes' sub-images."""
     a = np.asarray(im)
@@ -212,6 +222,8 @@ def main():
         "webp_lossless": encode(photo(200, 150, 33), "WEBP", lossless=True),
         "webp_lossy": encode(photo(200, 150, 34), "WEBP", quality=80),
         "ppm": encode(photo(120, 90, 35), "PPM"),
+        "ppm_16bit": ppm_wide(photo(120, 90, 58), 65535, seed=58),
+        "ppm_10bit": ppm_wide(photo(120, 90, 59), 1023, seed=59),
         "png_interlaced": interlaced_png(photo(150, 110, 43)),
         "png_palette_4bit": encode(photo(150, 110, 44).quantize(16), "PNG", bits=4),
         "png_grey_trns": encode(photo(150, 110, 45).convert("L"), "PNG", transparency=100),

@@ -188,6 +188,7 @@ def pipeline_model(d):
     m1 = SmallNet(channels=1, classes=3).eval()
     meta1 = dict(meta, mean=[0.5], std=[0.25])
     export(m1, "conv3", False, torch.randn(2, 1, 32, 32), meta1, os.path.join(d, "model_gray.pt"))
+    torch.save(m1.state_dict(), os.path.join(d, "model_gray_eager.pth"))
 
 
 def main():

@@ -791,7 +791,7 @@ pub fn summary_json(o: &Outcome, shard: ShardSpec) -> serde_json::Value {
         "counts": counts,
         "failed": s.failed(),
         // The whole shard's committed rows (this run's and earlier runs'): what the exit code
-        // counts. Absent where the run stopped before the shard's parts were read.
+        // counts. Null where the run stopped before the shard's parts were read.
         "shard_counts": s.shard.as_ref().map(|sh| {
             sh.status_counts.iter().filter(|(_, n)| **n > 0).map(|(k, n)| (k.clone(), (*n).into())).collect::<serde_json::Map<_, _>>()
         }),

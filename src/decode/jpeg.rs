@@ -48,7 +48,8 @@ pub(super) fn decode(
     // SAFETY (this block and the calls below): jpeg_decompress_struct is plain C data, valid
     // zeroed before jpeg_create_decompress fills it; the error manager and the input bytes
     // outlive the session; each call comes in the order libjpeg's API requires, and every row
-    // pointer handed to jpeg_read_scanlines points at `output_width * 3` writable bytes.
+    // pointer handed to jpeg_read_scanlines points at `output_width * output_components`
+    // writable bytes (3 for RGB, 4 for the CMYK row buffer, both sized after the crop).
     let mut progress = Box::new(scan_limit());
     let mut s = Session(Box::new(unsafe { std::mem::zeroed() }));
     s.0.common.err = &mut *err;

@@ -123,7 +123,10 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     if let Some(d) = decode_jpeg(bytes, name, pre)? {
         return Ok(d);
     }
-    let img = into_rgb8(decode_oriented(bytes, name, pre.max_pixels, "image", None)?);
+    let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?;
+    // PIL reads a PPM of more than 8 bits by rescaling, rounding (as the image crate does), not
+    // by its high byte.
+    let img = if image::guess_format(bytes).ok() == Some(ImageFormat::Pnm) { img.into_rgb8() } else { into_rgb8(img) };
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
@@ -135,7 +138,8 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
 }
 
 /// PIL's `convert("RGB")`: grey expanded, alpha dropped; 16-bit colour (with or without alpha,
-/// grey with alpha too) by its high byte, as PIL's raw modes (`RGB;16B` …) read it. 16-bit
+/// grey with alpha too) of a PNG or TIFF by its high byte, as PIL's raw modes (`RGB;16B` …)
+/// read it. 16-bit
 /// grey alone is scaled, rounding: PIL opens it as 32-bit integers and clips them at 255,
 /// which turns nearly every pixel white. An RGB8 image (the usual one) passes without a copy.
 fn into_rgb8(img: DynamicImage) -> image::RgbImage {

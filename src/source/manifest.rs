@@ -368,8 +368,12 @@ fn strings(file: &Loc, name: &str, col: Option<ArrayRef>, integers_too: bool) ->
         // the integers they were.
         let f = cast(file, name, &col, &DataType::Float64)?;
         let f = f.as_primitive::<Float64Type>();
-        if let Some(v) = f.iter().flatten().find(|v| !v.is_finite() || v.fract() != 0.0) {
-            bail!("{file}: column `{name}` has type {t} and holds {v}, not a whole number; it must hold strings or integers");
+        // Above 2^53 a float no longer holds every integer: not an id that was an integer.
+        if let Some(v) = f.iter().flatten().find(|v| !v.is_finite() || v.fract() != 0.0 || v.abs() > 2f64.powi(53)) {
+            bail!(
+                "{file}: column `{name}` has type {t} and holds {v}, not a whole number of at most 2^53; it must \
+                 hold strings or integers"
+            );
         }
         let whole = cast(file, name, &col, &DataType::Int64)?;
         return cast(file, name, &whole, &DataType::Utf8).map(Some);

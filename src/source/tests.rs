@@ -319,6 +319,16 @@ fn parquet_manifest() {
     );
     let e = err_of(manifest(&m, None, None));
     assert!(e.contains("column `id` has type Float64 and holds 2.5, not a whole number"), "{e}");
+    let m = d.path().join("huge_ids.parquet");
+    write_parquet(
+        &m,
+        vec![
+            ("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef),
+            ("id", Arc::new(Float64Array::from(vec![1e19])) as ArrayRef),
+        ],
+    );
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("holds 10000000000000000000, not a whole number of at most 2^53"), "{e}");
     // A known column in other letter case: refused, naming it.
     let m = d.path().join("case.parquet");
     write_parquet(

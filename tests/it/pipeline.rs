@@ -147,14 +147,9 @@ rows_per_part = 50
     p
 }
 
-/// The product's promise end to end: a run over image files gives, for every sample, the
-/// statistics of Captum's GuidedGradCam (and LayerGradCam) on the input torchvision's eval
-/// transform makes of PIL's image, with the eager model (`scripts/captum_reference.py`), and
-/// its stored map and CAM; statistics computed on the host and on the device alike.
-#[test]
-fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// Twelve good images of six formats and sizes, labels 0, 1, 2 by turns, ids `s00`…, in
+/// `dir/samples.csv`.
+fn clean_dataset(dir: &Path) {
     std::fs::create_dir_all(dir.join("img")).unwrap();
     let mut lines = vec!["path,label,id".to_owned()];
     for i in 0..12u32 {
@@ -165,16 +160,34 @@ fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
         lines.push(format!("{rel},{},s{i:02}", i % 3));
     }
     std::fs::write(dir.join("samples.csv"), lines.join("\n") + "\n").unwrap();
-    let cases = engine_cases().join("pipeline");
+}
+
+/// `scripts/captum_reference.py` over `dir/samples.csv` with the eager `weights`: id → what
+/// PIL, torchvision and Captum make of the sample.
+fn captum_reference(dir: &Path, weights: &Path, gray: bool) -> serde_json::Value {
     let reference = dir.join("reference.json");
     let st = Command::new(crate::common::python())
         .arg(crate::common::repo().join("scripts/captum_reference.py"))
-        .args([dir.join("samples.csv"), cases.join("model_eager.pth"), reference.clone()])
+        .args([dir.join("samples.csv").as_path(), weights, reference.as_path()])
+        .args(gray.then_some("--gray"))
         .env("PYTHONWARNINGS", "ignore")
         .status()
         .unwrap();
     assert!(st.success(), "captum_reference.py failed");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap()
+}
+
+/// The product's promise end to end: a run over image files gives, for every sample, the
+/// statistics of Captum's GuidedGradCam (and LayerGradCam) on the input torchvision's eval
+/// transform makes of PIL's image, with the eager model (`scripts/captum_reference.py`), and
+/// its stored map and CAM; statistics computed on the host and on the device alike.
+#[test]
+fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    clean_dataset(dir);
+    let cases = engine_cases().join("pipeline");
+    let reference = captum_reference(dir, &cases.join("model_eager.pth"), false);
 
     let job = write_job(dir, &cases.join("model.pt"), "");
     let text = std::fs::read_to_string(&job).unwrap();
@@ -1481,7 +1494,8 @@ fn two_workers_per_device_and_auto_batch_size() {
 }
 
 /// A model with one input channel runs on the images' luminance: every sample gets its
-/// expected row, and the good ones a finite, non-zero attribution.
+/// expected row, and each good one the attribution Captum gives on torchvision's `Grayscale`
+/// of PIL's image.
 #[test]
 fn a_one_channel_model_runs_on_luminance() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1492,13 +1506,28 @@ fn a_one_channel_model_runs_on_luminance() {
     assert_eq!(out.status.code(), Some(1), "some samples are bad on purpose\n{stderr}");
     let rows = read_all(&ds.dir.join("out"));
     let (ids, status) = (col::<StringArray>(&rows, "id"), col::<StringArray>(&rows, "status"));
-    let total = col::<Float32Array>(&rows, "attr_total");
     assert_eq!(rows.num_rows(), ds.expected.len());
     for i in 0..rows.num_rows() {
-        let want = ds.expected[ids.value(i)];
-        assert_eq!(status.value(i), want.as_str(), "{}", ids.value(i));
-        if want == Status::Ok {
-            assert!(total.value(i).is_finite() && total.value(i) > 0.0, "{}: {}", ids.value(i), total.value(i));
+        assert_eq!(status.value(i), ds.expected[ids.value(i)].as_str(), "{}", ids.value(i));
+    }
+
+    let clean = tmp.path().join("clean");
+    clean_dataset(&clean);
+    let cases = engine_cases().join("pipeline");
+    let reference = captum_reference(&clean, &cases.join("model_gray_eager.pth"), true);
+    let job = write_job(&clean, &cases.join("model_gray.pt"), "");
+    let o = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_all(&clean.join("out"));
+    assert_eq!(rows.num_rows(), 12);
+    let ids = col::<StringArray>(&rows, "id");
+    for i in 0..rows.num_rows() {
+        let want = &reference[ids.value(i)];
+        for (k, tol) in [("target_prob", 1e-5), ("attr_total", 1e-4), ("attr_max", 1e-4)] {
+            let got = col::<Float32Array>(&rows, k).value(i) as f64;
+            let w = want[k].as_f64().unwrap();
+            let scale = if k == "target_prob" { 1.0 } else { w.abs().max(1e-12) };
+            assert!((got - w).abs() <= tol * scale, "{}: {k} {got} vs Captum's {w}", ids.value(i));
         }
     }
 }
