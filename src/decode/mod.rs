@@ -139,9 +139,9 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
 
 /// PIL's `convert("RGB")`: grey expanded, alpha dropped; 16-bit colour (with or without alpha,
 /// grey with alpha too) of a PNG or TIFF by its high byte, as PIL's raw modes (`RGB;16B` …)
-/// read it. 16-bit
-/// grey alone is scaled, rounding: PIL opens it as 32-bit integers and clips them at 255,
-/// which turns nearly every pixel white. An RGB8 image (the usual one) passes without a copy.
+/// read it. 16-bit grey alone is scaled, rounding: PIL opens it as 32-bit integers and clips
+/// them at 255, which turns nearly every pixel white. An RGB8 image (the usual one) passes
+/// without a copy.
 fn into_rgb8(img: DynamicImage) -> image::RgbImage {
     fn high_bytes(w: u32, h: u32, raw: &[u16], channels: usize, grey: bool) -> image::RgbImage {
         let rgb = raw
