@@ -28,6 +28,7 @@ import argparse
 import copy
 import importlib
 import json
+import os
 import sys
 
 import torch
@@ -42,6 +43,8 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
     mod = model
     for part in path.split("."):
         if part.isdigit() and isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            if int(part) >= len(mod):
+                raise SystemExit(f"error: layer path {path!r}: {part} is past the end of a sequence of {len(mod)}")
             mod = mod[int(part)]
         elif hasattr(mod, part):
             mod = getattr(mod, part)
@@ -149,8 +152,9 @@ def build_model(args) -> nn.Module:
     if args.arch:
         import torchvision
 
-        if not hasattr(torchvision.models, args.arch):
-            raise SystemExit(f"error: torchvision has no architecture {args.arch!r}")
+        builder = getattr(torchvision.models, args.arch, None)
+        if builder is None or not callable(builder) or isinstance(builder, type(torchvision)):
+            raise SystemExit(f"error: torchvision has no architecture {args.arch!r} (a model builder such as resnet50)")
         if args.num_classes is not None:
             kwargs.setdefault("num_classes", args.num_classes)
         model = getattr(torchvision.models, args.arch)(weights=None, **kwargs)
@@ -158,6 +162,9 @@ def build_model(args) -> nn.Module:
         mod_name, _, fn_name = args.factory.partition(":")
         if not fn_name:
             raise SystemExit("error: --factory takes module:function")
+        if args.num_classes is not None:
+            raise SystemExit("error: --num-classes applies to --arch; give a factory its own arguments with "
+                             "--factory-kwargs '{\"num_classes\": N}' (if it takes one)")
         sys.path.insert(0, ".")
         model = getattr(importlib.import_module(mod_name), fn_name)(**kwargs)
     if args.weights:
@@ -187,8 +194,15 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
     else:
         h = layer.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
     with torch.no_grad():
-        ref_logits = model(example).clone()
+        ref_logits = model(example)
     h.remove()
+    if not torch.is_tensor(ref_logits) or ref_logits.dim() != 2:
+        what = f"shape {list(ref_logits.shape)}" if torch.is_tensor(ref_logits) else type(ref_logits).__name__
+        raise SystemExit(f"error: the model's forward returns {what}; the export needs logits [N, classes]")
+    ref_logits = ref_logits.clone()
+    if not captured:
+        raise SystemExit(f"error: layer {layer_path!r} did not run in the model's forward; choose a layer on the "
+                         "path to the logits")
     ref_act = captured[0]
 
     folded = 0
@@ -201,6 +215,9 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
     traced = traced.eval()
     if ref_act.dim() != 4:
         raise SystemExit(f"error: the layer's activation has shape {list(ref_act.shape)}; Grad-CAM needs [N, K, h, w]")
+    names = meta.get("class_names")
+    if names is not None and len(names) != ref_logits.shape[1]:
+        raise SystemExit(f"error: {len(names)} class names for a model of {ref_logits.shape[1]} classes")
     if check:
         for call in range(2):
             x = example.clone().requires_grad_(True)
@@ -214,7 +231,7 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
                  "input_size": [int(example.shape[2]), int(example.shape[3])],
                  "num_classes": int(ref_logits.shape[1]), "folded_batchnorm": folded})
     torch.jit.save(traced, out, _extra_files={META_FILE: json.dumps(meta)})
-    return traced
+    return traced, folded
 
 
 def main(argv=None):
@@ -249,14 +266,17 @@ def main(argv=None):
     if args.resize:
         meta["resize"] = args.resize
     if args.class_names:
-        if "," in args.class_names or not args.class_names.endswith(".txt"):
-            names = [n.strip() for n in args.class_names.split(",")]
+        # A file (any name) of one class name a line, else a comma-separated list.
+        if os.path.isfile(args.class_names):
+            with open(args.class_names, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
         else:
-            names = [l.strip() for l in open(args.class_names) if l.strip()]
+            names = [n.strip() for n in args.class_names.split(",")]
         meta["class_names"] = names
     example = torch.randn(args.batch, args.channels, *args.input_size, generator=torch.Generator().manual_seed(0))
-    export(model, args.layer, args.layer_input, example, meta, args.out, fold_bn=args.fold_bn)
-    print(f"exported {meta['architecture']} (layer {args.layer}{' input' if args.layer_input else ''}) to {args.out}")
+    _, folded = export(model, args.layer, args.layer_input, example, meta, args.out, fold_bn=args.fold_bn)
+    print(f"exported {meta['architecture']} (layer {args.layer}{' input' if args.layer_input else ''}) to {args.out}: "
+          f"logits and activation checked against the eager model; {folded} batch norm(s) folded into convolutions")
 
 
 if __name__ == "__main__":

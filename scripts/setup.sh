@@ -6,11 +6,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
-  echo "setup: need Python >= 3.10 as \$PYTHON or python3" >&2
+# 3.11: the pinned scikit-learn, scikit-image and matplotlib, and Pillow 13, need it.
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "setup: need Python >= 3.11 as \$PYTHON or python3" >&2
   exit 2
 fi
-command -v cargo >/dev/null || { echo "setup: need a Rust toolchain (cargo)" >&2; exit 2; }
+command -v cargo >/dev/null || { echo "setup: need a Rust toolchain (cargo, from rustup)" >&2; exit 2; }
+# 1.89: the oldest Rust the locked crates (nalgebra, arrow, parquet, ...) build with.
+rust=$(rustc --version 2>/dev/null | sed -n 's/^rustc \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+if [ -z "$rust" ] || [ "$(echo "$rust" | awk '{print ($1 > 1 || $2 >= 89)}')" != 1 ]; then
+  echo "setup: need Rust >= 1.89 (found: $(rustc --version 2>/dev/null || echo none); rustup update)" >&2
+  exit 2
+fi
+# The C++ shim (cpp/shim.cpp) is compiled against libtorch's headers.
+command -v "${CXX:-c++}" >/dev/null || command -v g++ >/dev/null ||
+  { echo "setup: need a C++17 compiler (g++; apt install g++)" >&2; exit 2; }
 # On x86, nasm assembles libjpeg-turbo's SIMD code when cargo builds the JPEG decoder
 # (mozjpeg-sys; without nasm it would quietly build a decoder half as fast, so build.rs stops).
 case "$(uname -m)" in x86_64 | i?86) need_nasm=1 ;; *) need_nasm=0 ;; esac

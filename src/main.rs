@@ -361,10 +361,7 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
 /// `bench --job`: the job run into a temporary folder, on its own devices (`devices` None) or on
 /// the first 1..N of `devices`.
 fn bench_job(job: &std::path::Path, devices: Option<&[tch::Device]>, json: bool) -> anyhow::Result<ExitCode> {
-    let name = |d: &tch::Device| match d {
-        tch::Device::Cuda(n) => format!("cuda:{n}"),
-        _ => "cpu".to_owned(),
-    };
+    let name = |d: &tch::Device| engine::device_name(*d);
     let device_sets: Vec<Option<Vec<String>>> = match devices {
         None => vec![None],
         Some(d) => (1..=d.len()).map(|k| Some(d[..k].iter().map(name).collect())).collect(),
@@ -536,6 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(job) = job {
                 let mut given = speed.given();
                 for (name, g) in [
+                    ("--model", model.is_some()),
                     ("--batch-size", batch_size.is_some()),
                     ("--iters", iters.is_some()),
                     ("--warmup", warmup.is_some()),
@@ -546,8 +544,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 if !given.is_empty() {
                     anyhow::bail!(
-                        "bench --job runs the job as its spec says (runtime.batch_size, attribution.precision, \
-                         runtime.channels_last, …): {} set the engine of bench --model only",
+                        "bench --job runs the job as its spec says (model.path, runtime.batch_size, \
+                         attribution.precision, runtime.channels_last, …): {} set the engine of bench --model only",
                         given.join(", ")
                     );
                 }

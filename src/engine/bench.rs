@@ -1,4 +1,4 @@
-//! Synthetic-input engine timing for `saliency-audit bench --synthetic`.
+//! Synthetic-input engine timing for `saliency-audit bench --model`.
 
 use super::{EngineOptions, GuidedGradCam};
 use anyhow::{bail, Result};
@@ -62,7 +62,7 @@ pub fn synthetic(
     let s = times[times.len() / 2];
     let peak = peak_rss_bytes();
     Ok(SyntheticBench {
-        device: format!("{device:?}"),
+        device: super::device_name(device),
         batch,
         iters,
         threads: tch::get_num_threads(),
@@ -190,7 +190,7 @@ pub fn synthetic_scaling(
         let rate = per_device.iter().sum::<f64>();
         let single = rows.first().map_or(rate, |r| r.images_per_s);
         rows.push(ScalingRow {
-            devices: devices[..k].iter().map(|d| format!("{d:?}")).collect(),
+            devices: devices[..k].iter().map(|d| super::device_name(*d)).collect(),
             images_per_s: rate,
             per_device,
             efficiency: rate / (k as f64 * single),

@@ -102,6 +102,14 @@ impl Default for Rectifiers {
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N` and checks that the device exists.
+/// A device as jobs and flags name it: `cpu`, `cuda:N`.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_owned(),
+    }
+}
+
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
         "cpu" => Device::Cpu,

@@ -89,7 +89,24 @@ pub fn attribute_npy(
         }
     };
     let engine = GuidedGradCam::load(model, device, opts)?;
+    // Every given target checked against the model's classes (one probe) before any batch.
+    if targets.iter().any(Option::is_some) {
+        let (classes, _) = catch_libtorch(|| engine.probe(shape[1], shape[2], shape[3]))?;
+        if let Some((i, t)) =
+            targets.iter().enumerate().find_map(|(i, t)| t.filter(|t| *t < 0 || *t >= classes).map(|t| (i, t)))
+        {
+            let from = match target {
+                TargetArg::File(p) => p.display().to_string(),
+                _ => "--target".to_owned(),
+            };
+            bail!(
+                "{from}: target {t} of example {i} is out of range: the model has {classes} classes (0..{})",
+                classes - 1
+            );
+        }
+    }
     let mut attrs = Vec::new();
+    let mut non_finite = Vec::new();
     let mut cams = Vec::new();
     let mut resolved = Vec::with_capacity(n as usize);
     let mut batches = 0;
@@ -109,11 +126,28 @@ pub fn attribute_npy(
             let hint = if super::out_of_memory(&format!("{e:#}")) { " (a smaller --batch-size may fit)" } else { "" };
             e.context(format!("batch of examples {start}..{}{hint}", start + len))
         })?;
+        // Examples whose attribution overflowed (NaN or infinite: Captum's numbers too, written
+        // as they are), named in a warning.
+        let bad = attr.isfinite().logical_not().reshape([len, -1]).any_dim(1, false);
+        non_finite.extend(
+            Vec::<bool>::try_from(bad)?.into_iter().enumerate().filter(|(_, b)| *b).map(|(i, _)| start + i as i64),
+        );
         attrs.push(attr);
         cams.extend(cam);
         resolved.extend(batch_targets);
         batches += 1;
         start += len;
+    }
+    if !non_finite.is_empty() {
+        let shown: Vec<String> = non_finite.iter().take(10).map(i64::to_string).collect();
+        tracing::warn!(
+            "{} example(s) of {} have NaN or infinite attributions (their logits or gradients overflow float32), \
+             written as computed: examples {}{}",
+            non_finite.len(),
+            input.display(),
+            shown.join(", "),
+            if non_finite.len() > 10 { ", …" } else { "" }
+        );
     }
     Tensor::cat(&attrs, 0).write_npy(out).with_context(|| format!("cannot write {}", out.display()))?;
     if let Some(p) = cam_out {

@@ -267,6 +267,26 @@ fn attribute_command() {
     assert_eq!(st.status.code(), Some(2));
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(err.contains("t.npy") && err.contains("expected [5]"), "{err}");
+    // A target out of range in the last batch: refused before any batch runs, naming the file
+    // and the example's place in the whole input; nothing written.
+    Tensor::from_slice(&[1i64, 2, 0, 1, 99]).write_npy(&bad_t).unwrap();
+    let fresh = tmp.path().join("fresh.npy");
+    let st = std::process::Command::new(bin())
+        .args(["attribute", "--model"])
+        .arg(d.join("model.pt"))
+        .arg("--input")
+        .arg(d.join("x.npy"))
+        .arg("--target")
+        .arg(&bad_t)
+        .arg("--out")
+        .arg(&fresh)
+        .args(["--batch-size", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert_eq!(st.status.code(), Some(2), "{err}");
+    assert!(err.contains("t.npy: target 99 of example 4 is out of range: the model has 10 classes"), "{err}");
+    assert!(!fresh.exists(), "nothing written");
     // An unknown device.
     let st = std::process::Command::new(bin())
         .args([

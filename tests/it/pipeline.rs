@@ -1409,7 +1409,9 @@ fn bench_command_reports_scaling_and_real_data() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["single"].as_array().unwrap().len(), 2);
+    assert_eq!(v["single"][0]["device"], "cpu", "devices named as jobs and flags name them");
     let scaling = v["scaling"].as_array().unwrap();
+    assert_eq!(scaling[1]["devices"], serde_json::json!(["cpu", "cpu"]));
     assert_eq!(scaling.len(), 2);
     assert_eq!(scaling[1]["devices"].as_array().unwrap().len(), 2);
     assert!(scaling[1]["images_per_s"].as_f64().unwrap() > 0.0);
@@ -1439,12 +1441,16 @@ fn bench_command_reports_scaling_and_real_data() {
     let out = Command::new(bin())
         .args(["-q", "bench", "--job"])
         .arg(&job)
-        .args(["--batch-size", "4", "--precision", "bf16"])
+        .args(["--batch-size", "4", "--precision", "bf16", "--model"])
+        .arg(&model)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--batch-size") && err.contains("--precision") && err.contains("runtime.batch_size"), "{err}");
+    assert!(
+        err.contains("--model, --batch-size") && err.contains("--precision") && err.contains("runtime.batch_size"),
+        "{err}"
+    );
 }
 
 /// Two workers on one device (two model replicas pulling from one queue) and
