@@ -230,40 +230,36 @@ fn attribute_command() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("a.npy");
     let cam = tmp.path().join("c.npy");
-    let st = std::process::Command::new(bin())
-        .args(["attribute", "--model"])
-        .arg(d.join("model.pt"))
-        .arg("--input")
-        .arg(d.join("x.npy"))
-        .arg("--target")
-        .arg(d.join("t.npy"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--cam-out")
-        .arg(&cam)
-        .args(["--interpolate-mode", "bilinear", "--batch-size", "2", "--device", "cpu"])
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    // `attribute` of the case's model and input with `target`, into `out`, and `extra` flags.
+    let attribute = |target: &Path, out: &Path, extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(bin())
+            .args(["attribute", "--model"])
+            .arg(d.join("model.pt"))
+            .arg("--input")
+            .arg(d.join("x.npy"))
+            .arg("--target")
+            .arg(target)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .unwrap()
+    };
+    let flags = ["--interpolate-mode", "bilinear", "--batch-size", "2", "--device", "cpu", "--cam-out"];
+    let mut extra: Vec<&std::ffi::OsStr> = flags.iter().map(std::ffi::OsStr::new).collect();
+    extra.push(cam.as_os_str());
+    let st = attribute(&d.join("t.npy"), &out, &extra);
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert!(rel_l2(&read(&out), &read(&d.join("ref_attr.npy"))) <= 1e-5);
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
     assert_eq!(Tensor::read_npy(&out).unwrap().size(), x.size());
+    assert!(cam.exists());
 
     // A bad target file: exit 2 and a message naming the file.
     let bad_t = tmp.path().join("t.npy");
     Tensor::from_slice(&[1i64, 2]).write_npy(&bad_t).unwrap();
-    let st = std::process::Command::new(bin())
-        .args(["attribute", "--model"])
-        .arg(d.join("model.pt"))
-        .arg("--input")
-        .arg(d.join("x.npy"))
-        .arg("--target")
-        .arg(&bad_t)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = attribute(&bad_t, &out, &[]);
     assert_eq!(st.status.code(), Some(2));
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(err.contains("t.npy") && err.contains("expected [5]"), "{err}");
@@ -271,18 +267,7 @@ fn attribute_command() {
     // and the example's place in the whole input; nothing written.
     Tensor::from_slice(&[1i64, 2, 0, 1, 99]).write_npy(&bad_t).unwrap();
     let fresh = tmp.path().join("fresh.npy");
-    let st = std::process::Command::new(bin())
-        .args(["attribute", "--model"])
-        .arg(d.join("model.pt"))
-        .arg("--input")
-        .arg(d.join("x.npy"))
-        .arg("--target")
-        .arg(&bad_t)
-        .arg("--out")
-        .arg(&fresh)
-        .args(["--batch-size", "2"])
-        .output()
-        .unwrap();
+    let st = attribute(&bad_t, &fresh, &["--batch-size".as_ref(), "2".as_ref()]);
     let err = String::from_utf8_lossy(&st.stderr);
     assert_eq!(st.status.code(), Some(2), "{err}");
     assert!(err.contains("t.npy: target 99 of example 4 is out of range: the model has 10 classes"), "{err}");
