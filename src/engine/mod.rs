@@ -101,7 +101,6 @@ impl Default for Rectifiers {
     }
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N` and checks that the device exists.
 /// A device as jobs and flags name it: `cpu`, `cuda:N`.
 pub fn device_name(d: Device) -> String {
     match d {
@@ -110,6 +109,7 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
+/// Parses `cpu`, `cuda` or `cuda:N` and checks that the device exists.
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
         "cpu" => Device::Cpu,
