@@ -16,8 +16,10 @@ Usage: .venv/bin/python benches/engine_vs_captum.py [--model resnet18] [--batch 
        [--ablation] [--unfolded] [--skip-lean] [--json out.json]
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,6 +175,9 @@ def main():
 
     warnings.filterwarnings("ignore")
     tmp = tempfile.mkdtemp(prefix="sa-bench-")
+    # The exported model, inputs and outputs (about 100 MB): removed however the script ends,
+    # short of being killed.
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     pt = os.path.join(tmp, f"{a.model}.pt")
     export(build(a), LAYERS[a.model], False, torch.randn(2, 3, a.size, a.size), {"architecture": a.model}, pt)
     common = ["--model", a.model, "--batch", str(a.batch), "--size", str(a.size), "--threads", str(a.threads),

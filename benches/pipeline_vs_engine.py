@@ -10,8 +10,10 @@ Usage: .venv/bin/python benches/pipeline_vs_engine.py [--n 256] [--model resnet1
        [--device cpu] [--bin target/release/saliency-audit]
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,9 @@ def main():
     import torchvision
 
     work = tempfile.mkdtemp(prefix="sa-pipe-")
+    # The exported model, inputs and outputs (about 100 MB): removed however the script ends,
+    # short of being killed.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     jpegs = os.path.join(ROOT, ".cache", "bench-jpegs")
     make_jpegs(jpegs, a.n)
     torch.manual_seed(0)
