@@ -27,7 +27,7 @@ pub fn load_mask(path: impl Into<Loc>, geometry: &Geometry) -> Result<Vec<u8>, S
     let bytes = read_file(path, alloc_limit(max_pixels)).map_err(bad)?;
     let name = path.to_string();
     let expect = (geometry.orig_w, geometry.orig_h);
-    let img = decode_oriented(&bytes, &name, max_pixels, "mask", Some(expect)).map_err(bad)?;
+    let (img, _) = decode_oriented(&bytes, &name, max_pixels, "mask", Some(expect)).map_err(bad)?;
     // f32 keeps every non-zero value non-zero, whatever the stored depth.
     let rgb = img.to_rgb32f();
     let (w, h) = rgb.dimensions();

@@ -123,10 +123,8 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     if let Some(d) = decode_jpeg(bytes, name, pre)? {
         return Ok(d);
     }
-    let img = decode_oriented(bytes, name, pre.max_pixels, "image", None)?;
-    // PIL reads a PPM of more than 8 bits by rescaling, rounding (as the image crate does), not
-    // by its high byte.
-    let img = if image::guess_format(bytes).ok() == Some(ImageFormat::Pnm) { img.into_rgb8() } else { into_rgb8(img) };
+    let (img, format) = decode_oriented(bytes, name, pre.max_pixels, "image", None)?;
+    let img = into_rgb8(img, format);
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
@@ -137,12 +135,13 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
     finish(pixels, plan, region, geometry, name)
 }
 
-/// PIL's `convert("RGB")`: grey expanded, alpha dropped; 16-bit colour (with or without alpha,
-/// grey with alpha too) of a PNG or TIFF by its high byte, as PIL's raw modes (`RGB;16B` …)
-/// read it. 16-bit grey alone is scaled, rounding: PIL opens it as 32-bit integers and clips
-/// them at 255, which turns nearly every pixel white. An RGB8 image (the usual one) passes
-/// without a copy.
-fn into_rgb8(img: DynamicImage) -> image::RgbImage {
+/// PIL's `convert("RGB")` of an image decoded from `format`: grey expanded, alpha dropped;
+/// 16-bit colour (with or without alpha, grey with alpha too) of a PNG or TIFF by its high
+/// byte, as PIL's raw modes (`RGB;16B` …) read it; a PPM of more than 8 bits rescaled, rounding,
+/// as PIL rescales it (and the image crate converts it). 16-bit grey alone is scaled, rounding:
+/// PIL opens it as 32-bit integers and clips them at 255, which turns nearly every pixel white.
+/// An RGB8 image (the usual one) passes without a copy.
+fn into_rgb8(img: DynamicImage, format: ImageFormat) -> image::RgbImage {
     fn high_bytes(w: u32, h: u32, raw: &[u16], channels: usize, grey: bool) -> image::RgbImage {
         let rgb = raw
             .chunks_exact(channels)
@@ -153,6 +152,7 @@ fn into_rgb8(img: DynamicImage) -> image::RgbImage {
     }
     let (w, h) = (img.width(), img.height());
     match img {
+        _ if format == ImageFormat::Pnm => img.into_rgb8(),
         DynamicImage::ImageRgb16(i) => high_bytes(w, h, i.as_raw(), 3, false),
         DynamicImage::ImageRgba16(i) => high_bytes(w, h, i.as_raw(), 4, false),
         DynamicImage::ImageLumaA16(i) => high_bytes(w, h, i.as_raw(), 2, true),
@@ -210,9 +210,9 @@ fn finish(
 }
 
 /// The libjpeg path (at a DCT scale with `jpeg_dct_scaling`): `Ok(None)` when it does not
-/// apply (not a JPEG, or one libjpeg refuses), and the caller decodes with the image crate. Damaged data libjpeg decodes around (with warnings) is
-/// kept, as PIL keeps it. A JPEG that is too large or truncated gets the same
-/// error as on that path.
+/// apply (not a JPEG, or one libjpeg refuses), and the caller decodes with the image crate.
+/// Damaged data libjpeg decodes around (with warnings) is kept, as PIL keeps it. A JPEG that is
+/// too large or truncated gets the same error as on that path.
 fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Decoded>, SampleError> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return Ok(None);
@@ -418,8 +418,8 @@ fn image_error_status(e: &ImageError) -> Status {
     }
 }
 
-/// Decodes `bytes` and applies the EXIF orientation, keeping the stored pixel type.
-/// `what` ("image", "mask") is used in messages. When `expect` is given, the oriented size must
+/// Decodes `bytes` and applies the EXIF orientation, keeping the stored pixel type; returns the
+/// image and the format sniffed from the content. `what` ("image", "mask") is used in messages. When `expect` is given, the oriented size must
 /// be exactly `(w, h)`. Both that and `width * height <= max_pixels` are checked from the
 /// header, before the pixels are decoded.
 /// Errors carry status `decode_error` or `too_large` (the caller may remap them).
@@ -429,7 +429,7 @@ pub(crate) fn decode_oriented(
     max_pixels: u64,
     what: &str,
     expect: Option<(u32, u32)>,
-) -> Result<DynamicImage, SampleError> {
+) -> Result<(DynamicImage, ImageFormat), SampleError> {
     let err = |status: Status, msg: String| SampleError::new(status, format!("{name}: {msg}"));
     if bytes.is_empty() {
         return Err(err(Status::DecodeError, format!("empty file (0 bytes), not an {what}")));
@@ -477,7 +477,7 @@ pub(crate) fn decode_oriented(
         Ok(img)
     }));
     match decoded {
-        Ok(r) => r,
+        Ok(r) => r.map(|img| (img, format)),
         Err(_) => Err(err(Status::DecodeError, format!("the {format:?} decoder panicked on this {what}"))),
     }
 }
