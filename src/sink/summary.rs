@@ -86,21 +86,17 @@ pub fn finalize(dir: impl Into<Loc>) -> anyhow::Result<DatasetSummary> {
     if !missing.is_empty() {
         return Err(ShardsUnfinished { dir: dir.clone(), missing, num_shards }.into());
     }
+    let mut markers = read_markers(dir, &names)?;
     // Every shard of the job over the same dataset.
-    one_job(dir, &names)?;
+    one_job(dir, &names, &markers)?;
 
     let mut total =
         DatasetSummary { num_shards, parts: 0, rows: 0, status_counts: zero_counts(), schema_version: SCHEMA_VERSION };
     for shard in 0..num_shards {
-        let path = dir.join(&files::shard_success_name(shard, num_shards))?;
-        let s: ShardSummary = match files::read_json(&path) {
-            Ok(s) => s,
-            // Gone since the listing: a rerun of that shard has started (it removes its marker
-            // before it changes anything), so the shard is unfinished again.
-            Err(e) if is_not_found(&e) => {
-                return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
-            }
-            Err(e) => return Err(e),
+        // Gone since the listing: a rerun of that shard has started (it removes its marker
+        // before it changes anything), so the shard is unfinished again.
+        let Some((path, s)) = markers.remove(&shard) else {
+            return Err(ShardsUnfinished { dir: dir.clone(), missing: vec![shard], num_shards }.into());
         };
         if (s.shard, s.num_shards) != (shard, num_shards) {
             bail!("{} describes shard {} of {}", path, s.shard, s.num_shards);
@@ -193,9 +189,31 @@ fn one_shard_count(dir: &Loc, names: &[String]) -> anyhow::Result<u32> {
     }
 }
 
+/// The shards' completion markers `_SUCCESS-<shard>-of-<count>.json` among `names`, each read
+/// once, by shard, with their paths; a marker gone since the listing (a rerun of its shard has
+/// started) is left out.
+fn read_markers(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, (Loc, ShardSummary)>> {
+    let mut markers = BTreeMap::new();
+    for (name, (shard, _)) in names.iter().filter_map(|n| parse_shard_success_name(n).map(|p| (n, p))) {
+        let path = dir.join(name)?;
+        match files::read_json::<ShardSummary>(&path) {
+            Ok(m) => {
+                markers.insert(shard, (path, m));
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(markers)
+}
+
 /// The shards' `_job-*.json` files, by shard; an error when they, or the shards' completion
-/// markers, record different jobs.
-fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::JobFile>> {
+/// `markers` (from [`read_markers`]), record different jobs.
+fn one_job(
+    dir: &Loc,
+    names: &[String],
+    markers: &BTreeMap<u32, (Loc, ShardSummary)>,
+) -> anyhow::Result<BTreeMap<u32, super::JobFile>> {
     let mut jobs = BTreeMap::new();
     let mut job_ids: BTreeMap<String, Loc> = BTreeMap::new();
     for (name, (shard, _)) in names.iter().filter_map(|n| parse_job_name(n).map(|p| (n, p))) {
@@ -206,16 +224,9 @@ fn one_job(dir: &Loc, names: &[String]) -> anyhow::Result<BTreeMap<u32, super::J
         }
         jobs.insert(shard, job);
     }
-    for name in names.iter().filter(|n| parse_shard_success_name(n).is_some()) {
-        let path = dir.join(name)?;
-        let marker: ShardSummary = match files::read_json(&path) {
-            Ok(m) => m,
-            // Gone since the listing: a rerun of that shard has started.
-            Err(e) if is_not_found(&e) => continue,
-            Err(e) => return Err(e),
-        };
+    for (path, marker) in markers.values() {
         if !marker.job_id.is_empty() {
-            job_ids.entry(marker.job_id).or_insert(path);
+            job_ids.entry(marker.job_id.clone()).or_insert_with(|| path.clone());
         }
     }
     let mut ids = job_ids.iter();
@@ -247,7 +258,7 @@ pub struct Coverage {
 /// as [`finalize`]'s for a folder that mixes jobs (its rows would be counted twice).
 pub(crate) fn coverage_of(dir: &Loc, names: &[String]) -> anyhow::Result<Coverage> {
     let num_shards = one_shard_count(dir, names)?;
-    let jobs = one_job(dir, names)?;
+    let jobs = one_job(dir, names, &read_markers(dir, names)?)?;
     let expected_rows = (0..num_shards).map(|s| jobs.get(&s).map(|j| j.total_rows)).sum::<Option<u64>>();
     Ok(Coverage { num_shards, expected_rows, unfinished: unfinished_shards(names, num_shards) })
 }
