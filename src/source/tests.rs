@@ -297,37 +297,26 @@ fn parquet_manifest() {
     assert!(e.contains("column `path` has type Int32"), "{e}");
     // Ids as pandas writes an integer column with a missing value: floats, whole numbers the
     // integers they were (the missing one falls back to the path); a fraction is refused.
-    let m = d.path().join("float_ids.parquet");
-    write_parquet(
-        &m,
-        vec![
-            ("path", Arc::new(StringArray::from(vec!["a.jpg", "b.jpg", "c.jpg"])) as ArrayRef),
-            ("id", Arc::new(Float64Array::from(vec![Some(3.0), None, Some(-12.0)])) as ArrayRef),
-        ],
-    );
-    let set = manifest(&m, None, None).unwrap();
+    // A manifest `name` of paths a.jpg, b.jpg, … with float `ids`.
+    let float_ids = |name: &str, ids: Vec<Option<f64>>| -> PathBuf {
+        let m = d.path().join(name);
+        let paths: Vec<String> = (0..ids.len()).map(|i| format!("{}.jpg", (b'a' + i as u8) as char)).collect();
+        write_parquet(
+            &m,
+            vec![
+                ("path", Arc::new(StringArray::from(paths)) as ArrayRef),
+                ("id", Arc::new(Float64Array::from(ids)) as ArrayRef),
+            ],
+        );
+        m
+    };
+    let set = manifest(&float_ids("float_ids.parquet", vec![Some(3.0), None, Some(-12.0)]), None, None).unwrap();
     let mut ids: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
     ids.sort();
     assert_eq!(ids, ["-12", "3", "b.jpg"]);
-    let m = d.path().join("fraction_ids.parquet");
-    write_parquet(
-        &m,
-        vec![
-            ("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef),
-            ("id", Arc::new(Float64Array::from(vec![2.5])) as ArrayRef),
-        ],
-    );
-    let e = err_of(manifest(&m, None, None));
+    let e = err_of(manifest(&float_ids("fraction_ids.parquet", vec![Some(2.5)]), None, None));
     assert!(e.contains("column `id` has type Float64 and holds 2.5, not a whole number"), "{e}");
-    let m = d.path().join("huge_ids.parquet");
-    write_parquet(
-        &m,
-        vec![
-            ("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef),
-            ("id", Arc::new(Float64Array::from(vec![1e19])) as ArrayRef),
-        ],
-    );
-    let e = err_of(manifest(&m, None, None));
+    let e = err_of(manifest(&float_ids("huge_ids.parquet", vec![Some(1e19)]), None, None));
     assert!(e.contains("holds 10000000000000000000, not a whole number of at most 2^53"), "{e}");
     // A known column in other letter case: refused, naming it.
     let m = d.path().join("case.parquet");
