@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent GPU machine (see the device tool): the whole pipeline (JPEG
 # files -> Parquet) against the engine alone on ResNet-50, with its variants (statistics on the
-# host and on the device, one worker, batch_size = "auto", a batch of 2048 that runs out of
+# host and on the device, one worker, batch_size = "auto", a batch of 4096 that runs out of
 # device memory and is split: the "OOM cap" column); then engine vs Captum and a lean
 # one-forward peer (fp32, then bf16 + channels-last) at batch 128 per model. Prints one table per
 # step and writes JSON under $OUT when set. The whole script keeps within BUDGET_S seconds (each
@@ -9,6 +9,7 @@
 #
 # Here:   cargo build --release --bin saliency-audit
 #         mkdir -p .gpu && cp target/release/saliency-audit .gpu/ && strip .gpu/saliency-audit
+#         git rev-parse HEAD > .gpu/COMMIT; git status --short | grep -q . && echo dirty >> .gpu/COMMIT
 #         python3 -m pip download --no-deps --only-binary=:all: -d .whl captum==0.9.0
 #         (.gpu and .whl are ignored (.gitignore); the stripped binary is ~32 MB, under the
 #         device tool's 64 MiB limit, the unstripped one is not)
@@ -36,7 +37,10 @@ tee_pid=$!
 t0=$SECONDS
 if [ -d .whl ] && ! "$PY" -c 'import captum' 2>/dev/null; then
   site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl && export PYTHONPATH=$site
+  # Captum is pure Python: without pip its wheel is unpacked as it is.
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl 2>/dev/null \
+    || for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" "$site"; done
+  export PYTHONPATH=$site
 fi
 # Before any step: what every step needs. A missing piece stops here, with its reason; Captum
 # only the engine step's peer needs (its rows say so if it fails).
@@ -50,6 +54,10 @@ export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin=${BIN:-.gpu/saliency-audit}
 "$bin" --version || { echo "gpu-check: $bin does not run (carry .gpu, see the top of this file)"; exit 2; }
 sha256sum "$bin" 2>/dev/null | cut -c1-16 | sed 's/^/binary sha256: /'
+commit_file="$(dirname "$bin")/COMMIT"
+if [ -f "$commit_file" ]; then echo "commit: $(tr '\n' ' ' < "$commit_file")"; else echo "commit: unknown (no $commit_file)"; fi
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+"$PY" -c 'import torch, torchvision; print("torchvision:", torchvision.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())' || true
 case $device in
   cuda*) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true ;;
 esac
@@ -71,15 +79,16 @@ step() {
   timeout -k 10 "$limit" "$@" || { echo "$name failed or timed out ($?, limit $limit s)"; failed=1; }
   echo "[$((SECONDS - t0)) s]"
 }
-# Caps: 230 + 110 per model = 450 s with the default two models; the last model also gets what
-# the steps before it left.
+# Caps: the pipeline step at most 230 s; each engine step then an equal share of what is left
+# (with the default two models, at least 110 s each), so that time the pipeline step did not use
+# goes to both.
 step 230 "pipeline_vs_engine ${PIPELINE_MODEL:-resnet50}" \
   "$PY" benches/pipeline_vs_engine.py --model "${PIPELINE_MODEL:-resnet50}" --batch "$batch" --n "${JPEGS:-8192}" \
-  --device "$device" ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_${PIPELINE_MODEL:-resnet50}.json"
+  --device "$device" --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" ${PIPELINE_FLAGS---variants} --bin "$bin" --json "$out/pipeline_${PIPELINE_MODEL:-resnet50}.json"
 models=(${MODELS:-resnet50 vgg16})
-for m in "${models[@]}"; do
-  cap=110
-  [ "$m" = "${models[-1]}" ] && cap=$budget
+for i in "${!models[@]}"; do
+  m=${models[$i]}
+  cap=$(((budget - (SECONDS - t0)) / (${#models[@]} - i)))
   step "$cap" "engine_vs_captum $m" \
     "$PY" benches/engine_vs_captum.py --model "$m" --batch "$batch" --size "${SIZE:-224}" --device "$device" \
     --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" --fast ${ENGINE_FLAGS-} --bin "$bin" \

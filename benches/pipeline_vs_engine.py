@@ -89,10 +89,12 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/saliency-audit"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--iters", type=int, default=10, help="timed batches of the engine alone")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed batches of the engine alone first")
     ap.add_argument("--variants", action="store_true",
                     help="also one worker per device (no overlap), batch_size = \"auto\", the statistics "
                          "where the default does not put them (on the host for CUDA, on libtorch for the CPU), "
-                         "and on CUDA a batch of 2048 that runs out of memory")
+                         "and on CUDA a batch of 4096 that runs out of memory")
     a = ap.parse_args()
     import torchvision
 
@@ -112,11 +114,11 @@ def main():
         for i in range(a.n):
             f.write(f"{jpegs}/{i:06d}.jpg,{i % 1000}\n")
     cuda = a.device.startswith("cuda")
-    dev = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)"
+    dev = torch.cuda.get_device_name(torch.device(a.device)) if cuda else f"cpu ({os.cpu_count()} cores)"
     print(f"{a.model}, batch {a.batch}, {a.n} JPEGs 500x375 -> 256 -> 224, {dev}", flush=True)
     failed = []
-    eng = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", "6",
-                          "--devices", a.device, "--json"], capture_output=True, text=True)
+    eng = subprocess.run([a.bin, "-q", "bench", "--model", pt, "--batch-size", str(a.batch), "--iters", str(a.iters),
+                          "--warmup", str(a.warmup), "--devices", a.device, "--json"], capture_output=True, text=True)
     if eng.returncode == 0:
         engine = json.loads(eng.stdout)
         print(f"engine alone (synthetic input): {engine['images_per_s']:8.2f} images/s", flush=True)
@@ -132,8 +134,8 @@ def main():
         # The new questions first: statistics on the host against the device's, and the split.
         runs.append(("statistics on the host", {"stats_on_device": "false"},
                      lambda r: None if r.get("workers_with_stats_on_device") == 0 else "statistics not on the host"))
-        # A batch far too large for the device (ResNet-50 keeps about 40 MiB an image for the
-        # backward: 4096 do not fit 80 or 141 GB), one worker so that only the batch's own size
+        # A batch far too large for the device (ResNet-50's engine keeps about 60 MiB an image
+        # for the backward, measured on the CPU: 4096 do not fit 80 or 141 GB), one worker so that only the batch's own size
         # counts: it runs out of memory, is split, and the worker keeps to the size that fitted
         # ("OOM cap"); no sample is lost.
         runs.append(("batch 4096: out of memory, split", {"batch_size": 4096, "workers_per_device": 1},

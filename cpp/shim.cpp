@@ -66,6 +66,15 @@ void set_error(char* buf, size_t len, const char* msg) {
   buf[len - 1] = '\0';
 }
 
+// An exception's message without libtorch's C++ backtrace ("Exception raised from ... frame #0
+// ..."), which c10::Error's what() appends: the message becomes a sample's error in the output.
+const char* message(const std::exception& e) {
+  if (auto c10 = dynamic_cast<const c10::Error*>(&e)) {
+    return c10->what_without_backtrace();
+  }
+  return e.what();
+}
+
 // Autocast on CPU covers conv1d/2d/3d and the old `_convolution` overload, but not the full
 // `aten::_convolution` that traced TorchScript models record for every convolution (CUDA's
 // autocast covers both). This kernel casts it to the autocast dtype like the others, so fast
@@ -165,7 +174,7 @@ int sa_add_guided_hooks(const torch::Tensor* root, int kinds, char* err, size_t 
     }
     return hooked;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -186,7 +195,7 @@ int sa_autocast_bf16(int cuda, int enter, char* err, size_t err_len) {
     }
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -197,7 +206,7 @@ torch::Tensor* sa_channels_last(const torch::Tensor* t, char* err, size_t err_le
   try {
     return new torch::Tensor(t->contiguous(at::MemoryFormat::ChannelsLast));
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return nullptr;
   }
 }
@@ -210,7 +219,7 @@ int sa_cuda_pool_stream(int device, int64_t* id, char* err, size_t err_len) {
     *id = impl->getStreamFromGlobalPool(c10::Device(c10::DeviceType::CUDA, device), false).id();
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -224,7 +233,7 @@ int sa_cuda_set_stream(int device, int64_t id, int64_t* previous, char* err, siz
     *previous = impl->exchangeStream(stream).id();
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -237,7 +246,7 @@ int sa_cuda_sync_current_stream(int device, char* err, size_t err_len) {
     impl->synchronizeStream(impl->getStream(c10::Device(c10::DeviceType::CUDA, device)));
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -248,7 +257,7 @@ int sa_set_cudnn_tf32(int allow, char* err, size_t err_len) {
     at::globalContext().setAllowTF32CuDNN(allow != 0);
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }
@@ -259,7 +268,7 @@ torch::Tensor* sa_empty_pinned_u8(int64_t numel, char* err, size_t err_len) {
   try {
     return new torch::Tensor(at::empty({numel}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return nullptr;
   }
 }
@@ -273,7 +282,7 @@ torch::Tensor* sa_to_host_f32(const torch::Tensor* t, int pinned, char* err, siz
     host.copy_(*t, /*non_blocking=*/false);
     return new torch::Tensor(std::move(host));
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return nullptr;
   }
 }
@@ -316,7 +325,7 @@ int sa_convolution_flags(void* module, int benchmark, int allow_tf32, int mode, 
     }
     return n;
   } catch (const std::exception& e) {
-    set_error(err, err_len, e.what());
+    set_error(err, err_len, message(e));
     return -1;
   }
 }

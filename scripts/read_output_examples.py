@@ -57,18 +57,22 @@ def with_pyarrow(out_dir, names):
         ("id", "count"), ("predicted_prob", "mean"), ("attr_entropy", "mean"), ("bbox_mass_share", "mean"),
     ] + [(r, "mean") for r in regions]).sort_by([("id_count", "descending"), ("predicted", "ascending")])
     print("per predicted class (status ok):")
+    def f3(v):
+        # Null: no row of the group has the statistic (no box; a map that is zero everywhere).
+        return "-" if v is None else f"{v:.3f}"
+
     for r in summary.to_pylist():
         name = names[r["predicted"]] if names else r["predicted"]
-        share = r["bbox_mass_share_mean"]
-        print(f"  {r['predicted']:>5} {name!s:24.24} n={r['id_count']:<4} prob {r['predicted_prob_mean']:.3f}  "
-              f"entropy {r['attr_entropy_mean']:.3f}  box share {'-' if share is None else f'{share:.3f}'}"
-              + "".join(f"  {g[7:-6]} share {r[g + '_mean']:.3f}" for g in regions))
+        print(f"  {r['predicted']:>5} {name!s:24.24} n={r['id_count']:<4} prob {f3(r['predicted_prob_mean'])}  "
+              f"entropy {f3(r['attr_entropy_mean'])}  box share {f3(r['bbox_mass_share_mean'])}"
+              + "".join(f"  {g[7:-6]} share {f3(r[g + '_mean'])}" for g in regions))
     failed = dataset.to_table(columns=["id", "status", "error"], filter=pc.field("status") != "ok")
     print(f"rows {dataset.count_rows()}, not ok {failed.num_rows}")
     for r in failed.to_pylist()[:10]:
         print(f"  {r['id']}: {r['status']}: {r['error']}")
-    # One row's maps, decoded.
-    one = dataset.head(1, columns=["id", "cam", "cam_h", "cam_w", "map_png", "map_scale"]).to_pylist()
+    # One row's maps, decoded: the first ok row (a failed row has no maps).
+    one = dataset.head(1, columns=["id", "cam", "cam_h", "cam_w", "map_png", "map_scale"],
+                       filter=pc.field("status") == "ok").to_pylist()
     if one:
         cam, amap = decode_cam(one[0]), decode_map(one[0])
         print(f"row {one[0]['id']}: cam {cam.shape} max {cam.max():.4g}, map {amap.shape} max {amap.max():.4g}")

@@ -24,12 +24,28 @@ pub const INTERRUPTED: u8 = 130;
 #[error(transparent)]
 pub struct RunFailed(#[from] pub anyhow::Error);
 
+/// A run stopped (Ctrl-C, SIGTERM) while it loaded its model replicas or warmed them up, before
+/// any pipeline thread started: it wrote nothing. Checked between those steps, so that a
+/// scheduler's grace period is not spent on a start whose run would stop at once.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted while {0}; nothing was written")]
+pub struct StartInterrupted(pub &'static str);
+
+/// Errors with [`StartInterrupted`] once `stop` is set.
+pub fn check_stop(stop: &std::sync::atomic::AtomicBool, doing: &'static str) -> Result<(), StartInterrupted> {
+    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        Err(StartInterrupted(doing))
+    } else {
+        Ok(())
+    }
+}
+
 /// The exit code for a command that ended with `err`: [`RUN_FAILED`] when a retry may succeed
 /// (a [`RunFailed`], an I/O or storage error other than a missing or forbidden file, a
 /// storage error while checking the job's inputs; never an [`OutputConflict`]),
 /// [`INTERRUPTED`] for a stopped lock wait, else [`CANNOT_RUN`].
 pub fn code(err: &anyhow::Error) -> u8 {
-    if err.downcast_ref::<LockWaitInterrupted>().is_some() {
+    if err.downcast_ref::<LockWaitInterrupted>().is_some() || err.downcast_ref::<StartInterrupted>().is_some() {
         return INTERRUPTED;
     }
     if retryable(err) {

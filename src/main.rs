@@ -245,7 +245,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose, cli.quiet, cli.log_format);
     saliency_audit::engine::batch::install_panic_hook();
-    match run(cli) {
+    // A panic that no stage caught (a bug in the source, decode or writer thread: the hook has
+    // printed it with its place) ends the run as a failure on the way, exit 3, not Rust's 101:
+    // the committed parts are kept, and a rerun resumes.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))).unwrap_or_else(|p| {
+        let msg = saliency_audit::engine::batch::panic_message(p.as_ref()).to_owned();
+        Err(saliency_audit::exit::RunFailed(anyhow::anyhow!("internal error (a bug; please report it): {msg}")).into())
+    });
+    match result {
         Ok(code) => code,
         Err(err) => {
             let code = saliency_audit::exit::code(&err);
@@ -337,7 +344,11 @@ fn print_run_summary(s: &saliency_audit::pipeline::RunSummary) {
             (0, redone, what) => format!(", {redone} failed in an earlier run and {what}"),
             (kept, redone, what) => format!(", {kept} kept from an earlier run, {redone} failed there and {what}"),
         },
-        if counts.is_empty() { "nothing to do".to_owned() } else { counts.join(", ") }
+        match (counts.is_empty(), s.interrupted) {
+            (true, true) => "stopped before a part was complete: none committed".to_owned(),
+            (true, false) => "nothing to do".to_owned(),
+            (false, _) => counts.join(", "),
+        }
     ));
     logging::result_line(&format!(
         "stage busy time: decode {:.1} s, engine {:.1} s, statistics {:.1} s, write {:.1} s",

@@ -73,7 +73,10 @@ pub struct RunSummary {
     /// Samples this run had to process.
     pub pending: u64,
     pub elapsed: Duration,
-    /// Busy time per stage, summed over that stage's threads.
+    /// Busy time per stage: the wall time of its work, summed over the threads that run the
+    /// stage (decode: the decode thread, while the pool decodes its batches in parallel; engine
+    /// and statistics: summed over the workers, the statistics on the shared pool; write: the
+    /// writer). A measure of where a run waits, not CPU time.
     pub decode_time: Duration,
     pub engine_time: Duration,
     pub stats_time: Duration,
@@ -307,6 +310,7 @@ pub fn run(
                 *c = c.saturating_sub(n);
             }
         }
+        summary.counts.retain(|_, c| *c > 0);
         writer.abort().map_err(RunFailed)?
     } else {
         // A folder that holds another job's files stays exit 2 inside RunFailed (exit::retryable).
@@ -405,7 +409,7 @@ fn prepare_checked(
     let internal = |why: String| {
         tracing::error!("internal error on sample {:?} (a bug; please report it): {why}", keep.id);
         let target = resolve_target(target, &keep).ok().flatten();
-        let err = SampleError::new(Status::DecodeError, format!("internal error: {why}"));
+        let err = SampleError::new(Status::DecodeError, format!("{}: internal error: {why}", keep.path));
         Err((Box::new(failed_row(keep.clone(), target, err)), false))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep(s))) {
@@ -515,33 +519,76 @@ fn decode_stage(
 /// Attributes a batch; a failing batch is split and retried (out of device memory, one bad
 /// sample), down to single samples, which get an `attribution_error` row. Nothing is lost.
 ///
-/// `cap` is the worker's largest batch known to fit: a batch that ran out of memory lowers it to
-/// the halves it was split into, and later batches go in pieces of at most `cap` instead of
-/// failing and being split again (a failure for any other reason leaves it as it is; the
-/// worker tries the full size again after [`RETRY_FULL_BATCHES_AFTER`] batches).
+/// `cap` is the worker's largest batch known to fit: later batches go in pieces of at most `cap`
+/// instead of failing and being split again. A batch that runs out of memory lowers it once, to
+/// the larger half, and when the batch is done, to the largest piece of it that ran, if smaller
+/// (a failure for any other reason leaves it as it is; the worker tries the full size again
+/// after [`RETRY_FULL_BATCHES_AFTER`] batches). Lowered once per batch, not at every level of
+/// the split: with two workers on a device, one's halves can each meet the other's peak and
+/// fail down to single images while a size far above that fits a moment later, as the batch's
+/// later pieces show.
 ///
 /// A single sample that fails is followed by a health check of the replica (out of memory: a
 /// second one after a longer pause); if that fails too, the device is failing (a sticky CUDA
 /// error, memory taken by another process), and the error ends the run (`Err`) instead of
-/// filling every remaining sample's row with it.
+/// filling every remaining sample's row with it. A sample that ran out of memory gets one more
+/// try after a passing check: the memory was another worker's for a moment.
+/// `paths` names the batch's samples in messages.
 fn attribute_split(
     attr: &mut dyn Attributor,
     batch: &U8Batch,
-    first: usize,
+    paths: &[&str],
     cap: &mut usize,
 ) -> Result<Vec<Result<SampleMaps, String>>> {
-    if batch.n > *cap {
+    let mut fit = Fit { cap: *cap, lowered: false, largest_ok: 0 };
+    let out = split_and_retry(attr, batch, paths, 0, &mut fit)?;
+    if fit.lowered && fit.largest_ok > 0 {
+        fit.cap = fit.cap.min(fit.largest_ok);
+    }
+    if fit.cap < *cap {
+        tracing::warn!(
+            worker = %attr.name(),
+            "out of memory: from now on this worker attributes at most {} images at a time",
+            fit.cap
+        );
+        *cap = fit.cap;
+    }
+    Ok(out)
+}
+
+/// What splitting one batch has learnt about the device's memory ([`attribute_split`]).
+struct Fit {
+    /// Pieces are at most this large.
+    cap: usize,
+    /// Whether running out of memory has lowered `cap` during this batch already.
+    lowered: bool,
+    /// The largest piece that ran.
+    largest_ok: usize,
+}
+
+/// `batch` is `paths[first..first + batch.n]`'s pixels.
+fn split_and_retry(
+    attr: &mut dyn Attributor,
+    batch: &U8Batch,
+    paths: &[&str],
+    first: usize,
+    fit: &mut Fit,
+) -> Result<Vec<Result<SampleMaps, String>>> {
+    if batch.n > fit.cap {
         let mut out = Vec::with_capacity(batch.n);
         let mut start = 0;
         while start < batch.n {
-            let len = (*cap).min(batch.n - start);
-            out.extend(attribute_split(attr, &batch.slice(start, len), first + start, cap)?);
+            let len = fit.cap.min(batch.n - start);
+            out.extend(split_and_retry(attr, &batch.slice(start, len), paths, first + start, fit)?);
             start += len;
         }
         return Ok(out);
     }
     Ok(match attr.attribute(batch) {
-        Ok(maps) if maps.len() == batch.n => maps.into_iter().map(Ok).collect(),
+        Ok(maps) if maps.len() == batch.n => {
+            fit.largest_ok = fit.largest_ok.max(batch.n);
+            maps.into_iter().map(Ok).collect()
+        }
         Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
         Err(e) if batch.n == 1 => {
             // One image out of memory: another worker on the same device may hold the memory for
@@ -549,7 +596,10 @@ fn attribute_split(
             let e = if is_out_of_memory(&e) {
                 std::thread::sleep(OUT_OF_MEMORY_PAUSE);
                 match attr.attribute(batch) {
-                    Ok(maps) if maps.len() == 1 => return Ok(maps.into_iter().map(Ok).collect()),
+                    Ok(maps) if maps.len() == 1 => {
+                        fit.largest_ok = fit.largest_ok.max(1);
+                        return Ok(maps.into_iter().map(Ok).collect());
+                    }
                     Ok(_) => e,
                     Err(again) => again,
                 }
@@ -565,11 +615,22 @@ fn attribute_split(
             }
             if let Err(health) = health {
                 return Err(health.context(format!(
-                    "worker {}: sample {first} of a batch failed ({e:#}), and so did a health check on a \
+                    "worker {}: sample {} failed ({e:#}), and so did a health check on a \
                      mid-grey image: the device is failing; stopping (committed parts are kept, rerun to \
                      resume)",
-                    attr.name()
+                    attr.name(),
+                    paths.get(first).unwrap_or(&"?")
                 )));
+            }
+            // The check ran: memory is free again, so an image that only ran out of it gets one
+            // last try (the error row would otherwise wait for `--retry-failed`).
+            if is_out_of_memory(&e) {
+                if let Ok(maps) = attr.attribute(batch) {
+                    if maps.len() == 1 {
+                        fit.largest_ok = fit.largest_ok.max(1);
+                        return Ok(maps.into_iter().map(Ok).collect());
+                    }
+                }
             }
             vec![Err(format!("{e:#}"))]
         }
@@ -577,17 +638,17 @@ fn attribute_split(
             let half = batch.n / 2;
             tracing::warn!(
                 worker = %attr.name(),
-                "batch of {} (samples {}..{}) failed, splitting and retrying: {e:#}",
+                "batch of {} ({} to {}) failed, splitting and retrying: {e:#}",
                 batch.n,
-                first,
-                first + batch.n
+                paths.get(first).unwrap_or(&"?"),
+                paths.get(first + batch.n - 1).unwrap_or(&"?")
             );
-            if is_out_of_memory(&e) && batch.n - half < *cap {
-                *cap = batch.n - half;
-                tracing::warn!(worker = %attr.name(), "out of memory: from now on this worker attributes at most {} images at a time", *cap);
+            if is_out_of_memory(&e) && !fit.lowered && batch.n - half < fit.cap {
+                fit.cap = batch.n - half;
+                fit.lowered = true;
             }
-            let mut out = attribute_split(attr, &batch.slice(0, half), first, cap)?;
-            out.extend(attribute_split(attr, &batch.slice(half, batch.n - half), first + half, cap)?);
+            let mut out = split_and_retry(attr, &batch.slice(0, half), paths, first, fit)?;
+            out.extend(split_and_retry(attr, &batch.slice(half, batch.n - half), paths, first + half, fit)?);
             out
         }
     })
@@ -625,7 +686,8 @@ fn rows_or_internal_error(
             let rows = items
                 .into_iter()
                 .map(|(sample, target)| {
-                    let err = SampleError::new(Status::AttributionError, format!("internal error: {msg}"));
+                    let err =
+                        SampleError::new(Status::AttributionError, format!("{}: internal error: {msg}", sample.path));
                     failed_row(sample, target, err)
                 })
                 .collect();
@@ -643,7 +705,8 @@ fn attribute_batch(
     batch: WorkBatch,
 ) -> Result<Vec<Row>> {
     let t = Instant::now();
-    let results = attribute_split(attr, &batch.pixels, 0, cap)?;
+    let paths: Vec<&str> = batch.items.iter().map(|r| r.sample.path.as_str()).collect();
+    let results = attribute_split(attr, &batch.pixels, &paths, cap)?;
     add(&times.engine_ns, t);
     let t = Instant::now();
     let px = &batch.pixels;
@@ -655,7 +718,11 @@ fn attribute_batch(
             .zip(results)
             .enumerate()
             .map(|(i, (item, res))| match res.and_then(|m| non_finite(&m).map_or(Ok(m), |e| Err(e.to_owned()))) {
-                Err(msg) => failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg)),
+                Err(msg) => {
+                    // Named as a decode error names its file.
+                    let msg = format!("{}: {msg}", item.sample.path);
+                    failed_row(item.sample, item.target, SampleError::new(Status::AttributionError, msg))
+                }
                 Ok(m) => {
                     // The whole map is reduced here; a reduced one only needs finishing.
                     let host_sums;
@@ -737,7 +804,7 @@ mod tests {
             assert!(!transient);
             assert_eq!((row.sample.index, row.status, row.target), (3, Status::DecodeError, Some(2)));
             let msg = row.error.unwrap();
-            assert!(msg.starts_with("internal error: ") && msg.contains(why), "{msg}");
+            assert!(msg.starts_with(&format!("{}: internal error: ", row.sample.path)) && msg.contains(why), "{msg}");
         }
     }
 }

@@ -63,7 +63,8 @@ impl std::fmt::Display for Plan {
         }
         writeln!(f, "model classes: {}", self.num_classes)?;
         writeln!(f, "model sha256: {}", self.model_sha256)?;
-        writeln!(f, "devices resolved: {:?}", self.devices)
+        let names: Vec<String> = self.devices.iter().map(|d| engine::device_name(*d)).collect();
+        writeln!(f, "devices resolved: {}", names.join(", "))
     }
 }
 
@@ -473,7 +474,7 @@ pub fn run_with(
     tracing::info!(
         samples = plan.samples.len(),
         shard = %format!("{}/{}", plan.shard.index, plan.shard.count),
-        devices = ?plan.devices,
+        devices = %plan.devices.iter().map(|d| engine::device_name(*d)).collect::<Vec<_>>().join(","),
         "job planned"
     );
     // The shard's lock once the job has proved runnable (the plan, which loaded one replica to
@@ -496,9 +497,19 @@ pub fn run_with(
         let workers = job.workers_per_device.unwrap_or(if d.is_cuda() { 2 } else { 1 });
         for _ in usize::from(k == 0)..workers as usize {
             // The model loaded once already (the plan's replica): a failure here is the device's.
+            crate::exit::check_stop(&stop, "loading the model replicas")?;
             let replica = TorchAttributor::load(&job.model, *d, opts, &job.preprocess.mean, &job.preprocess.std)
-                .map_err(|e| RunFailed(e.context(format!("loading a replica on {d:?}"))))?;
+                .map_err(|e| RunFailed(e.context(format!("loading a replica on {}", engine::device_name(*d)))))?;
             loaded.push(replica);
+        }
+    }
+    // Replicas are numbered per device in the logs once there is more than one on it.
+    for d in &plan.devices {
+        let on: Vec<&mut TorchAttributor> = loaded.iter_mut().filter(|r| r.engine().device() == *d).collect();
+        if on.len() > 1 {
+            for (k, r) in on.into_iter().enumerate() {
+                r.set_replica(k);
+            }
         }
     }
     let regions: Vec<Region> = job
@@ -519,22 +530,23 @@ pub fn run_with(
                 Some(&(_, ok)) => ok,
                 None => {
                     let t = Instant::now();
+                    let name = engine::device_name(device);
                     let check = catch_libtorch(|| reduce::self_check(device, &reduction, h as usize, w as usize));
                     if check.is_ok() {
                         tracing::info!(
-                            ?device,
+                            device = %name,
                             secs = t.elapsed().as_secs_f64(),
                             "statistics on the device match the host's on the test maps"
                         );
                     }
                     match &check {
                         Err(e) if e.is::<reduce::Disagreement>() => tracing::warn!(
-                            "statistics computed on {device:?} do not match the host's ({e:#}); \
-                             the workers on {device:?} compute them on the host"
+                            "statistics computed on {name} do not match the host's ({e:#}); \
+                             the workers on {name} compute them on the host"
                         ),
                         Err(e) => tracing::warn!(
-                            "statistics could not be computed on {device:?} ({e:#}); \
-                             the workers on {device:?} compute them on the host"
+                            "statistics could not be computed on {name} ({e:#}); \
+                             the workers on {name} compute them on the host"
                         ),
                         Ok(()) => {}
                     }
@@ -543,14 +555,16 @@ pub fn run_with(
                 }
             };
         }
-        tracing::debug!(?device, stats_on_device = on, "statistics placement");
+        tracing::debug!(device = %engine::device_name(device), stats_on_device = on, "statistics placement");
         r.set_reduction(on.then(|| reduction.clone()));
         stats_on_device += usize::from(on);
     }
+    crate::exit::check_stop(&stop, "checking the statistics on the devices")?;
     let warm = Instant::now();
     let boxes = plan.samples.iter().any(|s| s.bbox.is_some());
     let masks = plan.samples.iter().any(|s| s.mask.is_some());
-    let batch_size = warm_up(job.batch_size, &mut loaded, [h as usize, w as usize], boxes, masks, plan.samples.len())?;
+    let shape = [h as usize, w as usize];
+    let batch_size = warm_up(job.batch_size, &mut loaded, shape, boxes, masks, plan.samples.len(), &stop)?;
     let warmup_time = warm.elapsed();
     let replicas_len = loaded.len();
     let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
@@ -635,6 +649,7 @@ fn warm_up(
     boxes: bool,
     masks: bool,
     samples: usize,
+    stop: &AtomicBool,
 ) -> Result<usize> {
     let mut cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
     let candidates: Vec<usize> = match batch {
@@ -653,6 +668,7 @@ fn warm_up(
     // that size's (a cuDNN limit on large tensors, say), and the search goes on.
     let mut one_runs = false;
     for &n in &candidates {
+        crate::exit::check_stop(stop, "warming up the model replicas")?;
         let t = Instant::now();
         let errors: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = cuda.iter_mut().map(|r| s.spawn(move || r.warm_up(n, h, w, boxes, masks))).collect();

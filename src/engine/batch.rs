@@ -105,6 +105,8 @@ pub struct TorchAttributor {
     channels: i64,
     stream: Option<shim::CudaStream>,
     reduction: Option<Reduction>,
+    /// The worker's name in logs: the device, and the replica's number on it (`cuda:0#1`).
+    label: String,
 }
 
 impl TorchAttributor {
@@ -126,15 +128,23 @@ impl TorchAttributor {
                     tch::Cuda::synchronize(i as i64);
                     Some(
                         shim::CudaStream::from_pool(i)
-                            .map_err(|e| anyhow::anyhow!("CUDA stream for {device:?}: {e}"))?,
+                            .map_err(|e| anyhow::anyhow!("CUDA stream for {}: {e}", super::device_name(device)))?,
                     )
                 }
                 _ => None,
             };
             Ok((mean, std, stream))
         })
-        .map_err(|e| crate::exit::RunFailed(e.context(format!("setting up a replica on {device:?}"))))?;
-        Ok(Self { engine, mean, std, channels: c, stream, reduction: None })
+        .map_err(|e| {
+            crate::exit::RunFailed(e.context(format!("setting up a replica on {}", super::device_name(device))))
+        })?;
+        Ok(Self { engine, mean, std, channels: c, stream, reduction: None, label: super::device_name(device) })
+    }
+
+    /// Numbers this replica among those on its device, for the logs: `cuda:0#1` is the second
+    /// worker on `cuda:0`.
+    pub fn set_replica(&mut self, k: usize) {
+        self.label = format!("{}#{k}", super::device_name(self.engine.device()));
     }
 
     /// With `Some`, every map is reduced on the device ([`MapOut::Reduced`]) instead of copied
@@ -207,7 +217,7 @@ pub fn luminance(rgb: &Tensor) -> Tensor {
 
 impl Attributor for TorchAttributor {
     fn name(&self) -> String {
-        format!("{:?}", self.engine.device())
+        self.label.clone()
     }
 
     /// tch's infallible calls panic on a libtorch error (out of device memory in a kernel, say):

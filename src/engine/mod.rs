@@ -203,7 +203,7 @@ impl GuidedGradCam {
             let msg = torch_message(&e.to_string()).to_owned();
             if device.is_cuda() && device_failure(&msg) {
                 // The file was read; the device could not take it (out of memory, a CUDA error).
-                return RunFailed(anyhow!("loading {} onto {device:?}: {msg}", path.display())).into();
+                return RunFailed(anyhow!("loading {} onto {}: {msg}", path.display(), device_name(device))).into();
             }
             anyhow!(
                 "{} is not a loadable TorchScript file ({msg}); a state_dict or a torch.save checkpoint is not \
@@ -214,7 +214,7 @@ impl GuidedGradCam {
         // libtorch's failures in the calls below (some of which do not return errors) are
         // errors; those that say the device failed are the device's (exit 3), not the file's.
         catch_libtorch(|| Self::prepare(&mut module, path, device, opts)).map_err(|e| {
-            let e = e.context(format!("preparing {} on {device:?}", path.display()));
+            let e = e.context(format!("preparing {} on {}", path.display(), device_name(device)));
             if device.is_cuda() && device_failure(&format!("{e:#}")) {
                 RunFailed(e).into()
             } else {

