@@ -566,6 +566,14 @@ struct Fit {
     largest_ok: usize,
 }
 
+impl Fit {
+    /// The results of a piece that ran, noted in `largest_ok`.
+    fn ran(&mut self, maps: Vec<SampleMaps>) -> Vec<Result<SampleMaps, String>> {
+        self.largest_ok = self.largest_ok.max(maps.len());
+        maps.into_iter().map(Ok).collect()
+    }
+}
+
 /// `batch` is `paths[first..first + batch.n]`'s pixels.
 fn split_and_retry(
     attr: &mut dyn Attributor,
@@ -585,10 +593,7 @@ fn split_and_retry(
         return Ok(out);
     }
     Ok(match attr.attribute(batch) {
-        Ok(maps) if maps.len() == batch.n => {
-            fit.largest_ok = fit.largest_ok.max(batch.n);
-            maps.into_iter().map(Ok).collect()
-        }
+        Ok(maps) if maps.len() == batch.n => fit.ran(maps),
         Ok(maps) => vec![Err(format!("the engine returned {} results for {} images", maps.len(), batch.n)); batch.n],
         Err(e) if batch.n == 1 => {
             // One image out of memory: another worker on the same device may hold the memory for
@@ -596,10 +601,7 @@ fn split_and_retry(
             let e = if is_out_of_memory(&e) {
                 std::thread::sleep(OUT_OF_MEMORY_PAUSE);
                 match attr.attribute(batch) {
-                    Ok(maps) if maps.len() == 1 => {
-                        fit.largest_ok = fit.largest_ok.max(1);
-                        return Ok(maps.into_iter().map(Ok).collect());
-                    }
+                    Ok(maps) if maps.len() == 1 => return Ok(fit.ran(maps)),
                     Ok(_) => e,
                     Err(again) => again,
                 }
@@ -627,8 +629,7 @@ fn split_and_retry(
             if is_out_of_memory(&e) {
                 if let Ok(maps) = attr.attribute(batch) {
                     if maps.len() == 1 {
-                        fit.largest_ok = fit.largest_ok.max(1);
-                        return Ok(maps.into_iter().map(Ok).collect());
+                        return Ok(fit.ran(maps));
                     }
                 }
             }
