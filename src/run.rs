@@ -323,6 +323,8 @@ pub fn plan_with(
     }
     let dataset_sha256 = hex::encode(h.finalize());
     let samples = source::select_shard(set.samples, shard.index, shard.count);
+    // A bucket whose store cannot be set up fails every sample in it the same way: the job's error.
+    store::check_stores(samples.iter().flat_map(|s| std::iter::once(&s.location).chain(s.mask.as_ref())))?;
     let model_sha256 = file_sha256(&job.model)?;
     let plan = Plan {
         job,

@@ -989,8 +989,13 @@ impl PartWriter {
                 if redoing { " (with --retry-failed again, for failed rows that were being redone)" } else { "" }
             );
         }
+        // Only local folders hold temporary files (a remote part is one PUT).
         let suffix = format!("-{}", files::process_token());
-        for name in files::list_names(&self.cfg.dir)? {
+        let names = match &self.cfg.dir {
+            Loc::Local(_) => files::list_names(&self.cfg.dir)?,
+            Loc::Remote { .. } => Vec::new(),
+        };
+        for name in names {
             if files::is_shard_tmp(&name, self.cfg.shard, self.cfg.num_shards) && name.ends_with(&suffix) {
                 files::remove_if_exists(&self.cfg.dir, &name)?;
             }

@@ -75,6 +75,9 @@ impl Loc {
         if bucket.is_empty() {
             bail!("{text}: no bucket or container name after `{scheme}://`");
         }
+        if key.starts_with('/') {
+            bail!("{text}: bad object key: it starts with `/` (an empty segment), which object_store cannot address");
+        }
         let key = normalize_key("", key).with_context(|| format!("{text}: bad object key"))?;
         Ok(Loc::Remote { bucket: format!("{scheme_lc}://{bucket}"), key })
     }
@@ -175,13 +178,23 @@ fn schemes_list() -> String {
     REMOTE_SCHEMES.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
 }
 
-/// `base` + `/` + `rel` with empty and `.` segments dropped and `..` applied.
+/// `base` + `/` + `rel` with `.` segments dropped and `..` applied; a `rel` that starts with
+/// `/` starts from the bucket's root, and one `/` at its end (a folder) is dropped. An empty
+/// segment (`a//b`) is refused rather than collapsed: `a//b` and `a/b` are different objects,
+/// and object_store can address only the second.
 fn normalize_key(base: &str, rel: &str) -> anyhow::Result<String> {
-    let mut parts: Vec<&str> = if rel.starts_with('/') { Vec::new() } else { base.split('/').collect() };
-    parts.retain(|p| !p.is_empty());
-    for seg in rel.split('/') {
+    let (mut parts, body): (Vec<&str>, &str) = match rel.strip_prefix('/') {
+        Some(body) => (Vec::new(), body),
+        None => (base.split('/').filter(|p| !p.is_empty()).collect(), rel),
+    };
+    let body = body.strip_suffix('/').unwrap_or(body);
+    if body.is_empty() {
+        return Ok(parts.join("/"));
+    }
+    for seg in body.split('/') {
         match seg {
-            "" | "." => {}
+            "" => bail!("{rel:?} has an empty segment (`//`): object_store cannot address such a key"),
+            "." => {}
             ".." => {
                 if parts.pop().is_none() {
                     bail!("`..` leaves the bucket");
@@ -278,8 +291,11 @@ fn obj_path(bucket: &str, key: &str) -> anyhow::Result<ObjPath> {
 }
 
 /// The store's error as an [`io::Error`] whose kind says whether a retry may help (see
-/// `exit::code`): a missing object, a refusal, a bad key or setting stay as they are; the
-/// rest (`Generic`: time-outs, lost connections, the server's errors) may not.
+/// `exit::code`): a missing object or bucket, a refusal, a bad key or setting stay as
+/// they are; the rest (time-outs, lost connections, the server's errors) may not. Requests
+/// that `object_store` reports as `Generic` (listing, writing) are sorted by the HTTP status
+/// in their causes, so that listing a bucket that does not exist (404) or may not be read
+/// (403) is the job's error rather than one worth retrying.
 fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
     use object_store::Error as E;
     let kind = match &e {
@@ -288,9 +304,58 @@ fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
         E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
         E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => io::ErrorKind::InvalidInput,
         E::NotSupported { .. } | E::NotImplemented { .. } => io::ErrorKind::Unsupported,
-        _ => io::ErrorKind::Other,
+        _ => match http_status(&e) {
+            Some(404) => io::ErrorKind::NotFound,
+            Some(401 | 403) => io::ErrorKind::PermissionDenied,
+            // 400 stays retryable: S3 answers a stalled upload (RequestTimeout) and an expired
+            // session token (ExpiredToken) with it.
+            _ => io::ErrorKind::Other,
+        },
     };
-    io::Error::new(kind, format!("{loc}: {e}"))
+    let hint = match &e {
+        E::InvalidPath { .. } => {
+            " (object_store cannot address a key with an empty segment `//`, a `.` or `..` segment or a control \
+             character: rename the object, or list the images in a manifest)"
+        }
+        _ if ["169.254.169.254", "169.254.170.2"].iter().any(|m| format!("{e}").contains(m)) => {
+            " (no credentials in the environment, so the instance metadata endpoint was asked: set \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE; ~/.aws and AWS_PROFILE \
+             are not read)"
+        }
+        _ => "",
+    };
+    io::Error::new(kind, format!("{loc}: {e}{hint}"))
+}
+
+/// The HTTP status of the failed response behind a store error, if its causes name one
+/// (`object_store` keeps the status in a private type but writes it into the message).
+fn http_status(e: &object_store::Error) -> Option<u16> {
+    const MARK: &str = "non-2xx status code: ";
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if let Some(at) = text.find(MARK) {
+            return text.get(at + MARK.len()..at + MARK.len() + 3)?.parse().ok();
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Sets up the store of every bucket among `locs` (local paths are skipped), so that a bucket
+/// URL or setting the store refuses (an Azure container without an account, a GCS service
+/// account file that is missing) is the job's error before any work, naming the bucket and
+/// the first file in it, rather than every remote sample's `unreadable` row. No request is made.
+pub fn check_stores<'a>(locs: impl IntoIterator<Item = &'a Loc>) -> anyhow::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for loc in locs {
+        if let Loc::Remote { bucket, .. } = loc {
+            if seen.insert(bucket.as_str()) {
+                store(bucket).with_context(|| format!("{loc}: the store cannot be reached"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A store that cannot be set up (a bad bucket URL or setting, an invalid key): not something

@@ -7,7 +7,12 @@ fn remote(bucket: &str, key: &str) -> Loc {
 #[test]
 fn parses_urls_and_paths() {
     assert_eq!(Loc::parse("s3://b/x/y.jpg").unwrap(), remote("s3://b", "x/y.jpg"));
-    assert_eq!(Loc::parse("S3://b/x//y/").unwrap(), remote("s3://b", "x/y"));
+    assert_eq!(Loc::parse("S3://b/x/y/").unwrap(), remote("s3://b", "x/y"));
+    // `x//y` is another object than `x/y`, one object_store cannot address: refused, not collapsed.
+    for bad in ["s3://b/x//y", "s3://b//x"] {
+        let e = format!("{:#}", Loc::parse(bad).unwrap_err());
+        assert!(e.contains(bad) && e.contains("empty segment"), "{e}");
+    }
     assert_eq!(Loc::parse("gs://b").unwrap(), remote("gs://b", ""));
     assert_eq!(Loc::parse("data/x.csv").unwrap(), Loc::Local(PathBuf::from("data/x.csv")));
     assert_eq!(Loc::parse("file:///tmp/x").unwrap(), Loc::Local(PathBuf::from("/tmp/x")));
@@ -35,6 +40,9 @@ fn joins_and_parents() {
     assert_eq!(dir.join("/top.jpg").unwrap(), remote("s3://b", "top.jpg"));
     assert_eq!(dir.join("gs://c/z.png").unwrap(), remote("gs://c", "z.png"));
     assert!(dir.join("../../../x").is_err());
+    let e = format!("{:#}", dir.join("img//a.jpg").unwrap_err());
+    assert!(e.contains("s3://b/data/set") && e.contains("\"img//a.jpg\"") && e.contains("empty segment"), "{e}");
+    assert_eq!(dir.join("img/").unwrap(), remote("s3://b", "data/set/img"));
     assert_eq!(dir.parent(), remote("s3://b", "data"));
     assert_eq!(remote("s3://b", "x").parent(), remote("s3://b", ""));
     assert_eq!(dir.join("m.CSV").unwrap().extension().as_deref(), Some("csv"));

@@ -32,6 +32,8 @@ for name in ["indexed-job", "cronjob"]:
         "fail_on": sorted(v for r in rules if "onExitCodes" in r and r["action"] == "FailJob" for v in r["onExitCodes"]["values"]),
         "run_as": spec["template"]["spec"].get("securityContext", {}).get("runAsUser"),
         "fs_group": spec["template"]["spec"].get("securityContext", {}).get("fsGroup"),
+        "cpu_limit": c["resources"]["limits"].get("cpu"),
+        "grace": spec["template"]["spec"].get("terminationGracePeriodSeconds"),
     }
 print(json.dumps(out))
 "#;
@@ -54,6 +56,9 @@ print(json.dumps(out))
         assert_eq!(m["fail_on_2"], true, "{name}: configuration errors are not retried");
         assert_eq!(m["fail_on_1"], false, "{name}: sample failures are not pod failures");
         assert_eq!(m["runs"], true, "{name}");
+        // Decode threads follow the CPUs the container may use: a limit keeps them to the pod's share.
+        assert!(m["cpu_limit"].is_string(), "{name}: a CPU limit");
+        assert!(m["grace"].as_u64().is_some_and(|g| g >= 30), "{name}: time to stop on SIGTERM");
         // Exit 1 would be a pod failure, retried and failing again: the shard exits 0 instead.
         // The last shard to finish writes _SUCCESS. Exit 3 (a failure on the way) is retried.
         let args: Vec<&str> = m["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();

@@ -300,6 +300,51 @@ fn s3_manifest_images_and_output_over_http() {
     let e = s3.bin(&["finalize", "ftp://host/out"]);
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unsupported URL scheme"));
+
+    // An image folder in a bucket that does not exist (404 on listing): the job's error, not a
+    // failure worth retrying. One whose keys include `a//b.png`, which object_store cannot
+    // address: refused with what to do, as is a manifest row that names such a key.
+    s3.boto(
+        "s3.create_bucket(Bucket='oddkeys'); s3.put_object(Bucket='oddkeys', Key='set/cls//a.png', Body=b'x')",
+        &[],
+    );
+    for (folder, expect) in [("s3://nobucket/train", "NoSuchBucket"), ("s3://oddkeys/set", "empty segment `//`")] {
+        std::fs::write(&bad, std::fs::read_to_string(&folder_job).unwrap().replace("s3://folders/train~v2", folder))
+            .unwrap();
+        let e = s3.bin(&["validate", bad.to_str().unwrap()]);
+        let msg = String::from_utf8_lossy(&e.stderr);
+        assert_eq!(e.status.code(), Some(2), "{folder}: {msg}");
+        assert!(msg.contains(folder) && msg.contains(expect), "{msg}");
+    }
+    let rows =
+        std::fs::read_to_string(ds.dir.join("samples.csv")).unwrap() + "s3://oddkeys/set/cls//a.png,square,odd,,,,,\n";
+    std::fs::write(tmp.path().join("odd.csv"), rows).unwrap();
+    let odd_job = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("samples.csv", &tmp.path().join("odd.csv").display().to_string());
+    std::fs::write(&bad, odd_job).unwrap();
+    let e = s3.bin(&["validate", bad.to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("odd.csv line 35") && msg.contains("empty segment"), "{msg}");
+    // A sample in a store that cannot be set up (an Azure container, no account named): the
+    // job's error before any work, naming the container, not an `unreadable` row per sample.
+    let rows = std::fs::read_to_string(ds.dir.join("samples.csv")).unwrap() + "az://nocontainer/a.png,square,az,,,,,\n";
+    std::fs::write(tmp.path().join("odd.csv"), rows).unwrap();
+    let mut c = Command::new(bin());
+    for k in [
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_CONNECTION_STRING",
+    ] {
+        c.env_remove(k);
+    }
+    let e = c.args(["run", bad.to_str().unwrap(), "--output"]).arg(tmp.path().join("az-out")).output().unwrap();
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("az://nocontainer/a.png") && msg.contains("cannot be reached"), "{msg}");
+    assert!(!tmp.path().join("az-out").exists(), "nothing written before the store is set up");
 }
 
 /// An object store that fails while an image or a mask is read (here: nothing listens at its
