@@ -13,7 +13,7 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 # name: (Resize's size: an int for the shorter side, or [h, w]; CenterCrop's size or None)
 TRANSFORMS = {
@@ -90,6 +90,86 @@ def animated_webp(first, second):
         a[(k * 20):(k * 20 + 30), 10:60, 3] = 0
         frames.append(Image.fromarray(a, "RGBA"))
     return encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=100)
+
+
+def blend_first_frame(data):
+    """The animated WebP with its first frame's "blend" flag on (bit 1 of the ANMF flags clear),
+    as some encoders write it: libwebp, and so PIL, draws a first frame as it is either way."""
+    b = bytearray(data)
+    at = 12
+    while b[at:at + 4] != b"ANMF":
+        n = int.from_bytes(b[at + 4:at + 8], "little")
+        at += 8 + n + (n & 1)
+    b[at + 8 + 15] &= ~0b10 & 0xFF
+    return bytes(b)
+
+
+XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/></rdf:RDF></x:xmpmeta>')
+
+
+def long_orientation_exif(value):
+    """An EXIF block whose Orientation tag is a LONG, as some writers store it (big-endian)."""
+    return (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x04\x00\x00\x00\x01"
+            + value.to_bytes(4, "big") + b"\x00\x00\x00\x00")
+
+
+def png_text(im, key, text, itxt=False):
+    """A PNG with one compressed text chunk (zTXt, or iTXt)."""
+    info = PngImagePlugin.PngInfo()
+    if itxt:
+        info.add_itxt(key, text, zip=True)
+    else:
+        info.add_text(key, text, zip=True)
+    return encode(im, "PNG", pnginfo=info)
+
+
+def raw_profile_exif(value):
+    """ImageMagick's way of keeping EXIF in a PNG: the block as hex in a text chunk."""
+    data = orientation_exif(value)
+    if not data.startswith(b"Exif"):
+        data = b"Exif\x00\x00" + data
+    h = data.hex()
+    return "\nexif\n%8d\n" % len(data) + "\n".join(h[i:i + 72] for i in range(0, len(h), 72)) + "\n"
+
+
+def exif_after_idat(data):
+    """The PNG with its eXIf chunk moved after the image data, just before IEND."""
+    at = data.index(b"eXIf") - 4
+    n = int.from_bytes(data[at:at + 4], "big")
+    chunk, rest = data[at:at + 12 + n], data[:at] + data[at + 12 + n:]
+    end = rest.rindex(b"IEND") - 4
+    return rest[:end] + chunk + rest[end:]
+
+
+def bmp16(im, g_bits):
+    """A 16-bit BMP (PIL writes none): 5-5-5 as plain BI_RGB, or 5-6-5 as bit fields."""
+    a = np.asarray(im.convert("RGB")).astype(np.uint32)
+    h, w, _ = a.shape
+    r, g, b = a[..., 0] >> 3, a[..., 1] >> (8 - g_bits), a[..., 2] >> 3
+    px = ((r << (5 + g_bits)) | (g << 5) | b).astype("<u2")
+    stride = (w * 2 + 3) & ~3
+    rows = b"".join(px[y].tobytes().ljust(stride, b"\x00") for y in range(h - 1, -1, -1))
+    masks = b"" if g_bits == 5 else b"".join(m.to_bytes(4, "little") for m in (0xF800, 0x07E0, 0x001F))
+    offset = 14 + 40 + len(masks)
+    info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little") \
+        + (1).to_bytes(2, "little") + (16).to_bytes(2, "little") \
+        + (0 if g_bits == 5 else 3).to_bytes(4, "little") + len(rows).to_bytes(4, "little") + bytes(16)
+    head = b"BM" + (offset + len(rows)).to_bytes(4, "little") + bytes(4) + offset.to_bytes(4, "little")
+    return head + info + masks + rows
+
+
+def without_iend(data):
+    """The PNG cut before its end chunk (PIL reads the image without it)."""
+    assert data.endswith(b"IEND\xaeB`\x82")
+    return data[:-12]
+
+
+def bad_idat_crc(data):
+    """The PNG with its image data's checksum wrong (PIL does not check it)."""
+    at = data.index(b"IDAT")
+    end = at + 4 + int.from_bytes(data[at - 4:at], "big")
+    return data[:end] + bytes([data[end] ^ 0xFF]) + data[end + 1:]
 
 
 def animated_gif(first, second):
@@ -235,11 +315,24 @@ def main():
         "tiff_deflate": encode(photo(150, 110, 51), "TIFF", compression="tiff_adobe_deflate"),
         "webp_alpha": encode(photo(150, 110, 52).convert("RGBA"), "WEBP", quality=80),
         "webp_animated": animated_webp(photo(150, 110, 54), photo(150, 110, 55)),
+        "png_no_iend": without_iend(encode(photo(150, 110, 62), "PNG")),
+        "png_bad_idat_crc": bad_idat_crc(encode(photo(150, 110, 63), "PNG")),
+        "bmp_rgb555": bmp16(photo(151, 110, 60), 5),
+        "bmp_rgb565": bmp16(photo(151, 110, 61), 6),
+        "webp_animated_blend": blend_first_frame(animated_webp(photo(150, 110, 58), photo(150, 110, 59))),
         "gif_animated": animated_gif(photo(150, 110, 56), photo(150, 110, 57)),
         # EXIF orientation outside JPEG: a PNG's eXIf chunk, a WebP's EXIF chunk, a TIFF tag.
         "png_exif_6": encode(photo(150, 110, 40), "PNG", exif=orientation_exif(6)),
         "webp_exif_8": encode(photo(150, 110, 41), "WEBP", lossless=True, exif=orientation_exif(8)),
         "tiff_orientation_3": encode(photo(150, 110, 42), "TIFF", tiffinfo={0x0112: 3}),
+        # Orientation where fewer readers look, as PIL finds it: a LONG tag, XMP only (JPEG,
+        # PNG iTXt, WebP), ImageMagick's raw profile in a PNG, a PNG's eXIf after the pixels.
+        "jpeg_exif_long_6": encode(photo(150, 110, 43), quality=90, exif=long_orientation_exif(6)),
+        "jpeg_xmp_8": encode(photo(150, 110, 44), quality=90, xmp=XMP.format(8).encode()),
+        "png_xmp_3": png_text(photo(150, 110, 45), "XML:com.adobe.xmp", XMP.format(3), itxt=True),
+        "webp_xmp_6": encode(photo(150, 110, 46), "WEBP", lossless=True, xmp=XMP.format(6)),
+        "png_raw_profile_6": png_text(photo(150, 110, 47), "Raw profile type exif", raw_profile_exif(6)),
+        "png_exif_after_idat_5": exif_after_idat(encode(photo(150, 110, 48), "PNG", exif=orientation_exif(5))),
     }
     index = []
     for name, data in cases.items():

@@ -142,10 +142,12 @@ impl Drop for Session {
     }
 }
 
-/// A JPEG's header as libjpeg reads it: its size and its EXIF data (the TIFF structure after
-/// `Exif\0\0` in the first APP1 segment that holds one, as PIL takes it). `None` where there
-/// is no image; a fatal libjpeg error (a header it cannot decode) unwinds, as in [`decode`].
-pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>)> {
+/// A JPEG's header as libjpeg reads it: its size, its EXIF data (the TIFF structure after
+/// `Exif\0\0` in the first APP1 segment that holds one) and its XMP packet (the last APP1
+/// segment that holds one), as PIL takes them. `None` where there is no image; a fatal libjpeg
+/// error (a header it cannot decode) unwinds, as in [`decode`].
+#[allow(clippy::type_complexity)]
+pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
     let mut err = Box::new(libjpeg_errors());
     // SAFETY: as in `decode`; the marker list is libjpeg's, valid until the session ends, and
     // each marker's `data` holds `data_length` bytes.
@@ -158,7 +160,7 @@ pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>)> {
     if unsafe { ffi::jpeg_read_header(c, 1) } != 1 {
         return None;
     }
-    let mut exif = None;
+    let (mut exif, mut xmp) = (None, None);
     let mut m = c.marker_list;
     while !m.is_null() {
         let marker = unsafe { &*m };
@@ -166,13 +168,15 @@ pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>)> {
             true => &[],
             false => unsafe { std::slice::from_raw_parts(marker.data, marker.data_length as usize) },
         };
-        if marker.marker == 0xE1 && data.starts_with(b"Exif\0\0") {
+        if marker.marker == 0xE1 && exif.is_none() && data.starts_with(b"Exif\0\0") {
             exif = Some(data[6..].to_vec());
-            break;
+        }
+        if let Some(packet) = data.strip_prefix(b"http://ns.adobe.com/xap/1.0/\0".as_slice()) {
+            xmp = Some(packet.to_vec());
         }
         m = marker.next;
     }
-    Some((c.image_width, c.image_height, exif))
+    Some((c.image_width, c.image_height, exif, xmp))
 }
 
 thread_local! {

@@ -33,6 +33,7 @@
 mod geometry;
 mod jpeg;
 mod mask;
+mod orient;
 mod resample;
 
 #[cfg(test)]
@@ -124,7 +125,10 @@ pub fn decode_bytes(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Decode
         return Ok(d);
     }
     let (img, format) = decode_oriented(bytes, name, pre.max_pixels, "image", None)?;
-    let img = into_rgb8(img, format);
+    let mut img = into_rgb8(img, format);
+    if format == ImageFormat::Bmp {
+        bmp16_as_pil(bytes, &mut img);
+    }
     let (w, h) = img.dimensions();
     let geometry =
         Geometry::plan(w, h, pre).map_err(|m| SampleError::new(Status::DecodeError, format!("{name}: {m}")))?;
@@ -157,6 +161,38 @@ fn into_rgb8(img: DynamicImage, format: ImageFormat) -> image::RgbImage {
         DynamicImage::ImageRgba16(i) => high_bytes(w, h, i.as_raw(), 4, false),
         DynamicImage::ImageLumaA16(i) => high_bytes(w, h, i.as_raw(), 2, true),
         other => other.into_rgb8(),
+    }
+}
+
+/// A 16-bit BMP (5-5-5, or 5-6-5 bit fields) with its channels widened to 8 bits as PIL
+/// widens them, `v * 255 / max` truncated; the image crate rounds, which is one level above
+/// PIL's on about half the values. Other BMPs are left as they are.
+fn bmp16_as_pil(bytes: &[u8], img: &mut image::RgbImage) {
+    let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if u16_at(28) != Some(16) {
+        return;
+    }
+    let bits: [u32; 3] = match (u32_at(30), u32_at(54), u32_at(58), u32_at(62)) {
+        (Some(0), ..) => [5, 5, 5],
+        (Some(3), Some(0x7C00), Some(0x03E0), Some(0x001F)) => [5, 5, 5],
+        (Some(3), Some(0xF800), Some(0x07E0), Some(0x001F)) => [5, 6, 5],
+        _ => return,
+    };
+    // The image crate's widening of an n-bit value is round(v * 255 / max) for n = 5 and 6:
+    // each 8-bit value it gives names one v.
+    let tables = bits.map(|n| {
+        let max = (1u32 << n) - 1;
+        let mut t: [u8; 256] = std::array::from_fn(|x| x as u8);
+        for v in 0..=max {
+            t[((v * 255 + max / 2) / max) as usize] = (v * 255 / max) as u8;
+        }
+        t
+    });
+    for p in img.pixels_mut() {
+        for c in 0..3 {
+            p.0[c] = tables[c][p.0[c] as usize];
+        }
     }
 }
 
@@ -219,11 +255,11 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     }
     // The header and the EXIF orientation as libjpeg (and so PIL) reads them; a header libjpeg
     // refuses goes to the image crate, which decides and names the error.
-    let Ok(Some((w, h, exif))) = std::panic::catch_unwind(|| jpeg::header(bytes)) else {
+    let Ok(Some((w, h, exif, xmp))) = std::panic::catch_unwind(|| jpeg::header(bytes)) else {
         return Ok(None);
     };
     // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
-    let orientation = exif.as_deref().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+    let orientation = orient::from_metadata(exif.as_deref(), xmp.as_deref());
     check_header(bytes, ImageFormat::Jpeg, (w, h), pre.max_pixels, "image", name)?;
     let (ow, oh) = oriented_size(w, h, orientation);
     let Ok(geometry) = Geometry::plan(ow, oh, pre) else {
@@ -358,7 +394,10 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
         }
         _ => Status::Unreadable,
     };
-    let mut err = SampleError::new(status, format!("{path}: cannot read file: {e}"));
+    // A store's error starts with the location already.
+    let text = e.to_string();
+    let text = text.strip_prefix(&format!("{path}: ")).unwrap_or(&text);
+    let mut err = SampleError::new(status, format!("{path}: cannot read file: {text}"));
     // A store that times out or fails says nothing about the file (local read errors stay the
     // sample's: a file that cannot be read in place).
     err.transient = matches!(path, Loc::Remote { .. }) && crate::exit::transient(e.kind());
@@ -372,36 +411,116 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
 /// that runs past the end on, the bytes are kept as they are, for the decoder to refuse.
 pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-    if !bytes.starts_with(SIGNATURE) {
-        return bytes.into();
-    }
-    // The chunks before the image data: (start, end, is iCCP). The profile must come before it.
-    let mut chunks = Vec::new();
-    let mut at = SIGNATURE.len();
-    while let Some(head) = bytes.get(at..at + 8) {
+    // The chunk at `at` before the image data (the profile must come before it): its end and
+    // whether it is an iCCP; `None` at the image data, the end, or a chunk that runs past the
+    // end (the decoder refuses it, but would inflate a profile before it first).
+    let chunk = |at: usize| -> Option<(usize, bool)> {
+        let head = bytes.get(at..at.checked_add(8)?)?;
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let kind = &head[4..8];
         if kind == b"IDAT" || kind == b"IEND" {
-            break;
+            return None;
         }
-        let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= bytes.len()) else {
-            // A chunk that runs past the end: the decoder refuses it, but would inflate a
-            // profile before it first; the profiles found so far are still dropped.
-            break;
-        };
-        chunks.push((at, end, kind == b"iCCP"));
+        let end = at.checked_add(12)?.checked_add(len).filter(|&e| e <= bytes.len())?;
+        Some((end, kind == b"iCCP"))
+    };
+    if !bytes.starts_with(SIGNATURE) {
+        return bytes.into();
+    }
+    // Walked twice rather than listed: a file of many tiny chunks would make a list larger
+    // than the file.
+    let (mut at, mut any) = (SIGNATURE.len(), false);
+    while let Some((end, iccp)) = chunk(at) {
+        any |= iccp;
         at = end;
     }
-    if !chunks.iter().any(|c| c.2) {
+    if !any {
         return bytes.into();
     }
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(SIGNATURE);
-    for &(start, end, _) in chunks.iter().filter(|c| !c.2) {
-        out.extend_from_slice(&bytes[start..end]);
+    let mut at = SIGNATURE.len();
+    while let Some((end, iccp)) = chunk(at) {
+        if !iccp {
+            out.extend_from_slice(&bytes[at..end]);
+        }
+        at = end;
     }
     out.extend_from_slice(&bytes[at..]);
     out.into()
+}
+
+/// A PNG whose image-data checksums are wrong, or that ends without its end chunk, repaired so
+/// that the decoder reads it as PIL does (PIL checks neither; the PNG decoder here refuses
+/// both). Other files, and PNGs with neither fault, are returned as they are; a chunk cut
+/// short is left for the decoder to refuse, as PIL does ("truncated").
+pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return bytes.into();
+    }
+    // Checksums to write: (where, value).
+    let mut fix: Vec<(usize, [u8; 4])> = Vec::new();
+    let (mut at, mut ended) = (8usize, false);
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let kind = &head[4..8];
+        let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= bytes.len()) else {
+            break;
+        };
+        if kind == b"IEND" {
+            ended = true;
+            break;
+        }
+        if kind == b"IDAT" {
+            let mut crc = flate2::Crc::new();
+            crc.update(&bytes[at + 4..end - 4]);
+            let want = crc.sum().to_be_bytes();
+            if bytes[end - 4..end] != want {
+                fix.push((end - 4, want));
+            }
+        }
+        at = end;
+    }
+    let add_end = !ended && at == bytes.len();
+    if fix.is_empty() && !add_end {
+        return bytes.into();
+    }
+    let mut out = bytes.to_vec();
+    for (p, crc) in fix {
+        out[p..p + 4].copy_from_slice(&crc);
+    }
+    if add_end {
+        out.extend_from_slice(b"\0\0\0\0IEND\xaeB`\x82");
+    }
+    out.into()
+}
+
+/// An animated WebP's bytes with its first frame's blending turned off (other files are
+/// returned as they are). A first frame is drawn on a transparent canvas, which libwebp's
+/// animation decoder (what PIL reads with) does by writing the frame's pixels as they are;
+/// the WebP decoder here blends them onto the canvas instead, which rounds every pixel one
+/// level down. Without blending it copies them, as libwebp does.
+pub(crate) fn webp_first_frame_unblended(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WEBP" {
+        return bytes.into();
+    }
+    let mut at = 12usize;
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if &head[..4] == b"ANMF" {
+            // The frame's flags follow its offset, size and duration (five 24-bit numbers);
+            // bit 1 set means "do not blend".
+            let flags = at + 8 + 15;
+            if len >= 16 && bytes.get(flags).is_some_and(|f| f & 0b10 == 0) {
+                let mut out = bytes.to_vec();
+                out[flags] |= 0b10;
+                return out.into();
+            }
+            break;
+        }
+        at += 8 + len + (len & 1);
+    }
+    bytes.into()
 }
 
 /// Allocation budget handed to the image decoders for a pixel limit: room for the largest
@@ -434,8 +553,10 @@ pub(crate) fn decode_oriented(
     if bytes.is_empty() {
         return Err(err(Status::DecodeError, format!("empty file (0 bytes), not an {what}")));
     }
-    let stripped = png_without_iccp(bytes);
-    let bytes = &*stripped;
+    let repaired = png_repaired(bytes);
+    let stripped = png_without_iccp(&repaired);
+    let unblended = webp_first_frame_unblended(&stripped);
+    let bytes = &*unblended;
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(Status::DecodeError, format!("cannot sniff the {what} format: {e}")))?;
@@ -455,8 +576,13 @@ pub(crate) fn decode_oriented(
             .into_decoder()
             .map_err(|e| err(image_error_status(&e), format!("cannot read the {format:?} {what} header: {e}")))?;
         let (w, h) = decoder.dimensions();
-        // A broken EXIF block only loses the orientation, as PIL's exif_transpose would.
-        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        // A broken EXIF block only loses the orientation, as PIL's exif_transpose would. PNG
+        // and WebP keep it in more places than the decoders here read.
+        let orientation = match format {
+            ImageFormat::Png => orient::png(bytes),
+            ImageFormat::WebP => orient::webp(bytes),
+            _ => decoder.orientation().unwrap_or(Orientation::NoTransforms),
+        };
         if let Some((ew, eh)) = expect {
             let (ow, oh) = oriented_size(w, h, orientation);
             if (ow, oh) != (ew, eh) {
