@@ -1,5 +1,5 @@
 //! Decode-stage throughput: 500×375 and 4000×3000 JPEGs (quality 90) → Resize(256) →
-//! CenterCrop(224), with the full decode and with DCT-domain scaling. Peers: the image crate's
+//! CenterCrop(224), with the full decode and with DCT-domain scaling; a 500×375 PNG decode. Peers: the image crate's
 //! decode alone, and the image crate's decode followed by fast_image_resize's resize of the
 //! crop's source box (the anchor's way of doing the same). Run: `cargo bench --bench decode`; `DECODE_BENCH_FILE=F.jpg` adds that file
 //! (see benches/decode_vs_pil.py).
@@ -190,6 +190,21 @@ fn bench_decode(c: &mut Criterion) {
     });
     check_peer(&large, &imagenet, &mut resizer);
     g.bench_function("jpeg_4000x3000_image_fir_peer", |b| b.iter(|| image_fir_peer(black_box(&large), &mut resizer)));
+    // A PNG of the same photo: decode_bytes walks its chunks (colour profile, checksums of the
+    // image data, the places PIL finds an orientation) before the image crate decodes it.
+    let png = {
+        let img = image::load_from_memory(&jpeg).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    eprintln!("test PNG: 500x375 RGB, the 4:4:4 JPEG's pixels, {} bytes", png.len());
+    g.bench_function("png_500x375_decode_only", |b| {
+        b.iter(|| decode_bytes(black_box(&png), "bench.png", &decode_only).unwrap())
+    });
+    g.bench_function("png_500x375_image_crate_peer", |b| {
+        b.iter(|| image::load_from_memory_with_format(black_box(&png), image::ImageFormat::Png).unwrap().into_rgb8())
+    });
     // A file of the caller's (benches/decode_vs_pil.py times PIL on the same one).
     if let Some(path) = std::env::var_os("DECODE_BENCH_FILE") {
         let file = std::fs::read(&path).expect("DECODE_BENCH_FILE is readable");

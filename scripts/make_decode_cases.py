@@ -10,7 +10,9 @@ convert("RGB"): raw RGB8, row-major), and torchvision's transforms of that image
 import io
 import json
 import os
+import struct
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
@@ -172,6 +174,41 @@ def bad_idat_crc(data):
     return data[:end] + bytes([data[end] ^ 0xFF]) + data[end + 1:]
 
 
+def ifd0(entries, pad=b""):
+    """A big-endian TIFF structure whose IFD0 holds `entries` (tag, type, count, 4-byte value or
+    offset); `pad` follows the IFD, at offset 10 + 12 * len(entries) + 4."""
+    t = b"MM\x00*" + struct.pack(">IH", 8, len(entries))
+    for tag, typ, count, value in entries:
+        t += struct.pack(">HHI", tag, typ, count) + value
+    return t + b"\x00\x00\x00\x00" + pad
+
+
+def jpeg_app1(data, segments):
+    """The JPEG with APP1 segments inserted after its SOI marker."""
+    out = b"".join(b"\xff\xe1" + struct.pack(">H", len(s) + 2) + s for s in segments)
+    return data[:2] + out + data[2:]
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_before_iend(data, chunks):
+    assert data.endswith(b"IEND\xaeB`\x82")
+    return data[:-12] + chunks + data[-12:]
+
+
+def os2_bmp_24(im):
+    """A 24-bit BMP with the 12-byte OS/2 header, whose first pixels' bytes read, where a
+    larger header keeps its bit depth and compression, as "16 bits, no compression"."""
+    a = np.asarray(im.convert("RGB"))[::-1, :, ::-1].copy()
+    h, w, _ = a.shape
+    assert (w * 3) % 4 == 0
+    a.reshape(-1)[2:8] = [16, 0, 0, 0, 0, 0]
+    rows = a.tobytes()
+    return b"BM" + struct.pack("<IHHI", 26 + len(rows), 0, 0, 26) + struct.pack("<IHHHH", 12, w, h, 1, 24) + rows
+
+
 def animated_gif(first, second):
     """A two-frame animated GIF: the first frame is what PIL reads."""
     frames = [im.quantize(64) for im in (first, second)]
@@ -317,6 +354,32 @@ def main():
         "webp_animated": animated_webp(photo(150, 110, 54), photo(150, 110, 55)),
         "png_no_iend": without_iend(encode(photo(150, 110, 62), "PNG")),
         "png_bad_idat_crc": bad_idat_crc(encode(photo(150, 110, 63), "PNG")),
+        # Where PIL reads a tag other readers miss or take differently: an EXIF block split over
+        # two APP1 segments (its IFD in the second), a RATIONAL tag (6/1), a BYTE tag (bytes
+        # to PIL: no turn), a PNG's tEXt "exif", an eXIf after an APNG's later frames (PIL
+        # stops at the next frame: no turn), a WebP EXIF chunk its VP8X flags do not announce
+        # (libwebp drops it: no turn), a TIFF's XMP (tag 700).
+        "jpeg_exif_split_6": jpeg_app1(encode(photo(150, 110, 64), quality=90), [
+            b"Exif\x00\x00MM\x00*\x00\x00\x00\x0c\x00\x00\x00\x00",
+            b"Exif\x00\x00" + struct.pack(">HHHI", 1, 0x0112, 3, 1) + struct.pack(">HH", 6, 0) + bytes(4)]),
+        "jpeg_exif_rational_6": encode(photo(150, 110, 65), quality=90, exif=b"Exif\x00\x00" + ifd0(
+            [(0x0112, 5, 1, struct.pack(">I", 26))], pad=struct.pack(">II", 6, 1))),
+        "jpeg_exif_byte_6": encode(photo(150, 110, 66), quality=90, exif=b"Exif\x00\x00" + ifd0(
+            [(0x0112, 1, 1, b"\x06\x00\x00\x00")])),
+        "png_text_exif_6": png_before_iend(encode(photo(150, 110, 67), "PNG"),
+                                           png_chunk(b"tEXt", b"exif\x00" + ifd0([(0x0112, 3, 1, b"\x00\x06\x00\x00")]))),
+        "apng_exif_after_frames": png_before_iend(
+            encode(photo(150, 110, 68), "PNG", save_all=True, append_images=[photo(150, 110, 69)], duration=100),
+            png_chunk(b"eXIf", ifd0([(0x0112, 3, 1, b"\x00\x06\x00\x00")]))),
+        "webp_exif_unannounced": (lambda d: d[:20] + bytes([d[20] & ~0x08]) + d[21:])(
+            encode(photo(150, 110, 70), "WEBP", lossless=True, exif=orientation_exif(6))),
+        "tiff_xmp_6": encode(photo(150, 110, 71), "TIFF", tiffinfo={700: XMP.format(6).encode()}),
+        # A PNG cut in its last checksum, in its zlib stream's checksum, or ending in stray bytes:
+        # PIL reads the image all the same.
+        "png_cut_in_crc": encode(photo(150, 110, 72), "PNG")[:-16],
+        "png_cut_in_adler32": encode(photo(150, 110, 73), "PNG")[:-18],
+        "png_stray_bytes": encode(photo(150, 110, 74), "PNG")[:-12] + b"abc",
+        "bmp_os2_24bit": os2_bmp_24(photo(152, 110, 75)),
         "bmp_rgb555": bmp16(photo(151, 110, 60), 5),
         "bmp_rgb565": bmp16(photo(151, 110, 61), 6),
         "webp_animated_blend": blend_first_frame(animated_webp(photo(150, 110, 58), photo(150, 110, 59))),

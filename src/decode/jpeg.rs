@@ -143,7 +143,7 @@ impl Drop for Session {
 }
 
 /// A JPEG's header as libjpeg reads it: its size, its EXIF data (the TIFF structure after
-/// `Exif\0\0` in the first APP1 segment that holds one) and its XMP packet (the last APP1
+/// `Exif\0\0` in the APP1 segments that hold one, joined as PIL joins them) and its XMP packet (the last APP1
 /// segment that holds one), as PIL takes them. `None` where there is no image; a fatal libjpeg
 /// error (a header it cannot decode) unwinds, as in [`decode`].
 #[allow(clippy::type_complexity)]
@@ -168,8 +168,9 @@ pub(super) fn header(bytes: &[u8]) -> Option<(u32, u32, Option<Vec<u8>>, Option<
             true => &[],
             false => unsafe { std::slice::from_raw_parts(marker.data, marker.data_length as usize) },
         };
-        if marker.marker == 0xE1 && exif.is_none() && data.starts_with(b"Exif\0\0") {
-            exif = Some(data[6..].to_vec());
+        // A block split over several segments: PIL joins them.
+        if marker.marker == 0xE1 && data.starts_with(b"Exif\0\0") {
+            exif.get_or_insert_with(Vec::new).extend_from_slice(&data[6..]);
         }
         if let Some(packet) = data.strip_prefix(b"http://ns.adobe.com/xap/1.0/\0".as_slice()) {
             xmp = Some(packet.to_vec());

@@ -170,7 +170,9 @@ fn into_rgb8(img: DynamicImage, format: ImageFormat) -> image::RgbImage {
 fn bmp16_as_pil(bytes: &[u8], img: &mut image::RgbImage) {
     let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    if u16_at(28) != Some(16) {
+    // A BITMAPINFOHEADER or later (40 bytes or more; the 12-byte OS/2 header holds no bit
+    // fields, and its bytes 28.. are pixels) of 16 bits a pixel.
+    if u32_at(14).is_none_or(|n| n < 40) || u16_at(28) != Some(16) {
         return;
     }
     let bits: [u32; 3] = match (u32_at(30), u32_at(54), u32_at(58), u32_at(62)) {
@@ -450,10 +452,10 @@ pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     out.into()
 }
 
-/// A PNG whose image-data checksums are wrong, or that ends without its end chunk, repaired so
-/// that the decoder reads it as PIL does (PIL checks neither; the PNG decoder here refuses
-/// both). Other files, and PNGs with neither fault, are returned as they are; a chunk cut
-/// short is left for the decoder to refuse, as PIL does ("truncated").
+/// A PNG whose image-data checksums are wrong, or that ends without its end chunk (cut short,
+/// or with stray bytes after its last whole chunk), repaired so that the decoder reads it as
+/// PIL does (PIL checks neither; the PNG decoder here refuses both). Other files, and PNGs
+/// with neither fault, are returned as they are.
 pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         return bytes.into();
@@ -481,15 +483,31 @@ pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         }
         at = end;
     }
-    let add_end = !ended && at == bytes.len();
-    if fix.is_empty() && !add_end {
+    if fix.is_empty() && ended {
         return bytes.into();
     }
-    let mut out = bytes.to_vec();
+    // From `at` on, no whole chunk: the file was cut short (or ends in a few stray bytes).
+    let mut out = bytes[..if ended { bytes.len() } else { at }].to_vec();
     for (p, crc) in fix {
         out[p..p + 4].copy_from_slice(&crc);
     }
-    if add_end {
+    if !ended {
+        // Image data cut short keeps what it has, as PIL decodes what the stream holds (a
+        // stream that stops before the last row is still refused, as PIL refuses it); another
+        // chunk cut short is dropped, as PIL stops reading there.
+        if let Some(head) = bytes.get(at..at + 8).filter(|h| &h[4..8] == b"IDAT") {
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let data = &bytes[at + 8..bytes.len().min((at + 8).saturating_add(len))];
+            if !data.is_empty() {
+                let mut crc = flate2::Crc::new();
+                crc.update(b"IDAT");
+                crc.update(data);
+                out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                out.extend_from_slice(b"IDAT");
+                out.extend_from_slice(data);
+                out.extend_from_slice(&crc.sum().to_be_bytes());
+            }
+        }
         out.extend_from_slice(b"\0\0\0\0IEND\xaeB`\x82");
     }
     out.into()
@@ -576,11 +594,14 @@ pub(crate) fn decode_oriented(
             .into_decoder()
             .map_err(|e| err(image_error_status(&e), format!("cannot read the {format:?} {what} header: {e}")))?;
         let (w, h) = decoder.dimensions();
-        // A broken EXIF block only loses the orientation, as PIL's exif_transpose would. PNG
-        // and WebP keep it in more places than the decoders here read.
+        // A broken EXIF block only loses the orientation, as PIL's exif_transpose would. PNG,
+        // WebP and TIFF keep it in more places (and types) than the decoders here read.
         let orientation = match format {
             ImageFormat::Png => orient::png(bytes),
             ImageFormat::WebP => orient::webp(bytes),
+            ImageFormat::Tiff => {
+                orient::tiff(bytes).unwrap_or_else(|| decoder.orientation().unwrap_or(Orientation::NoTransforms))
+            }
             _ => decoder.orientation().unwrap_or(Orientation::NoTransforms),
         };
         if let Some((ew, eh)) = expect {

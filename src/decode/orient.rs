@@ -1,9 +1,11 @@
 //! The orientation PIL's `ImageOps.exif_transpose` applies, found where PIL looks for it: the
-//! EXIF block's Orientation tag (of any integer type: some writers store it as a LONG), else
+//! EXIF block's Orientation tag (of any numeric type: some writers store it as a LONG), else
 //! an XMP packet's `tiff:Orientation`. In a PNG, the EXIF block is the last `eXIf` chunk
 //! anywhere in the file (PIL reads the chunks after the image data too), else ImageMagick's
 //! "Raw profile type exif" text chunk; in a WebP, its `EXIF` and `XMP ` chunks; in a JPEG,
-//! the first `Exif` APP1 segment and the last XMP one.
+//! the `Exif` APP1 segments (joined, as PIL joins them) and the last XMP one. Where PIL
+//! refuses a file over its metadata (a text chunk past 1 MiB inflated, a raw profile that is
+//! not hex), the metadata is skipped here and the image read.
 
 use image::metadata::Orientation;
 use std::io::Read;
@@ -12,50 +14,121 @@ use std::io::Read;
 const MAX_TEXT: u64 = 1 << 20;
 
 /// The orientation from an EXIF block (the TIFF structure, with or without `Exif\0\0` before
-/// it) and an XMP packet. An Orientation tag outside 1..=8 (or not one number) applies
+/// it) and an XMP packet. An Orientation tag that is not a whole number in 1..=8 applies
 /// nothing, and XMP is read only where the EXIF block has no Orientation tag, as in PIL.
 pub(super) fn from_metadata(exif: Option<&[u8]>, xmp: Option<&[u8]>) -> Orientation {
     let value = match exif.and_then(exif_tag) {
-        Some(v) => Some(v),
-        None => xmp.and_then(xmp_orientation),
+        Some(Tag::Number(v)) => Some(v),
+        Some(Tag::Other) => None,
+        None => xmp.and_then(xmp_orientation).map(f64::from),
     };
-    value.and_then(|v| u8::try_from(v).ok()).and_then(Orientation::from_exif).unwrap_or(Orientation::NoTransforms)
+    match value {
+        Some(v) if v.fract() == 0.0 && (1.0..=8.0).contains(&v) => {
+            Orientation::from_exif(v as u8).unwrap_or(Orientation::NoTransforms)
+        }
+        _ => Orientation::NoTransforms,
+    }
 }
 
-/// The EXIF Orientation tag (0x0112) of IFD0: `Some(0)` where it is there but not a single
-/// integer; `None` where there is no tag or no readable IFD.
-fn exif_tag(exif: &[u8]) -> Option<u32> {
-    let t = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+/// An Orientation tag as PIL's TIFF reader gives it: a number (the first of several), or
+/// something else (bytes, text), which no orientation matches.
+enum Tag {
+    Number(f64),
+    Other,
+}
+
+/// An IFD0 entry's type, the size of one value, and its data (the values).
+struct Entry<'a> {
+    kind: u64,
+    unit: usize,
+    data: &'a [u8],
+}
+
+/// IFD0's entry for `tag` in a TIFF structure, read as PIL reads it: the first entry of a type
+/// PIL knows, with its data inside the block; an entry of no data or an unknown type is
+/// skipped (a later one may stand). With the byte order (`true`: big-endian). `None` where
+/// there is none, or no readable IFD (BigTIFF included).
+fn ifd0_entry(t: &[u8], tag: u64) -> Option<(Entry<'_>, bool)> {
+    // Both byte orders with either magic order, as PIL accepts them.
     let big = match t.get(..4)? {
-        b"II*\0" => false,
-        b"MM\0*" => true,
+        b"MM\0*" | b"MM*\0" => true,
+        b"II*\0" | b"II\0*" => false,
         _ => return None,
     };
-    let u16_at = |at: usize| -> Option<u16> {
-        let b: [u8; 2] = t.get(at..at.checked_add(2)?)?.try_into().ok()?;
-        Some(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
-    };
-    let u32_at = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = t.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        Some(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
-    };
-    let ifd = u32_at(4)? as usize;
-    let entries = u16_at(ifd)? as usize;
+    let bytes_at = |at: usize, n: usize| -> Option<&[u8]> { t.get(at..at.checked_add(n)?) };
+    let uint = |b: &[u8]| uint(b, big);
+    let ifd = uint(bytes_at(4, 4)?) as usize;
+    let entries = uint(bytes_at(ifd, 2)?) as usize;
     for i in 0..entries {
-        let e = ifd + 2 + 12 * i;
-        if u16_at(e)? != 0x0112 {
+        let entry = bytes_at(ifd + 2 + 12 * i, 12)?;
+        if uint(&entry[..2]) != tag {
             continue;
         }
-        let (kind, count) = (u16_at(e + 2)?, u32_at(e + 4)?);
-        let value = match (kind, count) {
-            (1 | 6 | 7, 1) => t.get(e + 8).map(|&b| b as u32),
-            (3 | 8, 1) => u16_at(e + 8).map(u32::from),
-            (4 | 9, 1) => u32_at(e + 8),
-            _ => Some(0),
+        let (kind, count) = (uint(&entry[2..4]), uint(&entry[4..8]));
+        let unit: u64 = match kind {
+            1 | 2 | 6 | 7 => 1,
+            3 | 8 => 2,
+            4 | 9 | 11 | 13 => 4,
+            5 | 10 | 12 | 16 => 8,
+            _ => continue,
         };
-        return Some(value.unwrap_or(0));
+        let size = unit * count;
+        let data = match size {
+            0 => continue,
+            1..=4 => &entry[8..8 + size as usize],
+            _ => match bytes_at(uint(&entry[8..12]) as usize, size as usize) {
+                Some(d) => d,
+                None => continue,
+            },
+        };
+        return Some((Entry { kind, unit: unit as usize, data }, big));
     }
     None
+}
+
+/// An unsigned number from bytes in the given order.
+fn uint(b: &[u8], big: bool) -> u64 {
+    let b = b.iter().copied();
+    if big {
+        b.fold(0, |v, x| v << 8 | x as u64)
+    } else {
+        b.rev().fold(0, |v, x| v << 8 | x as u64)
+    }
+}
+
+/// The EXIF Orientation tag (0x0112) of IFD0 as PIL gives it (see [`ifd0_entry`]).
+fn exif_tag(exif: &[u8]) -> Option<Tag> {
+    let t = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let (Entry { kind, unit, data }, big) = ifd0_entry(t, 0x0112)?;
+    let uint = |b: &[u8]| uint(b, big);
+    let first = &data[..unit];
+    let signed = |bits: u32| {
+        let v = uint(first);
+        (v as i64) << (64 - bits) >> (64 - bits)
+    };
+    let v = match kind {
+        // BYTE, ASCII and UNDEFINED come back as bytes or text.
+        1 | 2 | 7 => return Some(Tag::Other),
+        6 => signed(8) as f64,
+        8 => signed(16) as f64,
+        9 => signed(32) as f64,
+        11 => f32::from_bits(uint(first) as u32) as f64,
+        12 => f64::from_bits(uint(first)),
+        5 | 10 => {
+            let (n, d) = if kind == 5 {
+                (uint(&first[..4]) as f64, uint(&first[4..]) as f64)
+            } else {
+                let (n, d) = (uint(&first[..4]) as u32 as i32, uint(&first[4..]) as u32 as i32);
+                (n as f64, d as f64)
+            };
+            if d == 0.0 {
+                return Some(Tag::Other);
+            }
+            n / d
+        }
+        _ => uint(first) as f64,
+    };
+    Some(Tag::Number(v))
 }
 
 /// `tiff:Orientation="N"` or `<tiff:Orientation>N</…>` in an XMP packet: the first such digit
@@ -77,39 +150,45 @@ fn xmp_orientation(xmp: &[u8]) -> Option<u32> {
     None
 }
 
-/// A PNG's orientation (see the module's note).
+/// A PNG's orientation (see the module's note). The chunks are read as PIL reads them: up to
+/// IEND, a chunk name that is not four word characters, or (after the image data) the next
+/// animation frame; the last `eXIf` (or `tEXt` "exif") wins, as each replaces the one before.
 pub(super) fn png(bytes: &[u8]) -> Orientation {
     let mut exif: Option<&[u8]> = None;
-    let (mut raw, mut xmp): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
-    let mut at = 8usize;
+    // The last text chunk of each key, inflated only once chosen.
+    let mut raw: Option<(&[u8], &[u8])> = None;
+    let mut xmp: Option<(&[u8], &[u8])> = None;
+    let (mut at, mut data_seen) = (8usize, false);
     while let Some(head) = bytes.get(at..at + 8) {
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let kind = &head[4..8];
+        if !kind.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_') || (data_seen && kind == b"fcTL") {
+            break;
+        }
         let Some(data) = bytes.get(at + 8..at + 8 + len) else { break };
         match kind {
             b"IEND" => break,
+            b"IDAT" => data_seen = true,
             b"eXIf" => exif = Some(data),
-            b"tEXt" | b"zTXt" | b"iTXt" => {
-                if let Some((key, text)) = png_text(kind, data) {
-                    match key {
-                        b"Raw profile type exif" => raw = Some(text),
-                        b"XML:com.adobe.xmp" => xmp = Some(text),
-                        _ => {}
-                    }
-                }
-            }
+            b"tEXt" | b"zTXt" | b"iTXt" => match data.split(|&b| b == 0).next() {
+                Some(b"exif") if kind == b"tEXt" => exif = Some(&data[5..]),
+                Some(b"Raw profile type exif") => raw = Some((kind, data)),
+                Some(b"XML:com.adobe.xmp") => xmp = Some((kind, data)),
+                _ => {}
+            },
             _ => {}
         }
         at += 12 + len;
     }
-    let raw = if exif.is_none() { raw.and_then(|r| raw_profile(&r)) } else { None };
-    from_metadata(exif.or(raw.as_deref()), xmp.as_deref())
+    let text = |c: Option<(&[u8], &[u8])>| c.and_then(|(kind, data)| png_text(kind, data));
+    let raw = if exif.is_none() { text(raw).and_then(|r| raw_profile(&r)) } else { None };
+    from_metadata(exif.or(raw.as_deref()), text(xmp).as_deref())
 }
 
-/// A PNG text chunk's keyword and text (inflated where compressed); `None` where it cannot be
-/// read, or inflates past [`MAX_TEXT`].
-fn png_text<'a>(kind: &[u8], data: &'a [u8]) -> Option<(&'a [u8], Vec<u8>)> {
-    let (key, rest) = data.split_at(data.iter().position(|&b| b == 0)?);
+/// A PNG text chunk's text (inflated where compressed); `None` where it cannot be read, or
+/// inflates past [`MAX_TEXT`].
+fn png_text(kind: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    let (_, rest) = data.split_at(data.iter().position(|&b| b == 0)?);
     let rest = &rest[1..];
     let inflate = |z: &[u8]| -> Option<Vec<u8>> {
         let mut out = Vec::new();
@@ -132,7 +211,7 @@ fn png_text<'a>(kind: &[u8], data: &'a [u8]) -> Option<(&'a [u8], Vec<u8>)> {
             }
         }
     };
-    Some((key, text))
+    Some(text)
 }
 
 /// ImageMagick's raw profile text (`\nexif\n   <length>\n<hex lines>`): its bytes, as PIL
@@ -146,21 +225,33 @@ fn raw_profile(text: &[u8]) -> Option<Vec<u8>> {
     hex.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect()
 }
 
-/// A WebP's orientation: its first `EXIF` chunk, else its first `XMP ` chunk.
+/// A WebP's orientation: its first `EXIF` chunk, else its first `XMP ` chunk, each only where
+/// the file is an extended one (VP8X) whose flags announce it, as libwebp's demuxer (which PIL
+/// reads with) keeps them.
 pub(super) fn webp(bytes: &[u8]) -> Orientation {
-    let (mut exif, mut xmp) = (None, None);
+    const EXIF_FLAG: u8 = 0x08;
+    const XMP_FLAG: u8 = 0x04;
+    let (mut exif, mut xmp, mut flags) = (None, None, 0u8);
     let mut at = 12usize;
     while let Some(head) = bytes.get(at..at + 8) {
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
         let Some(data) = bytes.get(at + 8..at + 8 + len) else { break };
         match &head[..4] {
-            b"EXIF" if exif.is_none() => exif = Some(data),
-            b"XMP " if xmp.is_none() => xmp = Some(data),
+            b"VP8X" if at == 12 => flags = data.first().copied().unwrap_or(0),
+            b"EXIF" if exif.is_none() && flags & EXIF_FLAG != 0 => exif = Some(data),
+            b"XMP " if xmp.is_none() && flags & XMP_FLAG != 0 => xmp = Some(data),
             _ => {}
         }
         at += 8 + len + (len & 1);
     }
     from_metadata(exif, xmp)
+}
+
+/// A TIFF's orientation: IFD0's Orientation tag, else the XMP packet of its tag 700, as PIL
+/// reads them; `None` for a TIFF this reader does not walk (BigTIFF).
+pub(super) fn tiff(bytes: &[u8]) -> Option<Orientation> {
+    let classic = matches!(bytes.get(..4), Some(b"MM\0*" | b"MM*\0" | b"II*\0" | b"II\0*"));
+    classic.then(|| from_metadata(Some(bytes), ifd0_entry(bytes, 700).map(|(e, _)| e.data)))
 }
 
 #[cfg(test)]
@@ -179,13 +270,28 @@ mod tests {
 
     #[test]
     fn orientation_as_pil_finds_it() {
-        assert_eq!(from_metadata(Some(&ifd(3, 1, [0, 6, 0, 0])), None), Orientation::Rotate90);
+        let of = |exif: &[u8]| from_metadata(Some(exif), None);
+        assert_eq!(of(&ifd(3, 1, [0, 6, 0, 0])), Orientation::Rotate90);
         // A LONG, and the `Exif\0\0` prefix.
         let long = [b"Exif\0\0".as_slice(), &ifd(4, 1, [0, 0, 0, 8])].concat();
-        assert_eq!(from_metadata(Some(&long), None), Orientation::Rotate270);
-        // A tag there but out of range: nothing, and the XMP is not read.
+        assert_eq!(of(&long), Orientation::Rotate270);
+        // The first of two SHORTs; a SIGNED SHORT; the other magic order PIL accepts.
+        assert_eq!(of(&ifd(3, 2, [0, 3, 0, 6])), Orientation::Rotate180);
+        assert_eq!(of(&ifd(8, 1, [0, 6, 0, 0])), Orientation::Rotate90);
+        let mut other_magic = ifd(3, 1, [0, 6, 0, 0]);
+        other_magic[2..4].copy_from_slice(b"*\0");
+        assert_eq!(of(&other_magic), Orientation::Rotate90);
+        // A RATIONAL 12/2 (its data after the IFD, at offset 26).
+        let mut rational = ifd(5, 1, [0, 0, 0, 26]);
+        rational.extend([0, 0, 0, 12, 0, 0, 0, 2]);
+        assert_eq!(of(&rational), Orientation::Rotate90);
+        // A BYTE is bytes to PIL: nothing, and the XMP is not read.
         let xmp = br#"<x:xmpmeta><rdf:Description tiff:Orientation="3"/></x:xmpmeta>"#;
+        assert_eq!(from_metadata(Some(&ifd(1, 1, [6, 0, 0, 0])), Some(xmp)), Orientation::NoTransforms);
+        // Out of range: nothing, and the XMP is not read.
         assert_eq!(from_metadata(Some(&ifd(3, 1, [0, 9, 0, 0])), Some(xmp)), Orientation::NoTransforms);
+        // An entry of no data is skipped: the XMP's.
+        assert_eq!(from_metadata(Some(&ifd(3, 0, [0, 6, 0, 0])), Some(xmp)), Orientation::Rotate180);
         // No tag: the XMP's, in either form.
         assert_eq!(from_metadata(None, Some(xmp)), Orientation::Rotate180);
         assert_eq!(
