@@ -42,7 +42,8 @@ pub fn check_stop(stop: &std::sync::atomic::AtomicBool, doing: &'static str) -> 
 
 /// The exit code for a command that ended with `err`: [`RUN_FAILED`] when a retry may succeed
 /// (a [`RunFailed`], an I/O or storage error other than a missing or forbidden file, a
-/// storage error while checking the job's inputs; never an [`OutputConflict`]),
+/// storage error while checking the job's inputs; never an [`OutputConflict`], nor access
+/// refused, however wrapped),
 /// [`INTERRUPTED`] for a stopped lock wait, else [`CANNOT_RUN`].
 pub fn code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<LockWaitInterrupted>().is_some() || err.downcast_ref::<StartInterrupted>().is_some() {
@@ -65,6 +66,15 @@ fn in_chain<T: std::error::Error + Send + Sync + 'static>(err: &anyhow::Error) -
 /// another job's files ([`OutputConflict`]), however it is wrapped.
 pub fn retryable(err: &anyhow::Error) -> bool {
     if in_chain::<OutputConflict>(err) {
+        return false;
+    }
+    // Access refused (a store's 403, a read-only mount) stays refused, however it is wrapped
+    // (a part the writer may not store fails the run: a retry meets the same refusal).
+    let refused = |c: &(dyn std::error::Error + 'static)| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem))
+    };
+    if err.chain().any(|c| refused(c) || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(refused))) {
         return false;
     }
     err.chain().any(|c| {
@@ -126,6 +136,10 @@ mod tests {
         // Shown as what it wraps.
         assert_eq!(format!("{:#}", anyhow::Error::new(RunFailed(anyhow::anyhow!("x").context("y")))), "y: x");
         assert_eq!(code(&anyhow::anyhow!("the model returned a single tensor, not a tuple")), CANNOT_RUN);
+        // A store that refuses to take a part: not retried, though the writer's failure is a RunFailed.
+        let forbidden = io::Error::new(io::ErrorKind::PermissionDenied, "s3://b/part-0.parquet: 403 Forbidden");
+        let e = anyhow::Error::new(RunFailed(anyhow::Error::new(forbidden).context("cannot write part")));
+        assert_eq!(code(&e.context("writer")), CANNOT_RUN);
         // Another job's files in the output folder: not retried, however it is wrapped.
         let conflict = || anyhow::Error::new(OutputConflict("out/ mixes shard counts (1, 2)".into()));
         assert_eq!(code(&conflict().context("finishing shard 0")), CANNOT_RUN);

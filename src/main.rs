@@ -480,6 +480,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     print!("{}", state.text);
                     Ok(ExitCode::SUCCESS)
                 }
+                // A store that cannot answer now (a time-out) leaves the state unknown; one that
+                // refuses the folder (no such bucket, no access) fails here as the run would.
+                Err(e) if !saliency_audit::exit::retryable(&e) => Err(e),
                 Err(e) => {
                     println!("output state: not known: {e:#}");
                     Ok(ExitCode::SUCCESS)

@@ -101,7 +101,13 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
                 }
                 Loc::Remote { .. } => match store::exists(&loc) {
                     Ok(true) => {}
-                    Ok(false) => return Err(spec.error("dataset.manifest", format!("no manifest object at {loc}"))),
+                    Ok(false) => {
+                        let why = format!(
+                            "no manifest object at {loc} (or no such bucket: check the name, and AWS_ENDPOINT_URL for \
+                             an S3-compatible server)"
+                        );
+                        return Err(spec.error("dataset.manifest", why));
+                    }
                     Err(e) => {
                         // A time-out or a server error may pass on a retry; a refusal will not.
                         let retryable = crate::exit::retryable(&e);

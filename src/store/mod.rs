@@ -75,8 +75,14 @@ impl Loc {
         if bucket.is_empty() {
             bail!("{text}: no bucket or container name after `{scheme}://`");
         }
-        if key.starts_with('/') {
-            bail!("{text}: bad object key: it starts with `/` (an empty segment), which object_store cannot address");
+        // A URL names a key as it is: `a//b` is another object than `a/b`, one object_store
+        // cannot address, so it is refused rather than read as `a/b`.
+        let inner = key.strip_suffix('/').unwrap_or(key);
+        if !inner.is_empty() && inner.split('/').any(str::is_empty) {
+            bail!(
+                "{text}: the key has an empty segment (`//`), which object_store cannot address: rename the object \
+                 (a path relative to a manifest may have one: it is joined as on local disk)"
+            );
         }
         let key = normalize_key("", key).with_context(|| format!("{text}: bad object key"))?;
         Ok(Loc::Remote { bucket: format!("{scheme_lc}://{bucket}"), key })
@@ -178,23 +184,15 @@ fn schemes_list() -> String {
     REMOTE_SCHEMES.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
 }
 
-/// `base` + `/` + `rel` with `.` segments dropped and `..` applied; a `rel` that starts with
-/// `/` starts from the bucket's root, and one `/` at its end (a folder) is dropped. An empty
-/// segment (`a//b`) is refused rather than collapsed: `a//b` and `a/b` are different objects,
-/// and object_store can address only the second.
+/// `base` + `/` + `rel` as paths join: empty and `.` segments dropped and `..` applied (a
+/// manifest's `img//a.png` is `img/a.png`, as it is on local disk); a `rel` that starts with
+/// `/` starts from the bucket's root.
 fn normalize_key(base: &str, rel: &str) -> anyhow::Result<String> {
-    let (mut parts, body): (Vec<&str>, &str) = match rel.strip_prefix('/') {
-        Some(body) => (Vec::new(), body),
-        None => (base.split('/').filter(|p| !p.is_empty()).collect(), rel),
-    };
-    let body = body.strip_suffix('/').unwrap_or(body);
-    if body.is_empty() {
-        return Ok(parts.join("/"));
-    }
-    for seg in body.split('/') {
+    let mut parts: Vec<&str> = if rel.starts_with('/') { Vec::new() } else { base.split('/').collect() };
+    parts.retain(|p| !p.is_empty());
+    for seg in rel.split('/') {
         match seg {
-            "" => bail!("{rel:?} has an empty segment (`//`): object_store cannot address such a key"),
-            "." => {}
+            "" | "." => {}
             ".." => {
                 if parts.pop().is_none() {
                     bail!("`..` leaves the bucket");
@@ -293,12 +291,17 @@ fn obj_path(bucket: &str, key: &str) -> anyhow::Result<ObjPath> {
 /// The store's error as an [`io::Error`] whose kind says whether a retry may help (see
 /// `exit::code`): a missing object or bucket, a refusal, a bad key or setting stay as
 /// they are; the rest (time-outs, lost connections, the server's errors) may not. Requests
-/// that `object_store` reports as `Generic` (listing, writing) are sorted by the HTTP status
-/// in their causes, so that listing a bucket that does not exist (404) or may not be read
-/// (403) is the job's error rather than one worth retrying.
+/// that `object_store` reports as `Generic` (listing, writing, deleting) are sorted by the
+/// HTTP status (or S3 error code) of the store's answer, so that listing a bucket that does
+/// not exist (404) or writing where it may not (403) is the job's error rather than one worth
+/// retrying. A failure to get credentials (from the instance metadata endpoint, say) is not
+/// the object's: whatever its status, it stays one a retry may get past, with a hint.
 fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
     use object_store::Error as E;
+    let text = e.to_string();
+    let credentials = credential_request(&text);
     let kind = match &e {
+        _ if credentials => io::ErrorKind::Other,
         E::NotFound { .. } => io::ErrorKind::NotFound,
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
         E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
@@ -317,18 +320,38 @@ fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
             " (object_store cannot address a key with an empty segment `//`, a `.` or `..` segment or a control \
              character: rename the object, or list the images in a manifest)"
         }
-        _ if ["169.254.169.254", "169.254.170.2"].iter().any(|m| format!("{e}").contains(m)) => {
-            " (no credentials in the environment, so the instance metadata endpoint was asked: set \
-             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE; ~/.aws and AWS_PROFILE \
-             are not read)"
+        _ if credentials => {
+            " (getting credentials failed: with none in the environment the S3 client asks the instance \
+             metadata endpoint; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE; \
+             ~/.aws and AWS_PROFILE are not read)"
         }
         _ => "",
     };
-    io::Error::new(kind, format!("{loc}: {e}{hint}"))
+    io::Error::new(kind, format!("{loc}: {text}{hint}"))
 }
 
-/// The HTTP status of the failed response behind a store error, if its causes name one
-/// (`object_store` keeps the status in a private type but writes it into the message).
+/// Whether an error's text is about a request for credentials rather than to the store: the
+/// cloud metadata endpoints (EC2, ECS, GCE, Azure), `AWS_METADATA_ENDPOINT`, STS and the
+/// OAuth token services.
+fn credential_request(text: &str) -> bool {
+    const ENDPOINTS: [&str; 9] = [
+        "169.254.169.254",
+        "169.254.170.2",
+        "fd00:ec2::254",
+        "/latest/meta-data",
+        "/latest/api/token",
+        "AssumeRoleWithWebIdentity",
+        "metadata.google.internal",
+        "oauth2.googleapis.com",
+        "login.microsoftonline.com",
+    ];
+    ENDPOINTS.iter().any(|m| text.contains(m))
+        || std::env::var("AWS_METADATA_ENDPOINT").is_ok_and(|m| !m.is_empty() && text.contains(m.as_str()))
+}
+
+/// The HTTP status of the store's failed answer behind an error, if its causes name one
+/// (`object_store` keeps the status in a private type but writes it into the message); S3's
+/// per-key errors of a batch delete, which come in a 200 answer, by their error code.
 fn http_status(e: &object_store::Error) -> Option<u16> {
     const MARK: &str = "non-2xx status code: ";
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -336,6 +359,12 @@ fn http_status(e: &object_store::Error) -> Option<u16> {
         let text = c.to_string();
         if let Some(at) = text.find(MARK) {
             return text.get(at + MARK.len()..at + MARK.len() + 3)?.parse().ok();
+        }
+        if text.contains("(code: AccessDenied)") {
+            return Some(403);
+        }
+        if text.contains("(code: NoSuchBucket)") {
+            return Some(404);
         }
         cause = c.source();
     }
@@ -351,7 +380,7 @@ pub fn check_stores<'a>(locs: impl IntoIterator<Item = &'a Loc>) -> anyhow::Resu
     for loc in locs {
         if let Loc::Remote { bucket, .. } = loc {
             if seen.insert(bucket.as_str()) {
-                store(bucket).with_context(|| format!("{loc}: the store cannot be reached"))?;
+                store(bucket).with_context(|| format!("{loc} (the first file in {bucket})"))?;
             }
         }
     }

@@ -40,8 +40,10 @@ fn joins_and_parents() {
     assert_eq!(dir.join("/top.jpg").unwrap(), remote("s3://b", "top.jpg"));
     assert_eq!(dir.join("gs://c/z.png").unwrap(), remote("gs://c", "z.png"));
     assert!(dir.join("../../../x").is_err());
-    let e = format!("{:#}", dir.join("img//a.jpg").unwrap_err());
-    assert!(e.contains("s3://b/data/set") && e.contains("\"img//a.jpg\"") && e.contains("empty segment"), "{e}");
+    // A relative path joins as on local disk; a URL names its key as it is.
+    assert_eq!(dir.join("img//a.jpg").unwrap(), remote("s3://b", "data/set/img/a.jpg"));
+    let e = format!("{:#}", dir.join("s3://b/img//a.jpg").unwrap_err());
+    assert!(e.contains("s3://b/img//a.jpg") && e.contains("empty segment"), "{e}");
     assert_eq!(dir.join("img/").unwrap(), remote("s3://b", "data/set/img"));
     assert_eq!(dir.parent(), remote("s3://b", "data"));
     assert_eq!(remote("s3://b", "x").parent(), remote("s3://b", ""));
@@ -77,4 +79,30 @@ fn local_io_round_trip() {
     assert!(!exists(&a).unwrap() && exists(&b).unwrap());
     assert!(remove_if_exists(&b).unwrap());
     assert!(!remove_if_exists(&b).unwrap());
+}
+
+/// A store error as object_store reports a failed request: `Generic`, the answer's status in
+/// the text of its cause.
+fn generic(text: &str) -> object_store::Error {
+    object_store::Error::Generic { store: "S3", source: text.to_owned().into() }
+}
+
+#[test]
+fn store_errors_are_sorted_by_the_stores_answer() {
+    let loc = remote("s3://b", "x");
+    let kind = |text: &str| io_error(&loc, generic(text)).kind();
+    let list = "Error performing list request: Error performing GET http://127.0.0.1:9000/b?list-type=2 in 2ms - \
+                Server returned non-2xx status code: ";
+    assert_eq!(kind(&format!("{list}404 Not Found: <Code>NoSuchBucket</Code>")), io::ErrorKind::NotFound);
+    assert_eq!(kind(&format!("{list}403 Forbidden: <Code>AccessDenied</Code>")), io::ErrorKind::PermissionDenied);
+    assert_eq!(kind(&format!("{list}503 Service Unavailable")), io::ErrorKind::Other);
+    assert_eq!(kind(&format!("{list}400 Bad Request: RequestTimeout")), io::ErrorKind::Other);
+    let delete = "DeleteObjects request failed for key x: Access Denied (code: AccessDenied)";
+    assert_eq!(kind(delete), io::ErrorKind::PermissionDenied);
+    // Getting credentials failed: not the object's answer, whatever its status; with a hint.
+    let imds = "Error performing GET http://169.254.169.254/latest/meta-data/iam/security-credentials/ in 1ms - \
+                Server returned non-2xx status code: 404 Not Found";
+    let e = io_error(&loc, generic(imds));
+    assert_eq!(e.kind(), io::ErrorKind::Other);
+    assert!(e.to_string().contains("AWS_ACCESS_KEY_ID") && e.to_string().contains("~/.aws"), "{e}");
 }

@@ -301,6 +301,12 @@ fn s3_manifest_images_and_output_over_http() {
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unsupported URL scheme"));
 
+    // Output to a bucket that does not exist: `validate` fails as the run would.
+    let e = s3.bin(&["validate", job_arg, "--output", "s3://nobucket/out"]);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("s3://nobucket/out") && msg.contains("NoSuchBucket"), "{msg}");
+
     // An image folder in a bucket that does not exist (404 on listing): the job's error, not a
     // failure worth retrying. One whose keys include `a//b.png`, which object_store cannot
     // address: refused with what to do, as is a manifest row that names such a key.
@@ -343,7 +349,10 @@ fn s3_manifest_images_and_output_over_http() {
     let e = c.args(["run", bad.to_str().unwrap(), "--output"]).arg(tmp.path().join("az-out")).output().unwrap();
     let msg = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(2), "{msg}");
-    assert!(msg.contains("az://nocontainer/a.png") && msg.contains("cannot be reached"), "{msg}");
+    assert!(
+        msg.contains("az://nocontainer/a.png (the first file in az://nocontainer)") && msg.contains("cannot set up"),
+        "{msg}"
+    );
     assert!(!tmp.path().join("az-out").exists(), "nothing written before the store is set up");
 }
 
