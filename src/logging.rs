@@ -25,7 +25,8 @@ pub fn result_line(line: &str) {
     if json() {
         say(tracing::Level::INFO, line)
     } else {
-        println!("{line}")
+        // A closed stdout (`| head`) loses the line, not the command's outcome.
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
     }
 }
 

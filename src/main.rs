@@ -241,6 +241,27 @@ impl ShardArgs {
     }
 }
 
+/// `print!` for the command's results: a closed stdout (`validate … | head`) is not an error
+/// (the reader has what it wanted, and the command's own outcome stands); another write error
+/// is the command's.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*))? };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*)))? };
+}
+
+fn write_stdout(args: std::fmt::Arguments) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_fmt(args).and_then(|()| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose, cli.quiet, cli.log_format);
@@ -389,7 +410,7 @@ fn bench_job(job: &std::path::Path, devices: Option<&[tch::Device]>, json: bool)
         let names = names.unwrap_or_else(|| outcome.devices.iter().map(name).collect());
         let summary = run::summary_json(&outcome, ShardSpec::default());
         if !json {
-            println!(
+            outln!(
                 "{}: {:.1} images/s over {} images; stage busy time (s): {}",
                 names.join(","),
                 summary["images_per_s"].as_f64().unwrap_or(0.0),
@@ -400,7 +421,7 @@ fn bench_job(job: &std::path::Path, devices: Option<&[tch::Device]>, json: bool)
         rows.push(serde_json::json!({ "devices": names, "summary": summary }));
     }
     if json {
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -467,24 +488,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { job, output, shard } => {
             let (plan, _) = run::plan(&job, shard.resolve()?, output.as_ref())?;
-            print!("{plan}");
+            out!("{plan}");
             // The folder may not be reachable from here (a bucket without credentials): the
             // plan still stands.
             match run::describe_output(&plan) {
                 // A pre-submit check fails where the run would.
                 Ok(state) if state.refused => {
-                    print!("{}", state.text);
+                    out!("{}", state.text);
                     Ok(ExitCode::from(saliency_audit::exit::CANNOT_RUN))
                 }
                 Ok(state) => {
-                    print!("{}", state.text);
+                    out!("{}", state.text);
                     Ok(ExitCode::SUCCESS)
                 }
                 // A store that cannot answer now (a time-out) leaves the state unknown; one that
                 // refuses the folder (no such bucket, no access) fails here as the run would.
                 Err(e) if !saliency_audit::exit::retryable(&e) => Err(e),
                 Err(e) => {
-                    println!("output state: not known: {e:#}");
+                    outln!("output state: not known: {e:#}");
                     Ok(ExitCode::SUCCESS)
                 }
             }
@@ -498,15 +519,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if requests > 0 {
                 tracing::info!("read {bytes} bytes from the object store in {requests} requests");
             }
-            print!("{}", saliency_audit::report::summary_text(&report));
+            out!("{}", saliency_audit::report::summary_text(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Finalize { dir } => {
             let summary = saliency_audit::sink::finalize(&dir)?;
             if logging::json() {
-                println!("{}", serde_json::to_string(&summary)?);
+                outln!("{}", serde_json::to_string(&summary)?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                outln!("{}", serde_json::to_string_pretty(&summary)?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -582,13 +603,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             if json {
                 if scaling.is_empty() && singles.len() == 1 {
-                    println!("{}", serde_json::to_string(&singles[0])?);
+                    outln!("{}", serde_json::to_string(&singles[0])?);
                 } else {
-                    println!("{}", serde_json::json!({ "single": singles, "scaling": scaling }));
+                    outln!("{}", serde_json::json!({ "single": singles, "scaling": scaling }));
                 }
             } else {
                 for r in &singles {
-                    println!(
+                    outln!(
                         "{} batch {} threads {}: {:.1} images/s ({:.1} ms/batch){}",
                         r.device,
                         r.batch,
@@ -601,7 +622,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
                 for r in &scaling {
-                    println!(
+                    outln!(
                         "{} device(s) together: {:.1} images/s (efficiency {:.0}%), per device {:?}",
                         r.devices.len(),
                         r.images_per_s,

@@ -300,8 +300,13 @@ fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
     use object_store::Error as E;
     let text = e.to_string();
     let credentials = credential_request(&text);
+    // S3 answers a request signed for another region with a redirect or a 400 that names it.
+    let region = ["incorrectly configured region", "AuthorizationHeaderMalformed", "PermanentRedirect"]
+        .iter()
+        .any(|m| text.contains(m));
     let kind = match &e {
         _ if credentials => io::ErrorKind::Other,
+        _ if region => io::ErrorKind::InvalidInput,
         E::NotFound { .. } => io::ErrorKind::NotFound,
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
         E::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
@@ -320,6 +325,7 @@ fn io_error(loc: &Loc, e: object_store::Error) -> io::Error {
             " (object_store cannot address a key with an empty segment `//`, a `.` or `..` segment or a control \
              character: rename the object, or list the images in a manifest)"
         }
+        _ if region => " (the bucket is in another region than AWS_REGION names: set AWS_REGION to the bucket's)",
         _ if credentials => {
             " (getting credentials failed: with none in the environment the S3 client asks the instance \
              metadata endpoint; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE; \

@@ -97,6 +97,11 @@ fn store_errors_are_sorted_by_the_stores_answer() {
     assert_eq!(kind(&format!("{list}403 Forbidden: <Code>AccessDenied</Code>")), io::ErrorKind::PermissionDenied);
     assert_eq!(kind(&format!("{list}503 Service Unavailable")), io::ErrorKind::Other);
     assert_eq!(kind(&format!("{list}400 Bad Request: RequestTimeout")), io::ErrorKind::Other);
+    let redirect = "Error performing list request: Error performing GET https://b.s3.amazonaws.com/ in 30ms - \
+                    Received redirect without LOCATION, this normally indicates an incorrectly configured region";
+    let e = io_error(&loc, generic(redirect));
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("AWS_REGION"), "{e}");
     let delete = "DeleteObjects request failed for key x: Access Denied (code: AccessDenied)";
     assert_eq!(kind(delete), io::ErrorKind::PermissionDenied);
     // Getting credentials failed: not the object's answer, whatever its status; with a hint.

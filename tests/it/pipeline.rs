@@ -294,6 +294,20 @@ fn run_end_to_end_with_bad_files() {
     let plan = String::from_utf8_lossy(&v.stdout);
     assert!(plan.contains("samples: 249 in the dataset"), "{plan}");
     assert!(plan.contains("2 with a bad label"), "{plan}");
+    // Its output read by something that stops early (`| head -1`): stdout closed before the
+    // plan is written is not a failure of the command.
+    let mut head = Command::new(bin())
+        .arg("validate")
+        .arg(&job)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(head.stdout.take());
+    let closed = head.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert_eq!(closed.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("internal error") && !stderr.contains("panicked"), "{stderr}");
 
     let out = Command::new(bin()).arg("run").arg(&job).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
