@@ -451,8 +451,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 logging::say(
                     Level::WARN,
-                    "interrupted: finishing the batches in flight and committing complete parts (interrupt \
-                     again, Ctrl-C or SIGTERM, to quit now)",
+                    "interrupted: stopping; batches in flight finish and any complete parts are committed \
+                     (interrupt again, Ctrl-C or SIGTERM, to quit now)",
                 );
             });
             let outcome = run::run(&job, shard, opts, stop)?;

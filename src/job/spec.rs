@@ -401,6 +401,14 @@ impl SpecSource {
         let message = e.message().trim().to_owned();
         // No span, or an empty one (the document root): an error about the file as a whole.
         let Some(span) = e.span().filter(|s| !s.is_empty()) else {
+            // A whole section missing at the top level: say what to add.
+            let missing = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`'));
+            let message = match missing {
+                Some(section @ ("dataset" | "model" | "output")) => {
+                    format!("missing field `{section}`: the job file needs a [{section}] section")
+                }
+                _ => message,
+            };
             return JobError::file(&self.origin, message);
         };
         match self.key_at(&span) {

@@ -435,7 +435,7 @@ fn missing_required_keys() {
     let e = parse(&FULL.replace("path = \"out/\"", "")).unwrap_err().to_string();
     assert!(e.contains("output") && e.contains("missing field `path`"), "{e}");
     let e = parse(&FULL.replace("[model]\npath = \"model.pt\"\n", "")).unwrap_err().to_string();
-    assert_eq!(e, "job.toml: missing field `model`");
+    assert_eq!(e, "job.toml: missing field `model`: the job file needs a [model] section");
     let e = parse(&FULL.replace("name = \"centre\"\n", "")).unwrap_err().to_string();
     assert!(e.contains("regions[1]") && e.contains("missing field `name`"), "{e}");
 }

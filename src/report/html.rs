@@ -169,10 +169,11 @@ fn class_section(out: &mut String, r: &Report, c: &ClassSummary, imgs: &SampleIm
         let flag = if k.flagged { " flagged" } else { "" };
         let _ = write!(
             out,
-            r#"<figure class="cluster{flag}"><img src="{uri}" alt="cluster {} mean map"><figcaption>cluster {}: {} samples{}<br>concentration {:.2} · outside object {} · in region {}</figcaption><div class="members">"#,
+            r#"<figure class="cluster{flag}"><img src="{uri}" alt="cluster {} mean map"><figcaption>cluster {}: {} samples{}{}<br>concentration {:.2} · outside object {} · in region {}</figcaption><div class="members">"#,
             k.id,
             k.id,
             k.size,
+            if k.without_mass > 0 { format!(" ({} with an all-zero map)", k.without_mass) } else { String::new() },
             if k.flagged { " · Clever-Hans candidate" } else { "" },
             k.concentration,
             fmt_opt(k.mean_outside_object),

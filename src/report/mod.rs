@@ -157,6 +157,8 @@ pub struct ClusterInfo {
     pub mean_max_region: Option<f32>,
     /// Per named region, the members' mean share inside it.
     pub mean_region_shares: Vec<Option<f32>>,
+    /// Members whose map is all zeros (no attribution to share out).
+    pub without_mass: usize,
     pub flagged: bool,
     /// Record positions of the members closest to the cluster's mean map.
     pub top_members: Vec<usize>,
@@ -415,8 +417,13 @@ fn concentration(m: &[f32]) -> f32 {
 /// regions, in one region k at least 5% and at least twice both what an even spread would put
 /// there (`region_areas[k]`, the region's share of the image) and the average of the rest of
 /// the class there (`rest_region_means[k]`; `None` when the cluster is the whole class, which
-/// then needs only the first two: a shortcut most of a class takes is still a shortcut).
+/// then needs only the first two: a shortcut most of a class takes is still a shortcut). At
+/// least half its members must have attribution at all: a cluster of mostly all-zero maps
+/// (a class the model gives no gradient) says nothing about where the rest look.
 fn flag(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]) -> bool {
+    if c.without_mass * 2 > c.size {
+        return false;
+    }
     let away_from_object = c.mean_outside_object.is_some_and(|o| o >= 0.6);
     let in_region = c.mean_region_shares.iter().enumerate().any(|(k, r)| {
         let area = region_areas.get(k).copied().unwrap_or(0.0);
@@ -768,6 +775,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
                 mean_region_shares: (0..region_names.len())
                     .map(|k| mean(idx.iter().filter_map(|r| r.region_shares[k])))
                     .collect(),
+                // An all-zero map has no entropy (nor any share).
+                without_mass: idx.iter().filter(|r| r.entropy.is_none()).count(),
                 flagged: false,
                 top_members: closest.get(&(class, cid)).map(|l| l.iter().map(|x| x.1).collect()).unwrap_or_default(),
             };
@@ -1014,6 +1023,7 @@ mod tests {
             mean_outside_object: outside,
             mean_max_region: region,
             mean_region_shares: vec![region],
+            without_mass: 0,
             flagged: false,
             top_members: vec![],
         }
@@ -1046,6 +1056,9 @@ mod tests {
         // Away from the object.
         assert!(flag(&cluster(10, 0.5, Some(0.7), None), &[], &[]));
         assert!(!flag(&cluster(10, 0.5, Some(0.5), None), &[], &[]));
+        // Mostly all-zero maps (28 of 30): the two with attribution do not flag the thirty.
+        assert!(!flag(&ClusterInfo { without_mass: 28, ..cluster(30, 0.5, Some(0.9), None) }, &[], &[]));
+        assert!(flag(&ClusterInfo { without_mass: 15, ..cluster(30, 0.5, Some(0.9), None) }, &[], &[]));
     }
 
     #[test]

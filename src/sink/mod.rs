@@ -328,7 +328,9 @@ fn folder_refusal(cfg: &SinkConfig, fingerprint: &str, names: &[String]) -> anyh
         if old.fingerprint != job.fingerprint {
             return refuse(format!(
                 "output folder {} holds another job's output for shard {shard} of {count} \
-                 ({} records job {}, this job is {}); use another output folder",
+                 ({} records job {}, this job is {}; a job is its model, its samples as the manifest \
+                 gives them (ids, paths, labels, boxes, masks), preprocessing and statistics \
+                 settings, so a corrected manifest is another job); use another output folder",
                 dir, job_path, old.fingerprint, job.fingerprint
             ));
         }
