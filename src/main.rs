@@ -130,6 +130,8 @@ enum Command {
         /// Also write the CAM [N, 1, h, w] here.
         #[arg(long)]
         cam_out: Option<PathBuf>,
+        /// How the CAM is upsampled to the input's size: nearest (Captum's default), bilinear,
+        /// bicubic or area.
         #[arg(long, default_value = "nearest")]
         interpolate_mode: InterpolateMode,
         /// Rectifiers guided backprop clamps: relu, relu6 (hardtanh), leaky_relu; comma separated.

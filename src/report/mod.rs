@@ -638,7 +638,10 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
     };
     let region_pos = match &kind {
         ScoreKind::Region(n) if !n.is_empty() => {
-            Some(region_names.iter().position(|r| r == n).with_context(|| format!("the run has no region {n:?}"))?)
+            Some(region_names.iter().position(|r| r == n).with_context(|| match region_names.is_empty() {
+                true => format!("the run has no region {n:?} (its job names no regions)"),
+                false => format!("the run has no region {n:?} (its regions: {})", region_names.join(", ")),
+            })?)
         }
         _ => None,
     };

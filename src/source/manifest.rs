@@ -121,6 +121,20 @@ fn check_case(name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Refuses a header with some of the four box columns but not all: every row would be a
+/// `bad_box` for a column that is not there, rather than for a value.
+fn box_columns(has: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let (present, absent): (Vec<&str>, Vec<&str>) = BBOX.iter().partition(|name| has(name));
+    if !present.is_empty() && !absent.is_empty() {
+        bail!(
+            "box column(s) {} without {}: give all four of bbox_x0, bbox_y0, bbox_x1, bbox_y1, or none",
+            present.join(", "),
+            absent.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// A cell's text, `None` when empty.
 fn cell(text: &str) -> Option<String> {
     let t = text.trim();
@@ -144,6 +158,7 @@ fn read_csv(path: &Loc, bytes: &[u8]) -> anyhow::Result<Vec<RawRow>> {
     if !col.contains_key("path") {
         bail!("{f} line 1: no `path` column in the header (found: {})", headers.iter().collect::<Vec<_>>().join(", "));
     }
+    box_columns(|name| col.contains_key(name)).map_err(|e| anyhow!("{f} line 1: {e}"))?;
     let mut rows = Vec::new();
     let mut lines = Lines::default();
     for record in reader.records() {
@@ -303,6 +318,7 @@ fn read_parquet(path: &Loc, bytes: bytes::Bytes) -> anyhow::Result<Vec<RawRow>> 
         let names: Vec<&str> = schema.fields().iter().map(|fl| fl.name().as_str()).collect();
         bail!("{f}: no `path` column (found: {})", names.join(", "));
     }
+    box_columns(|name| schema.column_with_name(name).is_some()).map_err(|e| anyhow!("{f}: {e}"))?;
     let reader = builder.with_projection(mask).build().with_context(|| format!("{f}: cannot read Parquet"))?;
     let mut rows = Vec::new();
     let mut row_no = 0usize;

@@ -279,12 +279,26 @@ fn parquet_manifest() {
             ("bbox_x0", Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef),
             ("bbox_y0", Arc::new(Float32Array::from(vec![None, Some(1.0)])) as ArrayRef),
             ("bbox_x1", Arc::new(Float32Array::from(vec![None, Some(2.0)])) as ArrayRef),
+            ("bbox_y1", Arc::new(Float32Array::from(vec![None, None])) as ArrayRef),
         ],
     );
     let set = manifest(&m, None, None).unwrap();
     let e = set.samples[1].box_error.as_deref().unwrap_or_default();
     assert!(e.contains("partial.parquet row 2") && e.contains("bbox_y1"), "{e}");
     assert_eq!(set.samples[1].bbox, None);
+    // Some box columns and not others: the manifest's error, not every row's.
+    for (name, cols) in [("three.parquet", 3), ("one.parquet", 1)] {
+        let m = d.path().join(name);
+        let boxes = ["bbox_x0", "bbox_y0", "bbox_x1"].into_iter().take(cols);
+        let mut columns = vec![("path", Arc::new(StringArray::from(vec!["a.jpg"])) as ArrayRef)];
+        columns.extend(boxes.map(|b| (b, Arc::new(Float32Array::from(vec![Some(1.0)])) as ArrayRef)));
+        write_parquet(&m, columns);
+        let e = err_of(manifest(&m, None, None));
+        assert!(e.contains(name) && e.contains("without") && e.contains("bbox_y1"), "{e}");
+    }
+    let m = write(d.path(), "x0only.csv", "path,bbox_x0\na.jpg,1\n");
+    let e = err_of(manifest(&m, None, None));
+    assert!(e.contains("x0only.csv line 1: box column(s) bbox_x0 without bbox_y0, bbox_x1, bbox_y1"), "{e}");
 
     // No path column; a path column of the wrong type.
     let m = d.path().join("nopath.parquet");
