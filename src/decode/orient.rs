@@ -171,7 +171,8 @@ pub(super) fn png(bytes: &[u8]) -> Orientation {
             b"IDAT" => data_seen = true,
             b"eXIf" => exif = Some(data),
             b"tEXt" | b"zTXt" | b"iTXt" => match data.split(|&b| b == 0).next() {
-                Some(b"exif") if kind == b"tEXt" => exif = Some(&data[5..]),
+                // Its bytes as they are (none where the keyword has no NUL after it).
+                Some(b"exif") if kind == b"tEXt" => exif = Some(data.get(5..).unwrap_or_default()),
                 Some(b"Raw profile type exif") => raw = Some((kind, data)),
                 Some(b"XML:com.adobe.xmp") => xmp = Some((kind, data)),
                 _ => {}
@@ -301,5 +302,22 @@ mod tests {
         assert_eq!(from_metadata(None, Some(b"tiff:Orientation tiff:Orientation=\"2\"")), Orientation::FlipHorizontal);
         assert_eq!(from_metadata(None, Some(b"tiff:Orientation=6")), Orientation::NoTransforms);
         assert_eq!(raw_profile(b"\nexif\n       4\n4d4d\n 002a\n").as_deref(), Some(&b"MM\0*"[..]));
+    }
+
+    /// Chunks cut short or without their parts (a `tEXt` "exif" with no NUL, a zTXt that is not
+    /// zlib, a chunk past the end) lose the orientation, without a panic.
+    #[test]
+    fn odd_png_chunks_are_no_orientation() {
+        let chunk = |kind: &[u8], data: &[u8]| [&(data.len() as u32).to_be_bytes()[..], kind, data, &[0; 4]].concat();
+        let png = |chunks: &[Vec<u8>]| [b"\x89PNG\r\n\x1a\n".as_slice(), &chunks.concat()].concat();
+        for odd in [
+            png(&[chunk(b"tEXt", b"exif")]),
+            png(&[chunk(b"zTXt", b"Raw profile type exif\0\0not zlib")]),
+            png(&[chunk(b"iTXt", b"XML:com.adobe.xmp\0\x01")]),
+            png(&[chunk(b"eXIf", &ifd(3, 1, [0, 6, 0, 0]))])[..30].to_vec(),
+        ] {
+            assert_eq!(super::png(&odd), Orientation::NoTransforms);
+        }
+        assert_eq!(super::png(&png(&[chunk(b"eXIf", &ifd(3, 1, [0, 6, 0, 0]))])), Orientation::Rotate90);
     }
 }

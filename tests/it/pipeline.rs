@@ -1310,7 +1310,7 @@ fn a_second_ctrl_c_quits_with_130() {
     // The second signal goes as soon as the first is acknowledged, while the batches in flight
     // are still being finished (several, at a fraction of a second each on a CPU).
     let (mut child, said_rx, reader) =
-        spawn_watching(Command::new(bin()).arg("-q").arg("run").arg(&job), "interrupted: finishing");
+        spawn_watching(Command::new(bin()).arg("-q").arg("run").arg(&job), "interrupted: stopping");
     wait_for_first_part(&mut child, &out_dir);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     said_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the first Ctrl-C is acknowledged");
