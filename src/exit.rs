@@ -56,10 +56,15 @@ pub fn code(err: &anyhow::Error) -> u8 {
     }
 }
 
-/// Whether an error of type `T` is in `err`'s chain, or in the chain of a [`RunFailed`] there
-/// (which, being transparent, shows its inner error's causes but not that error itself).
+/// Whether a cause in `err`'s chain, or in the chain of a [`RunFailed`] there (which, being
+/// transparent, shows its inner error's causes but not that error itself), meets `pred`.
+fn any_cause(err: &anyhow::Error, pred: impl Fn(&(dyn std::error::Error + 'static)) -> bool) -> bool {
+    err.chain().any(|c| pred(c) || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(&pred)))
+}
+
+/// Whether an error of type `T` is in `err`'s chain (see [`any_cause`]).
 fn in_chain<T: std::error::Error + Send + Sync + 'static>(err: &anyhow::Error) -> bool {
-    err.chain().any(|c| c.is::<T>() || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(|c| c.is::<T>())))
+    any_cause(err, |c| c.is::<T>())
 }
 
 /// Whether a retry may get past `err` (see [`code`]). Never for an output folder that holds
@@ -70,11 +75,11 @@ pub fn retryable(err: &anyhow::Error) -> bool {
     }
     // Access refused (a store's 403, a read-only mount) stays refused, however it is wrapped
     // (a part the writer may not store fails the run: a retry meets the same refusal).
-    let refused = |c: &(dyn std::error::Error + 'static)| {
+    let refused = any_cause(err, |c| {
         c.downcast_ref::<io::Error>()
             .is_some_and(|e| matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem))
-    };
-    if err.chain().any(|c| refused(c) || c.downcast_ref::<RunFailed>().is_some_and(|r| r.0.chain().any(refused))) {
+    });
+    if refused {
         return false;
     }
     err.chain().any(|c| {
