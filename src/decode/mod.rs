@@ -30,6 +30,7 @@
 //! large photos; pixels differ slightly from the full decode (the DCT scaling is a box-like
 //! filter before the bilinear one). Geometry (boxes, masks) stays in the original image's frame.
 
+mod chunks;
 mod geometry;
 mod jpeg;
 mod mask;
@@ -412,43 +413,27 @@ fn read_error(path: &Loc, e: std::io::Error) -> SampleError {
 /// profile). Other files, and PNGs without the chunk, are returned as they are; from a chunk
 /// that runs past the end on, the bytes are kept as they are, for the decoder to refuse.
 pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-    // The chunk at `at` before the image data (the profile must come before it): its end and
-    // whether it is an iCCP; `None` at the image data, the end, or a chunk that runs past the
-    // end (the decoder refuses it, but would inflate a profile before it first).
-    let chunk = |at: usize| -> Option<(usize, bool)> {
-        let head = bytes.get(at..at.checked_add(8)?)?;
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let kind = &head[4..8];
-        if kind == b"IDAT" || kind == b"IEND" {
-            return None;
-        }
-        let end = at.checked_add(12)?.checked_add(len).filter(|&e| e <= bytes.len())?;
-        Some((end, kind == b"iCCP"))
-    };
-    if !bytes.starts_with(SIGNATURE) {
+    if !chunks::is_png(bytes) {
         return bytes.into();
     }
+    // The chunks before the image data (the profile must come before it), up to one that runs
+    // past the end (the decoder refuses it, but would inflate a profile before it first).
     // Walked twice rather than listed: a file of many tiny chunks would make a list larger
     // than the file.
-    let (mut at, mut any) = (SIGNATURE.len(), false);
-    while let Some((end, iccp)) = chunk(at) {
-        any |= iccp;
-        at = end;
-    }
-    if !any {
+    let before_data = || chunks::png(bytes).take_while(|c| c.whole && c.kind != b"IDAT" && c.kind != b"IEND");
+    if !before_data().any(|c| c.kind == b"iCCP") {
         return bytes.into();
     }
     let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(SIGNATURE);
-    let mut at = SIGNATURE.len();
-    while let Some((end, iccp)) = chunk(at) {
-        if !iccp {
-            out.extend_from_slice(&bytes[at..end]);
+    out.extend_from_slice(chunks::PNG_SIGNATURE);
+    let mut rest = chunks::PNG_SIGNATURE.len();
+    for c in before_data() {
+        if c.kind != b"iCCP" {
+            out.extend_from_slice(&bytes[c.start..c.end]);
         }
-        at = end;
+        rest = c.end;
     }
-    out.extend_from_slice(&bytes[at..]);
+    out.extend_from_slice(&bytes[rest..]);
     out.into()
 }
 
@@ -457,31 +442,26 @@ pub(crate) fn png_without_iccp(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 /// PIL does (PIL checks neither; the PNG decoder here refuses both). Other files, and PNGs
 /// with neither fault, are returned as they are.
 pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+    if !chunks::is_png(bytes) {
         return bytes.into();
     }
     // Checksums to write: (where, value).
     let mut fix: Vec<(usize, [u8; 4])> = Vec::new();
-    let (mut at, mut ended) = (8usize, false);
-    while let Some(head) = bytes.get(at..at + 8) {
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let kind = &head[4..8];
-        let Some(end) = at.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= bytes.len()) else {
-            break;
-        };
-        if kind == b"IEND" {
+    let (mut at, mut ended) = (chunks::PNG_SIGNATURE.len(), false);
+    for c in chunks::png(bytes).take_while(|c| c.whole) {
+        at = c.end;
+        if c.kind == b"IEND" {
             ended = true;
             break;
         }
-        if kind == b"IDAT" {
+        if c.kind == b"IDAT" {
             let mut crc = flate2::Crc::new();
-            crc.update(&bytes[at + 4..end - 4]);
+            crc.update(&bytes[c.start + 4..c.end - 4]);
             let want = crc.sum().to_be_bytes();
-            if bytes[end - 4..end] != want {
-                fix.push((end - 4, want));
+            if bytes[c.end - 4..c.end] != want {
+                fix.push((c.end - 4, want));
             }
         }
-        at = end;
     }
     if fix.is_empty() && ended {
         return bytes.into();
@@ -522,21 +502,16 @@ pub(crate) fn webp_first_frame_unblended(bytes: &[u8]) -> std::borrow::Cow<'_, [
     if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WEBP" {
         return bytes.into();
     }
-    let mut at = 12usize;
-    while let Some(head) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        if &head[..4] == b"ANMF" {
-            // The frame's flags follow its offset, size and duration (five 24-bit numbers);
-            // bit 1 set means "do not blend".
-            let flags = at + 8 + 15;
-            if len >= 16 && bytes.get(flags).is_some_and(|f| f & 0b10 == 0) {
-                let mut out = bytes.to_vec();
-                out[flags] |= 0b10;
-                return out.into();
-            }
-            break;
-        }
-        at += 8 + len + (len & 1);
+    let Some(frame) = chunks::riff(bytes).find(|c| c.kind == b"ANMF") else {
+        return bytes.into();
+    };
+    // The frame's flags follow its offset, size and duration (five 24-bit numbers); bit 1 set
+    // means "do not blend".
+    let flags = frame.start + 8 + 15;
+    if frame.data.len() >= 16 && bytes[flags] & 0b10 == 0 {
+        let mut out = bytes.to_vec();
+        out[flags] |= 0b10;
+        return out.into();
     }
     bytes.into()
 }

@@ -7,6 +7,7 @@
 //! refuses a file over its metadata (a text chunk past 1 MiB inflated, a raw profile that is
 //! not hex), the metadata is skipped here and the image read.
 
+use super::chunks::{self, Chunk};
 use image::metadata::Orientation;
 use std::io::Read;
 
@@ -158,14 +159,11 @@ pub(super) fn png(bytes: &[u8]) -> Orientation {
     // The last text chunk of each key, inflated only once chosen.
     let mut raw: Option<(&[u8], &[u8])> = None;
     let mut xmp: Option<(&[u8], &[u8])> = None;
-    let (mut at, mut data_seen) = (8usize, false);
-    while let Some(head) = bytes.get(at..at + 8) {
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let kind = &head[4..8];
+    let mut data_seen = false;
+    for Chunk { kind, data, .. } in chunks::png(bytes) {
         if !kind.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_') || (data_seen && kind == b"fcTL") {
             break;
         }
-        let Some(data) = bytes.get(at + 8..at + 8 + len) else { break };
         match kind {
             b"IEND" => break,
             b"IDAT" => data_seen = true,
@@ -179,7 +177,6 @@ pub(super) fn png(bytes: &[u8]) -> Orientation {
             },
             _ => {}
         }
-        at += 12 + len;
     }
     let text = |c: Option<(&[u8], &[u8])>| c.and_then(|(kind, data)| png_text(kind, data));
     let raw = if exif.is_none() { text(raw).and_then(|r| raw_profile(&r)) } else { None };
@@ -233,17 +230,13 @@ pub(super) fn webp(bytes: &[u8]) -> Orientation {
     const EXIF_FLAG: u8 = 0x08;
     const XMP_FLAG: u8 = 0x04;
     let (mut exif, mut xmp, mut flags) = (None, None, 0u8);
-    let mut at = 12usize;
-    while let Some(head) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        let Some(data) = bytes.get(at + 8..at + 8 + len) else { break };
-        match &head[..4] {
-            b"VP8X" if at == 12 => flags = data.first().copied().unwrap_or(0),
+    for Chunk { start, kind, data, .. } in chunks::riff(bytes) {
+        match kind {
+            b"VP8X" if start == 12 => flags = data.first().copied().unwrap_or(0),
             b"EXIF" if exif.is_none() && flags & EXIF_FLAG != 0 => exif = Some(data),
             b"XMP " if xmp.is_none() && flags & XMP_FLAG != 0 => xmp = Some(data),
             _ => {}
         }
-        at += 8 + len + (len & 1);
     }
     from_metadata(exif, xmp)
 }
