@@ -33,6 +33,14 @@ pub(super) fn riff(bytes: &[u8]) -> Chunks<'_> {
     Chunks { bytes, at: 12, riff: true }
 }
 
+/// A PNG chunk's checksum: the CRC-32 of its kind and data, big-endian.
+pub(super) fn png_crc(kind: &[u8], data: &[u8]) -> [u8; 4] {
+    let mut crc = flate2::Crc::new();
+    crc.update(kind);
+    crc.update(data);
+    crc.sum().to_be_bytes()
+}
+
 /// Whether `bytes` start with a PNG's signature.
 pub(super) fn is_png(bytes: &[u8]) -> bool {
     bytes.starts_with(PNG_SIGNATURE)

@@ -455,9 +455,7 @@ pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
             break;
         }
         if c.kind == b"IDAT" {
-            let mut crc = flate2::Crc::new();
-            crc.update(&bytes[c.start + 4..c.end - 4]);
-            let want = crc.sum().to_be_bytes();
+            let want = chunks::png_crc(c.kind, c.data);
             if bytes[c.end - 4..c.end] != want {
                 fix.push((c.end - 4, want));
             }
@@ -479,13 +477,10 @@ pub(crate) fn png_repaired(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
             let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
             let data = &bytes[at + 8..bytes.len().min((at + 8).saturating_add(len))];
             if !data.is_empty() {
-                let mut crc = flate2::Crc::new();
-                crc.update(b"IDAT");
-                crc.update(data);
                 out.extend_from_slice(&(data.len() as u32).to_be_bytes());
                 out.extend_from_slice(b"IDAT");
                 out.extend_from_slice(data);
-                out.extend_from_slice(&crc.sum().to_be_bytes());
+                out.extend_from_slice(&chunks::png_crc(b"IDAT", data));
             }
         }
         out.extend_from_slice(b"\0\0\0\0IEND\xaeB`\x82");
