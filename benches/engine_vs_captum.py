@@ -341,6 +341,10 @@ def accuracy(a, pt, tmp, ieee, unfolded=None, n=16):
         ref_ieee = captum_attr(a, x, t, ieee=True)
         errors["engine fp32 IEEE vs Captum IEEE (no TF32 on either side)"] = rel(eng["ieee"], ref_ieee)
         errors["Captum with TF32 vs Captum IEEE (TF32's own effect)"] = rel(ref, ref_ieee)
+    # Captum ran in this process: its cached device memory goes back before the later peers
+    # (each in its own process) are timed.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return errors
 
 

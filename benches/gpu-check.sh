@@ -17,7 +17,8 @@
 #
 # Knobs (environment): MODELS (default "resnet50 vgg16"), PIPELINE_MODEL (resnet50), JPEGS
 # (8192), BATCH (128), SIZE (224, engine step), ITERS (10), WARMUP (3), DEVICE (cuda:0),
-# ENGINE_FLAGS (default none; "--ablation --unfolded" adds the NCHW, IEEE-fp32, cuDNN
+# ENGINE_FLAGS (default "--skip-lean": the lean PyTorch peers, measured in the third session,
+# cost two fresh CUDA processes a model; "--ablation --unfolded" adds the NCHW, IEEE-fp32, cuDNN
 # benchmark off and unfolded engine variants, measured in the third session except benchmark
 # off: then give the steps more than BUDGET_S's default), PIPELINE_FLAGS (default "--variants"),
 # BUDGET_S (450), PYTHON (python3), BIN (.gpu/saliency-audit).
@@ -91,7 +92,7 @@ for i in "${!models[@]}"; do
   cap=$(((budget - (SECONDS - t0)) / (${#models[@]} - i)))
   step "$cap" "engine_vs_captum $m" \
     "$PY" benches/engine_vs_captum.py --model "$m" --batch "$batch" --size "${SIZE:-224}" --device "$device" \
-    --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" --fast ${ENGINE_FLAGS-} --bin "$bin" \
+    --iters "${ITERS:-10}" --warmup "${WARMUP:-3}" --fast ${ENGINE_FLAGS---skip-lean} --bin "$bin" \
     --json "$out/engine_$m.json"
 done
 echo "gpu-check: $((SECONDS - t0)) s in all"

@@ -286,6 +286,21 @@ def damaged(data):
     return bytes(b)
 
 
+def tail_marker(data):
+    """The JPEG with a reserved marker (0xFF02) written into its scan data near the end, in rows
+    a centre crop leaves out: libjpeg's entropy decoder stops there with a warning, and reading
+    on to the end of the image it meets the marker and stops with a fatal error, so PIL (which
+    reads every row) refuses the file."""
+    b = bytearray(data)
+    sos = b.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+    i = len(b) - 2 - (len(b) - 2 - start) // 60
+    while b[i - 1] == 0xFF:
+        i -= 1
+    b[i], b[i + 1] = 0xFF, 0x02
+    return bytes(b)
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -415,8 +430,21 @@ def main():
                 f.write(np.asarray(x).tobytes())
         index.append({"name": name, "file": f"{name}.{ext}", "w": im.width, "h": im.height,
                       "tolerance": KNOWN_DIFFERENCES.get(name, 0)})
+    # Files PIL refuses (checked here): the decode stage must refuse them too.
+    refused = {"jpeg_tail_marker": tail_marker(encode(photo(300, 480, 40), quality=90))}
+    refused_index = []
+    for name, data in refused.items():
+        try:
+            ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        except OSError as e:
+            pil_error = str(e)
+        else:
+            raise SystemExit(f"{name}: PIL reads it, so it is no refused case")
+        with open(os.path.join(out, f"{name}.jpg"), "wb") as f:
+            f.write(data)
+        refused_index.append({"name": name, "file": f"{name}.jpg", "pil_error": pil_error})
     with open(os.path.join(out, "cases.json"), "w") as f:
-        json.dump({"transforms": TRANSFORMS, "cases": index}, f, indent=1)
+        json.dump({"transforms": TRANSFORMS, "cases": index, "refused": refused_index}, f, indent=1)
     print(f"{len(index)} decode cases in {out}")
 
 

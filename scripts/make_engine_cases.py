@@ -211,13 +211,33 @@ def main():
             with torch.no_grad():
                 targets = ref_model(x).argmax(1).tolist()
         attr, cam = captum_refs(ref_model, layer, layer_input, x.clone(), targets, mode)
+        if not predicted:
+            # A sample whose Grad-CAM is negative everywhere attributes nothing (ReLU(CAM) = 0),
+            # so it would check only "CAM = 0", not the guided gradient; one whose CAM nearly
+            # cancels (an attribution under 1e-3 of the case's largest) is ill-conditioned, its
+            # relative error dominated by rounding. Give such a sample the class with the
+            # largest attribution.
+            with torch.no_grad():
+                classes = ref_model(x[:1]).shape[1]
+            changed = False
+            norms = [np.linalg.norm(attr[i]) for i in range(x.shape[0])]
+            for i in range(x.shape[0]):
+                if norms[i] >= 1e-3 * max(norms):
+                    continue
+                by_class = [np.linalg.norm(captum_refs(ref_model, layer, layer_input, x[i:i + 1].clone(), [c], mode)[0])
+                            for c in range(classes)]
+                targets[i], changed = int(np.argmax(by_class)), True
+            if changed:
+                attr, cam = captum_refs(ref_model, layer, layer_input, x.clone(), targets, mode)
+        zero = [i for i in range(x.shape[0]) if not np.any(attr[i])]
         np.save(os.path.join(d, "x.npy"), x.numpy().astype(np.float32))
         np.save(os.path.join(d, "t.npy"), np.asarray(targets, dtype=np.int64))
         np.save(os.path.join(d, "ref_attr.npy"), attr)
         np.save(os.path.join(d, "ref_cam.npy"), cam)
         cases.append({"name": name, "batch": batch, "interpolate_mode": mode, "predicted": predicted,
-                      "n": int(x.shape[0])})
-        print(f"case {name}: x {list(x.shape)}, |ref| {np.linalg.norm(attr):.4g}", flush=True)
+                      "n": int(x.shape[0]), "zero_samples": zero})
+        print(f"case {name}: x {list(x.shape)}, |ref| {np.linalg.norm(attr):.4g}, all-zero samples {zero}",
+              flush=True)
 
     def rand(n, c, h, w):
         return torch.randn(n, c, h, w, generator=g)

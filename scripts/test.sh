@@ -14,6 +14,10 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 2
   fi
 fi
+# The shard a run takes comes from these when set (an Indexed Job, a Slurm array, AWS Batch):
+# tests run inside such a job must not shard every run they start.
+unset JOB_COMPLETION_INDEX SLURM_ARRAY_TASK_ID SLURM_ARRAY_TASK_MAX SLURM_ARRAY_TASK_MIN SLURM_ARRAY_TASK_COUNT \
+  NUM_SHARDS AWS_BATCH_JOB_ARRAY_INDEX AWS_BATCH_JOB_ARRAY_SIZE
 # One build: the integration tests run the binary that `cargo test` builds with them (a separate
 # `cargo build` would compile the dependencies a second time, with the test build's features).
 cargo test --release --no-fail-fast "$@"

@@ -338,6 +338,13 @@ fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> 
     names
         .iter()
         .map(|n| match Status::parse(n.trim()) {
+            // Nothing a retry reads again decides these: the manifest's label and box are part of
+            // the job, so a corrected manifest is another job (a new output folder).
+            Some(s @ (Status::BadLabel | Status::BadBox)) => anyhow::bail!(
+                "--retry-failed: {} rows cannot be redone: the manifest decides them, and a corrected \
+                 manifest is another job (write it to a new output folder)",
+                s.as_str()
+            ),
             Some(s) if s != Status::Ok => Ok(s),
             _ => {
                 let all: Vec<&str> = failures().map(Status::as_str).collect();
@@ -477,9 +484,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let failed = outcome.shard_failed();
             if failed > 0 {
+                // This run's first failures by name (the shard's count includes earlier runs').
+                let examples: Vec<String> =
+                    s.failed_examples.iter().map(|(path, status)| format!("{path} ({})", status.as_str())).collect();
+                let named = match s.failed_examples.len() as u64 {
+                    0 => String::new(),
+                    n if n == failed => format!(": {}", examples.join(", ")),
+                    _ => format!("; this run's first: {}, …", examples.join(", ")),
+                };
                 logging::say(
                     Level::ERROR,
-                    &format!("{failed} sample(s) failed: their rows carry the status and error"),
+                    &format!("{failed} sample(s) failed{named} (their rows carry the status and error)"),
                 );
             }
             Ok(if failed > 0 && !failed_samples_ok {

@@ -61,6 +61,9 @@ pub struct Progress {
     pub failed: AtomicU64,
 }
 
+/// How many of a run's failed rows its summary names.
+pub const FAILED_EXAMPLES: usize = 3;
+
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
@@ -91,6 +94,9 @@ pub struct RunSummary {
     pub workers: usize,
     /// Of those, the workers that computed statistics on their device.
     pub stats_on_device: usize,
+    /// This run's first failed rows (at most [`FAILED_EXAMPLES`]), in the order written: the
+    /// sample's path and status.
+    pub failed_examples: Vec<(String, Status)>,
     /// The smallest batch a worker kept to after running out of memory (`None`: none did).
     pub batch_after_out_of_memory: Option<usize>,
     pub shard: Option<ShardSummary>,
@@ -199,27 +205,32 @@ pub fn run(
     let smallest_cap = std::sync::atomic::AtomicUsize::new(cfg.batch_size);
     let (pool, times, stop_ref, run_failure, smallest_cap) = (&pool, &times, &stop, &run_failure, &smallest_cap);
 
+    // Each worker first warms its replica up on its own thread (`Attributor::warm_up_thread`)
+    // with the shape of the batches to come; the source and the decode stage start once all
+    // have, and that time is the run's warm-up, not part of `elapsed`.
+    let warm = (
+        cfg.batch_size.min(pending.len()),
+        pending.iter().any(|s| s.bbox.is_some()),
+        pending.iter().any(|s| s.mask.is_some()),
+    );
+    let warmed_up = std::sync::Barrier::new(workers + 1);
+    let any_warmed = AtomicBool::new(false);
+    let (warmed_up, any_warmed) = (&warmed_up, &any_warmed);
+    let mut warmup_time = Duration::ZERO;
+
     let write_result = std::thread::scope(|s| -> Result<()> {
         // Owned by this closure, so that a panic of the writer below drops the receiver and the
         // stages' sends fail instead of blocking the scope's join forever.
         let row_rx = row_rx;
-        // Source: pending samples in order, in batches.
-        s.spawn(move || {
-            for chunk in pending.chunks(cfg.batch_size) {
-                if stop_ref.load(Ordering::Relaxed) || batch_tx.send(chunk.to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        // Decode: a batch at a time on the pool; failures go straight to the writer as rows.
-        {
-            let row_tx = row_tx.clone();
-            s.spawn(move || decode_stage(cfg, size, pool, times, batch_rx, work_tx, row_tx, (stop_ref, run_failure)));
-        }
+        let warm_start = Instant::now();
         // One worker per model replica.
         for mut attributor in attributors {
             let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
             s.spawn(move || {
+                if warm_up_worker(attributor.as_mut(), warm, (size.0 as usize, size.1 as usize)) {
+                    any_warmed.store(true, Ordering::Relaxed);
+                }
+                warmed_up.wait();
                 // The largest batch known to fit this worker's device (see `attribute_split`);
                 // after RETRY_FULL_BATCHES_AFTER batches at a lowered size, the full size is
                 // tried again (the memory may have been another worker's passing peak).
@@ -269,6 +280,25 @@ pub fn run(
                 smallest_cap.fetch_min(lowest, Ordering::Relaxed);
             });
         }
+        // The clock starts once every worker has warmed up.
+        warmed_up.wait();
+        warmup_time = warm_start.elapsed();
+        if any_warmed.load(Ordering::Relaxed) {
+            tracing::info!(batch_size = warm.0, workers, secs = warmup_time.as_secs_f64(), "warmed up");
+        }
+        // Source: pending samples in order, in batches.
+        s.spawn(move || {
+            for chunk in pending.chunks(cfg.batch_size) {
+                if stop_ref.load(Ordering::Relaxed) || batch_tx.send(chunk.to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        // Decode: a batch at a time on the pool; failures go straight to the writer as rows.
+        {
+            let row_tx = row_tx.clone();
+            s.spawn(move || decode_stage(cfg, size, pool, times, batch_rx, work_tx, row_tx, (stop_ref, run_failure)));
+        }
         drop(row_tx);
         drop(work_rx);
         // The single writer.
@@ -284,6 +314,9 @@ pub fn run(
                 progress.rows.fetch_add(1, Ordering::Relaxed);
                 if st != Status::Ok {
                     progress.failed.fetch_add(1, Ordering::Relaxed);
+                    if summary.failed_examples.len() < FAILED_EXAMPLES {
+                        summary.failed_examples.push((row.sample.path.clone(), st));
+                    }
                 }
                 if let Err(e) = writer.push(row) {
                     stop_ref.store(true, Ordering::Relaxed);
@@ -326,8 +359,35 @@ pub fn run(
     summary.decode_time = Duration::from_nanos(times.decode_ns.load(Ordering::Relaxed));
     summary.engine_time = Duration::from_nanos(times.engine_ns.load(Ordering::Relaxed));
     summary.stats_time = Duration::from_nanos(times.stats_ns.load(Ordering::Relaxed));
-    summary.elapsed = start.elapsed();
+    summary.elapsed = start.elapsed().saturating_sub(warmup_time);
+    summary.warmup_time = warmup_time;
     Ok(summary)
+}
+
+/// A worker's warm-up on its own thread: `(n, boxes, masks)` of the batches to come (none when
+/// `n` is 0: nothing pending). A failure, or a panic, is only a warning: failing batches are
+/// split and retried. Returns whether the replica warmed up.
+fn warm_up_worker(
+    attributor: &mut dyn Attributor,
+    (n, boxes, masks): (usize, bool, bool),
+    (h, w): (usize, usize),
+) -> bool {
+    if n == 0 {
+        return false;
+    }
+    let name = attributor.name();
+    let warned = |e: &dyn std::fmt::Display| tracing::warn!(worker = %name, "warm-up with a batch of {n} failed ({e}); failing batches will be split and retried");
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attributor.warm_up_thread(n, h, w, boxes, masks))) {
+        Ok(Ok(warmed)) => warmed,
+        Ok(Err(e)) => {
+            warned(&format!("{e:#}"));
+            false
+        }
+        Err(p) => {
+            warned(&format!("internal error: {}", panic_message(p.as_ref())));
+            false
+        }
+    }
 }
 
 fn failed_row(sample: Sample, target: Option<i64>, err: SampleError) -> Row {

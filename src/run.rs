@@ -266,12 +266,18 @@ pub fn plan_with(
         Some(o) => job.set_output(o.clone())?,
         None => job.check_output()?,
     }
+    let from_command_line = devices.is_some();
     if let Some(d) = devices {
         job.devices = Devices::List(d);
     }
     store::check_settings()?;
     let opts = engine_options(&job)?;
-    let devices = resolve_devices(&job.devices)?;
+    // A device the job names that this machine does not have is the job's error, named with
+    // its file and line (a node's failing GPU stays the run's failure, exit 3).
+    let devices = resolve_devices(&job.devices).map_err(|e| match e.is::<RunFailed>() || from_command_line {
+        true => e,
+        false => job.error("runtime.devices", e.root_cause().to_string()).into(),
+    })?;
     let first = TorchAttributor::load(&job.model, devices[0], opts, &job.preprocess.mean, &job.preprocess.std)?;
     let (h, w) = job.preprocess.input_size();
     // libtorch's failures inside are errors, not a crash; running out of device memory here is
@@ -493,7 +499,7 @@ pub fn run_with(
         tracing::warn!("cannot remove the report of an earlier run: {e:#}");
     }
     let opts = engine_options(job)?;
-    // Every replica is loaded (and warmed up) before any pipeline thread starts.
+    // Every replica is loaded before any pipeline thread starts (each worker warms its own up).
     let mut loaded = vec![first];
     for (k, d) in plan.devices.iter().enumerate() {
         let workers = job.workers_per_device.unwrap_or(if d.is_cuda() { 2 } else { 1 });
@@ -566,7 +572,7 @@ pub fn run_with(
     let boxes = plan.samples.iter().any(|s| s.bbox.is_some());
     let masks = plan.samples.iter().any(|s| s.mask.is_some());
     let shape = [h as usize, w as usize];
-    let batch_size = warm_up(job.batch_size, &mut loaded, shape, boxes, masks, plan.samples.len(), &stop)?;
+    let batch_size = find_batch_size(job.batch_size, &mut loaded, shape, boxes, masks, plan.samples.len(), &stop)?;
     let warmup_time = warm.elapsed();
     let replicas_len = loaded.len();
     let replicas: Vec<Box<dyn Attributor>> = loaded.into_iter().map(|r| Box::new(r) as Box<dyn Attributor>).collect();
@@ -625,6 +631,8 @@ pub fn run_with(
         });
         r
     })?;
+    // The batch-size search's time, and the workers' warm-up.
+    let warmup_time = warmup_time + summary.warmup_time;
     let summary = RunSummary { warmup_time, batch_size, workers: replicas_len, stats_on_device, ..summary };
     Ok(Outcome { summary, plan_samples: total, output_dir, devices, shard_lock })
 }
@@ -636,15 +644,15 @@ fn auto_candidates(samples: usize) -> Vec<usize> {
     (0..=8).map(|k| 256 >> k).filter(|&n| n <= largest).collect()
 }
 
-/// Runs one batch through every CUDA replica at once before the pipeline starts, so cuDNN's
-/// algorithm search and the allocator's growth happen before the clock and the progress bar
-/// start, and returns the batch size (with an object box and mask per image where the job's
-/// samples have them). With `auto`, tries 256, 128, … down to 1 (from the power of two that
-/// holds the shard's `samples`) and takes the first that every CUDA replica runs at once (32
-/// without a CUDA device); an error other than running out of memory that a batch of 1 meets
-/// too ends the search. A fixed size that fails
-/// here only warns: the pipeline splits failing batches and retries them.
-fn warm_up(
+/// The batch size: the job's, or with `auto` the one found by running a batch through every
+/// CUDA replica at once (with an object box and mask per image where the job's samples have
+/// them), trying 256, 128, … down to 1 (from the power of two that holds the shard's `samples`)
+/// and taking the first that all run (32 without a CUDA device); an error other than running
+/// out of memory that a batch of 1 meets too ends the search. The warm-up proper (cuDNN's
+/// algorithm search, the allocator's growth) is each pipeline worker's, on its own thread,
+/// before the clock starts (`Attributor::warm_up_thread`): libtorch keeps cuDNN's choices per
+/// thread, so the search's threads here leave them to the workers.
+fn find_batch_size(
     batch: BatchSize,
     replicas: &mut [TorchAttributor],
     [h, w]: [usize; 2],
@@ -655,7 +663,7 @@ fn warm_up(
 ) -> Result<usize> {
     let mut cuda: Vec<&mut TorchAttributor> = replicas.iter_mut().filter(|r| r.engine().device().is_cuda()).collect();
     let candidates: Vec<usize> = match batch {
-        BatchSize::Fixed(n) => vec![n as usize],
+        BatchSize::Fixed(n) => return Ok(n as usize),
         BatchSize::Auto if !cuda.is_empty() => auto_candidates(samples),
         BatchSize::Auto => {
             tracing::info!(batch_size = BatchSize::DEFAULT, "batch_size = \"auto\" without a CUDA device");
@@ -684,13 +692,9 @@ fn warm_up(
                 .collect()
         });
         let Some(err) = errors.into_iter().next() else {
-            tracing::info!(batch_size = n, workers = cuda.len(), secs = t.elapsed().as_secs_f64(), "warmed up");
+            tracing::info!(batch_size = n, workers = cuda.len(), secs = t.elapsed().as_secs_f64(), "batch size found");
             return Ok(n);
         };
-        if let BatchSize::Fixed(_) = batch {
-            tracing::warn!("warm-up with a batch of {n} failed ({err}); failing batches will be split and retried");
-            return Ok(n);
-        }
         if !engine::out_of_memory(&err) && !one_runs {
             // Not a size that does not fit? A batch of 1 tells: if it fails too, every size
             // would, after a cuDNN search each; say so now.
@@ -764,9 +768,13 @@ fn report_progress(start_rx: crossbeam_channel::Receiver<(u64, u64)>, progress: 
     let bar = indicatif::ProgressBar::with_draw_target(Some(pending), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images  {rate}  ETA {eta}  {msg}",
         )
-        .expect("valid template"),
+        .expect("valid template")
+        // indicatif's own {per_sec} shows four decimals ("9.9007/s").
+        .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.1} images/s", s.per_sec());
+        }),
     );
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     crate::logging::set_progress_bar(Some(bar.clone()));

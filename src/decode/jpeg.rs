@@ -4,10 +4,10 @@
 //!
 //! libjpeg-turbo can leave out most of the work outside a rectangle: `jpeg_crop_scanline`
 //! runs the inverse DCT, upsampling and colour conversion only on the columns asked for,
-//! `jpeg_skip_scanlines` does the same for rows above them, and the rows below them of a
-//! baseline file are not even entropy-decoded. The Huffman decoding of the rows above and
-//! beside still runs (it cannot be skipped), so the saving is the rest of the decode, outside
-//! the rectangle. A progressive file is entropy-decoded whole when the decode starts, and its
+//! `jpeg_skip_scanlines` does the same for rows above and below them. The Huffman decoding of
+//! every row still runs (above and beside it cannot be skipped; below it could, but then
+//! damage there that stops PIL's decode would go unseen), so the saving is the rest of the
+//! decode, outside the rectangle. A progressive file is entropy-decoded whole when the decode starts, and its
 //! columns are not cropped (block smoothing, see [`decode`]).
 //!
 //! The pixels inside equal the whole decode's: fancy upsampling of subsampled chroma reads
@@ -107,9 +107,20 @@ pub(super) fn decode(
             cmyk_to_rgb(&cmyk_row, row);
         }
     }
-    // The rows below are not decoded at all.
+    // The rows below are entropy-decoded but not transformed: all but the last skipped, the
+    // last read. (Skipping them all would skip their data and the markers after it: libjpeg
+    // then takes the image as ended, and corrupt data there that stops PIL's decode, which reads
+    // every row, would go unseen.)
     if y1 < size.1 {
-        unsafe { ffi::jpeg_skip_scanlines(c, size.1 - y1) };
+        let below = size.1 - y1;
+        if below > 1 && unsafe { ffi::jpeg_skip_scanlines(c, below - 1) } != below - 1 {
+            return Err("libjpeg skipped fewer rows than asked");
+        }
+        let mut last = vec![0u8; c.output_width as usize * channels as usize];
+        let mut ptr = last.as_mut_ptr();
+        if unsafe { ffi::jpeg_read_scanlines(c, &mut ptr, 1) } != 1 {
+            return Err("libjpeg returned no row");
+        }
     }
     if unsafe { ffi::jpeg_finish_decompress(c) } == 0 {
         return Err("libjpeg did not finish");
@@ -211,13 +222,30 @@ fn scan_limit() -> ffi::jpeg_progress_mgr {
     p
 }
 
+/// A fatal libjpeg error (what unwinds out of [`decode`]), in libjpeg's words.
+pub(super) struct Fatal(pub String);
+
 /// libjpeg's error handling for [`decode`]: a fatal error unwinds out of libjpeg (to the
 /// `catch_unwind` around it), a warning (corrupt data, which libjpeg decodes around) is counted
 /// in [`LIBJPEG_WARNINGS`], trace messages are dropped.
 fn libjpeg_errors() -> ffi::jpeg_error_mgr {
-    unsafe extern "C-unwind" fn fatal(_: &mut ffi::jpeg_common_struct) {
-        // Not `panic!`: no panic hook, no message; the caller falls back.
-        std::panic::resume_unwind(Box::new("libjpeg: fatal error"));
+    unsafe extern "C-unwind" fn fatal(cinfo: &mut ffi::jpeg_common_struct) {
+        // libjpeg's words for it, formatted into JMSG_LENGTH_MAX (200) bytes: the binding's
+        // type for the buffer says 80, so the function is called through a pointer type.
+        let mut text = [0u8; 200];
+        // SAFETY: `err` is the error manager this session was created with; format_message is
+        // libjpeg's, which writes a NUL-terminated message of at most 200 bytes to its buffer
+        // (a pointer in C: the two function types have the same ABI).
+        unsafe {
+            if let Some(format) = (*cinfo.err).format_message {
+                type Format = unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut u8);
+                let format: Format = std::mem::transmute(format);
+                format(cinfo, text.as_mut_ptr());
+            }
+        }
+        let message = std::ffi::CStr::from_bytes_until_nul(&text).map_or(String::new(), |m| m.to_string_lossy().into());
+        // Not `panic!`: no panic hook, no message; the caller decides.
+        std::panic::resume_unwind(Box::new(Fatal(message)));
     }
     unsafe extern "C-unwind" fn message(_: &mut ffi::jpeg_common_struct, level: std::os::raw::c_int) {
         if level < 0 {

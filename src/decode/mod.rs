@@ -14,9 +14,10 @@
 //!
 //! JPEGs are decoded by libjpeg-turbo (the MozJPEG build, with its SIMD code), the library PIL
 //! decodes them with, in PIL's settings (integer IDCT, fancy upsampling): the same pixels, bit
-//! for bit; corrupt data is decoded around, as PIL keeps it; CMYK (and YCCK) files are read as
-//! CMYK and converted to RGB in PIL's arithmetic. A JPEG libjpeg refuses goes to the image
-//! crate's decoder instead, which decodes or refuses it.
+//! for bit; corrupt data libjpeg only warns of is decoded around, as PIL keeps it, and data
+//! that stops libjpeg is a `decode_error`, as it stops PIL; CMYK (and YCCK) files are read as
+//! CMYK and converted to RGB in PIL's arithmetic. A JPEG whose header libjpeg refuses goes to
+//! the image crate's decoder instead, which decodes or refuses it.
 //!
 //! libjpeg decodes only the pixels step 4 reads (`jpeg.rs`): the resize's taps are planned
 //! first, and their source rectangle, mapped back through the EXIF orientation, is all that
@@ -302,9 +303,21 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
     jpeg::LIBJPEG_WARNINGS.set(0);
     let decoded =
         std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |got| if got == size { want } else { None }));
-    let Ok(Ok(part)) = decoded else {
-        // libjpeg refused it: the image crate decides (and names the error).
-        return Ok(None);
+    let part = match decoded {
+        Ok(Ok(part)) => part,
+        // A fatal error after the header (which `jpeg::header` read above), in the data: a
+        // marker where none can be, say. It stops PIL's libjpeg as it stops this one (the image
+        // crate's decoder would go on).
+        Err(payload) => match payload.downcast::<jpeg::Fatal>() {
+            Ok(fatal) => {
+                return Err(SampleError::new(
+                    Status::DecodeError,
+                    format!("{name}: corrupt JPEG data: libjpeg stops at \"{}\" (as PIL does)", fatal.0),
+                ));
+            }
+            Err(_) => return Ok(None),
+        },
+        Ok(Err(_)) => return Ok(None),
     };
     let warnings = jpeg::LIBJPEG_WARNINGS.get();
     if warnings > 0 {

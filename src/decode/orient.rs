@@ -213,14 +213,21 @@ fn png_text(kind: &[u8], data: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// ImageMagick's raw profile text (`\nexif\n   <length>\n<hex lines>`): its bytes, as PIL
-/// reads them (the lines after the third, hex digits with white space ignored).
+/// reads them: the lines after the third, joined, through Python's `bytes.fromhex` (pairs of
+/// hex digits; Python's white space, vertical tab and form feed included, only between pairs;
+/// anything else, a sign say, refuses the whole profile).
 fn raw_profile(text: &[u8]) -> Option<Vec<u8>> {
-    let hex: Vec<u8> =
-        text.split(|&b| b == b'\n').skip(3).flatten().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-    if !hex.len().is_multiple_of(2) {
-        return None;
+    let mut hex = text.split(|&b| b == b'\n').skip(3).flatten().copied();
+    let digit = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::new();
+    while let Some(b) = hex.next() {
+        if matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c) {
+            continue;
+        }
+        let (high, low) = (digit(b)?, digit(hex.next()?)?);
+        out.push((high * 16 + low) as u8);
     }
-    hex.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect()
+    Some(out)
 }
 
 /// A WebP's orientation: its first `EXIF` chunk, else its first `XMP ` chunk, each only where
@@ -295,6 +302,12 @@ mod tests {
         assert_eq!(from_metadata(None, Some(b"tiff:Orientation tiff:Orientation=\"2\"")), Orientation::FlipHorizontal);
         assert_eq!(from_metadata(None, Some(b"tiff:Orientation=6")), Orientation::NoTransforms);
         assert_eq!(raw_profile(b"\nexif\n       4\n4d4d\n 002a\n").as_deref(), Some(&b"MM\0*"[..]));
+        // As Python's bytes.fromhex: vertical tab and form feed between pairs are white space;
+        // a sign, white space inside a pair, an odd digit or a non-ASCII byte refuse it.
+        assert_eq!(raw_profile(b"\nexif\n 2\n4d\x0b4d\x0c\r").as_deref(), Some(&b"MM"[..]));
+        for refused in [&b"\nexif\n 2\n+64d"[..], b"\nexif\n 2\n4 d4d", b"\nexif\n 2\n4d4", b"\nexif\n 1\n\xe94"] {
+            assert_eq!(raw_profile(refused), None, "{:?}", String::from_utf8_lossy(refused));
+        }
     }
 
     /// Chunks cut short or without their parts (a `tEXt` "exif" with no NUL, a zTXt that is not

@@ -88,6 +88,13 @@ pub trait Attributor: Send {
         let probe = U8Batch { n: 1, h, w, data: vec![128; h * w * 3], targets: vec![None], ..U8Batch::default() };
         self.attribute(&probe).map(drop)
     }
+
+    /// Called by the worker on its own thread before its first batch, with the shape of the
+    /// batches to come (`boxes`, `masks`: whether samples have them). Returns whether it ran
+    /// anything. Default: nothing to prepare.
+    fn warm_up_thread(&mut self, _n: usize, _h: usize, _w: usize, _boxes: bool, _masks: bool) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The TorchScript engine as an [`Attributor`]: uploads u8 images, converts and normalises them
@@ -224,6 +231,17 @@ impl Attributor for TorchAttributor {
     /// such a panic becomes this batch's error, so the pipeline splits and retries the batch.
     fn attribute(&mut self, batch: &U8Batch) -> Result<Vec<SampleMaps>> {
         catch_libtorch(|| self.attribute_batch(batch))
+    }
+
+    /// On CUDA, one batch of the run's shape on the worker's own thread: libtorch keeps cuDNN's
+    /// benchmark-mode algorithm choices for convolutions per thread (its execution-plan cache is
+    /// thread-local), so a warm-up on another thread leaves the worker's first batch of each
+    /// shape to search again, inside the run. On the CPU there is nothing to warm.
+    fn warm_up_thread(&mut self, n: usize, h: usize, w: usize, boxes: bool, masks: bool) -> Result<bool> {
+        if !self.engine.device().is_cuda() {
+            return Ok(false);
+        }
+        self.warm_up(n, h, w, boxes, masks).map(|_| true)
     }
 }
 

@@ -154,22 +154,32 @@ pub fn synthetic_scaling(
         .collect();
     let targets = (0..batch as i64).map(|i| Some((i * 7919) % classes)).collect();
     let input = U8Batch { n: batch, h, w, data, targets, ..U8Batch::default() };
-    for r in replicas.iter_mut() {
-        for _ in 0..warmup {
-            r.attribute(&input)?;
-        }
-    }
     let mut rows: Vec<ScalingRow> = Vec::new();
     for k in 1..=replicas.len() {
         let total = iters * k;
         let next = AtomicUsize::new(0);
-        let start = Instant::now();
+        // Each thread warms its replica up itself (libtorch keeps cuDNN's benchmark-mode
+        // choices per thread), and the clock starts once all have.
+        let warmed_up = std::sync::Barrier::new(k + 1);
+        let mut start = Instant::now();
         let counts: Vec<Result<usize>> = std::thread::scope(|s| {
             let handles: Vec<_> = replicas[..k]
                 .iter_mut()
                 .map(|r| {
-                    let (next, input) = (&next, &input);
+                    let (next, input, warmed_up) = (&next, &input, &warmed_up);
                     s.spawn(move || -> Result<usize> {
+                        // Whatever happens here, the barrier is reached (or the clock would wait).
+                        let warm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            (0..warmup).try_for_each(|_| r.attribute(input).map(drop))?;
+                            // The warm-up's last kernels finish before the clock starts.
+                            if let Device::Cuda(i) = r.engine().device() {
+                                tch::Cuda::synchronize(i as i64);
+                            }
+                            Ok(())
+                        }))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked while warming up")));
+                        warmed_up.wait();
+                        warm?;
                         let mut done = 0;
                         while next.fetch_add(1, Ordering::Relaxed) < total {
                             r.attribute(input)?;
@@ -179,6 +189,8 @@ pub fn synthetic_scaling(
                     })
                 })
                 .collect();
+            warmed_up.wait();
+            start = Instant::now();
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))

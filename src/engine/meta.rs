@@ -48,6 +48,23 @@ pub struct ModelMeta {
 }
 
 /// Reads the embedded metadata, `Ok(None)` when the file carries none.
+/// Checks that `path` is a TorchScript archive (`torch.jit.save`'s zip holds the model's code
+/// under `code/`), before libtorch is asked to load it: a job's defaults come from the
+/// metadata such a file carries, and without this a state_dict would be taken for a model
+/// without metadata and reported as missing preprocessing settings.
+pub fn check_torchscript(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let export = "a state_dict or a torch.save checkpoint is not TorchScript: export the model with \
+                  scripts/export_model.py";
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
+    let Ok(zip) = zip::ZipArchive::new(file) else {
+        anyhow::bail!("it is not a TorchScript file (not a zip archive, as torch.jit.save writes); {export}");
+    };
+    let has_code = zip.file_names().any(|n| n.starts_with("code/") || n.contains("/code/"));
+    anyhow::ensure!(has_code, "it is not a TorchScript file (its archive holds no code/); {export}");
+    Ok(())
+}
+
 pub fn read_meta(path: &Path) -> anyhow::Result<Option<ModelMeta>> {
     use anyhow::Context;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;

@@ -18,7 +18,7 @@ mod npy;
 pub mod reduce;
 mod shim;
 
-pub use meta::{read_meta, ModelMeta, META_FILE};
+pub use meta::{check_torchscript, read_meta, ModelMeta, META_FILE};
 pub use npy::{attribute_npy, NpyRun, TargetArg};
 pub use shim::{disable_graph_optimization, graph_optimization_enabled, FlagsMode};
 
@@ -114,7 +114,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+        // Digits only, as a job's `devices` (`cuda:+1` is no device name).
+        _ => match s.strip_prefix("cuda:").filter(|n| n.bytes().all(|b| b.is_ascii_digit())).map(str::parse::<usize>) {
             Some(Ok(n)) => Device::Cuda(n),
             _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
         },
@@ -576,5 +577,15 @@ mod tests {
         assert!(out_of_memory("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"));
         assert!(out_of_memory("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"));
         assert!(!out_of_memory("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"));
+    }
+
+    /// Device names as a job's `devices` takes them: `cuda:` and digits only.
+    #[test]
+    fn device_names() {
+        assert_eq!(super::parse_device("cpu").unwrap(), tch::Device::Cpu);
+        for bad in ["cuda:+1", "cuda:", "cuda:-0", "cuda:1 ", "tpu"] {
+            let e = super::parse_device(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("unknown device {bad:?}")), "{e}");
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::store::{self, Loc};
 
-use crate::engine::{read_meta, ModelMeta};
+use crate::engine::{check_torchscript, read_meta, ModelMeta};
 
 use super::error::JobError;
 use super::spec::{parse_spec, BatchSizeSpec, DevicesSpec, JobSpec, SizeSpec, TargetSpec};
@@ -25,7 +25,15 @@ const MAX_PART_MAP_BYTES: u64 = 1 << 30;
 /// Reads, parses and resolves a job file, reading the model's embedded metadata from the
 /// TorchScript archive.
 pub fn load(job_file: &Path) -> Result<Job, JobError> {
-    load_with(job_file, read_meta)
+    // A file without metadata must at least be TorchScript, before its missing metadata is
+    // taken for settings the job has to give.
+    load_with(job_file, |model| {
+        let meta = read_meta(model)?;
+        if meta.is_none() {
+            check_torchscript(model)?;
+        }
+        Ok(meta)
+    })
 }
 
 /// Reads, parses and resolves a job file; `read_meta` gets the resolved model path (checked to

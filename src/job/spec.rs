@@ -398,7 +398,7 @@ impl SpecSource {
 
     /// Turns a deserialisation error into one naming the key and line.
     fn de_error(&self, e: &toml::de::Error) -> JobError {
-        let message = e.message().trim().to_owned();
+        let message = plain_types(e.message().trim());
         // No span, or an empty one (the document root): an error about the file as a whole.
         let Some(span) = e.span().filter(|s| !s.is_empty()) else {
             // A whole section missing at the top level: say what to add.
@@ -422,6 +422,24 @@ impl SpecSource {
             None => JobError::file(&self.origin, message),
         }
     }
+}
+
+/// serde's "expected u32" and the like in words a job file's author reads.
+fn plain_types(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, words) in [
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected i64", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        m = m.replace(rust, words);
+    }
+    m
 }
 
 fn join_key(prefix: &str, key: &str) -> String {

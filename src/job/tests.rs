@@ -361,19 +361,27 @@ fn metadata_reader_failure_names_the_model() {
     assert!(err.contains("model.path") && err.contains("broken archive") && err.contains("line 4"), "{err}");
 }
 
+/// A model file that is not TorchScript (here not even a zip archive) is the job's error, named
+/// as such, before its missing metadata is taken for missing settings.
 #[test]
-fn load_reads_a_non_zip_model_without_metadata() {
+fn load_refuses_a_model_that_is_not_torchscript() {
     let d = Dir::new();
     let job_file = d.path().join("job.toml");
     std::fs::write(&job_file, FULL).unwrap();
-    let job = load(&job_file).unwrap();
-    assert_eq!(job.class_names, None);
+    let err = load(&job_file).unwrap_err().to_string();
+    assert!(err.contains("model.path") && err.contains("line 4"), "{err}");
+    assert!(err.contains("is not a TorchScript file (not a zip archive"), "{err}");
 }
 
 #[test]
 fn semantic_errors_name_key_and_line() {
     assert_err(&full_with("batch_size", "batch_size = 0"), "runtime.batch_size", 12);
     assert_err(&full_with("map_size", "map_size = 0"), "output.map_size", 22);
+    // Wrong types in words, not Rust's type names.
+    let e = assert_err(&full_with("map_size", "map_size = \"big\""), "output.map_size", 22).to_string();
+    assert!(e.contains("expected a whole number (0 or more)") && !e.contains("u32"), "{e}");
+    let e = assert_err(&full_with("std", "std = [0.2, \"x\", 0.2]"), "preprocess.std", 9).to_string();
+    assert!(e.contains("expected a number") && !e.contains("f32"), "{e}");
     assert_err(&full_with("map_size", "map_size = 1025"), "output.map_size", 22);
     assert_err(&full_with("rows_per_part", "rows_per_part = 0"), "output.rows_per_part", 23);
     assert_err(&full_with("interpolate_mode", "interpolate_mode = \"linear\""), "attribution.interpolate_mode", 17);

@@ -121,8 +121,9 @@ impl SampleImages {
     }
 }
 
+/// Text for the page's element content and (double- or single-quoted) attribute values.
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 
 fn fmt_opt(v: Option<f32>) -> String {

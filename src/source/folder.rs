@@ -40,8 +40,11 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
     // `allow_empty=True` (empty class folders keep the numbering of a subset), with a warning:
     // torchvision's default refuses it.
     let empty: Vec<&str> = class_dirs.iter().filter(|(_, f)| f.is_empty()).map(|(n, _)| n.as_str()).collect();
+    // Matched by name as soon as one folder with images is named after a model class: a stray
+    // folder (`unsorted/`) then gets `bad_label` rows, instead of renumbering every class by
+    // position, which would attribute every image to another class than its folder's.
     let by_name = classes.names().is_some()
-        && class_dirs.iter().filter(|(_, f)| !f.is_empty()).all(|(n, _)| classes.id_of(n).is_some());
+        && class_dirs.iter().filter(|(_, f)| !f.is_empty()).any(|(n, _)| classes.id_of(n).is_some());
     if !empty.is_empty() && !by_name {
         tracing::warn!(
             "{root}: folder(s) {}{} hold no image files but are counted as classes in the folders' \
@@ -50,16 +53,29 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
             if empty.len() > 5 { ", …" } else { "" }
         );
     }
-    if let (false, Some(model_names)) = (by_name, classes.names()) {
-        let unknown: Vec<&str> =
-            class_dirs.iter().map(|(n, _)| n.as_str()).filter(|n| classes.id_of(n).is_none()).take(5).collect();
-        let more = if model_names.len() > 5 { ", …" } else { "" };
-        tracing::warn!(
-            "{root}: class folder(s) {} are not among the model's class names ({}{more}): labels are the \
-             folders' positions in name order (0, 1, 2, …), as torchvision's ImageFolder numbers them",
-            unknown.join(", "),
-            model_names.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-        );
+    let model_names = classes.names().map(|names| {
+        let more = if names.len() > 5 { ", …" } else { "" };
+        format!("{}{more}", names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))
+    });
+    if let Some(model_names) = &model_names {
+        let unknown: Vec<&str> = class_dirs
+            .iter()
+            .filter(|(n, f)| !f.is_empty() && classes.id_of(n).is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let listed = |n: &[&str]| format!("{}{}", n[..n.len().min(5)].join(", "), if n.len() > 5 { ", …" } else { "" });
+        if by_name && !unknown.is_empty() {
+            tracing::warn!(
+                "{root}: class folder(s) {} are not among the model's class names ({model_names}): their images \
+                 get bad_label rows (the other folders are matched to the model's classes by name)",
+                listed(&unknown)
+            );
+        } else if !by_name {
+            tracing::warn!(
+                "{root}: no class folder is named after one of the model's class names ({model_names}): labels \
+                 are the folders' positions in name order (0, 1, 2, …), as torchvision's ImageFolder numbers them"
+            );
+        }
     }
     let names = if by_name {
         classes.names().map(<[String]>::to_vec)
@@ -70,7 +86,16 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
     let mut samples = Vec::new();
     for (i, (class, files)) in class_dirs.into_iter().enumerate() {
         let (label, label_error) = if by_name {
-            (classes.id_of(&class), None)
+            match classes.id_of(&class) {
+                Some(id) => (Some(id), None),
+                None => (
+                    None,
+                    Some(format!(
+                        "class folder \"{class}\" is not among the model's class names ({})",
+                        model_names.as_deref().unwrap_or_default()
+                    )),
+                ),
+            }
         } else {
             match classes.resolve(&RawLabel::Id(i as i64)) {
                 Ok(id) => (Some(id), None),

@@ -118,3 +118,30 @@ fn ycck_and_cmyk_jpegs_decode_as_pil() {
         assert_eq!(max, 0, "{name}: pixels differ from PIL's (mean |diff| {mean:.4})");
     }
 }
+
+/// Files PIL refuses (the script checks that it does) are `decode_error`s here too, for the
+/// decode alone and for every model-input transform (a centre crop leaves out the rows where a
+/// JPEG's damage is: they are still read through, as PIL reads them).
+#[test]
+fn files_pil_refuses_are_decode_errors() {
+    let dir = cases();
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let refused = index["refused"].as_array().unwrap();
+    assert!(!refused.is_empty(), "{index}");
+    let transforms = index["transforms"].as_object().unwrap();
+    for case in refused {
+        let file = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let own =
+            Preprocess { resize: Resize::ShorterSide(300), crop: None, max_pixels: 1 << 28, jpeg_dct_scaling: false };
+        for pre in std::iter::once(own).chain(transforms.values().map(|spec| preprocess((&spec[0], &spec[1])))) {
+            match decode_bytes(&bytes, file, &pre) {
+                Ok(_) => panic!("{file} ({pre:?}): decoded, but PIL refuses it: {}", case["pil_error"]),
+                Err(e) => {
+                    assert_eq!(e.status, saliency_audit::sample::Status::DecodeError, "{file}: {e}");
+                    assert!(e.message.starts_with(file) && e.message.contains("corrupt JPEG data"), "{}", e.message);
+                }
+            }
+        }
+    }
+}

@@ -15,6 +15,8 @@ struct Case {
     interpolate_mode: String,
     predicted: bool,
     n: i64,
+    /// Samples whose reference attribution is all zero (the generator avoids them).
+    zero_samples: Vec<usize>,
 }
 
 fn cases() -> Vec<Case> {
@@ -61,8 +63,17 @@ fn matches_captum_on_every_case() {
         assert_eq!(run.batches, (case.n as usize).div_ceil(case.batch), "{}", case.name);
         let expected_targets = Vec::<i64>::try_from(Tensor::read_npy(d.join("t.npy")).unwrap()).unwrap();
         assert_eq!(run.targets, expected_targets, "{}: targets", case.name);
-        let err = rel_l2(&read(&out), &read(&d.join("ref_attr.npy")));
+        let (got, want) = (read(&out), read(&d.join("ref_attr.npy")));
+        let err = rel_l2(&got, &want);
         assert!(err <= 1e-5, "{}: attribution relative L2 error {err:e} > 1e-5", case.name);
+        // Sample by sample too, so that a small sample's error is not hidden by a large one's,
+        // and no sample is an all-zero attribution (which would check only "CAM = 0").
+        assert!(case.zero_samples.is_empty(), "{}: all-zero references {:?}", case.name, case.zero_samples);
+        let per = want.len() / case.n as usize;
+        for (i, (g, w)) in got.chunks(per).zip(want.chunks(per)).enumerate() {
+            let err = rel_l2(g, w);
+            assert!(err <= 1e-5, "{} sample {i}: attribution relative L2 error {err:e} > 1e-5", case.name);
+        }
         let cam_err = rel_l2(&read(&cam_out), &read(&d.join("ref_cam.npy")));
         assert!(cam_err <= 1e-5, "{}: CAM relative L2 error {cam_err:e} > 1e-5", case.name);
     }
@@ -254,7 +265,8 @@ fn attribute_command() {
     assert!(rel_l2(&read(&out), &read(&d.join("ref_attr.npy"))) <= 1e-5);
     let x = Tensor::read_npy(d.join("x.npy")).unwrap();
     assert_eq!(Tensor::read_npy(&out).unwrap().size(), x.size());
-    assert!(cam.exists());
+    let cam_err = rel_l2(&read(&cam), &read(&d.join("ref_cam.npy")));
+    assert!(cam_err <= 1e-5, "--cam-out against Captum's LayerGradCam: {cam_err:e}");
 
     // A bad target file: exit 2 and a message naming the file.
     let bad_t = tmp.path().join("t.npy");
@@ -327,7 +339,10 @@ fn fast_modes_bf16_and_channels_last() {
             let err_exact = rel_l2(&fast_attr, &exact_attr);
             println!("{case}: bf16 (channels_last {channels_last}) relative L2 vs Captum fp32 {err:.4}, vs engine fp32 {err_exact:.4}");
             assert!(err > 1e-4, "{case}: bf16 result equals fp32 ({err:e}): autocast had no effect");
-            assert!(err < 0.2, "{case}: bf16 relative L2 error {err:.4} against Captum fp32");
+            // About twice what these cases measure (resnet18 0.055, vgg11 0.11), so that a
+            // bf16 path that loses precision it need not lose fails.
+            let bound = if case.starts_with("resnet18") { 0.11 } else { 0.22 };
+            assert!(err < bound, "{case}: bf16 relative L2 error {err:.4} against Captum fp32 (bound {bound})");
         }
         // The guard is gone: the same thread computes in float32 again.
         let (again, again_attr) = run(false, false);
