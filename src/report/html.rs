@@ -133,7 +133,8 @@ fn fmt_opt(v: Option<f32>) -> String {
 fn card(out: &mut String, r: &Report, imgs: &SampleImages, i: usize, name_of: &dyn Fn(i64) -> String) {
     let rec = &r.records[i];
     let Some([img, ov, cam, _]) = imgs.get(i) else { return };
-    let flag = if rec.flagged { " flagged" } else { "" };
+    // Red where the sample itself takes its flagged cluster's shortcut, not every member.
+    let flag = if rec.shortcut { " flagged" } else { "" };
     let _ = write!(out, r#"<div class="card{flag}" data-id="{}">"#, esc(&rec.id));
     out.push_str(r#"<div class="imgs">"#);
     for (uri, what) in [(img, "model input"), (ov, "guided Grad-CAM"), (cam, "Grad-CAM")] {
@@ -225,7 +226,8 @@ figcaption{font-size:12px;max-width:260px;overflow-wrap:anywhere}.warning{color:
         "<h1>saliency-audit report</h1><p>Output folder <code>{}</code>. {} samples with attributions in {} classes. \
          Samples are ranked by the {}. Clusters are strategy clusters of the normalised attribution maps \
          (spectral clustering on a nearest-neighbour affinity, as SpRAy); a red border marks a Clever-Hans candidate: \
-         a cluster whose attribution concentrates away from the object.</p>",
+         a cluster whose attribution concentrates away from the object, and each sample of it whose own attribution \
+         does (a flagged cluster may also hold samples that do not).</p>",
         esc(&r.dir.to_string()),
         r.records.len(),
         r.classes.len(),

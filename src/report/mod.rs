@@ -130,7 +130,11 @@ pub struct Record {
     pub score: Option<f32>,
     pub rank: Option<usize>,
     pub cluster: Option<usize>,
+    /// Its cluster is a Clever-Hans candidate.
     pub flagged: bool,
+    /// It is in such a cluster and its own attribution takes the shortcut ([`shows_shortcut`]):
+    /// a flagged cluster may hold members that do not (a class whose maps do not fall apart).
+    pub shortcut: bool,
     pub maps: Option<Maps>,
 }
 
@@ -305,6 +309,7 @@ impl<'a> Cols<'a> {
             rank: None,
             cluster: None,
             flagged: false,
+            shortcut: false,
             maps: None,
         }
     }
@@ -431,6 +436,17 @@ fn flag(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]
         r.is_some_and(|r| r >= 0.05 && r >= 2.0 * area && rest.is_none_or(|m| r >= 2.0 * m))
     });
     c.concentration >= 0.4 && (away_from_object || in_region)
+}
+
+/// Whether a sample's own attribution takes a shortcut as [`flag`] judges a cluster's mean: at
+/// least 60% outside the object, or in a named region at least 5% and twice the region's share
+/// of the image.
+fn shows_shortcut(r: &Record, region_areas: &[f32]) -> bool {
+    let in_region = r.region_shares.iter().enumerate().any(|(k, s)| {
+        let area = region_areas.get(k).copied().unwrap_or(0.0);
+        s.is_some_and(|s| s >= 0.05 && s >= 2.0 * area)
+    });
+    r.outside_object().is_some_and(|o| o >= 0.6) || in_region
 }
 
 /// Set when no sample has a score, which happens when the output has no object boxes or masks
@@ -809,6 +825,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         for &m in &members {
             let c = records[m].cluster.unwrap_or(0);
             records[m].flagged = summary.clusters.get(c).is_some_and(|k| k.flagged);
+            records[m].shortcut = records[m].flagged && shows_shortcut(&records[m], &region_areas);
         }
         classes.push(summary);
     }
@@ -894,6 +911,10 @@ fn scores_table(records: &[Record], names: &Option<Vec<String>>) -> Result<Recor
         (
             Field::new("cluster_flagged", DataType::Boolean, false),
             Arc::new(BooleanArray::from_iter(records.iter().map(|r| Some(r.flagged)))),
+        ),
+        (
+            Field::new("shows_shortcut", DataType::Boolean, false),
+            Arc::new(BooleanArray::from_iter(records.iter().map(|r| Some(r.shortcut)))),
         ),
     ];
     let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = cols.into_iter().unzip();
@@ -1118,6 +1139,7 @@ mod tests {
             rank: None,
             cluster: None,
             flagged: false,
+            shortcut: false,
             maps: None,
         };
         let classes = [class(0, 10, 0), class(1, 10, 3), class(2, 10, 0), class(3, 10, 5)];

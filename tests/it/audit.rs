@@ -156,6 +156,14 @@ fn demo_catches_the_planted_shortcut() {
         pos.len()
     );
     assert!(flagged_unmarked as f64 <= 0.1 * neg.len() as f64, "{flagged_unmarked} unmarked squares flagged");
+    // A card is marked where the sample itself takes the shortcut: marked squares of the flagged
+    // cluster, no unmarked square, and only members of a flagged cluster.
+    let shortcut = col::<BooleanArray>(&scores, "shows_shortcut");
+    assert!((0..scores.num_rows()).all(|i| !shortcut.value(i) || flagged.value(i)));
+    let marked_shown = sq.iter().filter(|&&i| shortcut.value(i) && marked[ids.value(i)]).count();
+    let unmarked_shown = sq.iter().filter(|&&i| shortcut.value(i) && !marked[ids.value(i)]).count();
+    assert!(marked_shown as f64 >= 0.9 * flagged_marked as f64, "{marked_shown} of {flagged_marked}");
+    assert_eq!(unmarked_shown, 0, "unmarked squares shown as taking the shortcut");
 }
 
 /// The report opens in headless Chromium with no console errors and shows one card per ranked
