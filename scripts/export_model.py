@@ -49,8 +49,13 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
         elif hasattr(mod, part):
             mod = getattr(mod, part)
         else:
-            names = [n for n, _ in model.named_modules() if n]
-            raise SystemExit(f"error: layer path {path!r}: no submodule {part!r}; some layers: {', '.join(names[:40])}")
+            # What is there at this level (the top-level children for a first part: layer4,
+            # avgpool, fc rather than the first forty paths of the tree).
+            done = path.split(".")[:path.split(".").index(part)]
+            where = f"under {'.'.join(done)!r}" if done else "at the top level"
+            names = [n for n, _ in mod.named_children()]
+            raise SystemExit(f"error: layer path {path!r}: no submodule {part!r}; the modules {where}: "
+                             f"{', '.join(names) or '(none)'}")
     if not isinstance(mod, nn.Module):
         raise SystemExit(f"error: layer path {path!r} is not a module")
     return mod
@@ -215,6 +220,10 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
     traced = traced.eval()
     if ref_act.dim() != 4:
         raise SystemExit(f"error: the layer's activation has shape {list(ref_act.shape)}; Grad-CAM needs [N, K, h, w]")
+    if ref_act.shape[2] * ref_act.shape[3] == 1:
+        print(f"warning: layer {layer_path!r} gives a 1x1 activation: its Grad-CAM is one value per image, so every "
+              "map is the guided gradient scaled (or all zero); choose the last layer before the pooling",
+              file=sys.stderr)
     names = meta.get("class_names")
     if names is not None and len(names) != ref_logits.shape[1]:
         raise SystemExit(f"error: {len(names)} class names for a model of {ref_logits.shape[1]} classes")
@@ -225,7 +234,9 @@ def export(model: nn.Module, layer_path: str, layer_input: bool, example: torch.
             if not (close(logits, ref_logits) and close(act, ref_act)):
                 raise SystemExit(f"error: the TorchScript export differs from the eager model on call {call + 1}")
             if not act.requires_grad:
-                raise SystemExit("error: the exported activation is not on the autograd path")
+                raise SystemExit(f"error: the activation of layer {layer_path!r} is not on the autograd path to the "
+                                 "logits (its output does not feed them, or is detached): Grad-CAM needs a layer "
+                                 "the logits are computed from, usually the last convolutional block")
     meta = dict(meta)
     meta.update({"layer": layer_path, "layer_input": layer_input, "channels": int(example.shape[1]),
                  "input_size": [int(example.shape[2]), int(example.shape[3])],
@@ -244,7 +255,7 @@ def main(argv=None):
     ap.add_argument("--num-classes", type=int)
     ap.add_argument("--layer", required=True, help="path of the Grad-CAM layer, e.g. layer4 or features.28")
     ap.add_argument("--layer-input", action="store_true", help="attribute to the layer's input instead of its output")
-    ap.add_argument("--input-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    ap.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default 224 224")
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--resize", type=int, help="shorter-side resize the model expects before the crop")
     ap.add_argument("--mean", type=float, nargs="+", default=None)
@@ -262,6 +273,17 @@ def main(argv=None):
     std = args.std or (IMAGENET_STD if args.channels == 3 else [0.5] * args.channels)
     if len(mean) != args.channels or len(std) != args.channels:
         raise SystemExit(f"error: --mean and --std need {args.channels} values")
+    # torchvision's Normalize after ToTensor: values on the 0..1 scale.
+    if any(not 0 <= m <= 1 for m in mean) or any(not 0 < v <= 1 for v in std):
+        raise SystemExit(f"error: --mean {mean} and --std {std} must be on the 0..1 scale (as after ToTensor): "
+                         "divide values given for 0..255 pixels by 255")
+    input_size = args.input_size or [224, 224]
+    defaults = [f"--{k} {' '.join(map(str, v))}" for k, v, given in
+                [("mean", mean, args.mean), ("std", std, args.std), ("input-size", input_size, args.input_size)]
+                if not given]
+    if args.factory and defaults:
+        print(f"note: defaults embedded, not given: {', '.join(defaults)} (a job uses them unless it sets its own)",
+              file=sys.stderr)
     meta = {"architecture": args.arch or args.factory, "mean": mean, "std": std}
     if args.resize:
         meta["resize"] = args.resize
@@ -273,10 +295,15 @@ def main(argv=None):
         else:
             names = [n.strip() for n in args.class_names.split(",")]
         meta["class_names"] = names
-    example = torch.randn(args.batch, args.channels, *args.input_size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(args.batch, args.channels, *input_size, generator=torch.Generator().manual_seed(0))
     _, folded = export(model, args.layer, args.layer_input, example, meta, args.out, fold_bn=args.fold_bn)
     print(f"exported {meta['architecture']} (layer {args.layer}{' input' if args.layer_input else ''}) to {args.out}: "
           f"logits and activation checked against the eager model; {folded} batch norm(s) folded into convolutions")
+    embedded = {"input_size": input_size, **{k: meta[k] for k in ("resize", "mean", "std") if k in meta}}
+    names = meta.get("class_names")
+    embedded["class_names"] = f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names \
+        else "none (labels must be class ids)"
+    print("metadata: " + "; ".join(f"{k} {v}" for k, v in embedded.items()))
 
 
 if __name__ == "__main__":

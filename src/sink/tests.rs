@@ -380,7 +380,7 @@ fn a_second_writer_of_a_shard_waits_for_the_first() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let t = std::time::Instant::now();
     while !third.is_finished() {
-        assert!(t.elapsed().as_secs() < 5, "the third writer still waits 5 s after its stop");
+        assert!(t.elapsed().as_secs() < 30, "the third writer still waits 30 s after its stop");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let e = third.join().unwrap().expect_err("a stopped wait opens nothing");

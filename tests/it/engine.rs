@@ -417,3 +417,32 @@ fn luminance_equals_pils_convert_l_for_every_colour() {
         .collect();
     assert!(differ.is_empty(), "(colour 0xRRGGBB, ours, PIL's) where they differ: {differ:?}");
 }
+
+/// The export helper's mistakes a user makes first: a layer that is not there lists the modules
+/// at that level (a model's top-level blocks, not the first paths of its tree), and mean and std
+/// given on the 0..255 scale are refused at export, not later by the job.
+#[test]
+fn export_script_names_the_layers_and_the_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = |extra: &[&str]| {
+        std::process::Command::new(crate::common::python())
+            .arg(crate::common::repo().join("scripts/export_model.py"))
+            .args(["--arch", "resnet18", "--out"])
+            .arg(tmp.path().join("m.pt"))
+            .args(extra)
+            .env("PYTHONWARNINGS", "ignore")
+            .output()
+            .unwrap()
+    };
+    let o = export(&["--layer", "layer5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("no submodule 'layer5'; the modules at the top level: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4, avgpool, fc"), "{err}");
+    let o = export(&["--layer", "layer4.9"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("'layer4.9': 9 is past the end of a sequence of 2"), "{err}");
+    let o = export(&["--layer", "layer4", "--mean", "123", "116", "103", "--std", "58", "57", "57"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("must be on the 0..1 scale"), "{err}");
+    assert!(!tmp.path().join("m.pt").exists(), "nothing exported");
+}
