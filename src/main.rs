@@ -479,6 +479,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 logging::say(Level::WARN, "stopped early: rerun the same command to finish (committed parts are kept)");
                 return Ok(ExitCode::from(130));
             }
+            if s.processed() > 0 {
+                saliency_audit::sink::warn_if_report_is_stale(&outcome.output_dir, "this run's rows");
+            }
             if finalize {
                 finalize_after_shard(&outcome.output_dir)?;
             }
@@ -541,6 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Finalize { dir } => {
             let summary = saliency_audit::sink::finalize(&dir)?;
+            saliency_audit::sink::warn_if_report_is_stale(&dir, "every shard was complete");
             if logging::json() {
                 outln!("{}", serde_json::to_string(&summary)?);
             } else {

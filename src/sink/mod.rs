@@ -46,7 +46,10 @@ pub use columns::region_column;
 pub use extra::{write_file, write_table};
 pub use files::{part_name, LockWaitInterrupted, OutputConflict};
 pub use read::{for_each_batch, read_rows, Parts};
-pub use summary::{finalize, remove_summary, write_summary, Coverage, DatasetSummary, ShardSummary, ShardsUnfinished};
+pub use summary::{
+    finalize, remove_summary, warn_if_report_is_stale, write_summary, Coverage, DatasetSummary, ShardSummary,
+    ShardsUnfinished,
+};
 
 /// Version of the output table layout; bump when a column is added, removed or changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -278,6 +278,19 @@ pub fn write_summary(dir: &Loc, shard: u32, num_shards: u32, summary: &serde_jso
     dir.join(&name)
 }
 
+/// Says when `dir` holds a report (`_report/index.html`, the report command's default place)
+/// that rows written since (a run, a retry) or a finalize have left behind: the report reads
+/// the output once, when it is made, and is not made again on its own.
+pub fn warn_if_report_is_stale(dir: &Loc, what: &str) {
+    let Ok(index) = dir.join("_report/index.html") else { return };
+    if crate::store::exists(&index).unwrap_or(false) {
+        tracing::warn!(
+            "{dir}: its _report was made before {what}; run `saliency-audit report {dir}` again for a report of what \
+             it holds now"
+        );
+    }
+}
+
 /// Removes the shard's report of an earlier run, as a run starts: a run that then fails leaves
 /// no report, rather than one of another run.
 pub fn remove_summary(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Result<()> {

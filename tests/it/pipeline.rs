@@ -796,8 +796,13 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     let good = std::fs::read(ds.dir.join("bad/good.jpg")).unwrap();
     std::fs::write(ds.dir.join("bad/missing.jpg"), &good).unwrap();
     std::fs::write(ds.dir.join("bad/zero.jpg"), &good).unwrap();
+    // A report of the output as it was, which the retry then leaves behind: the run says so.
+    let report = Command::new(bin()).args(["-q", "report"]).arg(&out).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let o = run(&["--retry-failed=missing"]);
     assert_eq!(o.status.code(), Some(1), "the other bad samples still fail: {}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("its _report was made before this run's rows; run `saliency-audit report"), "{err}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("1 of 1 samples processed") && stdout.contains("1 failed there and redone"), "{stdout}");
     let summary: serde_json::Value =
