@@ -13,7 +13,7 @@ use crate::source::{self, ShardSpec};
 use crate::stats::Region;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::store::{self, Loc};
@@ -89,6 +89,7 @@ pub fn describe_output(plan: &Plan) -> Result<OutputState> {
     let cfg = sink_config(plan, Vec::new(), BTreeSet::new());
     let st = crate::sink::shard_state(&cfg, &fingerprint(plan))?;
     if let Some(why) = st.refused {
+        let why = with_differences(plan, &cfg.dir, anyhow::anyhow!("{why}"));
         let text = format!("output state: a run would refuse this folder (exit 2): {why}\n");
         return Ok(OutputState { text, refused: true });
     }
@@ -430,6 +431,83 @@ fn settings_key(p: &Plan) -> String {
     )
 }
 
+/// A refusal of a folder that holds another job's output, with what tells the two jobs apart
+/// added: the job spec's settings that differ (from the spec the folder's first part records),
+/// the model file, or else the samples. Other refusals, and folders whose parts record nothing
+/// readable, are returned as they are.
+fn with_differences(plan: &Plan, dir: &Loc, refused: anyhow::Error) -> anyhow::Error {
+    let text = refused.to_string();
+    if !text.contains("holds another job's output") {
+        return refused;
+    }
+    let Ok(recorded) = crate::sink::recorded_metadata(dir) else {
+        return refused;
+    };
+    let mut differs = Vec::new();
+    if recorded.get("saliency_audit.model_sha256").is_some_and(|m| *m != plan.model_sha256) {
+        differs.push("the model file (its sha256)".to_owned());
+    }
+    if let Some(spec) = recorded.get("saliency_audit.job_spec") {
+        differs.extend(spec_differences(spec, &plan.job.spec_text));
+    }
+    let said = match differs.is_empty() {
+        true => "neither its settings nor its model differ from that job's, so its samples do (their ids, paths, \
+                 labels, boxes or masks, as the manifest or the image folder gives them)"
+            .to_owned(),
+        false => format!("it differs from that job in {}", differs.join(", ")),
+    };
+    anyhow::anyhow!("{text}; {said}")
+}
+
+/// The job spec's keys (dotted, `regions` as a whole) whose values differ between two spec
+/// texts, `key (old → new)`, leaving out those that do not change what is written (the run's
+/// devices, threads and batch size, cuDNN's benchmark mode, where the statistics are computed,
+/// the output's path) and the paths of the model and the dataset (the model's sha256 and the
+/// samples stand for what they hold).
+fn spec_differences(old: &str, new: &str) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) if prefix != "regions" => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            v => {
+                out.insert(prefix.to_owned(), v.to_string());
+            }
+        }
+    }
+    let table = |text: &str| -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Ok(v) = text.parse::<toml::Table>() {
+            flatten("", &toml::Value::Table(v), &mut out);
+        }
+        out
+    };
+    const NOT_WRITTEN: [&str; 10] = [
+        "model.path",
+        "dataset.manifest",
+        "dataset.image_folder",
+        "runtime.devices",
+        "runtime.batch_size",
+        "runtime.workers_per_device",
+        "runtime.decode_threads",
+        "runtime.cudnn_benchmark",
+        "runtime.stats_on_device",
+        "output.path",
+    ];
+    let (a, b) = (table(old), table(new));
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| !NOT_WRITTEN.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .map(|k| {
+            let shown = |v: Option<&String>| v.map_or("unset".to_owned(), |v| v.clone());
+            format!("{k} ({} → {})", shown(a.get(k)), shown(b.get(k)))
+        })
+        .collect()
+}
+
 /// How a run ended, for the exit code.
 pub struct Outcome {
     pub summary: RunSummary,
@@ -493,7 +571,7 @@ pub fn run_with(
     let output = sink_config(&plan, Vec::new(), BTreeSet::new());
     let shard_lock = Arc::new(crate::sink::lock_shard(&output.dir, output.shard, output.num_shards, &stop)?);
     if let Some(refused) = crate::sink::refusal(&output, &fingerprint(&plan))? {
-        return Err(refused);
+        return Err(with_differences(&plan, &output.dir, refused));
     }
     if let Err(e) = crate::sink::remove_summary(&output.dir, output.shard, output.num_shards) {
         tracing::warn!("cannot remove the report of an earlier run: {e:#}");

@@ -209,6 +209,12 @@ pub struct ShardState {
 /// Reads [`ShardState`] of shard `cfg.shard` in `cfg.dir` for the job `fingerprint`, without
 /// locking, creating, moving or removing anything. A folder that does not exist yet holds
 /// nothing.
+/// The key-value metadata (job spec, model sha256, …) that the first committed part of `dir`
+/// records of the job that wrote it.
+pub fn recorded_metadata(dir: &Loc) -> anyhow::Result<BTreeMap<String, String>> {
+    extra::metadata_of(dir, &files::list_names(dir)?)
+}
+
 pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardState> {
     check_config(cfg)?;
     let mut state = ShardState { num_parts: cfg.total_rows.div_ceil(cfg.rows_per_part), ..Default::default() };

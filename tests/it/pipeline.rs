@@ -774,6 +774,26 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     assert!(said.contains("a run would refuse this folder (exit 2)"), "{said}");
     assert_eq!(v.status.code(), Some(2), "{said}");
     assert_eq!(Command::new(bin()).arg("run").arg(&other).output().unwrap().status.code(), Some(2));
+    // One setting changed (and the batch size, which changes nothing written): the refusal names it.
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&other, text.replace("map_size = 16", "map_size = 32").replace("batch_size = 16", "batch_size = 4"))
+        .unwrap();
+    let o = Command::new(bin()).arg("run").arg(&other).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds another job's output")
+            && err.contains("it differs from that job in output.map_size (16 → 32)"),
+        "{err}"
+    );
+    assert!(!err.contains("batch_size"), "{err}");
+    // The same settings over other samples: the samples are named.
+    std::fs::write(&other, text.replace("samples.csv", "renamed.csv")).unwrap();
+    let manifest = std::fs::read_to_string(ds.dir.join("samples.csv")).unwrap();
+    std::fs::write(ds.dir.join("renamed.csv"), manifest.replacen(",s0000,", ",first,", 1)).unwrap();
+    let said =
+        String::from_utf8_lossy(&Command::new(bin()).arg("validate").arg(&other).output().unwrap().stdout).into_owned();
+    assert!(said.contains("neither its settings nor its model differ from that job's, so its samples do"), "{said}");
     // The twelve good samples come first: parts 0 and 1 hold only ok rows.
     let clean: Vec<Vec<u8>> =
         (0..2).map(|k| std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap()).collect();
