@@ -144,11 +144,13 @@ fn list_local(root: &Path) -> anyhow::Result<Vec<(String, ClassFiles)>> {
     }
     class_dirs.sort();
     let mut out = Vec::new();
+    let mut left_out = Vec::new();
     for (class, dir) in class_dirs {
         let mut files = Vec::new();
-        walk(&dir, &class, &mut Vec::new(), &mut files)?;
+        walk(&dir, &class, &mut Vec::new(), &mut files, &mut left_out)?;
         out.push((class, files.into_iter().map(|(rel, p)| (rel, Loc::Local(p))).collect()));
     }
+    say_left_out(root.display(), &left_out);
     Ok(out)
 }
 
@@ -156,18 +158,20 @@ fn list_local(root: &Path) -> anyhow::Result<Vec<(String, ClassFiles)>> {
 /// prefix. Objects directly under the prefix, and hidden names at any depth, are skipped.
 fn list_remote(root: &Loc) -> anyhow::Result<Vec<(String, ClassFiles)>> {
     let mut by_class: std::collections::BTreeMap<String, ClassFiles> = Default::default();
+    let mut left_out = Vec::new();
     for rel in store::walk_remote(root)? {
         let segments: Vec<&str> = rel.split('/').collect();
-        if segments.len() < 2
-            || segments.iter().any(|s| s.starts_with('.'))
-            || NOT_CLASSES.contains(&segments[0])
-            || !is_image(&rel)
-        {
+        if segments.len() < 2 || segments.iter().any(|s| s.starts_with('.')) || NOT_CLASSES.contains(&segments[0]) {
+            continue;
+        }
+        if !is_image(&rel) {
+            left_out.push(rel);
             continue;
         }
         let location = root.join(&rel)?;
         by_class.entry(segments[0].to_owned()).or_default().push((rel, location));
     }
+    say_left_out(root, &left_out);
     Ok(by_class.into_iter().collect())
 }
 
@@ -196,7 +200,13 @@ fn read_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
 /// `above` holds the real paths of the folders above `dir` on this walk: a link back to one of
 /// them (a loop) is not followed. Other links are, wherever they point: a folder linked into two
 /// classes gives its images to both, under two ids, as torchvision's `ImageFolder` does.
-fn walk(dir: &Path, rel: &str, above: &mut Vec<PathBuf>, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
+fn walk(
+    dir: &Path,
+    rel: &str,
+    above: &mut Vec<PathBuf>,
+    out: &mut Vec<(String, PathBuf)>,
+    left_out: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let real = std::fs::canonicalize(dir).with_context(|| format!("cannot open folder {}", dir.display()))?;
     if above.contains(&real) {
         tracing::warn!("{}: a link back to a folder above it (a loop); not followed", dir.display());
@@ -208,20 +218,41 @@ fn walk(dir: &Path, rel: &str, above: &mut Vec<PathBuf>, out: &mut Vec<(String, 
             continue;
         }
         let child = format!("{rel}/{name}");
-        // Follows links; a broken link is skipped like a non-image.
+        // Follows links; a broken link is left out like a non-image.
         let Ok(meta) = std::fs::metadata(&path) else {
+            left_out.push(child);
             continue;
         };
         if meta.is_dir() {
-            walk(&path, &child, above, out)?;
+            walk(&path, &child, above, out, left_out)?;
         } else if is_image(&name) {
             // A pipe or device named like an image is listed too: reading it gives the sample
             // an `unreadable` row (store::read refuses it without opening it).
             out.push((child, path));
+        } else {
+            left_out.push(child);
         }
     }
     above.pop();
     Ok(())
+}
+
+/// Says which files of the class folders are not samples (not named as images, or broken
+/// links; hidden names are left out without a word), so that a dataset that lost files to a
+/// name is not silently smaller.
+fn say_left_out(root: impl std::fmt::Display, left_out: &[String]) {
+    if left_out.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = left_out.iter().take(3).map(String::as_str).collect();
+    tracing::info!(
+        "{root}: {} file(s) in the class folders are not images by their names and are left out ({}{}); image \
+         names end in {}",
+        left_out.len(),
+        shown.join(", "),
+        if left_out.len() > 3 { ", …" } else { "" },
+        IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+    );
 }
 
 /// Whether `name` has one of [`IMAGE_EXTENSIONS`], in any case.

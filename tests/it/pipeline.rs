@@ -1989,3 +1989,48 @@ fn a_cuda_device_that_is_not_there_is_named() {
     assert!(msg.contains("\"cuda:0\" is not available") && msg.contains("CUDA_VISIBLE_DEVICES is \"0\""), "{msg}");
     assert_eq!(o.status.code(), Some(3), "{msg}");
 }
+
+/// An image folder of the model's class names with a stray folder and a file that is not an
+/// image: the classes keep the model's ids, the stray folder's images are `bad_label` rows
+/// naming it, and the file left out is said.
+#[test]
+fn an_image_folder_with_a_stray_folder_and_a_text_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("train");
+    for (i, rel) in ["square/a.png", "triangle/b.png", "unsorted/c.png"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(rel).parent().unwrap()).unwrap();
+        pattern(40, 40, i as u32).save(root.join(rel)).unwrap();
+    }
+    std::fs::write(root.join("square/notes.txt"), "not an image").unwrap();
+    let job = write_job(tmp.path(), &engine_cases().join("pipeline/model.pt"), "");
+    let text = std::fs::read_to_string(&job).unwrap().replace("manifest = \"samples.csv\"", "image_folder = \"train\"");
+    std::fs::write(&job, text).unwrap();
+    let v = Command::new(bin()).arg("validate").arg(&job).output().unwrap();
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(
+        err.contains(
+            "1 file(s) in the class folders are not images by their names and are left out (square/notes.txt)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("class folder(s) unsorted are not among the model's class names"), "{err}");
+    let o = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_all(&tmp.path().join("out"));
+    let (ids, label, status, error) = (
+        col::<StringArray>(&rows, "id"),
+        col::<Int64Array>(&rows, "label"),
+        col::<StringArray>(&rows, "status"),
+        col::<StringArray>(&rows, "error"),
+    );
+    let got: Vec<(&str, Option<i64>, &str)> = (0..rows.num_rows())
+        .map(|i| (ids.value(i), label.is_valid(i).then(|| label.value(i)), status.value(i)))
+        .collect();
+    assert_eq!(
+        got,
+        [("square/a.png", Some(1), "ok"), ("triangle/b.png", Some(2), "ok"), ("unsorted/c.png", None, "bad_label")]
+    );
+    assert!(error
+        .value(2)
+        .contains("class folder \"unsorted\" is not among the model's class names (circle, square, triangle)"));
+}
