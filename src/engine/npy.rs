@@ -57,12 +57,25 @@ pub fn attribute_npy(
         bail!("--batch-size must be at least 1");
     }
     let x = Tensor::read_npy(input).with_context(|| format!("cannot read {} as .npy", input.display()))?;
-    if x.kind() != Kind::Float {
-        bail!("{}: dtype {:?}, expected float32", input.display(), x.kind());
-    }
+    let x = match x.kind() {
+        Kind::Float => x,
+        // numpy's default float: the values the model computes with are float32 anyway.
+        Kind::Double => x.to_kind(Kind::Float),
+        k => bail!("{}: dtype {k:?}, expected float32 (x.astype(np.float32))", input.display()),
+    };
     let shape = x.size();
     if shape.len() != 4 {
         bail!("{}: shape {shape:?}, expected [N, C, H, W]", input.display());
+    }
+    // A channels-last array (as PIL and OpenCV give images) by its shape.
+    if let Some(c) = super::read_meta(model).ok().flatten().and_then(|m| m.channels) {
+        if shape[1] != c && shape[3] == c {
+            bail!(
+                "{}: shape {shape:?} looks like [N, H, W, C]; the model takes [N, C, H, W] with C = {c} \
+                 (np.transpose(x, (0, 3, 1, 2)))",
+                input.display()
+            );
+        }
     }
     let n = shape[0];
     if shape.contains(&0) {

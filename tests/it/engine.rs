@@ -268,6 +268,44 @@ fn attribute_command() {
     let cam_err = rel_l2(&read(&cam), &read(&d.join("ref_cam.npy")));
     assert!(cam_err <= 1e-5, "--cam-out against Captum's LayerGradCam: {cam_err:e}");
 
+    // numpy's default float64 is taken as float32; a channels-last array and an integer one
+    // are refused with what to do.
+    let with_input = |input: &Path, out: &Path| {
+        std::process::Command::new(bin())
+            .args(["attribute", "--model"])
+            .arg(d.join("model.pt"))
+            .arg("--input")
+            .arg(input)
+            .arg("--target")
+            .arg(d.join("t.npy"))
+            .arg("--out")
+            .arg(out)
+            .args(["--interpolate-mode", "bilinear"])
+            .output()
+            .unwrap()
+    };
+    let x64 = tmp.path().join("x64.npy");
+    x.to_kind(Kind::Double).write_npy(&x64).unwrap();
+    let out64 = tmp.path().join("a64.npy");
+    let st = with_input(&x64, &out64);
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(rel_l2(&read(&out64), &read(&d.join("ref_attr.npy"))) <= 1e-5);
+    for (name, t, said) in [
+        (
+            "nhwc.npy",
+            x.permute([0, 2, 3, 1]).contiguous(),
+            "looks like [N, H, W, C]; the model takes [N, C, H, W] with C = 3",
+        ),
+        ("int.npy", x.to_kind(Kind::Int), "expected float32 (x.astype(np.float32))"),
+    ] {
+        let p = tmp.path().join(name);
+        t.write_npy(&p).unwrap();
+        let st = with_input(&p, &tmp.path().join("never.npy"));
+        let err = String::from_utf8_lossy(&st.stderr);
+        assert_eq!(st.status.code(), Some(2), "{err}");
+        assert!(err.contains(name) && err.contains(said), "{err}");
+    }
+
     // A bad target file: exit 2 and a message naming the file.
     let bad_t = tmp.path().join("t.npy");
     Tensor::from_slice(&[1i64, 2]).write_npy(&bad_t).unwrap();
