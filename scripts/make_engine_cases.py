@@ -71,6 +71,51 @@ class SmallNet(nn.Module):
         return self.fc2(x)
 
 
+class MixedRectifiers(nn.Module):
+    """A small CNN with ReLU6 (a hardtanh node), leaky ReLU and ReLU modules, for the engine's
+    optional guiding of ReLU6 and leaky ReLU (`guided_rectifiers`), which Captum does not do."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.act2 = nn.LeakyReLU(0.1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.act3 = nn.ReLU()
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.act4 = nn.ReLU6()
+        self.fc2 = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.act1(self.conv1(x)), 2)
+        x = F.max_pool2d(self.act2(self.conv2(x)), 2)
+        x = self.act3(self.conv3(x))
+        x = F.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.fc2(self.act4(self.fc1(x)))
+
+
+def guided_refs(model, layer_path, x, targets, mode, rectifiers):
+    """GuidedGradCam as Captum computes it, with guided backprop's rule (the gradient a
+    rectifier module passes back clamped at 0, as Captum's GuidedBackprop does for nn.ReLU)
+    applied to every module of the `rectifiers` types: Captum's LayerGradCam (standard
+    gradients), upsampled as Captum does, times that guided gradient."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    layer = resolve_layer(model, layer_path)
+    cam = LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)
+    up = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode=mode)
+    hooks = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+             for m in model.modules() if isinstance(m, rectifiers)]
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    picked = out.gather(1, torch.tensor(targets).view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(picked, xg)
+    for h in hooks:
+        h.remove()
+    return (grad * up).detach().numpy().astype(np.float32), cam.detach().numpy().astype(np.float32)
+
+
 def twin(model):
     """The eager twin Captum runs on: same weights, every ReLU an out-of-place nn.ReLU module."""
     m = copy.deepcopy(model)
@@ -198,7 +243,8 @@ def main():
     g = torch.Generator().manual_seed(1)
     cases = []
 
-    def add(name, model, layer, x, targets, batch, mode="nearest", layer_input=False, predicted=False):
+    def add(name, model, layer, x, targets, batch, mode="nearest", layer_input=False, predicted=False,
+            rectifiers=None):
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)
         for p in model.parameters():
@@ -210,7 +256,12 @@ def main():
         if predicted:
             with torch.no_grad():
                 targets = ref_model(x).argmax(1).tolist()
-        attr, cam = captum_refs(ref_model, layer, layer_input, x.clone(), targets, mode)
+        def refs(x, targets):
+            if rectifiers:
+                return guided_refs(ref_model, layer, x, targets, mode, rectifiers[1])
+            return captum_refs(ref_model, layer, layer_input, x, targets, mode)
+
+        attr, cam = refs(x.clone(), targets)
         if not predicted:
             # A sample whose Grad-CAM is negative everywhere attributes nothing (ReLU(CAM) = 0),
             # so it would check only "CAM = 0", not the guided gradient; one whose CAM nearly
@@ -224,18 +275,18 @@ def main():
             for i in range(x.shape[0]):
                 if norms[i] >= 1e-3 * max(norms):
                     continue
-                by_class = [np.linalg.norm(captum_refs(ref_model, layer, layer_input, x[i:i + 1].clone(), [c], mode)[0])
-                            for c in range(classes)]
+                by_class = [np.linalg.norm(refs(x[i:i + 1].clone(), [c])[0]) for c in range(classes)]
                 targets[i], changed = int(np.argmax(by_class)), True
             if changed:
-                attr, cam = captum_refs(ref_model, layer, layer_input, x.clone(), targets, mode)
+                attr, cam = refs(x.clone(), targets)
         zero = [i for i in range(x.shape[0]) if not np.any(attr[i])]
         np.save(os.path.join(d, "x.npy"), x.numpy().astype(np.float32))
         np.save(os.path.join(d, "t.npy"), np.asarray(targets, dtype=np.int64))
         np.save(os.path.join(d, "ref_attr.npy"), attr)
         np.save(os.path.join(d, "ref_cam.npy"), cam)
         cases.append({"name": name, "batch": batch, "interpolate_mode": mode, "predicted": predicted,
-                      "n": int(x.shape[0]), "zero_samples": zero})
+                      "n": int(x.shape[0]), "zero_samples": zero,
+                      "rectifiers": rectifiers[0] if rectifiers else ["relu"]})
         print(f"case {name}: x {list(x.shape)}, |ref| {np.linalg.norm(attr):.4g}, all-zero samples {zero}",
               flush=True)
 
@@ -254,6 +305,8 @@ def main():
     add("functional_relu", SmallNet(functional=True), "conv3", rand(6, 3, 32, 32), targets(6, 7), batch=4)
     add("inplace_relu", SmallNet(inplace=True), "conv2", rand(6, 3, 32, 32), targets(6, 7), batch=5, mode="bicubic")
     add("one_channel", SmallNet(channels=1), "conv3", rand(5, 1, 32, 32), targets(5, 7), batch=2)
+    add("relu6_leaky_guided", MixedRectifiers(), "conv3", rand(5, 3, 32, 32), targets(5, 5), batch=3,
+        rectifiers=(["relu", "relu6", "leaky_relu"], (nn.ReLU, nn.ReLU6, nn.LeakyReLU)))
     a = torch.arange(16.0).view(1, 1, 4, 4)
     add("toy_relu1", ToyConvNet(), "relu1", a, [0], batch=1)
     add("toy_conv1", ToyConvNet(), "conv1", a, [0], batch=1)

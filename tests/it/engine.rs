@@ -17,6 +17,8 @@ struct Case {
     n: i64,
     /// Samples whose reference attribution is all zero (the generator avoids them).
     zero_samples: Vec<usize>,
+    /// The rectifiers guided backprop clamps (`guided_rectifiers`); Captum's rule is `relu`.
+    rectifiers: Vec<String>,
 }
 
 fn cases() -> Vec<Case> {
@@ -57,7 +59,10 @@ fn matches_captum_on_every_case() {
             Some(&cam_out),
             case.batch,
             Device::Cpu,
-            opts(&case.interpolate_mode),
+            EngineOptions {
+                rectifiers: Rectifiers::from_names(&case.rectifiers).unwrap(),
+                ..opts(&case.interpolate_mode)
+            },
         )
         .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         assert_eq!(run.batches, (case.n as usize).div_ceil(case.batch), "{}", case.name);
@@ -76,7 +81,25 @@ fn matches_captum_on_every_case() {
         }
         let cam_err = rel_l2(&read(&cam_out), &read(&d.join("ref_cam.npy")));
         assert!(cam_err <= 1e-5, "{}: CAM relative L2 error {cam_err:e} > 1e-5", case.name);
+        if case.rectifiers != ["relu"] {
+            // The extra rectifiers are what makes the result: guiding ReLUs alone differs.
+            let relu_only = tmp.path().join(format!("{}_relu_only.npy", case.name));
+            attribute_npy(
+                &d.join("model.pt"),
+                &d.join("x.npy"),
+                &TargetArg::File(d.join("t.npy")),
+                &relu_only,
+                None,
+                case.batch,
+                Device::Cpu,
+                opts(&case.interpolate_mode),
+            )
+            .unwrap();
+            let err = rel_l2(&read(&relu_only), &want);
+            assert!(err > 1e-2, "{}: guiding only ReLUs gives the same result ({err:e})", case.name);
+        }
     }
+    assert!(cases.iter().any(|c| c.rectifiers.len() > 1), "a case guides ReLU6 and leaky ReLU");
 }
 
 /// Several batches give the same result as one, bit for bit up to float noise, and the second
