@@ -123,6 +123,10 @@ impl TorchAttributor {
         if mean.len() != std.len() || mean.is_empty() {
             bail!("mean and std need one value per input channel");
         }
+        // What makes every normalised image finite (the batches skip the engine's check).
+        if !mean.iter().all(|m| m.is_finite()) || !std.iter().all(|s| s.is_finite() && *s > 0.0) {
+            bail!("mean {mean:?} and std {std:?} must be finite, and std positive");
+        }
         let engine = GuidedGradCam::load(model, device, opts)?;
         let c = mean.len() as i64;
         // libtorch's failures here (the calls do not return errors) are the device's.
@@ -217,7 +221,7 @@ impl TorchAttributor {
 /// 2^15, shifted right by 16), so a 1-channel model's input equals torchvision's `Grayscale` of
 /// the resized, cropped image. Exact in float32: every product and sum stays below 2^24.
 pub fn luminance(rgb: &Tensor) -> Tensor {
-    let wts = Tensor::from_slice(&[19595f32, 38470., 7471.]).view([1, 3, 1, 1]).to_device(rgb.device());
+    let wts = super::upload(Tensor::from_slice(&[19595f32, 38470., 7471.]), rgb.device()).view([1, 3, 1, 1]);
     let sum = (rgb * wts).sum_dim_intlist(&[1i64][..], true, Kind::Float);
     ((sum + 32768.0) / 65536.0).floor()
 }
@@ -273,14 +277,15 @@ impl TorchAttributor {
             None => None,
         };
         let x = self.to_input(batch)?;
-        let r = self.engine.attribute(&x, &batch.targets)?;
+        // u8 pixels, a finite mean and a positive std (checked at load): finite input.
+        let r = self.engine.attribute_finite(&x, &batch.targets)?;
         let (map, cam, probs, predicted) = no_grad(|| {
             let map = r.attribution.abs().sum_dim_intlist(&[1i64][..], false, Kind::Float);
             let probs = r.logits.to_kind(Kind::Float).softmax(1, Kind::Float);
             let predicted = probs.argmax(1, false);
             (map, r.cam.squeeze_dim(1), probs, predicted)
         });
-        let tgt = Tensor::from_slice(&r.targets).to_device(probs.device()).view([-1, 1]);
+        let tgt = super::upload(Tensor::from_slice(&r.targets), probs.device()).view([-1, 1]);
         let target_prob = probs.gather(1, &tgt, false).view([-1]);
         let pred_prob = probs.gather(1, &predicted.view([-1, 1]), false).view([-1]);
         let cpu = Device::Cpu;

@@ -341,8 +341,19 @@ impl GuidedGradCam {
     }
 
     /// Guided Grad-CAM for a float32 batch `[N, C, H, W]`. `targets[i]` is the class for
-    /// example i, `None` for the model's predicted class.
+    /// example i, `None` for the model's predicted class. An example that holds NaN or Inf is
+    /// refused, naming it.
     pub fn attribute(&self, input: &Tensor, targets: &[Option<i64>]) -> Result<Attribution> {
+        self.attribute_checked(input, targets, true)
+    }
+
+    /// [`attribute`](Self::attribute) for input known to be finite (images normalised by a
+    /// finite mean and a positive std): without the check, which on CUDA waits for the upload.
+    pub(crate) fn attribute_finite(&self, input: &Tensor, targets: &[Option<i64>]) -> Result<Attribution> {
+        self.attribute_checked(input, targets, false)
+    }
+
+    fn attribute_checked(&self, input: &Tensor, targets: &[Option<i64>], check: bool) -> Result<Attribution> {
         disable_graph_optimization();
         let size = input.size();
         if size.len() != 4 {
@@ -356,7 +367,9 @@ impl GuidedGradCam {
             bail!("empty batch");
         }
         let x = input.to_device(self.device).to_kind(Kind::Float).detach();
-        check_finite(&x, 0)?;
+        if check {
+            check_finite(&x, 0)?;
+        }
         let x = if self.opts.channels_last == Some(true) {
             shim::channels_last(&x).map_err(|e| anyhow!("input: {e}"))?
         } else {
@@ -402,7 +415,7 @@ impl GuidedGradCam {
             }
             resolved.push(t);
         }
-        let tgt = Tensor::from_slice(&resolved).to_device(self.device).view([-1, 1]);
+        let tgt = upload(Tensor::from_slice(&resolved), self.device).view([-1, 1]);
         let sel = logits.gather(1, &tgt, false).sum(Kind::Float);
 
         let t1 = now();
@@ -470,6 +483,17 @@ pub fn upsample(cam: &Tensor, h: i64, w: i64, mode: InterpolateMode) -> Tensor {
         InterpolateMode::Bilinear => cam.upsample_bilinear2d([h, w], false, None, None),
         InterpolateMode::Bicubic => cam.upsample_bicubic2d([h, w], false, None, None),
         InterpolateMode::Area => cam.adaptive_avg_pool2d([h, w]),
+    }
+}
+
+/// A small host tensor (made with `from_slice`) on `device`, copied without waiting: libtorch's
+/// blocking copy to a CUDA device waits for everything queued on the stream before it (the
+/// whole forward, for targets), where the asynchronous copy of pageable memory is staged at once
+/// and runs in stream order.
+pub(crate) fn upload(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cpu => t,
+        d => t.to_device_(d, t.kind(), true, false),
     }
 }
 

@@ -107,7 +107,7 @@ pub fn reduce(
                     ]);
                 }
             }
-            let corners = Tensor::from_slice(&corners).view([n, (boxes * 4) as i64]).to_device(dev);
+            let corners = super::upload(Tensor::from_slice(&corners), dev).view([n, (boxes * 4) as i64]);
             let g = integral.gather(1, &corners, false).view([n, boxes as i64, 4]);
             g.select(2, 0) - g.select(2, 1) - g.select(2, 2) + g.select(2, 3)
         };
@@ -132,7 +132,7 @@ pub fn reduce(
                     chunk.copy_from_slice(mk);
                 }
             }
-            let mk = Tensor::from_slice(&bytes).view([n, h * w]).to_device(dev).ne(0);
+            let mk = super::upload(Tensor::from_slice(&bytes), dev).view([n, h * w]).ne(0);
             cols.push((&d * mk).sum_dim_intlist(&[1i64][..], true, Kind::Double));
         }
         Ok(DeviceReduction { sums: Tensor::cat(&cols, 1), resized, boxes, has_mask, has_bbox, n_values: hw })
