@@ -19,8 +19,29 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_saliency-audit"))
 }
 
+/// The installed versions of the libraries the fixture scripts compute references with (their
+/// `*.dist-info` folder names in the project's .venv): a fixture made with other versions is
+/// made again.
+fn library_versions() -> String {
+    let mut names: Vec<String> = std::fs::read_dir(repo().join(".venv/lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|py| std::fs::read_dir(py.path().join("site-packages")).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.ends_with(".dist-info")
+                && ["torch-", "torchvision-", "pillow-", "captum-", "numpy-"]
+                    .iter()
+                    .any(|p| n.to_lowercase().starts_with(p))
+        })
+        .collect();
+    names.sort();
+    names.join(",")
+}
+
 /// Runs a Python script of the repo once per test run, making `out` (skipped when `out/stamp`
-/// exists from an earlier run with the same script contents).
+/// exists from an earlier run with the same script contents and library versions).
 pub fn generate_once(cell: &'static OnceLock<PathBuf>, script: &str, name: &str) -> &'static Path {
     cell.get_or_init(|| {
         let script_path = repo().join(script);
@@ -28,6 +49,7 @@ pub fn generate_once(cell: &'static OnceLock<PathBuf>, script: &str, name: &str)
         let mut extra = Vec::new();
         // The export helper is part of every fixture.
         extra.extend(std::fs::read(repo().join("scripts/export_model.py")).unwrap_or_default());
+        extra.extend(library_versions().into_bytes());
         let stamp = format!("{:016x}", fnv(&[text.as_slice(), extra.as_slice()].concat()));
         let out = repo().join("target/test-fixtures").join(name);
         if std::fs::read_to_string(out.join("stamp")).ok().as_deref() == Some(stamp.as_str()) {
