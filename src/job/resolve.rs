@@ -169,7 +169,24 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
         None => Target::Label,
         Some(TargetSpec::Name(n)) if n == "predicted" => Target::Predicted,
         Some(TargetSpec::Name(n)) if n == "label" => Target::Label,
-        Some(TargetSpec::Name(n)) => return Err(spec.error("attribution.target", format!("\"{n}\" is not a target"))),
+        // A class by the name the model's metadata gives it.
+        Some(TargetSpec::Name(n)) => match class_names.as_ref().and_then(|names| names.iter().position(|c| c == n)) {
+            Some(id) => Target::Class(id as i64),
+            None => {
+                let known = match &class_names {
+                    Some(names) => {
+                        let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+                        let more = if names.len() > 10 { ", …" } else { "" };
+                        format!("nor a class name of the model ({}{more})", shown.join(", "))
+                    }
+                    None => "and the model's metadata names no classes (give a class id)".to_owned(),
+                };
+                return Err(spec.error(
+                    "attribution.target",
+                    format!("\"{n}\" is neither \"label\" nor \"predicted\", {known}"),
+                ));
+            }
+        },
         Some(TargetSpec::Class(c)) => {
             if let Some(n) = num_classes {
                 if !(0..n).contains(c) {

@@ -579,13 +579,9 @@ impl JobSpec {
         }
         // [attribution]
         let a = &self.attribution;
+        // A name other than "label" and "predicted" is a class name, checked against the
+        // model's when the job is resolved.
         match &a.target {
-            Some(TargetSpec::Name(n)) if n != "label" && n != "predicted" => {
-                return Err(s.error(
-                    "attribution.target",
-                    format!("\"{n}\" is not a target: use \"label\", \"predicted\" or a class id"),
-                ))
-            }
             Some(TargetSpec::Class(c)) if *c < 0 => {
                 return Err(s.error("attribution.target", format!("class id {c} is negative")))
             }

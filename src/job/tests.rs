@@ -398,7 +398,6 @@ fn semantic_errors_name_key_and_line() {
     assert_err(&full_with("decode_threads", "decode_threads = 100000"), "runtime.decode_threads", 14);
     assert_err(&full_with("devices", "devices = [\"cuda\", \"cuda:0\"]"), "runtime.devices[1]", 13);
     assert_err(&full_with("devices", "devices = [\"cuda:1\", \"cuda:01\"]"), "runtime.devices[1]", 13);
-    assert_err(&full_with("target", "target = \"cat\""), "attribution.target", 16);
     assert_err(&full_with("target", "target = -1"), "attribution.target", 16);
     assert_err(&full_with("target", "target = 1.5"), "attribution.target", 16);
     assert_err(&full_with("max_pixels", "max_pixels = 0"), "preprocess.max_pixels", 10);
@@ -481,6 +480,19 @@ fn target_class_checked_against_model() {
     let text = full_with("target", "target = 9");
     let job = resolve(parse(&text).unwrap(), d.path(), Some(&meta)).unwrap();
     assert_eq!(job.target, Target::Class(9));
+    // A class by its name in the model's metadata; a name it does not have, or a model without
+    // names, is the key's error.
+    let names = ModelMeta { class_names: Some(vec!["cat".into(), "dog".into()]), ..Default::default() };
+    let job = resolve(parse(&full_with("target", "target = \"dog\"")).unwrap(), d.path(), Some(&names)).unwrap();
+    assert_eq!(job.target, Target::Class(1));
+    let err = resolve(parse(&full_with("target", "target = \"emu\"")).unwrap(), d.path(), Some(&names))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 16") && err.contains("nor a class name of the model (cat, dog)"), "{err}");
+    let err = resolve(parse(&full_with("target", "target = \"dog\"")).unwrap(), d.path(), Some(&meta))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the model's metadata names no classes"), "{err}");
 }
 
 #[test]
