@@ -181,10 +181,8 @@ pub fn resolve(spec: JobSpec, job_dir: &Path, meta: Option<&ModelMeta>) -> Resul
                     }
                     None => "and the model's metadata names no classes (give a class id)".to_owned(),
                 };
-                return Err(spec.error(
-                    "attribution.target",
-                    format!("\"{n}\" is neither \"label\" nor \"predicted\", {known}"),
-                ));
+                return Err(spec
+                    .error("attribution.target", format!("\"{n}\" is neither \"label\" nor \"predicted\", {known}")));
             }
         },
         Some(TargetSpec::Class(c)) => {

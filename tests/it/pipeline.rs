@@ -309,7 +309,7 @@ fn a_run_over_image_files_equals_captum_on_torchvisions_input() {
             let floats = |k: &str| -> Vec<f32> {
                 want[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
             };
-            let (map, cam) = (floats("map16"), floats("cam"));
+            let (map, cam) = (floats("map"), floats("cam"));
             let scale = col::<Float32Array>(&rows, "map_scale").value(i);
             let (got, _, _) = stats::decode_map_png(col::<BinaryArray>(&rows, "map_png").value(i), scale).unwrap();
             let max = map.iter().cloned().fold(0f32, f32::max);
@@ -2033,4 +2033,96 @@ fn an_image_folder_with_a_stray_folder_and_a_text_file() {
     assert!(error
         .value(2)
         .contains("class folder \"unsorted\" is not among the model's class names (circle, square, triangle)"));
+}
+
+/// `scripts/captum_reference.py --model … --compare OUT`: a run on a user's own model (a
+/// torchvision ResNet-18 exported without batch norm folded) checked against Captum on the
+/// eager model, statistic by statistic (exit 0); a run of another model's weights fails the
+/// check (exit 1, the statistics over their tolerance marked).
+#[test]
+fn captum_reference_checks_a_run_on_a_users_own_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut lines = vec!["path,label,id,bbox_x0,bbox_y0,bbox_x1,bbox_y1,mask".to_owned()];
+    for i in 0..4u32 {
+        pattern(70 + 7 * i, 90, 300 + i).save(dir.join(format!("im{i}.png"))).unwrap();
+        let bbox = if i % 2 == 0 { "10.3,8.7,60.2,50.1" } else { ",,," };
+        lines.push(format!("im{i}.png,{},s{i},{bbox},", i % 4));
+    }
+    std::fs::write(dir.join("m.csv"), lines.join("\n") + "\n").unwrap();
+    let py = |args: &[&str]| {
+        let o = Command::new(crate::common::python())
+            .args(args)
+            .current_dir(dir)
+            .env("PYTHONWARNINGS", "ignore")
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let script = |name: &str| crate::common::repo().join("scripts").join(name).to_string_lossy().into_owned();
+    for (seed, weights) in [(0, "w.pth"), (1, "other.pth")] {
+        let save = format!(
+            "import torch, torchvision; torch.manual_seed({seed}); \
+             torch.save(torchvision.models.resnet18(weights=None, num_classes=4).state_dict(), '{weights}')"
+        );
+        assert_eq!(py(&["-c", &save]).0, Some(0));
+        let model = weights.replace(".pth", ".pt");
+        let export = py(&[
+            &script("export_model.py"),
+            "--arch",
+            "resnet18",
+            "--num-classes",
+            "4",
+            "--weights",
+            weights,
+            "--layer",
+            "layer4",
+            "--input-size",
+            "64",
+            "64",
+            "--resize",
+            "72",
+            "--no-fold-batchnorm",
+            "--out",
+            &model,
+        ]);
+        assert_eq!(export.0, Some(0), "{}", export.2);
+        let job = format!(
+            "[dataset]\nmanifest = \"m.csv\"\n[model]\npath = \"{model}\"\n[runtime]\ndevices = [\"cpu\"]\n\
+             [output]\npath = \"out-{seed}\"\nmap_size = 16\n[[regions]]\nname = \"corner\"\nx0 = 0.0\ny0 = 0.0\nx1 = 0.3\ny1 = 0.3\n"
+        );
+        std::fs::write(dir.join("job.toml"), job).unwrap();
+        let o = Command::new(bin()).args(["-q", "run", "job.toml"]).current_dir(dir).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let check = |out: &str| {
+        py(&[
+            &script("captum_reference.py"),
+            "m.csv",
+            "w.pth",
+            "ref.json",
+            "--model",
+            "w.pt",
+            "--arch",
+            "resnet18",
+            "--num-classes",
+            "4",
+            "--region",
+            "corner:0.0,0.0,0.3,0.3",
+            "--compare",
+            out,
+        ])
+    };
+    let (code, said, err) = check("out-0");
+    assert_eq!(code, Some(0), "{said}\n{err}");
+    for k in ["attr_total", "attr_gini", "bbox_mass_share", "region_corner_share", "cam_max", "target_prob"] {
+        assert!(said.lines().any(|l| l.starts_with(k) && !l.contains("OVER")), "{k}: {said}");
+    }
+    let (code, said, _) = check("out-1");
+    assert_eq!(code, Some(1), "another model's run passes the check: {said}");
+    assert!(said.contains("OVER"), "{said}");
 }
