@@ -41,7 +41,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 def resolve_layer(model: nn.Module, path: str) -> nn.Module:
     mod = model
-    for part in path.split("."):
+    for i, part in enumerate(path.split(".")):
         if part.isdigit() and isinstance(mod, (nn.Sequential, nn.ModuleList)):
             if int(part) >= len(mod):
                 raise SystemExit(f"error: layer path {path!r}: {part} is past the end of a sequence of {len(mod)}")
@@ -51,7 +51,7 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
         else:
             # What is there at this level (the top-level children for a first part: layer4,
             # avgpool, fc rather than the first forty paths of the tree).
-            done = path.split(".")[:path.split(".").index(part)]
+            done = path.split(".")[:i]
             where = f"under {'.'.join(done)!r}" if done else "at the top level"
             names = [n for n, _ in mod.named_children()]
             raise SystemExit(f"error: layer path {path!r}: no submodule {part!r}; the modules {where}: "

@@ -273,7 +273,7 @@ def main():
             changed = False
             norms = [np.linalg.norm(attr[i]) for i in range(x.shape[0])]
             for i in range(x.shape[0]):
-                if norms[i] >= 1e-3 * max(norms):
+                if norms[i] > 0 and norms[i] >= 1e-3 * max(norms):
                     continue
                 by_class = [np.linalg.norm(refs(x[i:i + 1].clone(), [c])[0]) for c in range(classes)]
                 targets[i], changed = int(np.argmax(by_class)), True

@@ -341,15 +341,19 @@ fn retry_statuses(names: Option<&[String]>) -> anyhow::Result<BTreeSet<Status>> 
             // Nothing a retry reads again decides these: the manifest's label and box are part of
             // the job, so a corrected manifest is another job (a new output folder).
             Some(s @ (Status::BadLabel | Status::BadBox)) => anyhow::bail!(
-                "--retry-failed: {} rows cannot be redone: the manifest decides them, and a corrected \
-                 manifest is another job (write it to a new output folder)",
+                "--retry-failed: {} rows cannot be redone: the dataset's labels and boxes decide them (its \
+                 manifest, or an image folder's class folders), and a corrected dataset is another job (write \
+                 it to a new output folder)",
                 s.as_str()
             ),
             Some(s) if s != Status::Ok => Ok(s),
             _ => {
-                let all: Vec<&str> = failures().map(Status::as_str).collect();
+                let all: Vec<&str> = failures()
+                    .filter(|s| !matches!(s, Status::BadLabel | Status::BadBox))
+                    .map(Status::as_str)
+                    .collect();
                 anyhow::bail!(
-                    "--retry-failed: {n:?} is not a failure status; the failure statuses are {}",
+                    "--retry-failed: {n:?} is not a failure status a retry can redo; those are {}",
                     all.join(", ")
                 )
             }
@@ -544,7 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Finalize { dir } => {
             let summary = saliency_audit::sink::finalize(&dir)?;
-            saliency_audit::sink::warn_if_report_is_stale(&dir, "every shard was complete");
+            saliency_audit::sink::warn_if_report_is_stale(&dir, "some of its shards' parts");
             if logging::json() {
                 outln!("{}", serde_json::to_string(&summary)?);
             } else {

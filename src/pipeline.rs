@@ -187,7 +187,7 @@ pub fn run(
         pending: pending.len() as u64,
         ..Default::default()
     };
-    on_start(pending.len() as u64, resume.done_rows);
+    let (pending_len, resumed_rows) = (pending.len() as u64, resume.done_rows);
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.decode_threads)
@@ -213,9 +213,9 @@ pub fn run(
         pending.iter().any(|s| s.bbox.is_some()),
         pending.iter().any(|s| s.mask.is_some()),
     );
-    let warmed_up = std::sync::Barrier::new(workers + 1);
-    let any_warmed = AtomicBool::new(false);
-    let (warmed_up, any_warmed) = (&warmed_up, &any_warmed);
+    // Each worker says when it is warm (a channel, not a barrier: a worker that never says so,
+    // or a thread that could not be started, ends the wait instead of hanging it).
+    let (warm_tx, warm_rx) = bounded::<bool>(workers);
     let mut warmup_time = Duration::ZERO;
 
     let write_result = std::thread::scope(|s| -> Result<()> {
@@ -225,12 +225,10 @@ pub fn run(
         let warm_start = Instant::now();
         // One worker per model replica.
         for mut attributor in attributors {
-            let (work_rx, row_tx) = (work_rx.clone(), row_tx.clone());
+            let (work_rx, row_tx, warm_tx) = (work_rx.clone(), row_tx.clone(), warm_tx.clone());
             s.spawn(move || {
-                if warm_up_worker(attributor.as_mut(), warm, (size.0 as usize, size.1 as usize)) {
-                    any_warmed.store(true, Ordering::Relaxed);
-                }
-                warmed_up.wait();
+                let _ = warm_tx.send(warm_up_worker(attributor.as_mut(), warm, (size.0 as usize, size.1 as usize)));
+                drop(warm_tx);
                 // The largest batch known to fit this worker's device (see `attribute_split`);
                 // after RETRY_FULL_BATCHES_AFTER batches at a lowered size, the full size is
                 // tried again (the memory may have been another worker's passing peak).
@@ -280,12 +278,14 @@ pub fn run(
                 smallest_cap.fetch_min(lowest, Ordering::Relaxed);
             });
         }
-        // The clock starts once every worker has warmed up.
-        warmed_up.wait();
+        // The clock (and the progress bar) starts once every worker has warmed up.
+        drop(warm_tx);
+        let warmed = warm_rx.iter().take(workers).filter(|w| *w).count();
         warmup_time = warm_start.elapsed();
-        if any_warmed.load(Ordering::Relaxed) {
+        if warmed > 0 {
             tracing::info!(batch_size = warm.0, workers, secs = warmup_time.as_secs_f64(), "warmed up");
         }
+        on_start(pending_len, resumed_rows);
         // Source: pending samples in order, in batches.
         s.spawn(move || {
             for chunk in pending.chunks(cfg.batch_size) {

@@ -89,7 +89,7 @@ pub fn describe_output(plan: &Plan) -> Result<OutputState> {
     let cfg = sink_config(plan, Vec::new(), BTreeSet::new());
     let st = crate::sink::shard_state(&cfg, &fingerprint(plan))?;
     if let Some(why) = st.refused {
-        let why = with_differences(plan, &cfg.dir, anyhow::anyhow!("{why}"));
+        let why = with_differences(plan, &cfg, anyhow::anyhow!("{why}"));
         let text = format!("output state: a run would refuse this folder (exit 2): {why}\n");
         return Ok(OutputState { text, refused: true });
     }
@@ -435,28 +435,46 @@ fn settings_key(p: &Plan) -> String {
 /// added: the job spec's settings that differ (from the spec the folder's first part records),
 /// the model file, or else the samples. Other refusals, and folders whose parts record nothing
 /// readable, are returned as they are.
-fn with_differences(plan: &Plan, dir: &Loc, refused: anyhow::Error) -> anyhow::Error {
+fn with_differences(plan: &Plan, cfg: &SinkConfig, refused: anyhow::Error) -> anyhow::Error {
     let text = refused.to_string();
     if !text.contains("holds another job's output") {
         return refused;
     }
-    let Ok(recorded) = crate::sink::recorded_metadata(dir) else {
+    let Ok(recorded) = crate::sink::recorded_metadata(&cfg.dir, cfg.shard, cfg.num_shards) else {
         return refused;
     };
-    let mut differs = Vec::new();
-    if recorded.get("saliency_audit.model_sha256").is_some_and(|m| *m != plan.model_sha256) {
-        differs.push("the model file (its sha256)".to_owned());
-    }
-    if let Some(spec) = recorded.get("saliency_audit.job_spec") {
-        differs.extend(spec_differences(spec, &plan.job.spec_text));
-    }
-    let said = match differs.is_empty() {
-        true => "neither its settings nor its model differ from that job's, so its samples do (their ids, paths, \
-                 labels, boxes or masks, as the manifest or the image folder gives them)"
-            .to_owned(),
-        false => format!("it differs from that job in {}", differs.join(", ")),
+    let samples = "so its samples do (their ids, paths, labels, boxes or masks, as the manifest or the image \
+                   folder gives them)";
+    // Parts since the eighteenth session record the settings' own hash: exact. Older ones only
+    // their spec, whose text may differ where the settings do not (a default written out).
+    let said = match recorded.get(SETTINGS_KEY) {
+        Some(h) if *h == settings_hash(plan) => format!("its model and settings are that job's, {samples}"),
+        recorded_hash => {
+            let mut differs = Vec::new();
+            if recorded.get("saliency_audit.model_sha256").is_some_and(|m| *m != plan.model_sha256) {
+                differs.push("the model file (its sha256)".to_owned());
+            }
+            if let Some(spec) = recorded.get("saliency_audit.job_spec") {
+                differs.extend(spec_differences(spec, &plan.job.spec_text));
+            }
+            match (differs.is_empty(), recorded_hash.is_some()) {
+                (false, _) => format!("it differs from that job in {}", differs.join(", ")),
+                (true, true) => "its settings as resolved (with the model's metadata as defaults) differ from that \
+                                 job's"
+                    .to_owned(),
+                (true, false) => format!("neither its spec's settings nor its model differ from that job's, {samples}"),
+            }
+        }
     };
     anyhow::anyhow!("{text}; {said}")
+}
+
+/// The part metadata key of [`settings_hash`].
+const SETTINGS_KEY: &str = "saliency_audit.settings_sha256";
+
+/// The hash of the model and every setting that changes what is written ([`settings_key`]).
+fn settings_hash(p: &Plan) -> String {
+    hex::encode(Sha256::digest(settings_key(p).as_bytes()))
 }
 
 /// The job spec's keys (dotted, `regions` as a whole) whose values differ between two spec
@@ -571,7 +589,7 @@ pub fn run_with(
     let output = sink_config(&plan, Vec::new(), BTreeSet::new());
     let shard_lock = Arc::new(crate::sink::lock_shard(&output.dir, output.shard, output.num_shards, &stop)?);
     if let Some(refused) = crate::sink::refusal(&output, &fingerprint(&plan))? {
-        return Err(with_differences(&plan, &output.dir, refused));
+        return Err(with_differences(&plan, &output, refused));
     }
     if let Err(e) = crate::sink::remove_summary(&output.dir, output.shard, output.num_shards) {
         tracing::warn!("cannot remove the report of an earlier run: {e:#}");
@@ -659,6 +677,7 @@ pub fn run_with(
         ("saliency_audit.schema_version".to_owned(), SCHEMA_VERSION.to_string()),
         ("saliency_audit.job_spec".to_owned(), job.spec_text.clone()),
         ("saliency_audit.model_sha256".to_owned(), plan.model_sha256.clone()),
+        (SETTINGS_KEY.to_owned(), settings_hash(&plan)),
         ("saliency_audit.class_names".to_owned(), serde_json::to_string(&plan.class_names)?),
         ("saliency_audit.shard".to_owned(), format!("{}/{}", plan.shard.index, plan.shard.count)),
         ("saliency_audit.dataset_root".to_owned(), dataset_root(&job.dataset).to_string()),

@@ -305,19 +305,31 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
         std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |got| if got == size { want } else { None }));
     let part = match decoded {
         Ok(Ok(part)) => part,
-        // A fatal error after the header (which `jpeg::header` read above), in the data: a
-        // marker where none can be, say. It stops PIL's libjpeg as it stops this one (the image
-        // crate's decoder would go on).
-        Err(payload) => match payload.downcast::<jpeg::Fatal>() {
-            Ok(fatal) => {
-                return Err(SampleError::new(
-                    Status::DecodeError,
-                    format!("{name}: corrupt JPEG data: libjpeg stops at \"{}\" (as PIL does)", fatal.0),
-                ));
+        // A fatal error after the header (which `jpeg::header` read above). Where the whole
+        // image, decoded as PIL decodes it (every row, every column), stops libjpeg too, it is
+        // in the data (a marker where none can be, say) and stops PIL's libjpeg as well: the
+        // sample's error, not the image crate's to decode (its decoder would go on). Where the
+        // whole decode goes through, that is the image.
+        Err(payload) if payload.is::<jpeg::Fatal>() => {
+            jpeg::LIBJPEG_WARNINGS.set(0);
+            match std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |_| None)) {
+                Ok(Ok(part)) => part,
+                Err(again) => match again.downcast::<jpeg::Fatal>() {
+                    Ok(fatal) => {
+                        return Err(SampleError::new(
+                            Status::DecodeError,
+                            format!(
+                                "{name}: JPEG data that libjpeg stops at: \"{}\" (PIL's libjpeg stops too)",
+                                fatal.0
+                            ),
+                        ))
+                    }
+                    Err(_) => return Ok(None),
+                },
+                Ok(Err(_)) => return Ok(None),
             }
-            Err(_) => return Ok(None),
-        },
-        Ok(Err(_)) => return Ok(None),
+        }
+        Err(_) | Ok(Err(_)) => return Ok(None),
     };
     let warnings = jpeg::LIBJPEG_WARNINGS.get();
     if warnings > 0 {

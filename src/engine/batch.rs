@@ -123,9 +123,12 @@ impl TorchAttributor {
         if mean.len() != std.len() || mean.is_empty() {
             bail!("mean and std need one value per input channel");
         }
-        // What makes every normalised image finite (the batches skip the engine's check).
-        if !mean.iter().all(|m| m.is_finite()) || !std.iter().all(|s| s.is_finite() && *s > 0.0) {
-            bail!("mean {mean:?} and std {std:?} must be finite, and std positive");
+        // What makes every normalised image finite (the batches skip the engine's check): the
+        // extremes (0 - m) / s and (1 - m) / s in float32, as the device computes them.
+        let finite =
+            mean.iter().zip(std).all(|(m, s)| *s > 0.0 && ((0.0 - m) / s).is_finite() && ((1.0 - m) / s).is_finite());
+        if !finite {
+            bail!("mean {mean:?} and std {std:?} must keep normalised pixels finite (std positive, not tiny)");
         }
         let engine = GuidedGradCam::load(model, device, opts)?;
         let c = mean.len() as i64;

@@ -159,14 +159,17 @@ pub fn synthetic_scaling(
         let total = iters * k;
         let next = AtomicUsize::new(0);
         // Each thread warms its replica up itself (libtorch keeps cuDNN's benchmark-mode
-        // choices per thread), and the clock starts once all have.
-        let warmed_up = std::sync::Barrier::new(k + 1);
+        // choices per thread), says so, and waits for the others before its timed batches;
+        // the clock starts once all have. (Channels, not a barrier: a thread that could not be
+        // started drops its end, and the others go on rather than wait for it.)
+        let (warm_tx, warm_rx) = crossbeam_channel::bounded::<()>(k);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
         let mut start = Instant::now();
         let counts: Vec<Result<usize>> = std::thread::scope(|s| {
             let handles: Vec<_> = replicas[..k]
                 .iter_mut()
                 .map(|r| {
-                    let (next, input, warmed_up) = (&next, &input, &warmed_up);
+                    let (next, input, warm_tx, go_rx) = (&next, &input, warm_tx.clone(), go_rx.clone());
                     s.spawn(move || -> Result<usize> {
                         // Whatever happens here, the barrier is reached (or the clock would wait).
                         let warm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -178,7 +181,9 @@ pub fn synthetic_scaling(
                             Ok(())
                         }))
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked while warming up")));
-                        warmed_up.wait();
+                        let _ = warm_tx.send(());
+                        // Closed, not sent to: the go.
+                        let _ = go_rx.recv();
                         warm?;
                         let mut done = 0;
                         while next.fetch_add(1, Ordering::Relaxed) < total {
@@ -189,7 +194,9 @@ pub fn synthetic_scaling(
                     })
                 })
                 .collect();
-            warmed_up.wait();
+            drop(warm_tx);
+            let _ = warm_rx.iter().take(k).count();
+            drop(go_tx);
             start = Instant::now();
             handles
                 .into_iter()

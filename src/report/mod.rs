@@ -429,24 +429,33 @@ fn flag(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]
     if c.without_mass * 2 > c.size {
         return false;
     }
-    let away_from_object = c.mean_outside_object.is_some_and(|o| o >= 0.6);
-    let in_region = c.mean_region_shares.iter().enumerate().any(|(k, r)| {
-        let area = region_areas.get(k).copied().unwrap_or(0.0);
-        let rest = rest_region_means.get(k).copied().flatten();
-        r.is_some_and(|r| r >= 0.05 && r >= 2.0 * area && rest.is_none_or(|m| r >= 2.0 * m))
-    });
-    c.concentration >= 0.4 && (away_from_object || in_region)
+    let (away_from_object, in_regions) = shortcuts(c, rest_region_means, region_areas);
+    c.concentration >= 0.4 && (away_from_object || !in_regions.is_empty())
 }
 
-/// Whether a sample's own attribution takes a shortcut as [`flag`] judges a cluster's mean: at
-/// least 60% outside the object, or in a named region at least 5% and twice the region's share
-/// of the image.
-fn shows_shortcut(r: &Record, region_areas: &[f32]) -> bool {
-    let in_region = r.region_shares.iter().enumerate().any(|(k, s)| {
+/// The shortcuts a cluster's members take on average, as [`flag`] judges them: away from the
+/// object, and the named regions (their indices) it sits in.
+fn shortcuts(c: &ClusterInfo, rest_region_means: &[Option<f32>], region_areas: &[f32]) -> (bool, Vec<usize>) {
+    let away_from_object = c.mean_outside_object.is_some_and(|o| o >= 0.6);
+    let in_regions = (0..c.mean_region_shares.len())
+        .filter(|&k| {
+            let area = region_areas.get(k).copied().unwrap_or(0.0);
+            let rest = rest_region_means.get(k).copied().flatten();
+            c.mean_region_shares[k].is_some_and(|r| r >= 0.05 && r >= 2.0 * area && rest.is_none_or(|m| r >= 2.0 * m))
+        })
+        .collect();
+    (away_from_object, in_regions)
+}
+
+/// Whether a sample's own attribution takes its flagged cluster's shortcut, `(away from the
+/// object, regions)` as [`shortcuts`] found it: at least 60% outside the object, or in one of
+/// those regions at least 5% and twice the region's share of the image.
+fn shows_shortcut(r: &Record, (away_from_object, in_regions): &(bool, Vec<usize>), region_areas: &[f32]) -> bool {
+    let in_region = in_regions.iter().any(|&k| {
         let area = region_areas.get(k).copied().unwrap_or(0.0);
-        s.is_some_and(|s| s >= 0.05 && s >= 2.0 * area)
+        r.region_shares.get(k).copied().flatten().is_some_and(|s| s >= 0.05 && s >= 2.0 * area)
     });
-    r.outside_object().is_some_and(|o| o >= 0.6) || in_region
+    (*away_from_object && r.outside_object().is_some_and(|o| o >= 0.6)) || in_region
 }
 
 /// Set when no sample has a score, which happens when the output has no object boxes or masks
@@ -781,6 +790,9 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         let accuracy = (!labelled.is_empty())
             .then(|| labelled.iter().filter(|r| r.label == r.predicted).count() as f32 / labelled.len() as f32);
         let mut clusters = Vec::new();
+        // Per cluster, the shortcuts its members take on average (a member's card is marked
+        // where it takes one of them itself).
+        let mut taken = Vec::new();
         for (cid, mm) in cl.mean_maps.iter().enumerate() {
             let idx: Vec<&&Record> = rs.iter().filter(|r| r.cluster == Some(cid)).collect();
             let mut info = ClusterInfo {
@@ -803,6 +815,7 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
                 .map(|k| mean(rs.iter().filter(|r| r.cluster != Some(cid)).filter_map(|r| r.region_shares[k])))
                 .collect();
             info.flagged = flag(&info, &rest_region_means, &region_areas);
+            taken.push(shortcuts(&info, &rest_region_means, &region_areas));
             clusters.push(info);
         }
         let summary = ClassSummary {
@@ -825,7 +838,8 @@ pub fn build(dir: impl Into<Loc>, opts: &ReportOptions) -> Result<Report> {
         for &m in &members {
             let c = records[m].cluster.unwrap_or(0);
             records[m].flagged = summary.clusters.get(c).is_some_and(|k| k.flagged);
-            records[m].shortcut = records[m].flagged && shows_shortcut(&records[m], &region_areas);
+            records[m].shortcut =
+                records[m].flagged && taken.get(c).is_some_and(|t| shows_shortcut(&records[m], t, &region_areas));
         }
         classes.push(summary);
     }

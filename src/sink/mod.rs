@@ -209,10 +209,14 @@ pub struct ShardState {
 /// Reads [`ShardState`] of shard `cfg.shard` in `cfg.dir` for the job `fingerprint`, without
 /// locking, creating, moving or removing anything. A folder that does not exist yet holds
 /// nothing.
-/// The key-value metadata (job spec, model sha256, …) that the first committed part of `dir`
-/// records of the job that wrote it.
-pub fn recorded_metadata(dir: &Loc) -> anyhow::Result<BTreeMap<String, String>> {
-    extra::metadata_of(dir, &files::list_names(dir)?)
+/// The key-value metadata (job spec, model sha256, …) that the first committed part of shard
+/// `shard` of `num_shards` in `dir` records of the job that wrote it.
+pub fn recorded_metadata(dir: &Loc, shard: u32, num_shards: u32) -> anyhow::Result<BTreeMap<String, String>> {
+    let names: Vec<String> = files::list_names(dir)?
+        .into_iter()
+        .filter(|n| files::parse_part_name(n).is_some_and(|(s, c, _)| (s, c) == (shard, num_shards)))
+        .collect();
+    extra::metadata_of(dir, &names)
 }
 
 pub fn shard_state(cfg: &SinkConfig, fingerprint: &str) -> anyhow::Result<ShardState> {

@@ -279,13 +279,20 @@ pub fn write_summary(dir: &Loc, shard: u32, num_shards: u32, summary: &serde_jso
 }
 
 /// Says when `dir` holds a report (`_report/index.html`, the report command's default place)
-/// that rows written since (a run, a retry) or a finalize have left behind: the report reads
-/// the output once, when it is made, and is not made again on its own.
+/// older than one of its parts or shard markers: rows written since (a run, a retry) or shards
+/// completed since have left it behind; the report reads the output once, when it is made.
 pub fn warn_if_report_is_stale(dir: &Loc, what: &str) {
     let Ok(index) = dir.join("_report/index.html") else { return };
-    if crate::store::exists(&index).unwrap_or(false) {
+    let Ok(Some(made)) = crate::store::modified(&index) else { return };
+    let newest = crate::store::list_modified(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, _)| files::parse_part_name(name).is_some() || name.starts_with("_SUCCESS-"))
+        .map(|(_, time)| time)
+        .max();
+    if newest.is_some_and(|t| t > made) {
         tracing::warn!(
-            "{dir}: its _report was made before {what}; run `saliency-audit report {dir}` again for a report of what \
+            "{dir}: its _report is older than {what}; run `saliency-audit report {dir}` again for a report of what \
              it holds now"
         );
     }

@@ -67,7 +67,8 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
         if by_name && !unknown.is_empty() {
             tracing::warn!(
                 "{root}: class folder(s) {} are not among the model's class names ({model_names}): their images \
-                 get bad_label rows (the other folders are matched to the model's classes by name)",
+                 have no label (bad_label rows where the target is the label), and the other folders are matched \
+                 to the model's classes by name",
                 listed(&unknown)
             );
         } else if !by_name {
@@ -85,17 +86,10 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
 
     let mut samples = Vec::new();
     for (i, (class, files)) in class_dirs.into_iter().enumerate() {
+        // A stray folder's images have no label (not a wrong one): with `target = "label"`
+        // they are `bad_label` rows, with `predicted` or a class id they are attributed.
         let (label, label_error) = if by_name {
-            match classes.id_of(&class) {
-                Some(id) => (Some(id), None),
-                None => (
-                    None,
-                    Some(format!(
-                        "class folder \"{class}\" is not among the model's class names ({})",
-                        model_names.as_deref().unwrap_or_default()
-                    )),
-                ),
-            }
+            (classes.id_of(&class), None)
         } else {
             match classes.resolve(&RawLabel::Id(i as i64)) {
                 Ok(id) => (Some(id), None),
@@ -218,9 +212,14 @@ fn walk(
             continue;
         }
         let child = format!("{rel}/{name}");
-        // Follows links; a broken link is left out like a non-image.
+        // Follows links. A broken link named like an image is a sample (its read gives it a
+        // `missing` row, naming it); one named otherwise is left out like any non-image.
         let Ok(meta) = std::fs::metadata(&path) else {
-            left_out.push(child);
+            if is_image(&name) {
+                out.push((child, path));
+            } else {
+                left_out.push(child);
+            }
             continue;
         };
         if meta.is_dir() {

@@ -503,6 +503,53 @@ pub fn exists(loc: &Loc) -> anyhow::Result<bool> {
     })
 }
 
+/// The files directly in a folder with their last-modified times (as `list_names`, in one
+/// listing).
+pub fn list_modified(dir: &Loc) -> anyhow::Result<Vec<(String, std::time::SystemTime)>> {
+    let mut out = Vec::new();
+    match dir {
+        Loc::Local(p) => {
+            for entry in std::fs::read_dir(p).with_context(|| format!("cannot list folder {}", p.display()))? {
+                let entry = entry.with_context(|| format!("cannot list folder {}", p.display()))?;
+                if let (Ok(name), Ok(time)) =
+                    (entry.file_name().into_string(), entry.metadata().and_then(|m| m.modified()))
+                {
+                    out.push((name, time));
+                }
+            }
+        }
+        Loc::Remote { .. } => {
+            out.extend(
+                remote_files(dir)?
+                    .iter()
+                    .filter_map(|o| Some((o.location.filename()?.to_owned(), o.last_modified.into()))),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A file's last-modified time, `None` when it does not exist.
+pub fn modified(loc: &Loc) -> anyhow::Result<Option<std::time::SystemTime>> {
+    match loc {
+        Loc::Local(p) => match std::fs::metadata(p) {
+            Ok(m) => Ok(Some(m.modified()?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("cannot read {}", p.display()))),
+        },
+        Loc::Remote { bucket, key } => {
+            let (s, path) = object(bucket, key)?;
+            runtime().block_on(async {
+                match s.head(&path).await {
+                    Ok(meta) => Ok(Some(meta.last_modified.into())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(anyhow!(io_error(loc, e))),
+                }
+            })
+        }
+    }
+}
+
 /// Names of the files directly in a folder, sorted; for a local folder, entries whose name is
 /// not UTF-8 are skipped. A missing remote folder is empty (there are no empty prefixes).
 pub fn list_names(dir: &Loc) -> anyhow::Result<Vec<String>> {
@@ -516,17 +563,25 @@ pub fn list_names(dir: &Loc) -> anyhow::Result<Vec<String>> {
                 }
             }
         }
-        Loc::Remote { bucket, key } => {
-            let (s, prefix) = object(bucket, key)?;
-            let listed = runtime()
-                .block_on(s.list_with_delimiter(Some(&prefix)))
-                .map_err(|e| io_error(dir, e))
-                .with_context(|| format!("cannot list {dir}"))?;
-            names.extend(listed.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)));
+        Loc::Remote { .. } => {
+            names.extend(remote_files(dir)?.iter().filter_map(|o| o.location.filename().map(str::to_owned)));
         }
     }
     names.sort();
     Ok(names)
+}
+
+/// The objects directly under a remote folder (one listing, with a delimiter).
+fn remote_files(dir: &Loc) -> anyhow::Result<Vec<object_store::ObjectMeta>> {
+    let Loc::Remote { bucket, key } = dir else {
+        anyhow::bail!("{dir} is not in an object store");
+    };
+    let (s, prefix) = object(bucket, key)?;
+    let listed = runtime()
+        .block_on(s.list_with_delimiter(Some(&prefix)))
+        .map_err(|e| io_error(dir, e))
+        .with_context(|| format!("cannot list {dir}"))?;
+    Ok(listed.objects)
 }
 
 /// Every object under a remote folder (at any depth), as keys relative to it, sorted.

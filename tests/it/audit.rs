@@ -157,9 +157,8 @@ fn demo_catches_the_planted_shortcut() {
     );
     assert!(flagged_unmarked as f64 <= 0.1 * neg.len() as f64, "{flagged_unmarked} unmarked squares flagged");
     // A card is marked where the sample itself takes the shortcut: marked squares of the flagged
-    // cluster, no unmarked square, and only members of a flagged cluster.
+    // cluster, and no unmarked square.
     let shortcut = col::<BooleanArray>(&scores, "shows_shortcut");
-    assert!((0..scores.num_rows()).all(|i| !shortcut.value(i) || flagged.value(i)));
     let marked_shown = sq.iter().filter(|&&i| shortcut.value(i) && marked[ids.value(i)]).count();
     let unmarked_shown = sq.iter().filter(|&&i| shortcut.value(i) && !marked[ids.value(i)]).count();
     assert!(marked_shown as f64 >= 0.9 * flagged_marked as f64, "{marked_shown} of {flagged_marked}");

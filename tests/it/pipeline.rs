@@ -787,13 +787,18 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
         "{err}"
     );
     assert!(!err.contains("batch_size"), "{err}");
-    // The same settings over other samples: the samples are named.
-    std::fs::write(&other, text.replace("samples.csv", "renamed.csv")).unwrap();
+    // The same settings over other samples (with a default written out, which changes the spec's
+    // text, not its settings): the samples are named.
+    let same_settings = text
+        .replace("samples.csv", "renamed.csv")
+        .replace("[attribution]\n", "[attribution]\ninterpolate_mode = \"nearest\"\n");
+    assert_ne!(same_settings, text.replace("samples.csv", "renamed.csv"));
+    std::fs::write(&other, same_settings).unwrap();
     let manifest = std::fs::read_to_string(ds.dir.join("samples.csv")).unwrap();
     std::fs::write(ds.dir.join("renamed.csv"), manifest.replacen(",s0000,", ",first,", 1)).unwrap();
     let said =
         String::from_utf8_lossy(&Command::new(bin()).arg("validate").arg(&other).output().unwrap().stdout).into_owned();
-    assert!(said.contains("neither its settings nor its model differ from that job's, so its samples do"), "{said}");
+    assert!(said.contains("its model and settings are that job's, so its samples do"), "{said}");
     // The twelve good samples come first: parts 0 and 1 hold only ok rows.
     let clean: Vec<Vec<u8>> =
         (0..2).map(|k| std::fs::read(out.join(format!("part-00000-of-00001-{k:06}.parquet"))).unwrap()).collect();
@@ -803,13 +808,14 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(&format!("{bad:?} is not a failure status")) && err.contains("decode_error"), "{err}");
+        assert!(!err.contains("bad_label"), "{err}");
     }
     // Statuses the manifest decides: a retry could never change them.
     for manifest_decides in ["bad_label", "missing,bad_box"] {
         let o = run(&[&format!("--retry-failed={manifest_decides}")]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(err.contains("rows cannot be redone: the manifest decides them"), "{err}");
+        assert!(err.contains("rows cannot be redone: the dataset's labels and boxes decide them"), "{err}");
     }
 
     // The missing file appears and the empty one gets its picture.
@@ -822,7 +828,13 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     let o = run(&["--retry-failed=missing"]);
     assert_eq!(o.status.code(), Some(1), "the other bad samples still fail: {}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("its _report was made before this run's rows; run `saliency-audit report"), "{err}");
+    assert!(err.contains("its _report is older than this run's rows; run `saliency-audit report"), "{err}");
+    // A report made after the last part: finalize has nothing to say of it.
+    let report = Command::new(bin()).args(["-q", "report"]).arg(&out).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let f = Command::new(bin()).arg("finalize").arg(&out).output().unwrap();
+    let said = String::from_utf8_lossy(&f.stderr);
+    assert!(f.status.success() && !said.contains("_report is older"), "{said}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("1 of 1 samples processed") && stdout.contains("1 failed there and redone"), "{stdout}");
     let summary: serde_json::Value =
@@ -1990,9 +2002,10 @@ fn a_cuda_device_that_is_not_there_is_named() {
     assert_eq!(o.status.code(), Some(3), "{msg}");
 }
 
-/// An image folder of the model's class names with a stray folder and a file that is not an
-/// image: the classes keep the model's ids, the stray folder's images are `bad_label` rows
-/// naming it, and the file left out is said.
+/// An image folder of the model's class names with a stray folder, a file that is not an image
+/// and a broken link named like one: the classes keep the model's ids, the stray folder's
+/// images have no label (`bad_label` rows with the label as the target, attributed with the
+/// predicted class), the file left out is said, and the link is a `missing` row.
 #[test]
 fn an_image_folder_with_a_stray_folder_and_a_text_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2002,6 +2015,7 @@ fn an_image_folder_with_a_stray_folder_and_a_text_file() {
         pattern(40, 40, i as u32).save(root.join(rel)).unwrap();
     }
     std::fs::write(root.join("square/notes.txt"), "not an image").unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.jpg"), root.join("square/broken.jpg")).unwrap();
     let job = write_job(tmp.path(), &engine_cases().join("pipeline/model.pt"), "");
     let text = std::fs::read_to_string(&job).unwrap().replace("manifest = \"samples.csv\"", "image_folder = \"train\"");
     std::fs::write(&job, text).unwrap();
@@ -2014,6 +2028,7 @@ fn an_image_folder_with_a_stray_folder_and_a_text_file() {
         "{err}"
     );
     assert!(err.contains("class folder(s) unsorted are not among the model's class names"), "{err}");
+    assert!(err.contains("have no label (bad_label rows where the target is the label)"), "{err}");
     let o = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = read_all(&tmp.path().join("out"));
@@ -2028,11 +2043,34 @@ fn an_image_folder_with_a_stray_folder_and_a_text_file() {
         .collect();
     assert_eq!(
         got,
-        [("square/a.png", Some(1), "ok"), ("triangle/b.png", Some(2), "ok"), ("unsorted/c.png", None, "bad_label")]
+        [
+            ("square/a.png", Some(1), "ok"),
+            ("square/broken.jpg", Some(1), "missing"),
+            ("triangle/b.png", Some(2), "ok"),
+            ("unsorted/c.png", None, "bad_label")
+        ]
     );
-    assert!(error
-        .value(2)
-        .contains("class folder \"unsorted\" is not among the model's class names (circle, square, triangle)"));
+    assert!(error.value(1).contains("broken.jpg"), "{}", error.value(1));
+    assert!(
+        error.value(3).contains("unsorted/c.png: no label, and the job's target is \"label\""),
+        "{}",
+        error.value(3)
+    );
+    // With the predicted class as the target, the stray folder's image is attributed.
+    let text = std::fs::read_to_string(&job).unwrap().replace("target = \"label\"", "target = \"predicted\"");
+    std::fs::write(&job, text).unwrap();
+    let o = Command::new(bin())
+        .args(["-q", "run"])
+        .arg(&job)
+        .arg("--output")
+        .arg(tmp.path().join("predicted"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_all(&tmp.path().join("predicted"));
+    let status = col::<StringArray>(&rows, "status");
+    let statuses: Vec<&str> = (0..rows.num_rows()).map(|i| status.value(i)).collect();
+    assert_eq!(statuses, ["ok", "missing", "ok", "ok"]);
 }
 
 /// `scripts/captum_reference.py --model … --compare OUT`: a run on a user's own model (a
