@@ -948,14 +948,14 @@ pub fn summary_text(r: &Report) -> String {
         "bbox",
         "mask",
         "entropy",
-        r.region_names.iter().map(|n| format!(" {:>9}", truncate(n, 9))).collect::<String>()
+        r.region_names.iter().map(|n| format!(" {}", fit(n, 9, true))).collect::<String>()
     ));
     for c in &r.classes {
         let clusters: Vec<String> =
             c.clusters.iter().map(|k| format!("{}{}", k.size, if k.flagged { "*" } else { "" })).collect();
         s.push_str(&format!(
-            "{:<20} {:>6} {:>9} {:>9} {:>9} {:>8}{}  {}\n",
-            truncate(&c.name, 20),
+            "{} {:>6} {:>9} {:>9} {:>9} {:>8}{}  {}\n",
+            fit(&c.name, 20, false),
             c.count,
             pct(c.accuracy),
             num(c.mean_bbox_share),
@@ -998,12 +998,12 @@ pub fn summary_text(r: &Report) -> String {
     s
 }
 
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        s.chars().take(n - 1).collect::<String>() + "…"
-    }
+/// `s` cut to `n` columns of a terminal (a CJK character or an emoji takes two) and padded to
+/// them, on the left (`right`: aligned right).
+fn fit(s: &str, n: usize, right: bool) -> String {
+    let cut = console::truncate_str(s, n, "…");
+    let align = if right { console::Alignment::Right } else { console::Alignment::Left };
+    console::pad_str(&cut, n, align, None).into_owned()
 }
 
 /// Re-creates a sample's model-input crop from the run's recorded preprocessing.
@@ -1065,6 +1065,18 @@ mod tests {
             flagged: false,
             top_members: vec![],
         }
+    }
+
+    /// The terminal summary's columns hold names in wide scripts: padded and cut by columns.
+    #[test]
+    fn summary_columns_fit_wide_names() {
+        let width = console::measure_text_width;
+        // Two columns a character: the padding counts columns, not characters.
+        assert_eq!(width(&super::fit("猫と犬", 20, false)), 20);
+        assert!(super::fit("猫と犬", 20, false).starts_with("猫と犬 "));
+        let long = super::fit(&"長い名前".repeat(10), 20, false);
+        assert!(width(&long) == 20 && long.contains('…'), "{long:?}");
+        assert_eq!(super::fit("mark", 9, true), "     mark");
     }
 
     /// The region rule compares a cluster with the rest of its class and with an even spread,
