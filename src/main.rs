@@ -548,7 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Finalize { dir } => {
             let summary = saliency_audit::sink::finalize(&dir)?;
-            saliency_audit::sink::warn_if_report_is_stale(&dir, "some of its shards' parts");
+            saliency_audit::sink::warn_if_report_is_stale(&dir, "some of its parts");
             if logging::json() {
                 outln!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -213,8 +213,8 @@ pub fn run(
         pending.iter().any(|s| s.bbox.is_some()),
         pending.iter().any(|s| s.mask.is_some()),
     );
-    // Each worker says when it is warm (a channel, not a barrier: a worker that never says so,
-    // or a thread that could not be started, ends the wait instead of hanging it).
+    // Each worker says when it is warm (a channel, not a barrier: a worker that ends without
+    // saying so drops its sender, which ends the wait instead of hanging it).
     let (warm_tx, warm_rx) = bounded::<bool>(workers);
     let mut warmup_time = Duration::ZERO;
 

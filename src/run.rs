@@ -44,7 +44,10 @@ impl std::fmt::Display for Plan {
         if !job.ends_with('\n') {
             writeln!(f)?;
         }
-        let bad = self.samples.iter().filter(|s| s.label_error.is_some()).count();
+        // With the label as the target, a sample without one is a bad_label row too.
+        let unlabelled_bad = self.job.target == Target::Label;
+        let bad =
+            self.samples.iter().filter(|s| s.label_error.is_some() || (unlabelled_bad && s.label.is_none())).count();
         let labelled = self.samples.iter().filter(|s| s.label.is_some()).count();
         let bad_boxes: Vec<&Sample> = self.samples.iter().filter(|s| s.box_error.is_some()).collect();
         writeln!(f, "samples: {} in the dataset", self.total_samples)?;
@@ -445,8 +448,8 @@ fn with_differences(plan: &Plan, cfg: &SinkConfig, refused: anyhow::Error) -> an
     };
     let samples = "so its samples do (their ids, paths, labels, boxes or masks, as the manifest or the image \
                    folder gives them)";
-    // Parts since the eighteenth session record the settings' own hash: exact. Older ones only
-    // their spec, whose text may differ where the settings do not (a default written out).
+    // Parts record the settings' own hash (those written by earlier versions only their spec,
+    // whose text may differ where the settings do not: a default written out).
     let said = match recorded.get(SETTINGS_KEY) {
         Some(h) if *h == settings_hash(plan) => format!("its model and settings are that job's, {samples}"),
         recorded_hash => {

@@ -301,6 +301,12 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
         (x0..x1, y0..y1)
     });
     jpeg::LIBJPEG_WARNINGS.set(0);
+    let cropped = want.is_some();
+    // libjpeg stopped with a fatal error in the data of the whole image: as PIL's does.
+    let stopped = |fatal: Box<jpeg::Fatal>| {
+        let message = format!("{name}: JPEG data that libjpeg stops at: \"{}\" (PIL's libjpeg stops too)", fatal.0);
+        Err(SampleError::new(Status::DecodeError, message))
+    };
     let decoded =
         std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |got| if got == size { want } else { None }));
     let part = match decoded {
@@ -309,27 +315,24 @@ fn decode_jpeg(bytes: &[u8], name: &str, pre: &Preprocess) -> Result<Option<Deco
         // image, decoded as PIL decodes it (every row, every column), stops libjpeg too, it is
         // in the data (a marker where none can be, say) and stops PIL's libjpeg as well: the
         // sample's error, not the image crate's to decode (its decoder would go on). Where the
-        // whole decode goes through, that is the image.
-        Err(payload) if payload.is::<jpeg::Fatal>() => {
+        // whole decode goes through, that is the image. (With nothing to crop, the decode just
+        // now was the whole one.)
+        Err(payload) if payload.is::<jpeg::Fatal>() && cropped => {
             jpeg::LIBJPEG_WARNINGS.set(0);
             match std::panic::catch_unwind(|| jpeg::decode(bytes, k as u8, |_| None)) {
                 Ok(Ok(part)) => part,
                 Err(again) => match again.downcast::<jpeg::Fatal>() {
-                    Ok(fatal) => {
-                        return Err(SampleError::new(
-                            Status::DecodeError,
-                            format!(
-                                "{name}: JPEG data that libjpeg stops at: \"{}\" (PIL's libjpeg stops too)",
-                                fatal.0
-                            ),
-                        ))
-                    }
+                    Ok(fatal) => return stopped(fatal),
                     Err(_) => return Ok(None),
                 },
                 Ok(Err(_)) => return Ok(None),
             }
         }
-        Err(_) | Ok(Err(_)) => return Ok(None),
+        Err(payload) => match payload.downcast::<jpeg::Fatal>() {
+            Ok(fatal) => return stopped(fatal),
+            Err(_) => return Ok(None),
+        },
+        Ok(Err(_)) => return Ok(None),
     };
     let warnings = jpeg::LIBJPEG_WARNINGS.get();
     if warnings > 0 {

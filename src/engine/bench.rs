@@ -160,8 +160,8 @@ pub fn synthetic_scaling(
         let next = AtomicUsize::new(0);
         // Each thread warms its replica up itself (libtorch keeps cuDNN's benchmark-mode
         // choices per thread), says so, and waits for the others before its timed batches;
-        // the clock starts once all have. (Channels, not a barrier: a thread that could not be
-        // started drops its end, and the others go on rather than wait for it.)
+        // the clock starts once all have. (Channels, not a barrier: if this thread unwinds, say
+        // because a thread could not be started, dropping the go lets the others finish.)
         let (warm_tx, warm_rx) = crossbeam_channel::bounded::<()>(k);
         let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
         let mut start = Instant::now();
@@ -171,7 +171,7 @@ pub fn synthetic_scaling(
                 .map(|r| {
                     let (next, input, warm_tx, go_rx) = (&next, &input, warm_tx.clone(), go_rx.clone());
                     s.spawn(move || -> Result<usize> {
-                        // Whatever happens here, the barrier is reached (or the clock would wait).
+                        // Whatever happens here, the thread says it is warm (or the clock would wait).
                         let warm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             (0..warmup).try_for_each(|_| r.attribute(input).map(drop))?;
                             // The warm-up's last kernels finish before the clock starts.
@@ -196,8 +196,9 @@ pub fn synthetic_scaling(
                 .collect();
             drop(warm_tx);
             let _ = warm_rx.iter().take(k).count();
-            drop(go_tx);
+            // The clock first, then the go: no timed batch starts before it.
             start = Instant::now();
+            drop(go_tx);
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))

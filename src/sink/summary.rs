@@ -279,15 +279,16 @@ pub fn write_summary(dir: &Loc, shard: u32, num_shards: u32, summary: &serde_jso
 }
 
 /// Says when `dir` holds a report (`_report/index.html`, the report command's default place)
-/// older than one of its parts or shard markers: rows written since (a run, a retry) or shards
-/// completed since have left it behind; the report reads the output once, when it is made.
+/// older than one of its parts: rows written since (a run, a retry, a shard that completed) have
+/// left it behind; the report reads the output once, when it is made. (Only parts count: a rerun
+/// of a complete shard writes its marker again, and nothing else.)
 pub fn warn_if_report_is_stale(dir: &Loc, what: &str) {
     let Ok(index) = dir.join("_report/index.html") else { return };
     let Ok(Some(made)) = crate::store::modified(&index) else { return };
     let newest = crate::store::list_modified(dir)
         .unwrap_or_default()
         .into_iter()
-        .filter(|(name, _)| files::parse_part_name(name).is_some() || name.starts_with("_SUCCESS-"))
+        .filter(|(name, _)| files::parse_part_name(name).is_some())
         .map(|(_, time)| time)
         .max();
     if newest.is_some_and(|t| t > made) {

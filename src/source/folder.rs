@@ -41,8 +41,9 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
     // torchvision's default refuses it.
     let empty: Vec<&str> = class_dirs.iter().filter(|(_, f)| f.is_empty()).map(|(n, _)| n.as_str()).collect();
     // Matched by name as soon as one folder with images is named after a model class: a stray
-    // folder (`unsorted/`) then gets `bad_label` rows, instead of renumbering every class by
-    // position, which would attribute every image to another class than its folder's.
+    // folder's (`unsorted/`) images then have no label (`bad_label` rows where the target is the
+    // label), instead of renumbering every class by position, which would attribute every
+    // image to another class than its folder's.
     let by_name = classes.names().is_some()
         && class_dirs.iter().filter(|(_, f)| !f.is_empty()).any(|(n, _)| classes.id_of(n).is_some());
     if !empty.is_empty() && !by_name {
@@ -236,9 +237,9 @@ fn walk(
     Ok(())
 }
 
-/// Says which files of the class folders are not samples (not named as images, or broken
-/// links; hidden names are left out without a word), so that a dataset that lost files to a
-/// name is not silently smaller.
+/// Says which files of the class folders are not samples (not named as images; hidden names
+/// are left out without a word), so that a dataset that lost files to a name is not silently
+/// smaller.
 fn say_left_out(root: impl std::fmt::Display, left_out: &[String]) {
     if left_out.is_empty() {
         return;

@@ -835,6 +835,7 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
     let f = Command::new(bin()).arg("finalize").arg(&out).output().unwrap();
     let said = String::from_utf8_lossy(&f.stderr);
     assert!(f.status.success() && !said.contains("_report is older"), "{said}");
+
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("1 of 1 samples processed") && stdout.contains("1 failed there and redone"), "{stdout}");
     let summary: serde_json::Value =
@@ -866,6 +867,14 @@ fn retry_failed_redoes_failed_samples_and_keeps_the_rest() {
         assert!(&now == bytes, "part {k} has no failed row and is not written again");
     }
     assert!(out.join("_SUCCESS").exists(), "the single shard finalizes again");
+    // A report made now: a rerun with nothing to do (it writes the shard's marker again, no
+    // part) and a finalize leave it current, with nothing said of it.
+    let report = Command::new(bin()).args(["-q", "report"]).arg(&out).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let again = run(&[]);
+    let f = Command::new(bin()).arg("finalize").arg(&out).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&again.stderr), String::from_utf8_lossy(&f.stderr));
+    assert!(f.status.success() && !said.contains("_report is older"), "{said}");
 }
 
 /// Each part's footer records the job that wrote it: with the folder's job file gone, another
@@ -2029,6 +2038,8 @@ fn an_image_folder_with_a_stray_folder_and_a_text_file() {
     );
     assert!(err.contains("class folder(s) unsorted are not among the model's class names"), "{err}");
     assert!(err.contains("have no label (bad_label rows where the target is the label)"), "{err}");
+    let plan = String::from_utf8_lossy(&v.stdout);
+    assert!(plan.contains("(4 samples, 3 labelled, 1 with a bad label, 0 with a bad box)"), "{plan}");
     let o = Command::new(bin()).args(["-q", "run"]).arg(&job).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = read_all(&tmp.path().join("out"));
