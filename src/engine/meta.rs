@@ -47,7 +47,6 @@ pub struct ModelMeta {
     pub folded_batchnorm: Option<u32>,
 }
 
-/// Reads the embedded metadata, `Ok(None)` when the file carries none.
 /// Checks that `path` is a TorchScript archive (`torch.jit.save`'s zip holds the model's code
 /// under `code/`), before libtorch is asked to load it: a job's defaults come from the
 /// metadata such a file carries, and without this a state_dict would be taken for a model
@@ -65,6 +64,7 @@ pub fn check_torchscript(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the embedded metadata, `Ok(None)` when the file carries none.
 pub fn read_meta(path: &Path) -> anyhow::Result<Option<ModelMeta>> {
     use anyhow::Context;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;

@@ -48,29 +48,23 @@ pub(super) fn read_image_folder(root: &Loc, classes: &Classes) -> anyhow::Result
         && class_dirs.iter().filter(|(_, f)| !f.is_empty()).any(|(n, _)| classes.id_of(n).is_some());
     if !empty.is_empty() && !by_name {
         tracing::warn!(
-            "{root}: folder(s) {}{} hold no image files but are counted as classes in the folders' \
+            "{root}: folder(s) {} hold no image files but are counted as classes in the folders' \
              name order, as torchvision's ImageFolder(allow_empty=True) counts them (its default refuses them)",
-            empty.iter().take(5).copied().collect::<Vec<_>>().join(", "),
-            if empty.len() > 5 { ", …" } else { "" }
+            first(&empty, 5),
         );
     }
-    let model_names = classes.names().map(|names| {
-        let more = if names.len() > 5 { ", …" } else { "" };
-        format!("{}{more}", names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))
-    });
-    if let Some(model_names) = &model_names {
+    if let Some(model_names) = classes.names().map(|names| first(names, 5)) {
         let unknown: Vec<&str> = class_dirs
             .iter()
             .filter(|(n, f)| !f.is_empty() && classes.id_of(n).is_none())
             .map(|(n, _)| n.as_str())
             .collect();
-        let listed = |n: &[&str]| format!("{}{}", n[..n.len().min(5)].join(", "), if n.len() > 5 { ", …" } else { "" });
         if by_name && !unknown.is_empty() {
             tracing::warn!(
                 "{root}: class folder(s) {} are not among the model's class names ({model_names}): their images \
                  have no label (bad_label rows where the target is the label), and the other folders are matched \
                  to the model's classes by name",
-                listed(&unknown)
+                first(&unknown, 5)
             );
         } else if !by_name {
             tracing::warn!(
@@ -237,6 +231,12 @@ fn walk(
     Ok(())
 }
 
+/// The first `n` names, joined with commas, and "…" after them when there are more.
+fn first<S: AsRef<str>>(names: &[S], n: usize) -> String {
+    let shown: Vec<&str> = names.iter().take(n).map(AsRef::as_ref).collect();
+    format!("{}{}", shown.join(", "), if names.len() > n { ", …" } else { "" })
+}
+
 /// Says which files of the class folders are not samples (not named as images; hidden names
 /// are left out without a word), so that a dataset that lost files to a name is not silently
 /// smaller.
@@ -244,13 +244,11 @@ fn say_left_out(root: impl std::fmt::Display, left_out: &[String]) {
     if left_out.is_empty() {
         return;
     }
-    let shown: Vec<&str> = left_out.iter().take(3).map(String::as_str).collect();
     tracing::info!(
-        "{root}: {} file(s) in the class folders are not images by their names and are left out ({}{}); image \
+        "{root}: {} file(s) in the class folders are not images by their names and are left out ({}); image \
          names end in {}",
         left_out.len(),
-        shown.join(", "),
-        if left_out.len() > 3 { ", …" } else { "" },
+        first(left_out, 3),
         IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
     );
 }
